@@ -1,0 +1,420 @@
+//! Checkpoints: format detection, conversion to canonical (timm) parameter names, loading
+//! with a report, and the native format.
+//!
+//! Formats, detected by file layout and sentinel keys:
+//! - **native**: one `.safetensors` file with timm names and the [`ViTConfig`], preprocessing
+//!   and labels in its metadata (written by [`save_native`] / `vit convert`);
+//! - **Hugging Face**: a directory with `config.json` (`model_type: "vit"`), `model.safetensors`
+//!   and optionally `preprocessor_config.json` (see [`hf`]);
+//! - **timm**: a directory with timm's hub `config.json` (`architecture`, `pretrained_cfg`)
+//!   and `model.safetensors` (see [`timm`]).
+
+pub mod hf;
+pub mod posembed;
+pub mod safetensors;
+pub mod timm;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::config::ViTConfig;
+use crate::error::{Error, Result};
+use crate::model::ViT;
+use crate::preprocess::Preprocess;
+use crate::tensor::Tensor;
+use safetensors::{SafeTensors, SaveDtype};
+
+/// Metadata keys of the native format.
+const META_FORMAT: &str = "format";
+const META_FORMAT_VALUE: &str = "vitrs";
+const META_CONFIG: &str = "vitrs.config";
+const META_PREPROCESS: &str = "vitrs.preprocess";
+const META_LABELS: &str = "vitrs.labels";
+
+/// Which producer wrote a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    Native,
+    HuggingFace,
+    Timm,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Native => "native (vitrs safetensors)",
+            Format::HuggingFace => "Hugging Face transformers",
+            Format::Timm => "timm",
+        })
+    }
+}
+
+/// What loading did: which tensors were applied, what was missing, unexpected or mismatched,
+/// and every conversion on the way.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadReport {
+    pub format: Format,
+    /// The weights file read.
+    pub weights: PathBuf,
+    /// Canonical names filled from the checkpoint.
+    pub applied: Vec<String>,
+    /// Canonical names the model needs that the checkpoint lacks.
+    pub missing: Vec<String>,
+    /// Checkpoint tensors the model does not use (after conversion).
+    pub unexpected: Vec<String>,
+    /// `(name, expected, got)` shape disagreements.
+    pub mismatched: Vec<(String, Vec<usize>, Vec<usize>)>,
+    /// Human-readable notes: key renames, q/k/v fusion, dtype and pos-embed conversions.
+    pub conversions: Vec<String>,
+}
+
+impl LoadReport {
+    fn new(format: Format, weights: &Path) -> Self {
+        LoadReport {
+            format,
+            weights: weights.to_path_buf(),
+            applied: vec![],
+            missing: vec![],
+            unexpected: vec![],
+            mismatched: vec![],
+            conversions: vec![],
+        }
+    }
+}
+
+/// A loaded checkpoint: the model plus what travels with it.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub model: ViT,
+    pub preprocess: Preprocess,
+    /// Class names by index, when the checkpoint names them.
+    pub labels: Option<Vec<String>>,
+    pub report: LoadReport,
+}
+
+impl Checkpoint {
+    /// The name of class `i`: its label, or `class_{i}`.
+    pub fn label(&self, i: usize) -> String {
+        self.labels
+            .as_ref()
+            .and_then(|l| l.get(i).cloned())
+            .unwrap_or_else(|| format!("class_{i}"))
+    }
+}
+
+/// Where the pieces of a checkpoint are.
+struct Located {
+    format: Format,
+    weights: PathBuf,
+    /// The directory holding `config.json` (HF and timm).
+    dir: Option<PathBuf>,
+    config: Option<serde_json::Value>,
+}
+
+/// Loads any supported checkpoint from a file or directory.
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    let loc = locate(path)?;
+    let st = SafeTensors::read(&loc.weights)?;
+    match loc.format {
+        Format::Native => load_native(st),
+        Format::HuggingFace => hf::load(
+            st,
+            loc.dir.as_deref().unwrap_or(Path::new(".")),
+            loc.config.unwrap_or_default(),
+        ),
+        Format::Timm => timm::load(st, loc.config.unwrap_or_default()),
+    }
+}
+
+/// Reads `config.json` in `dir`.
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::malformed(path, "JSON file", e.to_string()))
+}
+
+fn locate(path: &Path) -> Result<Located> {
+    let unknown = |hint: &str| Error::UnknownFormat {
+        path: path.to_path_buf(),
+        hint: hint.to_string(),
+    };
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let (dir, weights) = if meta.is_dir() {
+        let w = path.join("model.safetensors");
+        if !w.is_file() {
+            let hint = if path.join("pytorch_model.bin").exists() {
+                "it holds pytorch_model.bin, a pickle vitrs does not unpickle; save it as model.safetensors \
+                 (transformers: `model.save_pretrained(dir, safe_serialization=True)`)"
+            } else {
+                "a checkpoint directory needs model.safetensors next to config.json"
+            };
+            return Err(unknown(hint));
+        }
+        (path.to_path_buf(), w)
+    } else {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if name == "config.json" {
+            return locate(parent);
+        }
+        if name.ends_with(".pth")
+            || name.ends_with(".pt")
+            || name.ends_with(".bin")
+            || name.ends_with(".ckpt")
+        {
+            return Err(unknown(
+                "PyTorch pickle checkpoints are not read (unpickling can run code); convert to safetensors: \
+                 `safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')` and add config.json",
+            ));
+        }
+        if name.ends_with(".npz") {
+            return Err(unknown("Google .npz checkpoints are not supported yet; use the timm or HF conversion of the model"));
+        }
+        // A lone safetensors file: native if it carries our config, else look for a config beside it.
+        let st_head = SafeTensors::read(path);
+        match st_head {
+            Ok(st) if st.metadata().get(META_FORMAT).map(String::as_str) == Some(META_FORMAT_VALUE) => {
+                return Ok(Located {
+                    format: Format::Native,
+                    weights: path.to_path_buf(),
+                    dir: None,
+                    config: None,
+                });
+            }
+            Ok(_) if parent.join("config.json").is_file() => (parent.to_path_buf(), path.to_path_buf()),
+            Ok(_) => {
+                return Err(unknown(
+                    "safetensors weights without an architecture: put the config.json that came with them \
+                     (Hugging Face or timm) in the same directory, or pass the directory",
+                ))
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.is_file() {
+        return Err(unknown(
+            "no config.json beside model.safetensors; vitrs never guesses the architecture",
+        ));
+    }
+    let config = read_json(&cfg_path)?;
+    let format = if config.get("architecture").is_some() {
+        Format::Timm
+    } else if config.get("model_type").and_then(|v| v.as_str()) == Some("vit")
+        || config.get("hidden_size").is_some()
+    {
+        Format::HuggingFace
+    } else {
+        let mt = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("none");
+        return Err(Error::UnknownFormat {
+            path: cfg_path,
+            hint: format!(
+                "config.json is neither timm's (no `architecture`) nor a Hugging Face ViT's (model_type `{mt}`, expected `vit`)"
+            ),
+        });
+    };
+    Ok(Located {
+        format,
+        weights,
+        dir: Some(dir),
+        config: Some(config),
+    })
+}
+
+/// Fills `model` from canonical-named tensors, recording everything in `report`. A missing or
+/// mismatched tensor is an error that lists them all; an unexpected one is only reported.
+/// A position table on another (square) grid is resampled.
+pub(crate) fn apply(
+    model: &mut ViT,
+    mut tensors: BTreeMap<String, Tensor>,
+    report: &mut LoadReport,
+) -> Result<()> {
+    let cfg = model.config().clone();
+    let entries = model.params().entries().to_vec();
+    for e in &entries {
+        let Some(t) = tensors.remove(&e.name) else {
+            report.missing.push(e.name.clone());
+            continue;
+        };
+        let mut data = t.data().to_vec();
+        if t.shape() != e.shape.as_slice() {
+            let got = t.shape().to_vec();
+            let regrid =
+                if e.name == "pos_embed" && got.len() == 3 && got[0] == 1 && got[2] == cfg.width {
+                    posembed::square_grid(got[1], 1)
+                } else {
+                    None
+                };
+            match regrid {
+                Some(old) => {
+                    data = posembed::resample_pos_embed(&data, cfg.width, 1, old, cfg.grid())?;
+                    report.conversions.push(format!(
+                        "resampled pos_embed from a {}x{} to a {}x{} grid (bicubic, class token kept)",
+                        old.0,
+                        old.1,
+                        cfg.grid().0,
+                        cfg.grid().1
+                    ));
+                }
+                None => {
+                    report
+                        .mismatched
+                        .push((e.name.clone(), e.shape.clone(), got));
+                    continue;
+                }
+            }
+        }
+        if let Some(dst) = model.params_mut().get_mut(&e.name) {
+            dst.copy_from_slice(&data);
+        }
+        report.applied.push(e.name.clone());
+    }
+    report.unexpected.extend(tensors.into_keys());
+    if !report.missing.is_empty() || !report.mismatched.is_empty() {
+        let mut msg = String::new();
+        if !report.mismatched.is_empty() {
+            let (n, want, got) = &report.mismatched[0];
+            msg += &format!(
+                "{} tensor(s) have the wrong shape, first `{n}`: config expects {want:?}, weights have {got:?}",
+                report.mismatched.len()
+            );
+        }
+        if !report.missing.is_empty() {
+            if !msg.is_empty() {
+                msg += "; ";
+            }
+            let shown: Vec<&str> = report.missing.iter().take(4).map(String::as_str).collect();
+            msg += &format!(
+                "{} tensor(s) missing: {}{}",
+                report.missing.len(),
+                shown.join(", "),
+                if report.missing.len() > 4 {
+                    ", ..."
+                } else {
+                    ""
+                }
+            );
+        }
+        msg += &format!(
+            " (weights {}); does config.json belong to these weights?",
+            report.weights.display()
+        );
+        return Err(Error::LoadMismatch(msg));
+    }
+    Ok(())
+}
+
+/// Converts every tensor of `st` to f32 under its own name, noting dtype conversions.
+pub(crate) fn read_all(
+    st: &SafeTensors,
+    report: &mut LoadReport,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    let mut converted: BTreeMap<String, usize> = BTreeMap::new();
+    for (name, info) in st.tensors() {
+        if info.dtype == safetensors::Dtype::Other {
+            report
+                .unexpected
+                .push(format!("{name} ({})", info.dtype_name));
+            continue;
+        }
+        if info.dtype != safetensors::Dtype::F32 {
+            *converted.entry(info.dtype_name.clone()).or_default() += 1;
+        }
+        out.insert(name.clone(), st.tensor(name)?);
+    }
+    for (dt, n) in converted {
+        report
+            .conversions
+            .push(format!("converted {n} {dt} tensor(s) to f32"));
+    }
+    for (name, t) in &out {
+        if t.data().iter().any(|v| !v.is_finite()) {
+            report
+                .conversions
+                .push(format!("warning: tensor `{name}` holds NaN or Inf values"));
+        }
+    }
+    Ok(out)
+}
+
+fn load_native(st: SafeTensors) -> Result<Checkpoint> {
+    let path = st.path().to_path_buf();
+    let meta = st.metadata();
+    let get = |k: &str| {
+        meta.get(k).ok_or_else(|| {
+            Error::malformed(&path, "native checkpoint", format!("metadata lacks `{k}`"))
+        })
+    };
+    let config = ViTConfig::from_json(get(META_CONFIG)?)
+        .map_err(|e| Error::malformed(&path, "native checkpoint", e.to_string()))?;
+    let preprocess: Preprocess = serde_json::from_str(get(META_PREPROCESS)?)
+        .map_err(|e| Error::malformed(&path, "native checkpoint", format!("preprocessing: {e}")))?;
+    preprocess.validate()?;
+    let labels: Option<Vec<String>> =
+        match meta.get(META_LABELS) {
+            Some(l) => Some(serde_json::from_str(l).map_err(|e| {
+                Error::malformed(&path, "native checkpoint", format!("labels: {e}"))
+            })?),
+            None => None,
+        };
+    let mut report = LoadReport::new(Format::Native, &path);
+    let tensors = read_all(&st, &mut report)?;
+    let mut model = ViT::zeros(config)?;
+    apply(&mut model, tensors, &mut report)?;
+    Ok(Checkpoint {
+        model,
+        preprocess,
+        labels,
+        report,
+    })
+}
+
+/// Writes the native format: timm-named tensors with the config, preprocessing and labels in
+/// the metadata, atomically.
+pub fn save_native(
+    path: &Path,
+    model: &ViT,
+    preprocess: &Preprocess,
+    labels: Option<&[String]>,
+    dtype: SaveDtype,
+) -> Result<()> {
+    let mut meta = BTreeMap::new();
+    meta.insert(META_FORMAT.to_string(), META_FORMAT_VALUE.to_string());
+    meta.insert(META_CONFIG.to_string(), model.config().to_json());
+    meta.insert(
+        META_PREPROCESS.to_string(),
+        serde_json::to_string(preprocess).unwrap_or_default(),
+    );
+    if let Some(l) = labels {
+        meta.insert(
+            META_LABELS.to_string(),
+            serde_json::to_string(l).unwrap_or_default(),
+        );
+    }
+    let p = model.params();
+    let tensors: Vec<(&str, &[usize], &[f32])> = p
+        .entries()
+        .iter()
+        .map(|e| {
+            (
+                e.name.as_str(),
+                e.shape.as_slice(),
+                &p.flat()[e.range.clone()],
+            )
+        })
+        .collect();
+    safetensors::write(path, &tensors, &meta, dtype)
+}

@@ -1,0 +1,412 @@
+//! The safetensors format: an 8-byte little-endian header length, a JSON header mapping tensor
+//! names to `{dtype, shape, data_offsets}` (plus an optional `__metadata__` string map), then
+//! the raw little-endian data. Read and written here with every field checked, since these
+//! files come from strangers.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Largest JSON header accepted (the format's own reference reader uses 100 MB).
+const MAX_HEADER: u64 = 100 << 20;
+
+/// Element types we can turn into f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+    F64,
+    /// Any other (integer, bool, fp8) tensor: listed, never converted.
+    Other,
+}
+
+impl Dtype {
+    fn parse(s: &str) -> (Dtype, usize) {
+        match s {
+            "F32" => (Dtype::F32, 4),
+            "F16" => (Dtype::F16, 2),
+            "BF16" => (Dtype::BF16, 2),
+            "F64" => (Dtype::F64, 8),
+            "I64" | "U64" => (Dtype::Other, 8),
+            "I32" | "U32" => (Dtype::Other, 4),
+            "I16" | "U16" => (Dtype::Other, 2),
+            _ => (Dtype::Other, 1),
+        }
+    }
+}
+
+/// One tensor's header entry.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub dtype: Dtype,
+    pub dtype_name: String,
+    pub shape: Vec<usize>,
+    /// Byte range within the data section.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// A parsed safetensors file, its data held in memory and converted on demand.
+#[derive(Debug)]
+pub struct SafeTensors {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    data_start: usize,
+    tensors: BTreeMap<String, TensorInfo>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl SafeTensors {
+    /// Reads and validates `path` (header, offsets, sizes); tensor data is converted later.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(path, bytes)
+    }
+
+    /// Validates an in-memory file (`path` is only used in error messages).
+    pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        let bad = |reason: String| Error::malformed(path, "safetensors file", reason);
+        if bytes.len() < 8 {
+            return Err(bad(format!(
+                "only {} bytes; a safetensors file starts with an 8-byte header length",
+                bytes.len()
+            )));
+        }
+        let mut len8 = [0u8; 8];
+        len8.copy_from_slice(&bytes[..8]);
+        let hlen = u64::from_le_bytes(len8);
+        if hlen > MAX_HEADER || hlen > (bytes.len() - 8) as u64 {
+            return Err(bad(format!(
+                "header length {hlen} is larger than the file ({} bytes) allows; the file is truncated or not safetensors",
+                bytes.len()
+            )));
+        }
+        let data_start = 8 + hlen as usize;
+        let header: Value = serde_json::from_slice(&bytes[8..data_start])
+            .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+        let obj = header
+            .as_object()
+            .ok_or_else(|| bad("header is not a JSON object".into()))?;
+        let data_len = bytes.len() - data_start;
+        let mut tensors = BTreeMap::new();
+        let mut metadata = BTreeMap::new();
+        for (name, v) in obj {
+            if name == "__metadata__" {
+                if let Some(m) = v.as_object() {
+                    for (k, v) in m {
+                        if let Some(s) = v.as_str() {
+                            metadata.insert(k.clone(), s.to_string());
+                        }
+                    }
+                }
+                continue;
+            }
+            let info = parse_entry(v).map_err(|r| bad(format!("tensor `{name}`: {r}")))?;
+            let (dtype, size) = Dtype::parse(&info.0);
+            let numel = info
+                .1
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .ok_or_else(|| bad(format!("tensor `{name}`: shape {:?} overflows", info.1)))?;
+            let (start, end) = info.2;
+            if start > end || end > data_len {
+                return Err(bad(format!(
+                    "tensor `{name}`: data offsets [{start}, {end}) fall outside the {data_len}-byte data section"
+                )));
+            }
+            if numel.checked_mul(size) != Some(end - start) {
+                return Err(bad(format!(
+                    "tensor `{name}`: shape {:?} of {} needs {} bytes but its offsets span {}",
+                    info.1,
+                    info.0,
+                    numel.saturating_mul(size),
+                    end - start
+                )));
+            }
+            tensors.insert(
+                name.clone(),
+                TensorInfo {
+                    dtype,
+                    dtype_name: info.0,
+                    shape: info.1,
+                    start,
+                    end,
+                },
+            );
+        }
+        // No two tensors may share bytes.
+        let mut spans: Vec<(usize, usize, &str)> = tensors
+            .iter()
+            .map(|(n, t)| (t.start, t.end, n.as_str()))
+            .collect();
+        spans.sort();
+        for w in spans.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(bad(format!(
+                    "tensors `{}` and `{}` overlap",
+                    w[0].2, w[1].2
+                )));
+            }
+        }
+        Ok(SafeTensors {
+            path: path.to_path_buf(),
+            bytes,
+            data_start,
+            tensors,
+            metadata,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names and header entries, sorted by name.
+    pub fn tensors(&self) -> &BTreeMap<String, TensorInfo> {
+        &self.tensors
+    }
+
+    /// The `__metadata__` map.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// Tensor `name` converted to f32 (f16, bf16 and f64 are converted; other types refused).
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let info = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            hint: Some(format!("not in {}", self.path.display())),
+        })?;
+        let raw = &self.bytes[self.data_start + info.start..self.data_start + info.end];
+        let data: Vec<f32> = match info.dtype {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F64 => raw
+                .chunks_exact(8)
+                .map(|b| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(b);
+                    f64::from_le_bytes(a) as f32
+                })
+                .collect(),
+            Dtype::Other => {
+                return Err(Error::malformed(
+                    &self.path,
+                    "safetensors file",
+                    format!(
+                        "tensor `{name}` has dtype {}, which cannot hold weights",
+                        info.dtype_name
+                    ),
+                ))
+            }
+        };
+        Tensor::new(info.shape.clone(), data)
+    }
+}
+
+type Entry = (String, Vec<usize>, (usize, usize));
+
+fn parse_entry(v: &Value) -> std::result::Result<Entry, String> {
+    let dtype = v
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or("missing `dtype`")?
+        .to_string();
+    let shape = v
+        .get("shape")
+        .and_then(Value::as_array)
+        .ok_or("missing `shape`")?
+        .iter()
+        .map(|d| {
+            d.as_u64()
+                .map(|d| d as usize)
+                .ok_or("shape entries must be non-negative integers")
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let offs = v
+        .get("data_offsets")
+        .and_then(Value::as_array)
+        .ok_or("missing `data_offsets`")?;
+    if offs.len() != 2 {
+        return Err("`data_offsets` must hold two integers".into());
+    }
+    let off = |i: usize| {
+        offs[i]
+            .as_u64()
+            .map(|o| o as usize)
+            .ok_or("offsets must be non-negative integers")
+    };
+    Ok((dtype, shape, (off(0)?, off(1)?)))
+}
+
+/// How [`write`] stores the values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaveDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+/// Writes tensors and string metadata to `path` atomically: a temporary file in the same
+/// directory, fsynced, then renamed over the target, so a crash leaves the old file intact.
+pub fn write(
+    path: &Path,
+    tensors: &[(&str, &[usize], &[f32])],
+    metadata: &BTreeMap<String, String>,
+    dtype: SaveDtype,
+) -> Result<()> {
+    let (name, size) = match dtype {
+        SaveDtype::F32 => ("F32", 4),
+        SaveDtype::F16 => ("F16", 2),
+        SaveDtype::BF16 => ("BF16", 2),
+    };
+    let mut header = serde_json::Map::new();
+    header.insert(
+        "__metadata__".into(),
+        serde_json::to_value(metadata).unwrap_or_default(),
+    );
+    let mut offset = 0usize;
+    for (n, shape, data) in tensors {
+        let bytes = data.len() * size;
+        header.insert(
+            (*n).to_string(),
+            serde_json::json!({"dtype": name, "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut hjson = serde_json::to_vec(&Value::Object(header)).unwrap_or_default();
+    // Pad the header with spaces to a multiple of 8 so the data is aligned (as the spec suggests).
+    while hjson.len() % 8 != 0 {
+        hjson.push(b' ');
+    }
+    let mut buf = Vec::with_capacity(8 + hjson.len() + offset);
+    buf.extend_from_slice(&(hjson.len() as u64).to_le_bytes());
+    buf.extend_from_slice(&hjson);
+    for (_, _, data) in tensors {
+        match dtype {
+            SaveDtype::F32 => data
+                .iter()
+                .for_each(|v| buf.extend_from_slice(&v.to_le_bytes())),
+            SaveDtype::F16 => data
+                .iter()
+                .for_each(|v| buf.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+            SaveDtype::BF16 => data
+                .iter()
+                .for_each(|v| buf.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        }
+    }
+    write_atomic(path, &buf)
+}
+
+/// Writes `bytes` to `path` via a temporary file, fsync and rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let fname = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{fname}.tmp{}", std::process::id()));
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // Persist the rename itself.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    res.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vitrs-st-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn round_trip_in_every_dtype() {
+        let dir = tmpdir("rt");
+        let a = [1.5f32, -2.25, 3.0, 0.125, 7.0, -0.5];
+        let meta: BTreeMap<String, String> = [("k".to_string(), "v".to_string())].into();
+        for dt in [SaveDtype::F32, SaveDtype::F16, SaveDtype::BF16] {
+            let p = dir.join("t.safetensors");
+            write(&p, &[("a", &[2, 3], &a), ("b", &[1], &[9.0])], &meta, dt).unwrap();
+            let st = SafeTensors::read(&p).unwrap();
+            assert_eq!(st.metadata()["k"], "v");
+            let t = st.tensor("a").unwrap();
+            assert_eq!(t.shape(), &[2, 3]);
+            assert_eq!(t.data(), &a); // all values exact in f16 and bf16
+            assert!(st.tensor("zz").is_err());
+        }
+    }
+
+    #[test]
+    fn rejects_lying_headers() {
+        let p = Path::new("x.safetensors");
+        let with_header = |h: &str, data: usize| {
+            let mut b = (h.len() as u64).to_le_bytes().to_vec();
+            b.extend_from_slice(h.as_bytes());
+            b.extend(std::iter::repeat_n(0u8, data));
+            b
+        };
+        let cases = [
+            (vec![], "only 0 bytes"),
+            (vec![255u8; 8], "larger than the file"),
+            (with_header("{nope", 0), "not valid JSON"),
+            (
+                with_header(
+                    r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,16]}}"#,
+                    8,
+                ),
+                "outside",
+            ),
+            (
+                with_header(
+                    r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+                    8,
+                ),
+                "needs 12 bytes",
+            ),
+            (
+                with_header(
+                    r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                    8,
+                ),
+                "overlap",
+            ),
+        ];
+        for (bytes, want) in cases {
+            let e = SafeTensors::parse(p, bytes).unwrap_err().to_string();
+            assert!(e.contains(want) && e.contains("x.safetensors"), "{e}");
+        }
+    }
+}

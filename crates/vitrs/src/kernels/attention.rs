@@ -1,0 +1,240 @@
+//! Multi-head scaled dot-product attention over a fused qkv buffer.
+//!
+//! Per (image, head, block of query rows): `S = q·kᵀ / sqrt(hd)` and `O = softmax(S)·v`, as two
+//! SGEMMs over strided views of the qkv buffer (no transposed copies of q, k or v) with the
+//! softmax in between. The scores live in a per-thread scratch tile of `rows × N`, or, when
+//! attention maps are captured, directly in the caller's probability buffer: the same code
+//! path either way, so captured maps are exactly the ones used.
+
+use rayon::prelude::*;
+
+use super::math::{softmax_inplace, softmax_ref};
+use super::{split_ranges, SyncPtr};
+
+/// Query rows per task are never split below this.
+const MIN_ROWS: usize = 16;
+
+/// Dimensions of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    /// Batch B.
+    pub batch: usize,
+    /// Tokens N.
+    pub tokens: usize,
+    /// Heads nh.
+    pub heads: usize,
+    /// Head dim hd.
+    pub head_dim: usize,
+}
+
+impl AttnDims {
+    fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// How the work is cut: (query blocks per head, rows per block).
+    fn plan(&self, threads: usize) -> (usize, usize) {
+        let units = self.batch * self.heads;
+        // Enough tasks to keep every thread busy when B·nh is small (batch 1).
+        let want = (2 * threads).div_ceil(units.max(1));
+        let max_blocks = self.tokens.div_ceil(MIN_ROWS).max(1);
+        let blocks = want.clamp(1, max_blocks);
+        (blocks, self.tokens.div_ceil(blocks))
+    }
+
+    /// Scratch floats needed by [`attention`] with `threads` threads (when not capturing).
+    pub fn scratch_len(&self, threads: usize) -> usize {
+        let (_, rows) = self.plan(threads);
+        threads.max(1) * rows * self.tokens
+    }
+}
+
+/// Attention for all images and heads.
+///
+/// # Shapes
+/// `qkv (B, N, 3, nh, hd)` (timm's fused layout, i.e. `(B, N, 3D)`), `out (B, N, D)` with head
+/// `h` in columns `h·hd..(h+1)·hd`, `probs` (when given) `(B, nh, N, N)`. `scratch` is grown to
+/// [`AttnDims::scratch_len`] on first use and reused afterwards.
+pub fn attention(
+    qkv: &[f32],
+    out: &mut [f32],
+    mut probs: Option<&mut [f32]>,
+    scratch: &mut Vec<f32>,
+    dims: AttnDims,
+) {
+    let AttnDims {
+        batch,
+        tokens: n,
+        heads,
+        head_dim: hd,
+    } = dims;
+    let d = dims.width();
+    debug_assert!(qkv.len() >= batch * n * 3 * d && out.len() >= batch * n * d);
+    if let Some(p) = probs.as_deref() {
+        debug_assert!(p.len() >= batch * heads * n * n);
+    }
+    let threads = rayon::current_num_threads();
+    let (blocks, rows) = dims.plan(threads);
+    let tasks = batch * heads * blocks;
+    let groups = split_ranges(tasks, threads, 1);
+    let need = groups.len() * rows * n;
+    if probs.is_none() && scratch.len() < need {
+        scratch.resize(need, 0.0);
+    }
+    let outp = SyncPtr(out.as_mut_ptr());
+    let probp = probs.as_deref_mut().map(|p| SyncPtr(p.as_mut_ptr()));
+    let scale = 1.0 / (hd as f32).sqrt();
+    let scratch_chunks: Vec<&mut [f32]> = if probs.is_none() {
+        scratch[..need].chunks_mut(rows * n).collect()
+    } else {
+        groups.iter().map(|_| <&mut [f32]>::default()).collect()
+    };
+    groups
+        .into_par_iter()
+        .zip(scratch_chunks)
+        .for_each(|((t0, t1), tile)| {
+            for t in t0..t1 {
+                // task t -> (image b, head h, query block qb)
+                let (bh, qb) = (t / blocks, t % blocks);
+                let (b, h) = (bh / heads, bh % heads);
+                let r0 = qb * rows;
+                let r1 = (r0 + rows).min(n);
+                if r0 >= r1 {
+                    continue;
+                }
+                let nr = r1 - r0;
+                // SAFETY: each task owns rows r0..r1 of head h of image b, in both `out`
+                // (columns h·hd..) and `probs` (plane (b, h)); tasks are disjoint.
+                unsafe {
+                    let s: &mut [f32] = match probp {
+                        Some(p) => std::slice::from_raw_parts_mut(
+                            p.get().add(((b * heads + h) * n + r0) * n),
+                            nr * n,
+                        ),
+                        None => &mut tile[..nr * n],
+                    };
+                    let base = qkv.as_ptr().add(b * n * 3 * d);
+                    let q = base.add(r0 * 3 * d + h * hd);
+                    let k = base.add(d + h * hd);
+                    let v = base.add(2 * d + h * hd);
+                    // S (nr, N) = scale · q (nr, hd) · kᵀ (hd, N); rows of q/k/v are 3D apart.
+                    matrixmultiply::sgemm(
+                        nr,
+                        hd,
+                        n,
+                        scale,
+                        q,
+                        (3 * d) as isize,
+                        1,
+                        k,
+                        1,
+                        (3 * d) as isize,
+                        0.0,
+                        s.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    );
+                    for row in s.chunks_exact_mut(n) {
+                        softmax_inplace(row);
+                    }
+                    // O (nr, hd) = P (nr, N) · v (N, hd), written into out[b, r0.., h·hd..].
+                    matrixmultiply::sgemm(
+                        nr,
+                        n,
+                        hd,
+                        1.0,
+                        s.as_ptr(),
+                        n as isize,
+                        1,
+                        v,
+                        (3 * d) as isize,
+                        1,
+                        0.0,
+                        outp.get().add((b * n + r0) * d + h * hd),
+                        d as isize,
+                        1,
+                    );
+                }
+            }
+        });
+}
+
+/// Reference twin: explicit loops in f64 per (image, head, query). Returns
+/// `(out (B, N, D), probs (B, nh, N, N))`.
+pub fn attention_ref(qkv: &[f32], dims: AttnDims) -> (Vec<f32>, Vec<f32>) {
+    let AttnDims {
+        batch,
+        tokens: n,
+        heads,
+        head_dim: hd,
+    } = dims;
+    let d = dims.width();
+    let at = |b: usize, t: usize, which: usize, h: usize, i: usize| {
+        qkv[((b * n + t) * 3 + which) * d + h * hd + i] as f64
+    };
+    let mut out = vec![0.0; batch * n * d];
+    let mut probs = vec![0.0; batch * heads * n * n];
+    let scale = 1.0 / (hd as f64).sqrt();
+    for b in 0..batch {
+        for h in 0..heads {
+            for i in 0..n {
+                let scores: Vec<f32> = (0..n)
+                    .map(|j| {
+                        ((0..hd)
+                            .map(|c| at(b, i, 0, h, c) * at(b, j, 1, h, c))
+                            .sum::<f64>()
+                            * scale) as f32
+                    })
+                    .collect();
+                let p = softmax_ref(&scores);
+                for c in 0..hd {
+                    let o: f64 = (0..n).map(|j| p[j] as f64 * at(b, j, 2, h, c)).sum();
+                    out[(b * n + i) * d + h * hd + c] = o as f32;
+                }
+                probs[((b * heads + h) * n + i) * n..][..n].copy_from_slice(&p);
+            }
+        }
+    }
+    (out, probs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::*;
+
+    #[test]
+    fn fast_attention_matches_reference_with_and_without_capture() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for &(batch, n, heads, hd) in &[(1, 5, 1, 4), (2, 17, 3, 8), (1, 65, 2, 16), (3, 40, 4, 6)]
+        {
+            let dims = AttnDims {
+                batch,
+                tokens: n,
+                heads,
+                head_dim: hd,
+            };
+            let qkv: Vec<f32> = rand_vec(batch * n * 3 * heads * hd, 11)
+                .iter()
+                .map(|v| v * 2.0)
+                .collect();
+            let (want_out, want_p) = attention_ref(&qkv, dims);
+            let mut out = vec![0.0; batch * n * heads * hd];
+            let mut scratch = Vec::new();
+            pool.install(|| attention(&qkv, &mut out, None, &mut scratch, dims));
+            assert!(max_abs_diff(&out, &want_out) < 2e-6, "{dims:?}");
+            let mut out2 = vec![0.0; out.len()];
+            let mut probs = vec![0.0; batch * heads * n * n];
+            pool.install(|| attention(&qkv, &mut out2, Some(&mut probs), &mut scratch, dims));
+            assert!(max_abs_diff(&probs, &want_p) < 1e-6);
+            // The capture path computes the very same output.
+            assert_eq!(out, out2);
+            for row in probs.chunks(n) {
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            }
+        }
+    }
+}

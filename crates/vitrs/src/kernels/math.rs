@@ -1,0 +1,220 @@
+//! Element-wise maths: a vectorisable `exp`, `erf`, `tanh`, and the GELU and tanh activations
+//! applied in place. The fast forms use polynomial approximations (errors stated per function);
+//! the `*_ref` twins use f64 and std.
+
+use super::simd_dispatch;
+use crate::config::Gelu;
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// 1.5 · 2^23: adding and subtracting it rounds an f32 of magnitude < 2^22 to the nearest integer.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// `e^x` with relative error below 2e-7 on [-87, 88] (Cephes `expf` polynomial); saturates to
+/// about 1e-38 below (the smallest normal) and to 2^127·e^0.4 above. Branch-free so loops over it vectorise.
+#[inline(always)]
+pub fn exp_fast(x: f32) -> f32 {
+    let x = x.clamp(-87.336_54, 88.376_26);
+    let t = x * LOG2E + ROUND_MAGIC;
+    let n = t - ROUND_MAGIC;
+    // The low mantissa bits of t hold the integer n.
+    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((ni + 127) << 23) as u32)
+}
+
+/// `erf(x)`, absolute error below 6e-7 (Abramowitz & Stegun 7.1.26, 1.5e-7, plus f32 rounding).
+#[inline(always)]
+pub fn erf_fast(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp_fast(-a * a);
+    y.copysign(x)
+}
+
+/// `tanh(x)`, absolute error below 3e-7.
+#[inline(always)]
+pub fn tanh_fast(x: f32) -> f32 {
+    let a = x.abs();
+    let e = exp_fast(2.0 * a);
+    let y = 1.0 - 2.0 / (e + 1.0);
+    y.copysign(x)
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+
+#[inline(always)]
+fn gelu_exact(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_fast(x * FRAC_1_SQRT_2))
+}
+
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    0.5 * x * (1.0 + tanh_fast(SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)))
+}
+
+simd_dispatch! {
+    fn gelu_exact_inplace(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = gelu_exact(*v);
+        }
+    }
+}
+
+simd_dispatch! {
+    fn gelu_tanh_inplace(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = gelu_tanh(*v);
+        }
+    }
+}
+
+simd_dispatch! {
+    /// `x ← tanh(x)` in place.
+    pub fn tanh_inplace(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = tanh_fast(*v);
+        }
+    }
+}
+
+/// `x ← GELU(x)` in place, exact (erf) or tanh form. Max abs error vs [`gelu_ref`]: about 3e-7·|x|.
+pub fn gelu_inplace(x: &mut [f32], kind: Gelu) {
+    match kind {
+        Gelu::Exact => gelu_exact_inplace(x),
+        Gelu::Tanh => gelu_tanh_inplace(x),
+    }
+}
+
+simd_dispatch! {
+    /// Numerically stable softmax of one row, in place.
+    pub fn softmax_inplace(row: &mut [f32]) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for v in row.iter_mut() {
+            *v = exp_fast(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+/// Reference `erf` in f64: its Maclaurin series, which converges everywhere and is accurate
+/// to ~1e-12 for |x| ≤ 5; beyond that erf is ±1 to within 2e-12.
+pub fn erf_ref(x: f64) -> f64 {
+    if x.abs() > 5.0 {
+        return x.signum();
+    }
+    let mut term = x;
+    let mut sum = x;
+    let x2 = x * x;
+    for n in 1..200 {
+        term *= -x2 / n as f64;
+        let add = term / (2 * n + 1) as f64;
+        sum += add;
+        if add.abs() < 1e-17 {
+            break;
+        }
+    }
+    sum * 2.0 / std::f64::consts::PI.sqrt()
+}
+
+/// Reference GELU in f64.
+pub fn gelu_ref(x: f32, kind: Gelu) -> f32 {
+    let x = x as f64;
+    let y = match kind {
+        Gelu::Exact => 0.5 * x * (1.0 + erf_ref(x / std::f64::consts::SQRT_2)),
+        Gelu::Tanh => {
+            0.5 * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+        }
+    };
+    y as f32
+}
+
+/// Reference softmax of one row in f64.
+pub fn softmax_ref(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let e: Vec<f64> = row.iter().map(|&v| (v as f64 - max).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|v| (v / s) as f32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::*;
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let r = (x as f64).exp();
+            worst = worst.max(((exp_fast(x) as f64 - r) / r).abs());
+            x += 0.013;
+        }
+        assert!(worst < 2e-7, "worst relative error {worst}");
+        assert!(exp_fast(-1000.0) < 1e-37);
+        assert!(exp_fast(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn erf_and_tanh_are_accurate() {
+        let (mut e_erf, mut e_tanh) = (0.0f64, 0.0f64);
+        for i in -8000..8000 {
+            let x = i as f32 * 1e-3;
+            e_erf = e_erf.max((erf_fast(x) as f64 - erf_ref(x as f64)).abs());
+            e_tanh = e_tanh.max((tanh_fast(x) as f64 - (x as f64).tanh()).abs());
+        }
+        eprintln!("max abs error: erf {e_erf:e}, tanh {e_tanh:e}");
+        assert!(e_erf < 6e-7, "erf {e_erf}");
+        assert!(e_tanh < 3e-7, "tanh {e_tanh}");
+    }
+
+    #[test]
+    fn gelu_matches_reference() {
+        for kind in [Gelu::Exact, Gelu::Tanh] {
+            let mut x: Vec<f32> = rand_vec(4099, 3).iter().map(|v| v * 8.0).collect();
+            let want: Vec<f32> = x.iter().map(|&v| gelu_ref(v, kind)).collect();
+            gelu_inplace(&mut x, kind);
+            let d = max_abs_diff(&x, &want);
+            assert!(d < 3e-6, "{kind:?}: {d}");
+        }
+        // Large |x|: identity and zero, no NaN.
+        let mut x = vec![-100.0, 100.0, 0.0];
+        gelu_inplace(&mut x, Gelu::Exact);
+        assert_eq!(x, vec![0.0, 100.0, 0.0]);
+    }
+
+    #[test]
+    fn softmax_matches_reference_and_sums_to_one() {
+        let mut row: Vec<f32> = rand_vec(197, 9).iter().map(|v| v * 20.0).collect();
+        let want = softmax_ref(&row);
+        softmax_inplace(&mut row);
+        assert!(max_abs_diff(&row, &want) < 1e-6);
+        let s: f32 = row.iter().sum();
+        assert!((s - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn erf_reference_is_sane() {
+        assert!((erf_ref(1.0) - 0.842_700_792_949_714_9).abs() < 1e-12);
+        assert!((erf_ref(-2.5) + 0.999_593_047_982_555).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,123 @@
+//! CPU kernels. Each fast kernel has a plain reference twin (`*_ref`) beside it, and a test
+//! holds the two together within a stated tolerance.
+//!
+//! Element-wise kernels are written as plain loops that LLVM vectorises; [`simd_dispatch!`]
+//! compiles each twice (baseline x86-64 and AVX2+FMA) and picks at run time, so the release
+//! binary runs on any x86-64 and is fast on the CPUs people have.
+
+pub mod attention;
+pub mod gemm;
+pub mod layernorm;
+pub mod math;
+
+/// True when the CPU has AVX2 and FMA (checked once, cached by std).
+#[inline]
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines `fn $name(args)` whose body is compiled for baseline and for AVX2+FMA; the
+/// AVX2 copy is used when the CPU has it.
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn inner($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    inner($($arg),*)
+                }
+                if $crate::kernels::has_avx2_fma() {
+                    // SAFETY: the CPU supports the features `avx2` was compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            inner($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_dispatch;
+
+/// A raw pointer that may cross threads. Kernels use it to let parallel tasks write disjoint,
+/// non-contiguous regions of one output buffer (each use states why the regions are disjoint).
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub *mut f32);
+// SAFETY: only used for writes to regions proven disjoint at each use site.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+impl SyncPtr {
+    /// The pointer. A method (not `.0`) so closures capture the whole `Send` wrapper.
+    #[inline(always)]
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Splits `0..len` into at most `parts` contiguous ranges of near-equal size, each a multiple
+/// of `align` except the last.
+pub(crate) fn split_ranges(len: usize, parts: usize, align: usize) -> Vec<(usize, usize)> {
+    let parts = parts.max(1);
+    let align = align.max(1);
+    let per = len.div_ceil(parts).div_ceil(align) * align;
+    let per = per.max(align);
+    (0..len)
+        .step_by(per)
+        .map(|s| (s, (s + per).min(len)))
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    /// Deterministic pseudo-random values in [-1, 1) (xorshift), for kernel tests.
+    pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Largest |a - b| over two equal-length slices.
+    pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_covers_everything_once() {
+        for (len, parts, align) in [(197, 2, 8), (10, 4, 1), (3, 8, 4), (0, 2, 1), (3072, 2, 16)] {
+            let r = split_ranges(len, parts, align);
+            let mut next = 0;
+            for &(s, e) in &r {
+                assert_eq!(s, next);
+                assert!(e > s);
+                next = e;
+            }
+            assert_eq!(next, len);
+            assert!(r.len() <= parts.max(1));
+        }
+    }
+}

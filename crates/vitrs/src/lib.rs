@@ -1,0 +1,38 @@
+//! # vitrs
+//!
+//! The Vision Transformer of Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021),
+//! as a Rust library: a purpose-built CPU engine, loaders for the checkpoints people have
+//! (Hugging Face, timm, native safetensors), and the preprocessing that travels with them.
+//!
+//! Data flows image → [`preprocess`] → [`model::ViT::forward`] (patch embedding → blocks →
+//! norm → pool → head) → logits; [`checkpoint::load`] builds a model from a file.
+//! The shape legend is in the [`model`] module docs.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod infer;
+pub mod kernels;
+pub mod model;
+pub mod npy;
+pub mod preprocess;
+mod resample;
+pub mod tensor;
+
+pub use checkpoint::{load, Checkpoint, Format, LoadReport};
+pub use config::{Gelu, Head, NormPlacement, Pool, ViTConfig};
+pub use error::{Error, Result};
+pub use model::{Capture, ForwardOutput, ViT, Workspace};
+pub use preprocess::Preprocess;
+pub use tensor::Tensor;
+
+/// Sizes the global thread pool used by every kernel. Call once, before any model work;
+/// `None` means one thread per core. Returns an error if the pool was already built.
+pub fn init_threads(threads: Option<usize>) -> Result<()> {
+    let mut b = rayon::ThreadPoolBuilder::new();
+    if let Some(t) = threads {
+        b = b.num_threads(t.max(1));
+    }
+    b.build_global()
+        .map_err(|e| Error::InvalidConfig(format!("cannot set up {threads:?} threads: {e}")))
+}

@@ -1,0 +1,65 @@
+//! Random initialisation, as timm's `init_weights` (truncated normal σ = 0.02 for weights and
+//! embeddings, zeros for biases, ones for LayerNorm scales) and the paper's zero-initialised
+//! classification head. Seeded and deterministic.
+
+use super::params::Params;
+
+/// A small, fast, seedable generator (SplitMix64), good enough for initialisation and tests.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(f64::MIN_POSITIVE);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    /// Normal with σ `std`, redrawn until within ±2σ (timm's `trunc_normal_(std=.02)`).
+    pub fn trunc_normal(&mut self, std: f64) -> f32 {
+        loop {
+            let z = self.normal();
+            if z.abs() <= 2.0 {
+                return (z * std) as f32;
+            }
+        }
+    }
+}
+
+/// Fills `params` in place.
+pub(crate) fn init_params(params: &mut Params, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let entries = params.entries().to_vec();
+    let flat = params.flat_mut();
+    for e in entries {
+        let dst = &mut flat[e.range.clone()];
+        let is_norm = e.name.contains("norm");
+        if e.name.starts_with("head.") {
+            dst.fill(0.0); // zero-initialised head (paper, §3.1 fine-tuning)
+        } else if e.name.ends_with(".bias") {
+            dst.fill(0.0);
+        } else if is_norm && e.name.ends_with(".weight") {
+            dst.fill(1.0);
+        } else {
+            dst.iter_mut().for_each(|v| *v = rng.trunc_normal(0.02));
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The Vision Transformer.
+//!
+//! # Shape legend
+//! B batch, C channels, H×W image, P patch, gh×gw patch grid (H/P × W/P), N tokens
+//! (gh·gw + 1 with the [class] token), D width, nh heads, hd head dim (D/nh), M MLP width,
+//! K classes, F feature width fed to the classifier (D, or the pre-logits width), L layers.
+//!
+//! # Data flow (reads top to bottom, as [`ViT::forward`] does)
+//! image `(B, C, H, W)` → patches `(B·gh·gw, C·P·P)` → linear projection `(B·gh·gw, D)` →
+//! prepend [class], add position embeddings `(B, N, D)` → L blocks `(B, N, D)` → final norm →
+//! pool `(B, D)` → [fc_norm] → [pre-logits dense + tanh `(B, F)`] → head `(B, K)`.
+
+mod forward;
+mod init;
+mod params;
+
+pub use forward::{Capture, ForwardOutput, Workspace};
+pub use init::Rng;
+pub use params::{ParamEntry, Params};
+
+use crate::config::ViTConfig;
+use crate::error::Result;
+use params::{layout, ModelView};
+
+/// A ViT: its config and its parameters.
+#[derive(Clone, Debug)]
+pub struct ViT {
+    config: ViTConfig,
+    params: Params,
+    view: ModelView,
+}
+
+impl ViT {
+    /// A model with every parameter zero (to be filled by a checkpoint loader).
+    pub fn zeros(config: ViTConfig) -> Result<Self> {
+        config.validate()?;
+        let (entries, view, len) = layout(&config);
+        Ok(ViT {
+            config,
+            params: Params::zeros(entries, len),
+            view,
+        })
+    }
+
+    /// A randomly initialised model (timm's scheme, zero head), deterministic in `seed`.
+    pub fn random(config: ViTConfig, seed: u64) -> Result<Self> {
+        let mut m = ViT::zeros(config)?;
+        init::init_params(&mut m.params, seed);
+        Ok(m)
+    }
+
+    pub fn config(&self) -> &ViTConfig {
+        &self.config
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    pub fn params_mut(&mut self) -> &mut Params {
+        &mut self.params
+    }
+}

@@ -1,0 +1,151 @@
+//! NumPy `.npy` arrays (format 1.0–3.0), little-endian f32 or f64, C order: how users hand
+//! vitrs an already-preprocessed tensor, and how the parity fixtures store references.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+const MAGIC: &[u8] = b"\x93NUMPY";
+/// Arrays above this many elements are refused before allocating (4 GiB of f32).
+const MAX_ELEMENTS: usize = 1 << 30;
+
+/// Reads an `.npy` file as an f32 tensor.
+pub fn read_npy(path: &Path) -> Result<Tensor> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_npy(path, &bytes)
+}
+
+/// Parses `.npy` bytes (`path` only names the source in errors).
+pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Tensor> {
+    let bad = |r: String| Error::malformed(path, ".npy array", r);
+    if bytes.len() < 10 || &bytes[..6] != MAGIC {
+        return Err(bad(
+            "missing the \\x93NUMPY magic; not a NumPy .npy file".into()
+        ));
+    }
+    let (hlen, hstart) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        v => return Err(bad(format!("unsupported format version {v}"))),
+    };
+    let header = bytes
+        .get(hstart..hstart.saturating_add(hlen))
+        .ok_or_else(|| bad("truncated header".into()))?;
+    let header = std::str::from_utf8(header).map_err(|_| bad("header is not text".into()))?;
+    let field = |key: &str| -> Option<&str> {
+        let i = header.find(&format!("'{key}'"))?;
+        Some(
+            header[i + key.len() + 2..]
+                .trim_start()
+                .trim_start_matches(':')
+                .trim_start(),
+        )
+    };
+    let descr = field("descr").ok_or_else(|| bad("header has no 'descr'".into()))?;
+    let size = if descr.starts_with("'<f4'") || descr.starts_with("'float32'") {
+        4
+    } else if descr.starts_with("'<f8'") || descr.starts_with("'float64'") {
+        8
+    } else {
+        return Err(bad(format!(
+            "dtype {} is not supported; save the array as little-endian float32 (`arr.astype(np.float32)`)",
+            descr.split(',').next().unwrap_or(descr)
+        )));
+    };
+    if field("fortran_order").is_some_and(|f| f.starts_with("True")) {
+        return Err(bad(
+            "Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into(),
+        ));
+    }
+    let shape_txt = field("shape").ok_or_else(|| bad("header has no 'shape'".into()))?;
+    let close = shape_txt
+        .find(')')
+        .ok_or_else(|| bad("unterminated shape".into()))?;
+    let shape: Vec<usize> = shape_txt[1..close]
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| bad(format!("bad shape entry `{s}`")))
+        })
+        .collect::<Result<_>>()?;
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&n| n <= MAX_ELEMENTS)
+        .ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
+    let data = &bytes[hstart + hlen..];
+    if data.len() != numel * size {
+        return Err(bad(format!(
+            "shape {shape:?} needs {} data bytes, the file has {}",
+            numel * size,
+            data.len()
+        )));
+    }
+    let values = if size == 4 {
+        data.chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    } else {
+        data.chunks_exact(8)
+            .map(|b| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                f64::from_le_bytes(a) as f32
+            })
+            .collect()
+    };
+    Tensor::new(shape, values)
+}
+
+/// Writes an f32 tensor as `.npy` (format 1.0).
+pub fn write_npy(path: &Path, t: &Tensor) -> Result<()> {
+    let dims: Vec<String> = t.shape().iter().map(|d| d.to_string()).collect();
+    let shape = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+    // Pad so that magic + version + length + header ends on a 64-byte boundary, newline-terminated.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&[1, 0]);
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    t.data()
+        .iter()
+        .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    std::fs::write(path, out).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_errors() {
+        let p = std::env::temp_dir().join(format!("vitrs-npy-{}.npy", std::process::id()));
+        let t = Tensor::new(vec![2, 1, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, -6.5]).unwrap();
+        write_npy(&p, &t).unwrap();
+        assert_eq!(read_npy(&p).unwrap(), t);
+        let bytes = std::fs::read(&p).unwrap();
+        let e = parse_npy(&p, &bytes[..bytes.len() - 4])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs 24 data bytes"), "{e}");
+        assert!(parse_npy(&p, b"hello world")
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
+        let _ = std::fs::remove_file(p);
+    }
+}

@@ -1,0 +1,156 @@
+//! Logit, attention and preprocessing parity against PyTorch (transformers and timm), on the
+//! fixtures made by `tools/make_fixtures.py`. Tolerances are the engine's contract:
+//! |Δlogit| ≤ 1e-4, |Δattention| ≤ 1e-5, |Δpixel| ≤ 2e-2 after normalisation.
+
+use std::path::{Path, PathBuf};
+
+use vitrs::checkpoint::safetensors::SaveDtype;
+use vitrs::npy::read_npy;
+use vitrs::{Capture, Format, Tensor, Workspace};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// Asserts `got ≈ want` within `tol`, printing the first values side by side on failure.
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shapes differ");
+    let diffs: Vec<f32> = got
+        .data()
+        .iter()
+        .zip(want.data())
+        .map(|(a, b)| (a - b).abs())
+        .collect();
+    let (worst_i, worst) = diffs
+        .iter()
+        .copied()
+        .enumerate()
+        .fold((0, 0.0f32), |acc, (i, d)| {
+            if d > acc.1 || d.is_nan() {
+                (i, d)
+            } else {
+                acc
+            }
+        });
+    eprintln!("{what}: max |diff| {worst:.2e} (tolerance {tol:e})");
+    if !(worst <= tol) {
+        let side: Vec<String> = got
+            .data()
+            .iter()
+            .zip(want.data())
+            .take(8)
+            .map(|(a, b)| format!("{a:+.6} vs {b:+.6}"))
+            .collect();
+        panic!(
+            "{what}: max |diff| {worst:e} at flat index {worst_i} exceeds {tol:e}\nfirst values (ours vs reference):\n  {}",
+            side.join("\n  ")
+        );
+    }
+}
+
+fn check_fixture(name: &str, format: Format) {
+    let dir = fixtures().join(name);
+    let ck = vitrs::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(ck.report.format, format, "{name}");
+    assert!(ck.report.missing.is_empty() && ck.report.mismatched.is_empty());
+    let r = dir.join("ref");
+    let input = read_npy(&r.join("input.npy")).unwrap();
+    let want_logits = read_npy(&r.join("logits.npy")).unwrap();
+    let want_attn = read_npy(&r.join("attentions.npy")).unwrap();
+
+    let capture = Capture {
+        attentions: true,
+        pre_logits: true,
+    };
+    let out = ck
+        .model
+        .forward(&input, capture, &mut Workspace::new())
+        .unwrap();
+    assert_close(&format!("{name} logits"), &out.logits, &want_logits, 1e-4);
+    assert_close(
+        &format!("{name} attentions"),
+        out.attentions.as_ref().unwrap(),
+        &want_attn,
+        1e-5,
+    );
+
+    // The fast path (no capture) gives the same logits as the capturing path.
+    let fast = ck.model.logits(&input).unwrap();
+    assert_close(&format!("{name} fast path"), &fast, &out.logits, 1e-6);
+
+    // Preprocessing of the model-size and the larger, odd-sized image.
+    for (img, px) in [
+        ("image.png", "pixels.npy"),
+        ("image_large.png", "pixels_large.npy"),
+    ] {
+        let got = ck.preprocess.load(&r.join(img)).unwrap();
+        let want = read_npy(&r.join(px)).unwrap();
+        // The issue asks for 2e-2; the Pillow-exact resampler gives ~1e-6, so guard that.
+        assert_close(&format!("{name} preprocess {img}"), &got, &want, 1e-4);
+    }
+
+    // Converting to the native format and back changes nothing.
+    let tmp = std::env::temp_dir().join(format!(
+        "vitrs-parity-{name}-{}.safetensors",
+        std::process::id()
+    ));
+    vitrs::checkpoint::save_native(
+        &tmp,
+        &ck.model,
+        &ck.preprocess,
+        ck.labels.as_deref(),
+        SaveDtype::F32,
+    )
+    .unwrap();
+    let back = vitrs::load(&tmp).unwrap();
+    std::fs::remove_file(&tmp).ok();
+    assert_eq!(back.report.format, Format::Native);
+    assert_eq!(back.model.config(), ck.model.config());
+    assert_eq!(back.preprocess, ck.preprocess);
+    assert_eq!(back.labels, ck.labels);
+    assert_eq!(back.model.logits(&input).unwrap(), fast);
+}
+
+#[test]
+fn hf_classifier_square() {
+    check_fixture("hf_cls", Format::HuggingFace);
+}
+
+#[test]
+fn hf_nonsquare_no_qkv_bias_tanh_gelu() {
+    check_fixture("hf_nonsquare", Format::HuggingFace);
+}
+
+#[test]
+fn hf_bare_vitmodel_pooler_output() {
+    check_fixture("hf_bare", Format::HuggingFace);
+}
+
+#[test]
+fn timm_named_architecture_with_overrides() {
+    check_fixture("timm_tiny_named", Format::Timm);
+}
+
+#[test]
+fn timm_mean_pool_nonsquare() {
+    check_fixture("timm_mean_nonsquare", Format::Timm);
+}
+
+#[test]
+fn timm_patch8_no_qkv_bias() {
+    check_fixture("timm_p8_nobias", Format::Timm);
+}
+
+#[test]
+fn hf_labels_and_config_are_read() {
+    let ck = vitrs::load(&fixtures().join("hf_cls")).unwrap();
+    assert_eq!(
+        ck.labels.as_deref().unwrap()[..2],
+        ["cat".to_string(), "dog".to_string()]
+    );
+    assert_eq!(ck.model.config().layer_norm_eps, 1e-12);
+    // Placeholder LABEL_i names are not labels.
+    let ck = vitrs::load(&fixtures().join("hf_nonsquare")).unwrap();
+    assert!(ck.labels.is_none());
+    assert_eq!(ck.label(2), "class_2");
+}
