@@ -133,13 +133,17 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn hint_for(e: &anyhow::Error) -> Option<&'static str> {
     match e.downcast_ref::<vitrs::Error>()? {
-        vitrs::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+        vitrs::Error::Io { err, .. } if err.kind() == std::io::ErrorKind::NotFound => {
             Some("check the path; --model takes a .safetensors file or a directory with config.json + model.safetensors")
         }
-        vitrs::Error::UnknownFormat { .. } | vitrs::Error::Malformed { .. } => {
-            Some("run `vit info --model PATH` on a checkpoint saved by transformers, timm or `vit convert`")
+        vitrs::Error::Malformed { what: "safetensors file", .. } => {
+            Some("the weights file is damaged or incomplete (an interrupted download?); copy it again")
         }
+        vitrs::Error::UnknownFormat { .. } => Some(
+            "vit reads Hugging Face or timm directories (config.json + model.safetensors) and files written by `vit convert`",
+        ),
         vitrs::Error::LoadMismatch(_) => Some("the weights and config.json come from different models"),
+        vitrs::Error::Image { .. } => Some("inputs must be PNG, JPEG, GIF or BMP images, or float32 .npy arrays"),
         _ => None,
     }
 }
@@ -167,7 +171,8 @@ fn run(cmd: Command) -> Result<u8> {
 }
 
 fn load(path: &Path) -> Result<Checkpoint> {
-    Ok(vitrs::load(path).with_context(|| format!("cannot load model {}", path.display()))?)
+    // vitrs errors name the file themselves.
+    vitrs::load(path).context("cannot load model")
 }
 
 fn info(path: &Path, as_json: bool) -> Result<u8> {

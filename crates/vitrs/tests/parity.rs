@@ -33,7 +33,7 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
             }
         });
     eprintln!("{what}: max |diff| {worst:.2e} (tolerance {tol:e})");
-    if !(worst <= tol) {
+    if worst.is_nan() || worst > tol {
         let side: Vec<String> = got
             .data()
             .iter()

@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use super::math::{softmax_inplace, softmax_ref};
-use super::{split_ranges, SyncPtr};
+use super::{Split, SyncPtr};
 
 /// Query rows per task are never split below this.
 const MIN_ROWS: usize = 16;
@@ -42,7 +42,7 @@ impl AttnDims {
         (blocks, self.tokens.div_ceil(blocks))
     }
 
-    /// Scratch floats needed by [`attention`] with `threads` threads (when not capturing).
+    /// Scratch floats needed by [`attention`] with `threads` threads.
     pub fn scratch_len(&self, threads: usize) -> usize {
         let (_, rows) = self.plan(threads);
         threads.max(1) * rows * self.tokens
@@ -58,7 +58,7 @@ impl AttnDims {
 pub fn attention(
     qkv: &[f32],
     out: &mut [f32],
-    mut probs: Option<&mut [f32]>,
+    probs: Option<&mut [f32]>,
     scratch: &mut Vec<f32>,
     dims: AttnDims,
 ) {
@@ -76,23 +76,20 @@ pub fn attention(
     let threads = rayon::current_num_threads();
     let (blocks, rows) = dims.plan(threads);
     let tasks = batch * heads * blocks;
-    let groups = split_ranges(tasks, threads, 1);
-    let need = groups.len() * rows * n;
-    if probs.is_none() && scratch.len() < need {
+    let groups = Split::new(tasks, threads, 1);
+    // One scratch tile per group; unused (but still handed out) when probabilities are captured.
+    let need = groups.count * rows * n;
+    if scratch.len() < need {
         scratch.resize(need, 0.0);
     }
     let outp = SyncPtr(out.as_mut_ptr());
-    let probp = probs.as_deref_mut().map(|p| SyncPtr(p.as_mut_ptr()));
+    let probp = probs.map(|p| SyncPtr(p.as_mut_ptr()));
     let scale = 1.0 / (hd as f32).sqrt();
-    let scratch_chunks: Vec<&mut [f32]> = if probs.is_none() {
-        scratch[..need].chunks_mut(rows * n).collect()
-    } else {
-        groups.iter().map(|_| <&mut [f32]>::default()).collect()
-    };
-    groups
-        .into_par_iter()
-        .zip(scratch_chunks)
-        .for_each(|((t0, t1), tile)| {
+    scratch[..need]
+        .par_chunks_mut(rows * n)
+        .enumerate()
+        .for_each(|(g, tile)| {
+            let (t0, t1) = groups.get(g);
             for t in t0..t1 {
                 // task t -> (image b, head h, query block qb)
                 let (bh, qb) = (t / blocks, t % blocks);

@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::math::{gelu_inplace, tanh_inplace};
-use super::{split_ranges, SyncPtr};
+use super::{Split, SyncPtr};
 use crate::config::Gelu;
 
 /// What happens to each output element after the product.
@@ -52,7 +52,7 @@ pub fn linear(
     let threads = rayon::current_num_threads();
     let outp = SyncPtr(out.as_mut_ptr());
     let run = |rows: (usize, usize), cols: (usize, usize)| {
-        // SAFETY: blocks from `split_ranges` are disjoint, so each task writes its own
+        // SAFETY: the ranges of a `Split` are disjoint, so each task writes its own
         // sub-matrix of `out`; `x` and `w` are only read.
         unsafe { block(x, w, bias, outp, (m, k, n), rows, cols, epilogue) }
     };
@@ -60,13 +60,15 @@ pub fn linear(
         run((0, m), (0, n));
     } else if n >= m {
         // Few rows (small batch): split the columns; each thread packs only its slice of W.
-        split_ranges(n, threads, 16)
+        let s = Split::new(n, threads, 16);
+        (0..s.count)
             .into_par_iter()
-            .for_each(|cols| run((0, m), cols));
+            .for_each(|i| run((0, m), s.get(i)));
     } else {
-        split_ranges(m, threads, 8)
+        let s = Split::new(m, threads, 8);
+        (0..s.count)
             .into_par_iter()
-            .for_each(|rows| run(rows, (0, n)));
+            .for_each(|i| run(s.get(i), (0, n)));
     }
 }
 

@@ -64,17 +64,32 @@ impl SyncPtr {
     }
 }
 
-/// Splits `0..len` into at most `parts` contiguous ranges of near-equal size, each a multiple
-/// of `align` except the last.
-pub(crate) fn split_ranges(len: usize, parts: usize, align: usize) -> Vec<(usize, usize)> {
-    let parts = parts.max(1);
-    let align = align.max(1);
-    let per = len.div_ceil(parts).div_ceil(align) * align;
-    let per = per.max(align);
-    (0..len)
-        .step_by(per)
-        .map(|s| (s, (s + per).min(len)))
-        .collect()
+/// `0..len` cut into at most `parts` contiguous ranges of near-equal size, each a multiple of
+/// `align` except the last. Computed on demand, so splitting work allocates nothing.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Split {
+    len: usize,
+    per: usize,
+    /// Number of ranges.
+    pub count: usize,
+}
+
+impl Split {
+    pub fn new(len: usize, parts: usize, align: usize) -> Self {
+        let align = align.max(1);
+        let per = (len.div_ceil(parts.max(1)).div_ceil(align) * align).max(align);
+        Split {
+            len,
+            per,
+            count: len.div_ceil(per),
+        }
+    }
+
+    /// Range `i` as `(start, end)`.
+    pub fn get(&self, i: usize) -> (usize, usize) {
+        let s = i * self.per;
+        (s, (s + self.per).min(self.len))
+    }
 }
 
 #[cfg(test)]
@@ -109,15 +124,15 @@ mod tests {
     #[test]
     fn split_covers_everything_once() {
         for (len, parts, align) in [(197, 2, 8), (10, 4, 1), (3, 8, 4), (0, 2, 1), (3072, 2, 16)] {
-            let r = split_ranges(len, parts, align);
+            let r = Split::new(len, parts, align);
             let mut next = 0;
-            for &(s, e) in &r {
+            for (s, e) in (0..r.count).map(|i| r.get(i)) {
                 assert_eq!(s, next);
                 assert!(e > s);
                 next = e;
             }
             assert_eq!(next, len);
-            assert!(r.len() <= parts.max(1));
+            assert!(r.count <= parts.max(1));
         }
     }
 }

@@ -1,0 +1,301 @@
+//! Runs the built `vit` binary as a user would: outputs, formats, and errors on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn vit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vit"))
+        .args(args)
+        .output()
+        .expect("run vit")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A fresh temporary directory for one test.
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vitrs-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn read_npy(p: &Path) -> Vec<f32> {
+    vitrs::npy::read_npy(p).unwrap().into_data()
+}
+
+/// Asserts a failed run: the given exit code, a one-line `error:` naming `needle`, no panic.
+fn assert_clean_failure(o: &Output, code: i32, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let first = err.lines().next().unwrap_or("");
+    assert!(
+        first.starts_with("error: ") && first.contains(needle),
+        "expected `{needle}` in: {err}"
+    );
+}
+
+#[test]
+fn predict_json_lines_match_pytorch_logits() {
+    let dir = fixtures().join("hf_cls");
+    let input = dir.join("ref/input.npy");
+    let o = vit(&[
+        "predict",
+        "--model",
+        s(&dir),
+        "--json",
+        "--logits",
+        "--top-k",
+        "3",
+        s(&input),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = read_npy(&dir.join("ref/logits.npy"));
+    let lines: Vec<Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "one line per item of the (2, C, H, W) batch"
+    );
+    for (i, v) in lines.iter().enumerate() {
+        assert!(v["input"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("input.npy[{i}]")));
+        let top = v["top"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        let logits: Vec<f32> = v["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        for (a, b) in logits.iter().zip(&want[i * 5..(i + 1) * 5]) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+        // The best class is the arg-max of PyTorch's logits, with its label and a probability.
+        let best = (0..5)
+            .max_by(|&a, &b| want[i * 5 + a].total_cmp(&want[i * 5 + b]))
+            .unwrap();
+        assert_eq!(top[0]["index"].as_u64().unwrap() as usize, best);
+        assert!(["cat", "dog", "bird", "fish", "frog"].contains(&top[0]["label"].as_str().unwrap()));
+        let p = top[0]["prob"].as_f64().unwrap();
+        assert!(p > 0.0 && p <= 1.0);
+    }
+    // Without --logits the field is absent.
+    let o = vit(&[
+        "predict",
+        "--model",
+        s(&dir),
+        "--json",
+        s(&dir.join("ref/image.png")),
+    ]);
+    let v: Value = serde_json::from_str(stdout(&o).lines().next().unwrap()).unwrap();
+    assert!(v.get("logits").is_none());
+    assert_eq!(v["top"].as_array().unwrap().len(), 5);
+}
+
+#[test]
+fn predict_a_directory_skips_other_files() {
+    let dir = fixtures().join("timm_tiny_named");
+    let d = tmp("dir");
+    for f in ["image.png", "image_large.png", "input.npy"] {
+        std::fs::copy(dir.join("ref").join(f), d.join(f)).unwrap();
+    }
+    std::fs::write(d.join("notes.txt"), "not an image").unwrap();
+    let o = vit(&["predict", "--model", s(&dir), "--batch-size", "2", s(&d)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let names: Vec<&str> = out.lines().map(|l| l.split(": ").next().unwrap()).collect();
+    let want: Vec<String> = [
+        "image.png",
+        "image_large.png",
+        "input.npy[0]",
+        "input.npy[1]",
+    ]
+    .iter()
+    .map(|f| d.join(f).display().to_string())
+    .collect();
+    assert_eq!(names, want, "sorted, one line per input: {out}");
+    assert!(stderr(&o).contains("skipped 1 file"), "{}", stderr(&o));
+}
+
+#[test]
+fn info_and_convert_round_trip() {
+    let dir = fixtures().join("timm_mean_nonsquare");
+    let o = vit(&["info", "--model", s(&dir), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["format"], "timm");
+    assert_eq!(v["config"]["pool"], "mean");
+    assert!(v["parameters"].as_u64().unwrap() > 1000);
+    let text = stdout(&vit(&["info", "--model", s(&dir)]));
+    assert!(
+        text.contains("format:        timm") && text.contains("GFLOP per image"),
+        "{text}"
+    );
+
+    let t = tmp("convert");
+    let native = t.join("m.safetensors");
+    let o = vit(&["convert", "--model", s(&dir), "--out", s(&native)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let input = dir.join("ref/input.npy");
+    let a = stdout(&vit(&[
+        "predict",
+        "--model",
+        s(&dir),
+        "--json",
+        "--logits",
+        s(&input),
+    ]));
+    let b = stdout(&vit(&[
+        "predict",
+        "--model",
+        s(&native),
+        "--json",
+        "--logits",
+        s(&input),
+    ]));
+    assert_eq!(
+        a.replace(s(&dir), ""),
+        b.replace(s(&native), "").replace(s(&dir), "")
+    );
+    // Half precision halves the file and still loads.
+    let half = t.join("h.safetensors");
+    assert!(vit(&[
+        "convert",
+        "--model",
+        s(&dir),
+        "--out",
+        s(&half),
+        "--dtype",
+        "f16"
+    ])
+    .status
+    .success());
+    let info = stdout(&vit(&["info", "--model", s(&half)]));
+    assert!(info.contains("converted") && info.contains("F16"), "{info}");
+    assert!(
+        std::fs::metadata(&half).unwrap().len()
+            < std::fs::metadata(&native).unwrap().len() * 6 / 10
+    );
+}
+
+#[test]
+fn missing_model_is_a_clear_error() {
+    let o = vit(&["predict", "--model", "/no/such/model", "x.png"]);
+    assert_clean_failure(&o, 3, "/no/such/model");
+    assert!(stderr(&o).contains("HINT:"));
+}
+
+#[test]
+fn truncated_and_foreign_weights_are_rejected() {
+    let src = fixtures().join("hf_cls");
+    for (tag, bytes) in [
+        (
+            "truncated",
+            std::fs::read(src.join("model.safetensors")).unwrap()[..5000].to_vec(),
+        ),
+        ("text", b"this is not a checkpoint".to_vec()),
+        ("empty", vec![]),
+    ] {
+        let d = tmp(tag);
+        std::fs::copy(src.join("config.json"), d.join("config.json")).unwrap();
+        std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+        let o = vit(&["predict", "--model", s(&d), s(&src.join("ref/image.png"))]);
+        assert_clean_failure(&o, 3, "model.safetensors");
+    }
+}
+
+#[test]
+fn config_that_does_not_match_the_weights_names_the_tensor() {
+    let d = tmp("mismatch");
+    std::fs::copy(fixtures().join("hf_cls/config.json"), d.join("config.json")).unwrap();
+    std::fs::copy(
+        fixtures().join("hf_nonsquare/model.safetensors"),
+        d.join("model.safetensors"),
+    )
+    .unwrap();
+    let o = vit(&["info", "--model", s(&d)]);
+    assert_clean_failure(&o, 3, "wrong shape");
+    let err = stderr(&o);
+    assert!(
+        err.contains("expects") && err.contains("weights have"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_an_image_fails_alone() {
+    let d = tmp("notimage");
+    let bad = d.join("photo.png");
+    std::fs::write(&bad, b"GIF? no, just text").unwrap();
+    let good = fixtures().join("hf_cls/ref/image.png");
+    let o = vit(&[
+        "predict",
+        "--model",
+        s(&fixtures().join("hf_cls")),
+        s(&bad),
+        s(&good),
+    ]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("photo.png") && !stderr(&o).contains("panicked"));
+    assert!(
+        stdout(&o).contains("image.png: "),
+        "the good image is still predicted"
+    );
+}
+
+#[test]
+fn npy_of_the_wrong_shape_is_refused() {
+    let d = tmp("npyshape");
+    let p = d.join("x.npy");
+    let t = vitrs::Tensor::new(vec![3, 5, 5], vec![0.0; 75]).unwrap();
+    vitrs::npy::write_npy(&p, &t).unwrap();
+    let o = vit(&["predict", "--model", s(&fixtures().join("hf_cls")), s(&p)]);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(
+        stderr(&o).contains("[3, 5, 5]") && stderr(&o).contains("x.npy"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn bench_reports_json() {
+    let o = vit(&[
+        "bench",
+        "--model",
+        s(&fixtures().join("hf_cls")),
+        "--iters",
+        "2",
+        "--json",
+        "--threads",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["threads"], 1);
+    assert_eq!(v["batch_size"], 1);
+}
