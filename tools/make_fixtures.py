@@ -418,6 +418,63 @@ def make_timm(name: str, seed: int, arch: str, kwargs: dict, description: str) -
 
 # --------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------
+# Variants of the fixtures above, testing one loader feature each (weights + refs only)
+# --------------------------------------------------------------------------------------
+
+def make_hf_v5_names() -> None:
+    """hf_cls's weights under the key names transformers 5 uses in memory
+    (`vit.layers.{i}.attention.q_proj`, ...). `save_pretrained` still writes the 4.x names
+    found on the hub, but `safetensors.torch.save_file(model.state_dict())` writes these."""
+    from safetensors.torch import save_file
+    src = FIXTURES / "hf_cls"
+    d = fresh_dir("hf_v5_names")
+    model = ViTForImageClassification.from_pretrained(src, attn_implementation="eager").eval()
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert any(".layers.0.attention.q_proj." in k for k in sd), list(sd)[:8]
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(src / "config.json", d / "config.json")
+    shutil.copy(src / "preprocessor_config.json", d / "preprocessor_config.json")
+    ref = d / "ref"
+    shutil.copy(src / "ref" / "input.npy", ref / "input.npy")
+    x = torch.from_numpy(np.load(ref / "input.npy"))
+    with torch.no_grad():
+        logits = model(pixel_values=x).logits
+    save_npy(logits, ref / "logits.npy")
+    write_json({"name": "hf_v5_names", "library": "transformers",
+                "description": "hf_cls saved with safetensors.torch.save_file(model.state_dict()): "
+                               "transformers 5 in-memory key names", "versions": VERSIONS}, ref / "info.json")
+    print("hf_v5_names: keys like", next(k for k in sd if "q_proj" in k))
+
+
+def make_timm_resample() -> None:
+    """timm_tiny_named's weights (2x2 patch grid at 32 px) with a config asking for 48 px
+    (3x3 grid): the position table must be resampled. Reference: what timm itself does,
+    `create_model("local-dir:...", pretrained=True, img_size=48)` (its checkpoint filter
+    calls resample_abs_pos_embed, bicubic with antialiasing)."""
+    src = FIXTURES / "timm_tiny_named"
+    d = fresh_dir("timm_resample")
+    shutil.copy(src / "model.safetensors", d / "model.safetensors")
+    with open(src / "config.json") as f:
+        cfg = json.load(f)
+    cfg["model_args"]["img_size"] = [48, 48]
+    cfg["pretrained_cfg"]["input_size"] = [3, 48, 48]
+    write_json(cfg, d / "config.json")
+    model = timm.create_model(f"local-dir:{src}", pretrained=True, img_size=48).eval()
+    assert tuple(model.pos_embed.shape) == (1, 10, 48), model.pos_embed.shape
+    ref = d / "ref"
+    x_np = random_input(2004, 3, 48, 48)
+    save_npy(x_np, ref / "input.npy")
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x_np))
+    save_npy(logits, ref / "logits.npy")
+    save_npy(model.pos_embed.detach(), ref / "pos_embed.npy")
+    write_json({"name": "timm_resample", "library": "timm",
+                "description": "timm_tiny_named weights (2x2 grid) loaded at img_size 48 (3x3 grid); "
+                               "pos_embed.npy is timm's resampled table", "versions": VERSIONS}, ref / "info.json")
+    print("timm_resample: logits", tuple(logits.shape))
+
+
 def main() -> None:
     FIXTURES.mkdir(parents=True, exist_ok=True)
 
@@ -464,6 +521,9 @@ def main() -> None:
                    qkv_bias=False, num_classes=3),
               "timm vit_base_patch8_224 overridden to img_size 24, patch 8 (3x3 grid), embed 24, depth 3, "
               "3 heads, mlp_ratio 4, qkv_bias=False, 3 classes; token pooling")
+
+    make_hf_v5_names()
+    make_timm_resample()
 
     total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
     print(f"total size of {FIXTURES.relative_to(ROOT)}: {total} bytes")

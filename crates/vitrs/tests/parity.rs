@@ -154,3 +154,58 @@ fn hf_labels_and_config_are_read() {
     assert!(ck.labels.is_none());
     assert_eq!(ck.label(2), "class_2");
 }
+
+/// Loads `name`, checks the logits for `ref/input.npy`, returns the checkpoint.
+fn logits_match(name: &str) -> vitrs::Checkpoint {
+    let dir = fixtures().join(name);
+    let ck = vitrs::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let input = read_npy(&dir.join("ref/input.npy")).unwrap();
+    let want = read_npy(&dir.join("ref/logits.npy")).unwrap();
+    assert_close(
+        &format!("{name} logits"),
+        &ck.model.logits(&input).unwrap(),
+        &want,
+        1e-4,
+    );
+    ck
+}
+
+#[test]
+fn hf_transformers5_in_memory_key_names() {
+    let ck = logits_match("hf_v5_names");
+    assert!(
+        ck.report
+            .conversions
+            .iter()
+            .any(|c| c.contains("transformers 5.x layout")),
+        "{:?}",
+        ck.report.conversions
+    );
+    // hf_cls itself is the 4.x layout that save_pretrained writes.
+    let ck = vitrs::load(&fixtures().join("hf_cls")).unwrap();
+    assert!(ck
+        .report
+        .conversions
+        .iter()
+        .any(|c| c.contains("transformers 4.x layout")));
+}
+
+#[test]
+fn timm_position_table_is_resampled_like_timm() {
+    let ck = logits_match("timm_resample");
+    assert!(
+        ck.report
+            .conversions
+            .iter()
+            .any(|c| c.contains("resampled pos_embed from a 2x2 to a 3x3 grid")),
+        "{:?}",
+        ck.report.conversions
+    );
+    let want = read_npy(&fixtures().join("timm_resample/ref/pos_embed.npy")).unwrap();
+    let got = Tensor::new(
+        vec![1, 10, 48],
+        ck.model.params().get("pos_embed").unwrap().to_vec(),
+    )
+    .unwrap();
+    assert_close("timm_resample pos_embed", &got, &want, 1e-5);
+}

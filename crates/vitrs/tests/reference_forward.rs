@@ -1,0 +1,275 @@
+//! The fast forward against a plain reference forward written from the paper's equations
+//! with the kernels' reference twins (f64 accumulation), over option combinations the
+//! PyTorch fixtures cannot reach: post-norm blocks, the pre-training head (dense + tanh, then
+//! a classifier), mean pooling with and without fc_norm, several batch sizes.
+
+use vitrs::kernels::attention::{attention_ref, AttnDims};
+use vitrs::kernels::gemm::{linear_ref, Epilogue};
+use vitrs::kernels::layernorm::layernorm_ref;
+use vitrs::{Capture, Gelu, Head, NormPlacement, Pool, Tensor, ViT, ViTConfig, Workspace};
+
+fn base() -> ViTConfig {
+    ViTConfig {
+        image_height: 12,
+        image_width: 16,
+        patch_size: 4,
+        channels: 2,
+        width: 12,
+        depth: 2,
+        heads: 3,
+        mlp_dim: 20,
+        num_classes: 5,
+        pool: Pool::Cls,
+        head: Head::Linear,
+        norm: NormPlacement::Pre,
+        gelu: Gelu::Exact,
+        fc_norm: false,
+        qkv_bias: true,
+        layer_norm_eps: 1e-6,
+    }
+}
+
+/// A model whose every parameter is a distinct non-trivial value.
+fn model(cfg: ViTConfig, seed: u64) -> ViT {
+    let mut m = ViT::zeros(cfg).unwrap();
+    let mut rng = vitrs::model::Rng::new(seed);
+    m.params_mut()
+        .flat_mut()
+        .iter_mut()
+        .for_each(|v| *v = (rng.normal() * 0.3) as f32);
+    m
+}
+
+struct Ref<'a>(&'a ViT);
+
+impl Ref<'_> {
+    fn p(&self, name: &str) -> &[f32] {
+        self.0
+            .params()
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    fn linear(&self, name: &str, x: &[f32], rows: usize, k: usize, epi: Epilogue) -> Vec<f32> {
+        let w = self.p(&format!("{name}.weight"));
+        let n = w.len() / k;
+        let b = self.0.params().get(&format!("{name}.bias"));
+        let mut out = vec![0.0; rows * n];
+        linear_ref(x, w, b, &mut out, (rows, k, n), epi);
+        out
+    }
+
+    fn norm(&self, name: &str, x: &[f32]) -> Vec<f32> {
+        let c = self.0.config();
+        layernorm_ref(
+            x,
+            self.p(&format!("{name}.weight")),
+            self.p(&format!("{name}.bias")),
+            c.width,
+            c.layer_norm_eps,
+        )
+    }
+
+    /// Returns (logits, attentions) for images (B, C, H, W).
+    fn forward(&self, x: &Tensor) -> (Vec<f32>, Vec<f32>) {
+        let c = self.0.config();
+        let b = x.shape()[0];
+        let (gh, gw) = c.grid();
+        let (p, d, n) = (c.patch_size, c.width, c.num_tokens());
+        // Patch (gy, gx) of image bi flattened in (channel, row, column) order.
+        let mut patches = vec![];
+        for bi in 0..b {
+            for gy in 0..gh {
+                for gx in 0..gw {
+                    for ch in 0..c.channels {
+                        for py in 0..p {
+                            for px in 0..p {
+                                let (yy, xx) = (gy * p + py, gx * p + px);
+                                patches.push(
+                                    x.data()[((bi * c.channels + ch) * c.image_height + yy)
+                                        * c.image_width
+                                        + xx],
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let tok = self.linear(
+            "patch_embed.proj",
+            &patches,
+            b * gh * gw,
+            c.channels * p * p,
+            Epilogue::None,
+        );
+        let (cls, pos) = (self.p("cls_token"), self.p("pos_embed"));
+        let mut h = vec![0.0; b * n * d];
+        for bi in 0..b {
+            for t in 0..n {
+                for j in 0..d {
+                    let v = if t == 0 {
+                        cls[j]
+                    } else {
+                        tok[(bi * (n - 1) + t - 1) * d + j]
+                    };
+                    h[(bi * n + t) * d + j] = v + pos[t * d + j];
+                }
+            }
+        }
+        let dims = AttnDims {
+            batch: b,
+            tokens: n,
+            heads: c.heads,
+            head_dim: d / c.heads,
+        };
+        let mut attns = vec![];
+        let add = |a: &mut Vec<f32>, r: &[f32]| a.iter_mut().zip(r).for_each(|(x, y)| *x += y);
+        for l in 0..c.depth {
+            let blk = |s: &str| format!("blocks.{l}.{s}");
+            let attn_branch = |inp: &[f32], attns: &mut Vec<f32>| {
+                let qkv = self.linear(&blk("attn.qkv"), inp, b * n, d, Epilogue::None);
+                let (o, pr) = attention_ref(&qkv, dims);
+                attns.extend(pr);
+                self.linear(&blk("attn.proj"), &o, b * n, d, Epilogue::None)
+            };
+            let mlp_branch = |inp: &[f32]| {
+                let hid = self.linear(&blk("mlp.fc1"), inp, b * n, d, Epilogue::Gelu(c.gelu));
+                self.linear(&blk("mlp.fc2"), &hid, b * n, c.mlp_dim, Epilogue::None)
+            };
+            match c.norm {
+                NormPlacement::Pre => {
+                    let a = attn_branch(&self.norm(&blk("norm1"), &h), &mut attns);
+                    add(&mut h, &a);
+                    let m = mlp_branch(&self.norm(&blk("norm2"), &h));
+                    add(&mut h, &m);
+                }
+                NormPlacement::Post => {
+                    let a = attn_branch(&h, &mut attns);
+                    add(&mut h, &a);
+                    h = self.norm(&blk("norm1"), &h);
+                    let m = mlp_branch(&h);
+                    add(&mut h, &m);
+                    h = self.norm(&blk("norm2"), &h);
+                }
+            }
+        }
+        if c.has_final_norm() {
+            h = self.norm("norm", &h);
+        }
+        let mut pooled = vec![0.0; b * d];
+        for bi in 0..b {
+            for j in 0..d {
+                pooled[bi * d + j] = match c.pool {
+                    Pool::Cls => h[bi * n * d + j],
+                    Pool::Mean => {
+                        (1..n).map(|t| h[(bi * n + t) * d + j] as f64).sum::<f64>() as f32
+                            / (n - 1) as f32
+                    }
+                };
+            }
+        }
+        if c.fc_norm {
+            pooled = self.norm("fc_norm", &pooled);
+        }
+        let feats = match c.head {
+            Head::Linear => pooled,
+            Head::PreLogits { .. } => self.linear("pre_logits.fc", &pooled, b, d, Epilogue::Tanh),
+        };
+        let logits = if c.num_classes > 0 {
+            self.linear("head", &feats, b, c.feature_dim(), Epilogue::None)
+        } else {
+            feats
+        };
+        (logits, attns)
+    }
+}
+
+fn check(cfg: ViTConfig, batch: usize) {
+    let m = model(cfg.clone(), 7);
+    let numel = batch * cfg.channels * cfg.image_height * cfg.image_width;
+    let mut rng = vitrs::model::Rng::new(99);
+    let x = Tensor::new(
+        vec![batch, cfg.channels, cfg.image_height, cfg.image_width],
+        (0..numel).map(|_| rng.normal() as f32).collect(),
+    )
+    .unwrap();
+    let (want_logits, want_attn) = Ref(&m).forward(&x);
+    let out = m
+        .forward(
+            &x,
+            Capture {
+                attentions: true,
+                pre_logits: true,
+            },
+            &mut Workspace::new(),
+        )
+        .unwrap();
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    assert_eq!(out.logits.numel(), want_logits.len(), "{cfg:?}");
+    let dl = diff(out.logits.data(), &want_logits);
+    let da = diff(out.attentions.as_ref().unwrap().data(), &want_attn);
+    assert!(dl < 1e-4, "logits differ by {dl} for {cfg:?}");
+    assert!(da < 1e-5, "attentions differ by {da} for {cfg:?}");
+    assert_eq!(out.pre_logits.unwrap().shape(), &[batch, cfg.feature_dim()]);
+}
+
+#[test]
+fn pre_norm_paper_model() {
+    check(base(), 3);
+}
+
+#[test]
+fn post_norm_blocks() {
+    let mut c = base();
+    c.norm = NormPlacement::Post;
+    check(c.clone(), 2);
+    c.gelu = Gelu::Tanh;
+    check(c, 1);
+}
+
+#[test]
+fn pre_training_head_with_classifier_and_without() {
+    let mut c = base();
+    c.head = Head::PreLogits { hidden: 7 };
+    check(c.clone(), 2);
+    c.num_classes = 0;
+    check(c, 2);
+}
+
+#[test]
+fn mean_pooling_with_and_without_fc_norm() {
+    let mut c = base();
+    c.pool = Pool::Mean;
+    check(c.clone(), 2);
+    c.fc_norm = true;
+    c.qkv_bias = false;
+    check(c, 4);
+}
+
+#[test]
+fn bad_input_shape_is_an_error_not_a_panic() {
+    let m = model(base(), 1);
+    let x = Tensor::zeros(vec![1, 3, 12, 16]);
+    let e = m.logits(&x).unwrap_err().to_string();
+    assert!(
+        e.contains("[1, 2, 12, 16]") && e.contains("[1, 3, 12, 16]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn workspace_is_reused_across_batch_sizes() {
+    let m = model(base(), 3);
+    let mut ws = Workspace::new();
+    for b in [2, 1, 2] {
+        let x = Tensor::new(vec![b, 2, 12, 16], vec![0.5; b * 2 * 12 * 16]).unwrap();
+        let a = m.forward(&x, Capture::default(), &mut ws).unwrap().logits;
+        assert_eq!(a, m.logits(&x).unwrap());
+    }
+}
