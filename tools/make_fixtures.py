@@ -475,6 +475,72 @@ def make_timm_resample() -> None:
     print("timm_resample: logits", tuple(logits.shape))
 
 
+# --------------------------------------------------------------------------------------
+# Gradient references for the training backward pass
+# --------------------------------------------------------------------------------------
+
+GRAD_SMOOTHING = 0.1
+
+
+def hf_to_timm_grads(named: dict) -> dict:
+    """transformers 5 in-memory parameter names -> timm names, q/k/v fused as timm does."""
+    out, qkv = {}, {}
+    for k, g in named.items():
+        k = k.removeprefix("vit.")
+        parts = k.split(".")
+        if k == "embeddings.cls_token":
+            out["cls_token"] = g
+        elif k == "embeddings.position_embeddings":
+            out["pos_embed"] = g
+        elif k.startswith("embeddings.patch_embeddings.projection."):
+            out["patch_embed.proj." + parts[-1]] = g
+        elif parts[0] == "layers":
+            i, rest, kind = parts[1], ".".join(parts[2:-1]), parts[-1]
+            if rest in ("attention.q_proj", "attention.k_proj", "attention.v_proj"):
+                qkv.setdefault((i, kind), {})[rest[10]] = g
+                continue
+            name = {"attention.o_proj": "attn.proj", "layernorm_before": "norm1",
+                    "layernorm_after": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}[rest]
+            out[f"blocks.{i}.{name}.{kind}"] = g
+        elif parts[0] == "layernorm":
+            out["norm." + parts[-1]] = g
+        elif parts[0] == "classifier":
+            out["head." + parts[-1]] = g
+        else:
+            raise KeyError(k)
+    for (i, kind), d in qkv.items():
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([d["q"], d["k"], d["v"]], 0)
+    return out
+
+
+def add_grads(name: str, model: torch.nn.Module, hf: bool) -> None:
+    """Loss (cross-entropy, label smoothing 0.1) on ref/input.npy and every parameter's
+    gradient, saved under timm names in ref/grads.safetensors."""
+    from safetensors.torch import save_file
+    ref = FIXTURES / name / "ref"
+    x = torch.from_numpy(np.load(ref / "input.npy"))
+    model.eval()
+    model.zero_grad()
+    logits = model(pixel_values=x).logits if hf else model(x)
+    k = logits.shape[1]
+    labels = torch.tensor([1 % k, 3 % k])
+    loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=GRAD_SMOOTHING)
+    loss.backward()
+    named = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    grads = hf_to_timm_grads(named) if hf else named
+    save_file({n: g.contiguous() for n, g in grads.items()}, str(ref / "grads.safetensors"))
+    write_json({"labels": labels.tolist(), "label_smoothing": GRAD_SMOOTHING, "loss": float(loss)},
+               ref / "grads.json")
+    print(f"{name}: loss {float(loss):.6f}, {len(grads)} gradient tensors")
+
+
+def make_grads() -> None:
+    for name in ("hf_cls", "hf_nonsquare"):
+        add_grads(name, ViTForImageClassification.from_pretrained(FIXTURES / name, attn_implementation="eager"), hf=True)
+    for name in ("timm_tiny_named", "timm_mean_nonsquare", "timm_p8_nobias"):
+        add_grads(name, timm.create_model(f"local-dir:{FIXTURES / name}", pretrained=True), hf=False)
+
+
 def main() -> None:
     FIXTURES.mkdir(parents=True, exist_ok=True)
 
@@ -524,10 +590,11 @@ def main() -> None:
 
     make_hf_v5_names()
     make_timm_resample()
+    make_grads()
 
     total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
     print(f"total size of {FIXTURES.relative_to(ROOT)}: {total} bytes")
-    assert total < 2 * 1024 * 1024, "fixtures grew beyond 2 MB"
+    assert total < 3 * 1024 * 1024, "fixtures grew beyond 3 MB"
 
 
 if __name__ == "__main__":

@@ -156,6 +156,177 @@ pub fn attention(
         });
 }
 
+/// Backward of [`attention`], from the probabilities it saved.
+///
+/// Per (image, head), with `P` the probabilities and `dO` the output gradient:
+/// `dV = Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − rowsum(dP ⊙ P)) / sqrt(hd)`, `dQ = dS·K`,
+/// `dK = dSᵀ·Q`. Every element of `dqkv` is written.
+///
+/// # Shapes
+/// `qkv, dqkv (B, N, 3D)`, `probs (B, nh, N, N)`, `dout (B, N, D)`; `scratch` grows to
+/// `threads · N · N`.
+pub fn attention_backward(
+    qkv: &[f32],
+    probs: &[f32],
+    dout: &[f32],
+    dqkv: &mut [f32],
+    scratch: &mut Vec<f32>,
+    dims: AttnDims,
+) {
+    let AttnDims {
+        batch,
+        tokens: n,
+        heads,
+        head_dim: hd,
+    } = dims;
+    let d = dims.width();
+    debug_assert!(probs.len() >= batch * heads * n * n && dqkv.len() >= batch * n * 3 * d);
+    let groups = Split::new(batch * heads, rayon::current_num_threads(), 1);
+    let need = groups.count * n * n;
+    if scratch.len() < need {
+        scratch.resize(need, 0.0);
+    }
+    let dp = SyncPtr(dqkv.as_mut_ptr());
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (ld3, ld) = ((3 * d) as isize, d as isize);
+    scratch[..need]
+        .par_chunks_mut(n * n)
+        .enumerate()
+        .for_each(|(g, ds)| {
+            let (t0, t1) = groups.get(g);
+            for t in t0..t1 {
+                let (b, h) = (t / heads, t % heads);
+                let p = &probs[t * n * n..(t + 1) * n * n];
+                // SAFETY: task (b, h) alone writes the q/k/v columns of head h of image b in dqkv.
+                unsafe {
+                    let base = qkv.as_ptr().add(b * n * 3 * d + h * hd);
+                    let (q, k, v) = (base, base.add(d), base.add(2 * d));
+                    let dbase = dp.get().add(b * n * 3 * d + h * hd);
+                    let (dq, dk, dv) = (dbase, dbase.add(d), dbase.add(2 * d));
+                    let dob = dout.as_ptr().add(b * n * d + h * hd);
+                    // dV (N, hd) = Pᵀ (N, N) · dO (N, hd)
+                    matrixmultiply::sgemm(
+                        n,
+                        n,
+                        hd,
+                        1.0,
+                        p.as_ptr(),
+                        1,
+                        n as isize,
+                        dob,
+                        ld,
+                        1,
+                        0.0,
+                        dv,
+                        ld3,
+                        1,
+                    );
+                    // dP (N, N) = dO (N, hd) · Vᵀ (hd, N)
+                    matrixmultiply::sgemm(
+                        n,
+                        hd,
+                        n,
+                        1.0,
+                        dob,
+                        ld,
+                        1,
+                        v,
+                        1,
+                        ld3,
+                        0.0,
+                        ds.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    );
+                    for (dsr, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+                        softmax_backward_row(pr, dsr, scale);
+                    }
+                    // dQ (N, hd) = dS (N, N) · K (N, hd);  dK (N, hd) = dSᵀ (N, N) · Q (N, hd)
+                    matrixmultiply::sgemm(
+                        n,
+                        n,
+                        hd,
+                        1.0,
+                        ds.as_ptr(),
+                        n as isize,
+                        1,
+                        k,
+                        ld3,
+                        1,
+                        0.0,
+                        dq,
+                        ld3,
+                        1,
+                    );
+                    matrixmultiply::sgemm(
+                        n,
+                        n,
+                        hd,
+                        1.0,
+                        ds.as_ptr(),
+                        1,
+                        n as isize,
+                        q,
+                        ld3,
+                        1,
+                        0.0,
+                        dk,
+                        ld3,
+                        1,
+                    );
+                }
+            }
+        });
+}
+
+super::simd_dispatch! {
+    /// `ds ← scale · p ⊙ (ds − Σ ds ⊙ p)` for one row (`ds` holds dP on entry).
+    fn softmax_backward_row(p: &[f32], ds: &mut [f32], scale: f32) {
+        let dot: f32 = p.iter().zip(ds.iter()).map(|(a, b)| a * b).sum();
+        for (g, &pv) in ds.iter_mut().zip(p) {
+            *g = scale * pv * (*g - dot);
+        }
+    }
+}
+
+/// Reference twin of [`attention_backward`] in f64, recomputing the probabilities.
+pub fn attention_backward_ref(qkv: &[f32], dout: &[f32], dims: AttnDims) -> Vec<f32> {
+    let AttnDims {
+        batch,
+        tokens: n,
+        heads,
+        head_dim: hd,
+    } = dims;
+    let d = dims.width();
+    let (_, probs) = attention_ref(qkv, dims);
+    let at = |b: usize, t: usize, which: usize, h: usize, i: usize| {
+        qkv[((b * n + t) * 3 + which) * d + h * hd + i] as f64
+    };
+    let mut dqkv = vec![0.0f64; qkv.len()];
+    let scale = 1.0 / (hd as f64).sqrt();
+    for b in 0..batch {
+        for h in 0..heads {
+            let p = |i: usize, j: usize| probs[((b * heads + h) * n + i) * n + j] as f64;
+            let dout_at = |i: usize, c: usize| dout[(b * n + i) * d + h * hd + c] as f64;
+            for i in 0..n {
+                let dp: Vec<f64> = (0..n)
+                    .map(|j| (0..hd).map(|c| dout_at(i, c) * at(b, j, 2, h, c)).sum())
+                    .collect();
+                let dot: f64 = (0..n).map(|j| dp[j] * p(i, j)).sum();
+                for j in 0..n {
+                    let dsij = p(i, j) * (dp[j] - dot) * scale;
+                    for c in 0..hd {
+                        dqkv[((b * n + i) * 3) * d + h * hd + c] += dsij * at(b, j, 1, h, c);
+                        dqkv[((b * n + j) * 3 + 1) * d + h * hd + c] += dsij * at(b, i, 0, h, c);
+                        dqkv[((b * n + j) * 3 + 2) * d + h * hd + c] += p(i, j) * dout_at(i, c);
+                    }
+                }
+            }
+        }
+    }
+    dqkv.iter().map(|&v| v as f32).collect()
+}
+
 /// Reference twin: explicit loops in f64 per (image, head, query). Returns
 /// `(out (B, N, D), probs (B, nh, N, N))`.
 pub fn attention_ref(qkv: &[f32], dims: AttnDims) -> (Vec<f32>, Vec<f32>) {
@@ -199,6 +370,36 @@ pub fn attention_ref(qkv: &[f32], dims: AttnDims) -> (Vec<f32>, Vec<f32>) {
 mod tests {
     use super::*;
     use crate::kernels::testutil::*;
+
+    #[test]
+    fn attention_backward_matches_reference() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for &(batch, n, heads, hd) in &[(1, 5, 1, 4), (2, 17, 3, 8), (3, 10, 2, 6)] {
+            let dims = AttnDims {
+                batch,
+                tokens: n,
+                heads,
+                head_dim: hd,
+            };
+            let qkv: Vec<f32> = rand_vec(batch * n * 3 * heads * hd, 31)
+                .iter()
+                .map(|v| v * 2.0)
+                .collect();
+            let dout = rand_vec(batch * n * heads * hd, 32);
+            let mut out = vec![0.0; batch * n * heads * hd];
+            let mut probs = vec![0.0; batch * heads * n * n];
+            let mut scratch = Vec::new();
+            pool.install(|| attention(&qkv, &mut out, Some(&mut probs), &mut scratch, dims));
+            let mut dqkv = vec![f32::NAN; qkv.len()];
+            pool.install(|| attention_backward(&qkv, &probs, &dout, &mut dqkv, &mut scratch, dims));
+            let want = attention_backward_ref(&qkv, &dout, dims);
+            let diff = max_abs_diff(&dqkv, &want);
+            assert!(diff < 1e-5, "{dims:?}: {diff}");
+        }
+    }
 
     #[test]
     fn fast_attention_matches_reference_with_and_without_capture() {

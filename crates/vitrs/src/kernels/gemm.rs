@@ -140,6 +140,134 @@ super::simd_dispatch! {
     }
 }
 
+/// Gradients of `y = x·Wᵀ + b`, given `dy`.
+///
+/// `dx = dy·W` (overwritten, when asked for), `dw += dyᵀ·x`, `db += Σ_rows dy` (accumulated,
+/// so gradient accumulation and shared parameters work).
+///
+/// # Shapes
+/// `dy (m, n)`, `x (m, k)`, `w (n, k)`, `dx (m, k)`, `dw (n, k)`, `db (n)`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    (m, k, n): (usize, usize, usize),
+) {
+    debug_assert!(dy.len() >= m * n && x.len() >= m * k && w.len() >= n * k && dw.len() >= n * k);
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let small = threads == 1 || m * n * k < PARALLEL_MIN_MACS;
+    if let Some(dx) = dx {
+        // dx (m, k) = dy (m, n) · W (n, k): the forward product with W read untransposed.
+        let dxp = SyncPtr(dx.as_mut_ptr());
+        let run = |(r0, r1): (usize, usize), (c0, c1): (usize, usize)| unsafe {
+            // SAFETY: disjoint blocks of dx (ranges of one `Split`).
+            matrixmultiply::sgemm(
+                r1 - r0,
+                n,
+                c1 - c0,
+                1.0,
+                dy.as_ptr().add(r0 * n),
+                n as isize,
+                1,
+                w.as_ptr().add(c0),
+                k as isize,
+                1,
+                0.0,
+                dxp.get().add(r0 * k + c0),
+                k as isize,
+                1,
+            );
+        };
+        if small {
+            run((0, m), (0, k));
+        } else if k >= m {
+            let s = Split::new(k, threads, 16);
+            (0..s.count)
+                .into_par_iter()
+                .for_each(|i| run((0, m), s.get(i)));
+        } else {
+            let s = Split::new(m, threads, 8);
+            (0..s.count)
+                .into_par_iter()
+                .for_each(|i| run(s.get(i), (0, k)));
+        }
+    }
+    // dW (n, k) += dyᵀ (n, m) · x (m, k), split over the rows of dW (the output features).
+    let dwp = SyncPtr(dw.as_mut_ptr());
+    let run_w = |(r0, r1): (usize, usize)| unsafe {
+        // SAFETY: disjoint row ranges of dw.
+        matrixmultiply::sgemm(
+            r1 - r0,
+            m,
+            k,
+            1.0,
+            dy.as_ptr().add(r0),
+            1,
+            n as isize,
+            x.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            dwp.get().add(r0 * k),
+            k as isize,
+            1,
+        );
+    };
+    if small {
+        run_w((0, n));
+    } else {
+        let s = Split::new(n, threads, 8);
+        (0..s.count).into_par_iter().for_each(|i| run_w(s.get(i)));
+    }
+    if let Some(db) = db {
+        for row in dy.chunks_exact(n).take(m) {
+            add_assign(&mut db[..n], row);
+        }
+    }
+}
+
+/// Reference twin of [`linear_backward`] in f64.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_ref(
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    (m, k, n): (usize, usize, usize),
+) {
+    if let Some(dx) = dx {
+        for i in 0..m {
+            for kk in 0..k {
+                dx[i * k + kk] = (0..n)
+                    .map(|j| dy[i * n + j] as f64 * w[j * k + kk] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+    }
+    for j in 0..n {
+        for kk in 0..k {
+            let g: f64 = (0..m)
+                .map(|i| dy[i * n + j] as f64 * x[i * k + kk] as f64)
+                .sum();
+            dw[j * k + kk] = (dw[j * k + kk] as f64 + g) as f32;
+        }
+    }
+    if let Some(db) = db {
+        for j in 0..n {
+            db[j] = (db[j] as f64 + (0..m).map(|i| dy[i * n + j] as f64).sum::<f64>()) as f32;
+        }
+    }
+}
+
 /// Reference twin of [`linear`]: a triple loop accumulating in f64.
 pub fn linear_ref(
     x: &[f32],
@@ -170,6 +298,52 @@ pub fn linear_ref(
 mod tests {
     use super::*;
     use crate::kernels::testutil::*;
+
+    #[test]
+    fn linear_backward_matches_reference() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 7, 3),
+            (300, 33, 129),
+            (40, 100, 60),
+            (17, 64, 100),
+        ] {
+            let dy = rand_vec(m * n, 1);
+            let x = rand_vec(m * k, 2);
+            let w = rand_vec(n * k, 3);
+            let (mut dx, mut dx_r) = (vec![9.0; m * k], vec![9.0; m * k]);
+            let (mut dw, mut dw_r) = (rand_vec(n * k, 4), rand_vec(n * k, 4));
+            let (mut db, mut db_r) = (rand_vec(n, 5), rand_vec(n, 5));
+            pool.install(|| {
+                linear_backward(
+                    &dy,
+                    &x,
+                    &w,
+                    Some(&mut dx),
+                    &mut dw,
+                    Some(&mut db),
+                    (m, k, n),
+                )
+            });
+            linear_backward_ref(
+                &dy,
+                &x,
+                &w,
+                Some(&mut dx_r),
+                &mut dw_r,
+                Some(&mut db_r),
+                (m, k, n),
+            );
+            let tol = 4e-6 * (m.max(n) as f32).sqrt();
+            assert!(max_abs_diff(&dx, &dx_r) < tol, "dx {m}x{k}x{n}");
+            assert!(max_abs_diff(&dw, &dw_r) < tol, "dw {m}x{k}x{n}");
+            assert!(max_abs_diff(&db, &db_r) < tol, "db {m}x{k}x{n}");
+        }
+    }
 
     #[test]
     fn linear_matches_reference_on_odd_shapes_and_every_epilogue() {

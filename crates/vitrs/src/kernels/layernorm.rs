@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::simd_dispatch;
+use super::{simd_dispatch, Split, SyncPtr};
 
 /// Rows per parallel task: enough work to amortise scheduling.
 const ROWS_PER_TASK: usize = 16;
@@ -12,26 +12,175 @@ const ROWS_PER_TASK: usize = 16;
 /// # Shapes
 /// `x (rows, d)`, `out (rows, d)`, `gamma (d)`, `beta (d)`.
 pub fn layernorm(x: &[f32], out: &mut [f32], gamma: &[f32], beta: &[f32], d: usize, eps: f32) {
+    layernorm_impl(x, out, gamma, beta, d, eps, None);
+}
+
+/// [`layernorm`] that also records each row's mean and 1/std for the backward pass.
+///
+/// # Shapes
+/// as [`layernorm`], plus `mean (rows)`, `rstd (rows)`.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_train(
+    x: &[f32],
+    out: &mut [f32],
+    gamma: &[f32],
+    beta: &[f32],
+    d: usize,
+    eps: f32,
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
+    layernorm_impl(x, out, gamma, beta, d, eps, Some((mean, rstd)));
+}
+
+fn layernorm_impl(
+    x: &[f32],
+    out: &mut [f32],
+    gamma: &[f32],
+    beta: &[f32],
+    d: usize,
+    eps: f32,
+    stats: Option<(&mut [f32], &mut [f32])>,
+) {
     debug_assert_eq!(x.len(), out.len());
     debug_assert!(d > 0 && x.len() % d == 0 && gamma.len() == d && beta.len() == d);
+    let stats = stats.map(|(m, r)| (SyncPtr(m.as_mut_ptr()), SyncPtr(r.as_mut_ptr())));
     out.par_chunks_mut(d * ROWS_PER_TASK)
         .zip(x.par_chunks(d * ROWS_PER_TASK))
-        .for_each(|(o, xi)| {
-            for (orow, xrow) in o.chunks_exact_mut(d).zip(xi.chunks_exact(d)) {
-                layernorm_row(xrow, orow, gamma, beta, eps);
+        .enumerate()
+        .for_each(|(c, (o, xi))| {
+            for (r, (orow, xrow)) in o.chunks_exact_mut(d).zip(xi.chunks_exact(d)).enumerate() {
+                let (mean, rstd) = layernorm_row(xrow, orow, gamma, beta, eps);
+                if let Some((mp, rp)) = stats {
+                    // SAFETY: row c·ROWS_PER_TASK + r belongs to this task alone.
+                    unsafe {
+                        *mp.get().add(c * ROWS_PER_TASK + r) = mean;
+                        *rp.get().add(c * ROWS_PER_TASK + r) = rstd;
+                    }
+                }
             }
         });
 }
 
+#[inline(always)]
+fn layernorm_row(x: &[f32], out: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) -> (f32, f32) {
+    let d = x.len() as f32;
+    let mean = sum(x) / d;
+    // Two passes: the variance of centred values does not cancel catastrophically.
+    let var = centered_sq_sum(x, mean) / d;
+    let rstd = 1.0 / (var + eps).sqrt();
+    normalize(x, out, gamma, beta, mean, rstd);
+    (mean, rstd)
+}
+
 simd_dispatch! {
-    fn layernorm_row(x: &[f32], out: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
-        let d = x.len() as f32;
-        let mean = x.iter().sum::<f32>() / d;
-        // Two passes: the variance of centred values does not cancel catastrophically.
-        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
-        let rstd = 1.0 / (var + eps).sqrt();
+    fn sum_into(x: &[f32], acc: &mut f32) {
+        *acc = x.iter().sum::<f32>();
+    }
+}
+
+fn sum(x: &[f32]) -> f32 {
+    let mut s = 0.0;
+    sum_into(x, &mut s);
+    s
+}
+
+simd_dispatch! {
+    fn centered_sq_sum_into(x: &[f32], mean: f32, acc: &mut f32) {
+        *acc = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>();
+    }
+}
+
+fn centered_sq_sum(x: &[f32], mean: f32) -> f32 {
+    let mut s = 0.0;
+    centered_sq_sum_into(x, mean, &mut s);
+    s
+}
+
+simd_dispatch! {
+    fn normalize(x: &[f32], out: &mut [f32], gamma: &[f32], beta: &[f32], mean: f32, rstd: f32) {
         for (((o, &v), &g), &b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
             *o = (v - mean) * rstd * g + b;
+        }
+    }
+}
+
+/// Backward of [`layernorm_train`]: `dx += ∂L/∂x`, `dgamma += Σ dy·x̂`, `dbeta += Σ dy`, where
+/// `x̂ = (x − mean)·rstd` and
+/// `∂L/∂x = rstd · (dy·γ − mean(dy·γ) − x̂ · mean(dy·γ·x̂))`.
+///
+/// `partials` is scratch for per-thread γ/β sums (grown on first use).
+///
+/// # Shapes
+/// `dy, x, dx (rows, d)`; `mean, rstd (rows)`; `gamma, dgamma, dbeta (d)`.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_backward(
+    dy: &[f32],
+    x: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    gamma: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+    d: usize,
+    partials: &mut Vec<f32>,
+) {
+    let rows = x.len() / d;
+    let split = Split::new(rows, rayon::current_num_threads(), ROWS_PER_TASK);
+    if partials.len() < split.count * 2 * d {
+        partials.resize(split.count * 2 * d, 0.0);
+    }
+    let dxp = SyncPtr(dx.as_mut_ptr());
+    partials[..split.count * 2 * d]
+        .par_chunks_mut(2 * d)
+        .enumerate()
+        .for_each(|(g, part)| {
+            part.fill(0.0);
+            let (pg, pb) = part.split_at_mut(d);
+            let (r0, r1) = split.get(g);
+            for r in r0..r1 {
+                let xr = &x[r * d..(r + 1) * d];
+                let dyr = &dy[r * d..(r + 1) * d];
+                // SAFETY: row r belongs to group g alone.
+                let dxr = unsafe { std::slice::from_raw_parts_mut(dxp.get().add(r * d), d) };
+                layernorm_backward_row(dyr, xr, mean[r], rstd[r], gamma, dxr, pg, pb);
+            }
+        });
+    for part in partials[..split.count * 2 * d].chunks_exact(2 * d) {
+        for j in 0..d {
+            dgamma[j] += part[j];
+            dbeta[j] += part[d + j];
+        }
+    }
+}
+
+simd_dispatch! {
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward_row(
+        dy: &[f32],
+        x: &[f32],
+        mean: f32,
+        rstd: f32,
+        gamma: &[f32],
+        dx: &mut [f32],
+        pg: &mut [f32],
+        pb: &mut [f32],
+    ) {
+        let d = x.len() as f32;
+        let (mut m1, mut m2) = (0.0f32, 0.0f32);
+        for j in 0..x.len() {
+            let xh = (x[j] - mean) * rstd;
+            let g = dy[j] * gamma[j];
+            m1 += g;
+            m2 += g * xh;
+            pg[j] += dy[j] * xh;
+            pb[j] += dy[j];
+        }
+        let (m1, m2) = (m1 / d, m2 / d);
+        for j in 0..x.len() {
+            let xh = (x[j] - mean) * rstd;
+            dx[j] += rstd * (dy[j] * gamma[j] - m1 - xh * m2);
         }
     }
 }
@@ -48,6 +197,40 @@ pub fn layernorm_ref(x: &[f32], gamma: &[f32], beta: &[f32], d: usize, eps: f32)
         }
     }
     out
+}
+
+/// Reference twin of [`layernorm_backward`] in f64 (recomputing the statistics);
+/// returns `(dx, dgamma, dbeta)`.
+pub fn layernorm_backward_ref(
+    dy: &[f32],
+    x: &[f32],
+    gamma: &[f32],
+    d: usize,
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut dx = vec![0.0; x.len()];
+    let (mut dg, mut db) = (vec![0.0f64; d], vec![0.0f64; d]);
+    for (r, row) in x.chunks_exact(d).enumerate() {
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+        let rstd = 1.0 / (var + eps as f64).sqrt();
+        let xh: Vec<f64> = row.iter().map(|&v| (v as f64 - mean) * rstd).collect();
+        let g: Vec<f64> = (0..d)
+            .map(|j| dy[r * d + j] as f64 * gamma[j] as f64)
+            .collect();
+        let m1 = g.iter().sum::<f64>() / d as f64;
+        let m2 = g.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / d as f64;
+        for j in 0..d {
+            dx[r * d + j] = (rstd * (g[j] - m1 - xh[j] * m2)) as f32;
+            dg[j] += dy[r * d + j] as f64 * xh[j];
+            db[j] += dy[r * d + j] as f64;
+        }
+    }
+    (
+        dx,
+        dg.iter().map(|&v| v as f32).collect(),
+        db.iter().map(|&v| v as f32).collect(),
+    )
 }
 
 #[cfg(test)]
@@ -70,6 +253,42 @@ mod tests {
             let want = layernorm_ref(&x, &g, &b, d, 1e-6);
             let diff = max_abs_diff(&got, &want);
             assert!(diff < 2e-5, "{rows}x{d}: {diff}");
+        }
+    }
+
+    #[test]
+    fn layernorm_backward_matches_reference() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for &(rows, d) in &[(1, 1), (3, 7), (197, 64), (50, 192)] {
+            let x: Vec<f32> = rand_vec(rows * d, 5)
+                .iter()
+                .map(|v| v * 3.0 + 1.0)
+                .collect();
+            let dy = rand_vec(rows * d, 8);
+            let g = rand_vec(d, 6);
+            let b = rand_vec(d, 7);
+            let (mut out, mut mean, mut rstd) =
+                (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
+            pool.install(|| layernorm_train(&x, &mut out, &g, &b, d, 1e-5, &mut mean, &mut rstd));
+            assert!(max_abs_diff(&out, &layernorm_ref(&x, &g, &b, d, 1e-5)) < 2e-5);
+            let (mut dx, mut dg, mut db, mut part) =
+                (vec![0.0; rows * d], vec![0.0; d], vec![0.0; d], vec![]);
+            pool.install(|| {
+                layernorm_backward(
+                    &dy, &x, &mean, &rstd, &g, &mut dx, &mut dg, &mut db, d, &mut part,
+                )
+            });
+            let (rdx, rdg, rdb) = layernorm_backward_ref(&dy, &x, &g, d, 1e-5);
+            assert!(
+                max_abs_diff(&dx, &rdx) < 1e-4,
+                "dx {rows}x{d}: {}",
+                max_abs_diff(&dx, &rdx)
+            );
+            assert!(max_abs_diff(&dg, &rdg) < 1e-4 * (rows as f32).sqrt());
+            assert!(max_abs_diff(&db, &rdb) < 1e-4 * (rows as f32).sqrt());
         }
     }
 }

@@ -114,6 +114,73 @@ simd_dispatch! {
     }
 }
 
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+/// d GELU(x) / dx, exact form: `Φ(x) + x·φ(x)`.
+#[inline(always)]
+fn gelu_exact_grad(x: f32) -> f32 {
+    0.5 * (1.0 + erf_fast(x * FRAC_1_SQRT_2)) + x * FRAC_1_SQRT_2PI * exp_fast(-0.5 * x * x)
+}
+
+/// d GELU(x) / dx, tanh form.
+#[inline(always)]
+fn gelu_tanh_grad(x: f32) -> f32 {
+    let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+    let t = tanh_fast(u);
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x)
+}
+
+simd_dispatch! {
+    fn gelu_exact_backward(x: &[f32], dy: &mut [f32]) {
+        for (g, &v) in dy.iter_mut().zip(x) {
+            *g *= gelu_exact_grad(v);
+        }
+    }
+}
+
+simd_dispatch! {
+    fn gelu_tanh_backward(x: &[f32], dy: &mut [f32]) {
+        for (g, &v) in dy.iter_mut().zip(x) {
+            *g *= gelu_tanh_grad(v);
+        }
+    }
+}
+
+/// `dy ← dy · GELU'(x)` in place, where `x` is the GELU's input.
+pub fn gelu_backward_inplace(x: &[f32], dy: &mut [f32], kind: Gelu) {
+    match kind {
+        Gelu::Exact => gelu_exact_backward(x, dy),
+        Gelu::Tanh => gelu_tanh_backward(x, dy),
+    }
+}
+
+simd_dispatch! {
+    /// `dy ← dy · (1 − y²)` in place, where `y = tanh(x)` is the forward output.
+    pub fn tanh_backward_inplace(y: &[f32], dy: &mut [f32]) {
+        for (g, &t) in dy.iter_mut().zip(y) {
+            *g *= 1.0 - t * t;
+        }
+    }
+}
+
+/// Reference GELU derivative in f64 (central difference of [`gelu_ref`] is too coarse; this
+/// is the closed form).
+pub fn gelu_grad_ref(x: f32, kind: Gelu) -> f32 {
+    let x = x as f64;
+    let g = match kind {
+        Gelu::Exact => {
+            0.5 * (1.0 + erf_ref(x / std::f64::consts::SQRT_2))
+                + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt()
+        }
+        Gelu::Tanh => {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let t = (c * (x + 0.044715 * x * x * x)).tanh();
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+        }
+    };
+    g as f32
+}
+
 /// Reference `erf` in f64: its Maclaurin series, which converges everywhere and is accurate
 /// to ~1e-12 for |x| ≤ 5; beyond that erf is ±1 to within 2e-12.
 pub fn erf_ref(x: f64) -> f64 {
@@ -200,6 +267,28 @@ mod tests {
         let mut x = vec![-100.0, 100.0, 0.0];
         gelu_inplace(&mut x, Gelu::Exact);
         assert_eq!(x, vec![0.0, 100.0, 0.0]);
+    }
+
+    #[test]
+    fn gelu_backward_matches_reference_and_finite_differences() {
+        for kind in [Gelu::Exact, Gelu::Tanh] {
+            let x: Vec<f32> = rand_vec(1001, 21).iter().map(|v| v * 6.0).collect();
+            let mut g = vec![1.0; x.len()];
+            gelu_backward_inplace(&x, &mut g, kind);
+            let want: Vec<f32> = x.iter().map(|&v| gelu_grad_ref(v, kind)).collect();
+            assert!(max_abs_diff(&g, &want) < 3e-6, "{kind:?}");
+            // The closed form agrees with a central difference of the reference GELU.
+            for &v in &[-2.5f32, -0.3, 0.0, 0.7, 3.1] {
+                let h = 1e-3f64;
+                let fd = (gelu_ref((v as f64 + h) as f32, kind) as f64
+                    - gelu_ref((v as f64 - h) as f32, kind) as f64)
+                    / (2.0 * h);
+                assert!(
+                    (fd - gelu_grad_ref(v, kind) as f64).abs() < 2e-3,
+                    "{kind:?} at {v}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod gemm;
 pub mod layernorm;
+pub mod loss;
 pub mod math;
 
 /// True when the CPU has AVX2 and FMA (checked once, cached by std).

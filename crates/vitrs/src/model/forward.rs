@@ -1,8 +1,9 @@
 //! The forward pass, with activations allocated once per batch size and reused.
 
+use super::backward::pool_forward;
 use super::params::{LinearView, NormView};
 use super::ViT;
-use crate::config::{NormPlacement, Pool, ViTConfig};
+use crate::config::{NormPlacement, ViTConfig};
 use crate::error::{Error, Result};
 use crate::kernels::attention::{attention, AttnDims};
 use crate::kernels::gemm::{linear, Epilogue};
@@ -173,7 +174,7 @@ impl ViT {
     ) {
         let cfg = &self.config;
         let v = &self.view;
-        let (n, d, m) = (cfg.num_tokens(), cfg.width, cfg.mlp_dim);
+        let (n, m) = (cfg.num_tokens(), cfg.mlp_dim);
         let rows = batch * n;
 
         // Patch embedding: (B, C, H, W) -> (B·gh·gw, C·P·P) -> (B·gh·gw, D).
@@ -186,22 +187,7 @@ impl ViT {
             Epilogue::None,
         );
 
-        // Tokens: x[b, 0] = cls + pos[0]; x[b, 1 + p] = tokens[b, p] + pos[1 + p].
-        let cls = self.params.slice(&v.cls_token);
-        let pos = self.params.slice(&v.pos_embed);
-        for (b, xb) in ws.x.chunks_exact_mut(n * d).enumerate() {
-            let toks = &ws.tokens[b * (n - 1) * d..(b + 1) * (n - 1) * d];
-            for (t, row) in xb.chunks_exact_mut(d).enumerate() {
-                let src = if t == 0 {
-                    cls
-                } else {
-                    &toks[(t - 1) * d..t * d]
-                };
-                for ((o, s), p) in row.iter_mut().zip(src).zip(&pos[t * d..(t + 1) * d]) {
-                    *o = s + p;
-                }
-            }
-        }
+        self.embed_tokens(&ws.tokens, &mut ws.x, batch);
 
         let dims = attn_dims(cfg, batch);
         let plane = batch * cfg.heads * n * n;
@@ -271,20 +257,7 @@ impl ViT {
     fn pool(&self, batch: usize, ws: &mut Workspace) {
         let cfg = &self.config;
         let (n, d) = (cfg.num_tokens(), cfg.width);
-        for (b, out) in ws.pooled.chunks_exact_mut(d).enumerate().take(batch) {
-            let xb = &ws.xn[b * n * d..(b + 1) * n * d];
-            match cfg.pool {
-                Pool::Cls => out.copy_from_slice(&xb[..d]),
-                Pool::Mean => {
-                    out.fill(0.0);
-                    for row in xb.chunks_exact(d).skip(1) {
-                        out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
-                    }
-                    let inv = 1.0 / (n - 1) as f32;
-                    out.iter_mut().for_each(|o| *o *= inv);
-                }
-            }
-        }
+        pool_forward(cfg.pool, &ws.xn, &mut ws.pooled, batch, n, d);
         if let Some(fc_norm) = &self.view.fc_norm {
             self.norm(fc_norm, &ws.pooled, &mut ws.pooled_norm);
             std::mem::swap(&mut ws.pooled, &mut ws.pooled_norm);
@@ -319,7 +292,14 @@ impl ViT {
         }
     }
 
-    fn linear(&self, l: &LinearView, x: &[f32], out: &mut [f32], rows: usize, epi: Epilogue) {
+    pub(super) fn linear(
+        &self,
+        l: &LinearView,
+        x: &[f32],
+        out: &mut [f32],
+        rows: usize,
+        epi: Epilogue,
+    ) {
         let w = self.params.slice(&l.w);
         let b = l.b.as_ref().map(|r| self.params.slice(r));
         linear(x, w, b, out, (rows, l.inp, l.out), epi);
@@ -342,7 +322,7 @@ impl ViT {
 ///
 /// # Shapes
 /// `images (B, C, H, W)` -> `patches (B, gh, gw, C, P, P)` = `(B·gh·gw, C·P·P)`.
-fn patchify(images: &[f32], patches: &mut [f32], cfg: &ViTConfig, batch: usize) {
+pub(super) fn patchify(images: &[f32], patches: &mut [f32], cfg: &ViTConfig, batch: usize) {
     let (c, h, w, p) = (
         cfg.channels,
         cfg.image_height,

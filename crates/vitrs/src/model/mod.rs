@@ -10,10 +10,12 @@
 //! prepend [class], add position embeddings `(B, N, D)` → L blocks `(B, N, D)` → final norm →
 //! pool `(B, D)` → [fc_norm] → [pre-logits dense + tanh `(B, F)`] → head `(B, K)`.
 
+mod backward;
 mod forward;
 mod init;
 mod params;
 
+pub use backward::TrainWorkspace;
 pub use forward::{Capture, ForwardOutput, Workspace};
 pub use init::Rng;
 pub use params::{ParamEntry, Params};

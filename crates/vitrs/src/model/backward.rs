@@ -1,0 +1,583 @@
+//! Training forward (keeping what the backward needs) and the hand-written backward pass,
+//! llm.c style: every activation buffer is allocated once per (config, batch size) in a
+//! [`TrainWorkspace`], and gradients live in one flat buffer with the parameters' layout.
+
+use std::ops::Range;
+
+use super::params::{LinearView, NormView};
+use super::ViT;
+use crate::config::{NormPlacement, Pool, ViTConfig};
+use crate::error::{Error, Result};
+use crate::kernels::attention::{attention, attention_backward, AttnDims};
+use crate::kernels::gemm::{add_assign, linear_backward, Epilogue};
+use crate::kernels::layernorm::{layernorm_backward, layernorm_train};
+use crate::kernels::loss::{cross_entropy, Targets};
+use crate::kernels::math::{gelu_backward_inplace, gelu_inplace, tanh_backward_inplace};
+use crate::tensor::Tensor;
+
+/// Saved activations of one LayerNorm: input, output, per-row mean and 1/std.
+#[derive(Debug, Default)]
+struct NormActs {
+    input: Vec<f32>,
+    output: Vec<f32>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+}
+
+impl NormActs {
+    fn size(&mut self, rows: usize, d: usize) {
+        for (v, n) in [
+            (&mut self.input, rows * d),
+            (&mut self.output, rows * d),
+            (&mut self.mean, rows),
+            (&mut self.rstd, rows),
+        ] {
+            v.clear();
+            v.resize(n, 0.0);
+        }
+    }
+}
+
+/// Saved activations of one block. Shapes as in the forward: `(B, N, D)` unless noted.
+#[derive(Debug, Default)]
+struct BlockActs {
+    /// Block input.
+    x_in: Vec<f32>,
+    /// First LayerNorm (pre-norm: of the block input; post-norm: of `x + attn`).
+    ln1: NormActs,
+    /// `(B, N, 3D)`.
+    qkv: Vec<f32>,
+    /// `(B, nh, N, N)`.
+    probs: Vec<f32>,
+    /// Attention output, heads side by side.
+    attn: Vec<f32>,
+    /// Second LayerNorm (pre-norm: of the mid-block residual; post-norm: of `x + mlp`).
+    ln2: NormActs,
+    /// fc1 output before / after GELU `(B, N, M)`.
+    h_pre: Vec<f32>,
+    h_act: Vec<f32>,
+}
+
+/// Everything a training step needs, sized for one config and batch size, plus the gradients.
+#[derive(Debug, Default)]
+pub struct TrainWorkspace {
+    key: Option<(ViTConfig, usize)>,
+    /// `(B·gh·gw, C·P·P)`.
+    patches: Vec<f32>,
+    /// `(B·gh·gw, D)`: patch projections, then their gradient.
+    tokens: Vec<f32>,
+    /// Residual stream `(B, N, D)`.
+    x: Vec<f32>,
+    blocks: Vec<BlockActs>,
+    final_norm: NormActs,
+    fc_norm: NormActs,
+    /// `(B, D)` pooled (after fc_norm when present).
+    pooled: Vec<f32>,
+    /// `(B, F)` pre-logits (tanh output).
+    pre: Vec<f32>,
+    /// `(B, K)`.
+    logits: Vec<f32>,
+    // Gradient scratch.
+    dx: Vec<f32>,
+    dtmp: Vec<f32>,
+    dqkv: Vec<f32>,
+    dattn: Vec<f32>,
+    dh: Vec<f32>,
+    dpooled: Vec<f32>,
+    dpre: Vec<f32>,
+    dlogits: Vec<f32>,
+    attn_scratch: Vec<f32>,
+    ln_partials: Vec<f32>,
+    /// ∂loss/∂params, same layout as [`super::Params::flat`]; accumulated by each step.
+    grads: Vec<f32>,
+}
+
+impl TrainWorkspace {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The accumulated gradients (parameter layout).
+    pub fn grads(&self) -> &[f32] {
+        &self.grads
+    }
+
+    pub fn grads_mut(&mut self) -> &mut [f32] {
+        &mut self.grads
+    }
+
+    /// Sets every gradient to zero (call before each optimizer step's first micro-batch).
+    pub fn zero_grads(&mut self) {
+        self.grads.fill(0.0);
+    }
+
+    /// Logits `(B, K)` of the last step.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    fn prepare(&mut self, model: &ViT, batch: usize) {
+        let cfg = model.config();
+        if self
+            .key
+            .as_ref()
+            .is_some_and(|(c, b)| c == cfg && *b == batch)
+        {
+            return;
+        }
+        let (n, d, m, k) = (cfg.num_tokens(), cfg.width, cfg.mlp_dim, cfg.num_classes);
+        let (rows, np) = (batch * n, batch * cfg.num_patches());
+        let pd = cfg.channels * cfg.patch_size * cfg.patch_size;
+        let sized = |v: &mut Vec<f32>, len: usize| {
+            v.clear();
+            v.resize(len, 0.0);
+        };
+        sized(&mut self.patches, np * pd);
+        sized(&mut self.tokens, np * d);
+        sized(&mut self.x, rows * d);
+        self.blocks.resize_with(cfg.depth, BlockActs::default);
+        for b in &mut self.blocks {
+            sized(&mut b.x_in, rows * d);
+            b.ln1.size(rows, d);
+            sized(&mut b.qkv, rows * 3 * d);
+            sized(&mut b.probs, batch * cfg.heads * n * n);
+            sized(&mut b.attn, rows * d);
+            b.ln2.size(rows, d);
+            sized(&mut b.h_pre, rows * m);
+            sized(&mut b.h_act, rows * m);
+        }
+        self.final_norm.size(rows, d);
+        self.fc_norm.size(batch, d);
+        sized(&mut self.pooled, batch * d);
+        sized(&mut self.pre, batch * cfg.feature_dim());
+        sized(&mut self.logits, batch * k);
+        sized(&mut self.dx, rows * d);
+        sized(&mut self.dtmp, rows * d);
+        sized(&mut self.dqkv, rows * 3 * d);
+        sized(&mut self.dattn, rows * d);
+        sized(&mut self.dh, rows * m);
+        sized(&mut self.dpooled, batch * d);
+        sized(&mut self.dpre, batch * cfg.feature_dim());
+        sized(&mut self.dlogits, batch * k);
+        if self.grads.len() != model.params().count() {
+            sized(&mut self.grads, model.params().count());
+        }
+        self.key = Some((cfg.clone(), batch));
+    }
+}
+
+/// Two disjoint mutable ranges of one buffer (`a` must end before `b` starts).
+fn two_mut<'a>(
+    buf: &'a mut [f32],
+    a: &Range<usize>,
+    b: &Range<usize>,
+) -> (&'a mut [f32], &'a mut [f32]) {
+    let (lo, hi) = buf.split_at_mut(b.start);
+    (&mut lo[a.clone()], &mut hi[..b.len()])
+}
+
+impl ViT {
+    /// One training step's maths: forward keeping activations, softmax cross-entropy against
+    /// `targets`, and backward **accumulating** ∂loss/∂params into `tw.grads()` (zero them
+    /// yourself between optimizer steps). Returns the mean loss over the batch.
+    ///
+    /// # Shapes
+    /// `images (B, C, H, W)`; targets of B examples over K classes.
+    pub fn forward_backward(
+        &self,
+        images: &Tensor,
+        targets: Targets<'_>,
+        tw: &mut TrainWorkspace,
+    ) -> Result<f32> {
+        let cfg = &self.config;
+        if cfg.num_classes == 0 {
+            return Err(Error::InvalidConfig(
+                "training needs a classifier: the model has num_classes = 0".into(),
+            ));
+        }
+        let want = [cfg.channels, cfg.image_height, cfg.image_width];
+        let shape = images.shape();
+        if shape.len() != 4 || shape[1..] != want || shape[0] == 0 {
+            return Err(Error::ShapeMismatch {
+                name: "training images (B, C, H, W)".into(),
+                expected: vec![
+                    shape.first().copied().unwrap_or(1).max(1),
+                    want[0],
+                    want[1],
+                    want[2],
+                ],
+                got: shape.to_vec(),
+            });
+        }
+        let batch = shape[0];
+        tw.prepare(self, batch);
+        self.train_forward(images.data(), batch, tw);
+        let k = cfg.num_classes;
+        let loss = cross_entropy(&tw.logits, k, targets, &mut tw.dlogits)?;
+        self.backward(batch, tw);
+        Ok(loss)
+    }
+
+    fn train_forward(&self, images: &[f32], batch: usize, tw: &mut TrainWorkspace) {
+        let cfg = &self.config;
+        let v = &self.view;
+        let (n, d) = (cfg.num_tokens(), cfg.width);
+        let rows = batch * n;
+        super::forward::patchify(images, &mut tw.patches, cfg, batch);
+        self.linear(
+            &v.patch_embed,
+            &tw.patches,
+            &mut tw.tokens,
+            batch * cfg.num_patches(),
+            Epilogue::None,
+        );
+        self.embed_tokens(&tw.tokens, &mut tw.x, batch);
+        let dims = self.attn_dims(batch);
+        let gelu = cfg.gelu;
+        for (blk, acts) in v.blocks.iter().zip(tw.blocks.iter_mut()) {
+            acts.x_in.copy_from_slice(&tw.x);
+            let x = &mut tw.x;
+            match cfg.norm {
+                NormPlacement::Pre => {
+                    self.norm_train(&blk.norm1, x, &mut acts.ln1);
+                    self.linear(
+                        &blk.qkv,
+                        &acts.ln1.output,
+                        &mut acts.qkv,
+                        rows,
+                        Epilogue::None,
+                    );
+                    attention(
+                        &acts.qkv,
+                        &mut acts.attn,
+                        Some(&mut acts.probs),
+                        &mut tw.attn_scratch,
+                        dims,
+                    );
+                    self.linear(&blk.proj, &acts.attn, x, rows, Epilogue::Accumulate);
+                    self.norm_train(&blk.norm2, x, &mut acts.ln2);
+                    self.linear(
+                        &blk.fc1,
+                        &acts.ln2.output,
+                        &mut acts.h_pre,
+                        rows,
+                        Epilogue::None,
+                    );
+                    acts.h_act.copy_from_slice(&acts.h_pre);
+                    gelu_inplace(&mut acts.h_act, gelu);
+                    self.linear(&blk.fc2, &acts.h_act, x, rows, Epilogue::Accumulate);
+                }
+                NormPlacement::Post => {
+                    self.linear(&blk.qkv, x, &mut acts.qkv, rows, Epilogue::None);
+                    attention(
+                        &acts.qkv,
+                        &mut acts.attn,
+                        Some(&mut acts.probs),
+                        &mut tw.attn_scratch,
+                        dims,
+                    );
+                    self.linear(&blk.proj, &acts.attn, x, rows, Epilogue::Accumulate);
+                    self.norm_train(&blk.norm1, x, &mut acts.ln1);
+                    x.copy_from_slice(&acts.ln1.output);
+                    self.linear(&blk.fc1, x, &mut acts.h_pre, rows, Epilogue::None);
+                    acts.h_act.copy_from_slice(&acts.h_pre);
+                    gelu_inplace(&mut acts.h_act, gelu);
+                    self.linear(&blk.fc2, &acts.h_act, x, rows, Epilogue::Accumulate);
+                    self.norm_train(&blk.norm2, x, &mut acts.ln2);
+                    x.copy_from_slice(&acts.ln2.output);
+                }
+            }
+        }
+        // Final token states: the final norm's output, or the stream itself.
+        let states: &[f32] = match &v.norm {
+            Some(norm) => {
+                self.norm_train(norm, &tw.x, &mut tw.final_norm);
+                &tw.final_norm.output
+            }
+            None => &tw.x,
+        };
+        pool_forward(cfg.pool, states, &mut tw.pooled, batch, n, d);
+        if let Some(fc) = &v.fc_norm {
+            self.norm_train(fc, &tw.pooled, &mut tw.fc_norm);
+            tw.pooled.copy_from_slice(&tw.fc_norm.output);
+        }
+        if let Some(pre) = &v.pre_logits {
+            self.linear(pre, &tw.pooled, &mut tw.pre, batch, Epilogue::Tanh);
+        }
+        let feats = if v.pre_logits.is_some() {
+            &tw.pre
+        } else {
+            &tw.pooled
+        };
+        if let Some(head) = &v.head {
+            self.linear(head, feats, &mut tw.logits, batch, Epilogue::None);
+        }
+    }
+
+    fn backward(&self, batch: usize, tw: &mut TrainWorkspace) {
+        let cfg = &self.config;
+        let v = &self.view;
+        let (n, d) = (cfg.num_tokens(), cfg.width);
+        let rows = batch * n;
+        let TrainWorkspace {
+            patches,
+            tokens,
+            blocks,
+            final_norm,
+            fc_norm,
+            pooled,
+            pre,
+            dx,
+            dtmp,
+            dqkv,
+            dattn,
+            dh,
+            dpooled,
+            dpre,
+            dlogits,
+            attn_scratch,
+            ln_partials,
+            grads,
+            ..
+        } = tw;
+
+        // Head: dlogits (B, K) -> d features (B, F) -> d pooled (B, D).
+        let has_pre = v.pre_logits.is_some();
+        if let Some(head) = &v.head {
+            let feats: &[f32] = if has_pre { pre } else { pooled };
+            let dfeats: &mut [f32] = if has_pre { dpre } else { dpooled };
+            self.linear_grad(head, dlogits, feats, Some(dfeats), grads, batch);
+        }
+        if let Some(pl) = &v.pre_logits {
+            tanh_backward_inplace(pre, dpre);
+            self.linear_grad(pl, dpre, pooled, Some(dpooled), grads, batch);
+        }
+        if let Some(fc) = &v.fc_norm {
+            dtmp[..batch * d].fill(0.0);
+            self.norm_grad(
+                fc,
+                dpooled,
+                fc_norm,
+                &mut dtmp[..batch * d],
+                grads,
+                ln_partials,
+            );
+            dpooled.copy_from_slice(&dtmp[..batch * d]);
+        }
+        // Pooling: (B, D) -> (B, N, D).
+        dx.fill(0.0);
+        for (b, g) in dpooled.chunks_exact(d).enumerate() {
+            match cfg.pool {
+                Pool::Cls => dx[b * n * d..b * n * d + d].copy_from_slice(g),
+                Pool::Mean => {
+                    let inv = 1.0 / (n - 1) as f32;
+                    for t in 1..n {
+                        let row = &mut dx[(b * n + t) * d..(b * n + t + 1) * d];
+                        row.iter_mut().zip(g).for_each(|(r, v)| *r = v * inv);
+                    }
+                }
+            }
+        }
+        if let Some(norm) = &v.norm {
+            dtmp.fill(0.0);
+            self.norm_grad(norm, dx, final_norm, dtmp, grads, ln_partials);
+            std::mem::swap(dx, dtmp);
+        }
+
+        // Blocks, last to first; dx holds ∂loss/∂(block output) on entry, ∂/∂(block input) after.
+        let dims = self.attn_dims(batch);
+        for (blk, acts) in v.blocks.iter().zip(blocks.iter()).rev() {
+            let dxn = &mut dtmp[..];
+            match cfg.norm {
+                NormPlacement::Pre => {
+                    // x_out = x_mid + fc2(GELU(fc1(LN2(x_mid))))
+                    self.linear_grad(&blk.fc2, dx, &acts.h_act, Some(dh), grads, rows);
+                    gelu_backward_inplace(&acts.h_pre, dh, cfg.gelu);
+                    self.linear_grad(&blk.fc1, dh, &acts.ln2.output, Some(dxn), grads, rows);
+                    self.norm_grad(&blk.norm2, dxn, &acts.ln2, dx, grads, ln_partials);
+                    // x_mid = x_in + proj(attn(LN1(x_in)))
+                    self.linear_grad(&blk.proj, dx, &acts.attn, Some(dattn), grads, rows);
+                    attention_backward(&acts.qkv, &acts.probs, dattn, dqkv, attn_scratch, dims);
+                    self.linear_grad(&blk.qkv, dqkv, &acts.ln1.output, Some(dxn), grads, rows);
+                    self.norm_grad(&blk.norm1, dxn, &acts.ln1, dx, grads, ln_partials);
+                }
+                NormPlacement::Post => {
+                    // x_out = LN2(s2), s2 = x_mid + fc2(GELU(fc1(x_mid)))
+                    dxn.fill(0.0);
+                    self.norm_grad(&blk.norm2, dx, &acts.ln2, dxn, grads, ln_partials);
+                    dx.copy_from_slice(dxn);
+                    self.linear_grad(&blk.fc2, dx, &acts.h_act, Some(dh), grads, rows);
+                    gelu_backward_inplace(&acts.h_pre, dh, cfg.gelu);
+                    self.linear_grad(&blk.fc1, dh, &acts.ln1.output, Some(dxn), grads, rows);
+                    add_assign(dx, dxn);
+                    // x_mid = LN1(s1), s1 = x_in + proj(attn(x_in))
+                    dxn.fill(0.0);
+                    self.norm_grad(&blk.norm1, dx, &acts.ln1, dxn, grads, ln_partials);
+                    dx.copy_from_slice(dxn);
+                    self.linear_grad(&blk.proj, dx, &acts.attn, Some(dattn), grads, rows);
+                    attention_backward(&acts.qkv, &acts.probs, dattn, dqkv, attn_scratch, dims);
+                    self.linear_grad(&blk.qkv, dqkv, &acts.x_in, Some(dxn), grads, rows);
+                    add_assign(dx, dxn);
+                }
+            }
+        }
+
+        // Embedding: x[b, 0] = cls + pos[0]; x[b, 1 + p] = tokens[b, p] + pos[1 + p].
+        {
+            let dcls = &mut grads[v.cls_token.clone()];
+            for b in 0..batch {
+                add_assign(dcls, &dx[b * n * d..b * n * d + d]);
+            }
+        }
+        {
+            let dpos = &mut grads[v.pos_embed.clone()];
+            for b in 0..batch {
+                add_assign(dpos, &dx[b * n * d..(b + 1) * n * d]);
+            }
+        }
+        for b in 0..batch {
+            let src = &dx[(b * n + 1) * d..(b + 1) * n * d];
+            tokens[b * (n - 1) * d..(b + 1) * (n - 1) * d].copy_from_slice(src);
+        }
+        self.linear_grad(
+            &v.patch_embed,
+            tokens,
+            patches,
+            None,
+            grads,
+            batch * cfg.num_patches(),
+        );
+    }
+
+    fn attn_dims(&self, batch: usize) -> AttnDims {
+        AttnDims {
+            batch,
+            tokens: self.config.num_tokens(),
+            heads: self.config.heads,
+            head_dim: self.config.head_dim(),
+        }
+    }
+
+    /// x[b, 0] = cls + pos[0]; x[b, 1 + p] = tokens[b, p] + pos[1 + p].
+    pub(crate) fn embed_tokens(&self, tokens: &[f32], x: &mut [f32], batch: usize) {
+        let (n, d) = (self.config.num_tokens(), self.config.width);
+        let cls = self.params.slice(&self.view.cls_token);
+        let pos = self.params.slice(&self.view.pos_embed);
+        for (b, xb) in x.chunks_exact_mut(n * d).enumerate().take(batch) {
+            let toks = &tokens[b * (n - 1) * d..(b + 1) * (n - 1) * d];
+            for (t, row) in xb.chunks_exact_mut(d).enumerate() {
+                let src = if t == 0 {
+                    cls
+                } else {
+                    &toks[(t - 1) * d..t * d]
+                };
+                for ((o, s), p) in row.iter_mut().zip(src).zip(&pos[t * d..(t + 1) * d]) {
+                    *o = s + p;
+                }
+            }
+        }
+    }
+
+    fn norm_train(&self, nv: &NormView, x: &[f32], acts: &mut NormActs) {
+        acts.input.copy_from_slice(x);
+        let c = &self.config;
+        layernorm_train(
+            &acts.input,
+            &mut acts.output,
+            self.params.slice(&nv.w),
+            self.params.slice(&nv.b),
+            c.width,
+            c.layer_norm_eps,
+            &mut acts.mean,
+            &mut acts.rstd,
+        );
+    }
+
+    /// `dx += ∂/∂input` of a LayerNorm, accumulating its γ/β gradients.
+    fn norm_grad(
+        &self,
+        nv: &NormView,
+        dy: &[f32],
+        acts: &NormActs,
+        dx: &mut [f32],
+        grads: &mut [f32],
+        partials: &mut Vec<f32>,
+    ) {
+        let (dg, db) = two_mut(grads, &nv.w, &nv.b);
+        layernorm_backward(
+            dy,
+            &acts.input,
+            &acts.mean,
+            &acts.rstd,
+            self.params.slice(&nv.w),
+            dx,
+            dg,
+            db,
+            self.config.width,
+            partials,
+        );
+    }
+
+    /// Gradients of a linear layer over `rows` rows: `dx = dy·W` (when asked), dW and db
+    /// accumulated into `grads`.
+    fn linear_grad(
+        &self,
+        l: &LinearView,
+        dy: &[f32],
+        x: &[f32],
+        dx: Option<&mut [f32]>,
+        grads: &mut [f32],
+        rows: usize,
+    ) {
+        let w = self.params.slice(&l.w);
+        let dims = (rows, l.inp, l.out);
+        match &l.b {
+            Some(br) => {
+                let (dw, db) = two_mut(grads, &l.w, br);
+                linear_backward(
+                    &dy[..rows * l.out],
+                    &x[..rows * l.inp],
+                    w,
+                    dx,
+                    dw,
+                    Some(db),
+                    dims,
+                );
+            }
+            None => linear_backward(
+                &dy[..rows * l.out],
+                &x[..rows * l.inp],
+                w,
+                dx,
+                &mut grads[l.w.clone()],
+                None,
+                dims,
+            ),
+        }
+    }
+}
+
+/// Pooling of final token states `(B, N, D)` into `(B, D)`.
+pub(crate) fn pool_forward(
+    pool: Pool,
+    states: &[f32],
+    out: &mut [f32],
+    batch: usize,
+    n: usize,
+    d: usize,
+) {
+    for (b, o) in out.chunks_exact_mut(d).enumerate().take(batch) {
+        let xb = &states[b * n * d..(b + 1) * n * d];
+        match pool {
+            Pool::Cls => o.copy_from_slice(&xb[..d]),
+            Pool::Mean => {
+                o.fill(0.0);
+                for row in xb.chunks_exact(d).skip(1) {
+                    add_assign(o, row);
+                }
+                let inv = 1.0 / (n - 1) as f32;
+                o.iter_mut().for_each(|v| *v *= inv);
+            }
+        }
+    }
+}
