@@ -2,8 +2,11 @@
 //!
 //! The CLI only parses flags, calls the library and prints; every number is computed in `vitrs`.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -11,6 +14,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use vitrs::checkpoint::safetensors::SaveDtype;
 use vitrs::infer::{expand_inputs, Predictor};
+use vitrs::kernels::loss::Targets;
+use vitrs::model::TrainWorkspace;
+use vitrs::train::optim::{Optimizer, OptimizerKind};
+use vitrs::train::trainer::Outcome;
+use vitrs::train::{EvalResult, Hooks, Progress, RunConfig, Trainer};
+use vitrs::viz::confusion::plot_confusion;
 use vitrs::{Capture, Checkpoint, Tensor, ViT, ViTConfig, Workspace};
 
 /// Exit codes, distinct per failure kind.
@@ -75,11 +84,69 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Dtype::F32)]
         dtype: Dtype,
     },
-    /// Measure inference speed on this machine (random weights for a preset).
+    /// Train a ViT from a TOML run config (or continue a run with --resume).
+    Train {
+        /// Run configuration (see configs/*.toml).
+        #[arg(long, value_name = "FILE", required_unless_present = "resume")]
+        config: Option<PathBuf>,
+        /// Run directory: checkpoint, final model.safetensors, metrics.jsonl, curve.png.
+        #[arg(long, value_name = "RUN_DIR", required_unless_present = "resume")]
+        out: Option<PathBuf>,
+        /// Continue the run in RUN_DIR from its last checkpoint.
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "out"])]
+        resume: Option<PathBuf>,
+        /// Override the number of epochs.
+        #[arg(long)]
+        epochs: Option<u64>,
+        /// Stop (with a checkpoint) after this many optimizer steps in total.
+        #[arg(long)]
+        max_steps: Option<u64>,
+        /// Override the batch size.
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Override the peak learning rate.
+        #[arg(long)]
+        lr: Option<f32>,
+        /// Override the seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Override the dataset (a name or a directory).
+        #[arg(long)]
+        dataset: Option<String>,
+    },
+    /// Train a small ViT on Fashion-MNIST for about two minutes, evaluate it, classify a few
+    /// test images, and write the curve, confusion matrix and predictions into a folder.
+    Demo {
+        /// Output folder.
+        #[arg(long, value_name = "DIR", default_value = "demo-out")]
+        out: PathBuf,
+    },
+    /// Evaluate a model on a dataset's test split: top-1, top-5, per class, confusion matrix.
+    Eval {
+        #[arg(long, value_name = "PATH")]
+        model: PathBuf,
+        /// `fashion-mnist`, `mnist`, `cifar10`, `cifar100`, or a directory.
+        #[arg(long)]
+        dataset: String,
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        /// Where to write the confusion-matrix PNG.
+        #[arg(long, value_name = "FILE", default_value = "confusion.png")]
+        confusion: PathBuf,
+        /// One JSON object {"top1", "top5", "n", "per_class"} instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure speed on this machine: inference, or with --train a full training step
+    /// (forward, backward, AdamW), on random weights and inputs.
     Bench {
-        /// A preset such as `B/16`, `S/16@384`, `vit_tiny_patch16_224`, or a checkpoint path.
+        /// A preset such as `B/16`, `S/16@384`, `vit_tiny_patch16_224`, a checkpoint path, or a
+        /// run config (.toml) whose [model] is used.
         #[arg(long, value_name = "PRESET|PATH")]
         model: String,
+        /// Time a training step instead of inference.
+        #[arg(long)]
+        train: bool,
         #[arg(long, default_value_t = 1, value_name = "N")]
         batch_size: usize,
         /// Timed repetitions (the median is reported).
@@ -160,13 +227,43 @@ fn run(cmd: Command) -> Result<u8> {
             inputs,
         } => predict(&model, top_k, json, logits, batch_size, &inputs),
         Command::Convert { model, out, dtype } => convert(&model, &out, dtype),
+        Command::Train {
+            config,
+            out,
+            resume,
+            epochs,
+            max_steps,
+            batch_size,
+            lr,
+            seed,
+            dataset,
+        } => train(TrainArgs {
+            config,
+            out,
+            resume,
+            epochs,
+            max_steps,
+            batch_size,
+            lr,
+            seed,
+            dataset,
+        }),
+        Command::Demo { out } => demo(&out),
+        Command::Eval {
+            model,
+            dataset,
+            batch_size,
+            confusion,
+            json,
+        } => eval(&model, &dataset, batch_size, &confusion, json),
         Command::Bench {
             model,
+            train,
             batch_size,
             iters,
             warmup,
             json,
-        } => bench(&model, batch_size, iters, warmup, json),
+        } => bench(&model, train, batch_size, iters, warmup, json),
     }
 }
 
@@ -324,14 +421,47 @@ fn convert(path: &Path, out: &Path, dtype: Dtype) -> Result<u8> {
     Ok(0)
 }
 
-fn bench(model: &str, batch: usize, iters: usize, warmup: usize, as_json: bool) -> Result<u8> {
+fn bench(
+    model: &str,
+    train: bool,
+    batch: usize,
+    iters: usize,
+    warmup: usize,
+    as_json: bool,
+) -> Result<u8> {
     let p = Path::new(model);
-    let vit = if p.exists() {
-        load(p)?.model
+    let (vit, optimizer) = if p.extension().is_some_and(|e| e == "toml") {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let run = RunConfig::from_toml(&text, model)?;
+        // Without the data at hand, take the shape of a dataset known by name.
+        let (shape, classes) =
+            vitrs::data::known_shape(&run.data.dataset).unwrap_or(((3, 224, 224), 1000));
+        let cfg = run.model.resolve(shape, classes)?;
+        (ViT::random(cfg, 0)?, run.train.optimizer)
+    } else if p.exists() {
+        (
+            load(p)?.model,
+            OptimizerKind::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.05,
+            },
+        )
     } else {
         let cfg = ViTConfig::preset(model)?;
-        ViT::random(cfg, 0)?
+        (
+            ViT::random(cfg, 0)?,
+            OptimizerKind::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.05,
+            },
+        )
     };
+    let mut vit = vit;
     let cfg = vit.config().clone();
     let batch = batch.max(1);
     let shape = vec![batch, cfg.channels, cfg.image_height, cfg.image_width];
@@ -342,33 +472,385 @@ fn bench(model: &str, batch: usize, iters: usize, warmup: usize, as_json: bool) 
             .map(|i| ((i % 251) as f32 / 125.0) - 1.0)
             .collect(),
     )?;
+    let k = cfg.num_classes.max(1);
+    let labels: Vec<usize> = (0..batch).map(|i| i % k).collect();
     let mut ws = Workspace::new();
+    let mut tw = TrainWorkspace::new();
+    let mut opt = Optimizer::new(optimizer, vit.params());
+    let mut once = |vit: &mut ViT| -> Result<()> {
+        if train {
+            tw.zero_grads();
+            vit.forward_backward(
+                &x,
+                Targets::Labels {
+                    labels: &labels,
+                    smoothing: 0.0,
+                },
+                &mut tw,
+            )?;
+            opt.step(vit.params_mut().flat_mut(), tw.grads(), 1e-4);
+        } else {
+            vit.forward(&x, Capture::default(), &mut ws)?;
+        }
+        Ok(())
+    };
     for _ in 0..warmup {
-        vit.forward(&x, Capture::default(), &mut ws)?;
+        once(&mut vit)?;
     }
     let mut times = Vec::with_capacity(iters.max(1));
     for _ in 0..iters.max(1) {
         let t = Instant::now();
-        vit.forward(&x, Capture::default(), &mut ws)?;
+        once(&mut vit)?;
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let ips = batch as f64 / median;
-    let gflops = ips * cfg.flops_per_image() / 1e9;
+    // A training step costs about three forwards (forward, and backward to inputs and weights).
+    let flops = cfg.flops_per_image() * if train { 3.0 } else { 1.0 };
+    let gflops = ips * flops / 1e9;
     let threads = rayon::current_num_threads();
+    let what = if train { "training step" } else { "inference" };
     if as_json {
         println!(
             "{}",
             json!({"images_per_sec": ips, "gflops_per_sec": gflops, "batch_size": batch, "threads": threads,
-                   "median_batch_seconds": median, "iters": times.len()})
+                   "median_batch_seconds": median, "iters": times.len(), "train": train})
         );
     } else {
         println!(
-            "{model}: batch {batch}, {threads} thread(s): {ips:.2} images/s, {:.1} ms per batch (median of {}), {gflops:.1} GFLOP/s",
+            "{model} ({what}): batch {batch}, {threads} thread(s): {ips:.2} images/s, {:.1} ms per batch (median of {}), {gflops:.1} GFLOP/s",
             median * 1e3,
             times.len()
         );
     }
+    Ok(0)
+}
+
+struct TrainArgs {
+    config: Option<PathBuf>,
+    out: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    epochs: Option<u64>,
+    max_steps: Option<u64>,
+    batch_size: Option<usize>,
+    lr: Option<f32>,
+    seed: Option<u64>,
+    dataset: Option<String>,
+}
+
+/// Progress on stderr: one rewritten line on a terminal, a line per report otherwise.
+struct Bar {
+    tty: bool,
+}
+
+fn hms(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+impl Hooks for Bar {
+    fn progress(&mut self, p: &Progress) {
+        let frac = p.step as f64 / p.total_steps.max(1) as f64;
+        let filled = (frac * 20.0) as usize;
+        let acc = if p.accuracy.is_finite() {
+            format!("{:.1}%", 100.0 * p.accuracy)
+        } else {
+            "-".into()
+        };
+        let line = format!(
+            "[{}{}] epoch {}/{} step {}/{} loss {:.4} acc {acc} lr {:.2e} {:.0} img/s elapsed {} ETA {}",
+            "#".repeat(filled),
+            ".".repeat(20 - filled),
+            p.epoch + 1,
+            p.epochs,
+            p.step,
+            p.total_steps,
+            p.loss,
+            p.lr,
+            p.images_per_sec,
+            hms(p.elapsed_s),
+            hms(p.eta_s)
+        );
+        if self.tty {
+            eprint!("\r{line}\x1b[K");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn evaluated(&mut self, epoch: u64, r: &EvalResult) {
+        if self.tty {
+            eprintln!();
+        }
+        eprintln!(
+            "epoch {epoch}: eval top-1 {:.2}% top-5 {:.2}% loss {:.4} ({} images)",
+            100.0 * r.top1,
+            100.0 * r.top5,
+            r.loss,
+            r.n
+        );
+    }
+
+    fn note(&mut self, msg: &str) {
+        if self.tty {
+            eprintln!();
+        }
+        eprintln!("{msg}");
+    }
+}
+
+fn train(a: TrainArgs) -> Result<u8> {
+    let mut trainer = match (&a.resume, &a.config, &a.out) {
+        (Some(dir), _, _) => Trainer::resume(dir, a.epochs)
+            .with_context(|| format!("cannot resume {}", dir.display()))?,
+        (None, Some(cfg), Some(out)) => {
+            let text = std::fs::read_to_string(cfg)
+                .with_context(|| format!("cannot read {}", cfg.display()))?;
+            let mut run = RunConfig::from_toml(&text, &cfg.display().to_string())?;
+            if let Some(e) = a.epochs {
+                run.train.epochs = e;
+            }
+            if let Some(b) = a.batch_size {
+                run.train.batch_size = b;
+            }
+            if let Some(lr) = a.lr {
+                run.train.lr = lr;
+                run.train.min_lr = run.train.min_lr.min(lr);
+            }
+            if let Some(s) = a.seed {
+                run.train.seed = s;
+            }
+            if let Some(d) = a.dataset {
+                run.data.dataset = d;
+            }
+            run.validate()?;
+            Trainer::new(run, out)?
+        }
+        _ => bail!("give --config FILE --out RUN_DIR, or --resume RUN_DIR"),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C while the checkpoint is being written ends the process at once.
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\nstopping after this step; the checkpoint will be saved (Ctrl-C again to abort)"
+            );
+        });
+    }
+    let cfg = trainer.model.config().clone();
+    eprintln!(
+        "training D={} L={} heads={} patch={} on {} images ({} held for evaluation: {}), {} parameters, {} steps, run dir {}",
+        cfg.width,
+        cfg.depth,
+        cfg.heads,
+        cfg.patch_size,
+        trainer.train_len(),
+        trainer.eval_len(),
+        trainer.eval_source,
+        trainer.model.params().count(),
+        trainer.total_steps(),
+        trainer.dir().display()
+    );
+    if trainer.pos.step > 0 {
+        eprintln!(
+            "resuming at step {} (epoch {}, batch {})",
+            trainer.pos.step, trainer.pos.epoch, trainer.pos.batch
+        );
+    }
+    let mut bar = Bar {
+        tty: std::io::stderr().is_terminal(),
+    };
+    let outcome = trainer.run(&mut bar, &stop, a.max_steps)?;
+    let dir = trainer.dir().to_path_buf();
+    match outcome {
+        Outcome::Finished(r) => {
+            println!(
+                "done: test top-1 {:.2}% ({}), model {}, curve {}, metrics {}",
+                100.0 * r.top1,
+                trainer.eval_source,
+                dir.join(vitrs::train::trainer::MODEL).display(),
+                dir.join(vitrs::train::trainer::CURVE).display(),
+                dir.join(vitrs::train::trainer::METRICS).display()
+            );
+            Ok(0)
+        }
+        Outcome::Stopped { step } => {
+            println!(
+                "stopped at step {step}; continue with: vit train --resume {}",
+                dir.display()
+            );
+            Ok(if stop.load(Ordering::SeqCst) { 130 } else { 0 })
+        }
+    }
+}
+
+fn eval(path: &Path, dataset: &str, batch: usize, confusion: &Path, as_json: bool) -> Result<u8> {
+    let ck = load(path)?;
+    let cfg = ck.model.config();
+    let size = (cfg.channels, cfg.image_height, cfg.image_width);
+    let data = vitrs::data::open(dataset, vitrs::data::Split::Test, size)?;
+    if data.shape() != size {
+        bail!(
+            "dataset images are {:?} (C, H, W) but the model takes {size:?}; evaluate a model trained at the dataset's size",
+            data.shape()
+        );
+    }
+    if data.classes().len() != cfg.num_classes {
+        bail!(
+            "the dataset has {} classes, the model {}",
+            data.classes().len(),
+            cfg.num_classes
+        );
+    }
+    let labels: Vec<String> = (0..cfg.num_classes).map(|i| ck.label(i)).collect();
+    let r = vitrs::train::evaluate(
+        &ck.model,
+        data,
+        batch.max(1),
+        &ck.preprocess.mean,
+        &ck.preprocess.std,
+        1,
+    )?;
+    plot_confusion(
+        confusion,
+        &r.confusion,
+        &labels,
+        &format!("{dataset} test split"),
+    )?;
+    if as_json {
+        println!(
+            "{}",
+            json!({"top1": r.top1, "top5": r.top5, "n": r.n, "per_class": r.per_class})
+        );
+    } else {
+        println!(
+            "top-1 {:.2}%  top-5 {:.2}%  ({} images, mean loss {:.4})",
+            100.0 * r.top1,
+            100.0 * r.top5,
+            r.n,
+            r.loss
+        );
+        for (i, a) in r.per_class.iter().enumerate() {
+            println!("  {:>3} {:<24} {:.2}%", i, labels[i], 100.0 * a);
+        }
+        println!("confusion matrix: {}", confusion.display());
+    }
+    Ok(0)
+}
+
+/// The demo's run config (embedded, so `vit demo` works from anywhere).
+const DEMO_CONFIG: &str = include_str!("../../../configs/demo.toml");
+/// Fashion-MNIST's official test split (MIT licence, Zalando SE), bundled so the demo runs on a
+/// fresh clone with nothing installed.
+const SAMPLE_IMAGES: &[u8] =
+    include_bytes!("../../../assets/fashion-mnist-sample/t10k-images-idx3-ubyte.gz");
+const SAMPLE_LABELS: &[u8] =
+    include_bytes!("../../../assets/fashion-mnist-sample/t10k-labels-idx1-ubyte.gz");
+
+fn demo(out: &Path) -> Result<u8> {
+    use vitrs::data::{Dataset, Split, Subset};
+    let mut run = RunConfig::from_toml(DEMO_CONFIG, "configs/demo.toml")?;
+    let full = vitrs::data::open("fashion-mnist", Split::Train, (1, 28, 28)).and_then(|tr| {
+        Ok((
+            tr,
+            vitrs::data::open("fashion-mnist", Split::Test, (1, 28, 28))?,
+        ))
+    });
+    let (train, test, source): (Arc<dyn Dataset>, Arc<dyn Dataset>, String) = match full {
+        Ok((tr, te)) => (
+            tr,
+            te,
+            "the full Fashion-MNIST (60,000 training images), 1 epoch".into(),
+        ),
+        Err(_) => {
+            let (ip, lp) = (
+                Path::new("t10k-images (bundled)"),
+                Path::new("t10k-labels (bundled)"),
+            );
+            let all = vitrs::data::idx::pair(
+                ip,
+                &vitrs::data::idx::gunzip(ip, SAMPLE_IMAGES)?,
+                lp,
+                &vitrs::data::idx::gunzip(lp, SAMPLE_LABELS)?,
+                true,
+            )?;
+            let all: Arc<dyn Dataset> = Arc::new(all);
+            run.train.epochs = 8;
+            (
+                Arc::new(Subset::new(all.clone(), (0..8000).collect())),
+                Arc::new(Subset::new(all, (8000..10_000).collect())),
+                "the bundled sample (8,000 training / 2,000 test images of the official test split), 8 epochs; \
+                 `apt-get install dataset-fashion-mnist` for the full set"
+                    .into(),
+            )
+        }
+    };
+    if out.join(vitrs::train::trainer::CHECKPOINT).exists() {
+        std::fs::remove_dir_all(out).with_context(|| format!("cannot clear {}", out.display()))?;
+    }
+    eprintln!("vit demo: training a small ViT on {source}");
+    let mut trainer = Trainer::with_data(run, out, train, test.clone(), "test split".into())?;
+    let mut bar = Bar {
+        tty: std::io::stderr().is_terminal(),
+    };
+    let stop = AtomicBool::new(false);
+    let Outcome::Finished(r) = trainer.run(&mut bar, &stop, None)? else {
+        bail!("the demo run stopped early");
+    };
+    // Classify the first test image of each class, and keep the images to look at.
+    let imgs = out.join("images");
+    std::fs::create_dir_all(&imgs).with_context(|| format!("cannot create {}", imgs.display()))?;
+    let mut preds = vec![];
+    let mut seen = vec![false; test.classes().len()];
+    let mut px = vec![0u8; 28 * 28];
+    for i in 0..test.len() {
+        let y = test.label(i);
+        if seen[y] {
+            continue;
+        }
+        seen[y] = true;
+        test.image(i, &mut px)?;
+        let file = imgs.join(format!(
+            "{:02}_{}.png",
+            y,
+            trainer.labels[y].replace('/', "-").to_lowercase()
+        ));
+        vitrs::preprocess::save_gray_png(&file, &px, 28, 28)?;
+        let x = trainer.preprocess.load(&file)?;
+        let logits = trainer.model.logits(&x)?;
+        let (best, p) = vitrs::infer::top_k(logits.data(), 1)[0];
+        println!(
+            "{:<28} true {:<12} predicted {:<12} ({:.2}){}",
+            file.display().to_string(),
+            trainer.labels[y],
+            trainer.labels[best],
+            p,
+            if best == y { "" } else { "  <- wrong" }
+        );
+        preds.push(json!({"image": file, "true": trainer.labels[y], "predicted": trainer.labels[best], "prob": p}));
+    }
+    let pj = out.join("predictions.json");
+    std::fs::write(&pj, serde_json::to_string_pretty(&preds)?)
+        .with_context(|| format!("cannot write {}", pj.display()))?;
+    println!("\ntest top-1 {:.2}% on {} images", 100.0 * r.top1, r.n);
+    for (what, f) in [
+        ("training curve", vitrs::train::trainer::CURVE),
+        ("confusion matrix", vitrs::train::trainer::CONFUSION),
+        ("model", vitrs::train::trainer::MODEL),
+        ("predictions", "predictions.json"),
+        ("metrics", vitrs::train::trainer::METRICS),
+    ] {
+        println!("{what:<17} {}", out.join(f).display());
+    }
+    println!(
+        "try: vit predict --model {} {}",
+        out.join(vitrs::train::trainer::MODEL).display(),
+        imgs.display()
+    );
     Ok(0)
 }

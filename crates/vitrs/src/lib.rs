@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod infer;
 pub mod kernels;
@@ -18,6 +19,8 @@ pub mod npy;
 pub mod preprocess;
 mod resample;
 pub mod tensor;
+pub mod train;
+pub mod viz;
 
 pub use checkpoint::{load, Checkpoint, Format, LoadReport};
 pub use config::{Gelu, Head, NormPlacement, Pool, ViTConfig};

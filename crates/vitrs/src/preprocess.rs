@@ -195,6 +195,34 @@ impl Preprocess {
     }
 }
 
+/// An image as 8-bit planes `(C, H, W)` at `h × w`: shorter side resized to fit (bilinear,
+/// antialiased), then centre-cropped. Used to store training images at the model size.
+pub fn image_to_u8(img: &DynamicImage, channels: usize, h: usize, w: usize) -> Vec<u8> {
+    let planes = to_planes(img, channels);
+    let r = (planes.h as f64 / h as f64).min(planes.w as f64 / w as f64);
+    let (nh, nw) = (
+        ((planes.h as f64 / r).round() as usize).max(h),
+        ((planes.w as f64 / r).round() as usize).max(w),
+    );
+    let resized = resize_planes(&planes, nh, nw, Interpolation::Bilinear, true);
+    center_crop(&resized, h, w)
+        .data
+        .iter()
+        .map(|&v| v as u8)
+        .collect()
+}
+
+/// Writes 8-bit grayscale pixels `(H, W)` as a PNG.
+pub fn save_gray_png(path: &Path, px: &[u8], h: usize, w: usize) -> Result<()> {
+    let img = image::GrayImage::from_raw(w as u32, h as u32, px.to_vec()).ok_or_else(|| {
+        Error::BadInput(format!("{} pixels do not make a {h}x{w} image", px.len()))
+    })?;
+    img.save(path).map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
 /// Decodes an image file (PNG, JPEG, GIF's first frame, BMP) with size limits.
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
     let err = |reason: String| Error::Image {

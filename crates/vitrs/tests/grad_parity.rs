@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use vitrs::checkpoint::safetensors::SafeTensors;
 use vitrs::kernels::loss::Targets;
-use vitrs::model::TrainWorkspace;
+use vitrs::model::{Regularization, TrainWorkspace};
 use vitrs::npy::read_npy;
 use vitrs::{Gelu, Head, NormPlacement, Pool, Tensor, ViT, ViTConfig};
 
@@ -113,6 +113,10 @@ fn timm_patch8_no_qkv_bias_gradients() {
 
 /// Central differences of the loss for a few entries of every parameter tensor.
 fn finite_difference(cfg: ViTConfig) {
+    finite_difference_with(cfg, Regularization::default());
+}
+
+fn finite_difference_with(cfg: ViTConfig, reg: Regularization) {
     let mut m = ViT::zeros(cfg.clone()).unwrap();
     let mut rng = vitrs::model::Rng::new(5);
     m.params_mut()
@@ -131,6 +135,8 @@ fn finite_difference(cfg: ViTConfig) {
         smoothing: 0.1,
     };
     let mut tw = TrainWorkspace::new();
+    // The same seed gives the same dropout masks on every call, so the loss is a fixed function.
+    tw.reg = reg;
     m.forward_backward(&x, t, &mut tw).unwrap();
     let grads = tw.grads().to_vec();
     let entries = m.params().entries().to_vec();
@@ -196,4 +202,27 @@ fn finite_differences_mean_pool_fc_norm() {
     c.pool = Pool::Mean;
     c.fc_norm = true;
     finite_difference(c);
+}
+
+#[test]
+fn finite_differences_with_dropout_and_stochastic_depth() {
+    let mut c = small();
+    c.depth = 3;
+    finite_difference_with(
+        c.clone(),
+        Regularization {
+            dropout: 0.2,
+            drop_path: 0.5,
+            seed: 9,
+        },
+    );
+    c.norm = NormPlacement::Post;
+    finite_difference_with(
+        c,
+        Regularization {
+            dropout: 0.3,
+            drop_path: 0.0,
+            seed: 4,
+        },
+    );
 }

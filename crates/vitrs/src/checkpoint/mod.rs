@@ -371,7 +371,16 @@ fn load_native(st: SafeTensors) -> Result<Checkpoint> {
             None => None,
         };
     let mut report = LoadReport::new(Format::Native, &path);
-    let tensors = read_all(&st, &mut report)?;
+    let mut tensors = read_all(&st, &mut report)?;
+    // A training checkpoint also carries optimizer moments; they are not model weights.
+    let before = tensors.len();
+    tensors.retain(|k, _| !k.starts_with("optimizer."));
+    if tensors.len() < before {
+        report.conversions.push(format!(
+            "training checkpoint: {} optimizer tensors left aside",
+            before - tensors.len()
+        ));
+    }
     let mut model = ViT::zeros(config)?;
     apply(&mut model, tensors, &mut report)?;
     Ok(Checkpoint {
@@ -382,15 +391,12 @@ fn load_native(st: SafeTensors) -> Result<Checkpoint> {
     })
 }
 
-/// Writes the native format: timm-named tensors with the config, preprocessing and labels in
-/// the metadata, atomically.
-pub fn save_native(
-    path: &Path,
+/// The metadata of a native file: format marker, config, preprocessing and labels.
+pub fn native_metadata(
     model: &ViT,
     preprocess: &Preprocess,
     labels: Option<&[String]>,
-    dtype: SaveDtype,
-) -> Result<()> {
+) -> BTreeMap<String, String> {
     let mut meta = BTreeMap::new();
     meta.insert(META_FORMAT.to_string(), META_FORMAT_VALUE.to_string());
     meta.insert(META_CONFIG.to_string(), model.config().to_json());
@@ -404,6 +410,19 @@ pub fn save_native(
             serde_json::to_string(l).unwrap_or_default(),
         );
     }
+    meta
+}
+
+/// Writes the native format: timm-named tensors with the config, preprocessing and labels in
+/// the metadata, atomically.
+pub fn save_native(
+    path: &Path,
+    model: &ViT,
+    preprocess: &Preprocess,
+    labels: Option<&[String]>,
+    dtype: SaveDtype,
+) -> Result<()> {
+    let meta = native_metadata(model, preprocess, labels);
     let p = model.params();
     let tensors: Vec<(&str, &[usize], &[f32])> = p
         .entries()

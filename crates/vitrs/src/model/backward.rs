@@ -56,6 +56,65 @@ struct BlockActs {
     /// fc1 output before / after GELU `(B, N, M)`.
     h_pre: Vec<f32>,
     h_act: Vec<f32>,
+    /// Dropout × stochastic-depth multipliers of the attention and MLP branch outputs
+    /// `(B, N, D)`; empty when regularisation is off.
+    mask_attn: Vec<f32>,
+    mask_mlp: Vec<f32>,
+}
+
+/// Training-time regularisation of the residual branches (timm's `proj_drop`/`drop` and
+/// `drop_path`): dropout on each element of a branch's output, and stochastic depth, which
+/// drops a whole branch for a whole example with a rate rising linearly from 0 at the first
+/// block to `drop_path` at the last. Both rescale what they keep, so inference needs nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Regularization {
+    pub dropout: f32,
+    pub drop_path: f32,
+    /// Seeds the masks: the same seed gives the same masks.
+    pub seed: u64,
+}
+
+impl Regularization {
+    fn active(&self) -> bool {
+        self.dropout > 0.0 || self.drop_path > 0.0
+    }
+}
+
+/// Fills `mask (B, N, D)` with the branch multipliers of block `layer` of `depth`.
+fn fill_mask(
+    mask: &mut [f32],
+    reg: &Regularization,
+    layer: usize,
+    depth: usize,
+    which: u64,
+    (b, n, d): (usize, usize, usize),
+) {
+    let mut rng = super::Rng::new(crate::data::loader::derive_seed(&[
+        reg.seed,
+        layer as u64,
+        which,
+    ]));
+    let dp = if depth > 1 {
+        reg.drop_path * layer as f32 / (depth - 1) as f32
+    } else {
+        reg.drop_path
+    };
+    let keep_elem = 1.0 / (1.0 - reg.dropout);
+    for bi in 0..b {
+        let sample = if dp > 0.0 && (rng.uniform() as f32) < dp {
+            0.0
+        } else {
+            1.0 / (1.0 - dp)
+        };
+        for m in &mut mask[bi * n * d..(bi + 1) * n * d] {
+            let e = if reg.dropout > 0.0 && (rng.uniform() as f32) < reg.dropout {
+                0.0
+            } else {
+                keep_elem
+            };
+            *m = sample * e;
+        }
+    }
 }
 
 /// Everything a training step needs, sized for one config and batch size, plus the gradients.
@@ -88,6 +147,10 @@ pub struct TrainWorkspace {
     dlogits: Vec<f32>,
     attn_scratch: Vec<f32>,
     ln_partials: Vec<f32>,
+    /// A branch output `(B, N, D)` before its mask, or a masked gradient.
+    branch: Vec<f32>,
+    /// Regularisation applied by the next [`ViT::forward_backward`] calls.
+    pub reg: Regularization,
     /// ∂loss/∂params, same layout as [`super::Params::flat`]; accumulated by each step.
     grads: Vec<f32>,
 }
@@ -145,7 +208,10 @@ impl TrainWorkspace {
             b.ln2.size(rows, d);
             sized(&mut b.h_pre, rows * m);
             sized(&mut b.h_act, rows * m);
+            sized(&mut b.mask_attn, rows * d);
+            sized(&mut b.mask_mlp, rows * d);
         }
+        sized(&mut self.branch, rows * d);
         self.final_norm.size(rows, d);
         self.fc_norm.size(batch, d);
         sized(&mut self.pooled, batch * d);
@@ -234,9 +300,16 @@ impl ViT {
         self.embed_tokens(&tw.tokens, &mut tw.x, batch);
         let dims = self.attn_dims(batch);
         let gelu = cfg.gelu;
-        for (blk, acts) in v.blocks.iter().zip(tw.blocks.iter_mut()) {
+        let reg = tw.reg;
+        let depth = cfg.depth;
+        for (l, (blk, acts)) in v.blocks.iter().zip(tw.blocks.iter_mut()).enumerate() {
             acts.x_in.copy_from_slice(&tw.x);
+            if reg.active() {
+                fill_mask(&mut acts.mask_attn, &reg, l, depth, 0, (batch, n, d));
+                fill_mask(&mut acts.mask_mlp, &reg, l, depth, 1, (batch, n, d));
+            }
             let x = &mut tw.x;
+            let branch = &mut tw.branch;
             match cfg.norm {
                 NormPlacement::Pre => {
                     self.norm_train(&blk.norm1, x, &mut acts.ln1);
@@ -254,7 +327,14 @@ impl ViT {
                         &mut tw.attn_scratch,
                         dims,
                     );
-                    self.linear(&blk.proj, &acts.attn, x, rows, Epilogue::Accumulate);
+                    self.add_branch(
+                        &blk.proj,
+                        &acts.attn,
+                        x,
+                        branch,
+                        reg.active().then_some(&acts.mask_attn),
+                        rows,
+                    );
                     self.norm_train(&blk.norm2, x, &mut acts.ln2);
                     self.linear(
                         &blk.fc1,
@@ -265,7 +345,14 @@ impl ViT {
                     );
                     acts.h_act.copy_from_slice(&acts.h_pre);
                     gelu_inplace(&mut acts.h_act, gelu);
-                    self.linear(&blk.fc2, &acts.h_act, x, rows, Epilogue::Accumulate);
+                    self.add_branch(
+                        &blk.fc2,
+                        &acts.h_act,
+                        x,
+                        branch,
+                        reg.active().then_some(&acts.mask_mlp),
+                        rows,
+                    );
                 }
                 NormPlacement::Post => {
                     self.linear(&blk.qkv, x, &mut acts.qkv, rows, Epilogue::None);
@@ -276,13 +363,27 @@ impl ViT {
                         &mut tw.attn_scratch,
                         dims,
                     );
-                    self.linear(&blk.proj, &acts.attn, x, rows, Epilogue::Accumulate);
+                    self.add_branch(
+                        &blk.proj,
+                        &acts.attn,
+                        x,
+                        branch,
+                        reg.active().then_some(&acts.mask_attn),
+                        rows,
+                    );
                     self.norm_train(&blk.norm1, x, &mut acts.ln1);
                     x.copy_from_slice(&acts.ln1.output);
                     self.linear(&blk.fc1, x, &mut acts.h_pre, rows, Epilogue::None);
                     acts.h_act.copy_from_slice(&acts.h_pre);
                     gelu_inplace(&mut acts.h_act, gelu);
-                    self.linear(&blk.fc2, &acts.h_act, x, rows, Epilogue::Accumulate);
+                    self.add_branch(
+                        &blk.fc2,
+                        &acts.h_act,
+                        x,
+                        branch,
+                        reg.active().then_some(&acts.mask_mlp),
+                        rows,
+                    );
                     self.norm_train(&blk.norm2, x, &mut acts.ln2);
                     x.copy_from_slice(&acts.ln2.output);
                 }
@@ -337,9 +438,12 @@ impl ViT {
             dlogits,
             attn_scratch,
             ln_partials,
+            branch,
             grads,
+            reg,
             ..
         } = tw;
+        let masked = reg.active();
 
         // Head: dlogits (B, K) -> d features (B, F) -> d pooled (B, D).
         let has_pre = v.pre_logits.is_some();
@@ -390,13 +494,15 @@ impl ViT {
             let dxn = &mut dtmp[..];
             match cfg.norm {
                 NormPlacement::Pre => {
-                    // x_out = x_mid + fc2(GELU(fc1(LN2(x_mid))))
-                    self.linear_grad(&blk.fc2, dx, &acts.h_act, Some(dh), grads, rows);
+                    // x_out = x_mid + mask ⊙ fc2(GELU(fc1(LN2(x_mid))))
+                    let dy = masked_grad(dx, masked.then_some(&acts.mask_mlp), branch);
+                    self.linear_grad(&blk.fc2, dy, &acts.h_act, Some(dh), grads, rows);
                     gelu_backward_inplace(&acts.h_pre, dh, cfg.gelu);
                     self.linear_grad(&blk.fc1, dh, &acts.ln2.output, Some(dxn), grads, rows);
                     self.norm_grad(&blk.norm2, dxn, &acts.ln2, dx, grads, ln_partials);
-                    // x_mid = x_in + proj(attn(LN1(x_in)))
-                    self.linear_grad(&blk.proj, dx, &acts.attn, Some(dattn), grads, rows);
+                    // x_mid = x_in + mask ⊙ proj(attn(LN1(x_in)))
+                    let dy = masked_grad(dx, masked.then_some(&acts.mask_attn), branch);
+                    self.linear_grad(&blk.proj, dy, &acts.attn, Some(dattn), grads, rows);
                     attention_backward(&acts.qkv, &acts.probs, dattn, dqkv, attn_scratch, dims);
                     self.linear_grad(&blk.qkv, dqkv, &acts.ln1.output, Some(dxn), grads, rows);
                     self.norm_grad(&blk.norm1, dxn, &acts.ln1, dx, grads, ln_partials);
@@ -406,7 +512,8 @@ impl ViT {
                     dxn.fill(0.0);
                     self.norm_grad(&blk.norm2, dx, &acts.ln2, dxn, grads, ln_partials);
                     dx.copy_from_slice(dxn);
-                    self.linear_grad(&blk.fc2, dx, &acts.h_act, Some(dh), grads, rows);
+                    let dy = masked_grad(dx, masked.then_some(&acts.mask_mlp), branch);
+                    self.linear_grad(&blk.fc2, dy, &acts.h_act, Some(dh), grads, rows);
                     gelu_backward_inplace(&acts.h_pre, dh, cfg.gelu);
                     self.linear_grad(&blk.fc1, dh, &acts.ln1.output, Some(dxn), grads, rows);
                     add_assign(dx, dxn);
@@ -414,7 +521,8 @@ impl ViT {
                     dxn.fill(0.0);
                     self.norm_grad(&blk.norm1, dx, &acts.ln1, dxn, grads, ln_partials);
                     dx.copy_from_slice(dxn);
-                    self.linear_grad(&blk.proj, dx, &acts.attn, Some(dattn), grads, rows);
+                    let dy = masked_grad(dx, masked.then_some(&acts.mask_attn), branch);
+                    self.linear_grad(&blk.proj, dy, &acts.attn, Some(dattn), grads, rows);
                     attention_backward(&acts.qkv, &acts.probs, dattn, dqkv, attn_scratch, dims);
                     self.linear_grad(&blk.qkv, dqkv, &acts.x_in, Some(dxn), grads, rows);
                     add_assign(dx, dxn);
@@ -447,6 +555,27 @@ impl ViT {
             grads,
             batch * cfg.num_patches(),
         );
+    }
+
+    /// `x += mask ⊙ linear(input)`, or the fused in-place residual add when there is no mask.
+    fn add_branch(
+        &self,
+        l: &LinearView,
+        input: &[f32],
+        x: &mut [f32],
+        branch: &mut [f32],
+        mask: Option<&Vec<f32>>,
+        rows: usize,
+    ) {
+        match mask {
+            None => self.linear(l, input, x, rows, Epilogue::Accumulate),
+            Some(m) => {
+                self.linear(l, input, branch, rows, Epilogue::None);
+                for ((xv, bv), mv) in x.iter_mut().zip(branch.iter()).zip(m.iter()) {
+                    *xv += bv * mv;
+                }
+            }
+        }
     }
 
     fn attn_dims(&self, batch: usize) -> AttnDims {
@@ -553,6 +682,19 @@ impl ViT {
                 None,
                 dims,
             ),
+        }
+    }
+}
+
+/// The gradient reaching a masked branch: `dx ⊙ mask` (written into `buf`), or `dx` itself.
+fn masked_grad<'a>(dx: &'a [f32], mask: Option<&Vec<f32>>, buf: &'a mut [f32]) -> &'a [f32] {
+    match mask {
+        None => dx,
+        Some(m) => {
+            for ((o, g), mv) in buf.iter_mut().zip(dx).zip(m.iter()) {
+                *o = g * mv;
+            }
+            buf
         }
     }
 }

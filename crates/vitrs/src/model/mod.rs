@@ -15,7 +15,7 @@ mod forward;
 mod init;
 mod params;
 
-pub use backward::TrainWorkspace;
+pub use backward::{Regularization, TrainWorkspace};
 pub use forward::{Capture, ForwardOutput, Workspace};
 pub use init::Rng;
 pub use params::{ParamEntry, Params};

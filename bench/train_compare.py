@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Training-step throughput side by side: vitrs (`vit bench --train`) vs PyTorch eager
+(timm VisionTransformer, AdamW), same model, batch and thread count, interleaved, medians.
+
+Usage (repository root, after `cargo build --release`):
+    python bench/train_compare.py [--config configs/bench-train.toml] [--threads 2] [--reps 5]
+The model is the benchmark ViT of configs/bench-train.toml: 28x28x1, patch 4, D 192,
+depth 6, 3 heads, MLP 768, 10 classes, batch 128.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+
+def vit_once(vit, config, batch, threads, steps):
+    out = subprocess.run(
+        [vit, "bench", "--model", config, "--train", "--batch-size", str(batch), "--threads", str(threads),
+         "--iters", str(steps), "--warmup", "1", "--json"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return json.loads(out)["median_batch_seconds"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vit", default="target/release/vit")
+    ap.add_argument("--config", default="configs/bench-train.toml")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per repetition (median)")
+    a = ap.parse_args()
+
+    import torch
+    import timm
+
+    torch.set_num_threads(a.threads)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=192, depth=6, num_heads=3,
+        mlp_ratio=4.0)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    x = torch.randn(a.batch, 1, 28, 28)
+    y = torch.arange(a.batch) % 10
+
+    def torch_step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    torch_step()
+    t_vit, t_torch = [], []
+    for _ in range(a.reps):
+        t_vit.append(vit_once(a.vit, a.config, a.batch, a.threads, a.steps))
+        ts = []
+        for _ in range(a.steps):
+            t0 = time.perf_counter()
+            torch_step()
+            ts.append(time.perf_counter() - t0)
+        t_torch.append(statistics.median(ts))
+        print(f"vit {a.batch / t_vit[-1]:.1f} img/s, torch {a.batch / t_torch[-1]:.1f} img/s", file=sys.stderr, flush=True)
+    mv, mt = statistics.median(t_vit), statistics.median(t_torch)
+    print(f"threads {a.threads}, batch {a.batch}, torch {torch.__version__}, timm {timm.__version__}, "
+          f"median of {a.reps} interleaved repetitions\n")
+    print("| | vitrs | PyTorch | vitrs / PyTorch |")
+    print("|---|---|---|---|")
+    print(f"| training images/s | {a.batch / mv:.1f} | {a.batch / mt:.1f} | {mt / mv:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+//! `vit train`, `vit eval` and `--resume` as a user runs them, including a process killed
+//! with SIGKILL at random moments: a valid checkpoint always survives and resuming goes on
+//! from its step.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+fn vit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vit"))
+        .args(args)
+        .output()
+        .expect("run vit")
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vitrs-train-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A synthetic dataset and a run config using it; returns the config path.
+fn setup(root: &Path, epochs: u64, checkpoint_every: u64) -> PathBuf {
+    vitrs::data::idx::write_synthetic(&root.join("data"), 96, 48, 3, 8, 5).unwrap();
+    let cfg = root.join("run.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[model]
+patch_size = 4
+width = 16
+depth = 2
+heads = 2
+mlp_dim = 32
+[data]
+dataset = "{}"
+[train]
+epochs = {epochs}
+batch_size = 16
+lr = 5e-3
+warmup_steps = 2
+optimizer = {{ kind = "adamw", weight_decay = 0.05 }}
+log_every = 2
+checkpoint_every = {checkpoint_every}
+"#,
+            root.join("data").display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn step_of(ckpt: &Path) -> u64 {
+    let st = vitrs::checkpoint::safetensors::SafeTensors::read(ckpt).unwrap();
+    let pos: Value = serde_json::from_str(&st.metadata()["vitrs.position"]).unwrap();
+    pos["step"].as_u64().unwrap()
+}
+
+#[test]
+fn train_then_eval_and_predict_with_the_result() {
+    let root = tmp("basic");
+    let cfg = setup(&root, 3, 0);
+    let run = root.join("run");
+    let o = vit(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&run),
+        "--threads",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("done: test top-1"), "{out}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("epoch 3: eval top-1") && err.contains("img/s") && err.contains("ETA"),
+        "{err}"
+    );
+    let model = run.join("model.safetensors");
+    let o = vit(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--dataset",
+        s(&root.join("data")),
+        "--json",
+        "--confusion",
+        s(&root.join("cm.png")),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(v["n"], 48);
+    assert!(v["top1"].as_f64().unwrap() > 0.6, "the bars are easy: {v}");
+    assert_eq!(v["per_class"].as_array().unwrap().len(), 3);
+    assert!(root.join("cm.png").is_file());
+    // A second train into the same directory is refused, pointing at --resume.
+    let o = vit(&["train", "--config", s(&cfg), "--out", s(&run)]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--resume"));
+    std::fs::remove_dir_all(root).ok();
+}
+
+#[test]
+fn sigkill_at_random_moments_never_loses_the_checkpoint() {
+    let root = tmp("kill");
+    let cfg = setup(&root, 200, 2);
+    let run = root.join("run");
+    let ckpt = run.join("checkpoint.safetensors");
+    let mut rng = vitrs::model::Rng::new(42);
+    let mut last_step = 0;
+    for round in 0..6 {
+        let mut args = vec!["train", "--threads", "1"];
+        let run_s = s(&run).to_string();
+        let cfg_s = s(&cfg).to_string();
+        if ckpt.exists() {
+            args.extend(["--resume", &run_s]);
+        } else {
+            args.extend(["--config", &cfg_s, "--out", &run_s]);
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vit"))
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(150 + rng.below(400) as u64));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if round == 0 && !ckpt.exists() {
+            continue; // killed before the first checkpoint: nothing to lose yet
+        }
+        // A checkpoint exists, loads, and never goes backwards.
+        let step = step_of(&ckpt);
+        assert!(
+            step >= last_step,
+            "round {round}: checkpoint went back from {last_step} to {step}"
+        );
+        assert!(vitrs::load(&ckpt).is_ok());
+        last_step = step;
+    }
+    assert!(last_step > 0, "no checkpoint was ever written");
+    // Resuming continues exactly from the checkpoint's step.
+    let target = (last_step + 3).to_string();
+    let o = vit(&["train", "--resume", s(&run), "--max-steps", &target]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("resuming at step {last_step}")));
+    assert_eq!(step_of(&ckpt), last_step + 3);
+    // No temporary files are left behind by the atomic writes that completed.
+    std::fs::remove_dir_all(root).ok();
+}

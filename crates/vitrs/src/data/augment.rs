@@ -1,0 +1,329 @@
+//! Training-time augmentation on 8-bit images `(C, H, W)`, and batch-level mixup/cutmix.
+//!
+//! Per image, in this order: RandAugment (a faithful subset: 12 of torchvision's 14 ops —
+//! no Color, no Sharpness — nearest-neighbour geometry, zero fill), random crop with zero
+//! padding or random-resized crop, horizontal flip. Every random choice comes from the
+//! [`Rng`] the loader derives from (seed, epoch, batch), so a run is reproducible.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::Rng;
+
+/// RandAugment's two knobs (Cubuk et al. 2020).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RandAugment {
+    /// Operations applied per image.
+    pub ops: usize,
+    /// Strength 0–10 (torchvision's 0–30 scale divided by 3).
+    pub magnitude: f32,
+}
+
+/// What to do to training images. The default does nothing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Augment {
+    /// Zero-pad by this many pixels and crop back at a random offset (0: off).
+    pub crop_padding: usize,
+    /// Random-resized crop: smallest area fraction kept, e.g. 0.35 (aspect 3/4–4/3); off if 0.
+    pub resized_crop_min_scale: f32,
+    /// Mirror left–right with probability 1/2.
+    pub hflip: bool,
+    pub randaugment: Option<RandAugment>,
+    /// Mixup Beta(α, α) parameter (0: off).
+    pub mixup: f32,
+    /// CutMix Beta(α, α) parameter (0: off). With both on, each batch picks one.
+    pub cutmix: f32,
+}
+
+impl Augment {
+    /// Whether batches carry soft targets.
+    pub fn mixes(&self) -> bool {
+        self.mixup > 0.0 || self.cutmix > 0.0
+    }
+
+    /// Augments one image in place.
+    pub fn apply(
+        &self,
+        img: &mut [u8],
+        (c, h, w): (usize, usize, usize),
+        rng: &mut Rng,
+        tmp: &mut Vec<u8>,
+    ) {
+        if let Some(ra) = self.randaugment {
+            for _ in 0..ra.ops {
+                rand_op(img, (c, h, w), rng, ra.magnitude, tmp);
+            }
+        }
+        if self.resized_crop_min_scale > 0.0 {
+            resized_crop(img, (c, h, w), rng, self.resized_crop_min_scale, tmp);
+        } else if self.crop_padding > 0 {
+            let p = self.crop_padding as i64;
+            let (dy, dx) = (
+                rng.below(2 * p as usize + 1) as i64 - p,
+                rng.below(2 * p as usize + 1) as i64 - p,
+            );
+            warp(img, (c, h, w), tmp, |x, y| (x + dx as f32, y + dy as f32));
+        }
+        if self.hflip && rng.below(2) == 1 {
+            for row in img.chunks_exact_mut(w) {
+                row.reverse();
+            }
+        }
+    }
+}
+
+/// Resamples every plane: output pixel (x, y) takes the input at `map(x, y)` (nearest, zero
+/// outside).
+fn warp(
+    img: &mut [u8],
+    (c, h, w): (usize, usize, usize),
+    tmp: &mut Vec<u8>,
+    map: impl Fn(f32, f32) -> (f32, f32),
+) {
+    tmp.clear();
+    tmp.extend_from_slice(img);
+    for y in 0..h {
+        for x in 0..w {
+            let (sx, sy) = map(x as f32, y as f32);
+            let (sx, sy) = (sx.round(), sy.round());
+            let inside = sx >= 0.0 && sy >= 0.0 && (sx as usize) < w && (sy as usize) < h;
+            for ch in 0..c {
+                img[(ch * h + y) * w + x] = if inside {
+                    tmp[(ch * h + sy as usize) * w + sx as usize]
+                } else {
+                    0
+                };
+            }
+        }
+    }
+}
+
+fn resized_crop(
+    img: &mut [u8],
+    (c, h, w): (usize, usize, usize),
+    rng: &mut Rng,
+    min_scale: f32,
+    tmp: &mut Vec<u8>,
+) {
+    // torchvision RandomResizedCrop: area fraction in [min, 1], log-uniform aspect in [3/4, 4/3].
+    for _ in 0..10 {
+        let area = (h * w) as f64 * (min_scale as f64 + rng.uniform() * (1.0 - min_scale as f64));
+        let ratio = ((3.0f64 / 4.0).ln()
+            + rng.uniform() * ((4.0f64 / 3.0).ln() - (3.0f64 / 4.0).ln()))
+        .exp();
+        let cw = (area * ratio).sqrt().round() as usize;
+        let ch = (area / ratio).sqrt().round() as usize;
+        if cw >= 1 && ch >= 1 && cw <= w && ch <= h {
+            let (y0, x0) = (rng.below(h - ch + 1) as f32, rng.below(w - cw + 1) as f32);
+            let (sy, sx) = (ch as f32 / h as f32, cw as f32 / w as f32);
+            warp(img, (c, h, w), tmp, |x, y| {
+                (x0 + (x + 0.5) * sx - 0.5, y0 + (y + 0.5) * sy - 0.5)
+            });
+            return;
+        }
+    }
+}
+
+/// One RandAugment operation at magnitude `m` (0–10), sign chosen at random where it applies.
+fn rand_op(
+    img: &mut [u8],
+    (c, h, w): (usize, usize, usize),
+    rng: &mut Rng,
+    m: f32,
+    tmp: &mut Vec<u8>,
+) {
+    let f = (m / 10.0).clamp(0.0, 1.0);
+    let sign = if rng.below(2) == 0 { -1.0 } else { 1.0 };
+    let (cx, cy) = ((w as f32 - 1.0) / 2.0, (h as f32 - 1.0) / 2.0);
+    let plane = h * w;
+    match rng.below(12) {
+        0 => {} // identity
+        1 => {
+            // autocontrast, per channel
+            for p in img.chunks_exact_mut(plane) {
+                let (lo, hi) = p
+                    .iter()
+                    .fold((255u8, 0u8), |(a, b), &v| (a.min(v), b.max(v)));
+                if hi > lo {
+                    let s = 255.0 / (hi - lo) as f32;
+                    p.iter_mut()
+                        .for_each(|v| *v = ((*v - lo) as f32 * s).round() as u8);
+                }
+            }
+        }
+        2 => {
+            // equalize, per channel
+            for p in img.chunks_exact_mut(plane) {
+                let mut hist = [0usize; 256];
+                p.iter().for_each(|&v| hist[v as usize] += 1);
+                let mut cdf = [0usize; 256];
+                let mut acc = 0;
+                for i in 0..256 {
+                    acc += hist[i];
+                    cdf[i] = acc;
+                }
+                let min = cdf.iter().copied().find(|&v| v > 0).unwrap_or(0);
+                if plane > min {
+                    let lut: Vec<u8> = cdf
+                        .iter()
+                        .map(|&v| ((v.saturating_sub(min)) * 255 / (plane - min)) as u8)
+                        .collect();
+                    p.iter_mut().for_each(|v| *v = lut[*v as usize]);
+                }
+            }
+        }
+        3 => {
+            let a = sign * f * 30.0f32.to_radians();
+            let (s, co) = a.sin_cos();
+            warp(img, (c, h, w), tmp, |x, y| {
+                let (dx, dy) = (x - cx, y - cy);
+                (co * dx + s * dy + cx, -s * dx + co * dy + cy)
+            });
+        }
+        4 => {
+            let t = (256.0 - f * 256.0) as u32;
+            img.iter_mut().for_each(|v| {
+                if *v as u32 >= t {
+                    *v = 255 - *v
+                }
+            });
+        }
+        5 => {
+            let bits = 8 - (f * 4.0).round() as u32;
+            let mask = (0xFFu32 << (8 - bits)) as u8;
+            img.iter_mut().for_each(|v| *v &= mask);
+        }
+        op @ (6 | 7) => {
+            // contrast (blend with the plane's mean) / brightness (blend with black)
+            let k = 1.0 + sign * 0.9 * f;
+            for p in img.chunks_exact_mut(plane) {
+                let base = if op == 6 {
+                    p.iter().map(|&v| v as f32).sum::<f32>() / plane as f32
+                } else {
+                    0.0
+                };
+                p.iter_mut().for_each(|v| {
+                    *v = (base + (*v as f32 - base) * k).round().clamp(0.0, 255.0) as u8
+                });
+            }
+        }
+        8 => {
+            let s = sign * 0.3 * f;
+            warp(img, (c, h, w), tmp, |x, y| (x + s * (y - cy), y));
+        }
+        9 => {
+            let s = sign * 0.3 * f;
+            warp(img, (c, h, w), tmp, |x, y| (x, y + s * (x - cx)));
+        }
+        10 => {
+            let t = sign * 0.45 * f * w as f32;
+            warp(img, (c, h, w), tmp, |x, y| (x - t, y));
+        }
+        _ => {
+            let t = sign * 0.45 * f * h as f32;
+            warp(img, (c, h, w), tmp, |x, y| (x, y - t));
+        }
+    }
+}
+
+/// Mixes a batch in place (mixup or cutmix with the batch reversed as partner) and returns
+/// the soft targets `(B, K)`.
+///
+/// # Shapes
+/// `images (B, C, H, W)` normalised floats; `labels (B)`.
+pub fn mix_batch(
+    aug: &Augment,
+    images: &mut [f32],
+    labels: &[usize],
+    k: usize,
+    (c, h, w): (usize, usize, usize),
+    rng: &mut Rng,
+) -> Vec<f32> {
+    let b = labels.len();
+    let n = c * h * w;
+    let use_cutmix = aug.cutmix > 0.0 && (aug.mixup <= 0.0 || rng.below(2) == 1);
+    let alpha = if use_cutmix { aug.cutmix } else { aug.mixup } as f64;
+    let mut lam = rng.beta(alpha, alpha) as f32;
+    let orig = images.to_vec();
+    if use_cutmix {
+        // A box of area (1 − λ) at a random centre, clipped; λ recomputed from the clipped box.
+        let r = (1.0 - lam).sqrt();
+        let (bh, bw) = ((h as f32 * r) as usize, (w as f32 * r) as usize);
+        let (cy, cx) = (rng.below(h), rng.below(w));
+        let (y0, y1) = (cy.saturating_sub(bh / 2), (cy + bh / 2).min(h));
+        let (x0, x1) = (cx.saturating_sub(bw / 2), (cx + bw / 2).min(w));
+        for i in 0..b {
+            let j = b - 1 - i;
+            for ch in 0..c {
+                for y in y0..y1 {
+                    let o = ch * h * w + y * w;
+                    images[i * n + o + x0..i * n + o + x1]
+                        .copy_from_slice(&orig[j * n + o + x0..j * n + o + x1]);
+                }
+            }
+        }
+        lam = 1.0 - ((y1 - y0) * (x1 - x0)) as f32 / (h * w) as f32;
+    } else {
+        for i in 0..b {
+            let j = b - 1 - i;
+            for t in 0..n {
+                images[i * n + t] = lam * orig[i * n + t] + (1.0 - lam) * orig[j * n + t];
+            }
+        }
+    }
+    let mut soft = vec![0.0; b * k];
+    for i in 0..b {
+        soft[i * k + labels[i]] += lam;
+        soft[i * k + labels[b - 1 - i]] += 1.0 - lam;
+    }
+    soft
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_identity_and_ops_keep_shape() {
+        let (c, h, w) = (1, 8, 8);
+        let orig: Vec<u8> = (0..64).map(|i| (i * 4) as u8).collect();
+        let mut img = orig.clone();
+        let mut tmp = vec![];
+        Augment::default().apply(&mut img, (c, h, w), &mut Rng::new(1), &mut tmp);
+        assert_eq!(img, orig);
+        let a = Augment {
+            crop_padding: 2,
+            hflip: true,
+            randaugment: Some(RandAugment {
+                ops: 2,
+                magnitude: 9.0,
+            }),
+            ..Default::default()
+        };
+        let mut changed = 0;
+        for s in 0..50 {
+            let mut img = orig.clone();
+            a.apply(&mut img, (c, h, w), &mut Rng::new(s), &mut tmp);
+            assert_eq!(img.len(), 64);
+            changed += (img != orig) as usize;
+        }
+        assert!(changed > 40);
+    }
+
+    #[test]
+    fn mixed_targets_are_distributions() {
+        let a = Augment {
+            mixup: 0.8,
+            cutmix: 1.0,
+            ..Default::default()
+        };
+        let mut imgs = vec![0.5; 4 * 3 * 4 * 4];
+        for s in 0..20 {
+            let soft = mix_batch(&a, &mut imgs, &[0, 1, 2, 1], 3, (3, 4, 4), &mut Rng::new(s));
+            for row in soft.chunks(3) {
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Datasets: Fashion-MNIST/MNIST (IDX), CIFAR-10/100 (binary), and folders of images, behind
+//! one [`Dataset`] trait; augmentation; and a threaded loader with bounded prefetch.
+//!
+//! Items are 8-bit images `(C, H, W)` at the dataset's size plus a class index; the loader
+//! turns them into normalised float batches `(B, C, H, W)`.
+
+pub mod augment;
+pub mod cifar;
+pub mod folder;
+pub mod idx;
+pub mod loader;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// A labelled image collection.
+pub trait Dataset: Send + Sync {
+    /// Number of items.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// `(C, H, W)` of every item.
+    fn shape(&self) -> (usize, usize, usize);
+    /// Class names by index.
+    fn classes(&self) -> &[String];
+    /// Class of item `i`.
+    fn label(&self, i: usize) -> usize;
+    /// Writes item `i`'s pixels `(C, H, W)` into `out`.
+    fn image(&self, i: usize, out: &mut [u8]) -> Result<()>;
+}
+
+/// Images held in memory (IDX, CIFAR).
+#[derive(Clone, Debug)]
+pub struct InMemory {
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    /// `(N, C, H, W)` pixels.
+    pub pixels: Vec<u8>,
+    pub labels: Vec<u32>,
+    pub classes: Vec<String>,
+}
+
+impl Dataset for InMemory {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+    fn shape(&self) -> (usize, usize, usize) {
+        (self.c, self.h, self.w)
+    }
+    fn classes(&self) -> &[String] {
+        &self.classes
+    }
+    fn label(&self, i: usize) -> usize {
+        self.labels[i] as usize
+    }
+    fn image(&self, i: usize, out: &mut [u8]) -> Result<()> {
+        let n = self.c * self.h * self.w;
+        out.copy_from_slice(&self.pixels[i * n..(i + 1) * n]);
+        Ok(())
+    }
+}
+
+/// A view of some items of another dataset (a validation split, a subset of classes).
+pub struct Subset {
+    base: Arc<dyn Dataset>,
+    indices: Vec<usize>,
+    /// Remapped labels (e.g. classes 5..9 -> 0..4), when the subset relabels.
+    relabel: Option<(Vec<usize>, Vec<String>)>,
+}
+
+impl Subset {
+    pub fn new(base: Arc<dyn Dataset>, indices: Vec<usize>) -> Self {
+        Subset {
+            base,
+            indices,
+            relabel: None,
+        }
+    }
+
+    /// Keeps only items of `classes` (base indices), renumbered 0.. in that order.
+    pub fn of_classes(base: Arc<dyn Dataset>, classes: &[usize]) -> Self {
+        let indices = (0..base.len())
+            .filter(|&i| classes.contains(&base.label(i)))
+            .collect();
+        let mut map = vec![usize::MAX; base.classes().len()];
+        for (new, &old) in classes.iter().enumerate() {
+            if old < map.len() {
+                map[old] = new;
+            }
+        }
+        let names = classes
+            .iter()
+            .map(|&c| {
+                base.classes()
+                    .get(c)
+                    .cloned()
+                    .unwrap_or_else(|| format!("class_{c}"))
+            })
+            .collect();
+        Subset {
+            base,
+            indices,
+            relabel: Some((map, names)),
+        }
+    }
+}
+
+impl Dataset for Subset {
+    fn len(&self) -> usize {
+        self.indices.len()
+    }
+    fn shape(&self) -> (usize, usize, usize) {
+        self.base.shape()
+    }
+    fn classes(&self) -> &[String] {
+        match &self.relabel {
+            Some((_, names)) => names,
+            None => self.base.classes(),
+        }
+    }
+    fn label(&self, i: usize) -> usize {
+        let l = self.base.label(self.indices[i]);
+        match &self.relabel {
+            Some((map, _)) => map[l],
+            None => l,
+        }
+    }
+    fn image(&self, i: usize, out: &mut [u8]) -> Result<()> {
+        self.base.image(self.indices[i], out)
+    }
+}
+
+/// Splits `0..n` into (train, validation) with `fraction` held out, shuffled by `seed`.
+pub fn split_indices(n: usize, fraction: f32, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut idx: Vec<usize> = (0..n).collect();
+    crate::model::Rng::new(seed ^ 0x5EED_51A1).shuffle(&mut idx);
+    let nval = ((n as f64 * fraction.clamp(0.0, 1.0) as f64).round() as usize).min(n);
+    let val = idx.split_off(n - nval);
+    (idx, val)
+}
+
+/// Which part of a dataset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Test,
+}
+
+/// Image shape `(C, H, W)` and class count of the datasets known by name.
+pub fn known_shape(name: &str) -> Option<((usize, usize, usize), usize)> {
+    match name.to_ascii_lowercase().as_str() {
+        "fashion-mnist" | "mnist" => Some(((1, 28, 28), 10)),
+        "cifar10" | "cifar-10" => Some(((3, 32, 32), 10)),
+        "cifar100" | "cifar-100" => Some(((3, 32, 32), 100)),
+        _ => None,
+    }
+}
+
+/// Directories searched for a dataset given by name: `$VITRS_DATA/<name>`, then
+/// `/usr/share/datasets/<name>` (where Debian's `dataset-fashion-mnist` installs).
+pub fn search_dirs(name: &str) -> Vec<PathBuf> {
+    let mut v = vec![];
+    if let Some(d) = std::env::var_os("VITRS_DATA") {
+        v.push(Path::new(&d).join(name));
+        v.push(PathBuf::from(d));
+    }
+    v.push(Path::new("/usr/share/datasets").join(name));
+    v
+}
+
+/// Opens a dataset: a name (`fashion-mnist`, `mnist`, `cifar10`, `cifar100`) searched in
+/// [`search_dirs`], or a path to a directory of IDX files, CIFAR `.bin` batches, or one
+/// sub-folder of images per class (then `size` `(C, H, W)` is the size images are resized to).
+pub fn open(spec: &str, split: Split, size: (usize, usize, usize)) -> Result<Arc<dyn Dataset>> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return open_dir(path, split, size);
+    }
+    let name = spec.to_ascii_lowercase();
+    let known = [
+        "fashion-mnist",
+        "mnist",
+        "cifar10",
+        "cifar100",
+        "cifar-10",
+        "cifar-100",
+    ];
+    if !known.contains(&name.as_str()) {
+        return Err(Error::BadInput(format!(
+            "dataset `{spec}` is neither a directory nor a known name ({})",
+            known.join(", ")
+        )));
+    }
+    let dirs = search_dirs(&name);
+    for d in &dirs {
+        if d.is_dir() {
+            if let Ok(ds) = open_dir(d, split, size) {
+                return Ok(ds);
+            }
+        }
+    }
+    let hint = if name == "fashion-mnist" {
+        "install it with `apt-get install -y dataset-fashion-mnist`, or download the four IDX files into $VITRS_DATA/fashion-mnist"
+    } else {
+        "put its files in $VITRS_DATA/<name> or pass the directory"
+    };
+    Err(Error::BadInput(format!(
+        "dataset `{spec}` not found in {}; {hint}",
+        dirs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
+}
+
+fn open_dir(dir: &Path, split: Split, size: (usize, usize, usize)) -> Result<Arc<dyn Dataset>> {
+    if let Some(ds) = idx::open_dir(dir, split)? {
+        return Ok(Arc::new(ds));
+    }
+    if let Some(ds) = cifar::open_dir(dir, split)? {
+        return Ok(Arc::new(ds));
+    }
+    let folder = match split {
+        Split::Train if dir.join("train").is_dir() => dir.join("train"),
+        Split::Test if dir.join("test").is_dir() => dir.join("test"),
+        Split::Test if dir.join("val").is_dir() => dir.join("val"),
+        _ => dir.to_path_buf(),
+    };
+    Ok(Arc::new(folder::ImageFolder::open(&folder, size, false)?))
+}

@@ -1,0 +1,249 @@
+//! The run configuration: one TOML file (`configs/*.toml`) with `[model]`, `[data]`,
+//! `[augment]` and `[train]` tables; every field has a default or is required with a reason.
+
+use serde::{Deserialize, Serialize};
+
+use super::optim::OptimizerKind;
+use super::schedule::Decay;
+use crate::config::{Gelu, Head, NormPlacement, Pool, ViTConfig};
+use crate::data::augment::Augment;
+use crate::error::{Error, Result};
+
+/// The model of a run: a preset, explicit dimensions, or a preset with overrides. Image size,
+/// channels and classes default to the dataset's.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSpec {
+    pub preset: Option<String>,
+    pub image_size: Option<usize>,
+    /// Input channels and classes; normally taken from the dataset (set them for `vit bench`).
+    pub channels: Option<usize>,
+    pub num_classes: Option<usize>,
+    pub patch_size: Option<usize>,
+    pub width: Option<usize>,
+    pub depth: Option<usize>,
+    pub heads: Option<usize>,
+    pub mlp_dim: Option<usize>,
+    pub pool: Option<Pool>,
+    /// Width of the pre-training head's tanh layer (`Head::PreLogits`); absent: linear head.
+    pub pre_logits: Option<usize>,
+    pub norm: Option<NormPlacement>,
+    pub gelu: Option<Gelu>,
+    pub qkv_bias: Option<bool>,
+    pub layer_norm_eps: Option<f32>,
+}
+
+impl ModelSpec {
+    /// The full config for images `(C, H, W)` and `classes` classes.
+    pub fn resolve(&self, (c, h, w): (usize, usize, usize), classes: usize) -> Result<ViTConfig> {
+        let mut cfg = match &self.preset {
+            Some(p) => ViTConfig::preset(p)?,
+            None => ViTConfig {
+                image_height: h,
+                image_width: w,
+                patch_size: self.patch_size.ok_or_else(|| need("patch_size"))?,
+                channels: self.channels.unwrap_or(c),
+                width: self.width.ok_or_else(|| need("width"))?,
+                depth: self.depth.ok_or_else(|| need("depth"))?,
+                heads: self.heads.ok_or_else(|| need("heads"))?,
+                mlp_dim: 0,
+                num_classes: classes,
+                pool: Pool::Cls,
+                head: Head::Linear,
+                norm: NormPlacement::Pre,
+                gelu: Gelu::Exact,
+                fc_norm: false,
+                qkv_bias: true,
+                // timm's default, the one vitrs checkpoints use.
+                layer_norm_eps: 1e-6,
+            },
+        };
+        cfg.channels = self.channels.unwrap_or(c);
+        cfg.num_classes = self.num_classes.unwrap_or(classes);
+        (cfg.image_height, cfg.image_width) = match self.image_size {
+            Some(s) => (s, s),
+            None => (h, w),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $(if let Some(v) = self.$f { cfg.$f = v; })* };
+        }
+        set!(
+            patch_size,
+            width,
+            depth,
+            heads,
+            mlp_dim,
+            pool,
+            norm,
+            gelu,
+            qkv_bias,
+            layer_norm_eps
+        );
+        if cfg.mlp_dim == 0 {
+            // The paper's MLP ratio of 4.
+            cfg.mlp_dim = 4 * cfg.width;
+        }
+        cfg.fc_norm = cfg.pool == Pool::Mean && cfg.norm == NormPlacement::Pre;
+        if let Some(hid) = self.pre_logits {
+            cfg.head = Head::PreLogits { hidden: hid };
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn need(field: &str) -> Error {
+    Error::InvalidConfig(format!("[model] needs `{field}` (or a `preset`)"))
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// `fashion-mnist`, `mnist`, `cifar10`, `cifar100`, or a directory.
+    pub dataset: String,
+    /// Hold out this fraction of the training set for evaluation instead of the test split.
+    #[serde(default)]
+    pub val_fraction: f32,
+    /// Normalisation; default: 0.5 / 0.5 per channel.
+    #[serde(default)]
+    pub mean: Option<Vec<f32>>,
+    #[serde(default)]
+    pub std: Option<Vec<f32>>,
+    /// Loader threads building batches.
+    #[serde(default = "one")]
+    pub workers: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    pub epochs: u64,
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (the effective batch is their product).
+    #[serde(default = "one")]
+    pub accum_steps: usize,
+    pub lr: f32,
+    #[serde(default)]
+    pub min_lr: f32,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default = "cosine")]
+    pub schedule: Decay,
+    pub optimizer: OptimizerKind,
+    #[serde(default)]
+    pub label_smoothing: f32,
+    /// Global-norm gradient clipping (0: off).
+    #[serde(default)]
+    pub grad_clip: f32,
+    /// Dropout on the attention and MLP branch outputs (0: off).
+    #[serde(default)]
+    pub dropout: f32,
+    /// Stochastic depth: branch drop rate at the last block, rising linearly from 0 (0: off).
+    #[serde(default)]
+    pub drop_path: f32,
+    #[serde(default)]
+    pub seed: u64,
+    /// Optimizer steps between progress/metrics lines.
+    #[serde(default = "fifty")]
+    pub log_every: u64,
+    /// Optimizer steps between checkpoints (0: only at epoch ends and the end).
+    #[serde(default)]
+    pub checkpoint_every: u64,
+}
+
+fn cosine() -> Decay {
+    Decay::Cosine
+}
+fn fifty() -> u64 {
+    50
+}
+
+/// A whole run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    #[serde(default)]
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub augment: Augment,
+    pub train: TrainSpec,
+}
+
+impl RunConfig {
+    pub fn from_toml(text: &str, source: &str) -> Result<Self> {
+        let cfg: RunConfig = toml::from_str(text)
+            .map_err(|e| Error::InvalidConfig(format!("{source}: {}", e.to_string().trim())))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        let bad = |m: &str| Err(Error::InvalidConfig(m.to_string()));
+        if t.batch_size == 0 || t.accum_steps == 0 || t.epochs == 0 {
+            return bad("[train] batch_size, accum_steps and epochs must be at least 1");
+        }
+        if t.batch_size > 65_536 {
+            return bad("[train] batch_size above 65536 is not supported");
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) || t.min_lr < 0.0 || t.min_lr > t.lr {
+            return bad("[train] needs 0 <= min_lr <= lr and lr > 0");
+        }
+        if !(0.0..1.0).contains(&t.label_smoothing) {
+            return bad("[train] label_smoothing must be in [0, 1)");
+        }
+        if !(0.0..1.0).contains(&t.dropout) || !(0.0..1.0).contains(&t.drop_path) {
+            return bad("[train] dropout and drop_path must be in [0, 1)");
+        }
+        if !(0.0..1.0).contains(&self.data.val_fraction) {
+            return bad("[data] val_fraction must be in [0, 1)");
+        }
+        if self.data.workers == 0 || self.data.workers > 64 {
+            return bad("[data] workers must be 1..=64");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_config_and_names_unknown_fields() {
+        let text = r#"
+            [model]
+            patch_size = 4
+            width = 32
+            depth = 2
+            heads = 2
+            [data]
+            dataset = "fashion-mnist"
+            [augment]
+            crop_padding = 2
+            hflip = true
+            [train]
+            epochs = 1
+            batch_size = 64
+            lr = 1e-3
+            optimizer = { kind = "adamw", weight_decay = 0.05 }
+        "#;
+        let c = RunConfig::from_toml(text, "x.toml").unwrap();
+        let m = c.model.resolve((1, 28, 28), 10).unwrap();
+        assert_eq!((m.mlp_dim, m.num_classes, m.grid()), (128, 10, (7, 7)));
+        assert_eq!(RunConfig::from_toml(&c.to_toml(), "round trip").unwrap(), c);
+        let e = RunConfig::from_toml(&text.replace("hflip", "hflop"), "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.toml") && e.contains("hflop"), "{e}");
+    }
+}

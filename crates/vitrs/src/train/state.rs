@@ -1,0 +1,107 @@
+//! Training checkpoints: a native model file (loadable by every `vit` command) that also holds
+//! the optimiser moments as `optimizer.m.<name>` / `optimizer.v.<name>` tensors and, in its
+//! metadata, the run config and the position in the run. Written atomically.
+
+use std::path::Path;
+
+use super::config::RunConfig;
+use super::optim::Optimizer;
+use crate::checkpoint::safetensors::{self, SafeTensors, SaveDtype};
+use crate::checkpoint::{self, Checkpoint};
+use crate::error::{Error, Result};
+use crate::model::ViT;
+use crate::preprocess::Preprocess;
+
+/// Where a run stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    /// Optimizer steps taken.
+    pub step: u64,
+    pub epoch: u64,
+    /// Batches of `epoch` already consumed.
+    pub batch: usize,
+}
+
+const META_RUN: &str = "vitrs.run_config";
+const META_POS: &str = "vitrs.position";
+const META_OPT_T: &str = "vitrs.optimizer_t";
+
+/// Saves model, optimiser and position to `path` (temp file, fsync, rename).
+pub fn save(
+    path: &Path,
+    model: &ViT,
+    opt: &Optimizer,
+    pre: &Preprocess,
+    labels: &[String],
+    run: &RunConfig,
+    pos: Position,
+) -> Result<()> {
+    let mut meta = checkpoint::native_metadata(model, pre, Some(labels));
+    meta.insert(META_RUN.into(), run.to_toml());
+    meta.insert(
+        META_POS.into(),
+        serde_json::to_string(&pos).unwrap_or_default(),
+    );
+    meta.insert(META_OPT_T.into(), opt.t.to_string());
+    let p = model.params();
+    let mut names: Vec<(String, &[usize], &[f32])> = vec![];
+    for e in p.entries() {
+        names.push((e.name.clone(), &e.shape, &p.flat()[e.range.clone()]));
+        names.push((
+            format!("optimizer.m.{}", e.name),
+            &e.shape,
+            &opt.m[e.range.clone()],
+        ));
+        if !opt.v.is_empty() {
+            names.push((
+                format!("optimizer.v.{}", e.name),
+                &e.shape,
+                &opt.v[e.range.clone()],
+            ));
+        }
+    }
+    let tensors: Vec<(&str, &[usize], &[f32])> =
+        names.iter().map(|(n, s, d)| (n.as_str(), *s, *d)).collect();
+    safetensors::write(path, &tensors, &meta, SaveDtype::F32)
+}
+
+/// Loads a training checkpoint: the model (with preprocessing and labels), the run config,
+/// the optimiser state and the position.
+pub fn load(path: &Path) -> Result<(Checkpoint, RunConfig, Optimizer, Position)> {
+    let ck = checkpoint::load(path)?;
+    let st = SafeTensors::read(path)?;
+    let meta = st.metadata();
+    let bad = |r: String| Error::malformed(path, "training checkpoint", r);
+    let run = RunConfig::from_toml(meta.get(META_RUN).ok_or_else(|| bad(format!("metadata lacks `{META_RUN}` (is this a model file rather than a run's checkpoint?)")))?, &path.display().to_string())?;
+    let pos: Position = serde_json::from_str(
+        meta.get(META_POS)
+            .ok_or_else(|| bad(format!("metadata lacks `{META_POS}`")))?,
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    let mut opt = Optimizer::new(run.train.optimizer, ck.model.params());
+    opt.t = meta
+        .get(META_OPT_T)
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| bad("bad optimizer step".into()))?;
+    let has_v = !opt.v.is_empty();
+    for e in ck.model.params().entries() {
+        let moments: &mut [(&str, &mut Vec<f32>)] = if has_v {
+            &mut [("m", &mut opt.m), ("v", &mut opt.v)]
+        } else {
+            &mut [("m", &mut opt.m)]
+        };
+        for (which, buf) in moments.iter_mut() {
+            let name = format!("optimizer.{which}.{}", e.name);
+            let t = st.tensor(&name)?;
+            if t.shape() != e.shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    name,
+                    expected: e.shape.clone(),
+                    got: t.shape().to_vec(),
+                });
+            }
+            buf[e.range.clone()].copy_from_slice(t.data());
+        }
+    }
+    Ok((ck, run, opt, pos))
+}

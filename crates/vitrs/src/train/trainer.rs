@@ -1,0 +1,554 @@
+//! The training loop: batches from the threaded loader, forward/backward, clipping and the
+//! optimiser step on a schedule; progress, a metrics log (JSON lines) and a curve PNG in the
+//! run directory; evaluation every epoch; atomic checkpoints that `resume` continues exactly.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+
+use super::config::RunConfig;
+use super::eval::{evaluate, EvalResult};
+use super::optim::{clip_global_norm, Optimizer};
+use super::schedule::Schedule;
+use super::state::{self, Position};
+use crate::checkpoint::safetensors::SaveDtype;
+use crate::checkpoint::save_native;
+use crate::data::loader::{batches_per_epoch, derive_seed, Loader, LoaderConfig};
+use crate::data::{self, Dataset, Split, Subset};
+use crate::error::{Error, Result};
+use crate::kernels::loss::Targets;
+use crate::model::{Regularization, TrainWorkspace, ViT};
+use crate::preprocess::{Interpolation, Preprocess, Resize};
+use crate::viz::confusion::plot_confusion;
+use crate::viz::curve::{plot, Panel, Series, BLUE, GREEN, ORANGE};
+
+/// File names inside a run directory.
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+pub const MODEL: &str = "model.safetensors";
+pub const METRICS: &str = "metrics.jsonl";
+pub const CURVE: &str = "curve.png";
+pub const CONFUSION: &str = "confusion.png";
+pub const CONFIG: &str = "config.toml";
+
+/// A progress report, every `log_every` optimizer steps.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: u64,
+    pub epochs: u64,
+    /// Mean training loss since the last report.
+    pub loss: f64,
+    /// Training accuracy since the last report (unmixed batches only; NaN if none).
+    pub accuracy: f64,
+    pub lr: f32,
+    pub images_per_sec: f64,
+    pub elapsed_s: f64,
+    pub eta_s: f64,
+}
+
+/// Callbacks the caller (the CLI's progress bar, a test) receives.
+pub trait Hooks {
+    fn progress(&mut self, _p: &Progress) {}
+    fn evaluated(&mut self, _epoch: u64, _r: &EvalResult) {}
+    fn note(&mut self, _msg: &str) {}
+}
+
+/// Why `run` returned.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// All epochs done; the final evaluation.
+    Finished(EvalResult),
+    /// Stopped early (`--max-steps` or a stop request); a checkpoint was saved at `step`.
+    Stopped { step: u64 },
+}
+
+pub struct Trainer {
+    pub model: ViT,
+    pub run: RunConfig,
+    pub preprocess: Preprocess,
+    pub labels: Vec<String>,
+    pub pos: Position,
+    /// What the evaluation set is ("test split" or "validation split").
+    pub eval_source: String,
+    opt: Optimizer,
+    tw: TrainWorkspace,
+    train: Arc<dyn Dataset>,
+    eval: Arc<dyn Dataset>,
+    dir: PathBuf,
+    history: Vec<serde_json::Value>,
+}
+
+impl Trainer {
+    /// Starts a run in `dir` (created; an existing checkpoint there is refused: use `resume`).
+    pub fn new(run: RunConfig, dir: &Path) -> Result<Self> {
+        let (train, eval, eval_source) = open_data(&run, None)?;
+        Self::with_data(run, dir, train, eval, eval_source)
+    }
+
+    /// Like [`Trainer::new`] with the datasets given instead of opened from `run.data`
+    /// (`vit demo` uses a bundled sample this way).
+    pub fn with_data(
+        run: RunConfig,
+        dir: &Path,
+        train: Arc<dyn Dataset>,
+        eval: Arc<dyn Dataset>,
+        eval_source: String,
+    ) -> Result<Self> {
+        if dir.join(CHECKPOINT).exists() {
+            return Err(Error::BadInput(format!(
+                "{} already holds a run; continue it with --resume {0} or choose another --out",
+                dir.display()
+            )));
+        }
+        if train.is_empty() || eval.is_empty() {
+            return Err(Error::BadInput(
+                "the training or evaluation set is empty".into(),
+            ));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let cfg = run.model.resolve(train.shape(), train.classes().len())?;
+        let model = ViT::random(cfg, run.train.seed)?;
+        let labels = train.classes().to_vec();
+        let preprocess = preprocess_for(&run, &model);
+        let opt = Optimizer::new(run.train.optimizer, model.params());
+        std::fs::write(dir.join(CONFIG), run.to_toml())
+            .map_err(|e| Error::io(dir.join(CONFIG), e))?;
+        let _ = std::fs::remove_file(dir.join(METRICS));
+        Ok(Trainer {
+            model,
+            run,
+            preprocess,
+            labels,
+            pos: Position::default(),
+            eval_source,
+            opt,
+            tw: TrainWorkspace::new(),
+            train,
+            eval,
+            dir: dir.to_path_buf(),
+            history: vec![],
+        })
+    }
+
+    /// Continues the run in `dir` from its last checkpoint; `overrides` may extend epochs.
+    pub fn resume(dir: &Path, epochs: Option<u64>) -> Result<Self> {
+        let path = dir.join(CHECKPOINT);
+        if !path.is_file() {
+            return Err(Error::BadInput(format!(
+                "{}: no checkpoint to resume from",
+                path.display()
+            )));
+        }
+        let (ck, mut run, opt, pos) = state::load(&path)?;
+        if let Some(e) = epochs {
+            run.train.epochs = e;
+        }
+        let (train, eval, eval_source) = open_data(&run, Some(ck.model.config()))?;
+        // Metrics after the checkpoint belong to steps that will be redone.
+        let history = read_history(&dir.join(METRICS), pos.step);
+        rewrite_history(&dir.join(METRICS), &history)?;
+        Ok(Trainer {
+            labels: ck
+                .labels
+                .clone()
+                .unwrap_or_else(|| train.classes().to_vec()),
+            model: ck.model,
+            run,
+            preprocess: ck.preprocess,
+            pos,
+            eval_source,
+            opt,
+            tw: TrainWorkspace::new(),
+            train,
+            eval,
+            dir: dir.to_path_buf(),
+            history,
+        })
+    }
+
+    pub fn steps_per_epoch(&self) -> u64 {
+        let t = &self.run.train;
+        (batches_per_epoch(self.train.len(), t.batch_size, true) / t.accum_steps) as u64
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.steps_per_epoch() * self.run.train.epochs
+    }
+
+    pub fn train_len(&self) -> usize {
+        self.train.len()
+    }
+
+    pub fn eval_len(&self) -> usize {
+        self.eval.len()
+    }
+
+    fn schedule(&self) -> Schedule {
+        let t = &self.run.train;
+        Schedule {
+            base_lr: t.lr,
+            min_lr: t.min_lr,
+            warmup_steps: t.warmup_steps,
+            total_steps: self.total_steps(),
+            decay: t.schedule,
+        }
+    }
+
+    fn save_checkpoint(&self) -> Result<()> {
+        // Never replace a good checkpoint with a diverged model.
+        if let Some(e) = self.model.params().entries().iter().find(|e| {
+            self.model.params().flat()[e.range.clone()]
+                .iter()
+                .any(|v| !v.is_finite())
+        }) {
+            return Err(Error::BadInput(format!(
+                "parameter `{}` became NaN or Inf at step {}; stopping. The last good checkpoint ({}) is intact; \
+                 lower the learning rate or enable grad_clip and resume",
+                e.name,
+                self.pos.step,
+                self.dir.join(CHECKPOINT).display()
+            )));
+        }
+        state::save(
+            &self.dir.join(CHECKPOINT),
+            &self.model,
+            &self.opt,
+            &self.preprocess,
+            &self.labels,
+            &self.run,
+            self.pos,
+        )
+    }
+
+    fn log(&mut self, v: serde_json::Value) -> Result<()> {
+        let path = self.dir.join(METRICS);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        writeln!(f, "{v}").map_err(|e| Error::io(&path, e))?;
+        self.history.push(v);
+        Ok(())
+    }
+
+    /// Draws the training curve from the metrics so far.
+    pub fn plot_curve(&self) -> Result<()> {
+        let get = |kind: &str, key: &str| -> Vec<(f64, f64)> {
+            self.history
+                .iter()
+                .filter(|v| v["kind"] == kind)
+                .filter_map(|v| Some((v["step"].as_f64()?, v[key].as_f64()?)))
+                .collect()
+        };
+        let panels = [
+            Panel {
+                title: "loss".into(),
+                series: vec![
+                    Series {
+                        name: "train".into(),
+                        points: get("train", "loss"),
+                        color: BLUE,
+                    },
+                    Series {
+                        name: "eval".into(),
+                        points: get("eval", "loss"),
+                        color: ORANGE,
+                    },
+                ],
+            },
+            Panel {
+                title: "accuracy".into(),
+                series: vec![
+                    Series {
+                        name: "train".into(),
+                        points: get("train", "accuracy"),
+                        color: BLUE,
+                    },
+                    Series {
+                        name: format!("eval ({})", self.eval_source),
+                        points: get("eval", "top1"),
+                        color: GREEN,
+                    },
+                ],
+            },
+        ];
+        plot(&self.dir.join(CURVE), "optimizer step", &panels)
+    }
+
+    fn evaluate_now(&mut self, hooks: &mut dyn Hooks) -> Result<EvalResult> {
+        let r = evaluate(
+            &self.model,
+            self.eval.clone(),
+            self.run.train.batch_size,
+            &self.preprocess.mean,
+            &self.preprocess.std,
+            self.run.data.workers,
+        )?;
+        hooks.evaluated(self.pos.epoch, &r);
+        self.log(json!({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch, "top1": r.top1, "top5": r.top5, "loss": r.loss, "n": r.n}))?;
+        self.plot_curve()?;
+        plot_confusion(
+            &self.dir.join(CONFUSION),
+            &r.confusion,
+            &self.labels,
+            &format!("{} after epoch {}", self.eval_source, self.pos.epoch),
+        )?;
+        Ok(r)
+    }
+
+    /// Trains until the configured epochs are done, `max_steps` optimizer steps have been
+    /// taken in total, or `stop` is raised (Ctrl-C); saves a checkpoint whenever it returns.
+    pub fn run(
+        &mut self,
+        hooks: &mut dyn Hooks,
+        stop: &AtomicBool,
+        max_steps: Option<u64>,
+    ) -> Result<Outcome> {
+        let t = self.run.train.clone();
+        let sched = self.schedule();
+        let total = self.total_steps();
+        let spe = self.steps_per_epoch();
+        if spe == 0 {
+            return Err(Error::InvalidConfig(format!(
+                "{} training images make no full batch of {} x {} accumulation steps",
+                self.train.len(),
+                t.batch_size,
+                t.accum_steps
+            )));
+        }
+        let start = Instant::now();
+        let start_step = self.pos.step;
+        let (mut win_loss, mut win_n, mut win_correct, mut win_seen, mut win_imgs) =
+            (0.0f64, 0usize, 0usize, 0usize, 0usize);
+        let mut win_start = Instant::now();
+        let k = self.model.config().num_classes;
+        let mut last_eval = None;
+        while self.pos.epoch < t.epochs {
+            let loader = Loader::new(
+                self.train.clone(),
+                LoaderConfig {
+                    batch_size: t.batch_size,
+                    shuffle: true,
+                    drop_last: true,
+                    seed: t.seed,
+                    epoch: self.pos.epoch,
+                    start_batch: self.pos.batch,
+                    workers: self.run.data.workers,
+                    prefetch: 4,
+                    augment: self.run.augment.clone(),
+                    mean: self.preprocess.mean.clone(),
+                    std: self.preprocess.std.clone(),
+                    num_classes: k,
+                },
+            )?;
+            let usable = spe as usize * t.accum_steps;
+            let mut micro = 0;
+            self.tw.zero_grads();
+            for batch in loader {
+                let batch = batch?;
+                if batch.index >= usable {
+                    break; // leftover micro-batches that make no full optimizer step
+                }
+                let targets = match &batch.soft {
+                    Some(s) => Targets::Soft(s),
+                    None => Targets::Labels {
+                        labels: &batch.labels,
+                        smoothing: t.label_smoothing,
+                    },
+                };
+                self.tw.reg = Regularization {
+                    dropout: t.dropout,
+                    drop_path: t.drop_path,
+                    seed: derive_seed(&[t.seed, self.pos.step, micro as u64, 3]),
+                };
+                let loss = self
+                    .model
+                    .forward_backward(&batch.images, targets, &mut self.tw)?;
+                if !loss.is_finite() {
+                    return Err(Error::BadInput(format!(
+                        "the loss became {loss} at step {}; stopping. The last good checkpoint ({}) is intact; \
+                         lower the learning rate or enable grad_clip and resume",
+                        self.pos.step,
+                        self.dir.join(CHECKPOINT).display()
+                    )));
+                }
+                win_loss += loss as f64;
+                win_n += 1;
+                win_imgs += batch.labels.len();
+                if batch.soft.is_none() {
+                    for (row, &y) in self.tw.logits().chunks_exact(k).zip(&batch.labels) {
+                        let arg = (0..k)
+                            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                            .unwrap_or(0);
+                        win_correct += (arg == y) as usize;
+                        win_seen += 1;
+                    }
+                }
+                micro += 1;
+                if micro < t.accum_steps {
+                    continue;
+                }
+                micro = 0;
+                if t.accum_steps > 1 {
+                    let s = 1.0 / t.accum_steps as f32;
+                    self.tw.grads_mut().iter_mut().for_each(|g| *g *= s);
+                }
+                if t.grad_clip > 0.0 {
+                    clip_global_norm(self.tw.grads_mut(), t.grad_clip);
+                }
+                let lr = sched.lr(self.pos.step);
+                self.opt
+                    .step(self.model.params_mut().flat_mut(), self.tw.grads(), lr);
+                self.tw.zero_grads();
+                self.pos.step += 1;
+                self.pos.batch = batch.index + 1;
+
+                if self.pos.step % t.log_every.max(1) == 0 || self.pos.step == total {
+                    let dt = win_start.elapsed().as_secs_f64();
+                    let elapsed = start.elapsed().as_secs_f64();
+                    let done = (self.pos.step - start_step) as f64;
+                    let p = Progress {
+                        step: self.pos.step,
+                        total_steps: total,
+                        epoch: self.pos.epoch,
+                        epochs: t.epochs,
+                        loss: win_loss / win_n.max(1) as f64,
+                        accuracy: if win_seen > 0 {
+                            win_correct as f64 / win_seen as f64
+                        } else {
+                            f64::NAN
+                        },
+                        lr,
+                        images_per_sec: win_imgs as f64 / dt.max(1e-9),
+                        elapsed_s: elapsed,
+                        eta_s: elapsed / done.max(1.0) * (total - self.pos.step) as f64,
+                    };
+                    hooks.progress(&p);
+                    let acc = if p.accuracy.is_finite() {
+                        json!(p.accuracy)
+                    } else {
+                        json!(null)
+                    };
+                    self.log(json!({"kind": "train", "step": p.step, "epoch": p.epoch, "loss": p.loss, "accuracy": acc,
+                                    "lr": p.lr, "images_per_sec": p.images_per_sec, "elapsed_s": p.elapsed_s}))?;
+                    (win_loss, win_n, win_correct, win_seen, win_imgs) = (0.0, 0, 0, 0, 0);
+                    win_start = Instant::now();
+                }
+                if t.checkpoint_every > 0 && self.pos.step % t.checkpoint_every == 0 {
+                    self.save_checkpoint()?;
+                }
+                let stop_now = stop.load(Ordering::SeqCst);
+                if stop_now || max_steps.is_some_and(|m| self.pos.step >= m) {
+                    self.save_checkpoint()?;
+                    self.plot_curve()?;
+                    hooks.note(&format!(
+                        "{} at step {}; checkpoint saved to {}",
+                        if stop_now {
+                            "stopped"
+                        } else {
+                            "reached --max-steps"
+                        },
+                        self.pos.step,
+                        self.dir.join(CHECKPOINT).display()
+                    ));
+                    return Ok(Outcome::Stopped {
+                        step: self.pos.step,
+                    });
+                }
+            }
+            self.pos.epoch += 1;
+            self.pos.batch = 0;
+            last_eval = Some(self.evaluate_now(hooks)?);
+            self.save_checkpoint()?;
+        }
+        // The last epoch's evaluation, or a fresh one when resuming a finished run.
+        let r = match last_eval {
+            Some(r) => r,
+            None => self.evaluate_now(hooks)?,
+        };
+        save_native(
+            &self.dir.join(MODEL),
+            &self.model,
+            &self.preprocess,
+            Some(&self.labels),
+            SaveDtype::F32,
+        )?;
+        self.plot_curve()?;
+        Ok(Outcome::Finished(r))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Normalisation and geometry of the run's images, stored with the model so `vit predict`
+/// preprocesses new images the same way.
+fn preprocess_for(run: &RunConfig, model: &ViT) -> Preprocess {
+    let c = model.config();
+    Preprocess {
+        height: c.image_height,
+        width: c.image_width,
+        channels: c.channels,
+        resize: Resize::ShorterThenCrop { crop_pct: 1.0 },
+        interpolation: Interpolation::Bilinear,
+        rescale: 1.0 / 255.0,
+        mean: run
+            .data
+            .mean
+            .clone()
+            .unwrap_or_else(|| vec![0.5; c.channels]),
+        std: run
+            .data
+            .std
+            .clone()
+            .unwrap_or_else(|| vec![0.5; c.channels]),
+    }
+}
+
+/// Training set, evaluation set, and what the evaluation set is.
+type Sets = (Arc<dyn Dataset>, Arc<dyn Dataset>, String);
+
+/// Training and evaluation sets: the test split, or a held-out part of the training set.
+fn open_data(run: &RunConfig, model: Option<&crate::config::ViTConfig>) -> Result<Sets> {
+    // Folder datasets are resized to the model's size; IDX/CIFAR have their own.
+    let size = match model {
+        Some(c) => (c.channels, c.image_height, c.image_width),
+        None => {
+            let s = run.model.image_size.unwrap_or(224);
+            (3, s, s)
+        }
+    };
+    let train = data::open(&run.data.dataset, Split::Train, size)?;
+    if run.data.val_fraction > 0.0 {
+        let (tr, va) = data::split_indices(train.len(), run.data.val_fraction, run.train.seed);
+        let eval: Arc<dyn Dataset> = Arc::new(Subset::new(train.clone(), va));
+        return Ok((
+            Arc::new(Subset::new(train, tr)),
+            eval,
+            "validation split".into(),
+        ));
+    }
+    let test = data::open(&run.data.dataset, Split::Test, size)?;
+    Ok((train, test, "test split".into()))
+}
+
+fn read_history(path: &Path, upto_step: u64) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["step"].as_u64().is_some_and(|s| s <= upto_step))
+        .collect()
+}
+
+fn rewrite_history(path: &Path, history: &[serde_json::Value]) -> Result<()> {
+    let text: String = history.iter().map(|v| format!("{v}\n")).collect();
+    crate::checkpoint::safetensors::write_atomic(path, text.as_bytes())
+}

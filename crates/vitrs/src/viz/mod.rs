@@ -1,0 +1,6 @@
+//! Pictures: training curves and confusion matrices as PNG files, drawn on a small RGB
+//! canvas with an embedded 8×8 bitmap font (no system fonts needed).
+
+pub mod canvas;
+pub mod confusion;
+pub mod curve;
