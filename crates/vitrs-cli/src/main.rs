@@ -818,7 +818,7 @@ fn demo(out: &Path) -> Result<u8> {
         let file = imgs.join(format!(
             "{:02}_{}.png",
             y,
-            trainer.labels[y].replace('/', "-").to_lowercase()
+            trainer.labels[y].replace(['/', ' '], "-").to_lowercase()
         ));
         vitrs::preprocess::save_gray_png(&file, &px, 28, 28)?;
         let x = trainer.preprocess.load(&file)?;

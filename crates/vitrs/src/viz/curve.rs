@@ -23,7 +23,7 @@ pub const ORANGE: Rgb = [255, 127, 14];
 pub const GREEN: Rgb = [44, 160, 44];
 
 fn fmt(v: f64) -> String {
-    if v.abs() >= 1000.0 {
+    if v.abs() >= 100.0 {
         format!("{:.0}", v)
     } else if v.abs() >= 10.0 {
         format!("{:.1}", v)
