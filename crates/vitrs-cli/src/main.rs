@@ -85,35 +85,7 @@ enum Command {
         dtype: Dtype,
     },
     /// Train a ViT from a TOML run config (or continue a run with --resume).
-    Train {
-        /// Run configuration (see configs/*.toml).
-        #[arg(long, value_name = "FILE", required_unless_present = "resume")]
-        config: Option<PathBuf>,
-        /// Run directory: checkpoint, final model.safetensors, metrics.jsonl, curve.png.
-        #[arg(long, value_name = "RUN_DIR", required_unless_present = "resume")]
-        out: Option<PathBuf>,
-        /// Continue the run in RUN_DIR from its last checkpoint.
-        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "out"])]
-        resume: Option<PathBuf>,
-        /// Override the number of epochs.
-        #[arg(long)]
-        epochs: Option<u64>,
-        /// Stop (with a checkpoint) after this many optimizer steps in total.
-        #[arg(long)]
-        max_steps: Option<u64>,
-        /// Override the batch size.
-        #[arg(long)]
-        batch_size: Option<usize>,
-        /// Override the peak learning rate.
-        #[arg(long)]
-        lr: Option<f32>,
-        /// Override the seed.
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Override the dataset (a name or a directory).
-        #[arg(long)]
-        dataset: Option<String>,
-    },
+    Train(TrainArgs),
     /// Train a small ViT on Fashion-MNIST for about two minutes, evaluate it, classify a few
     /// test images, and write the curve, confusion matrix and predictions into a folder.
     Demo {
@@ -227,27 +199,7 @@ fn run(cmd: Command) -> Result<u8> {
             inputs,
         } => predict(&model, top_k, json, logits, batch_size, &inputs),
         Command::Convert { model, out, dtype } => convert(&model, &out, dtype),
-        Command::Train {
-            config,
-            out,
-            resume,
-            epochs,
-            max_steps,
-            batch_size,
-            lr,
-            seed,
-            dataset,
-        } => train(TrainArgs {
-            config,
-            out,
-            resume,
-            epochs,
-            max_steps,
-            batch_size,
-            lr,
-            seed,
-            dataset,
-        }),
+        Command::Train(args) => train(args),
         Command::Demo { out } => demo(&out),
         Command::Eval {
             model,
@@ -527,15 +479,34 @@ fn bench(
     Ok(0)
 }
 
+#[derive(clap::Args)]
 struct TrainArgs {
+    /// Run configuration (see configs/*.toml).
+    #[arg(long, value_name = "FILE", required_unless_present = "resume")]
     config: Option<PathBuf>,
+    /// Run directory: checkpoint, final model.safetensors, metrics.jsonl, curve.png.
+    #[arg(long, value_name = "RUN_DIR", required_unless_present = "resume")]
     out: Option<PathBuf>,
+    /// Continue the run in RUN_DIR from its last checkpoint.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "out"])]
     resume: Option<PathBuf>,
+    /// Override the number of epochs.
+    #[arg(long)]
     epochs: Option<u64>,
+    /// Stop (with a checkpoint) after this many optimizer steps in total.
+    #[arg(long)]
     max_steps: Option<u64>,
+    /// Override the batch size.
+    #[arg(long)]
     batch_size: Option<usize>,
+    /// Override the peak learning rate.
+    #[arg(long)]
     lr: Option<f32>,
+    /// Override the seed.
+    #[arg(long)]
     seed: Option<u64>,
+    /// Override the dataset (a name or a directory).
+    #[arg(long)]
     dataset: Option<String>,
 }
 

@@ -115,41 +115,25 @@ pub fn attention(
                     let k = base.add(d + h * hd);
                     let v = base.add(2 * d + h * hd);
                     // S (nr, N) = scale · q (nr, hd) · kᵀ (hd, N); rows of q/k/v are 3D apart.
-                    matrixmultiply::sgemm(
-                        nr,
-                        hd,
-                        n,
+                    super::sgemm(
+                        (nr, hd, n),
                         scale,
-                        q,
-                        (3 * d) as isize,
-                        1,
-                        k,
-                        1,
-                        (3 * d) as isize,
+                        (q, (3 * d) as isize, 1),
+                        (k, 1, (3 * d) as isize),
                         0.0,
-                        s.as_mut_ptr(),
-                        n as isize,
-                        1,
+                        (s.as_mut_ptr(), n as isize, 1),
                     );
                     for row in s.chunks_exact_mut(n) {
                         softmax_inplace(row);
                     }
                     // O (nr, hd) = P (nr, N) · v (N, hd), written into out[b, r0.., h·hd..].
-                    matrixmultiply::sgemm(
-                        nr,
-                        n,
-                        hd,
+                    super::sgemm(
+                        (nr, n, hd),
                         1.0,
-                        s.as_ptr(),
-                        n as isize,
-                        1,
-                        v,
-                        (3 * d) as isize,
-                        1,
+                        (s.as_ptr(), n as isize, 1),
+                        (v, (3 * d) as isize, 1),
                         0.0,
-                        outp.get().add((b * n + r0) * d + h * hd),
-                        d as isize,
-                        1,
+                        (outp.get().add((b * n + r0) * d + h * hd), d as isize, 1),
                     );
                 }
             }
@@ -205,74 +189,42 @@ pub fn attention_backward(
                     let (dq, dk, dv) = (dbase, dbase.add(d), dbase.add(2 * d));
                     let dob = dout.as_ptr().add(b * n * d + h * hd);
                     // dV (N, hd) = Pᵀ (N, N) · dO (N, hd)
-                    matrixmultiply::sgemm(
-                        n,
-                        n,
-                        hd,
+                    super::sgemm(
+                        (n, n, hd),
                         1.0,
-                        p.as_ptr(),
-                        1,
-                        n as isize,
-                        dob,
-                        ld,
-                        1,
+                        (p.as_ptr(), 1, n as isize),
+                        (dob, ld, 1),
                         0.0,
-                        dv,
-                        ld3,
-                        1,
+                        (dv, ld3, 1),
                     );
                     // dP (N, N) = dO (N, hd) · Vᵀ (hd, N)
-                    matrixmultiply::sgemm(
-                        n,
-                        hd,
-                        n,
+                    super::sgemm(
+                        (n, hd, n),
                         1.0,
-                        dob,
-                        ld,
-                        1,
-                        v,
-                        1,
-                        ld3,
+                        (dob, ld, 1),
+                        (v, 1, ld3),
                         0.0,
-                        ds.as_mut_ptr(),
-                        n as isize,
-                        1,
+                        (ds.as_mut_ptr(), n as isize, 1),
                     );
                     for (dsr, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
                         softmax_backward_row(pr, dsr, scale);
                     }
                     // dQ (N, hd) = dS (N, N) · K (N, hd);  dK (N, hd) = dSᵀ (N, N) · Q (N, hd)
-                    matrixmultiply::sgemm(
-                        n,
-                        n,
-                        hd,
+                    super::sgemm(
+                        (n, n, hd),
                         1.0,
-                        ds.as_ptr(),
-                        n as isize,
-                        1,
-                        k,
-                        ld3,
-                        1,
+                        (ds.as_ptr(), n as isize, 1),
+                        (k, ld3, 1),
                         0.0,
-                        dq,
-                        ld3,
-                        1,
+                        (dq, ld3, 1),
                     );
-                    matrixmultiply::sgemm(
-                        n,
-                        n,
-                        hd,
+                    super::sgemm(
+                        (n, n, hd),
                         1.0,
-                        ds.as_ptr(),
-                        1,
-                        n as isize,
-                        q,
-                        ld3,
-                        1,
+                        (ds.as_ptr(), 1, n as isize),
+                        (q, ld3, 1),
                         0.0,
-                        dk,
-                        ld3,
-                        1,
+                        (dk, ld3, 1),
                     );
                 }
             }

@@ -108,21 +108,13 @@ unsafe fn block(
         (None, _) => 0.0,
     };
     // B = Wᵀ restricted to columns c0..c1: B[kk][j] = W[c0 + j][kk].
-    matrixmultiply::sgemm(
-        bm,
-        k,
-        bn,
+    super::sgemm(
+        (bm, k, bn),
         1.0,
-        x.as_ptr().add(r0 * k),
-        k as isize,
-        1,
-        w.as_ptr().add(c0 * k),
-        1,
-        k as isize,
+        (x.as_ptr().add(r0 * k), k as isize, 1),
+        (w.as_ptr().add(c0 * k), 1, k as isize),
         beta,
-        c,
-        n as isize,
-        1,
+        (c, n as isize, 1),
     );
     match epilogue {
         Epilogue::None | Epilogue::Accumulate => {}
@@ -168,21 +160,13 @@ pub fn linear_backward(
         let dxp = SyncPtr(dx.as_mut_ptr());
         let run = |(r0, r1): (usize, usize), (c0, c1): (usize, usize)| unsafe {
             // SAFETY: disjoint blocks of dx (ranges of one `Split`).
-            matrixmultiply::sgemm(
-                r1 - r0,
-                n,
-                c1 - c0,
+            super::sgemm(
+                (r1 - r0, n, c1 - c0),
                 1.0,
-                dy.as_ptr().add(r0 * n),
-                n as isize,
-                1,
-                w.as_ptr().add(c0),
-                k as isize,
-                1,
+                (dy.as_ptr().add(r0 * n), n as isize, 1),
+                (w.as_ptr().add(c0), k as isize, 1),
                 0.0,
-                dxp.get().add(r0 * k + c0),
-                k as isize,
-                1,
+                (dxp.get().add(r0 * k + c0), k as isize, 1),
             );
         };
         if small {
@@ -203,21 +187,13 @@ pub fn linear_backward(
     let dwp = SyncPtr(dw.as_mut_ptr());
     let run_w = |(r0, r1): (usize, usize)| unsafe {
         // SAFETY: disjoint row ranges of dw.
-        matrixmultiply::sgemm(
-            r1 - r0,
-            m,
-            k,
+        super::sgemm(
+            (r1 - r0, m, k),
             1.0,
-            dy.as_ptr().add(r0),
-            1,
-            n as isize,
-            x.as_ptr(),
-            k as isize,
-            1,
+            (dy.as_ptr().add(r0), 1, n as isize),
+            (x.as_ptr(), k as isize, 1),
             1.0,
-            dwp.get().add(r0 * k),
-            k as isize,
-            1,
+            (dwp.get().add(r0 * k), k as isize, 1),
         );
     };
     if small {
