@@ -22,6 +22,8 @@ use crate::tensor::Tensor;
 /// 100 000 × 100 000 pixels is refused before any memory is taken.
 const MAX_SIDE: u32 = 16_384;
 const MAX_DECODE_BYTES: u64 = 1 << 30;
+/// Largest intermediate image (pixels) the shorter-side resize may produce.
+const MAX_RESIZED_PIXELS: usize = 1 << 26;
 
 /// Resampling filter (Pillow's definitions).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +125,11 @@ impl Preprocess {
 
     /// Turns a decoded image into a `(C, H, W)` tensor.
     pub fn apply(&self, img: &DynamicImage) -> Result<Tensor> {
+        if img.width() == 0 || img.height() == 0 {
+            return Err(Error::BadInput(
+                "the image has no pixels (zero width or height)".into(),
+            ));
+        }
         let mut planes = to_planes(img, self.channels);
         let (th, tw) = (self.height, self.width);
         match self.resize {
@@ -150,6 +157,12 @@ impl Preprocess {
                         (w as f64 / r).round() as usize,
                     )
                 };
+                // An extreme aspect ratio would blow the long side up (1 x 16384 -> 224 x 3.7M).
+                if nh.saturating_mul(nw) > MAX_RESIZED_PIXELS {
+                    return Err(Error::BadInput(format!(
+                        "a {w}x{h} image resized to {nw}x{nh} for a {tw}x{th} crop is too large; crop it to a less extreme aspect ratio first"
+                    )));
+                }
                 planes = resize_planes(&planes, nh.max(1), nw.max(1), self.interpolation, true);
                 planes = center_crop(&planes, th, tw);
             }
@@ -197,19 +210,30 @@ impl Preprocess {
 
 /// An image as 8-bit planes `(C, H, W)` at `h × w`: shorter side resized to fit (bilinear,
 /// antialiased), then centre-cropped. Used to store training images at the model size.
-pub fn image_to_u8(img: &DynamicImage, channels: usize, h: usize, w: usize) -> Vec<u8> {
+pub fn image_to_u8(img: &DynamicImage, channels: usize, h: usize, w: usize) -> Result<Vec<u8>> {
+    if img.width() == 0 || img.height() == 0 {
+        return Err(Error::BadInput(
+            "the image has no pixels (zero width or height)".into(),
+        ));
+    }
     let planes = to_planes(img, channels);
     let r = (planes.h as f64 / h as f64).min(planes.w as f64 / w as f64);
     let (nh, nw) = (
         ((planes.h as f64 / r).round() as usize).max(h),
         ((planes.w as f64 / r).round() as usize).max(w),
     );
+    if nh.saturating_mul(nw) > MAX_RESIZED_PIXELS {
+        return Err(Error::BadInput(format!(
+            "a {}x{} image is too elongated to resize to {w}x{h}",
+            planes.w, planes.h
+        )));
+    }
     let resized = resize_planes(&planes, nh, nw, Interpolation::Bilinear, true);
-    center_crop(&resized, h, w)
+    Ok(center_crop(&resized, h, w)
         .data
         .iter()
         .map(|&v| v as u8)
-        .collect()
+        .collect())
 }
 
 /// Writes 8-bit grayscale pixels `(H, W)` as a PNG.
@@ -317,6 +341,19 @@ mod tests {
     fn planes(h: usize, w: usize) -> Planes {
         let data = (0..h * w).map(|i| ((i * 37) % 256) as f32).collect();
         Planes { c: 1, h, w, data }
+    }
+
+    #[test]
+    fn degenerate_images_are_errors_not_allocations() {
+        let p = Preprocess::timm_default(224, 224, 3);
+        let thin = DynamicImage::new_rgb8(1, 16_384);
+        assert!(p
+            .apply(&thin)
+            .unwrap_err()
+            .to_string()
+            .contains("aspect ratio"));
+        let fine = DynamicImage::new_rgb8(300, 200);
+        assert_eq!(p.apply(&fine).unwrap().shape(), &[3, 224, 224]);
     }
 
     #[test]

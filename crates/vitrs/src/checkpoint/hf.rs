@@ -113,7 +113,7 @@ fn convert(
                 hint: Some("all three of q, k and v are needed to build timm's fused qkv".into()),
             });
         };
-        if q.shape() != k.shape() || q.shape() != v.shape() {
+        if q.shape().is_empty() || q.shape() != k.shape() || q.shape() != v.shape() {
             return Err(Error::ShapeMismatch {
                 name: format!("layer {i} key/value {kind} (vs query)"),
                 expected: q.shape().to_vec(),
@@ -208,11 +208,10 @@ fn config_from(
         }
     }
     let has = |n: &str| tensors.contains_key(n);
-    let num_classes = if has("head.weight") {
-        tensors["head.weight"].shape()[0]
-    } else {
-        0
-    };
+    let num_classes = tensors
+        .get("head.weight")
+        .and_then(|t| t.shape().first().copied())
+        .unwrap_or(0);
     // ViTForImageClassification ignores the pooler; a bare ViTModel's output is the pooler's.
     let head = if num_classes == 0 && has("pre_logits.fc.weight") {
         notes.push(

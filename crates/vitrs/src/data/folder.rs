@@ -97,7 +97,10 @@ impl Dataset for ImageFolder {
     fn image(&self, i: usize, out: &mut [u8]) -> Result<()> {
         let img = load_image(&self.files[i].0)?;
         let (c, h, w) = self.size;
-        out.copy_from_slice(&image_to_u8(&img, c, h, w));
+        let path = &self.files[i].0;
+        let px = image_to_u8(&img, c, h, w)
+            .map_err(|e| Error::BadInput(format!("{}: {e}", path.display())))?;
+        out.copy_from_slice(&px);
         Ok(())
     }
 }
