@@ -42,7 +42,7 @@ pub fn plot(path: &Path, x_label: &str, panels: &[Panel]) -> Result<()> {
     );
     for (pi, panel) in panels.iter().enumerate() {
         let ox = pi as i64 * pw;
-        let (l, r, t, b) = (ox + 70, ox + pw - 20, 40i64, ph - 50);
+        let (l, r, t, b) = (ox + 70, ox + pw - 20, 44i64, ph - 50);
         cv.text(ox + 70, 12, &panel.title, BLACK, 2);
         let pts: Vec<(f64, f64)> = panel
             .series
@@ -114,8 +114,8 @@ pub fn plot(path: &Path, x_label: &str, panels: &[Panel]) -> Result<()> {
                 }
                 prev = Some(p);
             }
-            // Legend, top right.
-            let ly = t + 6 + si as i64 * 14;
+            // Legend in the header band above the plot, right-aligned, so it never hides a line.
+            let ly = 6 + si as i64 * 12;
             let lx = r - 10 - Canvas::text_width(&s.name, 1);
             cv.rect(lx - 16, ly + 2, lx - 4, ly + 6, s.color);
             cv.text(lx, ly, &s.name, BLACK, 1);
