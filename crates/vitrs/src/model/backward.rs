@@ -261,21 +261,7 @@ impl ViT {
                 "training needs a classifier: the model has num_classes = 0".into(),
             ));
         }
-        let want = [cfg.channels, cfg.image_height, cfg.image_width];
-        let shape = images.shape();
-        if shape.len() != 4 || shape[1..] != want || shape[0] == 0 {
-            return Err(Error::ShapeMismatch {
-                name: "training images (B, C, H, W)".into(),
-                expected: vec![
-                    shape.first().copied().unwrap_or(1).max(1),
-                    want[0],
-                    want[1],
-                    want[2],
-                ],
-                got: shape.to_vec(),
-            });
-        }
-        let batch = shape[0];
+        let batch = self.batch_size_of(images, "training images (B, C, H, W)")?;
         tw.prepare(self, batch);
         self.train_forward(images.data(), batch, tw);
         let k = cfg.num_classes;

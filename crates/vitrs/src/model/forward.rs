@@ -121,22 +121,7 @@ impl ViT {
         ws: &mut Workspace,
     ) -> Result<ForwardOutput> {
         let cfg = &self.config;
-        let want = [cfg.channels, cfg.image_height, cfg.image_width];
-        let shape = images.shape();
-        if shape.len() != 4 || shape[1..] != want || shape[0] == 0 {
-            return Err(Error::ShapeMismatch {
-                name: "input images (B, C, H, W)".into(),
-                expected: [
-                    shape.first().copied().unwrap_or(1).max(1),
-                    want[0],
-                    want[1],
-                    want[2],
-                ]
-                .to_vec(),
-                got: shape.to_vec(),
-            });
-        }
-        let batch = shape[0];
+        let batch = self.batch_size_of(images, "input images (B, C, H, W)")?;
         ws.prepare(cfg, batch);
         let mut attentions = capture.attentions.then(|| {
             let n = cfg.num_tokens();
@@ -154,6 +139,27 @@ impl ViT {
             attentions,
             pre_logits: pre_logits.transpose()?,
         })
+    }
+
+    /// The batch size of `images`, checked to be `(B ≥ 1, C, H, W)` of this model; `what`
+    /// names the tensor in the error.
+    pub(super) fn batch_size_of(&self, images: &Tensor, what: &str) -> Result<usize> {
+        let cfg = &self.config;
+        let want = [cfg.channels, cfg.image_height, cfg.image_width];
+        let shape = images.shape();
+        if shape.len() != 4 || shape[1..] != want || shape[0] == 0 {
+            return Err(Error::ShapeMismatch {
+                name: what.into(),
+                expected: vec![
+                    shape.first().copied().unwrap_or(1).max(1),
+                    want[0],
+                    want[1],
+                    want[2],
+                ],
+                got: shape.to_vec(),
+            });
+        }
+        Ok(shape[0])
     }
 
     /// Convenience forward with a fresh workspace and no capture.
