@@ -199,6 +199,16 @@ impl Trainer {
         }
     }
 
+    /// The error that stops a diverged run, pointing at the checkpoint left intact.
+    fn diverged(&self, what: &str) -> Error {
+        Error::BadInput(format!(
+            "{what} at step {}; stopping. The last good checkpoint ({}) is intact; \
+             lower the learning rate or enable grad_clip and resume",
+            self.pos.step,
+            self.dir.join(CHECKPOINT).display()
+        ))
+    }
+
     fn save_checkpoint(&self) -> Result<()> {
         // Never replace a good checkpoint with a diverged model.
         if let Some(e) = self.model.params().entries().iter().find(|e| {
@@ -206,13 +216,7 @@ impl Trainer {
                 .iter()
                 .any(|v| !v.is_finite())
         }) {
-            return Err(Error::BadInput(format!(
-                "parameter `{}` became NaN or Inf at step {}; stopping. The last good checkpoint ({}) is intact; \
-                 lower the learning rate or enable grad_clip and resume",
-                e.name,
-                self.pos.step,
-                self.dir.join(CHECKPOINT).display()
-            )));
+            return Err(self.diverged(&format!("parameter `{}` became NaN or Inf", e.name)));
         }
         state::save(
             &self.dir.join(CHECKPOINT),
@@ -371,12 +375,7 @@ impl Trainer {
                     .model
                     .forward_backward(&batch.images, targets, &mut self.tw)?;
                 if !loss.is_finite() {
-                    return Err(Error::BadInput(format!(
-                        "the loss became {loss} at step {}; stopping. The last good checkpoint ({}) is intact; \
-                         lower the learning rate or enable grad_clip and resume",
-                        self.pos.step,
-                        self.dir.join(CHECKPOINT).display()
-                    )));
+                    return Err(self.diverged(&format!("the loss became {loss}")));
                 }
                 win_loss += loss as f64;
                 win_n += 1;
