@@ -1,14 +1,15 @@
 //! Multi-head scaled dot-product attention over a fused qkv buffer.
 //!
 //! Per (image, head, block of query rows): `S = q·kᵀ / sqrt(hd)` and `O = softmax(S)·v`, as two
-//! SGEMMs over strided views of the qkv buffer (no transposed copies of q, k or v) with the
-//! softmax in between. The scores live in a per-thread scratch tile of `rows × N`, or, when
+//! register-tiled products ([`super::small`]) over strided views of the qkv buffer with the
+//! softmax in between; only `kᵀ` is copied (to `hd × N`, so the product reads its rows). The scores live in a per-thread scratch tile of `rows × N`, or, when
 //! attention maps are captured, directly in the caller's probability buffer: the same code
 //! path either way, so captured maps are exactly the ones used.
 
 use rayon::prelude::*;
 
-use super::math::{softmax_inplace, softmax_ref};
+use super::math::{dot_lanes, softmax_inplace, softmax_ref};
+use super::small::small_sgemm;
 use super::{Split, SyncPtr};
 
 /// Query rows per task are never split below this.
@@ -45,7 +46,12 @@ impl AttnDims {
     /// Scratch floats needed by [`attention`] with `threads` threads.
     pub fn scratch_len(&self, threads: usize) -> usize {
         let (_, rows) = self.plan(threads);
-        threads.max(1) * rows * self.tokens
+        threads.max(1) * self.tile_len(rows)
+    }
+
+    /// Per-task scratch of the forward pass: a `rows × N` score tile and `kᵀ (hd, N)`.
+    fn tile_len(&self, rows: usize) -> usize {
+        (rows + self.head_dim) * self.tokens
     }
 }
 
@@ -77,8 +83,10 @@ pub fn attention(
     let (blocks, rows) = dims.plan(threads);
     let tasks = batch * heads * blocks;
     let groups = Split::new(tasks, threads, 1);
-    // One scratch tile per group; unused (but still handed out) when probabilities are captured.
-    let need = groups.count * rows * n;
+    // One scratch tile per group; its score part is unused (but still handed out) when
+    // probabilities are captured.
+    let tile_len = dims.tile_len(rows);
+    let need = groups.count * tile_len;
     if scratch.len() < need {
         scratch.resize(need, 0.0);
     }
@@ -86,10 +94,12 @@ pub fn attention(
     let probp = probs.map(|p| SyncPtr(p.as_mut_ptr()));
     let scale = 1.0 / (hd as f32).sqrt();
     scratch[..need]
-        .par_chunks_mut(rows * n)
+        .par_chunks_mut(tile_len)
         .enumerate()
         .for_each(|(g, tile)| {
             let (t0, t1) = groups.get(g);
+            let (tile, kt) = tile.split_at_mut(rows * n);
+            let mut kt_of = usize::MAX; // which (image, head) `kt` holds
             for t in t0..t1 {
                 // task t -> (image b, head h, query block qb)
                 let (bh, qb) = (t / blocks, t % blocks);
@@ -100,6 +110,12 @@ pub fn attention(
                     continue;
                 }
                 let nr = r1 - r0;
+                let base = b * n * 3 * d;
+                if kt_of != bh {
+                    // kᵀ (hd, N) from the k rows of head h, which are 3D apart.
+                    transpose_head(&qkv[base + d + h * hd..], 3 * d, n, hd, kt);
+                    kt_of = bh;
+                }
                 // SAFETY: each task owns rows r0..r1 of head h of image b, in both `out`
                 // (columns h·hd..) and `probs` (plane (b, h)); tasks are disjoint.
                 unsafe {
@@ -110,34 +126,41 @@ pub fn attention(
                         ),
                         None => &mut tile[..nr * n],
                     };
-                    let base = qkv.as_ptr().add(b * n * 3 * d);
-                    let q = base.add(r0 * 3 * d + h * hd);
-                    let k = base.add(d + h * hd);
-                    let v = base.add(2 * d + h * hd);
-                    // S (nr, N) = scale · q (nr, hd) · kᵀ (hd, N); rows of q/k/v are 3D apart.
-                    super::sgemm(
+                    let q = qkv.as_ptr().add(base + r0 * 3 * d + h * hd);
+                    let v = qkv.as_ptr().add(base + 2 * d + h * hd);
+                    // S (nr, N) = scale · q (nr, hd) · kᵀ (hd, N).
+                    small_sgemm(
                         (nr, hd, n),
                         scale,
                         (q, (3 * d) as isize, 1),
-                        (k, 1, (3 * d) as isize),
-                        0.0,
-                        (s.as_mut_ptr(), n as isize, 1),
+                        (kt.as_ptr(), n as isize),
+                        false,
+                        (s.as_mut_ptr(), n as isize),
                     );
                     for row in s.chunks_exact_mut(n) {
                         softmax_inplace(row);
                     }
                     // O (nr, hd) = P (nr, N) · v (N, hd), written into out[b, r0.., h·hd..].
-                    super::sgemm(
+                    small_sgemm(
                         (nr, n, hd),
                         1.0,
                         (s.as_ptr(), n as isize, 1),
-                        (v, (3 * d) as isize, 1),
-                        0.0,
-                        (outp.get().add((b * n + r0) * d + h * hd), d as isize, 1),
+                        (v, (3 * d) as isize),
+                        false,
+                        (outp.get().add((b * n + r0) * d + h * hd), d as isize),
                     );
                 }
             }
         });
+}
+
+/// `dst (hd, N) = srcᵀ` for the `N` rows of one head, `ld` apart, each `hd` long.
+fn transpose_head(src: &[f32], ld: usize, n: usize, hd: usize, dst: &mut [f32]) {
+    for (t, row) in src.chunks(ld).take(n).enumerate() {
+        for (c, &x) in row[..hd].iter().enumerate() {
+            dst[c * n + t] = x;
+        }
+    }
 }
 
 /// Backward of [`attention`], from the probabilities it saved.
@@ -148,7 +171,7 @@ pub fn attention(
 ///
 /// # Shapes
 /// `qkv, dqkv (B, N, 3D)`, `probs (B, nh, N, N)`, `dout (B, N, D)`; `scratch` grows to
-/// `threads · N · N`.
+/// `threads · (N + hd) · N`.
 pub fn attention_backward(
     qkv: &[f32],
     probs: &[f32],
@@ -166,65 +189,69 @@ pub fn attention_backward(
     let d = dims.width();
     debug_assert!(probs.len() >= batch * heads * n * n && dqkv.len() >= batch * n * 3 * d);
     let groups = Split::new(batch * heads, rayon::current_num_threads(), 1);
-    let need = groups.count * n * n;
+    // Per group: dS (N, N) and vᵀ (hd, N).
+    let tile_len = (n + hd) * n;
+    let need = groups.count * tile_len;
     if scratch.len() < need {
         scratch.resize(need, 0.0);
     }
     let dp = SyncPtr(dqkv.as_mut_ptr());
     let scale = 1.0 / (hd as f32).sqrt();
-    let (ld3, ld) = ((3 * d) as isize, d as isize);
+    let (ld3, ld, ldn) = ((3 * d) as isize, d as isize, n as isize);
     scratch[..need]
-        .par_chunks_mut(n * n)
+        .par_chunks_mut(tile_len)
         .enumerate()
-        .for_each(|(g, ds)| {
+        .for_each(|(g, tile)| {
             let (t0, t1) = groups.get(g);
+            let (ds, vt) = tile.split_at_mut(n * n);
             for t in t0..t1 {
                 let (b, h) = (t / heads, t % heads);
                 let p = &probs[t * n * n..(t + 1) * n * n];
+                let base = b * n * 3 * d + h * hd;
+                transpose_head(&qkv[base + 2 * d..], 3 * d, n, hd, vt);
                 // SAFETY: task (b, h) alone writes the q/k/v columns of head h of image b in dqkv.
                 unsafe {
-                    let base = qkv.as_ptr().add(b * n * 3 * d + h * hd);
-                    let (q, k, v) = (base, base.add(d), base.add(2 * d));
-                    let dbase = dp.get().add(b * n * 3 * d + h * hd);
+                    let (q, k) = (qkv.as_ptr().add(base), qkv.as_ptr().add(base + d));
+                    let dbase = dp.get().add(base);
                     let (dq, dk, dv) = (dbase, dbase.add(d), dbase.add(2 * d));
                     let dob = dout.as_ptr().add(b * n * d + h * hd);
                     // dV (N, hd) = Pᵀ (N, N) · dO (N, hd)
-                    super::sgemm(
+                    small_sgemm(
                         (n, n, hd),
                         1.0,
-                        (p.as_ptr(), 1, n as isize),
-                        (dob, ld, 1),
-                        0.0,
-                        (dv, ld3, 1),
+                        (p.as_ptr(), 1, ldn),
+                        (dob, ld),
+                        false,
+                        (dv, ld3),
                     );
-                    // dP (N, N) = dO (N, hd) · Vᵀ (hd, N)
-                    super::sgemm(
+                    // dP (N, N) = dO (N, hd) · vᵀ (hd, N)
+                    small_sgemm(
                         (n, hd, n),
                         1.0,
                         (dob, ld, 1),
-                        (v, 1, ld3),
-                        0.0,
-                        (ds.as_mut_ptr(), n as isize, 1),
+                        (vt.as_ptr(), ldn),
+                        false,
+                        (ds.as_mut_ptr(), ldn),
                     );
                     for (dsr, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
                         softmax_backward_row(pr, dsr, scale);
                     }
                     // dQ (N, hd) = dS (N, N) · K (N, hd);  dK (N, hd) = dSᵀ (N, N) · Q (N, hd)
-                    super::sgemm(
+                    small_sgemm(
                         (n, n, hd),
                         1.0,
-                        (ds.as_ptr(), n as isize, 1),
-                        (k, ld3, 1),
-                        0.0,
-                        (dq, ld3, 1),
+                        (ds.as_ptr(), ldn, 1),
+                        (k, ld3),
+                        false,
+                        (dq, ld3),
                     );
-                    super::sgemm(
+                    small_sgemm(
                         (n, n, hd),
                         1.0,
-                        (ds.as_ptr(), 1, n as isize),
-                        (q, ld3, 1),
-                        0.0,
-                        (dk, ld3, 1),
+                        (ds.as_ptr(), 1, ldn),
+                        (q, ld3),
+                        false,
+                        (dk, ld3),
                     );
                 }
             }
@@ -234,7 +261,7 @@ pub fn attention_backward(
 super::simd_dispatch! {
     /// `ds ← scale · p ⊙ (ds − Σ ds ⊙ p)` for one row (`ds` holds dP on entry).
     fn softmax_backward_row(p: &[f32], ds: &mut [f32], scale: f32) {
-        let dot: f32 = p.iter().zip(ds.iter()).map(|(a, b)| a * b).sum();
+        let dot = dot_lanes(p, ds);
         for (g, &pv) in ds.iter_mut().zip(p) {
             *g = scale * pv * (*g - dot);
         }

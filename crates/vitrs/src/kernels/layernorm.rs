@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::math::{sq_dev_sum_lanes, sum_lanes};
 use super::{simd_dispatch, Split, SyncPtr};
 
 /// Rows per parallel task: enough work to amortise scheduling.
@@ -75,7 +76,7 @@ fn layernorm_row(x: &[f32], out: &mut [f32], gamma: &[f32], beta: &[f32], eps: f
 
 simd_dispatch! {
     fn sum_into(x: &[f32], acc: &mut f32) {
-        *acc = x.iter().sum::<f32>();
+        *acc = sum_lanes(x);
     }
 }
 
@@ -87,7 +88,7 @@ fn sum(x: &[f32]) -> f32 {
 
 simd_dispatch! {
     fn centered_sq_sum_into(x: &[f32], mean: f32, acc: &mut f32) {
-        *acc = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>();
+        *acc = sq_dev_sum_lanes(x, mean);
     }
 }
 
@@ -167,9 +168,26 @@ simd_dispatch! {
         pg: &mut [f32],
         pb: &mut [f32],
     ) {
-        let d = x.len() as f32;
+        let n = x.len();
+        // Re-sliced to one length so the indexing below carries no bounds checks.
+        let (dy, gamma, dx, pg, pb) = (&dy[..n], &gamma[..n], &mut dx[..n], &mut pg[..n], &mut pb[..n]);
+        let d = n as f32;
+        // m1 = Σ dy·γ and m2 = Σ dy·γ·x̂ in eight lanes (see `math::sum_lanes`).
+        let (mut a1, mut a2) = ([0.0f32; 8], [0.0f32; 8]);
+        let n8 = x.len() / 8 * 8;
+        for j0 in (0..n8).step_by(8) {
+            for l in 0..8 {
+                let j = j0 + l;
+                let xh = (x[j] - mean) * rstd;
+                let g = dy[j] * gamma[j];
+                a1[l] += g;
+                a2[l] += g * xh;
+                pg[j] += dy[j] * xh;
+                pb[j] += dy[j];
+            }
+        }
         let (mut m1, mut m2) = (0.0f32, 0.0f32);
-        for j in 0..x.len() {
+        for j in n8..x.len() {
             let xh = (x[j] - mean) * rstd;
             let g = dy[j] * gamma[j];
             m1 += g;
@@ -177,6 +195,8 @@ simd_dispatch! {
             pg[j] += dy[j] * xh;
             pb[j] += dy[j];
         }
+        m1 += a1.iter().sum::<f32>();
+        m2 += a2.iter().sum::<f32>();
         let (m1, m2) = (m1 / d, m2 / d);
         for j in 0..x.len() {
             let xh = (x[j] - mean) * rstd;

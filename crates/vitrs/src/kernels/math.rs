@@ -98,16 +98,87 @@ pub fn gelu_inplace(x: &mut [f32], kind: Gelu) {
     }
 }
 
+/// Lanes of the partial sums in the reductions below: one AVX register of f32.
+const LANES: usize = 8;
+
+/// Σ x with eight interleaved partial sums. A single f32 accumulator is a serial chain that
+/// LLVM may not reorder, so the loop would stay scalar; eight lanes vectorise.
+#[inline(always)]
+pub(crate) fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Σ a·b with eight interleaved partial sums (see [`sum_lanes`]).
+#[inline(always)]
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Σ (x − c)² with eight interleaved partial sums (see [`sum_lanes`]).
+#[inline(always)]
+pub(crate) fn sq_dev_sum_lanes(x: &[f32], c: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().map(|v| (v - c) * (v - c)).sum();
+    for ch in chunks {
+        for l in 0..LANES {
+            acc[l] += (ch[l] - c) * (ch[l] - c);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// max x (−∞ for an empty slice; NaNs are skipped, as by `f32::max`), eight lanes at a time.
+#[inline(always)]
+pub(crate) fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for l in 0..LANES {
+            // A compare-and-select (not `f32::max`, whose NaN rule blocks vectorisation).
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    acc.iter().copied().fold(tail, f32::max)
+}
+
 simd_dispatch! {
-    /// Numerically stable softmax of one row, in place.
+    /// Numerically stable softmax of one row, in place. The exponentials are one vectorised
+    /// pass, the sum and the maximum lane-parallel reductions.
     pub fn softmax_inplace(row: &mut [f32]) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f32;
+        let max = max_lanes(row);
         for v in row.iter_mut() {
             *v = exp_fast(*v - max);
-            sum += *v;
         }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / sum_lanes(row);
         for v in row.iter_mut() {
             *v *= inv;
         }

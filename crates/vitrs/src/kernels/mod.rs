@@ -10,6 +10,7 @@ pub mod gemm;
 pub mod layernorm;
 pub mod loss;
 pub mod math;
+pub mod small;
 
 /// True when the CPU has AVX2 and FMA (checked once, cached by std).
 #[inline]
