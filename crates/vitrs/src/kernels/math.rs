@@ -2,6 +2,8 @@
 //! applied in place. The fast forms use polynomial approximations (errors stated per function);
 //! the `*_ref` twins use f64 and std.
 
+use rayon::prelude::*;
+
 use super::simd_dispatch;
 use crate::config::Gelu;
 
@@ -183,6 +185,28 @@ simd_dispatch! {
             *v *= inv;
         }
     }
+}
+
+/// Elements per task of the whole-buffer passes below (64 KiB of f32: enough work to pay for
+/// the task, small enough to balance two threads).
+const PAR_CHUNK: usize = 1 << 14;
+
+/// `out ← GELU(x)` over a whole activation buffer, split across threads (the training forward
+/// keeps `x` for the backward pass, so this is a copy and not in place).
+pub fn gelu_into_par(x: &[f32], out: &mut [f32], kind: Gelu) {
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(x.par_chunks(PAR_CHUNK))
+        .for_each(|(o, i)| {
+            o.copy_from_slice(i);
+            gelu_inplace(o, kind);
+        });
+}
+
+/// [`gelu_backward_inplace`] over a whole buffer, split across threads.
+pub fn gelu_backward_par(x: &[f32], dy: &mut [f32], kind: Gelu) {
+    dy.par_chunks_mut(PAR_CHUNK)
+        .zip(x.par_chunks(PAR_CHUNK))
+        .for_each(|(g, i)| gelu_backward_inplace(i, g, kind));
 }
 
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;

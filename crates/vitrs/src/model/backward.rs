@@ -12,7 +12,7 @@ use crate::kernels::attention::{attention, attention_backward, AttnDims};
 use crate::kernels::gemm::{add_assign, linear_backward, Epilogue};
 use crate::kernels::layernorm::{layernorm_backward, layernorm_train};
 use crate::kernels::loss::{cross_entropy, Targets};
-use crate::kernels::math::{gelu_backward_inplace, gelu_inplace, tanh_backward_inplace};
+use crate::kernels::math::{gelu_backward_par, gelu_into_par, tanh_backward_inplace};
 use crate::tensor::Tensor;
 
 /// Saved activations of one LayerNorm: input, output, per-row mean and 1/std.
@@ -41,7 +41,7 @@ impl NormActs {
 /// Saved activations of one block. Shapes as in the forward: `(B, N, D)` unless noted.
 #[derive(Debug, Default)]
 struct BlockActs {
-    /// Block input.
+    /// Block input (post-norm only: pre-norm's backward reads the LayerNorm's saved input).
     x_in: Vec<f32>,
     /// First LayerNorm (pre-norm: of the block input; post-norm: of `x + attn`).
     ln1: NormActs,
@@ -200,7 +200,8 @@ impl TrainWorkspace {
         sized(&mut self.x, rows * d);
         self.blocks.resize_with(cfg.depth, BlockActs::default);
         for b in &mut self.blocks {
-            sized(&mut b.x_in, rows * d);
+            let post = cfg.norm == NormPlacement::Post;
+            sized(&mut b.x_in, if post { rows * d } else { 0 });
             b.ln1.size(rows, d);
             sized(&mut b.qkv, rows * 3 * d);
             sized(&mut b.probs, batch * cfg.heads * n * n);
@@ -289,7 +290,9 @@ impl ViT {
         let reg = tw.reg;
         let depth = cfg.depth;
         for (l, (blk, acts)) in v.blocks.iter().zip(tw.blocks.iter_mut()).enumerate() {
-            acts.x_in.copy_from_slice(&tw.x);
+            if cfg.norm == NormPlacement::Post {
+                acts.x_in.copy_from_slice(&tw.x);
+            }
             if reg.active() {
                 fill_mask(&mut acts.mask_attn, &reg, l, depth, 0, (batch, n, d));
                 fill_mask(&mut acts.mask_mlp, &reg, l, depth, 1, (batch, n, d));
@@ -329,8 +332,7 @@ impl ViT {
                         rows,
                         Epilogue::None,
                     );
-                    acts.h_act.copy_from_slice(&acts.h_pre);
-                    gelu_inplace(&mut acts.h_act, gelu);
+                    gelu_into_par(&acts.h_pre, &mut acts.h_act, gelu);
                     self.add_branch(
                         &blk.fc2,
                         &acts.h_act,
@@ -360,8 +362,7 @@ impl ViT {
                     self.norm_train(&blk.norm1, x, &mut acts.ln1);
                     x.copy_from_slice(&acts.ln1.output);
                     self.linear(&blk.fc1, x, &mut acts.h_pre, rows, Epilogue::None);
-                    acts.h_act.copy_from_slice(&acts.h_pre);
-                    gelu_inplace(&mut acts.h_act, gelu);
+                    gelu_into_par(&acts.h_pre, &mut acts.h_act, gelu);
                     self.add_branch(
                         &blk.fc2,
                         &acts.h_act,
@@ -483,7 +484,7 @@ impl ViT {
                     // x_out = x_mid + mask ⊙ fc2(GELU(fc1(LN2(x_mid))))
                     let dy = masked_grad(dx, masked.then_some(&acts.mask_mlp), branch);
                     self.linear_grad(&blk.fc2, dy, &acts.h_act, Some(dh), grads, rows);
-                    gelu_backward_inplace(&acts.h_pre, dh, cfg.gelu);
+                    gelu_backward_par(&acts.h_pre, dh, cfg.gelu);
                     self.linear_grad(&blk.fc1, dh, &acts.ln2.output, Some(dxn), grads, rows);
                     self.norm_grad(&blk.norm2, dxn, &acts.ln2, dx, grads, ln_partials);
                     // x_mid = x_in + mask ⊙ proj(attn(LN1(x_in)))
@@ -500,7 +501,7 @@ impl ViT {
                     dx.copy_from_slice(dxn);
                     let dy = masked_grad(dx, masked.then_some(&acts.mask_mlp), branch);
                     self.linear_grad(&blk.fc2, dy, &acts.h_act, Some(dh), grads, rows);
-                    gelu_backward_inplace(&acts.h_pre, dh, cfg.gelu);
+                    gelu_backward_par(&acts.h_pre, dh, cfg.gelu);
                     self.linear_grad(&blk.fc1, dh, &acts.ln1.output, Some(dxn), grads, rows);
                     add_assign(dx, dxn);
                     // x_mid = LN1(s1), s1 = x_in + proj(attn(x_in))
