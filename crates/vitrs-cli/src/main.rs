@@ -9,6 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+mod attention;
+mod finetune;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
@@ -86,6 +89,12 @@ enum Command {
     },
     /// Train a ViT from a TOML run config (or continue a run with --resume).
     Train(TrainArgs),
+    /// Fine-tune a pre-trained model on new data: new zero-initialised head, position
+    /// embeddings resampled to a new resolution, the paper's SGD recipe by default.
+    Finetune(finetune::FinetuneArgs),
+    /// Attention maps over images (rollout, one layer's heads averaged, or single heads), or
+    /// with --distance the mean attention distance per head and layer over a dataset.
+    Attention(attention::AttentionArgs),
     /// Train a small ViT on Fashion-MNIST for about two minutes, evaluate it, classify a few
     /// test images, and write the curve, confusion matrix and predictions into a folder.
     Demo {
@@ -108,6 +117,13 @@ enum Command {
         /// One JSON object {"top1", "top5", "n", "per_class"} instead of text.
         #[arg(long)]
         json: bool,
+        /// Evaluate at another resolution (`42` or `48x64`): the images are resized and the
+        /// position embeddings resampled; the head is kept.
+        #[arg(long, value_name = "H[xW]")]
+        image_size: Option<String>,
+        /// Only these classes of the dataset, renumbered from 0 (as the model was trained).
+        #[arg(long, value_name = "LIST")]
+        classes: Option<String>,
     },
     /// Measure speed on this machine: inference, or with --train a full training step
     /// (forward, backward, AdamW), on random weights and inputs.
@@ -200,6 +216,8 @@ fn run(cmd: Command) -> Result<u8> {
         } => predict(&model, top_k, json, logits, batch_size, &inputs),
         Command::Convert { model, out, dtype } => convert(&model, &out, dtype),
         Command::Train(args) => train(args),
+        Command::Finetune(args) => finetune::finetune(args),
+        Command::Attention(args) => attention::attention(args),
         Command::Demo { out } => demo(&out),
         Command::Eval {
             model,
@@ -207,7 +225,17 @@ fn run(cmd: Command) -> Result<u8> {
             batch_size,
             confusion,
             json,
-        } => eval(&model, &dataset, batch_size, &confusion, json),
+            image_size,
+            classes,
+        } => eval(
+            &model,
+            &dataset,
+            batch_size,
+            &confusion,
+            json,
+            image_size.as_deref(),
+            classes.as_deref(),
+        ),
         Command::Bench {
             model,
             train,
@@ -219,7 +247,7 @@ fn run(cmd: Command) -> Result<u8> {
     }
 }
 
-fn load(path: &Path) -> Result<Checkpoint> {
+pub(crate) fn load(path: &Path) -> Result<Checkpoint> {
     // vitrs errors name the file themselves.
     vitrs::load(path).context("cannot load model")
 }
@@ -508,11 +536,43 @@ struct TrainArgs {
     /// Override the dataset (a name or a directory).
     #[arg(long)]
     dataset: Option<String>,
+    /// Use only these classes of the dataset, renumbered from 0 (e.g. `0-4` or `0,2,4`).
+    #[arg(long, value_name = "LIST")]
+    classes: Option<String>,
+    /// Train on this many images per class (a seeded choice).
+    #[arg(long, value_name = "N")]
+    per_class: Option<usize>,
+}
+
+/// `5-9`, `0,2,4` or a mix (`0-2,7`) as class indices, in the order given.
+pub(crate) fn parse_classes(s: &str) -> Result<Vec<usize>> {
+    let mut out = vec![];
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let num = |t: &str| {
+            t.trim().parse::<usize>().with_context(|| {
+                format!("`{s}`: `{t}` is not a class index (e.g. `5-9` or `0,2,4`)")
+            })
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b || b - a > 100_000 {
+                    bail!("`{s}`: `{part}` is not an increasing range");
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(num(part)?),
+        }
+    }
+    if out.is_empty() {
+        bail!("--classes `{s}` names no class");
+    }
+    Ok(out)
 }
 
 /// Progress on stderr: one rewritten line on a terminal, a line per report otherwise.
-struct Bar {
-    tty: bool,
+pub(crate) struct Bar {
+    pub(crate) tty: bool,
 }
 
 fn hms(s: f64) -> String {
@@ -572,7 +632,7 @@ impl Hooks for Bar {
 }
 
 fn train(a: TrainArgs) -> Result<u8> {
-    let mut trainer = match (&a.resume, &a.config, &a.out) {
+    let trainer = match (&a.resume, &a.config, &a.out) {
         (Some(dir), _, _) => Trainer::resume(dir, a.epochs)
             .with_context(|| format!("cannot resume {}", dir.display()))?,
         (None, Some(cfg), Some(out)) => {
@@ -595,11 +655,22 @@ fn train(a: TrainArgs) -> Result<u8> {
             if let Some(d) = a.dataset {
                 run.data.dataset = d;
             }
+            if let Some(c) = &a.classes {
+                run.data.classes = Some(parse_classes(c)?);
+            }
+            if let Some(k) = a.per_class {
+                run.data.per_class = Some(k);
+            }
             run.validate()?;
             Trainer::new(run, out)?
         }
         _ => bail!("give --config FILE --out RUN_DIR, or --resume RUN_DIR"),
     };
+    drive(trainer, a.max_steps)
+}
+
+/// Runs a built trainer to the end (or a stop): Ctrl-C handling, progress, the final summary.
+pub(crate) fn drive(mut trainer: Trainer, max_steps: Option<u64>) -> Result<u8> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -627,6 +698,9 @@ fn train(a: TrainArgs) -> Result<u8> {
         trainer.total_steps(),
         trainer.dir().display()
     );
+    for note in &trainer.transfer_notes {
+        eprintln!("fine-tuning: {note}");
+    }
     if trainer.pos.step > 0 {
         eprintln!(
             "resuming at step {} (epoch {}, batch {})",
@@ -636,7 +710,7 @@ fn train(a: TrainArgs) -> Result<u8> {
     let mut bar = Bar {
         tty: std::io::stderr().is_terminal(),
     };
-    let outcome = trainer.run(&mut bar, &stop, a.max_steps)?;
+    let outcome = trainer.run(&mut bar, &stop, max_steps)?;
     let dir = trainer.dir().to_path_buf();
     match outcome {
         Outcome::Finished(r) => {
@@ -660,11 +734,40 @@ fn train(a: TrainArgs) -> Result<u8> {
     }
 }
 
-fn eval(path: &Path, dataset: &str, batch: usize, confusion: &Path, as_json: bool) -> Result<u8> {
-    let ck = load(path)?;
+fn eval(
+    path: &Path,
+    dataset: &str,
+    batch: usize,
+    confusion: &Path,
+    as_json: bool,
+    image_size: Option<&str>,
+    classes: Option<&str>,
+) -> Result<u8> {
+    use vitrs::data::{Resized, Subset};
+    let mut ck = load(path)?;
+    if let Some(s) = image_size {
+        let [h, w] = finetune::parse_size(s)?;
+        let a = vitrs::train::transfer::at_resolution(&ck.model, (h, w))?;
+        for note in &a.changes {
+            eprintln!("eval at {h}x{w}: {note}");
+        }
+        ck.model = a.model;
+        (ck.preprocess.height, ck.preprocess.width) = (h, w);
+    }
     let cfg = ck.model.config();
     let size = (cfg.channels, cfg.image_height, cfg.image_width);
-    let data = vitrs::data::open(dataset, vitrs::data::Split::Test, size)?;
+    let mut data = vitrs::data::open(dataset, vitrs::data::Split::Test, size)?;
+    if let Some(c) = classes {
+        let cs = parse_classes(c)?;
+        let k = data.classes().len();
+        if let Some(bad) = cs.iter().find(|&&c| c >= k) {
+            bail!("--classes names class {bad}, but the dataset has {k} classes");
+        }
+        data = Arc::new(Subset::of_classes(data, &cs));
+    }
+    if image_size.is_some() && data.shape() != size {
+        data = Arc::new(Resized::new(data, (size.1, size.2))?);
+    }
     if data.shape() != size {
         bail!(
             "dataset images are {:?} (C, H, W) but the model takes {size:?}; evaluate a model trained at the dataset's size",
@@ -805,6 +908,39 @@ fn demo(out: &Path) -> Result<u8> {
         );
         preds.push(json!({"image": file, "true": trainer.labels[y], "predicted": trainer.labels[best], "prob": p}));
     }
+    // Where the model looked: attention rollout over the same images.
+    let rollout = [(
+        "rollout".to_string(),
+        vitrs::attnmap::Method::Rollout {
+            fusion: vitrs::attnmap::HeadFusion::Mean,
+            discard_ratio: 0.0,
+        },
+    )];
+    let files: Vec<PathBuf> = preds
+        .iter()
+        .filter_map(|p| p["image"].as_str().map(PathBuf::from))
+        .collect();
+    let labels = trainer.labels.clone();
+    let label_of = |i: usize| {
+        labels
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("class_{i}"))
+    };
+    let rows = attention::figure_rows(
+        &trainer.model,
+        &trainer.preprocess,
+        &label_of,
+        &files,
+        &rollout,
+        0.5,
+        None,
+    )?;
+    vitrs::viz::heatmap::plot_rows(
+        &out.join("attention.png"),
+        "attention rollout: where the class token looks",
+        &rows,
+    )?;
     let pj = out.join("predictions.json");
     std::fs::write(&pj, serde_json::to_string_pretty(&preds)?)
         .with_context(|| format!("cannot write {}", pj.display()))?;
@@ -814,6 +950,7 @@ fn demo(out: &Path) -> Result<u8> {
         ("confusion matrix", vitrs::train::trainer::CONFUSION),
         ("model", vitrs::train::trainer::MODEL),
         ("predictions", "predictions.json"),
+        ("attention maps", "attention.png"),
         ("metrics", vitrs::train::trainer::METRICS),
     ] {
         println!("{what:<17} {}", out.join(f).display());

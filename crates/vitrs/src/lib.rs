@@ -8,6 +8,7 @@
 //! norm → pool → head) → logits; [`checkpoint::load`] builds a model from a file.
 //! The shape legend is in the [`model`] module docs.
 
+pub mod attnmap;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

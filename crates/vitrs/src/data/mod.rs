@@ -143,6 +143,83 @@ pub fn split_indices(n: usize, fraction: f32, seed: u64) -> (Vec<usize>, Vec<usi
     (idx, val)
 }
 
+/// The first `per_class` items of each class after a seeded shuffle (fewer where a class has
+/// fewer): the few-labels training sets of transfer experiments.
+pub fn per_class_indices(ds: &dyn Dataset, per_class: usize, seed: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..ds.len()).collect();
+    crate::model::Rng::new(seed ^ 0xFE_1AB5).shuffle(&mut idx);
+    let mut taken = vec![0usize; ds.classes().len()];
+    let mut keep: Vec<usize> = idx
+        .into_iter()
+        .filter(|&i| {
+            let c = ds.label(i);
+            let ok = taken.get(c).is_some_and(|&t| t < per_class);
+            if ok {
+                taken[c] += 1;
+            }
+            ok
+        })
+        .collect();
+    keep.sort_unstable();
+    keep
+}
+
+/// Another dataset's images resized to `(h, w)` (bilinear, as Pillow resizes 8-bit images):
+/// fine-tuning at a higher resolution than the data was made at.
+pub struct Resized {
+    base: Arc<dyn Dataset>,
+    h: usize,
+    w: usize,
+}
+
+impl Resized {
+    pub fn new(base: Arc<dyn Dataset>, (h, w): (usize, usize)) -> Result<Self> {
+        if h == 0 || w == 0 || h > 4096 || w > 4096 {
+            return Err(Error::BadInput(format!(
+                "resize to {h}x{w}: each side must be between 1 and 4096 pixels"
+            )));
+        }
+        Ok(Resized { base, h, w })
+    }
+}
+
+impl Dataset for Resized {
+    fn len(&self) -> usize {
+        self.base.len()
+    }
+    fn shape(&self) -> (usize, usize, usize) {
+        (self.base.shape().0, self.h, self.w)
+    }
+    fn classes(&self) -> &[String] {
+        self.base.classes()
+    }
+    fn label(&self, i: usize) -> usize {
+        self.base.label(i)
+    }
+    fn image(&self, i: usize, out: &mut [u8]) -> Result<()> {
+        let (c, h0, w0) = self.base.shape();
+        let mut src = vec![0u8; c * h0 * w0];
+        self.base.image(i, &mut src)?;
+        let planes = crate::resample::Planes {
+            c,
+            h: h0,
+            w: w0,
+            data: src.iter().map(|&v| v as f32).collect(),
+        };
+        let r = crate::resample::resize_planes(
+            &planes,
+            self.h,
+            self.w,
+            crate::preprocess::Interpolation::Bilinear,
+            true,
+        );
+        for (o, v) in out.iter_mut().zip(&r.data) {
+            *o = v.round().clamp(0.0, 255.0) as u8;
+        }
+        Ok(())
+    }
+}
+
 /// Which part of a dataset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Split {

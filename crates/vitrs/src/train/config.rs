@@ -112,6 +112,17 @@ pub struct DataSpec {
     /// Loader threads building batches.
     #[serde(default = "one")]
     pub workers: usize,
+    /// Use only these classes of the dataset, renumbered 0.. in this order (e.g.
+    /// `[5, 6, 7, 8, 9]`), in training and evaluation alike.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<usize>>,
+    /// Keep only this many training images per class (a seeded choice); evaluation is untouched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_class: Option<usize>,
+    /// Resize every image to `[height, width]` (bilinear) before augmentation: fine-tuning at
+    /// a higher resolution than the data comes in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize: Option<[usize; 2]>,
 }
 
 fn one() -> usize {
@@ -172,6 +183,30 @@ pub struct RunConfig {
     #[serde(default)]
     pub augment: Augment,
     pub train: TrainSpec,
+    /// Start from a trained checkpoint instead of random weights (`vit finetune`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<FinetuneSpec>,
+}
+
+/// Transfer from a pre-trained model: its head is replaced by a zero-initialised linear layer
+/// for the new classes and its position embeddings are resampled to the new patch grid; the
+/// `[model]` section is then ignored (the architecture is the checkpoint's).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneSpec {
+    /// Any checkpoint `vit` reads (native, Hugging Face, timm).
+    pub from: String,
+    /// Freeze the embeddings and the first k blocks (0: train everything).
+    #[serde(default)]
+    pub freeze_blocks: usize,
+    /// Layer-wise learning-rate decay: block i of L trains at `lr · decay^(L − i)` (blocks
+    /// counted from 1, embeddings at `decay^(L+1)`, head and final norm at `lr`); 1: off.
+    #[serde(default = "one_f32")]
+    pub layer_decay: f32,
+}
+
+fn one_f32() -> f32 {
+    1.0
 }
 
 impl RunConfig {
@@ -189,6 +224,22 @@ impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         let t = &self.train;
         let bad = |m: &str| Err(Error::InvalidConfig(m.to_string()));
+        if let Some(f) = &self.finetune {
+            if !(f.layer_decay > 0.0 && f.layer_decay <= 1.0) {
+                return bad("[finetune] layer_decay must be in (0, 1]");
+            }
+        }
+        if self.data.classes.as_ref().is_some_and(|c| c.is_empty()) {
+            return bad("[data] classes must name at least one class");
+        }
+        if self.data.per_class == Some(0) {
+            return bad("[data] per_class must be at least 1");
+        }
+        if let Some([h, w]) = self.data.resize {
+            if h == 0 || w == 0 || h > 4096 || w > 4096 {
+                return bad("[data] resize sides must be between 1 and 4096");
+            }
+        }
         if t.batch_size == 0 || t.accum_steps == 0 || t.epochs == 0 {
             return bad("[train] batch_size, accum_steps and epochs must be at least 1");
         }

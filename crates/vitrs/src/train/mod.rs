@@ -7,6 +7,7 @@ pub mod optim;
 pub mod schedule;
 pub mod state;
 pub mod trainer;
+pub mod transfer;
 
 pub use config::{ModelSpec, RunConfig};
 pub use eval::{evaluate, EvalResult};

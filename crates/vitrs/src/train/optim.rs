@@ -56,6 +56,8 @@ pub struct Optimizer {
     pub t: u64,
     /// Per element of the flat buffer: whether weight decay applies.
     decay: Vec<bool>,
+    /// Per element: a factor on the learning rate (layer-wise decay; 0 freezes). None: all 1.
+    scale: Option<Vec<f32>>,
 }
 
 /// Elements per parallel task in the update loops.
@@ -78,13 +80,24 @@ impl Optimizer {
             },
             t: 0,
             decay,
+            scale: None,
         }
+    }
+
+    /// Sets per-element learning-rate factors (see [`super::transfer::lr_scales`]); `None`
+    /// trains every parameter at the scheduled rate.
+    pub fn set_lr_scales(&mut self, scale: Option<Vec<f32>>) {
+        debug_assert!(scale.as_ref().is_none_or(|s| s.len() == self.decay.len()));
+        self.scale = scale;
     }
 
     /// One update of `params` with `grads` at learning rate `lr`.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32) {
         self.t += 1;
         let mask = &self.decay;
+        let scale = self.scale.as_deref();
+        // This chunk's learning-rate factors, when there are any.
+        let chunk_scale = |ci: usize, len: usize| scale.map(|s| &s[ci * CHUNK..ci * CHUNK + len]);
         match self.kind {
             OptimizerKind::AdamW {
                 beta1,
@@ -94,7 +107,6 @@ impl Optimizer {
             } => {
                 let bc1 = 1.0 - beta1.powi(self.t.min(i32::MAX as u64) as i32);
                 let bc2 = 1.0 - beta2.powi(self.t.min(i32::MAX as u64) as i32);
-                let step = lr / bc1;
                 let inv_sqrt_bc2 = 1.0 / bc2.sqrt();
                 params
                     .par_chunks_mut(CHUNK)
@@ -102,14 +114,17 @@ impl Optimizer {
                     .zip(self.m.par_chunks_mut(CHUNK))
                     .zip(self.v.par_chunks_mut(CHUNK))
                     .zip(mask.par_chunks(CHUNK))
-                    .for_each(|((((p, g), m), v), dm)| {
+                    .enumerate()
+                    .for_each(|(ci, ((((p, g), m), v), dm))| {
+                        let sc = chunk_scale(ci, p.len());
                         for i in 0..p.len() {
+                            let lr_i = sc.map_or(lr, |s| lr * s[i]);
                             if dm[i] {
-                                p[i] -= lr * weight_decay * p[i];
+                                p[i] -= lr_i * weight_decay * p[i];
                             }
                             m[i] = beta1 * m[i] + (1.0 - beta1) * g[i];
                             v[i] = beta2 * v[i] + (1.0 - beta2) * g[i] * g[i];
-                            p[i] -= step * m[i] / (v[i].sqrt() * inv_sqrt_bc2 + eps);
+                            p[i] -= lr_i / bc1 * m[i] / (v[i].sqrt() * inv_sqrt_bc2 + eps);
                         }
                     });
             }
@@ -122,15 +137,18 @@ impl Optimizer {
                     .zip(grads.par_chunks(CHUNK))
                     .zip(self.m.par_chunks_mut(CHUNK))
                     .zip(mask.par_chunks(CHUNK))
-                    .for_each(|(((p, g), buf), dm)| {
+                    .enumerate()
+                    .for_each(|(ci, (((p, g), buf), dm))| {
+                        let sc = chunk_scale(ci, p.len());
                         for i in 0..p.len() {
+                            let lr_i = sc.map_or(lr, |s| lr * s[i]);
                             let gi = if dm[i] {
                                 g[i] + weight_decay * p[i]
                             } else {
                                 g[i]
                             };
                             buf[i] = momentum * buf[i] + gi;
-                            p[i] -= lr * buf[i];
+                            p[i] -= lr_i * buf[i];
                         }
                     });
             }

@@ -15,10 +15,11 @@ use super::eval::{evaluate, EvalResult};
 use super::optim::{clip_global_norm, Optimizer};
 use super::schedule::Schedule;
 use super::state::{self, Position};
+use super::transfer;
 use crate::checkpoint::safetensors::SaveDtype;
 use crate::checkpoint::save_native;
 use crate::data::loader::{batches_per_epoch, derive_seed, Loader, LoaderConfig};
-use crate::data::{self, Dataset, Split, Subset};
+use crate::data::{self, Dataset, Resized, Split, Subset};
 use crate::error::{Error, Result};
 use crate::kernels::loss::Targets;
 use crate::model::{Regularization, TrainWorkspace, ViT};
@@ -75,6 +76,8 @@ pub struct Trainer {
     pub pos: Position,
     /// What the evaluation set is ("test split" or "validation split").
     pub eval_source: String,
+    /// What fine-tuning changed in the pre-trained model (empty for a run from scratch).
+    pub transfer_notes: Vec<String>,
     opt: Optimizer,
     tw: TrainWorkspace,
     train: Arc<dyn Dataset>,
@@ -85,9 +88,15 @@ pub struct Trainer {
 
 impl Trainer {
     /// Starts a run in `dir` (created; an existing checkpoint there is refused: use `resume`).
+    /// With a `[finetune]` section the model is the pre-trained checkpoint, adapted.
     pub fn new(run: RunConfig, dir: &Path) -> Result<Self> {
-        let (train, eval, eval_source) = open_data(&run, None)?;
-        Self::with_data(run, dir, train, eval, eval_source)
+        let source = match &run.finetune {
+            Some(ft) => Some(load_source(&ft.from)?),
+            None => None,
+        };
+        let (train, eval, eval_source) =
+            open_data(&run, source.as_ref().map(|ck| ck.model.config()))?;
+        Self::build(run, dir, train, eval, eval_source, source)
     }
 
     /// Like [`Trainer::new`] with the datasets given instead of opened from `run.data`
@@ -98,6 +107,21 @@ impl Trainer {
         train: Arc<dyn Dataset>,
         eval: Arc<dyn Dataset>,
         eval_source: String,
+    ) -> Result<Self> {
+        let source = match &run.finetune {
+            Some(ft) => Some(load_source(&ft.from)?),
+            None => None,
+        };
+        Self::build(run, dir, train, eval, eval_source, source)
+    }
+
+    fn build(
+        mut run: RunConfig,
+        dir: &Path,
+        train: Arc<dyn Dataset>,
+        eval: Arc<dyn Dataset>,
+        eval_source: String,
+        source: Option<crate::checkpoint::Checkpoint>,
     ) -> Result<Self> {
         if dir.join(CHECKPOINT).exists() {
             return Err(Error::BadInput(format!(
@@ -110,12 +134,27 @@ impl Trainer {
                 "the training or evaluation set is empty".into(),
             ));
         }
+        let classes = train.classes().len();
+        let (model, transfer_notes) = match source {
+            Some(ck) => {
+                // The pre-trained model's normalisation, unless the config sets its own.
+                if run.data.mean.is_none() && run.data.std.is_none() {
+                    run.data.mean = Some(ck.preprocess.mean.clone());
+                    run.data.std = Some(ck.preprocess.std.clone());
+                }
+                let a = transfer::adapt(&ck.model, train.shape(), classes)?;
+                (a.model, a.changes)
+            }
+            None => {
+                let cfg = run.model.resolve(train.shape(), classes)?;
+                (ViT::random(cfg, run.train.seed)?, vec![])
+            }
+        };
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let cfg = run.model.resolve(train.shape(), train.classes().len())?;
-        let model = ViT::random(cfg, run.train.seed)?;
         let labels = train.classes().to_vec();
         let preprocess = preprocess_for(&run, &model);
-        let opt = Optimizer::new(run.train.optimizer, model.params());
+        let mut opt = Optimizer::new(run.train.optimizer, model.params());
+        opt.set_lr_scales(lr_scales_for(&run, &model));
         std::fs::write(dir.join(CONFIG), run.to_toml())
             .map_err(|e| Error::io(dir.join(CONFIG), e))?;
         let _ = std::fs::remove_file(dir.join(METRICS));
@@ -126,6 +165,7 @@ impl Trainer {
             labels,
             pos: Position::default(),
             eval_source,
+            transfer_notes,
             opt,
             tw: TrainWorkspace::new(),
             train,
@@ -144,7 +184,8 @@ impl Trainer {
                 path.display()
             )));
         }
-        let (ck, mut run, opt, pos) = state::load(&path)?;
+        let (ck, mut run, mut opt, pos) = state::load(&path)?;
+        opt.set_lr_scales(lr_scales_for(&run, &ck.model));
         if let Some(e) = epochs {
             run.train.epochs = e;
         }
@@ -162,6 +203,7 @@ impl Trainer {
             preprocess: ck.preprocess,
             pos,
             eval_source,
+            transfer_notes: vec![],
             opt,
             tw: TrainWorkspace::new(),
             train,
@@ -516,15 +558,41 @@ type Sets = (Arc<dyn Dataset>, Arc<dyn Dataset>, String);
 
 /// Training and evaluation sets: the test split, or a held-out part of the training set.
 fn open_data(run: &RunConfig, model: Option<&crate::config::ViTConfig>) -> Result<Sets> {
-    // Folder datasets are resized to the model's size; IDX/CIFAR have their own.
-    let size = match model {
-        Some(c) => (c.channels, c.image_height, c.image_width),
-        None => {
+    // Folder datasets are decoded at this size; IDX/CIFAR have their own (then `resize`).
+    let size = match (run.data.resize, model) {
+        (Some([h, w]), m) => (m.map_or(3, |c| c.channels), h, w),
+        (None, Some(c)) => (c.channels, c.image_height, c.image_width),
+        (None, None) => {
             let s = run.model.image_size.unwrap_or(224);
             (3, s, s)
         }
     };
-    let train = data::open(&run.data.dataset, Split::Train, size)?;
+    let prepare = |ds: Arc<dyn Dataset>| -> Result<Arc<dyn Dataset>> {
+        let ds: Arc<dyn Dataset> = match &run.data.classes {
+            Some(cs) => {
+                let k = ds.classes().len();
+                if let Some(bad) = cs.iter().find(|&&c| c >= k) {
+                    return Err(Error::BadInput(format!(
+                        "[data] classes names class {bad}, but `{}` has {k} classes (0..{})",
+                        run.data.dataset,
+                        k - 1
+                    )));
+                }
+                Arc::new(Subset::of_classes(ds, cs))
+            }
+            None => ds,
+        };
+        let (_, h, w) = ds.shape();
+        Ok(match run.data.resize {
+            Some([rh, rw]) if (rh, rw) != (h, w) => Arc::new(Resized::new(ds, (rh, rw))?),
+            _ => ds,
+        })
+    };
+    let mut train = prepare(data::open(&run.data.dataset, Split::Train, size)?)?;
+    if let Some(k) = run.data.per_class {
+        let keep = data::per_class_indices(&*train, k, run.train.seed);
+        train = Arc::new(Subset::new(train, keep));
+    }
     if run.data.val_fraction > 0.0 {
         let (tr, va) = data::split_indices(train.len(), run.data.val_fraction, run.train.seed);
         let eval: Arc<dyn Dataset> = Arc::new(Subset::new(train.clone(), va));
@@ -534,8 +602,24 @@ fn open_data(run: &RunConfig, model: Option<&crate::config::ViTConfig>) -> Resul
             "validation split".into(),
         ));
     }
-    let test = data::open(&run.data.dataset, Split::Test, size)?;
+    let test = prepare(data::open(&run.data.dataset, Split::Test, size)?)?;
     Ok((train, test, "test split".into()))
+}
+
+/// The pre-trained model a fine-tuning run starts from.
+fn load_source(from: &str) -> Result<crate::checkpoint::Checkpoint> {
+    crate::checkpoint::load(Path::new(from))
+}
+
+/// Learning-rate factors of a fine-tuning run (freezing, layer-wise decay), if any.
+fn lr_scales_for(run: &RunConfig, model: &ViT) -> Option<Vec<f32>> {
+    let ft = run.finetune.as_ref()?;
+    transfer::lr_scales(
+        model.params(),
+        model.config().depth,
+        ft.freeze_blocks,
+        ft.layer_decay,
+    )
 }
 
 fn read_history(path: &Path, upto_step: u64) -> Vec<serde_json::Value> {

@@ -4,3 +4,4 @@
 pub mod canvas;
 pub mod confusion;
 pub mod curve;
+pub mod heatmap;
