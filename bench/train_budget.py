@@ -87,7 +87,7 @@ def main():
     std = d.get("std", [0.5])[0]
     # (N, 1, 28, 28) float, normalised; padding (crop) is applied to normalised zeros' image
     # value, i.e. black = (0 - mean) / std, as vitrs pads the raw image with 0 before normalising.
-    norm = lambda x: (torch.from_numpy(x).float().div(255.0).sub(mean).div(std)).unsqueeze(1)
+    norm = lambda x: (torch.from_numpy(x.copy()).float().div(255.0).sub(mean).div(std)).unsqueeze(1)
     xtr_t, xte_t = norm(xtr), norm(xte)
     ytr_t, yte_t = torch.from_numpy(ytr), torch.from_numpy(yte)
     pad = int(aug.get("crop_padding", 0))

@@ -4,8 +4,9 @@
 
 Usage (repository root, after `cargo build --release`):
     python bench/train_compare.py [--config configs/bench-train.toml] [--threads 2] [--reps 5]
-The model is the benchmark ViT of configs/bench-train.toml: 28x28x1, patch 4, D 192,
-depth 6, 3 heads, MLP 768, 10 classes, batch 128.
+The model is the [model] of --config (explicit dims; image size, channels and classes default
+to Fashion-MNIST's 28x28x1 and 10): by default the benchmark ViT of configs/bench-train.toml
+(patch 4, D 192, depth 6, 3 heads, MLP 768), batch 128.
 """
 import argparse
 import json
@@ -38,12 +39,16 @@ def main():
     import timm
 
     torch.set_num_threads(a.threads)
+    import tomllib
+    with open(a.config, "rb") as f:
+        m = tomllib.load(f)["model"]
     model = timm.models.vision_transformer.VisionTransformer(
-        img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=192, depth=6, num_heads=3,
-        mlp_ratio=4.0)
+        img_size=m.get("image_size", 28), patch_size=m["patch_size"], in_chans=m.get("channels", 1),
+        num_classes=m.get("num_classes", 10), embed_dim=m["width"], depth=m["depth"], num_heads=m["heads"],
+        mlp_ratio=m["mlp_dim"] / m["width"], global_pool="avg" if m.get("pool") == "mean" else "token")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    x = torch.randn(a.batch, 1, 28, 28)
+    x = torch.randn(a.batch, m.get("channels", 1), m.get("image_size", 28), m.get("image_size", 28))
     y = torch.arange(a.batch) % 10
 
     def torch_step():

@@ -567,6 +567,12 @@ pub(crate) fn parse_classes(s: &str) -> Result<Vec<usize>> {
     if out.is_empty() {
         bail!("--classes `{s}` names no class");
     }
+    let mut seen = out.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    if seen.len() != out.len() {
+        bail!("--classes `{s}` names a class twice");
+    }
     Ok(out)
 }
 

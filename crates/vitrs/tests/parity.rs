@@ -209,3 +209,25 @@ fn timm_position_table_is_resampled_like_timm() {
     .unwrap();
     assert_close("timm_resample pos_embed", &got, &want, 1e-5);
 }
+
+/// Google `.npz` checkpoints in both layouts (vision_transformer with a pre-logits layer,
+/// f32; big_vision with scan-stacked blocks, bf16) against logits computed by JAX
+/// (`tools/make_npz_fixtures.py`).
+#[test]
+fn google_npz_layouts_match_jax() {
+    for name in ["npz-vit", "npz-bigvision"] {
+        let dir = fixtures().join(name);
+        let ck = vitrs::load(&dir.join("model.npz")).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(ck.report.format, Format::GoogleNpz, "{name}");
+        assert!(
+            ck.report.unexpected.is_empty(),
+            "{name}: {:?}",
+            ck.report.unexpected
+        );
+        assert_eq!(ck.model.config().gelu, vitrs::config::Gelu::Tanh);
+        let x = read_npy(&dir.join("input.npy")).unwrap();
+        let want = read_npy(&dir.join("logits.npy")).unwrap();
+        let got = ck.model.logits(&x).unwrap();
+        assert_close(name, &got, &want, 1e-4);
+    }
+}

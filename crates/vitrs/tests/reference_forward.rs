@@ -3,6 +3,7 @@
 //! PyTorch fixtures cannot reach: post-norm blocks, the pre-training head (dense + tanh, then
 //! a classifier), mean pooling with and without fc_norm, several batch sizes.
 
+use vitrs::attnmap::{attention_map, image_attention, HeadFusion, Method};
 use vitrs::kernels::attention::{attention_ref, AttnDims};
 use vitrs::kernels::gemm::{linear_ref, Epilogue};
 use vitrs::kernels::layernorm::layernorm_ref;
@@ -216,6 +217,29 @@ fn check(cfg: ViTConfig, batch: usize) {
     let da = diff(out.attentions.as_ref().unwrap().data(), &want_attn);
     assert!(dl < 1e-4, "logits differ by {dl} for {cfg:?}");
     assert!(da < 1e-5, "attentions differ by {da} for {cfg:?}");
+    // Attention maps built from the fast path's capture equal those from the reference path.
+    let fast = out.attentions.as_ref().unwrap().data();
+    let methods = [
+        Method::Rollout {
+            fusion: HeadFusion::Mean,
+            discard_ratio: 0.2,
+        },
+        Method::Mean {
+            layer: cfg.depth - 1,
+            fusion: HeadFusion::Max,
+        },
+        Method::Head { layer: 0, head: 1 },
+    ];
+    for b in 0..batch {
+        for &method in &methods {
+            let got = attention_map(&cfg, &image_attention(&cfg, fast, batch, b), method).unwrap();
+            let want =
+                attention_map(&cfg, &image_attention(&cfg, &want_attn, batch, b), method).unwrap();
+            assert_eq!(got.grid, cfg.grid());
+            let dm = diff(&got.values, &want.values);
+            assert!(dm < 1e-5, "{method:?} maps differ by {dm} for {cfg:?}");
+        }
+    }
     assert_eq!(out.pre_logits.unwrap().shape(), &[batch, cfg.feature_dim()]);
 }
 

@@ -10,8 +10,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::safetensors::SafeTensors;
-use super::{apply, read_all, read_json, Checkpoint, Format, LoadReport};
+use super::{apply, read_json, read_weights, Checkpoint, Format, LoadReport};
 use crate::config::{Gelu, Head, NormPlacement, Pool, ViTConfig};
 use crate::error::{Error, Result};
 use crate::model::ViT;
@@ -349,10 +348,9 @@ fn preprocess_from(dir: &Path, cfg: &ViTConfig, notes: &mut Vec<String>) -> Resu
 }
 
 /// Loads a Hugging Face ViT from its weights, directory and parsed `config.json`.
-pub(crate) fn load(st: SafeTensors, dir: &Path, config: Value) -> Result<Checkpoint> {
-    let mut report = LoadReport::new(Format::HuggingFace, st.path());
-    let raw = read_all(&st, &mut report)?;
-    drop(st);
+pub(crate) fn load(weights: &Path, dir: &Path, config: Value) -> Result<Checkpoint> {
+    let mut report = LoadReport::new(Format::HuggingFace, weights);
+    let raw = read_weights(weights, &mut report)?;
     let tensors = convert(raw, &mut report)?;
     let cfg_path = dir.join("config.json");
     let (cfg, notes) = config_from(&config, &tensors, &cfg_path)?;

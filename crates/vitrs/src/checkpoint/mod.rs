@@ -10,9 +10,12 @@
 //!   and `model.safetensors` (see [`timm`]).
 
 pub mod hf;
+pub mod npz;
 pub mod posembed;
 pub mod safetensors;
 pub mod timm;
+pub mod torch;
+pub mod zip;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -41,6 +44,8 @@ pub enum Format {
     Native,
     HuggingFace,
     Timm,
+    /// Google's JAX/Flax `.npz` (vision_transformer or big_vision).
+    GoogleNpz,
 }
 
 impl fmt::Display for Format {
@@ -49,6 +54,7 @@ impl fmt::Display for Format {
             Format::Native => "native (vitrs safetensors)",
             Format::HuggingFace => "Hugging Face transformers",
             Format::Timm => "timm",
+            Format::GoogleNpz => "Google JAX .npz (vision_transformer / big_vision)",
         })
     }
 }
@@ -118,15 +124,15 @@ struct Located {
 /// Loads any supported checkpoint from a file or directory.
 pub fn load(path: &Path) -> Result<Checkpoint> {
     let loc = locate(path)?;
-    let st = SafeTensors::read(&loc.weights)?;
     match loc.format {
-        Format::Native => load_native(st),
+        Format::GoogleNpz => npz::load(&loc.weights),
+        Format::Native => load_native(SafeTensors::read(&loc.weights)?),
         Format::HuggingFace => hf::load(
-            st,
+            &loc.weights,
             loc.dir.as_deref().unwrap_or(Path::new(".")),
             loc.config.unwrap_or_default(),
         ),
-        Format::Timm => timm::load(st, loc.config.unwrap_or_default()),
+        Format::Timm => timm::load(&loc.weights, loc.config.unwrap_or_default()),
     }
 }
 
@@ -143,16 +149,14 @@ fn locate(path: &Path) -> Result<Located> {
     };
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let (dir, weights) = if meta.is_dir() {
-        let w = path.join("model.safetensors");
-        if !w.is_file() {
-            let hint = if path.join("pytorch_model.bin").exists() {
-                "it holds pytorch_model.bin, a pickle vitrs does not unpickle; save it as model.safetensors \
-                 (transformers: `model.save_pretrained(dir, safe_serialization=True)`)"
-            } else {
-                "a checkpoint directory needs model.safetensors next to config.json"
-            };
-            return Err(unknown(hint));
-        }
+        // safetensors first; PyTorch pickles are read by the restricted reader, never unpickled.
+        let w = ["model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth"]
+            .iter()
+            .map(|n| path.join(n))
+            .find(|w| w.is_file())
+            .ok_or_else(|| {
+                unknown("a checkpoint directory needs model.safetensors (or pytorch_model.bin) next to config.json")
+            })?;
         (path.to_path_buf(), w)
     } else {
         let name = path
@@ -171,13 +175,21 @@ fn locate(path: &Path) -> Result<Located> {
             || name.ends_with(".bin")
             || name.ends_with(".ckpt")
         {
-            return Err(unknown(
-                "PyTorch pickle checkpoints are not read (unpickling can run code); convert to safetensors: \
-                 `safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')` and add config.json",
-            ));
+            if !parent.join("config.json").is_file() {
+                return Err(unknown(
+                    "PyTorch weights without an architecture: put the config.json that came with them \
+                     (Hugging Face or timm) in the same directory",
+                ));
+            }
+            return locate_with_config(parent, path);
         }
         if name.ends_with(".npz") {
-            return Err(unknown("Google .npz checkpoints are not supported yet; use the timm or HF conversion of the model"));
+            return Ok(Located {
+                format: Format::GoogleNpz,
+                weights: path.to_path_buf(),
+                dir: None,
+                config: None,
+            });
         }
         // A lone safetensors file: native if it carries our config, else look for a config beside it.
         let st_head = SafeTensors::read(path);
@@ -200,12 +212,18 @@ fn locate(path: &Path) -> Result<Located> {
             Err(e) => return Err(e),
         }
     };
-    let cfg_path = dir.join("config.json");
-    if !cfg_path.is_file() {
+    if !dir.join("config.json").is_file() {
         return Err(unknown(
-            "no config.json beside model.safetensors; vitrs never guesses the architecture",
+            "no config.json beside the weights; vitrs never guesses the architecture",
         ));
     }
+    locate_with_config(&dir, &weights)
+}
+
+/// Hugging Face or timm, from the `config.json` in `dir`.
+fn locate_with_config(dir: &Path, weights: &Path) -> Result<Located> {
+    let (dir, weights) = (dir.to_path_buf(), weights.to_path_buf());
+    let cfg_path = dir.join("config.json");
     let config = read_json(&cfg_path)?;
     let format = if config.get("architecture").is_some() {
         Format::Timm
@@ -348,6 +366,41 @@ pub(crate) fn read_all(
         }
     }
     Ok(out)
+}
+
+/// Every tensor of a weights file as f32 under its own name: safetensors, or a PyTorch
+/// `torch.save` file read by the restricted reader ([`torch`]), which builds tensors only.
+pub(crate) fn read_weights(
+    path: &Path,
+    report: &mut LoadReport,
+) -> Result<BTreeMap<String, Tensor>> {
+    let is_pickle = path.extension().is_some_and(|e| {
+        ["bin", "pth", "pt", "ckpt"]
+            .iter()
+            .any(|x| e.eq_ignore_ascii_case(x))
+    });
+    if !is_pickle {
+        return read_all(&SafeTensors::read(path)?, report);
+    }
+    let (tensors, r) = torch::read(path)?;
+    report
+        .conversions
+        .push("PyTorch pickle read without unpickling (tensors and containers only)".into());
+    if let Some(k) = r.inner_key {
+        report.conversions.push(format!(
+            "weights taken from the training checkpoint's `{k}` entry"
+        ));
+    }
+    report.conversions.extend(r.converted);
+    for s in r.skipped {
+        report.unexpected.push(format!("{s} (integer buffer)"));
+    }
+    if !r.opaque.is_empty() {
+        report
+            .conversions
+            .push(format!("left unbuilt (never run): {}", r.opaque.join(", ")));
+    }
+    Ok(tensors)
 }
 
 fn load_native(st: SafeTensors) -> Result<Checkpoint> {

@@ -5,8 +5,9 @@
 
 use serde_json::{Map, Value};
 
-use super::safetensors::SafeTensors;
-use super::{apply, read_all, Checkpoint, Format, LoadReport};
+use std::path::Path;
+
+use super::{apply, read_weights, Checkpoint, Format, LoadReport};
 use crate::config::{Gelu, Pool, ViTConfig};
 use crate::error::{Error, Result};
 use crate::model::ViT;
@@ -206,12 +207,11 @@ fn labels_from(v: &Value, k: usize) -> Option<Vec<String>> {
 }
 
 /// Loads a timm ViT from its weights and parsed `config.json`.
-pub(crate) fn load(st: SafeTensors, config: Value) -> Result<Checkpoint> {
-    let cfg_path = st.path().with_file_name("config.json");
-    let mut report = LoadReport::new(Format::Timm, st.path());
+pub(crate) fn load(weights: &Path, config: Value) -> Result<Checkpoint> {
+    let cfg_path = weights.with_file_name("config.json");
+    let mut report = LoadReport::new(Format::Timm, weights);
     let cfg = config_from(&config, &cfg_path)?;
-    let mut tensors = read_all(&st, &mut report)?;
-    drop(st);
+    let mut tensors = read_weights(weights, &mut report)?;
     // Checkpoints saved from a DataParallel/DDP wrapper prefix every key with `module.`.
     if tensors.keys().all(|k| k.starts_with("module.")) {
         tensors = tensors

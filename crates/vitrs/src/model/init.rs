@@ -83,27 +83,43 @@ impl Rng {
         self.0
     }
 
-    /// Normal with σ `std`, redrawn until within ±2σ (timm's `trunc_normal_(std=.02)`).
+    /// Normal with σ `std`, redrawn until within ±2 — absolute bounds, as timm's
+    /// `trunc_normal_(std=.02)` (a = −2, b = 2), which for σ 0.02 never cut.
     pub fn trunc_normal(&mut self, std: f64) -> f32 {
         loop {
-            let z = self.normal();
-            if z.abs() <= 2.0 {
-                return (z * std) as f32;
+            let v = self.normal() * std;
+            if v.abs() <= 2.0 {
+                return v as f32;
             }
         }
     }
 }
 
-/// Fills `params` in place.
+/// Fills `params` in place, as timm's `VisionTransformer` initialises itself (`weight_init=''`):
+/// linear weights and the position embedding normal σ 0.02 (truncated at ±2), biases 0,
+/// LayerNorm weights 1, the class token normal σ 1e-6, and the patch projection — a
+/// convolution, which timm leaves at PyTorch's default — uniform in ±1/√fan_in (weight and
+/// bias, fan_in = C·P·P). The head is zero (the paper's choice for fine-tuning; harmless from
+/// scratch, where the first steps fill it).
 pub(crate) fn init_params(params: &mut Params, seed: u64) {
     let mut rng = Rng::new(seed);
     let entries = params.entries().to_vec();
+    let patch_fan_in = params
+        .entry("patch_embed.proj.weight")
+        .map_or(1, |e| e.shape[1..].iter().product::<usize>().max(1));
+    let patch_bound = 1.0 / (patch_fan_in as f64).sqrt();
     let flat = params.flat_mut();
     for e in entries {
         let dst = &mut flat[e.range.clone()];
         let is_norm = e.name.contains("norm");
         if e.name.starts_with("head.") {
             dst.fill(0.0); // zero-initialised head (paper, §3.1 fine-tuning)
+        } else if e.name.starts_with("patch_embed.proj.") {
+            dst.iter_mut()
+                .for_each(|v| *v = ((2.0 * rng.uniform() - 1.0) * patch_bound) as f32);
+        } else if e.name == "cls_token" {
+            dst.iter_mut()
+                .for_each(|v| *v = (rng.normal() * 1e-6) as f32);
         } else if e.name.ends_with(".bias") {
             dst.fill(0.0);
         } else if is_norm && e.name.ends_with(".weight") {

@@ -229,8 +229,16 @@ impl RunConfig {
                 return bad("[finetune] layer_decay must be in (0, 1]");
             }
         }
-        if self.data.classes.as_ref().is_some_and(|c| c.is_empty()) {
-            return bad("[data] classes must name at least one class");
+        if let Some(cs) = &self.data.classes {
+            if cs.is_empty() {
+                return bad("[data] classes must name at least one class");
+            }
+            let mut seen = cs.clone();
+            seen.sort_unstable();
+            seen.dedup();
+            if seen.len() != cs.len() {
+                return bad("[data] classes names a class twice");
+            }
         }
         if self.data.per_class == Some(0) {
             return bad("[data] per_class must be at least 1");

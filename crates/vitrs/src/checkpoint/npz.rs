@@ -1,0 +1,435 @@
+//! Google's `.npz` checkpoints (a ZIP of `.npy` arrays with `/`-joined Flax names), as
+//! released by google-research/vision_transformer and big_vision, converted to the canonical
+//! (timm) names and layouts:
+//!
+//! | Flax | canonical |
+//! |---|---|
+//! | `embedding/kernel (P, P, C, D)` (HWIO) | `patch_embed.proj.weight (D, C, P, P)` |
+//! | `cls (1, 1, D)` | `cls_token` |
+//! | `Transformer/posembed_input/pos_embedding` or `pos_embedding` | `pos_embed` |
+//! | `…/MultiHeadDotProductAttention_*/{query,key,value}/kernel (D, nh, hd)` | fused `attn.qkv.weight (3D, D)` |
+//! | `…/MultiHeadDotProductAttention_*/out/kernel (nh, hd, D)` | `attn.proj.weight (D, D)` |
+//! | `…/MlpBlock_*/Dense_{0,1}/kernel (in, out)` | `mlp.fc{1,2}.weight (out, in)` |
+//! | `LayerNorm_*/scale`, `encoder_norm` | `norm*.weight`, `norm` |
+//! | `pre_logits/kernel`, `head/kernel` | `pre_logits.fc`, `head` |
+//!
+//! Layouts: the original (`encoderblock_{i}` holding `LayerNorm_0`, `MultiHeadDotProductAttention_1`,
+//! `LayerNorm_2`, `MlpBlock_3`) and big_vision's (`params/` prefix, top-level `pos_embedding`,
+//! `LayerNorm_0`, `MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`, and the
+//! scan-stacked `encoderblock/…` with a leading layer axis). Flax's defaults hold for both:
+//! GELU in its tanh form and LayerNorm eps 1e-6; inputs are scaled to [-1, 1].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::zip::ZipArchive;
+use super::{apply, Checkpoint, Format, LoadReport};
+use crate::config::{Gelu, Head, NormPlacement, Pool, ViTConfig};
+use crate::error::{Error, Result};
+use crate::model::ViT;
+use crate::preprocess::{Interpolation, Preprocess, Resize};
+use crate::tensor::Tensor;
+
+/// Reads every `.npy` member of an `.npz` file under its name without the extension.
+pub fn read_npz(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let zip = ZipArchive::open(path)?;
+    let mut out = BTreeMap::new();
+    for e in zip.entries() {
+        let Some(name) = e.name.strip_suffix(".npy") else {
+            continue;
+        };
+        let bytes = zip.read(e)?;
+        let member = path.join(&e.name);
+        out.insert(name.to_string(), crate::npy::parse_npy(&member, &bytes)?);
+    }
+    Ok(out)
+}
+
+/// The names of one encoder block's sub-modules in a layout.
+struct BlockNames {
+    ln1: &'static str,
+    attn: &'static str,
+    ln2: &'static str,
+    mlp: &'static str,
+}
+
+const ORIGINAL: BlockNames = BlockNames {
+    ln1: "LayerNorm_0",
+    attn: "MultiHeadDotProductAttention_1",
+    ln2: "LayerNorm_2",
+    mlp: "MlpBlock_3",
+};
+const BIG_VISION: BlockNames = BlockNames {
+    ln1: "LayerNorm_0",
+    attn: "MultiHeadDotProductAttention_0",
+    ln2: "LayerNorm_1",
+    mlp: "MlpBlock_0",
+};
+
+/// `(r, c)` → `(c, r)`.
+fn transpose(t: &Tensor, r: usize, c: usize) -> Vec<f32> {
+    let d = t.data();
+    let mut out = vec![0.0; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            out[j * r + i] = d[i * c + j];
+        }
+    }
+    out
+}
+
+pub(crate) fn load(path: &Path) -> Result<Checkpoint> {
+    let bad = |r: String| Error::malformed(path, "Google .npz checkpoint", r);
+    let raw = read_npz(path)?;
+    let mut report = LoadReport::new(Format::GoogleNpz, path);
+    // big_vision prefixes everything with `params/`.
+    let big_vision_prefix = raw.keys().all(|k| k.starts_with("params/"));
+    let raw: BTreeMap<String, Tensor> = raw
+        .into_iter()
+        .map(|(k, v)| {
+            let k = if big_vision_prefix {
+                k["params/".len()..].to_string()
+            } else {
+                k
+            };
+            (k, v)
+        })
+        .collect();
+    let get = |k: &str| -> Result<&Tensor> {
+        raw.get(k)
+            .ok_or_else(|| bad(format!("array `{k}` is missing; is this a ViT checkpoint?")))
+    };
+    // Which layout: block sub-module names, and whether blocks are scan-stacked.
+    let scanned = raw.contains_key("Transformer/encoderblock/LayerNorm_0/scale");
+    let block_prefix = |i: usize| {
+        if scanned {
+            "Transformer/encoderblock".to_string()
+        } else {
+            format!("Transformer/encoderblock_{i}")
+        }
+    };
+    let (names, original) = if raw.contains_key(&format!(
+        "{}/{}/query/kernel",
+        block_prefix(0),
+        ORIGINAL.attn
+    )) {
+        (&ORIGINAL, true)
+    } else if raw.contains_key(&format!(
+        "{}/{}/query/kernel",
+        block_prefix(0),
+        BIG_VISION.attn
+    )) {
+        (&BIG_VISION, false)
+    } else {
+        return Err(bad(
+            "no encoder block found (expected Transformer/encoderblock_0/MultiHeadDotProductAttention_1 \
+             or big_vision's MultiHeadDotProductAttention_0)"
+                .into(),
+        ));
+    };
+    let layout = match (original, scanned) {
+        (true, _) => "vision_transformer",
+        (false, false) => "big_vision",
+        (false, true) => "big_vision, scan-stacked blocks",
+    };
+    report
+        .conversions
+        .push(format!("read {} arrays ({layout} layout)", raw.len()));
+
+    // Architecture from the shapes.
+    let emb = get("embedding/kernel")?;
+    let [kh, kw, c, d] = emb.shape() else {
+        return Err(bad(format!(
+            "embedding/kernel has shape {:?}, expected (P, P, C, D)",
+            emb.shape()
+        )));
+    };
+    let (kh, kw, c, d) = (*kh, *kw, *c, *d);
+    if kh != kw {
+        return Err(bad(format!(
+            "non-square patches ({kh}x{kw}) are not supported"
+        )));
+    }
+    let depth = if scanned {
+        get("Transformer/encoderblock/LayerNorm_0/scale")?.shape()[0]
+    } else {
+        (0..)
+            .take_while(|i| {
+                raw.contains_key(&format!("Transformer/encoderblock_{i}/LayerNorm_0/scale"))
+            })
+            .count()
+    };
+    let q0 = get(&format!("{}/{}/query/kernel", block_prefix(0), names.attn))?;
+    let qs = q0.shape();
+    let heads = if scanned { qs.get(2) } else { qs.get(1) }
+        .copied()
+        .ok_or_else(|| {
+            bad(format!(
+                "query kernel has shape {qs:?}, expected (D, heads, head_dim)"
+            ))
+        })?;
+    let fc1 = get(&format!("{}/{}/Dense_0/kernel", block_prefix(0), names.mlp))?;
+    let mlp_dim = *fc1.shape().last().unwrap_or(&0);
+    if !raw.contains_key("cls") {
+        return Err(bad(
+            "this model has no class token (big_vision pool_type gap/map); only class-token models \
+             are read so far"
+                .into(),
+        ));
+    }
+    let pos_key = if raw.contains_key("Transformer/posembed_input/pos_embedding") {
+        "Transformer/posembed_input/pos_embedding"
+    } else {
+        "pos_embedding"
+    };
+    let pos = get(pos_key)?;
+    let tokens = pos.shape().get(1).copied().unwrap_or(0);
+    let (gh, gw) = super::posembed::square_grid(tokens, 1).ok_or_else(|| {
+        bad(format!(
+            "position table of {tokens} rows is not a class token plus a square grid"
+        ))
+    })?;
+    let pre_logits = raw
+        .get("pre_logits/kernel")
+        .map(|t| *t.shape().last().unwrap_or(&0));
+    let num_classes = raw
+        .get("head/kernel")
+        .map_or(0, |t| *t.shape().last().unwrap_or(&0));
+    let qkv_bias = raw.contains_key(&format!("{}/{}/query/bias", block_prefix(0), names.attn));
+    let mut cfg = ViTConfig::preset("Ti/16")?;
+    (
+        cfg.image_height,
+        cfg.image_width,
+        cfg.patch_size,
+        cfg.channels,
+    ) = (gh * kh, gw * kh, kh, c);
+    (
+        cfg.width,
+        cfg.depth,
+        cfg.heads,
+        cfg.mlp_dim,
+        cfg.num_classes,
+    ) = (d, depth, heads, mlp_dim, num_classes);
+    cfg.pool = Pool::Cls;
+    cfg.fc_norm = false;
+    cfg.norm = NormPlacement::Pre;
+    cfg.head = match pre_logits {
+        Some(hidden) => Head::PreLogits { hidden },
+        None => Head::Linear,
+    };
+    cfg.gelu = Gelu::Tanh;
+    cfg.qkv_bias = qkv_bias;
+    cfg.layer_norm_eps = 1e-6;
+    cfg.validate()?;
+    report
+        .conversions
+        .push("GELU in its tanh form and LayerNorm eps 1e-6 (Flax defaults)".into());
+
+    // Tensors under canonical names.
+    let mut t: BTreeMap<String, Tensor> = BTreeMap::new();
+    let put = |t: &mut BTreeMap<String, Tensor>,
+               k: &str,
+               shape: Vec<usize>,
+               data: Vec<f32>|
+     -> Result<()> {
+        t.insert(k.to_string(), Tensor::new(shape, data)?);
+        Ok(())
+    };
+    // HWIO (P, P, C, D) -> OIHW (D, C, P, P).
+    let p = kh;
+    let mut w = vec![0.0; d * c * p * p];
+    for y in 0..p {
+        for x in 0..p {
+            for ci in 0..c {
+                for o in 0..d {
+                    w[((o * c + ci) * p + y) * p + x] = emb.data()[((y * p + x) * c + ci) * d + o];
+                }
+            }
+        }
+    }
+    put(&mut t, "patch_embed.proj.weight", vec![d, c, p, p], w)?;
+    put(
+        &mut t,
+        "patch_embed.proj.bias",
+        vec![d],
+        get("embedding/bias")?.data().to_vec(),
+    )?;
+    put(
+        &mut t,
+        "cls_token",
+        vec![1, 1, d],
+        get("cls")?.data().to_vec(),
+    )?;
+    put(&mut t, "pos_embed", vec![1, tokens, d], pos.data().to_vec())?;
+    report.conversions.push(format!(
+        "patch kernel HWIO -> OIHW, dense kernels transposed, per-head q/k/v fused into qkv ({})",
+        if scanned {
+            "blocks split from the scan axis"
+        } else {
+            "per block"
+        }
+    ));
+    // One block's array: a slice of the stacked array when scanned.
+    let block = |i: usize, rest: &str| -> Result<Tensor> {
+        let a = get(&format!("{}/{rest}", block_prefix(i)))?;
+        if !scanned {
+            return Ok(a.clone());
+        }
+        let s = a.shape();
+        if s.first() != Some(&depth) {
+            return Err(bad(format!(
+                "stacked array {rest} has shape {s:?}, expected a leading axis of {depth}"
+            )));
+        }
+        let per = a.numel() / depth;
+        Tensor::new(s[1..].to_vec(), a.data()[i * per..(i + 1) * per].to_vec())
+    };
+    for i in 0..depth {
+        let pre = format!("blocks.{i}");
+        for (flax, ours) in [(names.ln1, "norm1"), (names.ln2, "norm2")] {
+            put(
+                &mut t,
+                &format!("{pre}.{ours}.weight"),
+                vec![d],
+                block(i, &format!("{flax}/scale"))?.into_data(),
+            )?;
+            put(
+                &mut t,
+                &format!("{pre}.{ours}.bias"),
+                vec![d],
+                block(i, &format!("{flax}/bias"))?.into_data(),
+            )?;
+        }
+        // q/k/v kernels (D, nh, hd) are (in, out) matrices; qkv.weight rows are [q; k; v] outputs.
+        let mut qkv_w = Vec::with_capacity(3 * d * d);
+        let mut qkv_b = Vec::with_capacity(3 * d);
+        for which in ["query", "key", "value"] {
+            let k = block(i, &format!("{}/{which}/kernel", names.attn))?;
+            if k.numel() != d * d {
+                return Err(bad(format!(
+                    "block {i} {which} kernel has shape {:?}",
+                    k.shape()
+                )));
+            }
+            qkv_w.extend(transpose(&k, d, d));
+            if qkv_bias {
+                qkv_b.extend(block(i, &format!("{}/{which}/bias", names.attn))?.into_data());
+            }
+        }
+        put(
+            &mut t,
+            &format!("{pre}.attn.qkv.weight"),
+            vec![3 * d, d],
+            qkv_w,
+        )?;
+        if qkv_bias {
+            put(&mut t, &format!("{pre}.attn.qkv.bias"), vec![3 * d], qkv_b)?;
+        }
+        // out kernel (nh, hd, D) is an (in = D, out = D) matrix.
+        let o = block(i, &format!("{}/out/kernel", names.attn))?;
+        put(
+            &mut t,
+            &format!("{pre}.attn.proj.weight"),
+            vec![d, d],
+            transpose(&o, d, d),
+        )?;
+        put(
+            &mut t,
+            &format!("{pre}.attn.proj.bias"),
+            vec![d],
+            block(i, &format!("{}/out/bias", names.attn))?.into_data(),
+        )?;
+        for (j, (rows, cols)) in [(0usize, (d, mlp_dim)), (1, (mlp_dim, d))] {
+            let k = block(i, &format!("{}/Dense_{j}/kernel", names.mlp))?;
+            if k.numel() != rows * cols {
+                return Err(bad(format!(
+                    "block {i} Dense_{j} kernel has shape {:?}",
+                    k.shape()
+                )));
+            }
+            put(
+                &mut t,
+                &format!("{pre}.mlp.fc{}.weight", j + 1),
+                vec![cols, rows],
+                transpose(&k, rows, cols),
+            )?;
+            put(
+                &mut t,
+                &format!("{pre}.mlp.fc{}.bias", j + 1),
+                vec![cols],
+                block(i, &format!("{}/Dense_{j}/bias", names.mlp))?.into_data(),
+            )?;
+        }
+    }
+    put(
+        &mut t,
+        "norm.weight",
+        vec![d],
+        get("Transformer/encoder_norm/scale")?.data().to_vec(),
+    )?;
+    put(
+        &mut t,
+        "norm.bias",
+        vec![d],
+        get("Transformer/encoder_norm/bias")?.data().to_vec(),
+    )?;
+    let mut feat = d;
+    if let Some(hidden) = pre_logits {
+        let k = get("pre_logits/kernel")?;
+        put(
+            &mut t,
+            "pre_logits.fc.weight",
+            vec![hidden, d],
+            transpose(k, d, hidden),
+        )?;
+        put(
+            &mut t,
+            "pre_logits.fc.bias",
+            vec![hidden],
+            get("pre_logits/bias")?.data().to_vec(),
+        )?;
+        report
+            .conversions
+            .push(format!("pre-logits layer kept ({hidden} units, tanh)"));
+        feat = hidden;
+    }
+    if num_classes > 0 {
+        let k = get("head/kernel")?;
+        if k.numel() != feat * num_classes {
+            return Err(bad(format!(
+                "head/kernel has shape {:?}, expected ({feat}, {num_classes})",
+                k.shape()
+            )));
+        }
+        put(
+            &mut t,
+            "head.weight",
+            vec![num_classes, feat],
+            transpose(k, feat, num_classes),
+        )?;
+        put(
+            &mut t,
+            "head.bias",
+            vec![num_classes],
+            get("head/bias")?.data().to_vec(),
+        )?;
+    }
+    let mut model = ViT::zeros(cfg.clone())?;
+    apply(&mut model, t, &mut report)?;
+    let preprocess = Preprocess {
+        height: cfg.image_height,
+        width: cfg.image_width,
+        channels: cfg.channels,
+        resize: Resize::Exact,
+        interpolation: Interpolation::Bilinear,
+        rescale: 1.0 / 255.0,
+        mean: vec![0.5; cfg.channels],
+        std: vec![0.5; cfg.channels],
+    };
+    Ok(Checkpoint {
+        model,
+        preprocess,
+        labels: None,
+        report,
+    })
+}

@@ -1,0 +1,109 @@
+//! The restricted `torch.save` reader against files written by PyTorch
+//! (`tools/make_torch_fixtures.py`): every tensor equals its safetensors twin, training
+//! checkpoints yield their weights, views and half precision are rebuilt, and an object whose
+//! unpickling would run a shell command is never constructed.
+
+use std::path::{Path, PathBuf};
+
+use vitrs::checkpoint::safetensors::SafeTensors;
+use vitrs::checkpoint::torch;
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/torch-pth")
+}
+
+fn same_as_safetensors(pth: &str, st: &str) -> torch::TorchReport {
+    let (got, report) = torch::read(&dir().join(pth)).unwrap_or_else(|e| panic!("{pth}: {e}"));
+    let want = SafeTensors::read(&dir().join(st)).unwrap();
+    let names: Vec<&String> = want.tensors().keys().collect();
+    assert_eq!(got.len(), names.len(), "{pth}: {:?}", got.keys());
+    for name in names {
+        let w = want.tensor(name).unwrap();
+        let g = got
+            .get(name)
+            .unwrap_or_else(|| panic!("{pth}: `{name}` missing"));
+        assert_eq!(g.shape(), w.shape(), "{pth}: {name}");
+        assert_eq!(g.data(), w.data(), "{pth}: {name}");
+    }
+    report
+}
+
+#[test]
+fn state_dict_matches_safetensors() {
+    let r = same_as_safetensors("state_dict.pth", "weights.safetensors");
+    assert!(r.inner_key.is_none() && r.skipped.is_empty(), "{r:?}");
+}
+
+#[test]
+fn training_checkpoint_yields_its_model_and_builds_nothing_else() {
+    let r = same_as_safetensors("train_ckpt.pth", "train_weights.safetensors");
+    assert_eq!(r.inner_key.as_deref(), Some("model"));
+    assert!(
+        r.opaque.iter().any(|o| o == "argparse.Namespace"),
+        "{:?}",
+        r.opaque
+    );
+}
+
+#[test]
+fn views_and_half_precision_are_rebuilt() {
+    let r = same_as_safetensors("views.pth", "views.safetensors");
+    assert_eq!(r.skipped, vec!["ids".to_string()]);
+    assert_eq!(r.converted.len(), 2, "{:?}", r.converted);
+}
+
+#[test]
+fn code_in_a_pickle_is_never_run() {
+    let _ = std::fs::remove_file("/tmp/vitrs-pwned");
+    let (tensors, r) = torch::read(&dir().join("evil.pth")).unwrap();
+    // The plain tensor is read; the object is left as an inert placeholder, named.
+    assert!(tensors.contains_key("weights"));
+    assert!(
+        r.opaque.iter().any(|o| o.contains("system")),
+        "{:?}",
+        r.opaque
+    );
+    assert!(!Path::new("/tmp/vitrs-pwned").exists());
+}
+
+#[test]
+fn damaged_files_are_errors_not_panics() {
+    let bytes = std::fs::read(dir().join("state_dict.pth")).unwrap();
+    let tmp = std::env::temp_dir().join(format!("vitrs-torch-{}.pth", std::process::id()));
+    for cut in [0, 10, 100, bytes.len() / 2, bytes.len() - 30] {
+        std::fs::write(&tmp, &bytes[..cut]).unwrap();
+        assert!(torch::read(&tmp).is_err(), "cut at {cut}");
+    }
+    // Flip bytes across the file: an error or (if the flip hits padding) a result, never a panic.
+    for i in (0..bytes.len()).step_by(97) {
+        let mut b = bytes.clone();
+        b[i] ^= 0x5A;
+        std::fs::write(&tmp, &b).unwrap();
+        let _ = torch::read(&tmp);
+    }
+    std::fs::remove_file(&tmp).ok();
+}
+
+/// A timm directory whose weights are a `torch.save` file loads like its safetensors twin:
+/// the same logits as PyTorch's reference for that model.
+#[test]
+fn a_timm_directory_with_pth_weights_gives_pytorch_logits() {
+    let ck = vitrs::load(&dir().join("timm-dir")).unwrap();
+    assert_eq!(ck.report.format, vitrs::Format::Timm);
+    assert!(ck
+        .report
+        .conversions
+        .iter()
+        .any(|c| c.contains("without unpickling")));
+    let r = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/timm_tiny_named/ref");
+    let x = vitrs::npy::read_npy(&r.join("input.npy")).unwrap();
+    let want = vitrs::npy::read_npy(&r.join("logits.npy")).unwrap();
+    let got = ck.model.logits(&x).unwrap();
+    let d = got
+        .data()
+        .iter()
+        .zip(want.data())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(d < 1e-4, "max |Δlogit| {d}");
+}
