@@ -193,10 +193,12 @@ impl ZipArchive {
                     .map_err(|e| bad(format!("member `{}`: {e}", entry.name)))?;
                 out
             }
-            m => return Err(bad(format!(
+            m => {
+                return Err(bad(format!(
                 "member `{}` uses compression method {m}; only stored (0) and deflate (8) are read",
                 entry.name
-            ))),
+            )))
+            }
         };
         if out.len() as u64 != entry.size {
             return Err(bad(format!(
