@@ -192,6 +192,49 @@ mod tests {
         ViT::random(c, 1).unwrap()
     }
 
+    /// Learning-rate factors: 0 freezes a parameter exactly (weight decay included), 0.5
+    /// halves its step, for both optimisers.
+    #[test]
+    fn lr_scales_freeze_and_scale_updates() {
+        let m = tiny();
+        let n = m.params().count();
+        for kind in [
+            OptimizerKind::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+            OptimizerKind::Sgd {
+                momentum: 0.9,
+                weight_decay: 0.1,
+            },
+        ] {
+            let g: Vec<f32> = (0..n).map(|i| ((i % 5) as f32 - 2.0) * 0.01).collect();
+            let p0 = m.params().flat().to_vec();
+            let mut full = Optimizer::new(kind, m.params());
+            let mut pf = p0.clone();
+            full.step(&mut pf, &g, 0.01);
+            let mut scaled = Optimizer::new(kind, m.params());
+            let s: Vec<f32> = (0..n).map(|i| [0.0, 0.5, 1.0][i % 3]).collect();
+            scaled.set_lr_scales(Some(s));
+            let mut ps = p0.clone();
+            scaled.step(&mut ps, &g, 0.01);
+            for i in 0..n {
+                let (df, ds) = (pf[i] - p0[i], ps[i] - p0[i]);
+                match i % 3 {
+                    0 => assert_eq!(ps[i], p0[i], "frozen element {i} moved"),
+                    // Within the rounding of p + Δp (an ulp of p is up to ~1e-7 here).
+                    1 => assert!(
+                        (ds - 0.5 * df).abs() <= 1e-7 + 1e-3 * df.abs(),
+                        "{i}: {ds} vs {df}"
+                    ),
+                    _ => assert_eq!(ps[i], pf[i]),
+                }
+            }
+        }
+    }
+
     #[test]
     fn adamw_matches_pytorch_formula_and_skips_no_decay() {
         let m = tiny();
