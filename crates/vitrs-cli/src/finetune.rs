@@ -81,6 +81,10 @@ pub(crate) struct FinetuneArgs {
     /// Layer-wise learning-rate decay (e.g. 0.75): deeper blocks learn faster; 1 turns it off.
     #[arg(long, value_name = "R")]
     layer_decay: Option<f32>,
+    /// Keep the pre-trained head (same classes, e.g. fine-tuning at a new resolution) instead
+    /// of a new zero-initialised one.
+    #[arg(long)]
+    keep_head: bool,
     /// Mirror images left-right at random while training.
     #[arg(long)]
     hflip: bool,
@@ -174,6 +178,7 @@ pub(crate) fn finetune(a: FinetuneArgs) -> Result<u8> {
         from: String::new(),
         freeze_blocks: 0,
         layer_decay: 1.0,
+        keep_head: false,
     });
     ft.from = a.from.display().to_string();
     if let Some(k) = a.freeze {
@@ -181,6 +186,9 @@ pub(crate) fn finetune(a: FinetuneArgs) -> Result<u8> {
     }
     if let Some(r) = a.layer_decay {
         ft.layer_decay = r;
+    }
+    if a.keep_head {
+        ft.keep_head = true;
     }
     run.finetune = Some(ft);
     if run.train.epochs == 0 {

@@ -136,6 +136,42 @@ fn finetune_to_new_classes_at_a_new_resolution_then_resume() {
     let last: Value =
         serde_json::from_str(metrics.lines().rev().find(|l| l.contains("top1")).unwrap()).unwrap();
     assert_eq!(last["n"], 40, "{last}");
+    // Keeping the head: same classes (0-1) at 12 px, no new head.
+    let o = vit(&[
+        "finetune",
+        "--from",
+        s(&pre),
+        "--dataset",
+        s(&data),
+        "--classes",
+        "0-1",
+        "--image-size",
+        "12",
+        "--keep-head",
+        "--epochs",
+        "1",
+        "--out",
+        s(&root.join("keep")),
+        "--threads",
+        "2",
+    ]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("pre-trained head kept") && !err.contains("new head"),
+        "{err}"
+    );
+    let o = vit(&[
+        "finetune",
+        "--from",
+        s(&pre),
+        "--dataset",
+        s(&data),
+        "--keep-head",
+        "--out",
+        s(&root.join("keep-bad")),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("drop --keep-head"));
     // Bad requests are clear errors.
     let o = vit(&[
         "finetune",

@@ -203,6 +203,10 @@ pub struct FinetuneSpec {
     /// counted from 1, embeddings at `decay^(L+1)`, head and final norm at `lr`); 1: off.
     #[serde(default = "one_f32")]
     pub layer_decay: f32,
+    /// Keep the pre-trained head (and pre-logits layer) instead of a new zero one; the data
+    /// must have the model's number of classes (fine-tuning at a new resolution).
+    #[serde(default)]
+    pub keep_head: bool,
 }
 
 fn one_f32() -> f32 {

@@ -142,7 +142,19 @@ impl Trainer {
                     run.data.mean = Some(ck.preprocess.mean.clone());
                     run.data.std = Some(ck.preprocess.std.clone());
                 }
-                let a = transfer::adapt(&ck.model, train.shape(), classes)?;
+                let keep = run.finetune.as_ref().is_some_and(|f| f.keep_head);
+                let a = if keep {
+                    let k = ck.model.config().num_classes;
+                    if k != classes {
+                        return Err(Error::BadInput(format!(
+                            "keep_head needs the data to have the model's {k} classes, it has {classes}; \
+                             drop --keep-head to train a new head"
+                        )));
+                    }
+                    transfer::adapt_keep_head(&ck.model, train.shape())?
+                } else {
+                    transfer::adapt(&ck.model, train.shape(), classes)?
+                };
                 (a.model, a.changes)
             }
             None => {

@@ -20,6 +20,13 @@ pub fn adapt(source: &ViT, shape: (usize, usize, usize), classes: usize) -> Resu
     rebuild(source, shape, Some(classes))
 }
 
+/// `source` for images `(C, H, W)` with its head kept (same classes, e.g. a new resolution).
+pub fn adapt_keep_head(source: &ViT, shape: (usize, usize, usize)) -> Result<Adapted> {
+    let mut a = rebuild(source, shape, None)?;
+    a.changes.insert(0, "pre-trained head kept".into());
+    Ok(a)
+}
+
 /// `source` at another resolution, head kept: only the position embeddings are resampled
 /// (evaluating a model at the size it will be fine-tuned at, before fine-tuning).
 pub fn at_resolution(source: &ViT, (h, w): (usize, usize)) -> Result<Adapted> {
