@@ -9,6 +9,7 @@ Writes tests/fixtures/torch-pth/:
   views.pth          f16 and bf16 tensors and a transposed (non-contiguous) view
   views.safetensors  the same, contiguous f32 (the reference)
   evil.pth           an object whose unpickling would call os.system: must never run
+  hf-dir/            hf_cls's config files with its weights re-saved as pytorch_model.bin
   timm-dir/          timm_tiny_named's config.json with its weights re-saved as model.pth
                      (torch.save), so the loader's result can be checked against that
                      fixture's reference logits
@@ -57,6 +58,13 @@ def main():
     os.makedirs(os.path.join(out, "timm-dir"), exist_ok=True)
     shutil.copy(os.path.join(src, "config.json"), os.path.join(out, "timm-dir", "config.json"))
     torch.save(load_file(os.path.join(src, "model.safetensors")), os.path.join(out, "timm-dir", "model.pth"))
+    # The same for a Hugging Face directory: pytorch_model.bin beside config.json.
+    src = "tests/fixtures/hf_cls"
+    os.makedirs(os.path.join(out, "hf-dir"), exist_ok=True)
+    for f in ("config.json", "preprocessor_config.json"):
+        if os.path.exists(os.path.join(src, f)):
+            shutil.copy(os.path.join(src, f), os.path.join(out, "hf-dir", f))
+    torch.save(load_file(os.path.join(src, "model.safetensors")), os.path.join(out, "hf-dir", "pytorch_model.bin"))
     print("torch", torch.__version__, "timm", timm.__version__)
 
 

@@ -84,26 +84,47 @@ fn damaged_files_are_errors_not_panics() {
     std::fs::remove_file(&tmp).ok();
 }
 
-/// A timm directory whose weights are a `torch.save` file loads like its safetensors twin:
-/// the same logits as PyTorch's reference for that model.
+/// timm and Hugging Face directories whose weights are `torch.save` files (`model.pth`,
+/// `pytorch_model.bin`) load like their safetensors twins: PyTorch's logits for those models.
 #[test]
-fn a_timm_directory_with_pth_weights_gives_pytorch_logits() {
-    let ck = vitrs::load(&dir().join("timm-dir")).unwrap();
-    assert_eq!(ck.report.format, vitrs::Format::Timm);
-    assert!(ck
-        .report
-        .conversions
-        .iter()
-        .any(|c| c.contains("without unpickling")));
-    let r = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/timm_tiny_named/ref");
-    let x = vitrs::npy::read_npy(&r.join("input.npy")).unwrap();
-    let want = vitrs::npy::read_npy(&r.join("logits.npy")).unwrap();
-    let got = ck.model.logits(&x).unwrap();
-    let d = got
-        .data()
-        .iter()
-        .zip(want.data())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    assert!(d < 1e-4, "max |Δlogit| {d}");
+fn directories_with_pickled_weights_give_pytorch_logits() {
+    for (sub, twin, format) in [
+        ("timm-dir", "timm_tiny_named", vitrs::Format::Timm),
+        ("hf-dir", "hf_cls", vitrs::Format::HuggingFace),
+    ] {
+        let ck = vitrs::load(&dir().join(sub)).unwrap_or_else(|e| panic!("{sub}: {e}"));
+        assert_eq!(ck.report.format, format, "{sub}");
+        assert!(
+            ck.report
+                .conversions
+                .iter()
+                .any(|c| c.contains("without unpickling")),
+            "{sub}: {:?}",
+            ck.report.conversions
+        );
+        let r = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(twin)
+            .join("ref");
+        let x = vitrs::npy::read_npy(&r.join("input.npy")).unwrap();
+        let want = vitrs::npy::read_npy(&r.join("logits.npy")).unwrap();
+        let got = ck.model.logits(&x).unwrap();
+        let d = got
+            .data()
+            .iter()
+            .zip(want.data())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(d < 1e-4, "{sub}: max |Δlogit| {d}");
+    }
+}
+
+/// The pre-1.6 torch.save format (a bare pickle stream) is refused with a hint, not parsed.
+#[test]
+fn legacy_format_is_refused_with_a_hint() {
+    let tmp = std::env::temp_dir().join(format!("vitrs-legacy-{}.pth", std::process::id()));
+    std::fs::write(&tmp, [0x80u8, 0x02, 0x8a, 0x0a]).unwrap();
+    let e = torch::read(&tmp).unwrap_err().to_string();
+    assert!(e.contains("legacy") && e.contains("re-save"), "{e}");
+    std::fs::remove_file(&tmp).ok();
 }
