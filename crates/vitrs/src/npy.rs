@@ -3,21 +3,13 @@
 
 use std::path::Path;
 
+use crate::checkpoint::safetensors::Dtype;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 const MAGIC: &[u8] = b"\x93NUMPY";
 /// Arrays above this many elements are refused before allocating (4 GiB of f32).
 const MAX_ELEMENTS: usize = 1 << 30;
-
-/// Element types read (all returned as f32).
-#[derive(Clone, Copy)]
-enum Kind {
-    F32,
-    F64,
-    F16,
-    Bf16,
-}
 
 /// Reads an `.npy` file as an f32 tensor.
 pub fn read_npy(path: &Path) -> Result<Tensor> {
@@ -58,12 +50,12 @@ pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Tensor> {
     // f32 and f64 (preprocessed inputs), f16 and bf16 (checkpoint weights in `.npz` files;
     // NumPy writes ml_dtypes' bfloat16 as a 2-byte void, `|V2`).
     let is = |names: &[&str]| names.iter().any(|n| descr.starts_with(n));
-    let (size, kind) = if is(&["'<f4'", "'float32'"]) {
-        (4, Kind::F32)
+    let (size, dtype) = if is(&["'<f4'", "'float32'"]) {
+        (4, Dtype::F32)
     } else if is(&["'<f8'", "'float64'"]) {
-        (8, Kind::F64)
+        (8, Dtype::F64)
     } else if is(&["'<f2'", "'float16'"]) {
-        (2, Kind::F16)
+        (2, Dtype::F16)
     } else if is(&[
         "'bfloat16'",
         "'<V2'",
@@ -71,7 +63,7 @@ pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Tensor> {
         "[('', '|V2')]",
         "[('', '<V2')]",
     ]) {
-        (2, Kind::Bf16)
+        (2, Dtype::BF16)
     } else {
         return Err(bad(format!(
             "dtype {} is not supported; save the array as little-endian float32 (`arr.astype(np.float32)`)",
@@ -109,28 +101,7 @@ pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Tensor> {
             data.len()
         )));
     }
-    let values = match kind {
-        Kind::F32 => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Kind::F64 => data
-            .chunks_exact(8)
-            .map(|b| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(b);
-                f64::from_le_bytes(a) as f32
-            })
-            .collect(),
-        Kind::F16 => data
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Kind::Bf16 => data
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-    };
+    let values = dtype.decode(data);
     Tensor::new(shape, values)
 }
 

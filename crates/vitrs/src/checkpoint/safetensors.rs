@@ -27,6 +27,34 @@ pub enum Dtype {
 }
 
 impl Dtype {
+    /// Little-endian elements of this type as f32 (empty for [`Dtype::Other`], which callers
+    /// refuse or skip before decoding). Shared by the safetensors, `.npy` and PyTorch readers.
+    pub fn decode(self, raw: &[u8]) -> Vec<f32> {
+        match self {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F64 => raw
+                .chunks_exact(8)
+                .map(|b| {
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(b);
+                    f64::from_le_bytes(a) as f32
+                })
+                .collect(),
+            Dtype::Other => vec![],
+        }
+    }
+
     fn parse(s: &str) -> (Dtype, usize) {
         match s {
             "F32" => (Dtype::F32, 4),
@@ -185,26 +213,7 @@ impl SafeTensors {
         })?;
         let raw = &self.bytes[self.data_start + info.start..self.data_start + info.end];
         let data: Vec<f32> = match info.dtype {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F64 => raw
-                .chunks_exact(8)
-                .map(|b| {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(b);
-                    f64::from_le_bytes(a) as f32
-                })
-                .collect(),
+            Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64 => info.dtype.decode(raw),
             Dtype::Other => {
                 return Err(Error::malformed(
                     &self.path,

@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use super::safetensors::Dtype;
 use super::zip::ZipArchive;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -33,7 +34,7 @@ enum Value {
     Global(String),
     /// A storage from a persistent id: element type, key of its buffer, element count.
     Storage {
-        dtype: StorageType,
+        dtype: Dtype,
         key: String,
     },
     Tensor(Box<TensorRef>),
@@ -45,44 +46,25 @@ enum Value {
 /// A tensor view of a storage.
 #[derive(Clone, Debug)]
 struct TensorRef {
-    dtype: StorageType,
+    dtype: Dtype,
     key: String,
     offset: usize,
     size: Vec<usize>,
     stride: Vec<usize>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum StorageType {
-    F32,
-    F64,
-    F16,
-    Bf16,
-    /// Integer or boolean storages (buffers such as `position_ids`): skipped.
-    Other,
-}
-
-impl StorageType {
-    fn from_global(name: &str) -> Option<Self> {
-        Some(match name.rsplit('.').next()? {
-            "FloatStorage" => StorageType::F32,
-            "DoubleStorage" => StorageType::F64,
-            "HalfStorage" => StorageType::F16,
-            "BFloat16Storage" => StorageType::Bf16,
-            "LongStorage" | "IntStorage" | "ShortStorage" | "CharStorage" | "ByteStorage"
-            | "BoolStorage" => StorageType::Other,
-            _ => return None,
-        })
-    }
-
-    fn size(self) -> usize {
-        match self {
-            StorageType::F32 => 4,
-            StorageType::F64 => 8,
-            StorageType::F16 | StorageType::Bf16 => 2,
-            StorageType::Other => 1,
-        }
-    }
+/// The element type of a `torch.*Storage` global: the float types, or [`Dtype::Other`] for
+/// integer and boolean storages (buffers such as `position_ids`, skipped).
+fn storage_dtype(name: &str) -> Option<Dtype> {
+    Some(match name.rsplit('.').next()? {
+        "FloatStorage" => Dtype::F32,
+        "DoubleStorage" => Dtype::F64,
+        "HalfStorage" => Dtype::F16,
+        "BFloat16Storage" => Dtype::BF16,
+        "LongStorage" | "IntStorage" | "ShortStorage" | "CharStorage" | "ByteStorage"
+        | "BoolStorage" => Dtype::Other,
+        _ => return None,
+    })
 }
 
 /// What [`read`] found besides the tensors.
@@ -419,7 +401,7 @@ impl<'a> Machine<'a> {
                             Some(Value::Global(ty)),
                             Some(Value::Str(key)),
                         ) if kind == "storage" => {
-                            let dtype = StorageType::from_global(ty)
+                            let dtype = storage_dtype(ty)
                                 .ok_or_else(|| self.bad(format!("unknown storage type {ty}")))?;
                             self.push(Value::Storage {
                                 dtype,
@@ -564,7 +546,7 @@ pub fn read(path: &Path) -> Result<(BTreeMap<String, Tensor>, TorchReport)> {
         let (Value::Str(name), Value::Tensor(t)) = (k, v) else {
             continue;
         };
-        if t.dtype == StorageType::Other {
+        if t.dtype == Dtype::Other {
             report.skipped.push(name);
             continue;
         }
@@ -578,10 +560,9 @@ pub fn read(path: &Path) -> Result<(BTreeMap<String, Tensor>, TorchReport)> {
                 )
             })?
             .clone();
-        let raw = zip.read(&entry)?;
+        let storage = t.dtype.decode(&zip.read(&entry)?);
         let numel: usize = t.size.iter().product();
-        // Gather by strides (checked against the storage) into a contiguous f32 buffer.
-        let es = t.dtype.size();
+        // Gather by strides (checked against the storage) into a contiguous buffer.
         let max_index = t
             .size
             .iter()
@@ -589,36 +570,22 @@ pub fn read(path: &Path) -> Result<(BTreeMap<String, Tensor>, TorchReport)> {
             .try_fold(t.offset, |acc, (&s, &st)| {
                 acc.checked_add(s.saturating_sub(1).checked_mul(st)?)
             });
-        if numel > 0 && max_index.is_none_or(|mi| (mi + 1) * es > raw.len()) {
+        if numel > 0 && max_index.is_none_or(|mi| mi >= storage.len()) {
             return Err(Error::malformed(
                 path,
                 "PyTorch checkpoint",
                 format!(
-                    "tensor `{name}` of shape {:?} reaches past its storage ({} bytes)",
+                    "tensor `{name}` of shape {:?} reaches past its storage ({} elements)",
                     t.size,
-                    raw.len()
+                    storage.len()
                 ),
             ));
         }
-        let at = |i: usize| -> f32 {
-            let b = &raw[i * es..(i + 1) * es];
-            match t.dtype {
-                StorageType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                StorageType::F64 => {
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(b);
-                    f64::from_le_bytes(a) as f32
-                }
-                StorageType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
-                StorageType::Bf16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-                StorageType::Other => 0.0,
-            }
-        };
         let mut data = Vec::with_capacity(numel);
         let mut idx = vec![0usize; t.size.len()];
         for _ in 0..numel {
             let flat = t.offset + idx.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
-            data.push(at(flat));
+            data.push(storage[flat]);
             for d in (0..idx.len()).rev() {
                 idx[d] += 1;
                 if idx[d] < t.size[d] {
@@ -628,9 +595,9 @@ pub fn read(path: &Path) -> Result<(BTreeMap<String, Tensor>, TorchReport)> {
             }
         }
         match t.dtype {
-            StorageType::F16 => *converted.entry("f16").or_default() += 1,
-            StorageType::Bf16 => *converted.entry("bf16").or_default() += 1,
-            StorageType::F64 => *converted.entry("f64").or_default() += 1,
+            Dtype::F16 => *converted.entry("f16").or_default() += 1,
+            Dtype::BF16 => *converted.entry("bf16").or_default() += 1,
+            Dtype::F64 => *converted.entry("f64").or_default() += 1,
             _ => {}
         }
         out.insert(name, Tensor::new(t.size.clone(), data)?);
