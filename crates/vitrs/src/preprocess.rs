@@ -73,6 +73,22 @@ pub struct Preprocess {
 }
 
 impl Preprocess {
+    /// Resize to exactly the model size (bilinear), then scale to [-1, 1] (mean = std = 0.5):
+    /// Hugging Face `ViTImageProcessor`'s defaults, and the inputs Google's JAX ViTs were
+    /// trained on.
+    pub fn resize_to_unit_range(height: usize, width: usize, channels: usize) -> Self {
+        Preprocess {
+            height,
+            width,
+            channels,
+            resize: Resize::Exact,
+            interpolation: Interpolation::Bilinear,
+            rescale: 1.0 / 255.0,
+            mean: vec![0.5; channels],
+            std: vec![0.5; channels],
+        }
+    }
+
     /// timm's defaults for a model of this size: bicubic, crop_pct 0.9, ImageNet mean/std
     /// (timm `IMAGENET_DEFAULT_MEAN/STD`; one channel gets their average).
     pub fn timm_default(height: usize, width: usize, channels: usize) -> Self {

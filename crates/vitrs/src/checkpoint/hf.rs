@@ -14,7 +14,7 @@ use super::{apply, read_json, read_weights, Checkpoint, Format, LoadReport};
 use crate::config::{Gelu, Head, NormPlacement, Pool, ViTConfig};
 use crate::error::{Error, Result};
 use crate::model::ViT;
-use crate::preprocess::{Interpolation, Preprocess, Resize};
+use crate::preprocess::{Interpolation, Preprocess};
 use crate::tensor::Tensor;
 
 /// Where a Hugging Face key goes.
@@ -267,16 +267,7 @@ fn labels_from(v: &Value, k: usize) -> Option<Vec<String>> {
 fn preprocess_from(dir: &Path, cfg: &ViTConfig, notes: &mut Vec<String>) -> Result<Preprocess> {
     let path = dir.join("preprocessor_config.json");
     // ViTImageProcessor defaults: resize to the model size, bilinear, 1/255, mean = std = 0.5.
-    let mut p = Preprocess {
-        height: cfg.image_height,
-        width: cfg.image_width,
-        channels: cfg.channels,
-        resize: Resize::Exact,
-        interpolation: Interpolation::Bilinear,
-        rescale: 1.0 / 255.0,
-        mean: vec![0.5; cfg.channels],
-        std: vec![0.5; cfg.channels],
-    };
+    let mut p = Preprocess::resize_to_unit_range(cfg.image_height, cfg.image_width, cfg.channels);
     if !path.is_file() {
         notes.push("no preprocessor_config.json: using ViTImageProcessor defaults (bilinear, mean = std = 0.5)".into());
         return Ok(p);

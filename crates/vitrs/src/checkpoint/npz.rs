@@ -27,7 +27,7 @@ use super::{apply, Checkpoint, Format, LoadReport};
 use crate::config::{Gelu, Head, NormPlacement, Pool, ViTConfig};
 use crate::error::{Error, Result};
 use crate::model::ViT;
-use crate::preprocess::{Interpolation, Preprocess, Resize};
+use crate::preprocess::Preprocess;
 use crate::tensor::Tensor;
 
 /// Reads every `.npy` member of an `.npz` file under its name without the extension.
@@ -416,16 +416,8 @@ pub(crate) fn load(path: &Path) -> Result<Checkpoint> {
     }
     let mut model = ViT::zeros(cfg.clone())?;
     apply(&mut model, t, &mut report)?;
-    let preprocess = Preprocess {
-        height: cfg.image_height,
-        width: cfg.image_width,
-        channels: cfg.channels,
-        resize: Resize::Exact,
-        interpolation: Interpolation::Bilinear,
-        rescale: 1.0 / 255.0,
-        mean: vec![0.5; cfg.channels],
-        std: vec![0.5; cfg.channels],
-    };
+    let preprocess =
+        Preprocess::resize_to_unit_range(cfg.image_height, cfg.image_width, cfg.channels);
     Ok(Checkpoint {
         model,
         preprocess,
