@@ -749,7 +749,7 @@ fn eval(
     image_size: Option<&str>,
     classes: Option<&str>,
 ) -> Result<u8> {
-    use vitrs::data::{Resized, Subset};
+    use vitrs::data::Resized;
     let mut ck = load(path)?;
     if let Some(s) = image_size {
         let [h, w] = finetune::parse_size(s)?;
@@ -764,12 +764,7 @@ fn eval(
     let size = (cfg.channels, cfg.image_height, cfg.image_width);
     let mut data = vitrs::data::open(dataset, vitrs::data::Split::Test, size)?;
     if let Some(c) = classes {
-        let cs = parse_classes(c)?;
-        let k = data.classes().len();
-        if let Some(bad) = cs.iter().find(|&&c| c >= k) {
-            bail!("--classes names class {bad}, but the dataset has {k} classes");
-        }
-        data = Arc::new(Subset::of_classes(data, &cs));
+        data = vitrs::data::select_classes(data, &parse_classes(c)?, dataset)?;
     }
     if image_size.is_some() && data.shape() != size {
         data = Arc::new(Resized::new(data, (size.1, size.2))?);

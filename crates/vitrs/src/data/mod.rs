@@ -143,6 +143,31 @@ pub fn split_indices(n: usize, fraction: f32, seed: u64) -> (Vec<usize>, Vec<usi
     (idx, val)
 }
 
+/// Only the items of `classes` (indices into `ds`'s classes, each once), renumbered 0.. in
+/// that order; `what` names the dataset in errors.
+pub fn select_classes(
+    ds: Arc<dyn Dataset>,
+    classes: &[usize],
+    what: &str,
+) -> Result<Arc<dyn Dataset>> {
+    let k = ds.classes().len();
+    if let Some(bad) = classes.iter().find(|&&c| c >= k) {
+        return Err(Error::BadInput(format!(
+            "classes name class {bad}, but `{what}` has {k} classes (0..{})",
+            k.saturating_sub(1)
+        )));
+    }
+    let mut seen = classes.to_vec();
+    seen.sort_unstable();
+    seen.dedup();
+    if seen.len() != classes.len() || classes.is_empty() {
+        return Err(Error::BadInput(format!(
+            "classes {classes:?} must name at least one class of `{what}`, each once"
+        )));
+    }
+    Ok(Arc::new(Subset::of_classes(ds, classes)))
+}
+
 /// The first `per_class` items of each class after a seeded shuffle (fewer where a class has
 /// fewer): the few-labels training sets of transfer experiments.
 pub fn per_class_indices(ds: &dyn Dataset, per_class: usize, seed: u64) -> Vec<usize> {

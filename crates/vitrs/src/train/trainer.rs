@@ -90,10 +90,7 @@ impl Trainer {
     /// Starts a run in `dir` (created; an existing checkpoint there is refused: use `resume`).
     /// With a `[finetune]` section the model is the pre-trained checkpoint, adapted.
     pub fn new(run: RunConfig, dir: &Path) -> Result<Self> {
-        let source = match &run.finetune {
-            Some(ft) => Some(load_source(&ft.from)?),
-            None => None,
-        };
+        let source = pretrained(&run)?;
         let (train, eval, eval_source) =
             open_data(&run, source.as_ref().map(|ck| ck.model.config()))?;
         Self::build(run, dir, train, eval, eval_source, source)
@@ -108,10 +105,7 @@ impl Trainer {
         eval: Arc<dyn Dataset>,
         eval_source: String,
     ) -> Result<Self> {
-        let source = match &run.finetune {
-            Some(ft) => Some(load_source(&ft.from)?),
-            None => None,
-        };
+        let source = pretrained(&run)?;
         Self::build(run, dir, train, eval, eval_source, source)
     }
 
@@ -580,18 +574,8 @@ fn open_data(run: &RunConfig, model: Option<&crate::config::ViTConfig>) -> Resul
         }
     };
     let prepare = |ds: Arc<dyn Dataset>| -> Result<Arc<dyn Dataset>> {
-        let ds: Arc<dyn Dataset> = match &run.data.classes {
-            Some(cs) => {
-                let k = ds.classes().len();
-                if let Some(bad) = cs.iter().find(|&&c| c >= k) {
-                    return Err(Error::BadInput(format!(
-                        "[data] classes names class {bad}, but `{}` has {k} classes (0..{})",
-                        run.data.dataset,
-                        k - 1
-                    )));
-                }
-                Arc::new(Subset::of_classes(ds, cs))
-            }
+        let ds = match &run.data.classes {
+            Some(cs) => data::select_classes(ds, cs, &run.data.dataset)?,
             None => ds,
         };
         let (_, h, w) = ds.shape();
@@ -618,9 +602,12 @@ fn open_data(run: &RunConfig, model: Option<&crate::config::ViTConfig>) -> Resul
     Ok((train, test, "test split".into()))
 }
 
-/// The pre-trained model a fine-tuning run starts from.
-fn load_source(from: &str) -> Result<crate::checkpoint::Checkpoint> {
-    crate::checkpoint::load(Path::new(from))
+/// The pre-trained model a fine-tuning run starts from (none for a run from scratch).
+fn pretrained(run: &RunConfig) -> Result<Option<crate::checkpoint::Checkpoint>> {
+    run.finetune
+        .as_ref()
+        .map(|ft| crate::checkpoint::load(Path::new(&ft.from)))
+        .transpose()
 }
 
 /// Learning-rate factors of a fine-tuning run (freezing, layer-wise decay), if any.
