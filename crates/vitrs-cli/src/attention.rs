@@ -2,6 +2,7 @@
 //! (mean attention distance over a dataset, the paper's Fig. 7).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
@@ -9,6 +10,8 @@ use serde_json::json;
 use vitrs::attnmap::{
     attention_map, image_attention, mean_attention_distance, HeadFusion, Method, Query,
 };
+use vitrs::data::loader::{Loader, LoaderConfig};
+use vitrs::data::{Dataset, Subset};
 use vitrs::preprocess::Preprocess;
 use vitrs::viz::heatmap::{overlay, plot_distance, plot_rows, RgbImage, Row};
 use vitrs::{Capture, Checkpoint, Tensor, ViT, Workspace};
@@ -270,26 +273,19 @@ fn distance(ck: &Checkpoint, a: &AttentionArgs) -> Result<u8> {
         );
     }
     let n = a.limit.min(data.len()).max(1);
-    let batch = 32usize;
-    let per = size.0 * size.1 * size.2;
+    let first: Arc<dyn Dataset> = Arc::new(Subset::new(data, (0..n).collect()));
     let (mean, std) = (&ck.preprocess.mean, &ck.preprocess.std);
+    let loader = Loader::new(
+        first,
+        LoaderConfig::in_order(32, mean, std, cfg.num_classes.max(1)),
+    )?;
     let mut ws = Workspace::new();
     let mut total = vec![0.0f64; cfg.depth * cfg.heads];
-    let mut px = vec![0u8; per];
-    for start in (0..n).step_by(batch) {
-        let b = batch.min(n - start);
-        let mut xs = vec![0.0f32; b * per];
-        for i in 0..b {
-            data.image(start + i, &mut px)?;
-            let plane = size.1 * size.2;
-            for (j, &v) in px.iter().enumerate() {
-                let ch = j / plane;
-                xs[i * per + j] = (v as f32 * ck.preprocess.rescale - mean[ch]) / std[ch];
-            }
-        }
-        let x = Tensor::new(vec![b, size.0, size.1, size.2], xs)?;
+    for batch in loader {
+        let batch = batch?;
+        let (x, b) = (&batch.images, batch.labels.len());
         let out = ck.model.forward(
-            &x,
+            x,
             Capture {
                 attentions: true,
                 pre_logits: false,

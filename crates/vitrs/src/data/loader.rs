@@ -49,6 +49,26 @@ pub struct LoaderConfig {
     pub num_classes: usize,
 }
 
+impl LoaderConfig {
+    /// Every item once, in order, unaugmented, the last batch kept: evaluation and analysis.
+    pub fn in_order(batch_size: usize, mean: &[f32], std: &[f32], num_classes: usize) -> Self {
+        LoaderConfig {
+            batch_size,
+            shuffle: false,
+            drop_last: false,
+            seed: 0,
+            epoch: 0,
+            start_batch: 0,
+            workers: 1,
+            prefetch: 2,
+            augment: Augment::default(),
+            mean: mean.to_vec(),
+            std: std.to_vec(),
+            num_classes,
+        }
+    }
+}
+
 /// Mixes the numbers into one seed (SplitMix-style).
 pub fn derive_seed(parts: &[u64]) -> u64 {
     let mut r = Rng::new(0x1234_5678_9ABC_DEF0);

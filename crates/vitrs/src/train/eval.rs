@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::data::augment::Augment;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::Dataset;
 use crate::error::Result;
@@ -38,18 +37,8 @@ pub fn evaluate(
     let loader = Loader::new(
         data,
         LoaderConfig {
-            batch_size,
-            shuffle: false,
-            drop_last: false,
-            seed: 0,
-            epoch: 0,
-            start_batch: 0,
             workers,
-            prefetch: 2,
-            augment: Augment::default(),
-            mean: mean.to_vec(),
-            std: std.to_vec(),
-            num_classes: k,
+            ..LoaderConfig::in_order(batch_size, mean, std, k)
         },
     )?;
     let mut ws = Workspace::new();
