@@ -30,9 +30,9 @@ checkpoint_every = 500
 
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum Opt {
-    /// SGD with momentum 0.9, no weight decay (the paper's fine-tuning optimiser).
+    /// SGD with momentum 0.9, no weight decay, lr 0.01 unless --lr (the paper's fine-tuning optimiser).
     Sgd,
-    /// AdamW (β 0.9/0.999, weight decay 0.05 unless --weight-decay).
+    /// AdamW (β 0.9/0.999, weight decay 0.05 unless --weight-decay, lr 5e-4 unless --lr).
     Adamw,
 }
 
@@ -55,24 +55,12 @@ pub(crate) struct FinetuneArgs {
     /// embeddings resampled to the new patch grid.
     #[arg(long, value_name = "H[xW]")]
     image_size: Option<String>,
-    /// Use only these classes of the dataset (`5-9`, `0,2,4`), renumbered from 0; the new head
-    /// has one output per class (default: every class of the dataset).
-    #[arg(long, value_name = "LIST")]
-    classes: Option<String>,
-    /// Train on this many labelled images per class (a seeded choice).
-    #[arg(long, value_name = "N")]
-    per_class: Option<usize>,
     #[arg(long, value_enum)]
     optimizer: Option<Opt>,
-    #[arg(long)]
-    epochs: Option<u64>,
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Peak learning rate (default 0.01 with SGD, 5e-4 with AdamW).
-    #[arg(long)]
-    lr: Option<f32>,
+    /// Override the weight decay of the chosen optimiser.
     #[arg(long)]
     weight_decay: Option<f32>,
+    /// Linear warm-up steps before the cosine decay (default 50).
     #[arg(long)]
     warmup_steps: Option<u64>,
     /// Freeze the embeddings and the first K blocks.
@@ -88,11 +76,11 @@ pub(crate) struct FinetuneArgs {
     /// Mirror images left-right at random while training.
     #[arg(long)]
     hflip: bool,
-    #[arg(long)]
-    seed: Option<u64>,
     /// Stop (with a checkpoint) after this many optimizer steps.
     #[arg(long)]
     max_steps: Option<u64>,
+    #[command(flatten)]
+    recipe: crate::RecipeOverrides,
 }
 
 /// `48` or `48x64` as (height, width).
@@ -122,12 +110,6 @@ pub(crate) fn finetune(a: FinetuneArgs) -> Result<u8> {
     if let Some(s) = &a.image_size {
         run.data.resize = Some(parse_size(s)?);
     }
-    if let Some(c) = &a.classes {
-        run.data.classes = Some(crate::parse_classes(c)?);
-    }
-    if let Some(k) = a.per_class {
-        run.data.per_class = Some(k);
-    }
     match a.optimizer {
         Some(Opt::Sgd) => {
             run.train.optimizer = OptimizerKind::Sgd {
@@ -142,7 +124,7 @@ pub(crate) fn finetune(a: FinetuneArgs) -> Result<u8> {
                 eps: 1e-8,
                 weight_decay: 0.05,
             };
-            if a.lr.is_none() && a.config.is_none() {
+            if a.recipe.lr.is_none() && a.config.is_none() {
                 run.train.lr = 5e-4;
             }
         }
@@ -155,21 +137,10 @@ pub(crate) fn finetune(a: FinetuneArgs) -> Result<u8> {
             }
         }
     }
-    if let Some(e) = a.epochs {
-        run.train.epochs = e;
-    }
-    if let Some(b) = a.batch_size {
-        run.train.batch_size = b;
-    }
-    if let Some(lr) = a.lr {
-        run.train.lr = lr;
-    }
+    a.recipe.apply(&mut run)?;
     run.train.min_lr = run.train.min_lr.min(run.train.lr);
     if let Some(w) = a.warmup_steps {
         run.train.warmup_steps = w;
-    }
-    if let Some(s) = a.seed {
-        run.train.seed = s;
     }
     if a.hflip {
         run.augment.hflip = true;

@@ -518,30 +518,64 @@ struct TrainArgs {
     /// Continue the run in RUN_DIR from its last checkpoint.
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["config", "out"])]
     resume: Option<PathBuf>,
-    /// Override the number of epochs.
-    #[arg(long)]
-    epochs: Option<u64>,
     /// Stop (with a checkpoint) after this many optimizer steps in total.
     #[arg(long)]
     max_steps: Option<u64>,
+    /// Override the dataset (a name or a directory).
+    #[arg(long)]
+    dataset: Option<String>,
+    #[command(flatten)]
+    recipe: RecipeOverrides,
+}
+
+/// Flags that override a run config's recipe, shared by `vit train` and `vit finetune`.
+#[derive(clap::Args)]
+pub(crate) struct RecipeOverrides {
+    /// Override the number of epochs.
+    #[arg(long)]
+    pub(crate) epochs: Option<u64>,
     /// Override the batch size.
     #[arg(long)]
     batch_size: Option<usize>,
     /// Override the peak learning rate.
     #[arg(long)]
-    lr: Option<f32>,
+    pub(crate) lr: Option<f32>,
     /// Override the seed.
     #[arg(long)]
     seed: Option<u64>,
-    /// Override the dataset (a name or a directory).
-    #[arg(long)]
-    dataset: Option<String>,
-    /// Use only these classes of the dataset, renumbered from 0 (e.g. `0-4` or `0,2,4`).
+    /// Use only these classes of the dataset, renumbered from 0 (e.g. `0-4` or `0,2,4`); a new
+    /// head gets one output per class.
     #[arg(long, value_name = "LIST")]
     classes: Option<String>,
     /// Train on this many images per class (a seeded choice).
     #[arg(long, value_name = "N")]
     per_class: Option<usize>,
+}
+
+impl RecipeOverrides {
+    /// Writes the given flags into `run` (a lower peak lr pulls `min_lr` down with it).
+    pub(crate) fn apply(&self, run: &mut RunConfig) -> Result<()> {
+        if let Some(e) = self.epochs {
+            run.train.epochs = e;
+        }
+        if let Some(b) = self.batch_size {
+            run.train.batch_size = b;
+        }
+        if let Some(lr) = self.lr {
+            run.train.lr = lr;
+            run.train.min_lr = run.train.min_lr.min(lr);
+        }
+        if let Some(s) = self.seed {
+            run.train.seed = s;
+        }
+        if let Some(c) = &self.classes {
+            run.data.classes = Some(parse_classes(c)?);
+        }
+        if let Some(k) = self.per_class {
+            run.data.per_class = Some(k);
+        }
+        Ok(())
+    }
 }
 
 /// `5-9`, `0,2,4` or a mix (`0-2,7`) as class indices, in the order given.
@@ -639,33 +673,15 @@ impl Hooks for Bar {
 
 fn train(a: TrainArgs) -> Result<u8> {
     let trainer = match (&a.resume, &a.config, &a.out) {
-        (Some(dir), _, _) => Trainer::resume(dir, a.epochs)
+        (Some(dir), _, _) => Trainer::resume(dir, a.recipe.epochs)
             .with_context(|| format!("cannot resume {}", dir.display()))?,
         (None, Some(cfg), Some(out)) => {
             let text = std::fs::read_to_string(cfg)
                 .with_context(|| format!("cannot read {}", cfg.display()))?;
             let mut run = RunConfig::from_toml(&text, &cfg.display().to_string())?;
-            if let Some(e) = a.epochs {
-                run.train.epochs = e;
-            }
-            if let Some(b) = a.batch_size {
-                run.train.batch_size = b;
-            }
-            if let Some(lr) = a.lr {
-                run.train.lr = lr;
-                run.train.min_lr = run.train.min_lr.min(lr);
-            }
-            if let Some(s) = a.seed {
-                run.train.seed = s;
-            }
+            a.recipe.apply(&mut run)?;
             if let Some(d) = a.dataset {
                 run.data.dataset = d;
-            }
-            if let Some(c) = &a.classes {
-                run.data.classes = Some(parse_classes(c)?);
-            }
-            if let Some(k) = a.per_class {
-                run.data.per_class = Some(k);
             }
             run.validate()?;
             Trainer::new(run, out)?
