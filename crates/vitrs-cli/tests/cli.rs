@@ -1,39 +1,15 @@
 //! Runs the built `vit` binary as a user would: outputs, formats, and errors on bad input.
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn vit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vit"))
-        .args(args)
-        .output()
-        .expect("run vit")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A fresh temporary directory for one test.
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vitrs-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn read_npy(p: &Path) -> Vec<f32> {

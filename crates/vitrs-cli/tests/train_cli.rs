@@ -2,29 +2,14 @@
 //! with SIGKILL at random moments: a valid checkpoint always survives and resuming goes on
 //! from its step.
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-
-fn vit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vit"))
-        .args(args)
-        .output()
-        .expect("run vit")
-}
-
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vitrs-train-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A synthetic dataset and a run config using it; returns the config path.
 fn setup(root: &Path, epochs: u64, checkpoint_every: u64) -> PathBuf {

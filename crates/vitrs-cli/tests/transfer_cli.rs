@@ -1,28 +1,13 @@
 //! `vit finetune` and `vit attention` as a user runs them: pre-train on some classes, transfer
 //! to the others at a new resolution, resume the fine-tuning, and draw attention maps.
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
-
-fn vit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vit"))
-        .args(args)
-        .output()
-        .expect("run vit")
-}
-
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vitrs-transfer-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn ok(o: &Output) -> String {
     assert!(

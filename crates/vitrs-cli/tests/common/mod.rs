@@ -1,0 +1,38 @@
+//! Helpers shared by the CLI integration tests (each test file is its own crate and uses a
+//! subset of them).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Runs the `vit` binary built for these tests.
+pub fn vit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vit"))
+        .args(args)
+        .output()
+        .expect("run vit")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A fresh temporary directory for one test, unique per test file, tag and process.
+pub fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "vitrs-{}-{tag}-{}",
+        env!("CARGO_CRATE_NAME"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
