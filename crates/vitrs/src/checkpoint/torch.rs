@@ -83,6 +83,8 @@ pub struct TorchReport {
 /// Limits on what a file may make us build.
 const MAX_STACK: usize = 1 << 20;
 const MAX_MEMO: usize = 1 << 22;
+/// Tensors above this many elements are refused before allocating (4 GiB of f32).
+const MAX_ELEMENTS: usize = 1 << 30;
 
 struct Machine<'a> {
     data: &'a [u8],
@@ -561,7 +563,19 @@ pub fn read(path: &Path) -> Result<(BTreeMap<String, Tensor>, TorchReport)> {
             })?
             .clone();
         let storage = t.dtype.decode(&zip.read(&entry)?);
-        let numel: usize = t.size.iter().product();
+        // A lying shape (or a zero stride) must not make us allocate without bound.
+        let numel = t
+            .size
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= MAX_ELEMENTS)
+            .ok_or_else(|| {
+                Error::malformed(
+                    path,
+                    "PyTorch checkpoint",
+                    format!("tensor `{name}` claims shape {:?}, too large", t.size),
+                )
+            })?;
         // Gather by strides (checked against the storage) into a contiguous buffer.
         let max_index = t
             .size
@@ -616,5 +630,39 @@ fn kind(v: &Value) -> &'static str {
         Value::Tensor(_) => "a single tensor",
         Value::Opaque(_) => "an object of another type",
         _ => "a plain value",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::zip::tests::stored_zip;
+
+    /// A pickle whose tensor claims 2^40 elements over a 1-element storage with stride 0: an
+    /// error before anything that size is allocated.
+    #[test]
+    fn a_lying_shape_is_refused_before_allocating() {
+        let mut p = vec![0x80, 2, b'}'];
+        let ustr = |p: &mut Vec<u8>, s: &str| {
+            p.push(b'X');
+            p.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            p.extend_from_slice(s.as_bytes());
+        };
+        ustr(&mut p, "w");
+        p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        p.push(b'(');
+        ustr(&mut p, "storage");
+        p.extend_from_slice(b"ctorch\nFloatStorage\n");
+        ustr(&mut p, "0");
+        ustr(&mut p, "cpu");
+        p.extend_from_slice(&[b'K', 1, b't', b'Q', b'K', 0]);
+        p.extend_from_slice(&[0x8a, 6, 0, 0, 0, 0, 0, 1, 0x85]); // (2^40,)
+        p.extend_from_slice(&[b'K', 0, 0x85, 0x89, b')', b't', b'R', b's', b'.']);
+        let zip = stored_zip(&[("archive/data.pkl", &p), ("archive/data/0", &[0u8; 4])]);
+        let path = std::env::temp_dir().join(format!("vitrs-lying-{}.pth", std::process::id()));
+        std::fs::write(&path, zip).unwrap();
+        let e = read(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).ok();
+        assert!(e.contains("too large"), "{e}");
     }
 }
