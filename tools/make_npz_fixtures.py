@@ -9,6 +9,10 @@ query scaled by 1/sqrt(hd), a VALID conv patch embedding in NHWC).
   npz-bigvision/ big_vision layout: `params/` prefix, top-level `pos_embedding`, scan-stacked
                  `encoderblock/{LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1,
                  MlpBlock_0}` with a leading layer axis, weights stored as bfloat16.
+  npz-bigvision-gap/ big_vision without a class token (pool_type 'gap': mean of all tokens
+                 after encoder_norm), position table of the patches only, f32.
+  npz-bigvision-map/ big_vision without a class token, pool_type 'map': `MAPHead_0/{probe,
+                 MultiHeadDotProductAttention_0, LayerNorm_0, MlpBlock_0}`, scan-stacked, f32.
 Each directory holds model.npz, input.npy (B, C, H, W) f32 already normalised to [-1, 1],
 and logits.npy (B, K).
 
@@ -24,12 +28,14 @@ import numpy as np
 def init(rng, cfg):
     d, m, p, c, nh = cfg["width"], cfg["mlp"], cfg["patch"], cfg["channels"], cfg["heads"]
     hd = d // nh
-    n = (cfg["image"] // p) ** 2 + 1
+    pool = cfg.get("pool", "tok")
+    n = (cfg["image"] // p) ** 2 + (pool == "tok")
     r = lambda *s, std=0.2: (rng.standard_normal(s) * std).astype(np.float32)
     params = {
         "embedding/kernel": r(p, p, c, d),
         "embedding/bias": r(d),
-        "cls": r(1, 1, d),
+        # drawn in this order so the class-token fixtures keep their values
+        **({"cls": r(1, 1, d)} if pool == "tok" else {}),
         "pos_embedding": r(1, n, d),
         "encoder_norm/scale": 1 + r(d),
         "encoder_norm/bias": r(d),
@@ -37,6 +43,17 @@ def init(rng, cfg):
         "head/bias": r(cfg["classes"]),
         "blocks": [],
     }
+    if pool == "map":
+        params["map"] = {
+            "probe": r(1, 1, d),
+            "q/kernel": r(d, nh, hd), "q/bias": r(nh, hd),
+            "k/kernel": r(d, nh, hd), "k/bias": r(nh, hd),
+            "v/kernel": r(d, nh, hd), "v/bias": r(nh, hd),
+            "out/kernel": r(nh, hd, d), "out/bias": r(d),
+            "ln/scale": 1 + r(d), "ln/bias": r(d),
+            "fc1/kernel": r(d, m), "fc1/bias": r(m),
+            "fc2/kernel": r(m, d), "fc2/bias": r(d),
+        }
     if cfg.get("pre_logits"):
         params["pre_logits/kernel"] = r(d, cfg["pre_logits"])
         params["pre_logits/bias"] = r(cfg["pre_logits"])
@@ -68,20 +85,37 @@ def forward(params, x_nhwc, cfg):
         dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["embedding/bias"]
     b = y.shape[0]
     y = y.reshape(b, -1, y.shape[-1])
-    y = jnp.concatenate([jnp.tile(params["cls"], (b, 1, 1)), y], axis=1) + params["pos_embedding"]
-    for blk in params["blocks"]:
-        h = ln(y, blk["ln1/scale"], blk["ln1/bias"])
-        q = jnp.einsum("bnd,dhk->bnhk", h, blk["q/kernel"]) + blk["q/bias"]
-        k = jnp.einsum("bnd,dhk->bnhk", h, blk["k/kernel"]) + blk["k/bias"]
-        v = jnp.einsum("bnd,dhk->bnhk", h, blk["v/kernel"]) + blk["v/bias"]
+    def mhdpa(xq, xkv, a):
+        q = jnp.einsum("bnd,dhk->bnhk", xq, a["q/kernel"]) + a["q/bias"]
+        k = jnp.einsum("bnd,dhk->bnhk", xkv, a["k/kernel"]) + a["k/bias"]
+        v = jnp.einsum("bnd,dhk->bnhk", xkv, a["v/kernel"]) + a["v/bias"]
         q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
         w = jax.nn.softmax(jnp.einsum("bqhk,bshk->bhqs", q, k), axis=-1)
         o = jnp.einsum("bhqs,bshk->bqhk", w, v)
-        y = y + jnp.einsum("bqhk,hkd->bqd", o, blk["out/kernel"]) + blk["out/bias"]
-        h = ln(y, blk["ln2/scale"], blk["ln2/bias"])
-        h = jax.nn.gelu(h @ blk["fc1/kernel"] + blk["fc1/bias"], approximate=True)
-        y = y + h @ blk["fc2/kernel"] + blk["fc2/bias"]
-    y = ln(y, params["encoder_norm/scale"], params["encoder_norm/bias"])[:, 0]
+        return jnp.einsum("bqhk,hkd->bqd", o, a["out/kernel"])  # out/bias added by the caller
+
+    def mlp(h, a):
+        h = jax.nn.gelu(h @ a["fc1/kernel"] + a["fc1/bias"], approximate=True)
+        return h @ a["fc2/kernel"]  # fc2/bias added by the caller
+
+    if "cls" in params:
+        y = jnp.concatenate([jnp.tile(params["cls"], (b, 1, 1)), y], axis=1)
+    y = y + params["pos_embedding"]
+    for blk in params["blocks"]:
+        h = ln(y, blk["ln1/scale"], blk["ln1/bias"])
+        y = y + mhdpa(h, h, blk) + blk["out/bias"]
+        y = y + mlp(ln(y, blk["ln2/scale"], blk["ln2/bias"]), blk) + blk["fc2/bias"]
+    y = ln(y, params["encoder_norm/scale"], params["encoder_norm/bias"])
+    pool = cfg.get("pool", "tok")
+    if pool == "tok":
+        y = y[:, 0]
+    elif pool == "gap":
+        y = y.mean(axis=1)
+    else:  # big_vision MAPHead: probe attends over all tokens, then x + MLP(LN(x)), token 0
+        a = params["map"]
+        x = mhdpa(jnp.tile(a["probe"], (b, 1, 1)), y, a) + a["out/bias"]
+        x = x + mlp(ln(x, a["ln/scale"], a["ln/bias"]), a) + a["fc2/bias"]
+        y = x[:, 0]
     if "pre_logits/kernel" in params:
         y = jnp.tanh(y @ params["pre_logits/kernel"] + params["pre_logits/bias"])
     return np.asarray(y @ params["head/kernel"] + params["head/bias"], dtype=np.float32)
@@ -109,10 +143,19 @@ def flat_original(params):
 
 def flat_big_vision(params, dtype):
     out = {"params/embedding/kernel": params["embedding/kernel"], "params/embedding/bias": params["embedding/bias"],
-           "params/cls": params["cls"], "params/pos_embedding": params["pos_embedding"],
+           **({"params/cls": params["cls"]} if "cls" in params else {}),
+           "params/pos_embedding": params["pos_embedding"],
            "params/Transformer/encoder_norm/scale": params["encoder_norm/scale"],
            "params/Transformer/encoder_norm/bias": params["encoder_norm/bias"],
            "params/head/kernel": params["head/kernel"], "params/head/bias": params["head/bias"]}
+    if "map" in params:
+        heads = {"probe": "probe", "q": "MultiHeadDotProductAttention_0/query",
+                 "k": "MultiHeadDotProductAttention_0/key", "v": "MultiHeadDotProductAttention_0/value",
+                 "out": "MultiHeadDotProductAttention_0/out", "ln": "LayerNorm_0",
+                 "fc1": "MlpBlock_0/Dense_0", "fc2": "MlpBlock_0/Dense_1"}
+        for k, v in params["map"].items():
+            mod, _, leaf = k.partition("/")
+            out["params/MAPHead_0/" + heads[mod] + ("/" + leaf if leaf else "")] = v
     names = {"ln1": "LayerNorm_0", "q": "MultiHeadDotProductAttention_0/query",
              "k": "MultiHeadDotProductAttention_0/key", "v": "MultiHeadDotProductAttention_0/value",
              "out": "MultiHeadDotProductAttention_0/out", "ln2": "LayerNorm_1",
@@ -137,6 +180,10 @@ def main():
                          pre_logits=12), "original"),
         ("npz-bigvision", dict(image=12, patch=4, channels=3, width=24, depth=3, heads=3, mlp=48, classes=4),
          "big_vision"),
+        ("npz-bigvision-gap", dict(image=12, patch=4, channels=3, width=16, depth=2, heads=2, mlp=32, classes=3,
+                                   pool="gap"), "big_vision_f32"),
+        ("npz-bigvision-map", dict(image=12, patch=4, channels=3, width=16, depth=2, heads=2, mlp=32, classes=3,
+                                   pool="map"), "big_vision_f32"),
     ]:
         params = init(rng, cfg)
         if layout == "big_vision":
@@ -146,6 +193,8 @@ def main():
             params = {k: ([{kk: rnd(vv) for kk, vv in b.items()} for b in v] if k == "blocks" else rnd(v))
                       for k, v in params.items()}
             flat = flat_big_vision(params, ml_dtypes.bfloat16)
+        elif layout == "big_vision_f32":
+            flat = flat_big_vision(params, np.float32)
         else:
             flat = flat_original(params)
         x = rng.uniform(-1, 1, (2, cfg["image"], cfg["image"], cfg["channels"])).astype(np.float32)

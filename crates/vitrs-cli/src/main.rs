@@ -286,6 +286,7 @@ fn info(path: &Path, as_json: bool) -> Result<u8> {
         gw,
         cfg.num_tokens()
     );
+    println!("tokens:        {}", cfg.token_summary());
     println!(
         "input:         {}x{}x{} (C x H x W)",
         cfg.channels, cfg.image_height, cfg.image_width

@@ -2,9 +2,10 @@
 //! probabilities, and the paper's mean attention distance (Fig. 7).
 //!
 //! Every map is read from the attention of a *query* over the patch keys. The query is the
-//! class token for models that classify from it (`pool = cls`); for mean-pooled models the
-//! class token does not feed the classifier, so the query is the average over all patch
-//! queries (what the pooled vector is built from) — [`Query`] says which was used.
+//! class token for models that classify from it (`pool = cls`, DeiT included); for mean- or
+//! attention-pooled models no class token feeds the classifier, so the query is the average
+//! over all patch queries — [`Query`] says which was used. Prefix tokens (class,
+//! distillation, registers) take part in the rollout but are not drawn: maps cover patches.
 //!
 //! Methods:
 //! - [`Method::Mean`]: one layer (the last by default), heads averaged — the paper's view.
@@ -64,7 +65,7 @@ impl Query {
     pub fn for_model(cfg: &ViTConfig) -> Self {
         match cfg.pool {
             Pool::Cls => Query::ClassToken,
-            Pool::Mean => Query::PatchMean,
+            Pool::Mean | Pool::Map => Query::PatchMean,
         }
     }
 
@@ -73,8 +74,8 @@ impl Query {
         match self {
             Query::ClassToken => "the class token's attention to each patch",
             Query::PatchMean => {
-                "mean-pooled model: the average attention of all patch tokens to each patch \
-                 (the class token does not feed its classifier)"
+                "mean- or attention-pooled model: the average attention of all patch tokens to \
+                 each patch (no class token feeds its classifier)"
             }
         }
     }
@@ -123,16 +124,17 @@ pub fn fuse_heads(att: &[f32], heads: usize, n: usize, fusion: HeadFusion) -> Ve
 /// Attention rollout for one image.
 ///
 /// `layers` holds each layer's fused attention `(N, N)` (query rows, key columns), first layer
-/// first. Per layer: the weakest `discard_ratio` of the entries between two patch tokens are
-/// set to zero (entries of the class token — index 0 — are never discarded), then
+/// first; the first `prefix` tokens are the class/distillation/register tokens. Per layer: the
+/// weakest `discard_ratio` of the entries between two patch tokens are set to zero (entries
+/// of a prefix token are never discarded), then
 /// `Â = (A + I) / 2` and each row of `Â` is divided by its own sum; the result is
 /// `Â_L · … · Â_1`, `(N, N)`.
-pub fn rollout(layers: &[Vec<f64>], n: usize, discard_ratio: f32) -> Vec<f64> {
+pub fn rollout(layers: &[Vec<f64>], n: usize, prefix: usize, discard_ratio: f32) -> Vec<f64> {
     let mut joint = identity(n);
     for a in layers {
         let mut a = a.clone();
         if discard_ratio > 0.0 {
-            discard_weakest(&mut a, n, discard_ratio);
+            discard_weakest(&mut a, n, prefix, discard_ratio);
         }
         for i in 0..n {
             a[i * n + i] += 1.0;
@@ -148,9 +150,11 @@ pub fn rollout(layers: &[Vec<f64>], n: usize, discard_ratio: f32) -> Vec<f64> {
     joint
 }
 
-/// Zeroes the `ratio` fraction of smallest entries among those with both indices ≥ 1.
-fn discard_weakest(a: &mut [f64], n: usize, ratio: f32) {
-    let mut idx: Vec<usize> = (0..n * n).filter(|&k| k / n >= 1 && k % n >= 1).collect();
+/// Zeroes the `ratio` fraction of smallest entries among those with both indices ≥ `prefix`.
+fn discard_weakest(a: &mut [f64], n: usize, prefix: usize, ratio: f32) {
+    let mut idx: Vec<usize> = (0..n * n)
+        .filter(|&k| k / n >= prefix && k % n >= prefix)
+        .collect();
     let drop = ((idx.len() as f64) * ratio.clamp(0.0, 1.0) as f64).floor() as usize;
     if drop == 0 {
         return;
@@ -185,13 +189,13 @@ fn matmul(a: &[f64], b: &[f64], n: usize) -> Vec<f64> {
     c
 }
 
-/// The query's row over the patch keys of an `(N, N)` matrix whose first token is the class
-/// token: `(gh·gw)` values.
-fn read_query(m: &[f64], n: usize, query: Query) -> Vec<f32> {
+/// The query's row over the patch keys of an `(N, N)` matrix whose first `prefix` tokens are
+/// not patches (the class token, when there is one, first): `(gh·gw)` values.
+fn read_query(m: &[f64], n: usize, prefix: usize, query: Query) -> Vec<f32> {
     match query {
-        Query::ClassToken => m[1..n].iter().map(|&v| v as f32).collect(),
-        Query::PatchMean => (1..n)
-            .map(|j| ((1..n).map(|i| m[i * n + j]).sum::<f64>() / (n - 1) as f64) as f32)
+        Query::ClassToken => m[prefix..n].iter().map(|&v| v as f32).collect(),
+        Query::PatchMean => (prefix..n)
+            .map(|j| ((prefix..n).map(|i| m[i * n + j]).sum::<f64>() / (n - prefix) as f64) as f32)
             .collect(),
     }
 }
@@ -245,12 +249,12 @@ pub fn attention_map(cfg: &ViTConfig, att: &[f32], method: Method) -> Result<Att
             let layers: Vec<Vec<f64>> = (0..l)
                 .map(|i| fuse_heads(&att[i * plane..(i + 1) * plane], nh, n, fusion))
                 .collect();
-            rollout(&layers, n, discard_ratio)
+            rollout(&layers, n, cfg.num_prefix_tokens(), discard_ratio)
         }
     };
     Ok(AttentionMap {
         grid: cfg.grid(),
-        values: read_query(&m, n, query),
+        values: read_query(&m, n, cfg.num_prefix_tokens(), query),
         query,
     })
 }
@@ -269,33 +273,34 @@ pub fn image_attention(cfg: &ViTConfig, capture: &[f32], batch: usize, b: usize)
 /// Mean attention distance per layer and head, in pixels (the paper's Fig. 7): for each
 /// patch query, the distance to each patch key (centre to centre, `patch_size` pixels per
 /// grid step) weighted by the query's attention over the patch keys (renormalised to sum to 1,
-/// the class token left out), averaged over the queries and the images of `capture`
+/// the prefix tokens left out), averaged over the queries and the images of `capture`
 /// `(L, B, nh, N, N)`. Returns `(L, nh)` row-major.
 pub fn mean_attention_distance(cfg: &ViTConfig, capture: &[f32], batch: usize) -> Vec<f64> {
     let (l, nh, n) = (cfg.depth, cfg.heads, cfg.num_tokens());
+    let npre = cfg.num_prefix_tokens();
     let (_, gw) = cfg.grid();
     let p = cfg.patch_size as f64;
-    let pos = |t: usize| (((t - 1) / gw) as f64, ((t - 1) % gw) as f64);
-    let dist: Vec<f64> = (1..n)
+    let pos = |t: usize| (((t - npre) / gw) as f64, ((t - npre) % gw) as f64);
+    let dist: Vec<f64> = (npre..n)
         .flat_map(|i| {
-            (1..n).map(move |j| {
+            (npre..n).map(move |j| {
                 let ((yi, xi), (yj, xj)) = (pos(i), pos(j));
                 p * ((yi - yj).powi(2) + (xi - xj).powi(2)).sqrt()
             })
         })
         .collect();
-    let np = n - 1;
+    let np = n - npre;
     let mut out = vec![0.0; l * nh];
     for layer in 0..l {
         for b in 0..batch {
             for h in 0..nh {
                 let base = ((layer * batch + b) * nh + h) * n * n;
                 let mut acc = 0.0;
-                for i in 1..n {
-                    let row = &capture[base + i * n + 1..base + (i + 1) * n];
+                for i in npre..n {
+                    let row = &capture[base + i * n + npre..base + (i + 1) * n];
                     let s: f64 = row.iter().map(|&v| v as f64).sum();
                     if s > 0.0 {
-                        let d = &dist[(i - 1) * np..i * np];
+                        let d = &dist[(i - npre) * np..(i - npre + 1) * np];
                         acc += row.iter().zip(d).map(|(&a, &d)| a as f64 * d).sum::<f64>() / s;
                     }
                 }
@@ -332,7 +337,7 @@ mod tests {
         // Rows of A already sum to 1, so Â = (A + I)/2 sums to 1 as well:
         // Â1 = [[.75,.125,.125],[0,1,0],[.1,.1,.8]], Â2 = [[.5,.5,0],[.25,.75,0],[0,0,1]].
         // Â2·Â1 row 0 = .5·[.75,.125,.125] + .5·[0,1,0] = [.375, .5625, .0625].
-        let r = rollout(&[a1, a2], 3, 0.0);
+        let r = rollout(&[a1, a2], 3, 1, 0.0);
         assert!(close(&r[0..3], &[0.375, 0.5625, 0.0625], 1e-12), "{r:?}");
         // row 1 = .25·Â1[0] + .75·Â1[1] = [.1875, .78125, .03125]
         assert!(close(&r[3..6], &[0.1875, 0.78125, 0.03125], 1e-12), "{r:?}");
@@ -352,7 +357,7 @@ mod tests {
             1.0, 1.0, 1.0, //
             0.0, 0.0, 5.0,
         ];
-        let r = rollout(&[a], 3, 0.0);
+        let r = rollout(&[a], 3, 1, 0.0);
         // Â = (A + I) row-normalised: row 0 = [3,0,0]/3, row 1 = [1,2,1]/4, row 2 = [0,0,6]/6.
         assert!(close(
             &r,
@@ -366,7 +371,7 @@ mod tests {
         let n = 4;
         let a: Vec<f64> = (0..n * n).map(|k| 0.01 * (k as f64 + 1.0)).collect();
         let mut d = a.clone();
-        discard_weakest(&mut d, n, 0.5);
+        discard_weakest(&mut d, n, 1, 0.5);
         for k in 0..n * n {
             if k / n == 0 || k % n == 0 {
                 assert_eq!(d[k], a[k], "class-token entry {k} changed");

@@ -12,8 +12,12 @@ use crate::error::{Error, Result};
 pub enum Pool {
     /// The final [class] token (the paper; timm `global_pool='token'`).
     Cls,
-    /// Mean over the patch tokens, class token excluded (timm `global_pool='avg'`).
+    /// Mean over the patch tokens, prefix tokens (class, distillation, registers) excluded
+    /// (timm `global_pool='avg'`, big_vision `pool_type='gap'`).
     Mean,
+    /// Multi-head attention pooling: one learned query attends over every token, then a
+    /// pre-norm MLP with a residual (timm `global_pool='map'`, big_vision `MAPHead`).
+    Map,
 }
 
 /// The classification head on the pooled vector.
@@ -79,6 +83,30 @@ pub struct ViTConfig {
     pub qkv_bias: bool,
     /// LayerNorm epsilon: 1e-6 in timm/JAX checkpoints, 1e-12 in Hugging Face's.
     pub layer_norm_eps: f32,
+    /// Whether a learned [class] token is prepended (the paper; timm `class_token`). Models
+    /// without one pool with `mean` or `map` (big_vision, SigLIP, timm `*_gap`).
+    #[serde(default = "default_true")]
+    pub class_token: bool,
+    /// DeiT's distillation token: a second prefix token read by its own classifier
+    /// (`head_dist`); the logits are the mean of both heads, as DeiT evaluates.
+    #[serde(default)]
+    pub distilled: bool,
+    /// Register tokens (Darcet et al. 2024, timm `reg_tokens`): learned prefix tokens that
+    /// take part in attention and are read by nothing.
+    #[serde(default)]
+    pub reg_tokens: usize,
+    /// Position embeddings cover the patches only and are added before the prefix tokens are
+    /// prepended (timm `no_embed_class`: DeiT III, big_vision, register models).
+    #[serde(default)]
+    pub no_embed_class: bool,
+    /// LayerScale (Touvron et al. 2021, timm `init_values`): a learned per-channel gain on
+    /// each residual branch, initialised to this value.
+    #[serde(default)]
+    pub layer_scale: Option<f32>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// One row of the preset table.
@@ -89,6 +117,16 @@ struct Variant {
     depth: usize,
     heads: usize,
     mlp_dim: usize,
+}
+
+/// What a timm architecture name adds to the plain ViT of its size.
+#[derive(Default)]
+struct Extras {
+    distilled: bool,
+    reg_tokens: usize,
+    gap: bool,
+    map: bool,
+    deit3: bool,
 }
 
 /// Model variants. B, L, H: Dosovitskiy et al. 2021, Table 1. Ti and S: Touvron et al. 2021
@@ -138,32 +176,65 @@ const VARIANTS: &[Variant] = &[
 
 impl ViTConfig {
     /// A preset: `"B/16"`, `"S/32@384"` (variant / patch @ resolution, default 224), or a timm
-    /// architecture name such as `vit_base_patch16_224` (a `.tag` suffix is ignored).
+    /// architecture name (a `.tag` suffix is ignored):
+    ///
+    /// | timm name | model |
+    /// |---|---|
+    /// | `vit_base_patch16_224` | the paper's ViT |
+    /// | `vit_base_patch16_reg4_gap_256` | 4 register tokens, no class token, mean pooling |
+    /// | `vit_base_patch16_siglip_224` | no class token, attention pooling (MAP) |
+    /// | `deit_tiny_patch16_224`, `deit_tiny_distilled_patch16_224` | DeiT, with the distillation token |
+    /// | `deit3_small_patch16_224` | DeiT III: LayerScale, position embeddings for patches only |
+    ///
     /// Classes default to 1000 (ImageNet) with timm's defaults: exact GELU, eps 1e-6, qkv bias.
     pub fn preset(name: &str) -> Result<Self> {
         let bad = |why: &str| {
             Error::InvalidConfig(format!(
-                "unknown preset `{name}`: {why}; expected e.g. `B/16`, `Ti/16@384` or `vit_base_patch16_224` \
-                 (variants Ti, S, B, L, H; patch 8, 14, 16 or 32; resolution 224 or 384)"
+                "unknown preset `{name}`: {why}; expected e.g. `B/16`, `Ti/16@384`, `vit_base_patch16_224`, \
+                 `deit_small_distilled_patch16_224` or `vit_base_patch16_reg4_gap_256` \
+                 (variants Ti, S, B, L, H; patch 8, 14, 16 or 32)"
             ))
         };
-        let (variant, patch, res) = if let Some(rest) = name.strip_prefix("vit_") {
-            // timm: vit_{tiny,small,base,large,huge}_patch{P}_{R}[.tag]
+        let size = |long: &str| {
+            VARIANTS
+                .iter()
+                .find(|v| v.long == long)
+                .ok_or_else(|| bad("unknown size"))
+        };
+        // timm names: {vit,deit,deit3}_SIZE[_distilled]_patchP[_regN][_gap|_siglip]_RES
+        let timm = ["vit_", "deit_", "deit3_"]
+            .iter()
+            .find_map(|f| name.strip_prefix(f).map(|rest| (&f[..f.len() - 1], rest)));
+        let mut extra = Extras::default();
+        let (variant, patch, res) = if let Some((family, rest)) = timm {
             let rest = rest.split('.').next().unwrap_or(rest);
             let parts: Vec<&str> = rest.split('_').collect();
-            if parts.len() != 3 {
+            if parts.len() < 3 {
                 return Err(bad("not of the form vit_SIZE_patchP_RES"));
             }
-            let v = VARIANTS
-                .iter()
-                .find(|v| v.long == parts[0])
-                .ok_or_else(|| bad("unknown size"))?;
-            let p = parts[1]
-                .strip_prefix("patch")
-                .and_then(|p| p.parse().ok())
-                .ok_or_else(|| bad("bad patch"))?;
-            let r = parts[2].parse().map_err(|_| bad("bad resolution"))?;
-            (v, p, r)
+            let v = size(parts[0])?;
+            let (mut patch, mut res) = (None, None);
+            for (i, part) in parts.iter().enumerate().skip(1) {
+                let last = i == parts.len() - 1;
+                if let Some(p) = part.strip_prefix("patch") {
+                    patch = Some(p.parse().map_err(|_| bad("bad patch"))?);
+                } else if let Some(r) = part.strip_prefix("reg").filter(|r| !r.is_empty()) {
+                    extra.reg_tokens = r.parse().map_err(|_| bad("bad register count"))?;
+                } else if *part == "distilled" && family == "deit" {
+                    extra.distilled = true;
+                } else if *part == "gap" {
+                    extra.gap = true;
+                } else if *part == "siglip" {
+                    extra.map = true;
+                } else if last {
+                    res = Some(part.parse().map_err(|_| bad("bad resolution"))?);
+                } else {
+                    return Err(bad(&format!("unsupported architecture part `{part}`")));
+                }
+            }
+            extra.deit3 = family == "deit3";
+            let patch = patch.ok_or_else(|| bad("missing patchP"))?;
+            (v, patch, res.ok_or_else(|| bad("missing resolution"))?)
         } else {
             let (body, res) = match name.split_once('@') {
                 Some((b, r)) => (b, r.parse().map_err(|_| bad("bad resolution"))?),
@@ -181,13 +252,13 @@ impl ViTConfig {
         if ![8, 14, 16, 32].contains(&patch) {
             return Err(bad("patch must be 8, 14, 16 or 32"));
         }
-        if ![224, 384].contains(&res) {
-            return Err(bad("resolution must be 224 or 384"));
+        if !(32..=4096).contains(&res) {
+            return Err(bad("resolution must be between 32 and 4096"));
         }
         // 384 is not a multiple of 14: patch-14 models at "384" use the nearest grid that tiles,
         // 27 x 27 patches = 378 px (the CLIP/DINOv2 convention), since we never drop pixels.
         let res = res / patch * patch;
-        let cfg = ViTConfig {
+        let mut cfg = ViTConfig {
             image_height: res,
             image_width: res,
             patch_size: patch,
@@ -205,7 +276,30 @@ impl ViTConfig {
             qkv_bias: true,
             // timm and the JAX originals use 1e-6.
             layer_norm_eps: 1e-6,
+            class_token: true,
+            distilled: extra.distilled,
+            reg_tokens: extra.reg_tokens,
+            no_embed_class: false,
+            layer_scale: None,
         };
+        if extra.deit3 {
+            // timm's deit3_*: no_embed_class=True, init_values=1e-6.
+            cfg.no_embed_class = true;
+            cfg.layer_scale = Some(1e-6);
+        }
+        if extra.gap {
+            // timm's *_gap_* (with registers): class_token=False, no_embed_class=True,
+            // global_pool='avg' (so fc_norm, no final norm).
+            cfg.class_token = false;
+            cfg.no_embed_class = true;
+            cfg.pool = Pool::Mean;
+            cfg.fc_norm = true;
+        }
+        if extra.map {
+            // timm's *_siglip_*: class_token=False, global_pool='map'.
+            cfg.class_token = false;
+            cfg.pool = Pool::Map;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -237,6 +331,32 @@ impl ViTConfig {
         }
         if self.fc_norm && self.pool != Pool::Mean {
             return err("fc_norm (LayerNorm after pooling) is only used with mean pooling".into());
+        }
+        if self.pool == Pool::Cls && !self.class_token {
+            return err(
+                "pool `cls` reads the class token, but class_token is false; use `mean` or `map`"
+                    .into(),
+            );
+        }
+        if self.distilled && !(self.class_token && self.pool == Pool::Cls) {
+            return err(
+                "a distillation token needs a class token and `cls` pooling (DeiT reads both tokens)"
+                    .into(),
+            );
+        }
+        if self.distilled && self.head != Head::Linear {
+            return err("a distilled model has linear heads, not a pre-logits layer".into());
+        }
+        if self.reg_tokens > 1024 {
+            return err(format!(
+                "reg_tokens {} is implausibly large (at most 1024)",
+                self.reg_tokens
+            ));
+        }
+        if let Some(g) = self.layer_scale {
+            if !g.is_finite() {
+                return err(format!("layer_scale must be finite, got {g}"));
+            }
         }
         if self.fc_norm && self.norm == NormPlacement::Post {
             return err("fc_norm with post-norm blocks would normalise twice".into());
@@ -278,9 +398,55 @@ impl ViTConfig {
         gh * gw
     }
 
-    /// Tokens N = patches + the [class] token.
+    /// Prefix tokens before the patches: [class], [distillation], then the registers.
+    pub fn num_prefix_tokens(&self) -> usize {
+        self.class_token as usize + self.distilled as usize + self.reg_tokens
+    }
+
+    /// Tokens N = prefix tokens + patches.
     pub fn num_tokens(&self) -> usize {
-        self.num_patches() + 1
+        self.num_patches() + self.num_prefix_tokens()
+    }
+
+    /// Prefix tokens that have a row in the position table (0 with `no_embed_class`).
+    pub fn pos_prefix_tokens(&self) -> usize {
+        if self.no_embed_class {
+            0
+        } else {
+            self.num_prefix_tokens()
+        }
+    }
+
+    /// Rows of the position table: `pos_prefix_tokens() + gh·gw`.
+    pub fn pos_tokens(&self) -> usize {
+        self.num_patches() + self.pos_prefix_tokens()
+    }
+
+    /// One line for users: the token sequence, where the position table applies and whether
+    /// the blocks have LayerScale, e.g. `class + distillation + 16 patches; positions on every
+    /// token`.
+    pub fn token_summary(&self) -> String {
+        let mut parts = vec![];
+        if self.class_token {
+            parts.push("class".to_string());
+        }
+        if self.distilled {
+            parts.push("distillation".into());
+        }
+        if self.reg_tokens > 0 {
+            parts.push(format!("{} register(s)", self.reg_tokens));
+        }
+        parts.push(format!("{} patches", self.num_patches()));
+        let pos = if self.no_embed_class && self.num_prefix_tokens() > 0 {
+            "positions on patches only"
+        } else {
+            "positions on every token"
+        };
+        let ls = match self.layer_scale {
+            Some(g) => format!("; LayerScale (init {g:e})"),
+            None => String::new(),
+        };
+        format!("{}; {pos}{ls}", parts.join(" + "))
     }
 
     /// Head dim hd = D / nh.
@@ -313,13 +479,20 @@ impl ViTConfig {
             + 2.0 * 2.0 * n * n * d // q·kᵀ and p·v
             + 2.0 * n * d * d // proj
             + 2.0 * 2.0 * n * d * m; // fc1 + fc2
+        let map_pool = if self.pool == Pool::Map {
+            // k/v of every token, the query's scores and sum, proj, MLP of one token.
+            2.0 * n * d * 2.0 * d + 2.0 * 2.0 * n * d + 2.0 * d * d + 2.0 * 2.0 * d * m
+        } else {
+            0.0
+        };
+        let heads = if self.distilled { 2.0 } else { 1.0 };
         let head = match self.head {
-            Head::Linear => 2.0 * d * self.num_classes as f64,
+            Head::Linear => heads * 2.0 * d * self.num_classes as f64,
             Head::PreLogits { hidden } => {
                 2.0 * d * hidden as f64 + 2.0 * hidden as f64 * self.num_classes as f64
             }
         };
-        embed + self.depth as f64 * block + head
+        embed + self.depth as f64 * block + map_pool + head
     }
 
     /// Serialises to JSON (the form stored in native checkpoints).
@@ -366,6 +539,65 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn timm_family_names_set_their_tokens_and_pooling() {
+        let d = ViTConfig::preset("deit_tiny_distilled_patch16_224.fb_in1k").unwrap();
+        assert!(d.distilled && d.class_token && d.pool == Pool::Cls);
+        assert_eq!(
+            (d.num_prefix_tokens(), d.num_tokens(), d.pos_tokens()),
+            (2, 198, 198)
+        );
+        let r = ViTConfig::preset("vit_base_patch16_reg4_gap_256").unwrap();
+        assert!(!r.class_token && r.no_embed_class && r.fc_norm && r.pool == Pool::Mean);
+        assert_eq!(
+            (r.num_tokens(), r.pos_tokens(), r.image_height),
+            (260, 256, 256)
+        );
+        let s = ViTConfig::preset("vit_base_patch16_siglip_224").unwrap();
+        assert!(!s.class_token && s.pool == Pool::Map && s.has_final_norm());
+        assert_eq!(s.num_tokens(), 196);
+        let t = ViTConfig::preset("deit3_small_patch16_224").unwrap();
+        assert_eq!(t.layer_scale, Some(1e-6));
+        assert!(t.no_embed_class && t.class_token);
+        assert_eq!((t.num_tokens(), t.pos_tokens()), (197, 196));
+        for bad in [
+            "vit_base_patch16_distilled_224",
+            "vit_base_patch16_clip_224",
+            "vit_base_patch16",
+        ] {
+            assert!(ViTConfig::preset(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn token_options_are_checked() {
+        let mut c = ViTConfig::preset("Ti/16").unwrap();
+        c.class_token = false;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("class_token"));
+        c.pool = Pool::Map;
+        c.validate().unwrap();
+        c.distilled = true;
+        assert!(c.validate().is_err());
+        // An old checkpoint's JSON (no token fields) still parses, with a class token.
+        let mut v: serde_json::Value =
+            serde_json::from_str(&ViTConfig::preset("Ti/16").unwrap().to_json()).unwrap();
+        for k in [
+            "class_token",
+            "distilled",
+            "reg_tokens",
+            "no_embed_class",
+            "layer_scale",
+        ] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        let old = ViTConfig::from_json(&v.to_string()).unwrap();
+        assert!(old.class_token && old.num_tokens() == 197);
     }
 
     #[test]

@@ -111,6 +111,26 @@ fn timm_patch8_no_qkv_bias_gradients() {
     check("timm_p8_nobias");
 }
 
+#[test]
+fn timm_deit_distilled_gradients() {
+    check("timm_deit_distilled");
+}
+
+#[test]
+fn timm_deit3_layer_scale_gradients() {
+    check("timm_deit3");
+}
+
+#[test]
+fn timm_registers_gap_gradients() {
+    check("timm_reg_gap");
+}
+
+#[test]
+fn timm_attention_pooling_gradients() {
+    check("timm_siglip_map");
+}
+
 /// Central differences of the loss for a few entries of every parameter tensor.
 fn finite_difference(cfg: ViTConfig) {
     finite_difference_with(cfg, Regularization::default());
@@ -179,6 +199,11 @@ fn small() -> ViTConfig {
         fc_norm: false,
         qkv_bias: true,
         layer_norm_eps: 1e-6,
+        class_token: true,
+        distilled: false,
+        reg_tokens: 0,
+        no_embed_class: false,
+        layer_scale: None,
     }
 }
 
@@ -225,4 +250,49 @@ fn finite_differences_with_dropout_and_stochastic_depth() {
             seed: 4,
         },
     );
+}
+
+#[test]
+fn finite_differences_deit_distillation_token() {
+    let mut c = small();
+    c.distilled = true;
+    finite_difference(c.clone());
+    c.reg_tokens = 2;
+    c.no_embed_class = true;
+    finite_difference(c);
+}
+
+#[test]
+fn finite_differences_registers_layer_scale_no_class_token() {
+    let mut c = small();
+    c.class_token = false;
+    c.pool = Pool::Mean;
+    c.fc_norm = true;
+    c.reg_tokens = 2;
+    c.no_embed_class = true;
+    c.layer_scale = Some(0.5);
+    finite_difference(c.clone());
+    // LayerScale under masks, post-norm.
+    c.norm = NormPlacement::Post;
+    c.fc_norm = false;
+    finite_difference_with(
+        c,
+        Regularization {
+            dropout: 0.2,
+            drop_path: 0.3,
+            seed: 3,
+        },
+    );
+}
+
+#[test]
+fn finite_differences_attention_pooling() {
+    let mut c = small();
+    c.class_token = false;
+    c.pool = Pool::Map;
+    finite_difference(c.clone());
+    c.class_token = true;
+    c.reg_tokens = 1;
+    c.head = Head::PreLogits { hidden: 5 };
+    finite_difference(c);
 }

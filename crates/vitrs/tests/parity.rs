@@ -142,6 +142,26 @@ fn timm_patch8_no_qkv_bias() {
 }
 
 #[test]
+fn timm_deit_distillation_token() {
+    check_fixture("timm_deit_distilled", Format::Timm);
+}
+
+#[test]
+fn timm_deit3_layer_scale_patch_only_positions() {
+    check_fixture("timm_deit3", Format::Timm);
+}
+
+#[test]
+fn timm_registers_without_class_token() {
+    check_fixture("timm_reg_gap", Format::Timm);
+}
+
+#[test]
+fn timm_attention_pooling() {
+    check_fixture("timm_siglip_map", Format::Timm);
+}
+
+#[test]
 fn hf_labels_and_config_are_read() {
     let ck = vitrs::load(&fixtures().join("hf_cls")).unwrap();
     assert_eq!(
@@ -215,7 +235,12 @@ fn timm_position_table_is_resampled_like_timm() {
 /// (`tools/make_npz_fixtures.py`).
 #[test]
 fn google_npz_layouts_match_jax() {
-    for name in ["npz-vit", "npz-bigvision"] {
+    for name in [
+        "npz-vit",
+        "npz-bigvision",
+        "npz-bigvision-gap",
+        "npz-bigvision-map",
+    ] {
         let dir = fixtures().join(name);
         let ck = vitrs::load(&dir.join("model.npz")).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(ck.report.format, Format::GoogleNpz, "{name}");
@@ -229,5 +254,13 @@ fn google_npz_layouts_match_jax() {
         let want = read_npy(&dir.join("logits.npy")).unwrap();
         let got = ck.model.logits(&x).unwrap();
         assert_close(name, &got, &want, 1e-4);
+        let cfg = ck.model.config();
+        let want_pool = match name {
+            "npz-bigvision-gap" => vitrs::Pool::Mean,
+            "npz-bigvision-map" => vitrs::Pool::Map,
+            _ => vitrs::Pool::Cls,
+        };
+        assert_eq!(cfg.pool, want_pool, "{name}");
+        assert_eq!(cfg.class_token, want_pool == vitrs::Pool::Cls, "{name}");
     }
 }

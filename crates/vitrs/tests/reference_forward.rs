@@ -27,6 +27,11 @@ fn base() -> ViTConfig {
         fc_norm: false,
         qkv_bias: true,
         layer_norm_eps: 1e-6,
+        class_token: true,
+        distilled: false,
+        reg_tokens: 0,
+        no_embed_class: false,
+        layer_scale: None,
     }
 }
 
@@ -104,17 +109,37 @@ impl Ref<'_> {
             c.channels * p * p,
             Epilogue::None,
         );
-        let (cls, pos) = (self.p("cls_token"), self.p("pos_embed"));
+        // Prefix tokens in timm's order: class, distillation, registers.
+        let mut prefix: Vec<&[f32]> = vec![];
+        if c.class_token {
+            prefix.push(self.p("cls_token"));
+        }
+        if c.distilled {
+            prefix.push(self.p("dist_token"));
+        }
+        for r in 0..c.reg_tokens {
+            prefix.push(&self.p("reg_token")[r * d..(r + 1) * d]);
+        }
+        let npre = prefix.len();
+        let pos = self.p("pos_embed");
         let mut h = vec![0.0; b * n * d];
         for bi in 0..b {
             for t in 0..n {
                 for j in 0..d {
-                    let v = if t == 0 {
-                        cls[j]
+                    let v = if t < npre {
+                        prefix[t][j]
                     } else {
-                        tok[(bi * (n - 1) + t - 1) * d + j]
+                        tok[(bi * (n - npre) + t - npre) * d + j]
                     };
-                    h[(bi * n + t) * d + j] = v + pos[t * d + j];
+                    // no_embed_class: position rows for the patches only.
+                    let pe = if !c.no_embed_class {
+                        pos[t * d + j]
+                    } else if t >= npre {
+                        pos[(t - npre) * d + j]
+                    } else {
+                        0.0
+                    };
+                    h[(bi * n + t) * d + j] = v + pe;
                 }
             }
         }
@@ -125,9 +150,15 @@ impl Ref<'_> {
             head_dim: d / c.heads,
         };
         let mut attns = vec![];
-        let add = |a: &mut Vec<f32>, r: &[f32]| a.iter_mut().zip(r).for_each(|(x, y)| *x += y);
         for l in 0..c.depth {
             let blk = |s: &str| format!("blocks.{l}.{s}");
+            // x += γ ⊙ branch (γ = 1 without LayerScale).
+            let add = |a: &mut Vec<f32>, r: &[f32], ls: &str| {
+                let g = c.layer_scale.map(|_| self.p(&blk(ls)));
+                for (i, (x, y)) in a.iter_mut().zip(r).enumerate() {
+                    *x += g.map_or(1.0, |g| g[i % d]) * y;
+                }
+            };
             let attn_branch = |inp: &[f32], attns: &mut Vec<f32>| {
                 let qkv = self.linear(&blk("attn.qkv"), inp, b * n, d, Epilogue::None);
                 let (o, pr) = attention_ref(&qkv, dims);
@@ -141,16 +172,16 @@ impl Ref<'_> {
             match c.norm {
                 NormPlacement::Pre => {
                     let a = attn_branch(&self.norm(&blk("norm1"), &h), &mut attns);
-                    add(&mut h, &a);
+                    add(&mut h, &a, "ls1.gamma");
                     let m = mlp_branch(&self.norm(&blk("norm2"), &h));
-                    add(&mut h, &m);
+                    add(&mut h, &m, "ls2.gamma");
                 }
                 NormPlacement::Post => {
                     let a = attn_branch(&h, &mut attns);
-                    add(&mut h, &a);
+                    add(&mut h, &a, "ls1.gamma");
                     h = self.norm(&blk("norm1"), &h);
                     let m = mlp_branch(&h);
-                    add(&mut h, &m);
+                    add(&mut h, &m, "ls2.gamma");
                     h = self.norm(&blk("norm2"), &h);
                 }
             }
@@ -158,18 +189,24 @@ impl Ref<'_> {
         if c.has_final_norm() {
             h = self.norm("norm", &h);
         }
-        let mut pooled = vec![0.0; b * d];
-        for bi in 0..b {
-            for j in 0..d {
-                pooled[bi * d + j] = match c.pool {
-                    Pool::Cls => h[bi * n * d + j],
-                    Pool::Mean => {
-                        (1..n).map(|t| h[(bi * n + t) * d + j] as f64).sum::<f64>() as f32
-                            / (n - 1) as f32
-                    }
-                };
-            }
-        }
+        let token = |t: usize| -> Vec<f32> {
+            (0..b)
+                .flat_map(|bi| h[(bi * n + t) * d..(bi * n + t + 1) * d].to_vec())
+                .collect()
+        };
+        let mut pooled = match c.pool {
+            Pool::Cls => token(0),
+            Pool::Mean => (0..b * d)
+                .map(|i| {
+                    let (bi, j) = (i / d, i % d);
+                    (npre..n)
+                        .map(|t| h[(bi * n + t) * d + j] as f64)
+                        .sum::<f64>() as f32
+                        / (n - npre) as f32
+                })
+                .collect(),
+            Pool::Map => self.map_pool(&h, b),
+        };
         if c.fc_norm {
             pooled = self.norm("fc_norm", &pooled);
         }
@@ -177,12 +214,69 @@ impl Ref<'_> {
             Head::Linear => pooled,
             Head::PreLogits { .. } => self.linear("pre_logits.fc", &pooled, b, d, Epilogue::Tanh),
         };
-        let logits = if c.num_classes > 0 {
+        let mut logits = if c.num_classes > 0 {
             self.linear("head", &feats, b, c.feature_dim(), Epilogue::None)
         } else {
             feats
         };
+        if c.distilled {
+            // DeiT: the mean of both heads (or of both tokens without a classifier).
+            let dist = if c.num_classes > 0 {
+                self.linear("head_dist", &token(1), b, d, Epilogue::None)
+            } else {
+                token(1)
+            };
+            for (l, v) in logits.iter_mut().zip(dist) {
+                *l = (*l + v) / 2.0;
+            }
+        }
         (logits, attns)
+    }
+
+    /// timm's AttentionPoolLatent, written out: q from the latent, k/v from every token,
+    /// softmax over tokens per head, proj, then z + MLP(LN(z)).
+    fn map_pool(&self, h: &[f32], b: usize) -> Vec<f32> {
+        let c = self.0.config();
+        let (d, n, nh) = (c.width, c.num_tokens(), c.heads);
+        let hd = d / nh;
+        let q = self.linear(
+            "attn_pool.q",
+            self.p("attn_pool.latent"),
+            1,
+            d,
+            Epilogue::None,
+        );
+        let kv = self.linear("attn_pool.kv", h, b * n, d, Epilogue::None);
+        let mut o = vec![0.0f32; b * d];
+        for bi in 0..b {
+            for head in 0..nh {
+                let score = |t: usize| -> f64 {
+                    (0..hd)
+                        .map(|e| {
+                            q[head * hd + e] as f64
+                                * kv[(bi * n + t) * 2 * d + head * hd + e] as f64
+                        })
+                        .sum::<f64>()
+                        / (hd as f64).sqrt()
+                };
+                let s: Vec<f64> = (0..n).map(score).collect();
+                let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|v| (v - mx).exp()).sum();
+                for e in 0..hd {
+                    o[bi * d + head * hd + e] = (0..n)
+                        .map(|t| {
+                            (s[t] - mx).exp() / z
+                                * kv[(bi * n + t) * 2 * d + d + head * hd + e] as f64
+                        })
+                        .sum::<f64>() as f32;
+                }
+            }
+        }
+        let z = self.linear("attn_pool.proj", &o, b, d, Epilogue::None);
+        let y = self.norm("attn_pool.norm", &z);
+        let hid = self.linear("attn_pool.mlp.fc1", &y, b, d, Epilogue::Gelu(c.gelu));
+        let m = self.linear("attn_pool.mlp.fc2", &hid, b, c.mlp_dim, Epilogue::None);
+        z.iter().zip(&m).map(|(a, b)| a + b).collect()
     }
 }
 
@@ -274,6 +368,47 @@ fn mean_pooling_with_and_without_fc_norm() {
     c.fc_norm = true;
     c.qkv_bias = false;
     check(c, 4);
+}
+
+#[test]
+fn deit_distillation_token_and_registers() {
+    let mut c = base();
+    c.distilled = true;
+    check(c.clone(), 2);
+    c.reg_tokens = 2;
+    c.no_embed_class = true;
+    check(c.clone(), 2);
+    c.num_classes = 0;
+    check(c, 1);
+}
+
+#[test]
+fn no_class_token_with_registers_layer_scale_and_mean_pooling() {
+    let mut c = base();
+    c.class_token = false;
+    c.pool = Pool::Mean;
+    c.fc_norm = true;
+    c.reg_tokens = 3;
+    c.no_embed_class = true;
+    c.layer_scale = Some(0.1);
+    check(c.clone(), 2);
+    c.norm = NormPlacement::Post;
+    c.fc_norm = false;
+    check(c, 2);
+}
+
+#[test]
+fn attention_pooling() {
+    let mut c = base();
+    c.class_token = false;
+    c.pool = Pool::Map;
+    check(c.clone(), 3);
+    // With a class token and registers in the sequence too (MAP attends over every token).
+    c.class_token = true;
+    c.reg_tokens = 1;
+    c.layer_scale = Some(0.5);
+    c.head = Head::PreLogits { hidden: 5 };
+    check(c, 2);
 }
 
 #[test]

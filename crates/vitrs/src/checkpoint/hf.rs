@@ -243,6 +243,11 @@ fn config_from(
             .get("layer_norm_eps")
             .and_then(Value::as_f64)
             .unwrap_or(1e-12) as f32,
+        class_token: true,
+        distilled: false,
+        reg_tokens: 0,
+        no_embed_class: false,
+        layer_scale: None,
     };
     cfg.validate().map_err(|e| bad(e.to_string()))?;
     Ok((cfg, notes))

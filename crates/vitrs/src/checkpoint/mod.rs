@@ -271,15 +271,16 @@ pub(crate) fn apply(
             let got = t.shape().to_vec();
             let regrid =
                 if e.name == "pos_embed" && got.len() == 3 && got[0] == 1 && got[2] == cfg.width {
-                    posembed::square_grid(got[1], 1)
+                    posembed::square_grid(got[1], cfg.pos_prefix_tokens())
                 } else {
                     None
                 };
             match regrid {
                 Some(old) => {
-                    data = posembed::resample_pos_embed(&data, cfg.width, 1, old, cfg.grid())?;
+                    let prefix = cfg.pos_prefix_tokens();
+                    data = posembed::resample_pos_embed(&data, cfg.width, prefix, old, cfg.grid())?;
                     report.conversions.push(format!(
-                        "resampled pos_embed from a {}x{} to a {}x{} grid (bicubic, class token kept)",
+                        "resampled pos_embed from a {}x{} to a {}x{} grid (bicubic, {prefix} prefix-token row(s) kept)",
                         old.0,
                         old.1,
                         cfg.grid().0,

@@ -170,13 +170,10 @@ pub(crate) fn load(path: &Path) -> Result<Checkpoint> {
         })?;
     let fc1 = get(&format!("{}/{}/Dense_0/kernel", block_prefix(0), names.mlp))?;
     let mlp_dim = *fc1.shape().last().unwrap_or(&0);
-    if !raw.contains_key("cls") {
-        return Err(bad(
-            "this model has no class token (big_vision pool_type gap/map); only class-token models \
-             are read so far"
-                .into(),
-        ));
-    }
+    // big_vision adds a class token only for pool_type 'tok'; without one it pools with the
+    // mean of all tokens ('gap') or a MAPHead ('map').
+    let class_token = raw.contains_key("cls");
+    let map_head = raw.contains_key("MAPHead_0/probe");
     let pos_key = if raw.contains_key("Transformer/posembed_input/pos_embedding") {
         "Transformer/posembed_input/pos_embedding"
     } else {
@@ -184,9 +181,14 @@ pub(crate) fn load(path: &Path) -> Result<Checkpoint> {
     };
     let pos = get(pos_key)?;
     let tokens = pos.shape().get(1).copied().unwrap_or(0);
-    let (gh, gw) = super::posembed::square_grid(tokens, 1).ok_or_else(|| {
+    let (gh, gw) = super::posembed::square_grid(tokens, class_token as usize).ok_or_else(|| {
         bad(format!(
-            "position table of {tokens} rows is not a class token plus a square grid"
+            "position table of {tokens} rows is not {}a square grid",
+            if class_token {
+                "a class token plus "
+            } else {
+                ""
+            }
         ))
     })?;
     let pre_logits = raw
@@ -210,7 +212,12 @@ pub(crate) fn load(path: &Path) -> Result<Checkpoint> {
         cfg.mlp_dim,
         cfg.num_classes,
     ) = (d, depth, heads, mlp_dim, num_classes);
-    cfg.pool = Pool::Cls;
+    cfg.class_token = class_token;
+    cfg.pool = match (class_token, map_head) {
+        (true, _) => Pool::Cls,
+        (false, true) => Pool::Map,
+        (false, false) => Pool::Mean,
+    };
     cfg.fc_norm = false;
     cfg.norm = NormPlacement::Pre;
     cfg.head = match pre_logits {
@@ -254,12 +261,23 @@ pub(crate) fn load(path: &Path) -> Result<Checkpoint> {
         vec![d],
         get("embedding/bias")?.data().to_vec(),
     )?;
-    put(
-        &mut t,
-        "cls_token",
-        vec![1, 1, d],
-        get("cls")?.data().to_vec(),
-    )?;
+    if class_token {
+        put(
+            &mut t,
+            "cls_token",
+            vec![1, 1, d],
+            get("cls")?.data().to_vec(),
+        )?;
+    } else {
+        report.conversions.push(format!(
+            "no class token: {} of every token after encoder_norm",
+            if map_head {
+                "MAPHead attention pooling"
+            } else {
+                "mean ('gap')"
+            }
+        ));
+    }
     put(&mut t, "pos_embed", vec![1, tokens, d], pos.data().to_vec())?;
     report.conversions.push(format!(
         "patch kernel HWIO -> OIHW, dense kernels transposed, per-head q/k/v fused into qkv ({})",
@@ -361,6 +379,12 @@ pub(crate) fn load(path: &Path) -> Result<Checkpoint> {
             )?;
         }
     }
+    if map_head {
+        map_head_tensors(&raw, &mut t, d, mlp_dim).map_err(|e| match e {
+            Error::MissingTensor { name, .. } => bad(format!("MAPHead array `{name}` is missing")),
+            e => e,
+        })?;
+    }
     put(
         &mut t,
         "norm.weight",
@@ -424,4 +448,64 @@ pub(crate) fn load(path: &Path) -> Result<Checkpoint> {
         labels: None,
         report,
     })
+}
+
+/// big_vision's `MAPHead_0` (probe, `MultiHeadDotProductAttention_0`, `LayerNorm_0`,
+/// `MlpBlock_0`) under timm's `attn_pool.*` names: the probe is the latent query; query
+/// kernel `(D, nh, hd)` -> `q (D, D)`; key and value kernels stacked into `kv (2D, D)`; out
+/// kernel `(nh, hd, D)` -> `proj`; dense kernels transposed.
+fn map_head_tensors(
+    raw: &BTreeMap<String, Tensor>,
+    t: &mut BTreeMap<String, Tensor>,
+    d: usize,
+    mlp_dim: usize,
+) -> Result<()> {
+    let get = |k: &str| -> Result<&Tensor> {
+        raw.get(&format!("MAPHead_0/{k}"))
+            .ok_or_else(|| Error::MissingTensor {
+                name: format!("MAPHead_0/{k}"),
+                hint: None,
+            })
+    };
+    let sized = |k: &str, n: usize| -> Result<Vec<f32>> {
+        let a = get(k)?;
+        if a.numel() != n {
+            return Err(Error::ShapeMismatch {
+                name: format!("MAPHead_0/{k}"),
+                expected: vec![n],
+                got: a.shape().to_vec(),
+            });
+        }
+        Ok(a.data().to_vec())
+    };
+    let mut put = |k: &str, shape: Vec<usize>, data: Vec<f32>| -> Result<()> {
+        t.insert(format!("attn_pool.{k}"), Tensor::new(shape, data)?);
+        Ok(())
+    };
+    let attn = "MultiHeadDotProductAttention_0";
+    put("latent", vec![1, 1, d], sized("probe", d)?)?;
+    let kernel = |which: &str| -> Result<Vec<f32>> {
+        let k = sized(&format!("{attn}/{which}/kernel"), d * d)?;
+        Ok(transpose(&Tensor::new(vec![d, d], k)?, d, d))
+    };
+    put("q.weight", vec![d, d], kernel("query")?)?;
+    put("q.bias", vec![d], sized(&format!("{attn}/query/bias"), d)?)?;
+    let mut kv = kernel("key")?;
+    kv.extend(kernel("value")?);
+    put("kv.weight", vec![2 * d, d], kv)?;
+    let mut kvb = sized(&format!("{attn}/key/bias"), d)?;
+    kvb.extend(sized(&format!("{attn}/value/bias"), d)?);
+    put("kv.bias", vec![2 * d], kvb)?;
+    put("proj.weight", vec![d, d], kernel("out")?)?;
+    put("proj.bias", vec![d], sized(&format!("{attn}/out/bias"), d)?)?;
+    put("norm.weight", vec![d], sized("LayerNorm_0/scale", d)?)?;
+    put("norm.bias", vec![d], sized("LayerNorm_0/bias", d)?)?;
+    for (j, (rows, cols)) in [(0usize, (d, mlp_dim)), (1, (mlp_dim, d))] {
+        let k = sized(&format!("MlpBlock_0/Dense_{j}/kernel"), rows * cols)?;
+        let w = transpose(&Tensor::new(vec![rows, cols], k)?, rows, cols);
+        put(&format!("mlp.fc{}.weight", j + 1), vec![cols, rows], w)?;
+        let b = sized(&format!("MlpBlock_0/Dense_{j}/bias"), cols)?;
+        put(&format!("mlp.fc{}.bias", j + 1), vec![cols], b)?;
+    }
+    Ok(())
 }

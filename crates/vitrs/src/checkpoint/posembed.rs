@@ -1,6 +1,7 @@
 //! Resampling a position-embedding table to a new patch grid (fine-tuning at a new
 //! resolution, or a checkpoint trained at another size): the patch part is treated as a
-//! D-channel image of gh×gw and interpolated in 2-D; the class-token row is kept as is.
+//! D-channel image of gh×gw and interpolated in 2-D; prefix-token rows (class, distillation,
+//! registers, when the table has them) are kept as they are.
 //! Bicubic with antialiasing, as timm's `resample_abs_pos_embed`.
 
 use crate::error::{Error, Result};

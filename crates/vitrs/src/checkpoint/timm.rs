@@ -37,7 +37,7 @@ fn config_from(v: &Value, path: &std::path::Path) -> Result<ViTConfig> {
         .ok_or_else(|| bad("`architecture` must be a string".into()))?;
     let mut cfg = ViTConfig::preset(arch).map_err(|e| {
         bad(format!(
-            "architecture `{arch}` is not one vitrs builds ({e}); supported: vit_{{tiny,small,base,large,huge}}_patch{{8,14,16,32}}_{{224,384}}"
+            "architecture `{arch}` is not one vitrs builds ({e}); supported: vit_SIZE_patchP_RES, with _regN, _gap or _siglip, deit_SIZE[_distilled]_patchP_RES and deit3_SIZE_patchP_RES (SIZE tiny/small/base/large/huge, P 8/14/16/32)"
         ))
     })?;
     let empty = Map::new();
@@ -58,6 +58,10 @@ fn config_from(v: &Value, path: &std::path::Path) -> Result<ViTConfig> {
         .and_then(Value::as_str)
         .map(str::to_string);
     let mut fc_norm: Option<bool> = None;
+    let boolean = |k: &str, x: &Value| {
+        x.as_bool()
+            .ok_or_else(|| bad(format!("model_args.{k} must be true or false, got {x}")))
+    };
     for (k, x) in args {
         match k.as_str() {
             "img_size" => {
@@ -77,29 +81,50 @@ fn config_from(v: &Value, path: &std::path::Path) -> Result<ViTConfig> {
             "depth" => cfg.depth = uint(k, x)?,
             "num_heads" => cfg.heads = uint(k, x)?,
             "num_classes" => cfg.num_classes = uint(k, x)?,
-            "mlp_ratio" => mlp_ratio = Some(x.as_f64().ok_or_else(|| bad("model_args.mlp_ratio must be a number".into()))?),
-            "qkv_bias" => cfg.qkv_bias = x.as_bool().ok_or_else(|| bad("model_args.qkv_bias must be a bool".into()))?,
+            "mlp_ratio" => {
+                mlp_ratio = Some(
+                    x.as_f64()
+                        .ok_or_else(|| bad("model_args.mlp_ratio must be a number".into()))?,
+                )
+            }
+            "qkv_bias" => {
+                cfg.qkv_bias = x
+                    .as_bool()
+                    .ok_or_else(|| bad("model_args.qkv_bias must be a bool".into()))?
+            }
             "global_pool" => global_pool = x.as_str().map(str::to_string),
             "fc_norm" => fc_norm = x.as_bool(),
             "act_layer" => {
                 cfg.gelu = match x.as_str() {
                     Some("gelu") => Gelu::Exact,
                     Some("gelu_tanh") => Gelu::Tanh,
-                    _ => return Err(bad(format!("model_args.act_layer {x} is not supported (gelu, gelu_tanh)"))),
+                    _ => {
+                        return Err(bad(format!(
+                            "model_args.act_layer {x} is not supported (gelu, gelu_tanh)"
+                        )))
+                    }
+                }
+            }
+            "class_token" => cfg.class_token = boolean(k, x)?,
+            "no_embed_class" => cfg.no_embed_class = boolean(k, x)?,
+            "reg_tokens" => cfg.reg_tokens = uint(k, x)?,
+            "init_values" => {
+                cfg.layer_scale = match x {
+                    Value::Null => None,
+                    _ => Some(x.as_f64().ok_or_else(|| {
+                        bad(format!(
+                            "model_args.init_values must be a number or null, got {x}"
+                        ))
+                    })? as f32),
                 }
             }
             // Defaults that we implement; anything else is a feature we do not have.
-            "class_token" if x.as_bool() == Some(true) => {}
-            "pre_norm" | "no_embed_class" | "qk_norm" if x.as_bool() == Some(false) => {}
-            "reg_tokens" if x.as_u64() == Some(0) => {}
-            "init_values" if x.is_null() => {}
+            "pre_norm" | "qk_norm" if x.as_bool() == Some(false) => {}
             k if INFERENCE_NEUTRAL.contains(&k) => {}
-            _ => {
-                return Err(bad(format!(
-                    "model_args.{k} = {x} is not supported by vitrs yet (register tokens, LayerScale, pre-norm and \
-                     no-class-token variants are not implemented)"
-                )))
-            }
+            _ => return Err(bad(format!(
+                "model_args.{k} = {x} is not supported by vitrs yet (the norm before the blocks, \
+                     q/k normalisation and other pooling or block kinds are not implemented)"
+            ))),
         }
     }
     if let Some(r) = mlp_ratio {
@@ -113,19 +138,21 @@ fn config_from(v: &Value, path: &std::path::Path) -> Result<ViTConfig> {
             cfg.num_classes = uint("num_classes", k)?;
         }
     }
+    // The architecture name sets a pool (e.g. `_gap` -> avg, `_siglip` -> map) unless the
+    // config names one.
     match global_pool.as_deref() {
-        None | Some("token") => cfg.pool = Pool::Cls,
-        Some("avg") => {
-            cfg.pool = Pool::Mean;
-            // timm: `use_fc_norm = global_pool in ('avg', ...) if fc_norm is None`.
-            cfg.fc_norm = fc_norm.unwrap_or(true);
-        }
+        None => {}
+        Some("token") => cfg.pool = Pool::Cls,
+        Some("avg") => cfg.pool = Pool::Mean,
+        Some("map") => cfg.pool = Pool::Map,
         Some(p) => {
             return Err(bad(format!(
-                "global_pool `{p}` is not supported (token, avg)"
+                "global_pool `{p}` is not supported (token, avg, map)"
             )))
         }
     }
+    // timm: `use_fc_norm = global_pool in ('avg', ...) if fc_norm is None`.
+    cfg.fc_norm = fc_norm.unwrap_or(cfg.pool == Pool::Mean);
     cfg.validate().map_err(|e| bad(e.to_string()))?;
     Ok(cfg)
 }

@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use super::params::{LinearView, NormView};
+use super::params::{LinearView, MapView, NormView};
 use super::ViT;
 use crate::config::{NormPlacement, Pool, ViTConfig};
 use crate::error::{Error, Result};
@@ -60,6 +60,64 @@ struct BlockActs {
     /// `(B, N, D)`; empty when regularisation is off.
     mask_attn: Vec<f32>,
     mask_mlp: Vec<f32>,
+    /// With LayerScale, the attention and MLP branch outputs before their gains `(B, N, D)`.
+    ls_attn: Vec<f32>,
+    ls_mlp: Vec<f32>,
+}
+
+/// Activations of attention pooling ([`MapView`]), for the forward and its backward.
+#[derive(Debug, Default)]
+pub(crate) struct MapActs {
+    /// The projected query `(D)`, the same for every image.
+    q: Vec<f32>,
+    /// Keys then values of every token `(B, N, 2D)`.
+    kv: Vec<f32>,
+    /// Pooling attention `(B, nh, N)`.
+    pub(crate) probs: Vec<f32>,
+    /// Attention output, heads side by side `(B, D)`.
+    attn: Vec<f32>,
+    /// After `proj` `(B, D)`: the residual stream of the pooling MLP.
+    z: Vec<f32>,
+    ln: NormActs,
+    /// MLP hidden before / after GELU `(B, M)`.
+    h_pre: Vec<f32>,
+    h_act: Vec<f32>,
+    /// The pooled vectors `(B, D)`.
+    pub(crate) out: Vec<f32>,
+    // Gradient scratch.
+    dq: Vec<f32>,
+    dkv: Vec<f32>,
+    dattn: Vec<f32>,
+    dz: Vec<f32>,
+    dh: Vec<f32>,
+    dy: Vec<f32>,
+}
+
+impl MapActs {
+    pub(crate) fn size(&mut self, cfg: &ViTConfig, batch: usize, train: bool) {
+        let (n, d, m) = (cfg.num_tokens(), cfg.width, cfg.mlp_dim);
+        let on = cfg.pool == Pool::Map;
+        let sized = |v: &mut Vec<f32>, len: usize| {
+            v.clear();
+            v.resize(if on { len } else { 0 }, 0.0);
+        };
+        sized(&mut self.q, d);
+        sized(&mut self.kv, batch * n * 2 * d);
+        sized(&mut self.probs, batch * cfg.heads * n);
+        sized(&mut self.attn, batch * d);
+        sized(&mut self.z, batch * d);
+        self.ln.size(if on { batch } else { 0 }, d);
+        sized(&mut self.h_pre, batch * m);
+        sized(&mut self.h_act, batch * m);
+        sized(&mut self.out, batch * d);
+        let g = |x: usize| if train { x } else { 0 };
+        sized(&mut self.dq, g(d));
+        sized(&mut self.dkv, g(batch * n * 2 * d));
+        sized(&mut self.dattn, g(batch * d));
+        sized(&mut self.dz, g(batch * d));
+        sized(&mut self.dh, g(batch * m));
+        sized(&mut self.dy, g(batch * d));
+    }
 }
 
 /// Training-time regularisation of the residual branches (timm's `proj_drop`/`drop` and
@@ -130,8 +188,11 @@ pub struct TrainWorkspace {
     blocks: Vec<BlockActs>,
     final_norm: NormActs,
     fc_norm: NormActs,
+    map: MapActs,
     /// `(B, D)` pooled (after fc_norm when present).
     pooled: Vec<f32>,
+    /// `(B, D)` the distillation token's final state (DeiT).
+    pooled_dist: Vec<f32>,
     /// `(B, F)` pre-logits (tanh output).
     pre: Vec<f32>,
     /// `(B, K)`.
@@ -143,6 +204,7 @@ pub struct TrainWorkspace {
     dattn: Vec<f32>,
     dh: Vec<f32>,
     dpooled: Vec<f32>,
+    dpooled_dist: Vec<f32>,
     dpre: Vec<f32>,
     dlogits: Vec<f32>,
     attn_scratch: Vec<f32>,
@@ -211,7 +273,18 @@ impl TrainWorkspace {
             sized(&mut b.h_act, rows * m);
             sized(&mut b.mask_attn, rows * d);
             sized(&mut b.mask_mlp, rows * d);
+            let ls = if cfg.layer_scale.is_some() {
+                rows * d
+            } else {
+                0
+            };
+            sized(&mut b.ls_attn, ls);
+            sized(&mut b.ls_mlp, ls);
         }
+        self.map.size(cfg, batch, true);
+        let dist = if cfg.distilled { batch * d } else { 0 };
+        sized(&mut self.pooled_dist, dist);
+        sized(&mut self.dpooled_dist, dist);
         sized(&mut self.branch, rows * d);
         self.final_norm.size(rows, d);
         self.fc_norm.size(batch, d);
@@ -322,6 +395,7 @@ impl ViT {
                         x,
                         branch,
                         reg.active().then_some(&acts.mask_attn),
+                        blk.ls1.as_ref().map(|g| (g, &mut acts.ls_attn)),
                         rows,
                     );
                     self.norm_train(&blk.norm2, x, &mut acts.ln2);
@@ -339,6 +413,7 @@ impl ViT {
                         x,
                         branch,
                         reg.active().then_some(&acts.mask_mlp),
+                        blk.ls2.as_ref().map(|g| (g, &mut acts.ls_mlp)),
                         rows,
                     );
                 }
@@ -357,6 +432,7 @@ impl ViT {
                         x,
                         branch,
                         reg.active().then_some(&acts.mask_attn),
+                        blk.ls1.as_ref().map(|g| (g, &mut acts.ls_attn)),
                         rows,
                     );
                     self.norm_train(&blk.norm1, x, &mut acts.ln1);
@@ -369,6 +445,7 @@ impl ViT {
                         x,
                         branch,
                         reg.active().then_some(&acts.mask_mlp),
+                        blk.ls2.as_ref().map(|g| (g, &mut acts.ls_mlp)),
                         rows,
                     );
                     self.norm_train(&blk.norm2, x, &mut acts.ln2);
@@ -384,7 +461,16 @@ impl ViT {
             }
             None => &tw.x,
         };
-        pool_forward(cfg.pool, states, &mut tw.pooled, batch, n, d);
+        match &v.attn_pool {
+            Some(mv) => {
+                self.map_forward(mv, states, batch, &mut tw.map);
+                tw.pooled.copy_from_slice(&tw.map.out);
+            }
+            None => pool_forward(cfg, states, &mut tw.pooled, batch),
+        }
+        if cfg.distilled {
+            token_rows(states, &mut tw.pooled_dist, batch, n, d, 1);
+        }
         if let Some(fc) = &v.fc_norm {
             self.norm_train(fc, &tw.pooled, &mut tw.fc_norm);
             tw.pooled.copy_from_slice(&tw.fc_norm.output);
@@ -400,6 +486,11 @@ impl ViT {
         if let Some(head) = &v.head {
             self.linear(head, feats, &mut tw.logits, batch, Epilogue::None);
         }
+        if let Some(hd) = &v.head_dist {
+            // DeiT: logits = (head(class token) + head_dist(distillation token)) / 2.
+            self.linear(hd, &tw.pooled_dist, &mut tw.dlogits, batch, Epilogue::None);
+            average_into(&mut tw.logits, &tw.dlogits);
+        }
     }
 
     fn backward(&self, batch: usize, tw: &mut TrainWorkspace) {
@@ -411,9 +502,12 @@ impl ViT {
             patches,
             tokens,
             blocks,
+            x,
             final_norm,
             fc_norm,
+            map,
             pooled,
+            pooled_dist,
             pre,
             dx,
             dtmp,
@@ -421,6 +515,7 @@ impl ViT {
             dattn,
             dh,
             dpooled,
+            dpooled_dist,
             dpre,
             dlogits,
             attn_scratch,
@@ -434,6 +529,11 @@ impl ViT {
 
         // Head: dlogits (B, K) -> d features (B, F) -> d pooled (B, D).
         let has_pre = v.pre_logits.is_some();
+        if let Some(hd) = &v.head_dist {
+            // Each of DeiT's two heads gets half the gradient of their mean.
+            dlogits.iter_mut().for_each(|g| *g *= 0.5);
+            self.linear_grad(hd, dlogits, pooled_dist, Some(dpooled_dist), grads, batch);
+        }
         if let Some(head) = &v.head {
             let feats: &[f32] = if has_pre { pre } else { pooled };
             let dfeats: &mut [f32] = if has_pre { dpre } else { dpooled };
@@ -457,16 +557,31 @@ impl ViT {
         }
         // Pooling: (B, D) -> (B, N, D).
         dx.fill(0.0);
+        let npre = cfg.num_prefix_tokens();
         for (b, g) in dpooled.chunks_exact(d).enumerate() {
             match cfg.pool {
                 Pool::Cls => dx[b * n * d..b * n * d + d].copy_from_slice(g),
                 Pool::Mean => {
-                    let inv = 1.0 / (n - 1) as f32;
-                    for t in 1..n {
+                    let inv = 1.0 / (n - npre) as f32;
+                    for t in npre..n {
                         let row = &mut dx[(b * n + t) * d..(b * n + t + 1) * d];
                         row.iter_mut().zip(g).for_each(|(r, v)| *r = v * inv);
                     }
                 }
+                Pool::Map => {}
+            }
+        }
+        if let Some(mv) = &v.attn_pool {
+            let states: &[f32] = if v.norm.is_some() {
+                &final_norm.output
+            } else {
+                x
+            };
+            self.map_backward(mv, states, batch, map, dpooled, dx, grads, ln_partials);
+        }
+        if cfg.distilled {
+            for (b, g) in dpooled_dist.chunks_exact(d).enumerate() {
+                dx[(b * n + 1) * d..(b * n + 2) * d].copy_from_slice(g);
             }
         }
         if let Some(norm) = &v.norm {
@@ -481,14 +596,26 @@ impl ViT {
             let dxn = &mut dtmp[..];
             match cfg.norm {
                 NormPlacement::Pre => {
-                    // x_out = x_mid + mask ⊙ fc2(GELU(fc1(LN2(x_mid))))
-                    let dy = masked_grad(dx, masked.then_some(&acts.mask_mlp), branch);
+                    // x_out = x_mid + γ2 ⊙ mask ⊙ fc2(GELU(fc1(LN2(x_mid))))
+                    let dy = self.branch_grad(
+                        dx,
+                        masked.then_some(&acts.mask_mlp),
+                        blk.ls2.as_ref().map(|g| (g, &acts.ls_mlp)),
+                        branch,
+                        grads,
+                    );
                     self.linear_grad(&blk.fc2, dy, &acts.h_act, Some(dh), grads, rows);
                     gelu_backward_par(&acts.h_pre, dh, cfg.gelu);
                     self.linear_grad(&blk.fc1, dh, &acts.ln2.output, Some(dxn), grads, rows);
                     self.norm_grad(&blk.norm2, dxn, &acts.ln2, dx, grads, ln_partials);
-                    // x_mid = x_in + mask ⊙ proj(attn(LN1(x_in)))
-                    let dy = masked_grad(dx, masked.then_some(&acts.mask_attn), branch);
+                    // x_mid = x_in + γ1 ⊙ mask ⊙ proj(attn(LN1(x_in)))
+                    let dy = self.branch_grad(
+                        dx,
+                        masked.then_some(&acts.mask_attn),
+                        blk.ls1.as_ref().map(|g| (g, &acts.ls_attn)),
+                        branch,
+                        grads,
+                    );
                     self.linear_grad(&blk.proj, dy, &acts.attn, Some(dattn), grads, rows);
                     attention_backward(&acts.qkv, &acts.probs, dattn, dqkv, attn_scratch, dims);
                     self.linear_grad(&blk.qkv, dqkv, &acts.ln1.output, Some(dxn), grads, rows);
@@ -499,7 +626,13 @@ impl ViT {
                     dxn.fill(0.0);
                     self.norm_grad(&blk.norm2, dx, &acts.ln2, dxn, grads, ln_partials);
                     dx.copy_from_slice(dxn);
-                    let dy = masked_grad(dx, masked.then_some(&acts.mask_mlp), branch);
+                    let dy = self.branch_grad(
+                        dx,
+                        masked.then_some(&acts.mask_mlp),
+                        blk.ls2.as_ref().map(|g| (g, &acts.ls_mlp)),
+                        branch,
+                        grads,
+                    );
                     self.linear_grad(&blk.fc2, dy, &acts.h_act, Some(dh), grads, rows);
                     gelu_backward_par(&acts.h_pre, dh, cfg.gelu);
                     self.linear_grad(&blk.fc1, dh, &acts.ln1.output, Some(dxn), grads, rows);
@@ -508,7 +641,13 @@ impl ViT {
                     dxn.fill(0.0);
                     self.norm_grad(&blk.norm1, dx, &acts.ln1, dxn, grads, ln_partials);
                     dx.copy_from_slice(dxn);
-                    let dy = masked_grad(dx, masked.then_some(&acts.mask_attn), branch);
+                    let dy = self.branch_grad(
+                        dx,
+                        masked.then_some(&acts.mask_attn),
+                        blk.ls1.as_ref().map(|g| (g, &acts.ls_attn)),
+                        branch,
+                        grads,
+                    );
                     self.linear_grad(&blk.proj, dy, &acts.attn, Some(dattn), grads, rows);
                     attention_backward(&acts.qkv, &acts.probs, dattn, dqkv, attn_scratch, dims);
                     self.linear_grad(&blk.qkv, dqkv, &acts.x_in, Some(dxn), grads, rows);
@@ -517,22 +656,27 @@ impl ViT {
             }
         }
 
-        // Embedding: x[b, 0] = cls + pos[0]; x[b, 1 + p] = tokens[b, p] + pos[1 + p].
-        {
-            let dcls = &mut grads[v.cls_token.clone()];
+        // Embedding (see `embed_tokens`): prefix tokens, position rows, patch projections.
+        for (t, r) in self.prefix_rows().into_iter().enumerate() {
             for b in 0..batch {
-                add_assign(dcls, &dx[b * n * d..b * n * d + d]);
+                add_assign(
+                    &mut grads[r.clone()],
+                    &dx[(b * n + t) * d..(b * n + t + 1) * d],
+                );
             }
         }
         {
+            // Position row i sits on token i, or on patch i with `no_embed_class`.
+            let first = n - cfg.pos_tokens();
             let dpos = &mut grads[v.pos_embed.clone()];
             for b in 0..batch {
-                add_assign(dpos, &dx[b * n * d..(b + 1) * n * d]);
+                add_assign(dpos, &dx[(b * n + first) * d..(b + 1) * n * d]);
             }
         }
+        let np = n - npre;
         for b in 0..batch {
-            let src = &dx[(b * n + 1) * d..(b + 1) * n * d];
-            tokens[b * (n - 1) * d..(b + 1) * (n - 1) * d].copy_from_slice(src);
+            let src = &dx[(b * n + npre) * d..(b + 1) * n * d];
+            tokens[b * np * d..(b + 1) * np * d].copy_from_slice(src);
         }
         self.linear_grad(
             &v.patch_embed,
@@ -544,25 +688,232 @@ impl ViT {
         );
     }
 
-    /// `x += mask ⊙ linear(input)`, or the fused in-place residual add when there is no mask.
-    fn add_branch(
+    /// `x += γ ⊙ mask ⊙ linear(input)`, or the fused in-place residual add when there is
+    /// neither mask nor LayerScale. With LayerScale `(γ, saved)`, the branch output before
+    /// its gain is kept in `saved` for the backward; otherwise `branch` is scratch.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn add_branch(
         &self,
         l: &LinearView,
         input: &[f32],
         x: &mut [f32],
         branch: &mut [f32],
         mask: Option<&Vec<f32>>,
+        scale: Option<(&Range<usize>, &mut Vec<f32>)>,
         rows: usize,
     ) {
-        match mask {
-            None => self.linear(l, input, x, rows, Epilogue::Accumulate),
-            Some(m) => {
-                self.linear(l, input, branch, rows, Epilogue::None);
-                for ((xv, bv), mv) in x.iter_mut().zip(branch.iter()).zip(m.iter()) {
-                    *xv += bv * mv;
+        if mask.is_none() && scale.is_none() {
+            return self.linear(l, input, x, rows, Epilogue::Accumulate);
+        }
+        let (out, gamma) = match scale {
+            Some((g, saved)) => (&mut saved[..], Some(self.params.slice(g))),
+            None => (branch, None),
+        };
+        self.linear(l, input, out, rows, Epilogue::None);
+        let d = self.config.width;
+        for (r, (xr, or)) in x.chunks_exact_mut(d).zip(out.chunks_exact(d)).enumerate() {
+            let mr = mask.map(|m| &m[r * d..(r + 1) * d]);
+            for c in 0..d {
+                let g = gamma.map_or(1.0, |g| g[c]) * mr.map_or(1.0, |m| m[c]);
+                xr[c] += g * or[c];
+            }
+        }
+    }
+
+    /// The gradient reaching a branch `γ ⊙ mask ⊙ y` from `dx`: `dx ⊙ mask ⊙ γ` (written into
+    /// `buf`), or `dx` itself; with LayerScale, `dγ += Σ_rows dx ⊙ mask ⊙ y` (`y` saved).
+    fn branch_grad<'a>(
+        &self,
+        dx: &'a [f32],
+        mask: Option<&Vec<f32>>,
+        scale: Option<(&Range<usize>, &Vec<f32>)>,
+        buf: &'a mut [f32],
+        grads: &mut [f32],
+    ) -> &'a [f32] {
+        if mask.is_none() && scale.is_none() {
+            return dx;
+        }
+        let d = self.config.width;
+        for (r, (o, g)) in buf.chunks_exact_mut(d).zip(dx.chunks_exact(d)).enumerate() {
+            match mask {
+                Some(m) => o
+                    .iter_mut()
+                    .zip(g)
+                    .zip(&m[r * d..(r + 1) * d])
+                    .for_each(|((o, g), m)| *o = g * m),
+                None => o.copy_from_slice(g),
+            }
+        }
+        if let Some((gr, saved)) = scale {
+            let gamma = self.params.slice(gr);
+            let dgamma = &mut grads[gr.clone()];
+            for (o, y) in buf.chunks_exact_mut(d).zip(saved.chunks_exact(d)) {
+                for c in 0..d {
+                    dgamma[c] += o[c] * y[c];
+                    o[c] *= gamma[c];
                 }
             }
         }
+        buf
+    }
+
+    /// Attention pooling (timm `AttentionPoolLatent`, big_vision `MAPHead`): one learned query
+    /// attends over the final token states `(B, N, D)`; then `z + fc2(GELU(fc1(LN(z))))`.
+    /// Leaves the pooled `(B, D)` in `acts.out`.
+    pub(crate) fn map_forward(
+        &self,
+        mv: &MapView,
+        states: &[f32],
+        batch: usize,
+        acts: &mut MapActs,
+    ) {
+        let cfg = &self.config;
+        let (n, d, nh, hd) = (cfg.num_tokens(), cfg.width, cfg.heads, cfg.head_dim());
+        // q = latent·Wqᵀ + b: (1, D), shared by the batch.
+        self.linear(
+            &mv.q,
+            self.params.slice(&mv.latent),
+            &mut acts.q,
+            1,
+            Epilogue::None,
+        );
+        // kv (B·N, 2D): keys in the first D columns, values in the next D (timm's reshape
+        // (B, N, 2, nh, hd)).
+        self.linear(&mv.kv, states, &mut acts.kv, batch * n, Epilogue::None);
+        let scale = 1.0 / (hd as f32).sqrt();
+        for b in 0..batch {
+            let kv = &acts.kv[b * n * 2 * d..(b + 1) * n * 2 * d];
+            for h in 0..nh {
+                let q = &acts.q[h * hd..(h + 1) * hd];
+                let p = &mut acts.probs[(b * nh + h) * n..(b * nh + h + 1) * n];
+                for (j, pj) in p.iter_mut().enumerate() {
+                    let k = &kv[j * 2 * d + h * hd..j * 2 * d + (h + 1) * hd];
+                    *pj = scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>();
+                }
+                softmax_inplace(p);
+                let o = &mut acts.attn[b * d + h * hd..b * d + (h + 1) * hd];
+                o.fill(0.0);
+                for (j, pj) in p.iter().enumerate() {
+                    let v = &kv[j * 2 * d + d + h * hd..j * 2 * d + d + (h + 1) * hd];
+                    o.iter_mut().zip(v).for_each(|(o, v)| *o += pj * v);
+                }
+            }
+        }
+        self.linear(&mv.proj, &acts.attn, &mut acts.z, batch, Epilogue::None);
+        self.norm_train(&mv.norm, &acts.z, &mut acts.ln);
+        self.linear(
+            &mv.fc1,
+            &acts.ln.output,
+            &mut acts.h_pre,
+            batch,
+            Epilogue::None,
+        );
+        gelu_into_par(&acts.h_pre, &mut acts.h_act, cfg.gelu);
+        acts.out.copy_from_slice(&acts.z);
+        self.linear(
+            &mv.fc2,
+            &acts.h_act,
+            &mut acts.out,
+            batch,
+            Epilogue::Accumulate,
+        );
+    }
+
+    /// Backward of [`Self::map_forward`]: `dout (B, D)` -> `dstates (B, N, D)` (overwritten),
+    /// parameter gradients accumulated.
+    #[allow(clippy::too_many_arguments)]
+    fn map_backward(
+        &self,
+        mv: &MapView,
+        states: &[f32],
+        batch: usize,
+        acts: &mut MapActs,
+        dout: &[f32],
+        dstates: &mut [f32],
+        grads: &mut [f32],
+        partials: &mut Vec<f32>,
+    ) {
+        let cfg = &self.config;
+        let (n, d, nh, hd) = (cfg.num_tokens(), cfg.width, cfg.heads, cfg.head_dim());
+        let MapActs {
+            q,
+            kv,
+            probs,
+            attn,
+            ln,
+            h_pre,
+            h_act,
+            dq,
+            dkv,
+            dattn,
+            dz,
+            dh,
+            dy,
+            ..
+        } = acts;
+        // out = z + fc2(GELU(fc1(LN(z)))).
+        dz.copy_from_slice(&dout[..batch * d]);
+        self.linear_grad(&mv.fc2, dout, h_act, Some(dh), grads, batch);
+        gelu_backward_par(h_pre, dh, cfg.gelu);
+        self.linear_grad(&mv.fc1, dh, &ln.output, Some(dy), grads, batch);
+        self.norm_grad(&mv.norm, dy, ln, dz, grads, partials);
+        self.linear_grad(&mv.proj, dz, attn, Some(dattn), grads, batch);
+        // o = Σ_j p_j v_j, p = softmax(scale · q·k_j).
+        let scale = 1.0 / (hd as f32).sqrt();
+        dq.fill(0.0);
+        for b in 0..batch {
+            let kv = &kv[b * n * 2 * d..(b + 1) * n * 2 * d];
+            let dkv = &mut dkv[b * n * 2 * d..(b + 1) * n * 2 * d];
+            for h in 0..nh {
+                let p = &probs[(b * nh + h) * n..(b * nh + h + 1) * n];
+                let dout_h = &dattn[b * d + h * hd..b * d + (h + 1) * hd];
+                let qh = &q[h * hd..(h + 1) * hd];
+                // dp_j = do·v_j, then the softmax backward: ds_j = p_j (dp_j − Σ p·dp).
+                let dp: Vec<f32> = (0..n)
+                    .map(|j| {
+                        let v = &kv[j * 2 * d + d + h * hd..j * 2 * d + d + (h + 1) * hd];
+                        dout_h.iter().zip(v).map(|(a, b)| a * b).sum()
+                    })
+                    .collect();
+                let s: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for j in 0..n {
+                    let ds = p[j] * (dp[j] - s) * scale;
+                    let k = &kv[j * 2 * d + h * hd..j * 2 * d + (h + 1) * hd];
+                    dq[h * hd..(h + 1) * hd]
+                        .iter_mut()
+                        .zip(k)
+                        .for_each(|(g, k)| *g += ds * k);
+                    let (dk, dv) = dkv[j * 2 * d..(j + 1) * 2 * d].split_at_mut(d);
+                    for c in 0..hd {
+                        dk[h * hd + c] = ds * qh[c];
+                        dv[h * hd + c] = p[j] * dout_h[c];
+                    }
+                }
+            }
+        }
+        self.linear_grad(&mv.kv, dkv, states, Some(dstates), grads, batch * n);
+        let mut dlatent = vec![0.0; d];
+        let latent = self.params.slice(&mv.latent);
+        self.linear_grad(&mv.q, dq, latent, Some(&mut dlatent), grads, 1);
+        add_assign(&mut grads[mv.latent.clone()], &dlatent);
+    }
+
+    /// Parameter ranges of the prefix tokens, one `(D)` row each, in token order: [class],
+    /// [distillation], registers.
+    fn prefix_rows(&self) -> Vec<Range<usize>> {
+        let d = self.config.width;
+        let v = &self.view;
+        let mut rows: Vec<Range<usize>> = [&v.cls_token, &v.dist_token]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        if let Some(r) = &v.reg_token {
+            rows.extend(
+                (0..self.config.reg_tokens).map(|i| r.start + i * d..r.start + (i + 1) * d),
+            );
+        }
+        rows
     }
 
     fn attn_dims(&self, batch: usize) -> AttnDims {
@@ -574,21 +925,31 @@ impl ViT {
         }
     }
 
-    /// x[b, 0] = cls + pos[0]; x[b, 1 + p] = tokens[b, p] + pos[1 + p].
+    /// The token sequence `(B, N, D)`: the prefix tokens ([class], [distillation], registers)
+    /// then the patch projections `tokens (B·gh·gw, D)`, plus the position table `(T, D)`.
+    /// Position row `i` goes on token `i` (T = N), or with `no_embed_class` on patch `i`
+    /// only (T = gh·gw): the table's rows always cover the last T tokens.
     pub(crate) fn embed_tokens(&self, tokens: &[f32], x: &mut [f32], batch: usize) {
-        let (n, d) = (self.config.num_tokens(), self.config.width);
-        let cls = self.params.slice(&self.view.cls_token);
+        let cfg = &self.config;
+        let (n, d) = (cfg.num_tokens(), cfg.width);
+        let npre = cfg.num_prefix_tokens();
+        let first = n - cfg.pos_tokens();
+        let prefix = self.prefix_rows();
         let pos = self.params.slice(&self.view.pos_embed);
         for (b, xb) in x.chunks_exact_mut(n * d).enumerate().take(batch) {
-            let toks = &tokens[b * (n - 1) * d..(b + 1) * (n - 1) * d];
+            let toks = &tokens[b * (n - npre) * d..(b + 1) * (n - npre) * d];
             for (t, row) in xb.chunks_exact_mut(d).enumerate() {
-                let src = if t == 0 {
-                    cls
-                } else {
-                    &toks[(t - 1) * d..t * d]
+                let src = match prefix.get(t) {
+                    Some(r) => self.params.slice(r),
+                    None => &toks[(t - npre) * d..(t - npre + 1) * d],
                 };
-                for ((o, s), p) in row.iter_mut().zip(src).zip(&pos[t * d..(t + 1) * d]) {
-                    *o = s + p;
+                if t >= first {
+                    let p = &pos[(t - first) * d..(t - first + 1) * d];
+                    for ((o, s), p) in row.iter_mut().zip(src).zip(p) {
+                        *o = s + p;
+                    }
+                } else {
+                    row.copy_from_slice(src);
                 }
             }
         }
@@ -673,40 +1034,55 @@ impl ViT {
     }
 }
 
-/// The gradient reaching a masked branch: `dx ⊙ mask` (written into `buf`), or `dx` itself.
-fn masked_grad<'a>(dx: &'a [f32], mask: Option<&Vec<f32>>, buf: &'a mut [f32]) -> &'a [f32] {
-    match mask {
-        None => dx,
-        Some(m) => {
-            for ((o, g), mv) in buf.iter_mut().zip(dx).zip(m.iter()) {
-                *o = g * mv;
+/// Token-free pooling of final token states `(B, N, D)` into `(B, D)`: the class token, or
+/// the mean of the patch tokens (prefix tokens excluded). Attention pooling is
+/// [`ViT::map_forward`].
+pub(crate) fn pool_forward(cfg: &ViTConfig, states: &[f32], out: &mut [f32], batch: usize) {
+    let (n, d, npre) = (cfg.num_tokens(), cfg.width, cfg.num_prefix_tokens());
+    match cfg.pool {
+        Pool::Cls => token_rows(states, out, batch, n, d, 0),
+        Pool::Mean => {
+            for (b, o) in out.chunks_exact_mut(d).enumerate().take(batch) {
+                let xb = &states[b * n * d..(b + 1) * n * d];
+                o.fill(0.0);
+                for row in xb.chunks_exact(d).skip(npre) {
+                    add_assign(o, row);
+                }
+                let inv = 1.0 / (n - npre) as f32;
+                o.iter_mut().for_each(|v| *v *= inv);
             }
-            buf
         }
+        Pool::Map => {}
     }
 }
 
-/// Pooling of final token states `(B, N, D)` into `(B, D)`.
-pub(crate) fn pool_forward(
-    pool: Pool,
+/// Row `t` of every image: `states (B, N, D)` -> `out (B, D)`.
+pub(crate) fn token_rows(
     states: &[f32],
     out: &mut [f32],
     batch: usize,
     n: usize,
     d: usize,
+    t: usize,
 ) {
     for (b, o) in out.chunks_exact_mut(d).enumerate().take(batch) {
-        let xb = &states[b * n * d..(b + 1) * n * d];
-        match pool {
-            Pool::Cls => o.copy_from_slice(&xb[..d]),
-            Pool::Mean => {
-                o.fill(0.0);
-                for row in xb.chunks_exact(d).skip(1) {
-                    add_assign(o, row);
-                }
-                let inv = 1.0 / (n - 1) as f32;
-                o.iter_mut().for_each(|v| *v *= inv);
-            }
-        }
+        o.copy_from_slice(&states[(b * n + t) * d..(b * n + t + 1) * d]);
     }
+}
+
+/// `a = (a + b) / 2`, element-wise (DeiT's two heads).
+pub(crate) fn average_into(a: &mut [f32], b: &[f32]) {
+    a.iter_mut().zip(b).for_each(|(a, b)| *a = 0.5 * (*a + b));
+}
+
+/// Numerically stable softmax of one row, in place.
+fn softmax_inplace(p: &mut [f32]) {
+    let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in p.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    p.iter_mut().for_each(|v| *v *= inv);
 }

@@ -1,6 +1,6 @@
 //! The forward pass, with activations allocated once per batch size and reused.
 
-use super::backward::pool_forward;
+use super::backward::{average_into, pool_forward, token_rows, MapActs};
 use super::params::{LinearView, NormView};
 use super::ViT;
 use crate::config::{NormPlacement, ViTConfig};
@@ -57,6 +57,12 @@ pub struct Workspace {
     pooled_norm: Vec<f32>,
     /// Pre-logits `(B, F)`.
     pre: Vec<f32>,
+    /// A residual branch before its LayerScale gain `(B, N, D)` (empty without LayerScale).
+    branch: Vec<f32>,
+    /// Attention pooling's activations (empty without it).
+    map: MapActs,
+    /// The distillation token's final state `(B, D)` (DeiT only).
+    pooled_dist: Vec<f32>,
 }
 
 impl Workspace {
@@ -90,6 +96,13 @@ impl Workspace {
         sized(&mut self.pooled, batch * d);
         sized(&mut self.pooled_norm, batch * d);
         sized(&mut self.pre, batch * cfg.feature_dim());
+        let ls = cfg.layer_scale.is_some();
+        sized(&mut self.branch, if ls { batch * n * d } else { 0 });
+        self.map.size(cfg, batch, false);
+        sized(
+            &mut self.pooled_dist,
+            if cfg.distilled { batch * d } else { 0 },
+        );
         let dims = attn_dims(cfg, batch);
         sized(
             &mut self.scratch,
@@ -132,7 +145,7 @@ impl ViT {
         let logits = self.forward_head(batch, ws)?;
         let pre_logits = capture.pre_logits.then(|| {
             let f = cfg.feature_dim();
-            Tensor::new(vec![batch, f], self.features(ws)[..batch * f].to_vec())
+            Tensor::new(vec![batch, f], self.features_out(ws, batch))
         });
         Ok(ForwardOutput {
             logits,
@@ -207,7 +220,8 @@ impl ViT {
                     self.norm(&blk.norm1, &ws.x, &mut ws.xn);
                     self.linear(&blk.qkv, &ws.xn, &mut ws.qkv, rows, Epilogue::None);
                     attention(&ws.qkv, &mut ws.attn, probs, &mut ws.scratch, dims);
-                    self.linear(&blk.proj, &ws.attn, &mut ws.x, rows, Epilogue::Accumulate);
+                    let ls1 = blk.ls1.as_ref().map(|g| (g, &mut ws.branch));
+                    self.add_branch(&blk.proj, &ws.attn, &mut ws.x, &mut [], None, ls1, rows);
                     // x = x + fc2(GELU(fc1(LN2(x))))
                     self.norm(&blk.norm2, &ws.x, &mut ws.xn);
                     self.linear(
@@ -217,19 +231,16 @@ impl ViT {
                         rows,
                         Epilogue::Gelu(cfg.gelu),
                     );
-                    self.linear(
-                        &blk.fc2,
-                        &ws.hidden[..rows * m],
-                        &mut ws.x,
-                        rows,
-                        Epilogue::Accumulate,
-                    );
+                    let ls2 = blk.ls2.as_ref().map(|g| (g, &mut ws.branch));
+                    let h = &ws.hidden[..rows * m];
+                    self.add_branch(&blk.fc2, h, &mut ws.x, &mut [], None, ls2, rows);
                 }
                 NormPlacement::Post => {
                     // x = LN1(x + proj(attn(x)))
                     self.linear(&blk.qkv, &ws.x, &mut ws.qkv, rows, Epilogue::None);
                     attention(&ws.qkv, &mut ws.attn, probs, &mut ws.scratch, dims);
-                    self.linear(&blk.proj, &ws.attn, &mut ws.x, rows, Epilogue::Accumulate);
+                    let ls1 = blk.ls1.as_ref().map(|g| (g, &mut ws.branch));
+                    self.add_branch(&blk.proj, &ws.attn, &mut ws.x, &mut [], None, ls1, rows);
                     self.norm(&blk.norm1, &ws.x, &mut ws.xn);
                     std::mem::swap(&mut ws.x, &mut ws.xn);
                     // x = LN2(x + fc2(GELU(fc1(x))))
@@ -240,13 +251,9 @@ impl ViT {
                         rows,
                         Epilogue::Gelu(cfg.gelu),
                     );
-                    self.linear(
-                        &blk.fc2,
-                        &ws.hidden[..rows * m],
-                        &mut ws.x,
-                        rows,
-                        Epilogue::Accumulate,
-                    );
+                    let ls2 = blk.ls2.as_ref().map(|g| (g, &mut ws.branch));
+                    let h = &ws.hidden[..rows * m];
+                    self.add_branch(&blk.fc2, h, &mut ws.x, &mut [], None, ls2, rows);
                     self.norm(&blk.norm2, &ws.x, &mut ws.xn);
                     std::mem::swap(&mut ws.x, &mut ws.xn);
                 }
@@ -259,11 +266,21 @@ impl ViT {
         }
     }
 
-    /// Pooling (and fc_norm): final token states `(B, N, D)` in `ws.xn` -> `(B, D)`.
+    /// Pooling (and fc_norm): final token states `(B, N, D)` in `ws.xn` -> `(B, D)` (and the
+    /// distillation token's `(B, D)` for DeiT).
     fn pool(&self, batch: usize, ws: &mut Workspace) {
         let cfg = &self.config;
         let (n, d) = (cfg.num_tokens(), cfg.width);
-        pool_forward(cfg.pool, &ws.xn, &mut ws.pooled, batch, n, d);
+        match &self.view.attn_pool {
+            Some(mv) => {
+                self.map_forward(mv, &ws.xn, batch, &mut ws.map);
+                ws.pooled.copy_from_slice(&ws.map.out);
+            }
+            None => pool_forward(cfg, &ws.xn, &mut ws.pooled, batch),
+        }
+        if cfg.distilled {
+            token_rows(&ws.xn, &mut ws.pooled_dist, batch, n, d, 1);
+        }
         if let Some(fc_norm) = &self.view.fc_norm {
             self.norm(fc_norm, &ws.pooled, &mut ws.pooled_norm);
             std::mem::swap(&mut ws.pooled, &mut ws.pooled_norm);
@@ -279,6 +296,17 @@ impl ViT {
         }
     }
 
+    /// The model's features `(B, F)` as returned to users: [`Self::features`], or for DeiT the
+    /// mean of the class and distillation tokens (timm's `pre_logits`).
+    fn features_out(&self, ws: &Workspace, batch: usize) -> Vec<f32> {
+        let f = self.config.feature_dim();
+        let mut out = self.features(ws)[..batch * f].to_vec();
+        if self.config.distilled {
+            average_into(&mut out, &ws.pooled_dist[..batch * f]);
+        }
+        out
+    }
+
     /// Head: pooled `(B, D)` -> [tanh(dense) `(B, F)`] -> logits `(B, K)`.
     fn forward_head(&self, batch: usize, ws: &mut Workspace) -> Result<Tensor> {
         if let Some(pre) = &self.view.pre_logits {
@@ -289,11 +317,17 @@ impl ViT {
             Some(head) => {
                 let mut out = vec![0.0; batch * head.out];
                 self.linear(head, feats, &mut out, batch, Epilogue::None);
+                if let Some(hd) = &self.view.head_dist {
+                    // DeiT: the mean of the class-token and distillation-token heads.
+                    let mut dist = vec![0.0; batch * hd.out];
+                    self.linear(hd, &ws.pooled_dist, &mut dist, batch, Epilogue::None);
+                    average_into(&mut out, &dist);
+                }
                 Tensor::new(vec![batch, head.out], out)
             }
             None => {
                 let f = self.config.feature_dim();
-                Tensor::new(vec![batch, f], feats[..batch * f].to_vec())
+                Tensor::new(vec![batch, f], self.features_out(ws, batch))
             }
         }
     }

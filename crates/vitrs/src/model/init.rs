@@ -97,11 +97,12 @@ impl Rng {
 
 /// Fills `params` in place, as timm's `VisionTransformer` initialises itself (`weight_init=''`):
 /// linear weights and the position embedding normal σ 0.02 (truncated at ±2), biases 0,
-/// LayerNorm weights 1, the class token normal σ 1e-6, and the patch projection — a
-/// convolution, which timm leaves at PyTorch's default — uniform in ±1/√fan_in (weight and
-/// bias, fan_in = C·P·P). The head is zero (the paper's choice for fine-tuning; harmless from
-/// scratch, where the first steps fill it).
-pub(crate) fn init_params(params: &mut Params, seed: u64) {
+/// LayerNorm weights 1, the class and register tokens normal σ 1e-6, the distillation token
+/// σ 0.02, the attention-pooling query σ 1/√D, LayerScale gains at `layer_scale`, and the
+/// patch projection — a convolution, which timm leaves at PyTorch's default — uniform in
+/// ±1/√fan_in (weight and bias, fan_in = C·P·P). The heads are zero (the paper's choice for
+/// fine-tuning; harmless from scratch, where the first steps fill them).
+pub(crate) fn init_params(params: &mut Params, seed: u64, layer_scale: Option<f32>) {
     let mut rng = Rng::new(seed);
     let entries = params.entries().to_vec();
     let patch_fan_in = params
@@ -112,12 +113,17 @@ pub(crate) fn init_params(params: &mut Params, seed: u64) {
     for e in entries {
         let dst = &mut flat[e.range.clone()];
         let is_norm = e.name.contains("norm");
-        if e.name.starts_with("head.") {
+        if e.name.starts_with("head.") || e.name.starts_with("head_dist.") {
             dst.fill(0.0); // zero-initialised head (paper, §3.1 fine-tuning)
+        } else if e.name.ends_with(".gamma") {
+            dst.fill(layer_scale.unwrap_or(1.0));
+        } else if e.name == "attn_pool.latent" {
+            let std = 1.0 / (dst.len() as f64).sqrt();
+            dst.iter_mut().for_each(|v| *v = rng.trunc_normal(std));
         } else if e.name.starts_with("patch_embed.proj.") {
             dst.iter_mut()
                 .for_each(|v| *v = ((2.0 * rng.uniform() - 1.0) * patch_bound) as f32);
-        } else if e.name == "cls_token" {
+        } else if e.name == "cls_token" || e.name == "reg_token" {
             dst.iter_mut()
                 .for_each(|v| *v = (rng.normal() * 1e-6) as f32);
         } else if e.name.ends_with(".bias") {

@@ -2,13 +2,17 @@
 //!
 //! # Shape legend
 //! B batch, C channels, H×W image, P patch, gh×gw patch grid (H/P × W/P), N tokens
-//! (gh·gw + 1 with the [class] token), D width, nh heads, hd head dim (D/nh), M MLP width,
+//! (prefix tokens + gh·gw: the [class] token, and DeiT's distillation and register tokens when
+//! present), D width, nh heads, hd head dim (D/nh), M MLP width,
 //! K classes, F feature width fed to the classifier (D, or the pre-logits width), L layers.
 //!
 //! # Data flow (reads top to bottom, as [`ViT::forward`] does)
 //! image `(B, C, H, W)` → patches `(B·gh·gw, C·P·P)` → linear projection `(B·gh·gw, D)` →
-//! prepend [class], add position embeddings `(B, N, D)` → L blocks `(B, N, D)` → final norm →
-//! pool `(B, D)` → [fc_norm] → [pre-logits dense + tanh `(B, F)`] → head `(B, K)`.
+//! prepend the prefix tokens, add position embeddings `(B, N, D)` → L blocks `(B, N, D)`, each
+//! branch optionally scaled by LayerScale → final norm → pool `(B, D)`: class token, mean of
+//! the patch tokens, or attention pooling → [fc_norm] → [pre-logits dense + tanh `(B, F)`] →
+//! head `(B, K)` (DeiT: the mean of `head` on the class token and `head_dist` on the
+//! distillation token).
 
 mod backward;
 mod forward;
@@ -47,7 +51,8 @@ impl ViT {
     /// A randomly initialised model (timm's scheme, zero head), deterministic in `seed`.
     pub fn random(config: ViTConfig, seed: u64) -> Result<Self> {
         let mut m = ViT::zeros(config)?;
-        init::init_params(&mut m.params, seed);
+        let layer_scale = m.config.layer_scale;
+        init::init_params(&mut m.params, seed, layer_scale);
         Ok(m)
     }
 

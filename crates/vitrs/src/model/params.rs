@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use crate::config::{Head, ViTConfig};
+use crate::config::{Head, Pool, ViTConfig};
 
 /// One named tensor inside the flat buffer.
 #[derive(Clone, Debug, PartialEq)]
@@ -22,7 +22,11 @@ impl ParamEntry {
     /// Parameters that weight decay must not touch: position embedding, class token, norms
     /// and biases (the paper/timm convention).
     pub fn no_weight_decay(&self) -> bool {
-        self.shape.len() <= 1 || self.name == "pos_embed" || self.name == "cls_token"
+        self.shape.len() <= 1
+            || matches!(
+                self.name.as_str(),
+                "pos_embed" | "cls_token" | "dist_token" | "reg_token" | "attn_pool.latent"
+            )
     }
 }
 
@@ -50,19 +54,44 @@ pub(crate) struct BlockView {
     pub norm2: NormView,
     pub fc1: LinearView,
     pub fc2: LinearView,
+    /// LayerScale gains `(D)` of the attention and MLP branches.
+    pub ls1: Option<Range<usize>>,
+    pub ls2: Option<Range<usize>>,
+}
+
+/// Attention pooling (timm `AttentionPoolLatent`): a learned query `latent (1, 1, D)`, its
+/// projection `q (D, D)`, keys/values of every token `kv (2D, D)`, output `proj (D, D)`, then
+/// `x + fc2(GELU(fc1(norm(x))))`.
+#[derive(Clone, Debug)]
+pub(crate) struct MapView {
+    pub latent: Range<usize>,
+    pub q: LinearView,
+    pub kv: LinearView,
+    pub proj: LinearView,
+    pub norm: NormView,
+    pub fc1: LinearView,
+    pub fc2: LinearView,
 }
 
 /// Where every parameter of a model lives, in forward order.
 #[derive(Clone, Debug)]
 pub(crate) struct ModelView {
-    pub cls_token: Range<usize>,
+    /// `(1, 1, D)` each, when the config has them.
+    pub cls_token: Option<Range<usize>>,
+    pub dist_token: Option<Range<usize>>,
+    /// `(1, R, D)`.
+    pub reg_token: Option<Range<usize>>,
+    /// `(1, pos_tokens, D)`.
     pub pos_embed: Range<usize>,
     pub patch_embed: LinearView,
     pub blocks: Vec<BlockView>,
     pub norm: Option<NormView>,
+    pub attn_pool: Option<MapView>,
     pub fc_norm: Option<NormView>,
     pub pre_logits: Option<LinearView>,
     pub head: Option<LinearView>,
+    /// DeiT's classifier of the distillation token.
+    pub head_dist: Option<LinearView>,
 }
 
 struct Builder {
@@ -104,8 +133,15 @@ pub(crate) fn layout(cfg: &ViTConfig) -> (Vec<ParamEntry>, ModelView, usize) {
         entries: Vec::new(),
         len: 0,
     };
-    let cls_token = bld.add("cls_token".into(), vec![1, 1, d]);
-    let pos_embed = bld.add("pos_embed".into(), vec![1, cfg.num_tokens(), d]);
+    let cls_token = cfg
+        .class_token
+        .then(|| bld.add("cls_token".into(), vec![1, 1, d]));
+    let dist_token = cfg
+        .distilled
+        .then(|| bld.add("dist_token".into(), vec![1, 1, d]));
+    let reg_token =
+        (cfg.reg_tokens > 0).then(|| bld.add("reg_token".into(), vec![1, cfg.reg_tokens, d]));
+    let pos_embed = bld.add("pos_embed".into(), vec![1, cfg.pos_tokens(), d]);
     // The patch projection is a conv with kernel = stride = P: weight (D, C, P, P), which the
     // forward treats as a linear layer (D, C·P·P) over flattened patches.
     let pw = bld.add("patch_embed.proj.weight".into(), vec![d, c, p, p]);
@@ -119,17 +155,37 @@ pub(crate) fn layout(cfg: &ViTConfig) -> (Vec<ParamEntry>, ModelView, usize) {
     let blocks = (0..cfg.depth)
         .map(|i| {
             let pre = format!("blocks.{i}");
+            let ls = cfg.layer_scale.is_some();
+            let norm1 = bld.norm(&format!("{pre}.norm1"), d);
+            let qkv = bld.linear(&format!("{pre}.attn.qkv"), 3 * d, d, cfg.qkv_bias);
+            let proj = bld.linear(&format!("{pre}.attn.proj"), d, d, true);
+            let ls1 = ls.then(|| bld.add(format!("{pre}.ls1.gamma"), vec![d]));
+            let norm2 = bld.norm(&format!("{pre}.norm2"), d);
+            let fc1 = bld.linear(&format!("{pre}.mlp.fc1"), m, d, true);
+            let fc2 = bld.linear(&format!("{pre}.mlp.fc2"), d, m, true);
+            let ls2 = ls.then(|| bld.add(format!("{pre}.ls2.gamma"), vec![d]));
             BlockView {
-                norm1: bld.norm(&format!("{pre}.norm1"), d),
-                qkv: bld.linear(&format!("{pre}.attn.qkv"), 3 * d, d, cfg.qkv_bias),
-                proj: bld.linear(&format!("{pre}.attn.proj"), d, d, true),
-                norm2: bld.norm(&format!("{pre}.norm2"), d),
-                fc1: bld.linear(&format!("{pre}.mlp.fc1"), m, d, true),
-                fc2: bld.linear(&format!("{pre}.mlp.fc2"), d, m, true),
+                norm1,
+                qkv,
+                proj,
+                norm2,
+                fc1,
+                fc2,
+                ls1,
+                ls2,
             }
         })
         .collect();
     let norm = cfg.has_final_norm().then(|| bld.norm("norm", d));
+    let attn_pool = (cfg.pool == Pool::Map).then(|| MapView {
+        latent: bld.add("attn_pool.latent".into(), vec![1, 1, d]),
+        q: bld.linear("attn_pool.q", d, d, true),
+        kv: bld.linear("attn_pool.kv", 2 * d, d, true),
+        proj: bld.linear("attn_pool.proj", d, d, true),
+        norm: bld.norm("attn_pool.norm", d),
+        fc1: bld.linear("attn_pool.mlp.fc1", m, d, true),
+        fc2: bld.linear("attn_pool.mlp.fc2", d, m, true),
+    });
     let fc_norm = cfg.fc_norm.then(|| bld.norm("fc_norm", d));
     let pre_logits = match cfg.head {
         Head::Linear => None,
@@ -137,15 +193,21 @@ pub(crate) fn layout(cfg: &ViTConfig) -> (Vec<ParamEntry>, ModelView, usize) {
     };
     let head =
         (cfg.num_classes > 0).then(|| bld.linear("head", cfg.num_classes, cfg.feature_dim(), true));
+    let head_dist = (cfg.num_classes > 0 && cfg.distilled)
+        .then(|| bld.linear("head_dist", cfg.num_classes, cfg.feature_dim(), true));
     let view = ModelView {
         cls_token,
+        dist_token,
+        reg_token,
         pos_embed,
         patch_embed,
         blocks,
         norm,
+        attn_pool,
         fc_norm,
         pre_logits,
         head,
+        head_dist,
     };
     (bld.entries, view, bld.len)
 }
@@ -227,5 +289,43 @@ mod tests {
             .entry("blocks.3.attn.qkv.weight")
             .unwrap()
             .no_weight_decay());
+    }
+
+    #[test]
+    fn timm_families_have_their_published_parameter_counts() {
+        // Counted with timm 1.0.31 (`sum(p.numel() for p in model.parameters())`), names too.
+        for (arch, count, names) in [
+            (
+                "deit_tiny_distilled_patch16_224",
+                5_910_800,
+                &["dist_token", "head_dist.weight"][..],
+            ),
+            (
+                "deit3_small_patch16_224",
+                22_059_496,
+                &["blocks.11.ls2.gamma"],
+            ),
+            (
+                "vit_base_patch16_reg4_gap_256",
+                86_615_272,
+                &["reg_token", "fc_norm.bias"],
+            ),
+            (
+                "vit_base_patch16_siglip_224",
+                93_653_224,
+                &[
+                    "attn_pool.latent",
+                    "attn_pool.kv.weight",
+                    "attn_pool.mlp.fc2.bias",
+                ],
+            ),
+        ] {
+            let cfg = ViTConfig::preset(arch).unwrap();
+            let (entries, _, len) = layout(&cfg);
+            assert_eq!(len, count, "{arch}");
+            for n in names {
+                assert!(entries.iter().any(|e| e.name == *n), "{arch}: {n}");
+            }
+        }
     }
 }

@@ -56,6 +56,11 @@ impl ModelSpec {
                 qkv_bias: true,
                 // timm's default, the one vitrs checkpoints use.
                 layer_norm_eps: 1e-6,
+                class_token: true,
+                distilled: false,
+                reg_tokens: 0,
+                no_embed_class: false,
+                layer_scale: None,
             },
         };
         cfg.channels = self.channels.unwrap_or(c);

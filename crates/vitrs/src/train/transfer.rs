@@ -81,7 +81,7 @@ fn rebuild(
         .map(|e| e.name.clone())
         .collect();
     for name in names {
-        if new_head.is_some() && name.starts_with("head.") {
+        if new_head.is_some() && (name.starts_with("head.") || name.starts_with("head_dist.")) {
             continue; // zero-initialised
         }
         let from = src.get(&name).ok_or_else(|| Error::MissingTensor {
@@ -90,10 +90,10 @@ fn rebuild(
         })?;
         let value = if name == "pos_embed" && og != ng {
             changes.push(format!(
-                "position embeddings resampled from a {}x{} to a {}x{} grid (bicubic, class token kept)",
+                "position embeddings resampled from a {}x{} to a {}x{} grid (bicubic, prefix-token rows kept)",
                 og.0, og.1, ng.0, ng.1
             ));
-            resample_pos_embed(from, cfg.width, 1, og, ng)?
+            resample_pos_embed(from, cfg.width, cfg.pos_prefix_tokens(), og, ng)?
         } else {
             from.to_vec()
         };
@@ -112,11 +112,13 @@ fn rebuild(
     Ok(Adapted { model, changes })
 }
 
-/// Depth index of a parameter for layer-wise decay and freezing: 0 for the embeddings (class
-/// token, position embedding, patch projection), `i + 1` for block `i`, `depth + 1` for the
+/// Depth index of a parameter for layer-wise decay and freezing: 0 for the embeddings (class,
+/// distillation and register tokens, position embedding, patch projection), `i + 1` for block `i`, `depth + 1` for the
 /// rest (final norms, pre-logits, head).
 pub fn layer_id(name: &str, depth: usize) -> usize {
-    if name == "cls_token" || name == "pos_embed" || name.starts_with("patch_embed.") {
+    if matches!(name, "cls_token" | "dist_token" | "reg_token" | "pos_embed")
+        || name.starts_with("patch_embed.")
+    {
         return 0;
     }
     if let Some(rest) = name.strip_prefix("blocks.") {
@@ -197,6 +199,32 @@ mod tests {
         assert!(adapt(&src, (3, 28, 28), 5).is_err());
         let e = adapt(&src, (1, 30, 30), 5).err().unwrap().to_string();
         assert!(e.contains("--image-size 32"), "{e}");
+    }
+
+    #[test]
+    fn adapt_a_deit_with_registers_keeps_every_prefix_row() {
+        let mut c = ViTConfig::preset("deit_tiny_distilled_patch16_224").unwrap();
+        (c.image_height, c.image_width, c.channels, c.patch_size) = (16, 16, 1, 4);
+        (c.width, c.depth, c.heads, c.mlp_dim, c.num_classes) = (8, 2, 2, 16, 5);
+        c.reg_tokens = 2;
+        c.layer_scale = Some(0.1);
+        let src = ViT::random(c, 4).unwrap();
+        let a = adapt(&src, (1, 24, 24), 3).unwrap();
+        let p = a.model.params();
+        for k in ["head.weight", "head_dist.weight", "head_dist.bias"] {
+            assert!(p.get(k).unwrap().iter().all(|&v| v == 0.0), "{k}");
+        }
+        // 4 prefix rows (class, distillation, 2 registers) kept, 4x4 -> 6x6 patches resampled.
+        let pe = p.get("pos_embed").unwrap();
+        assert_eq!(pe.len(), (4 + 36) * 8);
+        assert_eq!(pe[..32], src.params().get("pos_embed").unwrap()[..32]);
+        for k in ["dist_token", "reg_token", "blocks.1.ls2.gamma"] {
+            assert_eq!(p.get(k), src.params().get(k), "{k}");
+        }
+        let s = lr_scales(p, 2, 1, 1.0).unwrap();
+        for k in ["dist_token", "reg_token", "blocks.0.ls1.gamma"] {
+            assert_eq!(s[p.entry(k).unwrap().range.start], 0.0, "{k} frozen");
+        }
     }
 
     #[test]
