@@ -281,3 +281,105 @@ fn attention_maps_png_and_json() {
     );
     std::fs::remove_dir_all(root).ok();
 }
+
+/// A model without a class token, with registers, LayerScale and attention pooling: trained
+/// from a TOML config, fine-tuned to a new resolution (the position table has no prefix rows),
+/// and drawn (the maps say they are the patch tokens' mean attention).
+#[test]
+fn register_map_model_trains_finetunes_and_draws() {
+    let root = tmp("regmap");
+    let data = root.join("data");
+    vitrs::data::idx::write_synthetic(&data, 64, 32, 3, 8, 7).unwrap();
+    let cfg = root.join("regmap.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[model]
+patch_size = 4
+width = 16
+depth = 2
+heads = 2
+mlp_dim = 32
+pool = "map"
+class_token = false
+reg_tokens = 2
+no_embed_class = true
+layer_scale = 0.1
+[data]
+dataset = "{}"
+[train]
+epochs = 1
+batch_size = 16
+lr = 5e-3
+warmup_steps = 1
+optimizer = {{ kind = "adamw", weight_decay = 0.05 }}
+"#,
+            data.display()
+        ),
+    )
+    .unwrap();
+    let run = root.join("pre");
+    let out = ok(&vit(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&run),
+        "--threads",
+        "2",
+    ]));
+    assert!(out.contains("done: test top-1"), "{out}");
+    let model = run.join("model.safetensors");
+    let info = ok(&vit(&["info", "--model", s(&model)]));
+    assert!(
+        info.contains("2 register(s) + 4 patches; positions on patches only; LayerScale"),
+        "{info}"
+    );
+    let ft = root.join("ft");
+    let o = vit(&[
+        "finetune",
+        "--from",
+        s(&model),
+        "--dataset",
+        s(&data),
+        "--image-size",
+        "12",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--out",
+        s(&ft),
+        "--threads",
+        "2",
+    ]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("resampled from a 2x2 to a 3x3 grid"), "{err}");
+    let ft_model = ft.join("model.safetensors");
+    let v: Value =
+        serde_json::from_str(ok(&vit(&["info", "--model", s(&ft_model), "--json"])).trim())
+            .unwrap();
+    assert_eq!(v["config"]["pool"], "map");
+    assert_eq!(v["config"]["reg_tokens"], 2);
+    // Attention maps of the fine-tuned model: a 3x3 grid, the patch tokens' mean attention.
+    let ds = vitrs::data::open(s(&data), vitrs::data::Split::Test, (1, 8, 8)).unwrap();
+    let mut px = vec![0u8; 64];
+    ds.image(0, &mut px).unwrap();
+    let img = root.join("x.png");
+    vitrs::preprocess::save_gray_png(&img, &px, 8, 8).unwrap();
+    let out = ok(&vit(&[
+        "attention",
+        "--model",
+        s(&ft_model),
+        "--image",
+        s(&img),
+        "--json",
+        "--out",
+        s(&root.join("a.png")),
+    ]));
+    let line: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(line["grid"], serde_json::json!([3, 3]));
+    assert_eq!(line["query"], "patch_mean");
+}

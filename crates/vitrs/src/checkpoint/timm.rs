@@ -121,10 +121,12 @@ fn config_from(v: &Value, path: &std::path::Path) -> Result<ViTConfig> {
             // Defaults that we implement; anything else is a feature we do not have.
             "pre_norm" | "qk_norm" if x.as_bool() == Some(false) => {}
             k if INFERENCE_NEUTRAL.contains(&k) => {}
-            _ => return Err(bad(format!(
+            _ => {
+                return Err(bad(format!(
                 "model_args.{k} = {x} is not supported by vitrs yet (the norm before the blocks, \
                      q/k normalisation and other pooling or block kinds are not implemented)"
-            ))),
+            )))
+            }
         }
     }
     if let Some(r) = mlp_ratio {

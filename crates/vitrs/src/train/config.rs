@@ -31,6 +31,14 @@ pub struct ModelSpec {
     pub gelu: Option<Gelu>,
     pub qkv_bias: Option<bool>,
     pub layer_norm_eps: Option<f32>,
+    /// `false` for a model without a [class] token (pool `mean` or `map`).
+    pub class_token: Option<bool>,
+    /// Register tokens (Darcet et al. 2024).
+    pub reg_tokens: Option<usize>,
+    /// Position embeddings on the patches only.
+    pub no_embed_class: Option<bool>,
+    /// LayerScale with this initial gain.
+    pub layer_scale: Option<f32>,
 }
 
 impl ModelSpec {
@@ -82,8 +90,14 @@ impl ModelSpec {
             norm,
             gelu,
             qkv_bias,
-            layer_norm_eps
+            layer_norm_eps,
+            class_token,
+            reg_tokens,
+            no_embed_class
         );
+        if let Some(g) = self.layer_scale {
+            cfg.layer_scale = Some(g);
+        }
         if cfg.mlp_dim == 0 {
             // The paper's MLP ratio of 4.
             cfg.mlp_dim = 4 * cfg.width;
