@@ -509,3 +509,91 @@ fn map_head_tensors(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::zip::tests::stored_zip;
+
+    fn fixture() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/npz-bigvision-map/model.npz")
+    }
+
+    /// The fixture's members, with `edit` applied (None drops a member).
+    fn rebuilt(edit: impl Fn(&str, Vec<u8>) -> Option<Vec<u8>>) -> Vec<u8> {
+        let zip = ZipArchive::open(&fixture()).unwrap();
+        let members: Vec<(String, Vec<u8>)> = zip
+            .entries()
+            .iter()
+            .filter_map(|e| edit(&e.name, zip.read(e).unwrap()).map(|b| (e.name.clone(), b)))
+            .collect();
+        let refs: Vec<(&str, &[u8])> = members
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        stored_zip(&refs)
+    }
+
+    fn load_bytes(name: &str, bytes: Vec<u8>) -> Result<Checkpoint> {
+        let p = std::env::temp_dir().join(format!("vitrs-npz-{}-{name}.npz", std::process::id()));
+        std::fs::write(&p, bytes).unwrap();
+        let r = load(&p);
+        std::fs::remove_file(&p).ok();
+        r
+    }
+
+    #[test]
+    fn the_rebuilt_fixture_loads_with_attention_pooling() {
+        let ck = load_bytes("same", rebuilt(|_, b| Some(b))).unwrap();
+        assert_eq!(ck.model.config().pool, Pool::Map);
+        assert!(ck.report.missing.is_empty() && ck.report.unexpected.is_empty());
+    }
+
+    #[test]
+    fn damaged_map_heads_are_named_errors() {
+        let e = load_bytes(
+            "missing",
+            rebuilt(|n, b| (!n.contains("MAPHead_0/MlpBlock_0/Dense_1/kernel")).then_some(b)),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("MAPHead_0/MlpBlock_0/Dense_1/kernel") && e.contains("missing"),
+            "{e}"
+        );
+        // A probe of the wrong width.
+        let mut short = vec![];
+        let t = Tensor::new(vec![1, 1, 3], vec![0.5; 3]).unwrap();
+        let p = std::env::temp_dir().join(format!("vitrs-npz-probe-{}.npy", std::process::id()));
+        crate::npy::write_npy(&p, &t).unwrap();
+        short.extend(std::fs::read(&p).unwrap());
+        std::fs::remove_file(&p).ok();
+        let e = load_bytes(
+            "probe",
+            rebuilt(|n, b| {
+                Some(if n.ends_with("MAPHead_0/probe.npy") {
+                    short.clone()
+                } else {
+                    b
+                })
+            }),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("MAPHead_0/probe"), "{e}");
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let bytes = std::fs::read(fixture()).unwrap();
+        for cut in (0..bytes.len()).step_by(97) {
+            assert!(
+                load_bytes("cut", bytes[..cut].to_vec()).is_err(),
+                "cut at {cut}"
+            );
+        }
+    }
+}
