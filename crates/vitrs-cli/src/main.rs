@@ -721,8 +721,8 @@ pub(crate) fn drive(mut trainer: Trainer, max_steps: Option<u64>) -> Result<u8> 
         trainer.total_steps(),
         trainer.dir().display()
     );
-    for note in &trainer.transfer_notes {
-        eprintln!("fine-tuning: {note}");
+    for note in &trainer.notes {
+        eprintln!("note: {note}");
     }
     if trainer.pos.step > 0 {
         eprintln!(

@@ -102,7 +102,7 @@ fn sigkill_at_random_moments_never_loses_the_checkpoint() {
     let ckpt = run.join("checkpoint.safetensors");
     let mut rng = vitrs::model::Rng::new(42);
     let mut last_step = 0;
-    for round in 0..6 {
+    for round in 0..20 {
         let mut args = vec!["train", "--threads", "1"];
         let run_s = s(&run).to_string();
         let cfg_s = s(&cfg).to_string();
@@ -123,7 +123,7 @@ fn sigkill_at_random_moments_never_loses_the_checkpoint() {
         if round == 0 && !ckpt.exists() {
             continue; // killed before the first checkpoint: nothing to lose yet
         }
-        // A checkpoint exists, loads, and never goes backwards.
+        // A checkpoint exists, loads (checksum verified), and never goes backwards.
         let step = step_of(&ckpt);
         assert!(
             step >= last_step,
@@ -139,5 +139,70 @@ fn sigkill_at_random_moments_never_loses_the_checkpoint() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("resuming at step {last_step}")));
     assert_eq!(step_of(&ckpt), last_step + 3);
+    std::fs::remove_dir_all(root).ok();
+}
+
+#[test]
+fn a_damaged_checkpoint_is_caught_and_the_previous_one_resumes() {
+    let root = tmp("damaged");
+    let cfg = setup(&root, 50, 2);
+    let run = root.join("run");
+    let o = vit(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&run),
+        "--max-steps",
+        "6",
+        "--threads",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ckpt = run.join("checkpoint.safetensors");
+    let prev = run.join("checkpoint.prev.safetensors");
+    assert_eq!(step_of(&ckpt), 6);
+    assert_eq!(step_of(&prev), 4, "the checkpoint before the last is kept");
+    // One flipped bit in the weights: loading refuses it, naming the damage.
+    let mut bytes = std::fs::read(&ckpt).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0x04;
+    std::fs::write(&ckpt, &bytes).unwrap();
+    let Err(e) = vitrs::load(&ckpt) else {
+        panic!("a damaged file must not load")
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("checksum mismatch") && e.contains("damaged"),
+        "{e}"
+    );
+    let o = vit(&["info", "--model", s(&ckpt)]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A leftover temp file of a killed save is cleaned up on resume.
+    std::fs::write(run.join(".checkpoint.safetensors.tmp999999"), b"partial").unwrap();
+    // Resuming falls back to the previous checkpoint, says so, and moves the damaged one aside.
+    let o = vit(&[
+        "train",
+        "--resume",
+        s(&run),
+        "--max-steps",
+        "8",
+        "--threads",
+        "1",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("resuming from the previous one") && err.contains("resuming at step 4"),
+        "{err}"
+    );
+    assert!(run.join("checkpoint.damaged.safetensors").is_file());
+    assert!(!run.join(".checkpoint.safetensors.tmp999999").exists());
+    assert_eq!(step_of(&ckpt), 8);
     std::fs::remove_dir_all(root).ok();
 }

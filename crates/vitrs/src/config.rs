@@ -371,8 +371,14 @@ impl ViTConfig {
             ));
         }
         // Bound sizes so a hostile config cannot ask for absurd allocations.
+        if self.channels > 1024 {
+            return err(format!(
+                "{} input channels is implausibly many (at most 1024)",
+                self.channels
+            ));
+        }
         let big = |x: usize| x > 1 << 16;
-        if big(self.width) || big(self.mlp_dim) || self.depth > 1024 || big(self.num_classes + 1) {
+        if big(self.width) || big(self.mlp_dim) || self.depth > 1024 || big(self.num_classes) {
             return err(
                 "dimensions are implausibly large (width/mlp/classes > 65536 or depth > 1024)"
                     .into(),
@@ -380,6 +386,14 @@ impl ViTConfig {
         }
         if self.image_height > 1 << 14 || self.image_width > 1 << 14 {
             return err("image size above 16384 pixels is not supported".into());
+        }
+        if self.num_tokens() > 1 << 16 {
+            return err(format!(
+                "{} tokens per image is too many (at most 65536): the image is too large for \
+                 patch size {}",
+                self.num_tokens(),
+                self.patch_size
+            ));
         }
         Ok(())
     }
@@ -623,6 +637,27 @@ mod tests {
         let mut c = ViTConfig::preset("Ti/16").unwrap();
         c.fc_norm = true;
         assert!(c.validate().is_err());
+    }
+
+    /// Configs found by `vitrs-fuzz` (timm-config and hf-config targets): `num_classes`
+    /// 2^64 − 1 overflowed the size check and then the parameter layout (a panic);
+    /// `in_chans` 2^32 asked the preprocessing for a 16 GiB mean vector (a hang); 2^26 tokens.
+    #[test]
+    fn fuzzer_found_sizes_are_refused() {
+        let base = ViTConfig::preset("Ti/16").unwrap();
+        let mut c = base.clone();
+        c.num_classes = usize::MAX;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("implausibly large"));
+        let mut c = base.clone();
+        c.channels = 1 << 32;
+        assert!(c.validate().unwrap_err().to_string().contains("channels"));
+        let mut c = base;
+        (c.image_height, c.image_width, c.patch_size) = (8192, 8192, 1);
+        assert!(c.validate().unwrap_err().to_string().contains("tokens"));
     }
 
     #[test]

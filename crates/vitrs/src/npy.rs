@@ -76,10 +76,12 @@ pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Tensor> {
         ));
     }
     let shape_txt = field("shape").ok_or_else(|| bad("header has no 'shape'".into()))?;
-    let close = shape_txt
-        .find(')')
-        .ok_or_else(|| bad("unterminated shape".into()))?;
-    let shape: Vec<usize> = shape_txt[1..close]
+    let inner = shape_txt
+        .strip_prefix('(')
+        .and_then(|t| t.split_once(')'))
+        .map(|(inner, _)| inner)
+        .ok_or_else(|| bad("shape is not a tuple `(...)`".into()))?;
+    let shape: Vec<usize> = inner
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
@@ -149,5 +151,21 @@ mod tests {
             .to_string()
             .contains("magic"));
         let _ = std::fs::remove_file(p);
+    }
+
+    /// Headers found by `vitrs-fuzz` (npz target): a shape field that does not start with `(`
+    /// once sliced it backwards; a multi-byte first character would have split a character.
+    #[test]
+    fn fuzzer_found_shapes_are_errors() {
+        let p = Path::new("f.npy");
+        for shape in [")4294967296,)", "é1,)", "(2,", "3"] {
+            let header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+            let mut b = MAGIC.to_vec();
+            b.extend_from_slice(&[1, 0]);
+            b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+            b.extend_from_slice(header.as_bytes());
+            let e = parse_npy(p, &b).unwrap_err().to_string();
+            assert!(e.contains("shape"), "{shape}: {e}");
+        }
     }
 }

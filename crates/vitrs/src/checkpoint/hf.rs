@@ -10,10 +10,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::{apply, read_json, read_weights, Checkpoint, Format, LoadReport};
+use super::{read_json, read_weights, Checkpoint, Format, LoadReport};
 use crate::config::{Gelu, Head, NormPlacement, Pool, ViTConfig};
 use crate::error::{Error, Result};
-use crate::model::ViT;
 use crate::preprocess::{Interpolation, Preprocess};
 use crate::tensor::Tensor;
 
@@ -364,8 +363,7 @@ pub(crate) fn load(weights: &Path, dir: &Path, config: Value) -> Result<Checkpoi
     }
     let labels = labels_from(&config, cfg.num_classes);
     let preprocess = preprocess_from(dir, &cfg, &mut report.conversions)?;
-    let mut model = ViT::zeros(cfg)?;
-    apply(&mut model, tensors, &mut report)?;
+    let model = super::build(cfg, tensors, &mut report)?;
     Ok(Checkpoint {
         model,
         preprocess,

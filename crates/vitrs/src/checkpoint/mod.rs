@@ -254,6 +254,29 @@ fn locate_with_config(dir: &Path, weights: &Path) -> Result<Located> {
 /// Fills `model` from canonical-named tensors, recording everything in `report`. A missing or
 /// mismatched tensor is an error that lists them all; an unexpected one is only reported.
 /// A position table on another (square) grid is resampled.
+/// Allocates the model `cfg` describes and fills it from `tensors` — after checking that the
+/// weights can fill it, so a config that lies about the size (a hostile or mismatched
+/// `config.json`) is refused before gigabytes are allocated.
+pub(crate) fn build(
+    cfg: ViTConfig,
+    tensors: BTreeMap<String, Tensor>,
+    report: &mut LoadReport,
+) -> Result<ViT> {
+    let have: usize = tensors.values().map(Tensor::numel).sum();
+    // The position table may legitimately grow (resampled to a larger grid).
+    let need = ViT::param_count(&cfg).saturating_sub(cfg.pos_tokens() * cfg.width);
+    if need > have {
+        return Err(Error::LoadMismatch(format!(
+            "{}: the config describes {need} parameters (position table aside) but the weights \
+             hold {have} values; the config does not belong to these weights",
+            report.weights.display()
+        )));
+    }
+    let mut model = ViT::zeros(cfg)?;
+    apply(&mut model, tensors, report)?;
+    Ok(model)
+}
+
 pub(crate) fn apply(
     model: &mut ViT,
     mut tensors: BTreeMap<String, Tensor>,
@@ -435,8 +458,7 @@ fn load_native(st: SafeTensors) -> Result<Checkpoint> {
             before - tensors.len()
         ));
     }
-    let mut model = ViT::zeros(config)?;
-    apply(&mut model, tensors, &mut report)?;
+    let model = build(config, tensors, &mut report)?;
     Ok(Checkpoint {
         model,
         preprocess,

@@ -23,10 +23,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::zip::ZipArchive;
-use super::{apply, Checkpoint, Format, LoadReport};
+use super::{Checkpoint, Format, LoadReport};
 use crate::config::{Gelu, Head, NormPlacement, Pool, ViTConfig};
 use crate::error::{Error, Result};
-use crate::model::ViT;
 use crate::preprocess::Preprocess;
 use crate::tensor::Tensor;
 
@@ -438,8 +437,7 @@ pub(crate) fn load(path: &Path) -> Result<Checkpoint> {
             get("head/bias")?.data().to_vec(),
         )?;
     }
-    let mut model = ViT::zeros(cfg.clone())?;
-    apply(&mut model, t, &mut report)?;
+    let model = super::build(cfg.clone(), t, &mut report)?;
     let preprocess =
         Preprocess::resize_to_unit_range(cfg.image_height, cfg.image_width, cfg.channels);
     Ok(Checkpoint {

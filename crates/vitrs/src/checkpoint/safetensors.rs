@@ -182,6 +182,16 @@ impl SafeTensors {
                 )));
             }
         }
+        match metadata.get(META_CRC32) {
+            Some(stored) => verify_crc32(&bytes, data_start, stored).map_err(bad)?,
+            // Files that announce a checksum must carry one (a damaged key name is damage too).
+            None if metadata.contains_key(META_CHECKSUMMED) => {
+                return Err(bad(format!(
+                    "`{META_CHECKSUMMED}` is set but the `{META_CRC32}` checksum is missing: the file is damaged"
+                )))
+            }
+            None => {}
+        }
         Ok(SafeTensors {
             path: path.to_path_buf(),
             bytes,
@@ -285,10 +295,15 @@ pub fn write(
         SaveDtype::F16 => ("F16", 2),
         SaveDtype::BF16 => ("BF16", 2),
     };
+    // A CRC-32 of the whole file, computed with its own 8 hex digits set to zeros, so a damaged
+    // header or data section is caught on load (`verify_crc32`).
+    let mut metadata = metadata.clone();
+    metadata.insert(META_CRC32.into(), CRC_PLACEHOLDER.into());
+    metadata.insert(META_CHECKSUMMED.into(), "crc32".into());
     let mut header = serde_json::Map::new();
     header.insert(
         "__metadata__".into(),
-        serde_json::to_value(metadata).unwrap_or_default(),
+        serde_json::to_value(&metadata).unwrap_or_default(),
     );
     let mut offset = 0usize;
     for (n, shape, data) in tensors {
@@ -320,11 +335,76 @@ pub fn write(
                 .for_each(|v| buf.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
         }
     }
+    let (hex_at, _) = crc_field(&buf[8..8 + hjson.len()], CRC_PLACEHOLDER)
+        .map(|(a, b)| (a + 8, b + 8))
+        .unwrap_or((0, 0));
+    if hex_at > 0 {
+        let crc = crc32_of(&buf);
+        buf[hex_at..hex_at + 8].copy_from_slice(format!("{crc:08x}").as_bytes());
+    }
     write_atomic(path, &buf)
 }
 
-/// Writes `bytes` to `path` via a temporary file, fsync and rename.
+/// Metadata key of the whole-file checksum vitrs writes.
+pub const META_CRC32: &str = "vitrs.crc32";
+/// Metadata key announcing that the file carries [`META_CRC32`]: with two keys, damage to
+/// either name is still detected.
+const META_CHECKSUMMED: &str = "vitrs.checksum";
+const CRC_PLACEHOLDER: &str = "00000000";
+
+/// Where the checksum's 8 hex digits sit in a header: `"vitrs.crc32":"<hex>"` (serde_json's
+/// compact form, as written). Returns (start, end) of the digits.
+fn crc_field(header: &[u8], hex: &str) -> Option<(usize, usize)> {
+    let needle = format!("\"{META_CRC32}\":\"{hex}\"");
+    let pos = header
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())?;
+    let start = pos + needle.len() - 1 - hex.len();
+    Some((start, start + hex.len()))
+}
+
+/// CRC-32 of a file image with its checksum digits (if any) read as zeros.
+fn crc32_of(bytes: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(bytes);
+    h.finalize()
+}
+
+/// Checks the whole-file CRC-32 stored under [`META_CRC32`].
+fn verify_crc32(bytes: &[u8], data_start: usize, stored: &str) -> std::result::Result<(), String> {
+    let damaged = |why: String| {
+        format!(
+            "{why}: the file is damaged (a torn write, a disk error or a bad copy) and was not \
+             loaded; restore it from a copy (a run directory keeps the previous checkpoint as \
+             checkpoint.prev.safetensors)"
+        )
+    };
+    let (a, b) = crc_field(&bytes[8..data_start], stored)
+        .ok_or_else(|| damaged(format!("checksum field `{stored}` is not 8 hex digits")))?;
+    let (a, b) = (a + 8, b + 8);
+    let want = u32::from_str_radix(stored, 16)
+        .map_err(|_| damaged(format!("checksum `{stored}` is not hexadecimal")))?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&bytes[..a]);
+    h.update(CRC_PLACEHOLDER.as_bytes());
+    h.update(&bytes[b..]);
+    let got = h.finalize();
+    if got != want || b - a != 8 {
+        return Err(damaged(format!(
+            "checksum mismatch (stored crc32 {stored}, computed {got:08x})"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` via a temporary file, fsync and rename: a crash or a full disk at
+/// any moment leaves either the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_via(path, bytes, |f, b| f.write_all(b))
+}
+
+/// The temporary file [`write_atomic`] writes beside `path` before renaming it.
+pub fn temp_path(path: &Path) -> PathBuf {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -333,21 +413,42 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{fname}.tmp{}", std::process::id()));
+    dir.join(format!(".{fname}.tmp{}", std::process::id()))
+}
+
+/// [`write_atomic`] with the write itself injectable (tests simulate a full disk with it).
+fn write_atomic_via(
+    path: &Path,
+    bytes: &[u8],
+    write: impl FnOnce(&mut std::fs::File, &[u8]) -> std::io::Result<()>,
+) -> Result<()> {
+    let tmp = temp_path(path);
+    let dir = tmp.parent().map(Path::to_path_buf).unwrap_or_default();
     let res = (|| {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        write(&mut f, bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         // Persist the rename itself.
-        if let Ok(d) = std::fs::File::open(dir) {
+        if let Ok(d) = std::fs::File::open(&dir) {
             let _ = d.sync_all();
         }
         Ok(())
     })();
-    res.map_err(|e| {
+    res.map_err(|e: std::io::Error| {
         let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
+        let kept = if path.exists() {
+            "the previous file is intact"
+        } else {
+            "no file was written"
+        };
+        Error::io(
+            path,
+            std::io::Error::new(
+                e.kind(),
+                format!("could not write ({e}); nothing was replaced: {kept}"),
+            ),
+        )
     })
 }
 
@@ -376,6 +477,56 @@ mod tests {
             assert_eq!(t.data(), &a); // all values exact in f16 and bf16
             assert!(st.tensor("zz").is_err());
         }
+    }
+
+    #[test]
+    fn a_checksum_catches_any_damaged_byte() {
+        let dir = tmpdir("crc");
+        let p = dir.join("c.safetensors");
+        let meta: BTreeMap<String, String> = [("k".to_string(), "v".to_string())].into();
+        write(
+            &p,
+            &[("a", &[4], &[1.0, 2.0, 3.0, 4.0])],
+            &meta,
+            SaveDtype::F32,
+        )
+        .unwrap();
+        let good = std::fs::read(&p).unwrap();
+        let st = SafeTensors::parse(&p, good.clone()).unwrap();
+        assert_eq!(st.metadata()[META_CRC32].len(), 8);
+        // Flip one bit anywhere, header or data: the file never loads. In the data section
+        // (and in header values) only the checksum can tell, and it does.
+        let data_start = good.len() - 16;
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x10;
+            match SafeTensors::parse(&p, bad) {
+                Ok(_) => panic!("byte {i} flipped and the file still loaded"),
+                Err(e) if i >= data_start => {
+                    assert!(e.to_string().contains("checksum mismatch"), "byte {i}: {e}")
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_disk_leaves_the_old_file_and_no_temp() {
+        let dir = tmpdir("full");
+        let p = dir.join("ck.safetensors");
+        write_atomic(&p, b"old contents").unwrap();
+        let e = write_atomic_via(&p, b"new contents, much longer", |f, b| {
+            f.write_all(&b[..5])?;
+            Err(std::io::Error::from(std::io::ErrorKind::StorageFull))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("nothing was replaced: the previous file is intact"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read(&p).unwrap(), b"old contents");
+        assert!(!temp_path(&p).exists());
     }
 
     #[test]

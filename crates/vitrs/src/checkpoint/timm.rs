@@ -7,10 +7,9 @@ use serde_json::{Map, Value};
 
 use std::path::Path;
 
-use super::{apply, read_weights, Checkpoint, Format, LoadReport};
+use super::{read_weights, Checkpoint, Format, LoadReport};
 use crate::config::{Gelu, Pool, ViTConfig};
 use crate::error::{Error, Result};
-use crate::model::ViT;
 use crate::preprocess::{Interpolation, Preprocess, Resize};
 
 /// `model_args` keys that change nothing at inference (dropout rates, init schemes).
@@ -253,8 +252,7 @@ pub(crate) fn load(weights: &Path, config: Value) -> Result<Checkpoint> {
     }
     let preprocess = preprocess_from(&config, &cfg, &cfg_path, &mut report.conversions)?;
     let labels = labels_from(&config, cfg.num_classes);
-    let mut model = ViT::zeros(cfg)?;
-    apply(&mut model, tensors, &mut report)?;
+    let model = super::build(cfg, tensors, &mut report)?;
     Ok(Checkpoint {
         model,
         preprocess,

@@ -56,6 +56,11 @@ impl ViT {
         Ok(m)
     }
 
+    /// Parameters of a model of `config`, without allocating it.
+    pub fn param_count(config: &ViTConfig) -> usize {
+        layout(config).2
+    }
+
     pub fn config(&self) -> &ViTConfig {
         &self.config
     }

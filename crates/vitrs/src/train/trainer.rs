@@ -29,6 +29,10 @@ use crate::viz::curve::{plot, Panel, Series, BLUE, GREEN, ORANGE};
 
 /// File names inside a run directory.
 pub const CHECKPOINT: &str = "checkpoint.safetensors";
+/// The checkpoint before the last one, kept so that a damaged last one is not the end of a run.
+pub const PREV_CHECKPOINT: &str = "checkpoint.prev.safetensors";
+/// Where a checkpoint that failed its checksum is moved by `resume`.
+pub const DAMAGED_CHECKPOINT: &str = "checkpoint.damaged.safetensors";
 pub const MODEL: &str = "model.safetensors";
 pub const METRICS: &str = "metrics.jsonl";
 pub const CURVE: &str = "curve.png";
@@ -77,13 +81,17 @@ pub struct Trainer {
     /// What the evaluation set is ("test split" or "validation split").
     pub eval_source: String,
     /// What fine-tuning changed in the pre-trained model (empty for a run from scratch).
-    pub transfer_notes: Vec<String>,
+    /// Notes for the user about how the run was set up (transfer changes, a checkpoint fallback).
+    pub notes: Vec<String>,
     opt: Optimizer,
     tw: TrainWorkspace,
     train: Arc<dyn Dataset>,
     eval: Arc<dyn Dataset>,
     dir: PathBuf,
     history: Vec<serde_json::Value>,
+    /// The step of the checkpoint on disk, when this process wrote it: saving the same step
+    /// again (end of epoch right after a periodic save) must not rotate it into the previous.
+    saved_step: Option<u64>,
 }
 
 impl Trainer {
@@ -117,7 +125,7 @@ impl Trainer {
         eval_source: String,
         source: Option<crate::checkpoint::Checkpoint>,
     ) -> Result<Self> {
-        if dir.join(CHECKPOINT).exists() {
+        if dir.join(CHECKPOINT).exists() || dir.join(PREV_CHECKPOINT).exists() {
             return Err(Error::BadInput(format!(
                 "{} already holds a run; continue it with --resume {0} or choose another --out",
                 dir.display()
@@ -171,26 +179,62 @@ impl Trainer {
             labels,
             pos: Position::default(),
             eval_source,
-            transfer_notes,
+            notes: transfer_notes,
             opt,
             tw: TrainWorkspace::new(),
             train,
             eval,
             dir: dir.to_path_buf(),
             history: vec![],
+            saved_step: None,
         })
     }
 
     /// Continues the run in `dir` from its last checkpoint; `overrides` may extend epochs.
+    /// A last checkpoint that is missing or fails to load (checksum, truncation) falls back to
+    /// the previous one, with a note saying so; the damaged file is moved aside.
     pub fn resume(dir: &Path, epochs: Option<u64>) -> Result<Self> {
         let path = dir.join(CHECKPOINT);
-        if !path.is_file() {
+        let prev = dir.join(PREV_CHECKPOINT);
+        if !path.is_file() && !prev.is_file() {
             return Err(Error::BadInput(format!(
                 "{}: no checkpoint to resume from",
                 path.display()
             )));
         }
-        let (ck, mut run, mut opt, pos) = state::load(&path)?;
+        remove_temp_files(dir);
+        let mut notes = vec![];
+        let loaded = if path.is_file() {
+            state::load(&path)
+        } else {
+            Err(Error::BadInput(format!("{} is missing", path.display())))
+        };
+        let (ck, mut run, mut opt, pos) = match loaded {
+            Ok(x) => x,
+            Err(e) if prev.is_file() => {
+                let x = state::load(&prev).map_err(|e2| {
+                    Error::BadInput(format!(
+                        "neither checkpoint loads: {e}; and the previous one: {e2}"
+                    ))
+                })?;
+                if path.is_file() {
+                    let aside = dir.join(DAMAGED_CHECKPOINT);
+                    std::fs::rename(&path, &aside).map_err(|err| Error::io(&path, err))?;
+                    notes.push(format!("damaged checkpoint moved to {}", aside.display()));
+                }
+                notes.insert(
+                    0,
+                    format!(
+                        "the last checkpoint did not load ({e}); resuming from the previous one, \
+                         {} (step {})",
+                        prev.display(),
+                        x.3.step
+                    ),
+                );
+                x
+            }
+            Err(e) => return Err(e),
+        };
         opt.set_lr_scales(lr_scales_for(&run, &ck.model));
         if let Some(e) = epochs {
             run.train.epochs = e;
@@ -209,13 +253,14 @@ impl Trainer {
             preprocess: ck.preprocess,
             pos,
             eval_source,
-            transfer_notes: vec![],
+            notes,
             opt,
             tw: TrainWorkspace::new(),
             train,
             eval,
             dir: dir.to_path_buf(),
             history,
+            saved_step: Some(pos.step),
         })
     }
 
@@ -257,7 +302,8 @@ impl Trainer {
         ))
     }
 
-    fn save_checkpoint(&self) -> Result<()> {
+    /// Writes the checkpoint atomically, keeping the one it replaces as [`PREV_CHECKPOINT`].
+    fn save_checkpoint(&mut self) -> Result<()> {
         // Never replace a good checkpoint with a diverged model.
         if let Some(e) = self.model.params().entries().iter().find(|e| {
             self.model.params().flat()[e.range.clone()]
@@ -266,8 +312,12 @@ impl Trainer {
         }) {
             return Err(self.diverged(&format!("parameter `{}` became NaN or Inf", e.name)));
         }
+        let cur = self.dir.join(CHECKPOINT);
+        if cur.is_file() && self.saved_step != Some(self.pos.step) {
+            keep_previous(&cur, &self.dir.join(PREV_CHECKPOINT))?;
+        }
         state::save(
-            &self.dir.join(CHECKPOINT),
+            &cur,
             &self.model,
             &self.opt,
             &self.preprocess,
@@ -275,6 +325,16 @@ impl Trainer {
             &self.run,
             self.pos,
         )
+        .map_err(|e| {
+            Error::BadInput(format!(
+                "could not save the checkpoint of step {}: {e}. The last saved checkpoint is \
+                 intact; free some disk space and continue with --resume {}",
+                self.pos.step,
+                self.dir.display()
+            ))
+        })?;
+        self.saved_step = Some(self.pos.step);
+        Ok(())
     }
 
     fn log(&mut self, v: serde_json::Value) -> Result<()> {
@@ -633,4 +693,42 @@ fn read_history(path: &Path, upto_step: u64) -> Vec<serde_json::Value> {
 fn rewrite_history(path: &Path, history: &[serde_json::Value]) -> Result<()> {
     let text: String = history.iter().map(|v| format!("{v}\n")).collect();
     crate::checkpoint::safetensors::write_atomic(path, text.as_bytes())
+}
+
+/// Makes `prev` a copy of `cur` without ever leaving neither: a hard link (or, where links are
+/// not supported, a copy) to a temporary name, fsynced, then renamed over `prev`.
+fn keep_previous(cur: &Path, prev: &Path) -> Result<()> {
+    let tmp = crate::checkpoint::safetensors::temp_path(prev);
+    let _ = std::fs::remove_file(&tmp);
+    let linked = std::fs::hard_link(cur, &tmp).is_ok();
+    let res = (|| {
+        if !linked {
+            std::fs::copy(cur, &tmp)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+        }
+        std::fs::rename(&tmp, prev)
+    })();
+    res.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(prev, e)
+    })
+}
+
+/// Removes the temporary files of saves a killed process never finished (`.NAME.tmpPID`).
+fn remove_temp_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name.starts_with('.')
+            && name.rsplit_once(".tmp").is_some_and(|(stem, pid)| {
+                stem.ends_with(".safetensors")
+                    && !pid.is_empty()
+                    && pid.bytes().all(|b| b.is_ascii_digit())
+            });
+        if ours {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
