@@ -167,11 +167,8 @@ pub fn seeds(t: Target) -> Vec<Vec<u8>> {
             read(&f.join("torch-pth/state_dict.pth")),
             read(&f.join("torch-pth/evil.pth")),
         ],
-        Target::TimmConfig => vec![
-            read(&f.join("timm_siglip_map/config.json")),
-            read(&f.join("timm_deit_distilled/config.json")),
-            read(&f.join("timm_reg_gap/config.json")),
-        ],
+        // The config of the weights beside it (other configs would only be refused).
+        Target::TimmConfig => vec![read(&f.join("timm_siglip_map/config.json"))],
         Target::HfConfig => vec![
             read(&f.join("hf_cls/config.json")),
             read(&f.join("hf_cls/preprocessor_config.json")),
