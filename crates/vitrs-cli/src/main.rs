@@ -104,6 +104,7 @@ enum Command {
     },
     /// Evaluate a model on a dataset's test split: top-1, top-5, per class, confusion matrix.
     Eval {
+        /// The model: a checkpoint path, as for `vit predict`.
         #[arg(long, value_name = "PATH")]
         model: PathBuf,
         /// `fashion-mnist`, `mnist`, `cifar10`, `cifar100`, or a directory.
@@ -124,6 +125,9 @@ enum Command {
         /// Only these classes of the dataset, renumbered from 0 (as the model was trained).
         #[arg(long, value_name = "LIST")]
         classes: Option<String>,
+        /// Image folders: stop on a file that is not a readable image instead of skipping it.
+        #[arg(long)]
+        strict: bool,
     },
     /// Measure speed on this machine: inference, or with --train a full training step
     /// (forward, backward, AdamW), on random weights and inputs.
@@ -181,6 +185,11 @@ fn main() -> ExitCode {
 fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<vitrs::Error>() {
         Some(vitrs::Error::Image { .. } | vitrs::Error::BadInput(_)) => EXIT_INPUT,
+        // A damaged dataset file is an input problem, not a model one.
+        Some(vitrs::Error::Malformed {
+            what: "IDX file" | "IDX dataset" | "CIFAR batch" | "gzip data",
+            ..
+        }) => EXIT_INPUT,
         Some(_) => EXIT_MODEL,
         None => EXIT_FAILURE,
     }
@@ -227,12 +236,14 @@ fn run(cmd: Command) -> Result<u8> {
             json,
             image_size,
             classes,
+            strict,
         } => eval(
             &model,
             &dataset,
             batch_size,
             &confusion,
             json,
+            strict,
             image_size.as_deref(),
             classes.as_deref(),
         ),
@@ -551,6 +562,9 @@ pub(crate) struct RecipeOverrides {
     /// Train on this many images per class (a seeded choice).
     #[arg(long, value_name = "N")]
     per_class: Option<usize>,
+    /// Image folders: stop on a file that is not a readable image instead of skipping it.
+    #[arg(long)]
+    strict: bool,
 }
 
 impl RecipeOverrides {
@@ -574,6 +588,9 @@ impl RecipeOverrides {
         }
         if let Some(k) = self.per_class {
             run.data.per_class = Some(k);
+        }
+        if self.strict {
+            run.data.strict = true;
         }
         Ok(())
     }
@@ -757,12 +774,14 @@ pub(crate) fn drive(mut trainer: Trainer, max_steps: Option<u64>) -> Result<u8> 
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn eval(
     path: &Path,
     dataset: &str,
     batch: usize,
     confusion: &Path,
     as_json: bool,
+    strict: bool,
     image_size: Option<&str>,
     classes: Option<&str>,
 ) -> Result<u8> {
@@ -779,7 +798,13 @@ fn eval(
     }
     let cfg = ck.model.config();
     let size = (cfg.channels, cfg.image_height, cfg.image_width);
-    let mut data = vitrs::data::open(dataset, vitrs::data::Split::Test, size)?;
+    let mut data = vitrs::data::open_with(dataset, vitrs::data::Split::Test, size, strict)?;
+    if data.skipped() > 0 {
+        eprintln!(
+            "warning: skipped {} file(s) that are not readable images (--strict stops on them)",
+            data.skipped()
+        );
+    }
     if let Some(c) = classes {
         data = vitrs::data::select_classes(data, &parse_classes(c)?, dataset)?;
     }

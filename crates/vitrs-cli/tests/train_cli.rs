@@ -97,7 +97,7 @@ fn train_then_eval_and_predict_with_the_result() {
 #[test]
 fn sigkill_at_random_moments_never_loses_the_checkpoint() {
     let root = tmp("kill");
-    let cfg = setup(&root, 200, 2);
+    let cfg = setup(&root, 100_000, 2); // never finishes within the rounds
     let run = root.join("run");
     let ckpt = run.join("checkpoint.safetensors");
     let mut rng = vitrs::model::Rng::new(42);

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
+
 use super::Dataset;
 use crate::error::{Error, Result};
 use crate::infer::INPUT_EXTENSIONS;
@@ -18,9 +20,25 @@ pub struct ImageFolder {
     pub skipped: usize,
 }
 
+/// Whether `f`'s header names a format we decode and dimensions we accept.
+fn readable(f: &Path) -> std::result::Result<(), String> {
+    let reader = image::ImageReader::open(f)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?;
+    if reader.format().is_none() {
+        return Err("not a recognised image format".into());
+    }
+    reader
+        .into_dimensions()
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 impl ImageFolder {
-    /// Lists `root`; `size` is `(C, H, W)` of the items produced. With `strict`, a non-image
-    /// file is an error instead of being skipped.
+    /// Lists `root`; `size` is `(C, H, W)` of the items produced. Every image's header is read
+    /// (in parallel) so that an unreadable file is found now, not mid-epoch. With `strict`, a
+    /// non-image or unreadable file is an error naming it; otherwise it is skipped and counted.
     pub fn open(root: &Path, size: (usize, usize, usize), strict: bool) -> Result<Self> {
         let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
             .map_err(|e| Error::io(root, e))?
@@ -60,6 +78,22 @@ impl ImageFolder {
                     skipped += 1;
                 }
             }
+            // Headers: a file with an image name that no decoder can read.
+            let unreadable: Vec<(usize, String)> = files[before..]
+                .par_iter()
+                .enumerate()
+                .filter_map(|(i, (f, _))| readable(f).err().map(|e| (before + i, e)))
+                .collect();
+            if let Some((i, why)) = unreadable.first().filter(|_| strict) {
+                return Err(Error::BadInput(format!(
+                    "{}: unreadable image ({why}) (strict mode)",
+                    files[*i].0.display()
+                )));
+            }
+            for (i, _) in unreadable.iter().rev() {
+                files.remove(*i);
+                skipped += 1;
+            }
             if files.len() == before {
                 return Err(Error::BadInput(format!(
                     "{}: class folder holds no images",
@@ -91,6 +125,10 @@ impl Dataset for ImageFolder {
     fn classes(&self) -> &[String] {
         &self.classes
     }
+    fn skipped(&self) -> usize {
+        self.skipped
+    }
+
     fn label(&self, i: usize) -> usize {
         self.files[i].1
     }

@@ -30,6 +30,10 @@ pub trait Dataset: Send + Sync {
     fn label(&self, i: usize) -> usize;
     /// Writes item `i`'s pixels `(C, H, W)` into `out`.
     fn image(&self, i: usize, out: &mut [u8]) -> Result<()>;
+    /// Files left out when the dataset was opened (not images, or unreadable).
+    fn skipped(&self) -> usize {
+        0
+    }
 }
 
 /// Images held in memory (IDX, CIFAR).
@@ -278,9 +282,20 @@ pub fn search_dirs(name: &str) -> Vec<PathBuf> {
 /// [`search_dirs`], or a path to a directory of IDX files, CIFAR `.bin` batches, or one
 /// sub-folder of images per class (then `size` `(C, H, W)` is the size images are resized to).
 pub fn open(spec: &str, split: Split, size: (usize, usize, usize)) -> Result<Arc<dyn Dataset>> {
+    open_with(spec, split, size, false)
+}
+
+/// [`open`], where `strict` makes an image folder's non-image or unreadable file an error
+/// (naming it) instead of a skipped, counted file.
+pub fn open_with(
+    spec: &str,
+    split: Split,
+    size: (usize, usize, usize),
+    strict: bool,
+) -> Result<Arc<dyn Dataset>> {
     let path = Path::new(spec);
     if path.is_dir() {
-        return open_dir(path, split, size);
+        return open_dir(path, split, size, strict);
     }
     let name = spec.to_ascii_lowercase();
     let known = [
@@ -300,7 +315,7 @@ pub fn open(spec: &str, split: Split, size: (usize, usize, usize)) -> Result<Arc
     let dirs = search_dirs(&name);
     for d in &dirs {
         if d.is_dir() {
-            if let Ok(ds) = open_dir(d, split, size) {
+            if let Ok(ds) = open_dir(d, split, size, strict) {
                 return Ok(ds);
             }
         }
@@ -319,7 +334,12 @@ pub fn open(spec: &str, split: Split, size: (usize, usize, usize)) -> Result<Arc
     )))
 }
 
-fn open_dir(dir: &Path, split: Split, size: (usize, usize, usize)) -> Result<Arc<dyn Dataset>> {
+fn open_dir(
+    dir: &Path,
+    split: Split,
+    size: (usize, usize, usize),
+    strict: bool,
+) -> Result<Arc<dyn Dataset>> {
     if let Some(ds) = idx::open_dir(dir, split)? {
         return Ok(Arc::new(ds));
     }
@@ -332,5 +352,5 @@ fn open_dir(dir: &Path, split: Split, size: (usize, usize, usize)) -> Result<Arc
         Split::Test if dir.join("val").is_dir() => dir.join("val"),
         _ => dir.to_path_buf(),
     };
-    Ok(Arc::new(folder::ImageFolder::open(&folder, size, false)?))
+    Ok(Arc::new(folder::ImageFolder::open(&folder, size, strict)?))
 }

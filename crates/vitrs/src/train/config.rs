@@ -142,6 +142,10 @@ pub struct DataSpec {
     /// a higher resolution than the data comes in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resize: Option<[usize; 2]>,
+    /// Image folders: fail on a file that is not a readable image instead of skipping it
+    /// (skipped files are counted and reported).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strict: bool,
 }
 
 fn one() -> usize {

@@ -99,9 +99,11 @@ impl Trainer {
     /// With a `[finetune]` section the model is the pre-trained checkpoint, adapted.
     pub fn new(run: RunConfig, dir: &Path) -> Result<Self> {
         let source = pretrained(&run)?;
-        let (train, eval, eval_source) =
+        let (train, eval, eval_source, notes) =
             open_data(&run, source.as_ref().map(|ck| ck.model.config()))?;
-        Self::build(run, dir, train, eval, eval_source, source)
+        let mut t = Self::build(run, dir, train, eval, eval_source, source)?;
+        t.notes.extend(notes);
+        Ok(t)
     }
 
     /// Like [`Trainer::new`] with the datasets given instead of opened from `run.data`
@@ -239,7 +241,8 @@ impl Trainer {
         if let Some(e) = epochs {
             run.train.epochs = e;
         }
-        let (train, eval, eval_source) = open_data(&run, Some(ck.model.config()))?;
+        let (train, eval, eval_source, data_notes) = open_data(&run, Some(ck.model.config()))?;
+        notes.extend(data_notes);
         // Metrics after the checkpoint belong to steps that will be redone.
         let history = read_history(&dir.join(METRICS), pos.step);
         rewrite_history(&dir.join(METRICS), &history)?;
@@ -620,7 +623,8 @@ fn preprocess_for(run: &RunConfig, model: &ViT) -> Preprocess {
 }
 
 /// Training set, evaluation set, and what the evaluation set is.
-type Sets = (Arc<dyn Dataset>, Arc<dyn Dataset>, String);
+/// Training set, evaluation set, where the evaluation set comes from, notes for the user.
+type Sets = (Arc<dyn Dataset>, Arc<dyn Dataset>, String, Vec<String>);
 
 /// Training and evaluation sets: the test split, or a held-out part of the training set.
 fn open_data(run: &RunConfig, model: Option<&crate::config::ViTConfig>) -> Result<Sets> {
@@ -644,7 +648,19 @@ fn open_data(run: &RunConfig, model: Option<&crate::config::ViTConfig>) -> Resul
             _ => ds,
         })
     };
-    let mut train = prepare(data::open(&run.data.dataset, Split::Train, size)?)?;
+    let mut notes = vec![];
+    let mut opened = |split: Split, what: &str| -> Result<Arc<dyn Dataset>> {
+        let ds = data::open_with(&run.data.dataset, split, size, run.data.strict)?;
+        if ds.skipped() > 0 {
+            notes.push(format!(
+                "{what}: skipped {} file(s) that are not readable images (set `strict = true` in \
+                 [data], or pass --strict, to stop on them instead)",
+                ds.skipped()
+            ));
+        }
+        prepare(ds)
+    };
+    let mut train = opened(Split::Train, "training set")?;
     if let Some(k) = run.data.per_class {
         let keep = data::per_class_indices(&*train, k, run.train.seed);
         train = Arc::new(Subset::new(train, keep));
@@ -656,10 +672,11 @@ fn open_data(run: &RunConfig, model: Option<&crate::config::ViTConfig>) -> Resul
             Arc::new(Subset::new(train, tr)),
             eval,
             "validation split".into(),
+            notes,
         ));
     }
-    let test = prepare(data::open(&run.data.dataset, Split::Test, size)?)?;
-    Ok((train, test, "test split".into()))
+    let test = opened(Split::Test, "test set")?;
+    Ok((train, test, "test split".into(), notes))
 }
 
 /// The pre-trained model a fine-tuning run starts from (none for a run from scratch).
