@@ -627,6 +627,32 @@ mod tests {
         }
     }
 
+    /// Every input that once found a bug runs through its target without a panic (the file
+    /// name starts with the target's name).
+    #[test]
+    fn regressions_stay_fixed() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("regressions");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            let t = ALL
+                .iter()
+                .copied()
+                .filter(|t| name.starts_with(&format!("{}-", t.name())))
+                .max_by_key(|t| t.name().len())
+                .unwrap_or_else(|| panic!("{name}: no target prefix"));
+            let scratch = Scratch::new(t, "regress");
+            let input = std::fs::read(&p).unwrap();
+            for bit in [false, true] {
+                let r = std::panic::catch_unwind(|| run_one(t, &input, &scratch, bit));
+                assert!(r.is_ok(), "{name} panics again");
+            }
+            n += 1;
+        }
+        assert!(n >= 3, "only {n} regression inputs");
+    }
+
     #[test]
     fn rezipped_members_keep_valid_crcs() {
         let seed = &seeds(Target::Npz)[0];
