@@ -206,3 +206,49 @@ fn a_damaged_checkpoint_is_caught_and_the_previous_one_resumes() {
     assert_eq!(step_of(&ckpt), 8);
     std::fs::remove_dir_all(root).ok();
 }
+
+#[test]
+fn runs_that_cannot_fit_in_memory_are_refused_before_allocating() {
+    let root = tmp("oom");
+    let cfg = setup(&root, 1, 0);
+    // ViT-L's blocks on 8x8 images: 4.8 GB of weights and optimizer state, ~9 MB of
+    // activations per image, so the largest batch the config accepts (65536) needs ~0.6 TB.
+    let large = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("width = 16", "width = 1024")
+        .replace("depth = 2", "depth = 24")
+        .replace("heads = 2", "heads = 16")
+        .replace("mlp_dim = 32", "mlp_dim = 4096");
+    let large_cfg = root.join("large.toml");
+    std::fs::write(&large_cfg, large).unwrap();
+    let run = root.join("run");
+    let o = vit(&[
+        "train",
+        "--config",
+        s(&large_cfg),
+        "--out",
+        s(&run),
+        "--batch-size",
+        "65536",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("GiB of memory is available") && err.contains("use --batch-size"),
+        "{err}"
+    );
+    // A model too large for any batch (65536 wide, 1024 deep) is refused the same way.
+    let toml = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("width = 16", "width = 65536")
+        .replace("depth = 2", "depth = 1024")
+        .replace("heads = 2", "heads = 64")
+        .replace("mlp_dim = 32", "mlp_dim = 65536");
+    let big = root.join("big.toml");
+    std::fs::write(&big, toml).unwrap();
+    let o = vit(&["train", "--config", s(&big), "--out", s(&root.join("big"))]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(err.contains("choose a smaller model"), "{err}");
+    std::fs::remove_dir_all(root).ok();
+}

@@ -241,6 +241,39 @@ impl TrainWorkspace {
         &self.logits
     }
 
+    /// Bytes a training step of `cfg` holds per image of the batch: the activations and
+    /// gradient scratch [`Self::prepare`] allocates (the same terms, counted without
+    /// allocating, so an impossible batch size can be refused up front). The gradients add
+    /// one float per parameter on top.
+    pub fn bytes_per_image(cfg: &ViTConfig) -> u64 {
+        let batch = 1usize;
+        let (n, d, m) = (
+            cfg.num_tokens() as u64,
+            cfg.width as u64,
+            cfg.mlp_dim as u64,
+        );
+        let b = batch as u64;
+        let rows = b * n;
+        let np = b * cfg.num_patches() as u64;
+        let pd = (cfg.channels * cfg.patch_size * cfg.patch_size) as u64;
+        let post = (cfg.norm == NormPlacement::Post) as u64;
+        let ls = cfg.layer_scale.is_some() as u64;
+        let per_block = post * rows * d        // x_in
+            + 2 * (2 * rows * d + 2 * rows)    // ln1, ln2
+            + 3 * rows * d                     // qkv
+            + b * cfg.heads as u64 * n * n     // probs
+            + rows * d                         // attn
+            + 2 * rows * m                     // h_pre, h_act
+            + 2 * rows * d                     // masks
+            + 2 * ls * rows * d; // LayerScale branch outputs
+        let global = np * pd + np * d          // patches, tokens
+            + 2 * rows * d                     // x, branch
+            + 2 * rows * d + 2 * rows          // final norm
+            + 2 * rows * d                     // dx, dtmp
+            + 3 * rows * d + rows * d + rows * m; // dqkv, dattn, dh
+        4 * (cfg.depth as u64 * per_block + global)
+    }
+
     fn prepare(&mut self, model: &ViT, batch: usize) {
         let cfg = model.config();
         if self

@@ -159,10 +159,12 @@ impl Trainer {
                 } else {
                     transfer::adapt(&ck.model, train.shape(), classes)?
                 };
+                check_memory(a.model.config(), &run)?;
                 (a.model, a.changes)
             }
             None => {
                 let cfg = run.model.resolve(train.shape(), classes)?;
+                check_memory(&cfg, &run)?;
                 (ViT::random(cfg, run.train.seed)?, vec![])
             }
         };
@@ -710,6 +712,50 @@ fn read_history(path: &Path, upto_step: u64) -> Vec<serde_json::Value> {
 fn rewrite_history(path: &Path, history: &[serde_json::Value]) -> Result<()> {
     let text: String = history.iter().map(|v| format!("{v}\n")).collect();
     crate::checkpoint::safetensors::write_atomic(path, text.as_bytes())
+}
+
+/// Refuses a run whose model and batch cannot fit in this machine's available memory, before
+/// allocating any of it, with the estimate and a batch size that would fit.
+fn check_memory(cfg: &crate::config::ViTConfig, run: &RunConfig) -> Result<()> {
+    let Some(avail) = available_memory() else {
+        return Ok(());
+    };
+    // `batch_size` is what one forward/backward holds (accumulation repeats it).
+    let micro = run.train.batch_size;
+    // Weights, gradients and the optimizer's two moments: 4 buffers of P floats.
+    let fixed = 4 * 4 * ViT::param_count(cfg) as u64;
+    let per_image = TrainWorkspace::bytes_per_image(cfg).max(1);
+    let need = fixed.saturating_add(per_image.saturating_mul(micro as u64));
+    if need <= avail {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let fits = (avail.saturating_sub(fixed) / per_image).min(micro as u64) as usize;
+    let advice = match (fits > 0).then_some(fits) {
+        Some(b) => format!(
+            "use --batch-size {b} or smaller (with accum_steps = {} in [train] the optimizer \
+             still sees {} images per step)",
+            micro.div_ceil(b) * run.train.accum_steps.max(1),
+            micro * run.train.accum_steps.max(1)
+        ),
+        None => "even one image does not fit: choose a smaller model".into(),
+    };
+    Err(Error::BadInput(format!(
+        "this run needs about {:.1} GiB ({:.1} GiB of weights, gradients and optimizer state, \
+         {:.1} GiB of activations for {micro} images) but {:.1} GiB of memory is available; {advice}",
+        gib(need),
+        gib(fixed),
+        gib(need - fixed),
+        gib(avail)
+    )))
+}
+
+/// `MemAvailable` from `/proc/meminfo` (Linux); `None` elsewhere, when no check is made.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Makes `prev` a copy of `cur` without ever leaving neither: a hard link (or, where links are
