@@ -140,7 +140,7 @@ def main():
     case("safetensors: overlapping tensors", "info --model {case}", 3, "overlap")
     write("st_unknown_dtype.safetensors",
           safetensors_bytes({"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8))
-    case("safetensors: unknown dtype", "info --model {case}", 3, "Q7")
+    case("safetensors: unknown dtype", "info --model {case}", 3, "unknown dtype `Q7`")
     write("st_size_disagrees.safetensors",
           safetensors_bytes({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8))
     case("safetensors: byte size disagrees with shape", "info --model {case}", 3, "needs 12 bytes")

@@ -275,3 +275,79 @@ fn bench_reports_json() {
     assert_eq!(v["threads"], 1);
     assert_eq!(v["batch_size"], 1);
 }
+
+/// Peak resident memory (kB) of `vit` run with `args`, polled from /proc while it runs;
+/// also returns its stdout line count.
+fn peak_rss_kb(args: &[&str]) -> (u64, usize) {
+    use std::io::Read;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vit"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = format!("/proc/{}/status", child.id());
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        out.read_to_string(&mut s).unwrap();
+        s.lines().count()
+    });
+    let mut peak = 0;
+    while child.try_wait().unwrap().is_none() {
+        if let Ok(st) = std::fs::read_to_string(&status) {
+            if let Some(kb) = st
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                peak = peak.max(kb);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    (peak, reader.join().unwrap())
+}
+
+/// `vit predict` over a directory streams: 10 000 images take no more memory than 1 000
+/// (`VITRS_STREAM_IMAGES=a,b` changes the two counts).
+#[test]
+fn predicting_a_large_directory_streams_in_flat_memory() {
+    if !Path::new("/proc/self/status").exists() {
+        return; // the measurement needs Linux's /proc
+    }
+    let root = tmp("stream");
+    let model = fixtures().join("hf_cls");
+    let img = vitrs::preprocess::load_image(&model.join("ref/image.png")).unwrap();
+    let small = img.resize_exact(8, 8, image::imageops::FilterType::Nearest);
+    let mut buf = std::io::Cursor::new(vec![]);
+    small.write_to(&mut buf, image::ImageFormat::Png).unwrap();
+    let png = buf.into_inner();
+    let mut peaks = vec![];
+    let counts: Vec<usize> = std::env::var("VITRS_STREAM_IMAGES")
+        .ok()
+        .and_then(|v| v.split(',').map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000, 10_000]);
+    for &n in &counts {
+        let dir = root.join(format!("imgs{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..n {
+            std::fs::write(dir.join(format!("{i:05}.png")), &png).unwrap();
+        }
+        let (kb, lines) = peak_rss_kb(&["predict", "--model", s(&model), "--json", s(&dir)]);
+        assert_eq!(lines, n, "one JSON line per image");
+        peaks.push(kb);
+    }
+    eprintln!("peak RSS (kB) for {counts:?} images: {peaks:?}");
+    // Ten times the images; the growth allowed is the list of paths and some allocator slack.
+    assert!(
+        peaks[1] < peaks[0] + 8 * 1024,
+        "peak RSS grew from {} kB ({} images) to {} kB ({} images)",
+        peaks[0],
+        counts[0],
+        peaks[1],
+        counts[1]
+    );
+    std::fs::remove_dir_all(root).ok();
+}

@@ -67,6 +67,12 @@ impl Dtype {
             _ => (Dtype::Other, 1),
         }
     }
+
+    /// The element types of the safetensors format.
+    const KNOWN: [&'static str; 15] = [
+        "F64", "F32", "F16", "BF16", "I64", "U64", "I32", "U32", "I16", "U16", "I8", "U8", "BOOL",
+        "F8_E4M3", "F8_E5M2",
+    ];
 }
 
 /// One tensor's header entry.
@@ -136,6 +142,13 @@ impl SafeTensors {
                 continue;
             }
             let info = parse_entry(v).map_err(|r| bad(format!("tensor `{name}`: {r}")))?;
+            if !Dtype::KNOWN.contains(&info.0.as_str()) {
+                return Err(bad(format!(
+                    "tensor `{name}`: unknown dtype `{}` (safetensors defines {})",
+                    info.0,
+                    Dtype::KNOWN.join(", ")
+                )));
+            }
             let (dtype, size) = Dtype::parse(&info.0);
             let numel = info
                 .1
