@@ -103,6 +103,16 @@ fn check_fixture(name: &str, format: Format) {
     )
     .unwrap();
     let back = vitrs::load(&tmp).unwrap();
+    // The native file is read straight into the parameter buffer; one flipped bit in its
+    // data is caught by the checksum on that path too.
+    let mut bytes = std::fs::read(&tmp).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x01;
+    std::fs::write(&tmp, &bytes).unwrap();
+    let Err(e) = vitrs::load(&tmp) else {
+        panic!("{name}: a damaged native file loaded")
+    };
+    assert!(e.to_string().contains("checksum mismatch"), "{name}: {e}");
     std::fs::remove_file(&tmp).ok();
     assert_eq!(back.report.format, Format::Native);
     assert_eq!(back.model.config(), ck.model.config());

@@ -86,6 +86,16 @@ pub struct TensorInfo {
     pub end: usize,
 }
 
+/// A validated safetensors header: where the data starts, the tensors, the metadata.
+#[derive(Debug, Default)]
+pub struct Header {
+    pub data_start: usize,
+    pub tensors: BTreeMap<String, TensorInfo>,
+    pub metadata: BTreeMap<String, String>,
+    /// The file's first `data_start` bytes, when read by [`SafeTensors::read_header`].
+    pub head: Vec<u8>,
+}
+
 /// A parsed safetensors file, its data held in memory and converted on demand.
 #[derive(Debug)]
 pub struct SafeTensors {
@@ -103,31 +113,30 @@ impl SafeTensors {
         Self::parse(path, bytes)
     }
 
-    /// Validates an in-memory file (`path` is only used in error messages).
-    pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+    /// Validates the header of a file of `file_len` bytes whose first bytes are `head` (at
+    /// least the length prefix and the header): offsets, sizes, dtypes. No data is needed.
+    pub fn parse_header(path: &Path, head: &[u8], file_len: usize) -> Result<Header> {
         let bad = |reason: String| Error::malformed(path, "safetensors file", reason);
-        if bytes.len() < 8 {
+        if file_len < 8 || head.len() < 8 {
             return Err(bad(format!(
-                "only {} bytes; a safetensors file starts with an 8-byte header length",
-                bytes.len()
+                "only {file_len} bytes; a safetensors file starts with an 8-byte header length"
             )));
         }
         let mut len8 = [0u8; 8];
-        len8.copy_from_slice(&bytes[..8]);
+        len8.copy_from_slice(&head[..8]);
         let hlen = u64::from_le_bytes(len8);
-        if hlen > MAX_HEADER || hlen > (bytes.len() - 8) as u64 {
+        if hlen > MAX_HEADER || hlen > (file_len - 8) as u64 || 8 + hlen as usize > head.len() {
             return Err(bad(format!(
-                "header length {hlen} is larger than the file ({} bytes) allows; the file is truncated or not safetensors",
-                bytes.len()
+                "header length {hlen} is larger than the file ({file_len} bytes) allows; the file is truncated or not safetensors"
             )));
         }
         let data_start = 8 + hlen as usize;
-        let header: Value = serde_json::from_slice(&bytes[8..data_start])
+        let header: Value = serde_json::from_slice(&head[8..data_start])
             .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
         let obj = header
             .as_object()
             .ok_or_else(|| bad("header is not a JSON object".into()))?;
-        let data_len = bytes.len() - data_start;
+        let data_len = file_len - data_start;
         let mut tensors = BTreeMap::new();
         let mut metadata = BTreeMap::new();
         for (name, v) in obj {
@@ -195,23 +204,54 @@ impl SafeTensors {
                 )));
             }
         }
-        match metadata.get(META_CRC32) {
-            Some(stored) => verify_crc32(&bytes, data_start, stored).map_err(bad)?,
-            // Files that announce a checksum must carry one (a damaged key name is damage too).
-            None if metadata.contains_key(META_CHECKSUMMED) => {
-                return Err(bad(format!(
-                    "`{META_CHECKSUMMED}` is set but the `{META_CRC32}` checksum is missing: the file is damaged"
-                )))
-            }
-            None => {}
+        // Files that announce a checksum must carry one (a damaged key name is damage too).
+        if !metadata.contains_key(META_CRC32) && metadata.contains_key(META_CHECKSUMMED) {
+            return Err(bad(format!(
+                "`{META_CHECKSUMMED}` is set but the `{META_CRC32}` checksum is missing: the file is damaged"
+            )));
+        }
+        Ok(Header {
+            data_start,
+            tensors,
+            metadata,
+            head: vec![],
+        })
+    }
+
+    /// Validates an in-memory file (`path` is only used in error messages), checksum included.
+    pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        let h = Self::parse_header(path, &bytes, bytes.len())?;
+        if let Some(stored) = h.metadata.get(META_CRC32) {
+            verify_crc32(&bytes, h.data_start, stored)
+                .map_err(|r| Error::malformed(path, "safetensors file", r))?;
         }
         Ok(SafeTensors {
             path: path.to_path_buf(),
             bytes,
-            data_start,
-            tensors,
-            metadata,
+            data_start: h.data_start,
+            tensors: h.tensors,
+            metadata: h.metadata,
         })
+    }
+
+    /// Reads only the header of `path` (two small reads, whatever the file's size).
+    pub fn read_header(path: &Path) -> Result<Header> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len() as usize;
+        let mut head = vec![0u8; 8.min(file_len)];
+        f.read_exact(&mut head).map_err(|e| Error::io(path, e))?;
+        if head.len() == 8 {
+            let hlen = u64::from_le_bytes(head[..8].try_into().unwrap_or([0; 8]));
+            if hlen <= MAX_HEADER && hlen <= (file_len - 8) as u64 {
+                head.resize(8 + hlen as usize, 0);
+                f.read_exact(&mut head[8..])
+                    .map_err(|e| Error::io(path, e))?;
+            }
+        }
+        let mut h = Self::parse_header(path, &head, file_len)?;
+        h.head = head;
+        Ok(h)
     }
 
     pub fn path(&self) -> &Path {
@@ -381,6 +421,32 @@ fn crc32_of(bytes: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(bytes);
     h.finalize()
+}
+
+/// Verifies [`META_CRC32`] of a file read in two parts: `head` (its first `data_start` bytes)
+/// and the data section `data`. Files without a checksum pass.
+pub fn verify_parts(path: &Path, head: &[u8], data: &[u8], h: &Header) -> Result<()> {
+    let Some(stored) = h.metadata.get(META_CRC32) else {
+        return Ok(());
+    };
+    let bad = |r: String| Error::malformed(path, "safetensors file", r);
+    let (a, b) = crc_field(&head[8..], stored)
+        .map(|(a, b)| (a + 8, b + 8))
+        .ok_or_else(|| bad(format!("checksum field `{stored}` is not 8 hex digits")))?;
+    let want = u32::from_str_radix(stored, 16).ok();
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&head[..a]);
+    hasher.update(CRC_PLACEHOLDER.as_bytes());
+    hasher.update(&head[b..]);
+    hasher.update(data);
+    let got = hasher.finalize();
+    if want != Some(got) || b - a != 8 {
+        return Err(bad(format!(
+            "checksum mismatch (stored crc32 {stored}, computed {got:08x}): the file is damaged \
+             (a torn write, a disk error or a bad copy) and was not loaded; restore it from a copy"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks the whole-file CRC-32 stored under [`META_CRC32`].

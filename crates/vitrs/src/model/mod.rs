@@ -61,6 +61,11 @@ impl ViT {
         layout(config).2
     }
 
+    /// The named parameter entries of a model of `config`, without allocating it.
+    pub fn param_entries(config: &ViTConfig) -> Vec<ParamEntry> {
+        layout(config).0
+    }
+
     pub fn config(&self) -> &ViTConfig {
         &self.config
     }
