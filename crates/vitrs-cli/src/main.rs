@@ -354,6 +354,7 @@ fn predict(
                 .join(", ")
         );
     }
+    vitrs::infer::check_batch_memory(ck.model.config(), batch.min(files.len()))?;
     let mut failures = 0usize;
     let mut predictor = Predictor::new(&ck, batch, top_k);
     predictor.run(&files, |res| match res {

@@ -82,6 +82,37 @@ pub struct Predictor<'a> {
     top_k: usize,
 }
 
+/// `MemAvailable` from `/proc/meminfo` (Linux); `None` elsewhere, when no check is made.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Refuses an inference batch whose activations cannot fit in the available memory, before
+/// allocating, with the estimate and the largest batch that fits.
+pub fn check_batch_memory(cfg: &crate::config::ViTConfig, batch: usize) -> Result<()> {
+    let Some(avail) = available_memory() else {
+        return Ok(());
+    };
+    let per = crate::model::Workspace::bytes_per_image(cfg).max(1);
+    // Each image's pixels are held too until its batch runs.
+    let per = per + 4 * (cfg.channels * cfg.image_height * cfg.image_width) as u64;
+    let need = per.saturating_mul(batch as u64);
+    if need <= avail {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Err(crate::error::Error::BadInput(format!(
+        "a batch of {batch} images needs about {:.1} GiB of activations but {:.1} GiB of memory \
+         is available; use --batch-size {} or smaller",
+        gib(need),
+        gib(avail),
+        (avail / per).max(1)
+    )))
+}
+
 impl<'a> Predictor<'a> {
     pub fn new(ckpt: &'a Checkpoint, batch_size: usize, top_k: usize) -> Self {
         Predictor {
@@ -192,6 +223,24 @@ fn split_batch(path: &Path, t: Tensor) -> Vec<(String, Tensor)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_inference_batch_beyond_memory_is_refused_with_the_estimate() {
+        let cfg = crate::config::ViTConfig::preset("B/16").unwrap();
+        // 7.9 MB of activations and pixels per ViT-B image: 10 million images cannot fit.
+        assert!(crate::model::Workspace::bytes_per_image(&cfg) > 7_000_000);
+        if available_memory().is_none() {
+            return; // no /proc/meminfo: nothing to check against
+        }
+        let e = check_batch_memory(&cfg, 10_000_000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("GiB of memory is available") && e.contains("--batch-size"),
+            "{e}"
+        );
+        check_batch_memory(&cfg, 1).unwrap();
+    }
+
     use super::*;
 
     #[test]

@@ -70,6 +70,20 @@ impl Workspace {
         Self::default()
     }
 
+    /// Bytes a forward pass of `cfg` holds per image of the batch (the buffers
+    /// [`Self::prepare`] sizes, attention capture excluded), counted without allocating.
+    pub fn bytes_per_image(cfg: &ViTConfig) -> u64 {
+        let (n, d, m) = (
+            cfg.num_tokens() as u64,
+            cfg.width as u64,
+            cfg.mlp_dim as u64,
+        );
+        let np = cfg.num_patches() as u64;
+        let pd = (cfg.channels * cfg.patch_size * cfg.patch_size) as u64;
+        let floats = np * (pd + d) + n * (6 * d + m) + 4 * d + cfg.feature_dim() as u64;
+        4 * floats
+    }
+
     /// Sizes the buffers for `cfg` and `batch`; a no-op when they already fit.
     fn prepare(&mut self, cfg: &ViTConfig, batch: usize) {
         if self

@@ -717,7 +717,7 @@ fn rewrite_history(path: &Path, history: &[serde_json::Value]) -> Result<()> {
 /// Refuses a run whose model and batch cannot fit in this machine's available memory, before
 /// allocating any of it, with the estimate and a batch size that would fit.
 fn check_memory(cfg: &crate::config::ViTConfig, run: &RunConfig) -> Result<()> {
-    let Some(avail) = available_memory() else {
+    let Some(avail) = crate::infer::available_memory() else {
         return Ok(());
     };
     // `batch_size` is what one forward/backward holds (accumulation repeats it).
@@ -748,14 +748,6 @@ fn check_memory(cfg: &crate::config::ViTConfig, run: &RunConfig) -> Result<()> {
         gib(need - fixed),
         gib(avail)
     )))
-}
-
-/// `MemAvailable` from `/proc/meminfo` (Linux); `None` elsewhere, when no check is made.
-fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// Makes `prev` a copy of `cur` without ever leaving neither: a hard link (or, where links are
