@@ -157,6 +157,7 @@ pub fn seeds(t: Target) -> Vec<Vec<u8>> {
         Target::Safetensors => vec![
             read(&f.join("timm_deit3/model.safetensors")),
             read(&f.join("torch-pth/views.safetensors")),
+            native_seed(),
         ],
         Target::Npz => vec![
             read(&f.join("npz-bigvision-map/model.npz")),
@@ -206,6 +207,24 @@ pub fn seeds(t: Target) -> Vec<Vec<u8>> {
             out
         }
     }
+}
+
+/// A native vitrs file (config, preprocessing and checksum in the metadata; loaded by the
+/// direct path), written from the smallest timm fixture.
+fn native_seed() -> Vec<u8> {
+    let ck = vitrs::load(&fixtures().join("timm_siglip_map")).expect("load seed model");
+    let p = std::env::temp_dir().join(format!("vitrs-fuzz-native-{}.safetensors", std::process::id()));
+    vitrs::checkpoint::save_native(
+        &p,
+        &ck.model,
+        &ck.preprocess,
+        ck.labels.as_deref(),
+        vitrs::checkpoint::safetensors::SaveDtype::F32,
+    )
+    .expect("write native seed");
+    let b = read(&p);
+    let _ = std::fs::remove_file(&p);
+    b
 }
 
 const INTERESTING: [u64; 12] = [
