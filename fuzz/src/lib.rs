@@ -213,7 +213,13 @@ pub fn seeds(t: Target) -> Vec<Vec<u8>> {
 /// direct path), written from the smallest timm fixture.
 fn native_seed() -> Vec<u8> {
     let ck = vitrs::load(&fixtures().join("timm_siglip_map")).expect("load seed model");
-    let p = std::env::temp_dir().join(format!("vitrs-fuzz-native-{}.safetensors", std::process::id()));
+    // One file per call: tests call this from parallel threads of one process.
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "vitrs-fuzz-native-{}-{}.safetensors",
+        std::process::id(),
+        CALLS.fetch_add(1, Ordering::Relaxed)
+    ));
     vitrs::checkpoint::save_native(
         &p,
         &ck.model,
