@@ -367,49 +367,13 @@ fn zip_members(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
         .collect()
 }
 
-/// A ZIP of stored members with correct CRCs.
+/// A ZIP of stored members with correct CRCs (vitrs' own writer).
 pub fn stored_zip(members: &[(String, Vec<u8>)]) -> Vec<u8> {
-    let mut out = vec![];
-    let mut cd = vec![];
-    for (name, data) in members {
-        let off = out.len() as u32;
-        let mut h = crc32fast::Hasher::new();
-        h.update(data);
-        let crc = h.finalize();
-        let entry = |buf: &mut Vec<u8>, central: bool| {
-            if central {
-                buf.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
-                buf.extend_from_slice(&[20, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-            } else {
-                buf.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
-                buf.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-            }
-            buf.extend_from_slice(&crc.to_le_bytes());
-            buf.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&(name.len() as u16).to_le_bytes());
-            if central {
-                buf.extend_from_slice(&[0; 12]);
-                buf.extend_from_slice(&off.to_le_bytes());
-            } else {
-                buf.extend_from_slice(&0u16.to_le_bytes());
-            }
-            buf.extend_from_slice(name.as_bytes());
-        };
-        entry(&mut out, false);
-        out.extend_from_slice(data);
-        entry(&mut cd, true);
-    }
-    let cd_off = out.len() as u32;
-    out.extend_from_slice(&cd);
-    out.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
-    out.extend_from_slice(&[0, 0, 0, 0]);
-    out.extend_from_slice(&(members.len() as u16).to_le_bytes());
-    out.extend_from_slice(&(members.len() as u16).to_le_bytes());
-    out.extend_from_slice(&(cd.len() as u32).to_le_bytes());
-    out.extend_from_slice(&cd_off.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out
+    let refs: Vec<(&str, &[u8])> = members
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice()))
+        .collect();
+    vitrs::checkpoint::zip::stored_zip(&refs)
 }
 
 /// A fresh input for `t`: a seed with 1–4 mutations (for ZIP formats, half the time applied

@@ -511,7 +511,7 @@ fn map_head_tensors(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::zip::tests::stored_zip;
+    use crate::checkpoint::zip::stored_zip;
 
     fn fixture() -> std::path::PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -636,7 +636,7 @@ fn kind(v: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::zip::tests::stored_zip;
+    use crate::checkpoint::zip::stored_zip;
 
     /// A pickle whose tensor claims 2^40 elements over a 1-element storage with stride 0: an
     /// error before anything that size is allocated.
