@@ -119,6 +119,8 @@ struct Located {
     /// The directory holding `config.json` (HF and timm).
     dir: Option<PathBuf>,
     config: Option<serde_json::Value>,
+    /// A native file's header, read once to recognise the format.
+    header: Option<safetensors::Header>,
 }
 
 /// Loads any supported checkpoint from a file or directory.
@@ -126,7 +128,10 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     let loc = locate(path)?;
     match loc.format {
         Format::GoogleNpz => npz::load(&loc.weights),
-        Format::Native => load_native_path(&loc.weights),
+        Format::Native => match loc.header {
+            Some(h) => load_native_path(&loc.weights, h),
+            None => load_native_path(&loc.weights, SafeTensors::read_header(&loc.weights)?),
+        },
         Format::HuggingFace => hf::load(
             &loc.weights,
             loc.dir.as_deref().unwrap_or(Path::new(".")),
@@ -189,6 +194,7 @@ fn locate(path: &Path) -> Result<Located> {
                 weights: path.to_path_buf(),
                 dir: None,
                 config: None,
+                header: None,
             });
         }
         // A lone safetensors file: native if it carries our config, else look for a config beside it.
@@ -200,6 +206,7 @@ fn locate(path: &Path) -> Result<Located> {
                     weights: path.to_path_buf(),
                     dir: None,
                     config: None,
+                    header: Some(st),
                 });
             }
             Ok(_) if parent.join("config.json").is_file() => (parent.to_path_buf(), path.to_path_buf()),
@@ -248,6 +255,7 @@ fn locate_with_config(dir: &Path, weights: &Path) -> Result<Located> {
         weights,
         dir: Some(dir),
         config: Some(config),
+        header: None,
     })
 }
 
@@ -432,8 +440,7 @@ pub(crate) fn read_weights(
 /// A native file: straight from disk into the parameter buffer when its data section is
 /// exactly that buffer (what `vit convert` and `vit train` write in f32: one read, no
 /// intermediate copies, so loading ViT-B holds its 330 MiB once); otherwise the general path.
-fn load_native_path(path: &Path) -> Result<Checkpoint> {
-    let h = SafeTensors::read_header(path)?;
+fn load_native_path(path: &Path, h: safetensors::Header) -> Result<Checkpoint> {
     if let Some(ck) = load_native_direct(path, &h)? {
         return Ok(ck);
     }

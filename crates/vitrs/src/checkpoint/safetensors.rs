@@ -221,10 +221,7 @@ impl SafeTensors {
     /// Validates an in-memory file (`path` is only used in error messages), checksum included.
     pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self> {
         let h = Self::parse_header(path, &bytes, bytes.len())?;
-        if let Some(stored) = h.metadata.get(META_CRC32) {
-            verify_crc32(&bytes, h.data_start, stored)
-                .map_err(|r| Error::malformed(path, "safetensors file", r))?;
-        }
+        verify_parts(path, &bytes[..h.data_start], &bytes[h.data_start..], &h)?;
         Ok(SafeTensors {
             path: path.to_path_buf(),
             bytes,
@@ -392,7 +389,7 @@ pub fn write(
         .map(|(a, b)| (a + 8, b + 8))
         .unwrap_or((0, 0));
     if hex_at > 0 {
-        let crc = crc32_of(&buf);
+        let crc = crc32fast::hash(&buf);
         buf[hex_at..hex_at + 8].copy_from_slice(format!("{crc:08x}").as_bytes());
     }
     write_atomic(path, &buf)
@@ -416,58 +413,34 @@ fn crc_field(header: &[u8], hex: &str) -> Option<(usize, usize)> {
     Some((start, start + hex.len()))
 }
 
-/// CRC-32 of a file image with its checksum digits (if any) read as zeros.
-fn crc32_of(bytes: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(bytes);
-    h.finalize()
-}
-
 /// Verifies [`META_CRC32`] of a file read in two parts: `head` (its first `data_start` bytes)
 /// and the data section `data`. Files without a checksum pass.
 pub fn verify_parts(path: &Path, head: &[u8], data: &[u8], h: &Header) -> Result<()> {
     let Some(stored) = h.metadata.get(META_CRC32) else {
         return Ok(());
     };
-    let bad = |r: String| Error::malformed(path, "safetensors file", r);
+    let damaged = |why: String| {
+        Error::malformed(
+            path,
+            "safetensors file",
+            format!(
+                "{why}: the file is damaged (a torn write, a disk error or a bad copy) and was \
+                 not loaded; restore it from a copy (a run directory keeps the previous \
+                 checkpoint as checkpoint.prev.safetensors)"
+            ),
+        )
+    };
     let (a, b) = crc_field(&head[8..], stored)
         .map(|(a, b)| (a + 8, b + 8))
-        .ok_or_else(|| bad(format!("checksum field `{stored}` is not 8 hex digits")))?;
-    let want = u32::from_str_radix(stored, 16).ok();
+        .ok_or_else(|| damaged(format!("checksum field `{stored}` is not 8 hex digits")))?;
+    let want = u32::from_str_radix(stored, 16)
+        .map_err(|_| damaged(format!("checksum `{stored}` is not hexadecimal")))?;
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&head[..a]);
     hasher.update(CRC_PLACEHOLDER.as_bytes());
     hasher.update(&head[b..]);
     hasher.update(data);
     let got = hasher.finalize();
-    if want != Some(got) || b - a != 8 {
-        return Err(bad(format!(
-            "checksum mismatch (stored crc32 {stored}, computed {got:08x}): the file is damaged \
-             (a torn write, a disk error or a bad copy) and was not loaded; restore it from a copy"
-        )));
-    }
-    Ok(())
-}
-
-/// Checks the whole-file CRC-32 stored under [`META_CRC32`].
-fn verify_crc32(bytes: &[u8], data_start: usize, stored: &str) -> std::result::Result<(), String> {
-    let damaged = |why: String| {
-        format!(
-            "{why}: the file is damaged (a torn write, a disk error or a bad copy) and was not \
-             loaded; restore it from a copy (a run directory keeps the previous checkpoint as \
-             checkpoint.prev.safetensors)"
-        )
-    };
-    let (a, b) = crc_field(&bytes[8..data_start], stored)
-        .ok_or_else(|| damaged(format!("checksum field `{stored}` is not 8 hex digits")))?;
-    let (a, b) = (a + 8, b + 8);
-    let want = u32::from_str_radix(stored, 16)
-        .map_err(|_| damaged(format!("checksum `{stored}` is not hexadecimal")))?;
-    let mut h = crc32fast::Hasher::new();
-    h.update(&bytes[..a]);
-    h.update(CRC_PLACEHOLDER.as_bytes());
-    h.update(&bytes[b..]);
-    let got = h.finalize();
     if got != want || b - a != 8 {
         return Err(damaged(format!(
             "checksum mismatch (stored crc32 {stored}, computed {got:08x})"
