@@ -744,11 +744,16 @@ impl ViT {
         };
         self.linear(l, input, out, rows, Epilogue::None);
         let d = self.config.width;
+        // One loop per case, so the per-element work has no branches (the training hot path).
         for (r, (xr, or)) in x.chunks_exact_mut(d).zip(out.chunks_exact(d)).enumerate() {
-            let mr = mask.map(|m| &m[r * d..(r + 1) * d]);
-            for c in 0..d {
-                let g = gamma.map_or(1.0, |g| g[c]) * mr.map_or(1.0, |m| m[c]);
-                xr[c] += g * or[c];
+            let xo = xr.iter_mut().zip(or);
+            match (gamma, mask.map(|m| &m[r * d..(r + 1) * d])) {
+                (Some(g), Some(m)) => xo
+                    .zip(g.iter().zip(m))
+                    .for_each(|((x, o), (g, m))| *x += g * m * o),
+                (Some(g), None) => xo.zip(g).for_each(|((x, o), g)| *x += g * o),
+                (None, Some(m)) => xo.zip(m).for_each(|((x, o), m)| *x += m * o),
+                (None, None) => xo.for_each(|(x, o)| *x += o),
             }
         }
     }
