@@ -63,27 +63,8 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
-/// xorshift64*: small, seeded, reproducible.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next_u64() % n as u64) as usize
-        }
-    }
-}
+/// The project's seeded generator: campaigns are reproducible from `--seed`.
+pub use vitrs::model::Rng;
 
 /// The parsers under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
