@@ -116,6 +116,22 @@ fn predict_a_directory_skips_other_files() {
     assert!(stderr(&o).contains("skipped 1 file"), "{}", stderr(&o));
 }
 
+/// A NaN survives conversion to the native format, and loading the native file (its direct,
+/// chunked read) still names the tensor that holds it.
+#[test]
+fn native_file_with_nan_is_loaded_with_a_warning_naming_the_tensor() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/bad_inputs/st_nan_weights");
+    let t = tmp("native-nan");
+    let native = t.join("m.safetensors");
+    let o = vit(&["convert", "--model", s(&src), "--out", s(&native)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = vit(&["info", "--model", s(&native)]);
+    let all = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(o.status.success(), "{all}");
+    assert!(all.contains("tensor `head.bias` holds NaN or Inf"), "{all}");
+    assert_eq!(all.matches("holds NaN or Inf").count(), 1, "{all}");
+}
+
 #[test]
 fn info_and_convert_round_trip() {
     let dir = fixtures().join("timm_mean_nonsquare");

@@ -450,7 +450,6 @@ fn load_native_path(path: &Path, h: safetensors::Header) -> Result<Checkpoint> {
 /// The direct path of [`load_native_path`]; `None` when the file's layout differs from the
 /// model's flat buffer (other dtypes, optimizer state, another order).
 fn load_native_direct(path: &Path, h: &safetensors::Header) -> Result<Option<Checkpoint>> {
-    use std::io::{Read, Seek, SeekFrom};
     if !cfg!(target_endian = "little") {
         return Ok(None);
     }
@@ -473,7 +472,7 @@ fn load_native_direct(path: &Path, h: &safetensors::Header) -> Result<Option<Che
         return Ok(None);
     }
     let mut model = ViT::zeros(config)?;
-    {
+    let all_finite_read = {
         let flat = model.params_mut().flat_mut();
         // SAFETY: the byte view covers exactly `flat`'s allocation, u8 has no alignment
         // requirement, and every bit pattern is a valid f32; on a little-endian target the
@@ -481,15 +480,14 @@ fn load_native_direct(path: &Path, h: &safetensors::Header) -> Result<Option<Che
         let bytes = unsafe {
             std::slice::from_raw_parts_mut(flat.as_mut_ptr().cast::<u8>(), flat.len() * 4)
         };
-        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        f.seek(SeekFrom::Start(h.data_start as u64))
-            .and_then(|_| f.read_exact(bytes))
-            .map_err(|e| Error::io(path, e))?;
-        safetensors::verify_parts(path, &h.head, bytes, h)?;
-    }
+        let (data_crc, finite) = read_f32_section(path, h.data_start as u64, bytes)?;
+        safetensors::verify_hashed(path, &h.head, data_crc, h)?;
+        finite
+    };
     let mut report = LoadReport::new(Format::Native, path);
     for e in &entries {
-        if !all_finite(&model.params().flat()[e.range.clone()]) {
+        // Only when some value is not finite: find which tensors hold it.
+        if !all_finite_read && !all_finite(&model.params().flat()[e.range.clone()]) {
             report.conversions.push(format!(
                 "warning: tensor `{}` holds NaN or Inf values",
                 e.name
@@ -503,6 +501,64 @@ fn load_native_direct(path: &Path, h: &safetensors::Header) -> Result<Option<Che
         labels,
         report,
     }))
+}
+
+/// Reads the `dest.len()` bytes at `offset` of `path` (little-endian f32 values) into `dest`;
+/// returns their CRC-32 and whether every value is finite.
+///
+/// On Unix the read is split into 8 MiB chunks that all threads read (`pread`), checksum and
+/// check while each is in cache: most of the cost of loading a large model is the kernel
+/// copying from the page cache and faulting in the destination pages, which is per-thread
+/// work (ViT-B, 330 MB: docs/perf.md). Elsewhere, one sequential read.
+fn read_f32_section(
+    path: &Path,
+    offset: u64,
+    dest: &mut [u8],
+) -> Result<(crc32fast::Hasher, bool)> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let scan = |chunk: &[u8]| {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(chunk);
+        (crc, finite_bytes(chunk))
+    };
+    #[cfg(unix)]
+    {
+        use rayon::prelude::*;
+        use std::os::unix::fs::FileExt;
+        const CHUNK: usize = 8 << 20;
+        let parts = dest
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .map(|(i, chunk)| {
+                file.read_exact_at(chunk, offset + (i * CHUNK) as u64)?;
+                Ok(scan(chunk))
+            })
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| Error::io(path, e))?;
+        let mut crc = crc32fast::Hasher::new();
+        for (part, _) in &parts {
+            crc.combine(part);
+        }
+        Ok((crc, parts.iter().all(|(_, finite)| *finite)))
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = file;
+        f.seek(SeekFrom::Start(offset))
+            .and_then(|_| f.read_exact(dest))
+            .map_err(|e| Error::io(path, e))?;
+        Ok(scan(dest))
+    }
+}
+
+/// Whether the little-endian f32 values in `bytes` are all finite (see [`all_finite`]).
+fn finite_bytes(bytes: &[u8]) -> bool {
+    bytes
+        .chunks_exact(4)
+        .map(|b| (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000) as u32)
+        .sum::<u32>()
+        == 0
 }
 
 /// Whether no value is NaN or ±Inf: a branch-free test of the exponent bits that vectorises,
@@ -613,4 +669,45 @@ pub fn save_native(
         })
         .collect();
     safetensors::write(path, &tensors, &meta, dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chunked parallel read returns the bytes at the offset, the CRC of all of them and
+    /// whether all are finite f32 values, across several chunks and a ragged last one.
+    #[test]
+    fn read_f32_section_reads_and_checksums_across_chunks() {
+        let offset = 1000usize;
+        let n = (8 << 20) * 2 + 12_344;
+        // Finite values (1.0 ± small) with an infinity planted in the second chunk later.
+        let mut file = vec![0u8; offset];
+        for i in 0..n / 4 {
+            file.extend_from_slice(&(1.0 + i as f32 * 1e-7).to_le_bytes());
+        }
+        let path = std::env::temp_dir().join(format!("vitrs-read-section-{}", std::process::id()));
+        std::fs::write(&path, &file).unwrap();
+        let mut dest = vec![0u8; n];
+        let got = read_f32_section(&path, offset as u64, &mut dest);
+        let too_long = read_f32_section(&path, offset as u64 + 4, &mut dest.clone());
+        assert!(
+            dest == file[offset..],
+            "the bytes read differ from the file's"
+        );
+        let (crc, finite) = got.unwrap();
+        assert_eq!(crc.finalize(), crc32fast::hash(&file[offset..]));
+        assert!(finite);
+        let at = offset + (8 << 20) + 4000;
+        file[at..at + 4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+        let path_inf = path.with_extension("inf");
+        std::fs::write(&path_inf, &file).unwrap();
+        let with_inf = read_f32_section(&path_inf, offset as u64, &mut dest.clone());
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&path_inf).unwrap();
+        assert!(!with_inf.unwrap().1);
+        // One byte past the end of the file: an I/O error naming the file, not a panic.
+        let err = too_long.unwrap_err().to_string();
+        assert!(err.contains("vitrs-read-section"), "{err}");
+    }
 }

@@ -416,6 +416,19 @@ fn crc_field(header: &[u8], hex: &str) -> Option<(usize, usize)> {
 /// Verifies [`META_CRC32`] of a file read in two parts: `head` (its first `data_start` bytes)
 /// and the data section `data`. Files without a checksum pass.
 pub fn verify_parts(path: &Path, head: &[u8], data: &[u8], h: &Header) -> Result<()> {
+    let mut data_crc = crc32fast::Hasher::new();
+    data_crc.update(data);
+    verify_hashed(path, head, data_crc, h)
+}
+
+/// [`verify_parts`] with the data section's CRC already computed (`data_crc`, e.g. combined
+/// from chunks read in parallel).
+pub fn verify_hashed(
+    path: &Path,
+    head: &[u8],
+    data_crc: crc32fast::Hasher,
+    h: &Header,
+) -> Result<()> {
     let Some(stored) = h.metadata.get(META_CRC32) else {
         return Ok(());
     };
@@ -439,7 +452,7 @@ pub fn verify_parts(path: &Path, head: &[u8], data: &[u8], h: &Header) -> Result
     hasher.update(&head[..a]);
     hasher.update(CRC_PLACEHOLDER.as_bytes());
     hasher.update(&head[b..]);
-    hasher.update(data);
+    hasher.combine(&data_crc);
     let got = hasher.finalize();
     if got != want || b - a != 8 {
         return Err(damaged(format!(
