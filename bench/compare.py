@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Side-by-side inference speed: vitrs (`vit bench`) vs PyTorch eager (timm), same machine,
-same thread count, fp32, random weights, interleaved (vit, torch, vit, torch, ...), medians.
+"""Side-by-side inference speed: vitrs (`vit bench`) vs PyTorch eager (timm,
+`torch.inference_mode`) and ONNX Runtime (the same timm model exported to ONNX,
+`intra_op_num_threads` = threads), same machine, same thread count, fp32, random weights,
+interleaved (vit, torch, ort, vit, torch, ort, ...), medians.
 
 Usage (from the repository root, after `cargo build --release`):
     python bench/compare.py [--threads 2] [--reps 5] [--models Ti/16,S/16,B/16] [--batches 1,16]
+                            [--peers torch,ort] [--write docs/perf.md] [--json FILE]
 `bench/compare.sh` makes a virtual environment with the pinned packages and runs this.
-Prints a Markdown table; `--json FILE` also saves the raw timings.
+Prints a Markdown table; `--write FILE` also puts it into FILE between the lines
+`<!-- compare.py:begin -->` and `<!-- compare.py:end -->`; `--json FILE` saves the raw timings.
 """
 import argparse
 import json
@@ -14,6 +18,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 TIMM = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224", "B": "vit_base_patch16_224"}
@@ -39,6 +44,47 @@ def vit_once(vit, model, batch, threads):
     return json.loads(out)["median_batch_seconds"]
 
 
+def ort_session(tm, batch, threads, tmp, name):
+    """Exports `tm` to ONNX (batch dimension dynamic) and opens it in ONNX Runtime with
+    `threads` intra-op threads; checks its logits against PyTorch's."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    path = os.path.join(tmp, name.replace("/", "_") + ".onnx")
+    if not os.path.exists(path):
+        x = torch.randn(2, 3, 224, 224)
+        torch.onnx.export(tm, (x,), path, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.inference_mode():
+        want = tm(x).numpy()
+    got = sess.run(None, {"x": x.numpy()})[0]
+    diff = float(np.abs(got - want).max())
+    if diff > 1e-3:
+        sys.exit(f"ONNX Runtime's {name} disagrees with PyTorch's by {diff}: export broken")
+    return sess
+
+
+def write_section(path, text):
+    """Replaces the text between the compare.py markers in `path`."""
+    begin, end = "<!-- compare.py:begin -->", "<!-- compare.py:end -->"
+    doc = open(path).read()
+    if begin not in doc or end not in doc:
+        sys.exit(f"{path} has no `{begin}` ... `{end}` section to write the table into")
+    head, rest = doc.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    with open(path, "w") as f:
+        f.write(head + begin + "\n" + text + end + tail)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--vit", default="target/release/vit")
@@ -46,42 +92,72 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--models", default="Ti/16,S/16,B/16")
     ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--peers", default="torch,ort", help="comma-separated: torch, ort")
+    ap.add_argument("--write", help="Markdown file to put the table into (between markers)")
     ap.add_argument("--json")
     a = ap.parse_args()
+    peers = a.peers.split(",")
+    unknown = set(peers) - {"torch", "ort"}
+    if unknown:
+        sys.exit(f"unknown peer(s) {sorted(unknown)}: use torch and/or ort")
 
     import torch
     import timm
 
     torch.set_num_threads(a.threads)
     os.environ["RAYON_NUM_THREADS"] = str(a.threads)
+    versions = f"torch {torch.__version__}, timm {timm.__version__}"
+    if "ort" in peers:
+        import onnxruntime
+
+        versions += f", onnxruntime {onnxruntime.__version__}"
+    tmp = tempfile.mkdtemp(prefix="vitrs-compare-")
     rows = []
     for name in a.models.split(","):
         variant = name.split("/")[0]
         tm = timm.create_model(TIMM[variant], pretrained=False).eval()
         for batch in [int(b) for b in a.batches.split(",")]:
             x = torch.randn(batch, 3, 224, 224)
+            sess = ort_session(tm, batch, a.threads, tmp, name) if "ort" in peers else None
+            times = {"vit": [], "torch": [], "ort": []}
             with torch.inference_mode():
                 tm(x)  # warm-up
-                t_vit, t_torch = [], []
+                if sess:
+                    sess.run(None, {"x": x.numpy()})
                 for _ in range(a.reps):
-                    t_vit.append(vit_once(a.vit, name, batch, a.threads))
-                    t0 = time.perf_counter()
-                    tm(x)
-                    t_torch.append(time.perf_counter() - t0)
-            mv, mt = statistics.median(t_vit), statistics.median(t_torch)
-            row = {"model": name, "batch": batch, "vit_s": mv, "torch_s": mt,
-                   "vit_ips": batch / mv, "torch_ips": batch / mt, "ratio": mt / mv,
-                   "vit_all": t_vit, "torch_all": t_torch}
+                    times["vit"].append(vit_once(a.vit, name, batch, a.threads))
+                    if "torch" in peers:
+                        t0 = time.perf_counter()
+                        tm(x)
+                        times["torch"].append(time.perf_counter() - t0)
+                    if sess:
+                        xn = x.numpy()
+                        t0 = time.perf_counter()
+                        sess.run(None, {"x": xn})
+                        times["ort"].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in times.items() if v}
+            best = min(v for k, v in med.items() if k != "vit")
+            row = {"model": name, "batch": batch, "ratio": best / med["vit"], "times": times}
+            for k, v in med.items():
+                row[f"{k}_s"], row[f"{k}_ips"] = v, batch / v
             rows.append(row)
-            print(f"{name} b{batch}: vit {batch / mv:.2f} img/s, torch {batch / mt:.2f} img/s, "
-                  f"ratio {mt / mv:.2f}", file=sys.stderr, flush=True)
+            print(f"{name} b{batch}: " + ", ".join(f"{k} {batch / v:.2f} img/s" for k, v in med.items())
+                  + f", vitrs / best peer {row['ratio']:.2f}", file=sys.stderr, flush=True)
 
-    print(f"CPU: {cpu_model()}; threads: {a.threads}; torch {torch.__version__}, timm {timm.__version__}; "
-          f"{time.strftime('%Y-%m-%d')}; median of {a.reps} interleaved repetitions\n")
-    print("| model | batch | vitrs img/s | PyTorch img/s | vitrs / PyTorch |")
-    print("|---|---|---|---|---|")
+    cols = [("torch", "PyTorch"), ("ort", "ONNX Runtime")]
+    cols = [(k, label) for k, label in cols if k in peers]
+    lines = [f"CPU: {cpu_model()}; threads: {a.threads}; {versions}; "
+             f"{time.strftime('%Y-%m-%d')}; median of {a.reps} interleaved repetitions\n",
+             "| model | batch | vitrs img/s | " + " | ".join(f"{l} img/s" for _, l in cols)
+             + " | vitrs / best peer |",
+             "|---|---|---|" + "---|" * len(cols) + "---|"]
     for r in rows:
-        print(f"| {r['model']} @224 | {r['batch']} | {r['vit_ips']:.2f} | {r['torch_ips']:.2f} | {r['ratio']:.2f} |")
+        lines.append(f"| {r['model']} @224 | {r['batch']} | {r['vit_ips']:.2f} | "
+                     + " | ".join(f"{r[k + '_ips']:.2f}" for k, _ in cols) + f" | {r['ratio']:.2f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if a.write:
+        write_section(a.write, table)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Builds vit, makes bench/.venv with the pinned PyTorch/timm (CPU use only; the CUDA wheels
-# are skipped with --no-deps), and runs bench/compare.py with any arguments given.
+# Builds vit, makes bench/.venv with the pinned PyTorch/timm/ONNX Runtime (CPU use only; the
+# CUDA wheels are skipped with --no-deps), and runs bench/compare.py with any arguments given,
+# e.g. `bench/compare.sh --write docs/perf.md` to refresh the table there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release
-if [ ! -x bench/.venv/bin/python ]; then
+if ! bench/.venv/bin/python -c "import timm, onnxruntime, onnxscript" 2>/dev/null; then
   python3 -m venv bench/.venv
   pin() { grep "^$1==" tools/requirements.txt; }
   # torch's own requirements name the CUDA wheels: install it (and what pins it) without them.
   bench/.venv/bin/pip install -q --no-deps "$(pin torch)" "$(pin torchvision)" "$(pin timm)"
   bench/.venv/bin/pip install -q "$(pin numpy)" "$(pin pillow)" "$(pin safetensors)" "$(pin huggingface_hub)" \
-    pyyaml filelock fsspec jinja2 networkx sympy typing-extensions
+    "$(pin onnx)" "$(pin onnxruntime)" "$(pin onnxscript)" pyyaml filelock fsspec jinja2 networkx sympy typing-extensions
 fi
 exec bench/.venv/bin/python bench/compare.py "$@"
