@@ -1,5 +1,6 @@
-//! Kernel benchmarks at the ViT shapes. GEMM throughput is printed as GFLOP/s so it can be
-//! compared with the machine's FMA peak (see `docs/perf.md`).
+//! Kernel benchmarks at the ViT shapes, and the whole model's forward and training step.
+//! GEMM and model throughput is printed as GFLOP/s so it can be compared with the machine's
+//! FMA peak (see `docs/perf.md`).
 //!
 //! `cargo bench -p vitrs --bench kernels` (set `RAYON_NUM_THREADS` to pin the thread count).
 
@@ -7,8 +8,12 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use vitrs::kernels::attention::{attention, AttnDims};
 use vitrs::kernels::gemm::{linear, Epilogue};
 use vitrs::kernels::layernorm::layernorm;
+use vitrs::kernels::loss::Targets;
 use vitrs::kernels::math::gelu_inplace;
-use vitrs::Gelu;
+use vitrs::model::TrainWorkspace;
+use vitrs::train::optim::{Optimizer, OptimizerKind};
+use vitrs::train::RunConfig;
+use vitrs::{Capture, Gelu, Tensor, ViT, ViTConfig, Workspace};
 
 fn data(n: usize) -> Vec<f32> {
     (0..n)
@@ -139,5 +144,58 @@ fn attn(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, fma_peak, gemm, elementwise, attn);
+/// The whole model: ViT-Ti/16 and ViT-B/16 inference at batch 1, and a full training step
+/// (forward, backward, AdamW) of `configs/bench-train.toml`'s model at batch 32. Criterion's
+/// "elements" are FLOPs (`ViTConfig::flops_per_image`, three forwards for a training step).
+fn model(c: &mut Criterion) {
+    let mut g = c.benchmark_group("model");
+    g.sample_size(10);
+    let input = |cfg: &ViTConfig, batch: usize| {
+        let shape = vec![batch, cfg.channels, cfg.image_height, cfg.image_width];
+        let n = shape.iter().product();
+        Tensor::new(shape, data(n)).unwrap()
+    };
+    for preset in ["Ti/16", "B/16"] {
+        let vit = ViT::random(ViTConfig::preset(preset).unwrap(), 0).unwrap();
+        let x = input(vit.config(), 1);
+        let mut ws = Workspace::new();
+        g.throughput(Throughput::Elements(vit.config().flops_per_image() as u64));
+        g.bench_function(BenchmarkId::new("forward_b1", preset), |b| {
+            b.iter(|| vit.forward(&x, Capture::default(), &mut ws).unwrap())
+        });
+    }
+    let toml = include_str!("../../../configs/bench-train.toml");
+    let run = RunConfig::from_toml(toml, "configs/bench-train.toml").unwrap();
+    let mut vit = ViT::random(run.model.resolve((1, 28, 28), 10).unwrap(), 0).unwrap();
+    let batch = 32;
+    let x = input(vit.config(), batch);
+    let labels: Vec<usize> = (0..batch).map(|i| i % 10).collect();
+    let mut tw = TrainWorkspace::new();
+    let mut opt = Optimizer::new(
+        OptimizerKind::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.05,
+        },
+        vit.params(),
+    );
+    g.throughput(Throughput::Elements(
+        (3.0 * vit.config().flops_per_image() * batch as f64) as u64,
+    ));
+    g.bench_function("train_step_bench_train_b32", |b| {
+        b.iter(|| {
+            tw.zero_grads();
+            let t = Targets::Labels {
+                labels: &labels,
+                smoothing: 0.0,
+            };
+            vit.forward_backward(&x, t, &mut tw).unwrap();
+            opt.step(vit.params_mut().flat_mut(), tw.grads(), 1e-4);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, fma_peak, gemm, elementwise, attn, model);
 criterion_main!(benches);

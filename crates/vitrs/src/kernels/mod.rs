@@ -12,9 +12,39 @@ pub mod loss;
 pub mod math;
 pub mod small;
 
-/// True when the CPU has AVX2 and FMA (checked once, cached by std).
+/// Which kernels may run: 0 not decided yet, 1 SIMD where the CPU has it, 2 portable only.
+static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Makes every kernel of this crate take its portable path (the baseline x86-64 or
+/// non-x86 code), as on a CPU without AVX2 + FMA, or (`false`) lets them use the CPU's SIMD
+/// again. The environment variable `VITRS_KERNELS=portable` does the same for a whole process
+/// (e.g. `VITRS_KERNELS=portable cargo test -p vitrs` holds the portable paths to every
+/// reference test). The `matrixmultiply` crate inside the GEMM picks its own micro-kernel.
+pub fn set_portable_only(on: bool) {
+    MODE.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the portable paths are forced ([`set_portable_only`] or `VITRS_KERNELS`).
+pub fn portable_only() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    match MODE.load(Relaxed) {
+        0 => {
+            let on = std::env::var_os("VITRS_KERNELS").is_some_and(|v| v == "portable");
+            // A racing set_portable_only wins over the environment.
+            let _ = MODE.compare_exchange(0, if on { 2 } else { 1 }, Relaxed, Relaxed);
+            MODE.load(Relaxed) == 2
+        }
+        m => m == 2,
+    }
+}
+
+/// True when the CPU has AVX2 and FMA (checked once, cached by std) and the portable paths
+/// are not forced.
 #[inline]
 pub fn has_avx2_fma() -> bool {
+    if portable_only() {
+        return false;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")

@@ -1,0 +1,179 @@
+//! Every kernel path this CPU has — the AVX2 + FMA one where it exists, and the portable one
+//! always — held to the reference kernels and to PyTorch's logits. The path is a process-wide
+//! switch (`kernels::set_portable_only`), so this file is its own test binary with a single
+//! test that takes the paths one after the other.
+//!
+//! (`VITRS_KERNELS=portable cargo test -p vitrs` runs the whole suite on the portable path.)
+
+use std::path::Path;
+
+use vitrs::config::Gelu;
+use vitrs::kernels::attention::{
+    attention, attention_backward, attention_backward_ref, attention_ref, AttnDims,
+};
+use vitrs::kernels::gemm::{linear, linear_backward, linear_backward_ref, linear_ref, Epilogue};
+use vitrs::kernels::layernorm::{layernorm, layernorm_ref};
+use vitrs::kernels::math::{
+    gelu_backward_inplace, gelu_grad_ref, gelu_inplace, gelu_ref, softmax_inplace, softmax_ref,
+};
+use vitrs::kernels::{has_avx2_fma, set_portable_only};
+use vitrs::npy::read_npy;
+use vitrs::{Capture, Workspace};
+
+/// Deterministic values in [-1, 1).
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) });
+    assert!(worst <= tol, "{what}: max |diff| {worst:e} exceeds {tol:e}");
+}
+
+fn check_kernels(path: &str) {
+    // Products: every epilogue; shapes for the single-thread, column- and row-split paths.
+    for &(m, k, n) in &[(5, 7, 3), (17, 64, 100), (300, 33, 129)] {
+        let (x, w, b) = (rand_vec(m * k, 1), rand_vec(n * k, 2), rand_vec(n, 3));
+        for epi in [
+            Epilogue::None,
+            Epilogue::Gelu(Gelu::Exact),
+            Epilogue::Gelu(Gelu::Tanh),
+            Epilogue::Tanh,
+            Epilogue::Accumulate,
+        ] {
+            let init = rand_vec(m * n, 4);
+            let (mut got, mut want) = (init.clone(), init);
+            linear(&x, &w, Some(&b), &mut got, (m, k, n), epi);
+            linear_ref(&x, &w, Some(&b), &mut want, (m, k, n), epi);
+            assert_close(
+                &format!("{path}: linear {m}x{k}x{n} {epi:?}"),
+                &got,
+                &want,
+                1e-4,
+            );
+        }
+        let dy = rand_vec(m * n, 5);
+        let (mut dx, mut dx_r) = (vec![0.0; m * k], vec![0.0; m * k]);
+        let (mut dw, mut dw_r) = (rand_vec(n * k, 6), rand_vec(n * k, 6));
+        let (mut db, mut db_r) = (vec![0.0; n], vec![0.0; n]);
+        let dims = (m, k, n);
+        linear_backward(&dy, &x, &w, Some(&mut dx), &mut dw, Some(&mut db), dims);
+        linear_backward_ref(
+            &dy,
+            &x,
+            &w,
+            Some(&mut dx_r),
+            &mut dw_r,
+            Some(&mut db_r),
+            dims,
+        );
+        let tol = 1e-4 * (m.max(n) as f32).sqrt();
+        assert_close(&format!("{path}: linear dx {m}x{k}x{n}"), &dx, &dx_r, tol);
+        assert_close(&format!("{path}: linear dW {m}x{k}x{n}"), &dw, &dw_r, tol);
+        assert_close(&format!("{path}: linear db {m}x{k}x{n}"), &db, &db_r, tol);
+    }
+
+    // Attention, forward (with probabilities) and backward.
+    let dims = AttnDims {
+        batch: 2,
+        tokens: 17,
+        heads: 3,
+        head_dim: 8,
+    };
+    let (b, n, d) = (2, 17, 24);
+    let qkv = rand_vec(b * n * 3 * d, 7);
+    let (mut out, mut probs, mut scratch) =
+        (vec![0.0; b * n * d], vec![0.0; b * 3 * n * n], vec![]);
+    attention(&qkv, &mut out, Some(&mut probs), &mut scratch, dims);
+    let (want_out, want_probs) = attention_ref(&qkv, dims);
+    assert_close(&format!("{path}: attention out"), &out, &want_out, 1e-5);
+    assert_close(
+        &format!("{path}: attention probs"),
+        &probs,
+        &want_probs,
+        1e-5,
+    );
+    let dout = rand_vec(b * n * d, 8);
+    let mut dqkv = vec![0.0; qkv.len()];
+    attention_backward(&qkv, &probs, &dout, &mut dqkv, &mut scratch, dims);
+    let want = attention_backward_ref(&qkv, &dout, dims);
+    assert_close(&format!("{path}: attention backward"), &dqkv, &want, 1e-4);
+
+    // LayerNorm, GELU (value and gradient), softmax.
+    let (rows, width) = (9, 70);
+    let x = rand_vec(rows * width, 9);
+    let (g, bt) = (rand_vec(width, 10), rand_vec(width, 11));
+    let mut ln = vec![0.0; x.len()];
+    layernorm(&x, &mut ln, &g, &bt, width, 1e-6);
+    let want = layernorm_ref(&x, &g, &bt, width, 1e-6);
+    assert_close(&format!("{path}: layernorm"), &ln, &want, 1e-4);
+    for kind in [Gelu::Exact, Gelu::Tanh] {
+        let mut y: Vec<f32> = x.iter().map(|v| v * 4.0).collect();
+        let want: Vec<f32> = y.iter().map(|&v| gelu_ref(v, kind)).collect();
+        gelu_inplace(&mut y, kind);
+        assert_close(&format!("{path}: gelu {kind:?}"), &y, &want, 1e-5);
+        let xs: Vec<f32> = x.iter().map(|v| v * 4.0).collect();
+        let mut dy = rand_vec(xs.len(), 12);
+        let want: Vec<f32> = xs
+            .iter()
+            .zip(&dy)
+            .map(|(&v, &g)| g * gelu_grad_ref(v, kind))
+            .collect();
+        gelu_backward_inplace(&xs, &mut dy, kind);
+        assert_close(&format!("{path}: gelu backward {kind:?}"), &dy, &want, 1e-5);
+    }
+    for len in [1, 7, 50, 197] {
+        let mut row: Vec<f32> = rand_vec(len, 13).iter().map(|v| v * 10.0).collect();
+        let want = softmax_ref(&row);
+        softmax_inplace(&mut row);
+        assert_close(&format!("{path}: softmax {len}"), &row, &want, 1e-6);
+    }
+}
+
+/// The whole forward pass against PyTorch (transformers) on a committed fixture.
+fn check_model(path: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf_cls");
+    let ck = vitrs::load(&dir).unwrap();
+    let input = read_npy(&dir.join("ref/input.npy")).unwrap();
+    let want = read_npy(&dir.join("ref/logits.npy")).unwrap();
+    let out = ck
+        .model
+        .forward(&input, Capture::default(), &mut Workspace::new())
+        .unwrap();
+    assert_close(
+        &format!("{path}: hf_cls logits vs PyTorch"),
+        out.logits.data(),
+        want.data(),
+        1e-4,
+    );
+}
+
+#[test]
+fn every_kernel_path_matches_the_references() {
+    let simd = has_avx2_fma();
+    let mut paths = vec![("portable", true)];
+    if simd {
+        paths.push(("avx2+fma", false));
+    } else {
+        eprintln!("this CPU (or VITRS_KERNELS) offers the portable path only");
+    }
+    for (name, portable) in paths {
+        set_portable_only(portable);
+        assert_eq!(has_avx2_fma(), !portable, "{name}: the switch did not take");
+        check_kernels(name);
+        check_model(name);
+    }
+}
