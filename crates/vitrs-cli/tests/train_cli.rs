@@ -183,8 +183,11 @@ fn a_damaged_checkpoint_is_caught_and_the_previous_one_resumes() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    // A leftover temp file of a killed save is cleaned up on resume.
+    // Leftover temp files of killed saves (this version's name and the older one) are cleaned
+    // up on resume; a file that merely looks similar is not.
+    std::fs::write(run.join(".checkpoint.safetensors.tmp999999-7"), b"partial").unwrap();
     std::fs::write(run.join(".checkpoint.safetensors.tmp999999"), b"partial").unwrap();
+    std::fs::write(run.join(".checkpoint.safetensors.tmpnotes"), b"user's").unwrap();
     // Resuming falls back to the previous checkpoint, says so, and moves the damaged one aside.
     let o = vit(&[
         "train",
@@ -203,6 +206,8 @@ fn a_damaged_checkpoint_is_caught_and_the_previous_one_resumes() {
     );
     assert!(run.join("checkpoint.damaged.safetensors").is_file());
     assert!(!run.join(".checkpoint.safetensors.tmp999999").exists());
+    assert!(!run.join(".checkpoint.safetensors.tmp999999-7").exists());
+    assert!(run.join(".checkpoint.safetensors.tmpnotes").exists());
     assert_eq!(step_of(&ckpt), 8);
     std::fs::remove_dir_all(root).ok();
 }

@@ -468,8 +468,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_via(path, bytes, |f, b| f.write_all(b))
 }
 
-/// The temporary file [`write_atomic`] writes beside `path` before renaming it.
+/// A fresh temporary name beside `path` for [`write_atomic`] to write before renaming it:
+/// `.NAME.tmpPID-SEQ`, unique per call, so two threads of one process saving the same path at
+/// once never write the same temporary file.
 pub fn temp_path(path: &Path) -> PathBuf {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -478,7 +482,7 @@ pub fn temp_path(path: &Path) -> PathBuf {
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
-    dir.join(format!(".{fname}.tmp{}", std::process::id()))
+    dir.join(format!(".{fname}.tmp{}-{seq}", std::process::id()))
 }
 
 /// [`write_atomic`] with the write itself injectable (tests simulate a full disk with it).
@@ -591,7 +595,11 @@ mod tests {
             "{e}"
         );
         assert_eq!(std::fs::read(&p).unwrap(), b"old contents");
-        assert!(!temp_path(&p).exists());
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["ck.safetensors"], "a temporary file was left behind");
     }
 
     #[test]

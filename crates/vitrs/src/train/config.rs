@@ -167,6 +167,8 @@ pub struct TrainSpec {
     pub warmup_steps: u64,
     #[serde(default = "cosine")]
     pub schedule: Decay,
+    /// Default: AdamW with PyTorch's defaults (betas 0.9/0.999, eps 1e-8, weight decay 0.01).
+    #[serde(default = "adamw")]
     pub optimizer: OptimizerKind,
     #[serde(default)]
     pub label_smoothing: f32,
@@ -189,6 +191,14 @@ pub struct TrainSpec {
     pub checkpoint_every: u64,
 }
 
+fn adamw() -> OptimizerKind {
+    OptimizerKind::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    }
+}
 fn cosine() -> Decay {
     Decay::Cosine
 }
@@ -331,5 +341,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("x.toml") && e.contains("hflop"), "{e}");
+        // Without an optimizer: AdamW with PyTorch's defaults.
+        let bare = text.replace("optimizer = { kind = \"adamw\", weight_decay = 0.05 }", "");
+        let c = RunConfig::from_toml(&bare, "bare.toml").unwrap();
+        assert_eq!(
+            c.train.optimizer,
+            OptimizerKind::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01
+            }
+        );
     }
 }

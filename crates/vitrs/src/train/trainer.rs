@@ -769,7 +769,8 @@ fn keep_previous(cur: &Path, prev: &Path) -> Result<()> {
     })
 }
 
-/// Removes the temporary files of saves a killed process never finished (`.NAME.tmpPID`).
+/// Removes the temporary files of saves a killed process never finished (`.NAME.tmpPID-SEQ`,
+/// or `.NAME.tmpPID` as earlier versions named them).
 fn remove_temp_files(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -779,8 +780,8 @@ fn remove_temp_files(dir: &Path) {
         let ours = name.starts_with('.')
             && name.rsplit_once(".tmp").is_some_and(|(stem, pid)| {
                 stem.ends_with(".safetensors")
-                    && !pid.is_empty()
-                    && pid.bytes().all(|b| b.is_ascii_digit())
+                    && pid.starts_with(|c: char| c.is_ascii_digit())
+                    && pid.bytes().all(|b| b.is_ascii_digit() || b == b'-')
             });
         if ours {
             let _ = std::fs::remove_file(e.path());
