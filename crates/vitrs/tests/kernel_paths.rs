@@ -20,17 +20,10 @@ use vitrs::kernels::{has_avx2_fma, set_portable_only};
 use vitrs::npy::read_npy;
 use vitrs::{Capture, Workspace};
 
-/// Deterministic values in [-1, 1).
+/// Deterministic values in [-1, 1) from the project's generator.
 fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    let mut rng = vitrs::model::Rng::new(seed);
+    (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) as f32).collect()
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
@@ -163,7 +156,14 @@ fn check_model(path: &str) {
 
 #[test]
 fn every_kernel_path_matches_the_references() {
+    // With VITRS_KERNELS=portable (CI's second run of the suite) the SIMD paths must be off
+    // from the start, or that run would test nothing new.
+    let forced = std::env::var_os("VITRS_KERNELS").is_some_and(|v| v == "portable");
     let simd = has_avx2_fma();
+    assert!(
+        !(forced && simd),
+        "VITRS_KERNELS=portable did not turn the SIMD paths off"
+    );
     let mut paths = vec![("portable", true)];
     if simd {
         paths.push(("avx2+fma", false));
