@@ -4,8 +4,8 @@
 Reads a vitrs run config (configs/*.toml), builds the same ViT with timm's VisionTransformer,
 and trains it on Fashion-MNIST the same way: AdamW (no decay on biases, norms, position
 embedding and class token) or SGD, linear warm-up then cosine/linear decay per step, label
-smoothing, global-norm clipping, horizontal flip and random crop with zero padding, batch
-normalisation by the config's mean/std, the last partial batch dropped. It evaluates on the
+smoothing, global-norm clipping, horizontal flip, random crop with zero padding and random
+erasing, batch normalisation by the config's mean/std, the last partial batch dropped. It evaluates on the
 10,000 test images after every epoch and stops at the wall-clock budget, counting everything
 after the data is in memory (model creation, training, evaluation), as `vit train` does.
 
@@ -63,7 +63,7 @@ def main():
     with open(a.config, "rb") as f:
         cfg = tomllib.load(f)
     m, d, aug, t = cfg["model"], cfg["data"], cfg.get("augment", {}), cfg["train"]
-    unsupported = [k for k in aug if k not in ("hflip", "crop_padding")]
+    unsupported = [k for k in aug if k not in ("hflip", "crop_padding", "random_erasing")]
     if unsupported:
         sys.exit(f"error: augment options {unsupported} are not mirrored by this script")
     if m.get("preset"):
@@ -92,6 +92,7 @@ def main():
     ytr_t, yte_t = torch.from_numpy(ytr), torch.from_numpy(yte)
     pad = int(aug.get("crop_padding", 0))
     hflip = bool(aug.get("hflip", False))
+    reprob = float(aug.get("random_erasing", 0.0))
     black = (0.0 - mean) / std
 
     width = m["width"]
@@ -133,6 +134,24 @@ def main():
         if hflip:
             flip = torch.from_numpy(rng.random(xb.shape[0]) < 0.5)
             xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+        if reprob > 0:
+            # As crates/vitrs/src/data/augment.rs `erase` (timm's RandomErasing, mode "pixel"):
+            # one rectangle of 2-33 % of the image, aspect 0.3-3.3, uniform random 8-bit values
+            # (normalised like the image).
+            xb = xb.clone()
+            _, c, h, w = xb.shape
+            for i in range(xb.shape[0]):
+                if rng.random() >= reprob:
+                    continue
+                for _ in range(10):
+                    area = h * w * rng.uniform(0.02, 1 / 3)
+                    aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+                    eh, ew = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+                    if 1 <= eh < h and 1 <= ew < w:
+                        y0, x0 = rng.integers(0, h - eh + 1), rng.integers(0, w - ew + 1)
+                        vals = rng.integers(0, 256, (c, eh, ew)).astype(np.float32)
+                        xb[i, :, y0:y0 + eh, x0:x0 + ew] = torch.from_numpy((vals / 255.0 - mean) / std)
+                        break
         return xb
 
     def train_step(model, opt, xb, yb, lr):

@@ -2,7 +2,7 @@
 //!
 //! Per image, in this order: RandAugment (a faithful subset: 12 of torchvision's 14 ops —
 //! no Color, no Sharpness — nearest-neighbour geometry, zero fill), random crop with zero
-//! padding or random-resized crop, horizontal flip. Every random choice comes from the
+//! padding or random-resized crop, horizontal flip, random erasing. Every random choice comes from the
 //! [`Rng`] the loader derives from (seed, epoch, batch), so a run is reproducible.
 
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,10 @@ pub struct Augment {
     pub mixup: f32,
     /// CutMix Beta(α, α) parameter (0: off). With both on, each batch picks one.
     pub cutmix: f32,
+    /// Random erasing (Zhong et al. 2017, timm's `reprob`): with this probability, one
+    /// rectangle of 2–33 % of the image (aspect 0.3–3.3) is filled with random pixel values
+    /// (0: off).
+    pub random_erasing: f32,
 }
 
 impl Augment {
@@ -69,6 +73,54 @@ impl Augment {
             for row in img.chunks_exact_mut(w) {
                 row.reverse();
             }
+        }
+        if self.random_erasing > 0.0 && rng.uniform() < self.random_erasing as f64 {
+            erase(img, (c, h, w), rng);
+        }
+    }
+
+    /// Checks the values a config can get wrong; `Err` names the field.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(0.0..1.0).contains(&self.resized_crop_min_scale) {
+            return Err("resized_crop_min_scale must be in [0, 1) (0: off)".into());
+        }
+        if !(self.mixup >= 0.0 && self.cutmix >= 0.0 && (self.mixup + self.cutmix).is_finite()) {
+            return Err("mixup and cutmix must be >= 0 (0: off)".into());
+        }
+        if !(0.0..=1.0).contains(&self.random_erasing) {
+            return Err("random_erasing is a probability, in [0, 1]".into());
+        }
+        if let Some(ra) = self.randaugment {
+            if !(0.0..=10.0).contains(&ra.magnitude) {
+                return Err("randaugment magnitude must be in [0, 10]".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Random erasing as timm's `RandomErasing` (mode "pixel", one rectangle): area a fraction
+/// 0.02–1/3 of the image, log-uniform aspect 0.3–1/0.3, up to 10 tries to fit; every erased
+/// pixel of every channel gets an independent uniform random value. Leaves the image alone if
+/// no rectangle fits.
+fn erase(img: &mut [u8], (c, h, w): (usize, usize, usize), rng: &mut Rng) {
+    let (lo, hi) = (0.3f64.ln(), (1.0f64 / 0.3).ln());
+    for _ in 0..10 {
+        let area = (h * w) as f64 * (0.02 + rng.uniform() * (1.0 / 3.0 - 0.02));
+        let aspect = (lo + rng.uniform() * (hi - lo)).exp();
+        let eh = (area * aspect).sqrt().round() as usize;
+        let ew = (area / aspect).sqrt().round() as usize;
+        if eh >= 1 && ew >= 1 && eh < h && ew < w {
+            let (y0, x0) = (rng.below(h - eh + 1), rng.below(w - ew + 1));
+            for ch in 0..c {
+                for y in y0..y0 + eh {
+                    let row = (ch * h + y) * w;
+                    for px in &mut img[row + x0..row + x0 + ew] {
+                        *px = rng.below(256) as u8;
+                    }
+                }
+            }
+            return;
         }
     }
 }
@@ -309,6 +361,82 @@ mod tests {
             changed += (img != orig) as usize;
         }
         assert!(changed > 40);
+    }
+
+    #[test]
+    fn random_erasing_fills_one_rectangle() {
+        let (c, h, w) = (2, 28, 28);
+        let a = Augment {
+            random_erasing: 1.0,
+            ..Default::default()
+        };
+        let mut tmp = vec![];
+        let mut areas = vec![];
+        for s in 0..200 {
+            // A constant image: a pixel counts as erased where either channel changed (both
+            // drawing the old value again has odds 1 in 65 536).
+            let mut img = vec![7u8; c * h * w];
+            a.apply(&mut img, (c, h, w), &mut Rng::new(s), &mut tmp);
+            let plane = h * w;
+            let changed: Vec<(usize, usize)> = (0..plane)
+                .filter(|&i| img[i] != 7 || img[plane + i] != 7)
+                .map(|i| (i / w, i % w))
+                .collect();
+            assert!(!changed.is_empty(), "seed {s}: nothing erased");
+            // The erased pixels fill one rectangle (the same in both channels) ...
+            let (y0, y1) = (
+                changed.iter().map(|p| p.0).min().unwrap(),
+                changed.iter().map(|p| p.0).max().unwrap(),
+            );
+            let (x0, x1) = (
+                changed.iter().map(|p| p.1).min().unwrap(),
+                changed.iter().map(|p| p.1).max().unwrap(),
+            );
+            let box_area = (y1 - y0 + 1) * (x1 - x0 + 1);
+            assert!(
+                changed.len() + 1 >= box_area,
+                "seed {s}: {} erased pixels in a {box_area}-pixel box",
+                changed.len()
+            );
+            areas.push(box_area as f64 / (h * w) as f64);
+        }
+        // ... of 2–33 % of the image (rounding moves the edges by a pixel).
+        assert!(
+            areas.iter().all(|&a| (0.01..=0.40).contains(&a)),
+            "{areas:?}"
+        );
+        let mean = areas.iter().sum::<f64>() / areas.len() as f64;
+        assert!((0.12..0.22).contains(&mean), "mean erased fraction {mean}");
+
+        // Probability 0.5 erases about half of the images.
+        let half = Augment {
+            random_erasing: 0.5,
+            ..Default::default()
+        };
+        let erased = (0..400)
+            .filter(|&s| {
+                let mut img = vec![7u8; c * h * w];
+                half.apply(&mut img, (c, h, w), &mut Rng::new(s), &mut tmp);
+                img.iter().any(|&p| p != 7)
+            })
+            .count();
+        assert!(
+            (160..240).contains(&erased),
+            "{erased} of 400 erased at p = 0.5"
+        );
+        assert!(Augment {
+            random_erasing: 1.5,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(Augment {
+            mixup: -1.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(a.validate().is_ok());
     }
 
     #[test]

@@ -306,6 +306,9 @@ impl RunConfig {
         if self.data.workers == 0 || self.data.workers > 64 {
             return bad("[data] workers must be 1..=64");
         }
+        if let Err(e) = self.augment.validate() {
+            return bad(&format!("[augment] {e}"));
+        }
         Ok(())
     }
 }
@@ -313,6 +316,25 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_shipped_config_reads_and_resolves() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let run = RunConfig::from_toml(&text, &path.display().to_string())
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                run.model
+                    .resolve((1, 28, 28), 10)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 5, "only {n} configs found in {}", dir.display());
+    }
 
     #[test]
     fn parses_a_config_and_names_unknown_fields() {
