@@ -5,9 +5,10 @@ Reads a vitrs run config (configs/*.toml), builds the same ViT with timm's Visio
 and trains it on Fashion-MNIST the same way: AdamW (no decay on biases, norms, position
 embedding and class token) or SGD, linear warm-up then cosine/linear decay per step, label
 smoothing, global-norm clipping, horizontal flip, random crop with zero padding and random
-erasing, batch normalisation by the config's mean/std, the last partial batch dropped. It evaluates on the
-10,000 test images after every epoch and stops at the wall-clock budget, counting everything
-after the data is in memory (model creation, training, evaluation), as `vit train` does.
+erasing, batch normalisation by the config's mean/std, the last partial batch dropped. It
+evaluates on the 10,000 test images after every epoch and stops at the wall-clock budget,
+counting everything after the data is in memory (model creation, training, evaluation), as
+`vit train` does.
 
 Usage (repository root; torch and timm from PyPI; dataset from `apt-get install -y
 dataset-fashion-mnist` or --data DIR):
