@@ -104,25 +104,58 @@ impl Augment {
 /// pixel of every channel gets an independent uniform random value. Leaves the image alone if
 /// no rectangle fits.
 fn erase(img: &mut [u8], (c, h, w): (usize, usize, usize), rng: &mut Rng) {
-    let (lo, hi) = (0.3f64.ln(), (1.0f64 / 0.3).ln());
-    for _ in 0..10 {
-        let area = (h * w) as f64 * (0.02 + rng.uniform() * (1.0 / 3.0 - 0.02));
-        let aspect = (lo + rng.uniform() * (hi - lo)).exp();
-        let eh = (area * aspect).sqrt().round() as usize;
-        let ew = (area / aspect).sqrt().round() as usize;
-        if eh >= 1 && ew >= 1 && eh < h && ew < w {
-            let (y0, x0) = (rng.below(h - eh + 1), rng.below(w - ew + 1));
-            for ch in 0..c {
-                for y in y0..y0 + eh {
-                    let row = (ch * h + y) * w;
-                    for px in &mut img[row + x0..row + x0 + ew] {
-                        *px = rng.below(256) as u8;
-                    }
-                }
+    let Some((y0, x0, eh, ew)) =
+        sample_box((h, w), rng, (0.02, 1.0 / 3.0), (0.3, 1.0 / 0.3), true, true)
+    else {
+        return;
+    };
+    for ch in 0..c {
+        for y in y0..y0 + eh {
+            let row = (ch * h + y) * w;
+            for px in &mut img[row + x0..row + x0 + ew] {
+                *px = rng.below(256) as u8;
             }
-            return;
         }
     }
+}
+
+/// A rectangle for a crop or an erasure, drawn as torchvision and timm draw theirs: up to 10
+/// tries of an area (a fraction of the image, uniform in `area`) and a log-uniform aspect (in
+/// `aspect`), which multiplies the height when `aspect_is_height` and the width otherwise. A box
+/// fits if it is no larger than the image (`strict`: smaller on both sides). Returns
+/// `(y0, x0, height, width)`, or `None` when no try fitted. The draws come in the same order
+/// for both callers (area, aspect, then y0 and x0), so a seeded run is reproducible.
+fn sample_box(
+    (h, w): (usize, usize),
+    rng: &mut Rng,
+    area: (f64, f64),
+    aspect: (f64, f64),
+    aspect_is_height: bool,
+    strict: bool,
+) -> Option<(usize, usize, usize, usize)> {
+    let (lo, hi) = (aspect.0.ln(), aspect.1.ln());
+    for _ in 0..10 {
+        let a = (h * w) as f64 * (area.0 + rng.uniform() * (area.1 - area.0));
+        let r = (lo + rng.uniform() * (hi - lo)).exp();
+        let (times, over) = (
+            (a * r).sqrt().round() as usize,
+            (a / r).sqrt().round() as usize,
+        );
+        let (bh, bw) = if aspect_is_height {
+            (times, over)
+        } else {
+            (over, times)
+        };
+        let fits = if strict {
+            bh < h && bw < w
+        } else {
+            bh <= h && bw <= w
+        };
+        if bh >= 1 && bw >= 1 && fits {
+            return Some((rng.below(h - bh + 1), rng.below(w - bw + 1), bh, bw));
+        }
+    }
+    None
 }
 
 /// Resamples every plane: output pixel (x, y) takes the input at `map(x, y)` (nearest, zero
@@ -158,23 +191,24 @@ fn resized_crop(
     min_scale: f32,
     tmp: &mut Vec<u8>,
 ) {
-    // torchvision RandomResizedCrop: area fraction in [min, 1], log-uniform aspect in [3/4, 4/3].
-    for _ in 0..10 {
-        let area = (h * w) as f64 * (min_scale as f64 + rng.uniform() * (1.0 - min_scale as f64));
-        let ratio = ((3.0f64 / 4.0).ln()
-            + rng.uniform() * ((4.0f64 / 3.0).ln() - (3.0f64 / 4.0).ln()))
-        .exp();
-        let cw = (area * ratio).sqrt().round() as usize;
-        let ch = (area / ratio).sqrt().round() as usize;
-        if cw >= 1 && ch >= 1 && cw <= w && ch <= h {
-            let (y0, x0) = (rng.below(h - ch + 1) as f32, rng.below(w - cw + 1) as f32);
-            let (sy, sx) = (ch as f32 / h as f32, cw as f32 / w as f32);
-            warp(img, (c, h, w), tmp, |x, y| {
-                (x0 + (x + 0.5) * sx - 0.5, y0 + (y + 0.5) * sy - 0.5)
-            });
-            return;
-        }
-    }
+    // torchvision RandomResizedCrop: area fraction in [min, 1], log-uniform aspect (width over
+    // height) in [3/4, 4/3].
+    let min = min_scale as f64;
+    let Some((y0, x0, ch, cw)) = sample_box(
+        (h, w),
+        rng,
+        (min, 1.0),
+        (3.0 / 4.0, 4.0 / 3.0),
+        false,
+        false,
+    ) else {
+        return;
+    };
+    let (y0, x0) = (y0 as f32, x0 as f32);
+    let (sy, sx) = (ch as f32 / h as f32, cw as f32 / w as f32);
+    warp(img, (c, h, w), tmp, |x, y| {
+        (x0 + (x + 0.5) * sx - 0.5, y0 + (y + 0.5) * sy - 0.5)
+    });
 }
 
 /// One RandAugment operation at magnitude `m` (0–10), sign chosen at random where it applies.
@@ -361,6 +395,47 @@ mod tests {
             changed += (img != orig) as usize;
         }
         assert!(changed > 40);
+    }
+
+    #[test]
+    fn sample_box_fits_and_orients_its_aspect() {
+        let (h, w) = (20, 30);
+        for s in 0..300 {
+            // A tall box (aspect 2 on the height) must come out taller than wide; the same
+            // draw on the width, wider than tall. Both the size of a third of the image.
+            let tall = sample_box((h, w), &mut Rng::new(s), (0.3, 0.3), (2.0, 2.0), true, true);
+            let (y0, x0, bh, bw) = tall.expect("a third of the image always fits");
+            assert!(bh > bw && bh < h && bw < w, "seed {s}: {bh}x{bw}");
+            assert!(
+                y0 + bh <= h && x0 + bw <= w,
+                "seed {s}: box leaves the image"
+            );
+            let area = (bh * bw) as f64 / (h * w) as f64;
+            assert!((area - 0.3).abs() < 0.05, "seed {s}: area {area}");
+            let wide = sample_box(
+                (h, w),
+                &mut Rng::new(s),
+                (0.3, 0.3),
+                (2.0, 2.0),
+                false,
+                true,
+            );
+            let (_, _, wh, ww) = wide.expect("fits");
+            assert_eq!((wh, ww), (bw, bh), "seed {s}: the same draw, turned");
+        }
+        // The whole image fits only when boxes may be as large as the image.
+        let full = |strict| {
+            sample_box(
+                (h, w),
+                &mut Rng::new(0),
+                (1.0, 1.0),
+                (1.5, 1.5),
+                false,
+                strict,
+            )
+        };
+        assert_eq!(full(false), Some((0, 0, h, w)));
+        assert_eq!(full(true), None);
     }
 
     #[test]
