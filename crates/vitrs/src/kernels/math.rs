@@ -36,13 +36,20 @@ pub fn exp_fast(x: f32) -> f32 {
 /// `erf(x)`, absolute error below 6e-7 (Abramowitz & Stegun 7.1.26, 1.5e-7, plus f32 rounding).
 #[inline(always)]
 pub fn erf_fast(x: f32) -> f32 {
+    erf_and_gauss(x).0
+}
+
+/// `(erf(x), exp(−x²))`: A&S 7.1.26 needs the Gaussian factor anyway, and GELU's gradient
+/// needs it too (`φ(x) = exp(−x²/2)/√(2π)` is `exp(−z²)` at `z = x/√2`), so it is returned.
+#[inline(always)]
+fn erf_and_gauss(x: f32) -> (f32, f32) {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = t
         * (0.254_829_6
             + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let y = 1.0 - poly * exp_fast(-a * a);
-    y.copysign(x)
+    let g = exp_fast(-a * a);
+    ((1.0 - poly * g).copysign(x), g)
 }
 
 /// `tanh(x)`, absolute error below 3e-7.
@@ -211,10 +218,11 @@ pub fn gelu_backward_par(x: &[f32], dy: &mut [f32], kind: Gelu) {
 
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
-/// d GELU(x) / dx, exact form: `Φ(x) + x·φ(x)`.
+/// d GELU(x) / dx, exact form: `Φ(x) + x·φ(x)`, one `exp` shared by both terms.
 #[inline(always)]
 fn gelu_exact_grad(x: f32) -> f32 {
-    0.5 * (1.0 + erf_fast(x * FRAC_1_SQRT_2)) + x * FRAC_1_SQRT_2PI * exp_fast(-0.5 * x * x)
+    let (erf, gauss) = erf_and_gauss(x * FRAC_1_SQRT_2);
+    0.5 * (1.0 + erf) + x * FRAC_1_SQRT_2PI * gauss
 }
 
 /// d GELU(x) / dx, tanh form.
