@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use super::params::{LinearView, MapView, NormView};
+use super::params::{BlockView, LinearView, MapView, NormView};
 use super::ViT;
 use crate::config::{NormPlacement, Pool, ViTConfig};
 use crate::error::{Error, Result};
@@ -215,6 +215,26 @@ pub struct TrainWorkspace {
     pub reg: Regularization,
     /// ∂loss/∂params, same layout as [`super::Params::flat`]; accumulated by each step.
     grads: Vec<f32>,
+}
+
+/// The workspace buffers a block's backward borrows, lent to the branch helpers of
+/// [`ViT::backward`] together.
+struct BranchBufs<'a> {
+    /// A branch's masked or scaled output gradient `(B·N, D)`.
+    branch: &'a mut [f32],
+    /// `(B·N, MLP)`: ∂loss/∂(fc1 output), then ∂/∂(GELU input).
+    dh: &'a mut [f32],
+    /// `(B·N, D)`: ∂loss/∂(attention output, heads concatenated).
+    dattn: &'a mut [f32],
+    /// `(B·N, 3·D)`: ∂loss/∂(q, k, v).
+    dqkv: &'a mut [f32],
+    attn_scratch: &'a mut Vec<f32>,
+    grads: &'a mut [f32],
+    /// Whether stochastic depth or dropout masks apply.
+    masked: bool,
+    /// `B·N`.
+    rows: usize,
+    dims: AttnDims,
 }
 
 impl TrainWorkspace {
@@ -625,69 +645,45 @@ impl ViT {
 
         // Blocks, last to first; dx holds ∂loss/∂(block output) on entry, ∂/∂(block input) after.
         let dims = self.attn_dims(batch);
+        let mut bufs = BranchBufs {
+            branch,
+            dh,
+            dattn,
+            dqkv,
+            attn_scratch,
+            grads,
+            masked,
+            rows,
+            dims,
+        };
         for (blk, acts) in v.blocks.iter().zip(blocks.iter()).rev() {
             let dxn = &mut dtmp[..];
             match cfg.norm {
                 NormPlacement::Pre => {
-                    // x_out = x_mid + γ2 ⊙ mask ⊙ fc2(GELU(fc1(LN2(x_mid))))
-                    let dy = self.branch_grad(
-                        dx,
-                        masked.then_some(&acts.mask_mlp),
-                        blk.ls2.as_ref().map(|g| (g, &acts.ls_mlp)),
-                        branch,
-                        grads,
-                    );
-                    self.linear_grad(&blk.fc2, dy, &acts.h_act, Some(dh), grads, rows);
-                    gelu_backward_par(&acts.h_pre, dh, cfg.gelu);
-                    self.linear_grad(&blk.fc1, dh, &acts.ln2.output, Some(dxn), grads, rows);
-                    self.norm_grad(&blk.norm2, dxn, &acts.ln2, dx, grads, ln_partials);
-                    // x_mid = x_in + γ1 ⊙ mask ⊙ proj(attn(LN1(x_in)))
-                    let dy = self.branch_grad(
-                        dx,
-                        masked.then_some(&acts.mask_attn),
-                        blk.ls1.as_ref().map(|g| (g, &acts.ls_attn)),
-                        branch,
-                        grads,
-                    );
-                    self.linear_grad(&blk.proj, dy, &acts.attn, Some(dattn), grads, rows);
-                    attention_backward(&acts.qkv, &acts.probs, dattn, dqkv, attn_scratch, dims);
-                    self.linear_grad(&blk.qkv, dqkv, &acts.ln1.output, Some(dxn), grads, rows);
-                    self.norm_grad(&blk.norm1, dxn, &acts.ln1, dx, grads, ln_partials);
+                    // x_out = x_mid + MLP(LN2(x_mid))
+                    self.mlp_branch_grad(blk, acts, &acts.ln2.output, dx, dxn, &mut bufs);
+                    self.norm_grad(&blk.norm2, dxn, &acts.ln2, dx, bufs.grads, ln_partials);
+                    // x_mid = x_in + Attn(LN1(x_in))
+                    self.attn_branch_grad(blk, acts, &acts.ln1.output, dx, dxn, &mut bufs);
+                    self.norm_grad(&blk.norm1, dxn, &acts.ln1, dx, bufs.grads, ln_partials);
                 }
                 NormPlacement::Post => {
-                    // x_out = LN2(s2), s2 = x_mid + fc2(GELU(fc1(x_mid)))
+                    // x_out = LN2(s2), s2 = x_mid + MLP(x_mid)
                     dxn.fill(0.0);
-                    self.norm_grad(&blk.norm2, dx, &acts.ln2, dxn, grads, ln_partials);
+                    self.norm_grad(&blk.norm2, dx, &acts.ln2, dxn, bufs.grads, ln_partials);
                     dx.copy_from_slice(dxn);
-                    let dy = self.branch_grad(
-                        dx,
-                        masked.then_some(&acts.mask_mlp),
-                        blk.ls2.as_ref().map(|g| (g, &acts.ls_mlp)),
-                        branch,
-                        grads,
-                    );
-                    self.linear_grad(&blk.fc2, dy, &acts.h_act, Some(dh), grads, rows);
-                    gelu_backward_par(&acts.h_pre, dh, cfg.gelu);
-                    self.linear_grad(&blk.fc1, dh, &acts.ln1.output, Some(dxn), grads, rows);
+                    self.mlp_branch_grad(blk, acts, &acts.ln1.output, dx, dxn, &mut bufs);
                     add_assign(dx, dxn);
-                    // x_mid = LN1(s1), s1 = x_in + proj(attn(x_in))
+                    // x_mid = LN1(s1), s1 = x_in + Attn(x_in)
                     dxn.fill(0.0);
-                    self.norm_grad(&blk.norm1, dx, &acts.ln1, dxn, grads, ln_partials);
+                    self.norm_grad(&blk.norm1, dx, &acts.ln1, dxn, bufs.grads, ln_partials);
                     dx.copy_from_slice(dxn);
-                    let dy = self.branch_grad(
-                        dx,
-                        masked.then_some(&acts.mask_attn),
-                        blk.ls1.as_ref().map(|g| (g, &acts.ls_attn)),
-                        branch,
-                        grads,
-                    );
-                    self.linear_grad(&blk.proj, dy, &acts.attn, Some(dattn), grads, rows);
-                    attention_backward(&acts.qkv, &acts.probs, dattn, dqkv, attn_scratch, dims);
-                    self.linear_grad(&blk.qkv, dqkv, &acts.x_in, Some(dxn), grads, rows);
+                    self.attn_branch_grad(blk, acts, &acts.x_in, dx, dxn, &mut bufs);
                     add_assign(dx, dxn);
                 }
             }
         }
+        let grads = bufs.grads;
 
         // Embedding (see `embed_tokens`): prefix tokens, position rows, patch projections.
         for (t, r) in self.prefix_rows().into_iter().enumerate() {
@@ -719,6 +715,64 @@ impl ViT {
             grads,
             batch * cfg.num_patches(),
         );
+    }
+
+    /// The MLP branch `γ2 ⊙ mask ⊙ fc2(GELU(fc1(input)))` of a block, backwards: from
+    /// `dx = ∂loss/∂(residual sum)` `(B·N, D)` to `∂loss/∂input` `(B·N, D)`, written to
+    /// `dinput`; the branch's parameter gradients are added to `bufs.grads`. `input` is what
+    /// fc1 saw: LN2's output (pre-norm) or the block's middle state (post-norm, which keeps it
+    /// as LN1's output).
+    fn mlp_branch_grad(
+        &self,
+        blk: &BlockView,
+        acts: &BlockActs,
+        input: &[f32],
+        dx: &[f32],
+        dinput: &mut [f32],
+        bufs: &mut BranchBufs,
+    ) {
+        let mask = bufs.masked.then_some(&acts.mask_mlp);
+        let scale = blk.ls2.as_ref().map(|g| (g, &acts.ls_mlp));
+        let dy = self.branch_grad(dx, mask, scale, bufs.branch, bufs.grads);
+        let rows = bufs.rows;
+        self.linear_grad(&blk.fc2, dy, &acts.h_act, Some(bufs.dh), bufs.grads, rows);
+        gelu_backward_par(&acts.h_pre, bufs.dh, self.config.gelu);
+        self.linear_grad(&blk.fc1, bufs.dh, input, Some(dinput), bufs.grads, rows);
+    }
+
+    /// The attention branch `γ1 ⊙ mask ⊙ proj(attn(qkv(input)))` of a block, backwards, as
+    /// [`Self::mlp_branch_grad`]: `input` is LN1's output (pre-norm) or the block's input
+    /// (post-norm).
+    fn attn_branch_grad(
+        &self,
+        blk: &BlockView,
+        acts: &BlockActs,
+        input: &[f32],
+        dx: &[f32],
+        dinput: &mut [f32],
+        bufs: &mut BranchBufs,
+    ) {
+        let mask = bufs.masked.then_some(&acts.mask_attn);
+        let scale = blk.ls1.as_ref().map(|g| (g, &acts.ls_attn));
+        let dy = self.branch_grad(dx, mask, scale, bufs.branch, bufs.grads);
+        let rows = bufs.rows;
+        self.linear_grad(
+            &blk.proj,
+            dy,
+            &acts.attn,
+            Some(bufs.dattn),
+            bufs.grads,
+            rows,
+        );
+        attention_backward(
+            &acts.qkv,
+            &acts.probs,
+            bufs.dattn,
+            bufs.dqkv,
+            bufs.attn_scratch,
+            bufs.dims,
+        );
+        self.linear_grad(&blk.qkv, bufs.dqkv, input, Some(dinput), bufs.grads, rows);
     }
 
     /// `x += γ ⊙ mask ⊙ linear(input)`, or the fused in-place residual add when there is
