@@ -237,6 +237,13 @@ struct BranchBufs<'a> {
     dims: AttnDims,
 }
 
+/// Which residual branch of a block.
+#[derive(Clone, Copy)]
+enum Branch {
+    Attn,
+    Mlp,
+}
+
 impl TrainWorkspace {
     pub fn new() -> Self {
         Self::default()
@@ -661,10 +668,26 @@ impl ViT {
             match cfg.norm {
                 NormPlacement::Pre => {
                     // x_out = x_mid + MLP(LN2(x_mid))
-                    self.mlp_branch_grad(blk, acts, &acts.ln2.output, dx, dxn, &mut bufs);
+                    self.block_branch_grad(
+                        blk,
+                        acts,
+                        Branch::Mlp,
+                        &acts.ln2.output,
+                        dx,
+                        dxn,
+                        &mut bufs,
+                    );
                     self.norm_grad(&blk.norm2, dxn, &acts.ln2, dx, bufs.grads, ln_partials);
                     // x_mid = x_in + Attn(LN1(x_in))
-                    self.attn_branch_grad(blk, acts, &acts.ln1.output, dx, dxn, &mut bufs);
+                    self.block_branch_grad(
+                        blk,
+                        acts,
+                        Branch::Attn,
+                        &acts.ln1.output,
+                        dx,
+                        dxn,
+                        &mut bufs,
+                    );
                     self.norm_grad(&blk.norm1, dxn, &acts.ln1, dx, bufs.grads, ln_partials);
                 }
                 NormPlacement::Post => {
@@ -672,13 +695,21 @@ impl ViT {
                     dxn.fill(0.0);
                     self.norm_grad(&blk.norm2, dx, &acts.ln2, dxn, bufs.grads, ln_partials);
                     dx.copy_from_slice(dxn);
-                    self.mlp_branch_grad(blk, acts, &acts.ln1.output, dx, dxn, &mut bufs);
+                    self.block_branch_grad(
+                        blk,
+                        acts,
+                        Branch::Mlp,
+                        &acts.ln1.output,
+                        dx,
+                        dxn,
+                        &mut bufs,
+                    );
                     add_assign(dx, dxn);
                     // x_mid = LN1(s1), s1 = x_in + Attn(x_in)
                     dxn.fill(0.0);
                     self.norm_grad(&blk.norm1, dx, &acts.ln1, dxn, bufs.grads, ln_partials);
                     dx.copy_from_slice(dxn);
-                    self.attn_branch_grad(blk, acts, &acts.x_in, dx, dxn, &mut bufs);
+                    self.block_branch_grad(blk, acts, Branch::Attn, &acts.x_in, dx, dxn, &mut bufs);
                     add_assign(dx, dxn);
                 }
             }
@@ -717,62 +748,64 @@ impl ViT {
         );
     }
 
-    /// The MLP branch `γ2 ⊙ mask ⊙ fc2(GELU(fc1(input)))` of a block, backwards: from
-    /// `dx = ∂loss/∂(residual sum)` `(B·N, D)` to `∂loss/∂input` `(B·N, D)`, written to
-    /// `dinput`; the branch's parameter gradients are added to `bufs.grads`. `input` is what
-    /// fc1 saw: LN2's output (pre-norm) or the block's middle state (post-norm, which keeps it
-    /// as LN1's output).
-    fn mlp_branch_grad(
+    /// One residual branch of a block, backwards — the MLP `γ2 ⊙ mask ⊙ fc2(GELU(fc1(input)))`
+    /// or the attention `γ1 ⊙ mask ⊙ proj(attn(qkv(input)))`: from `dx = ∂loss/∂(residual sum)`
+    /// `(B·N, D)` to `∂loss/∂input` `(B·N, D)`, written to `dinput`; the branch's parameter
+    /// gradients are added to `bufs.grads`. `input` is what the branch's first product saw:
+    /// the norm's output (pre-norm), or for post-norm the block's middle state (kept as LN1's
+    /// output) for the MLP and the block's input for attention.
+    #[allow(clippy::too_many_arguments)]
+    fn block_branch_grad(
         &self,
         blk: &BlockView,
         acts: &BlockActs,
+        which: Branch,
         input: &[f32],
         dx: &[f32],
         dinput: &mut [f32],
         bufs: &mut BranchBufs,
     ) {
-        let mask = bufs.masked.then_some(&acts.mask_mlp);
-        let scale = blk.ls2.as_ref().map(|g| (g, &acts.ls_mlp));
-        let dy = self.branch_grad(dx, mask, scale, bufs.branch, bufs.grads);
-        let rows = bufs.rows;
-        self.linear_grad(&blk.fc2, dy, &acts.h_act, Some(bufs.dh), bufs.grads, rows);
-        gelu_backward_par(&acts.h_pre, bufs.dh, self.config.gelu);
-        self.linear_grad(&blk.fc1, bufs.dh, input, Some(dinput), bufs.grads, rows);
-    }
-
-    /// The attention branch `γ1 ⊙ mask ⊙ proj(attn(qkv(input)))` of a block, backwards, as
-    /// [`Self::mlp_branch_grad`]: `input` is LN1's output (pre-norm) or the block's input
-    /// (post-norm).
-    fn attn_branch_grad(
-        &self,
-        blk: &BlockView,
-        acts: &BlockActs,
-        input: &[f32],
-        dx: &[f32],
-        dinput: &mut [f32],
-        bufs: &mut BranchBufs,
-    ) {
-        let mask = bufs.masked.then_some(&acts.mask_attn);
-        let scale = blk.ls1.as_ref().map(|g| (g, &acts.ls_attn));
-        let dy = self.branch_grad(dx, mask, scale, bufs.branch, bufs.grads);
-        let rows = bufs.rows;
-        self.linear_grad(
-            &blk.proj,
-            dy,
-            &acts.attn,
-            Some(bufs.dattn),
+        let (mask, scale) = match which {
+            Branch::Mlp => (&acts.mask_mlp, blk.ls2.as_ref().map(|g| (g, &acts.ls_mlp))),
+            Branch::Attn => (
+                &acts.mask_attn,
+                blk.ls1.as_ref().map(|g| (g, &acts.ls_attn)),
+            ),
+        };
+        let dy = self.branch_grad(
+            dx,
+            bufs.masked.then_some(mask),
+            scale,
+            bufs.branch,
             bufs.grads,
-            rows,
         );
-        attention_backward(
-            &acts.qkv,
-            &acts.probs,
-            bufs.dattn,
-            bufs.dqkv,
-            bufs.attn_scratch,
-            bufs.dims,
-        );
-        self.linear_grad(&blk.qkv, bufs.dqkv, input, Some(dinput), bufs.grads, rows);
+        let rows = bufs.rows;
+        match which {
+            Branch::Mlp => {
+                self.linear_grad(&blk.fc2, dy, &acts.h_act, Some(bufs.dh), bufs.grads, rows);
+                gelu_backward_par(&acts.h_pre, bufs.dh, self.config.gelu);
+                self.linear_grad(&blk.fc1, bufs.dh, input, Some(dinput), bufs.grads, rows);
+            }
+            Branch::Attn => {
+                self.linear_grad(
+                    &blk.proj,
+                    dy,
+                    &acts.attn,
+                    Some(bufs.dattn),
+                    bufs.grads,
+                    rows,
+                );
+                attention_backward(
+                    &acts.qkv,
+                    &acts.probs,
+                    bufs.dattn,
+                    bufs.dqkv,
+                    bufs.attn_scratch,
+                    bufs.dims,
+                );
+                self.linear_grad(&blk.qkv, bufs.dqkv, input, Some(dinput), bufs.grads, rows);
+            }
+        }
     }
 
     /// `x += γ ⊙ mask ⊙ linear(input)`, or the fused in-place residual add when there is
