@@ -664,7 +664,6 @@ impl ViT {
             dims,
         };
         for (blk, acts) in v.blocks.iter().zip(blocks.iter()).rev() {
-            let dxn = &mut dtmp[..];
             match cfg.norm {
                 NormPlacement::Pre => {
                     // x_out = x_mid + MLP(LN2(x_mid))
@@ -674,10 +673,10 @@ impl ViT {
                         Branch::Mlp,
                         &acts.ln2.output,
                         dx,
-                        dxn,
+                        dtmp,
                         &mut bufs,
                     );
-                    self.norm_grad(&blk.norm2, dxn, &acts.ln2, dx, bufs.grads, ln_partials);
+                    self.norm_grad(&blk.norm2, dtmp, &acts.ln2, dx, bufs.grads, ln_partials);
                     // x_mid = x_in + Attn(LN1(x_in))
                     self.block_branch_grad(
                         blk,
@@ -685,32 +684,40 @@ impl ViT {
                         Branch::Attn,
                         &acts.ln1.output,
                         dx,
-                        dxn,
+                        dtmp,
                         &mut bufs,
                     );
-                    self.norm_grad(&blk.norm1, dxn, &acts.ln1, dx, bufs.grads, ln_partials);
+                    self.norm_grad(&blk.norm1, dtmp, &acts.ln1, dx, bufs.grads, ln_partials);
                 }
                 NormPlacement::Post => {
                     // x_out = LN2(s2), s2 = x_mid + MLP(x_mid)
-                    dxn.fill(0.0);
-                    self.norm_grad(&blk.norm2, dx, &acts.ln2, dxn, bufs.grads, ln_partials);
-                    dx.copy_from_slice(dxn);
+                    dtmp.fill(0.0);
+                    self.norm_grad(&blk.norm2, dx, &acts.ln2, dtmp, bufs.grads, ln_partials);
+                    std::mem::swap(dx, dtmp);
                     self.block_branch_grad(
                         blk,
                         acts,
                         Branch::Mlp,
                         &acts.ln1.output,
                         dx,
-                        dxn,
+                        dtmp,
                         &mut bufs,
                     );
-                    add_assign(dx, dxn);
+                    add_assign(dx, dtmp);
                     // x_mid = LN1(s1), s1 = x_in + Attn(x_in)
-                    dxn.fill(0.0);
-                    self.norm_grad(&blk.norm1, dx, &acts.ln1, dxn, bufs.grads, ln_partials);
-                    dx.copy_from_slice(dxn);
-                    self.block_branch_grad(blk, acts, Branch::Attn, &acts.x_in, dx, dxn, &mut bufs);
-                    add_assign(dx, dxn);
+                    dtmp.fill(0.0);
+                    self.norm_grad(&blk.norm1, dx, &acts.ln1, dtmp, bufs.grads, ln_partials);
+                    std::mem::swap(dx, dtmp);
+                    self.block_branch_grad(
+                        blk,
+                        acts,
+                        Branch::Attn,
+                        &acts.x_in,
+                        dx,
+                        dtmp,
+                        &mut bufs,
+                    );
+                    add_assign(dx, dtmp);
                 }
             }
         }
