@@ -2,8 +2,8 @@
 //!
 //! Per image, in this order: RandAugment (a faithful subset: 12 of torchvision's 14 ops —
 //! no Color, no Sharpness — nearest-neighbour geometry, zero fill), random crop with zero
-//! padding or random-resized crop, horizontal flip, random erasing. Every random choice comes from the
-//! [`Rng`] the loader derives from (seed, epoch, batch), so a run is reproducible.
+//! padding or random-resized crop, horizontal flip, random erasing. Every random choice comes
+//! from the [`Rng`] the loader derives from (seed, epoch, batch), so a run is reproducible.
 
 use serde::{Deserialize, Serialize};
 

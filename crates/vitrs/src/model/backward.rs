@@ -664,60 +664,31 @@ impl ViT {
             dims,
         };
         for (blk, acts) in v.blocks.iter().zip(blocks.iter()).rev() {
-            match cfg.norm {
-                NormPlacement::Pre => {
-                    // x_out = x_mid + MLP(LN2(x_mid))
-                    self.block_branch_grad(
-                        blk,
-                        acts,
-                        Branch::Mlp,
-                        &acts.ln2.output,
-                        dx,
-                        dtmp,
-                        &mut bufs,
-                    );
-                    self.norm_grad(&blk.norm2, dtmp, &acts.ln2, dx, bufs.grads, ln_partials);
-                    // x_mid = x_in + Attn(LN1(x_in))
-                    self.block_branch_grad(
-                        blk,
-                        acts,
-                        Branch::Attn,
-                        &acts.ln1.output,
-                        dx,
-                        dtmp,
-                        &mut bufs,
-                    );
-                    self.norm_grad(&blk.norm1, dtmp, &acts.ln1, dx, bufs.grads, ln_partials);
-                }
-                NormPlacement::Post => {
-                    // x_out = LN2(s2), s2 = x_mid + MLP(x_mid)
-                    dtmp.fill(0.0);
-                    self.norm_grad(&blk.norm2, dx, &acts.ln2, dtmp, bufs.grads, ln_partials);
-                    std::mem::swap(dx, dtmp);
-                    self.block_branch_grad(
-                        blk,
-                        acts,
-                        Branch::Mlp,
-                        &acts.ln1.output,
-                        dx,
-                        dtmp,
-                        &mut bufs,
-                    );
-                    add_assign(dx, dtmp);
-                    // x_mid = LN1(s1), s1 = x_in + Attn(x_in)
-                    dtmp.fill(0.0);
-                    self.norm_grad(&blk.norm1, dx, &acts.ln1, dtmp, bufs.grads, ln_partials);
-                    std::mem::swap(dx, dtmp);
-                    self.block_branch_grad(
-                        blk,
-                        acts,
-                        Branch::Attn,
-                        &acts.x_in,
-                        dx,
-                        dtmp,
-                        &mut bufs,
-                    );
-                    add_assign(dx, dtmp);
+            // The MLP half first (its norm is norm2/ln2), then the attention half (norm1/ln1).
+            let halves = [
+                (Branch::Mlp, &blk.norm2, &acts.ln2),
+                (Branch::Attn, &blk.norm1, &acts.ln1),
+            ];
+            for (which, norm, ln) in halves {
+                match cfg.norm {
+                    NormPlacement::Pre => {
+                        // x_out = x + Branch(LN(x))
+                        self.block_branch_grad(blk, acts, which, &ln.output, dx, dtmp, &mut bufs);
+                        self.norm_grad(norm, dtmp, ln, dx, bufs.grads, ln_partials);
+                    }
+                    NormPlacement::Post => {
+                        // x_out = LN(s), s = x + Branch(x); the MLP's x is the middle state
+                        // (LN1's output), attention's the block's input.
+                        dtmp.fill(0.0);
+                        self.norm_grad(norm, dx, ln, dtmp, bufs.grads, ln_partials);
+                        std::mem::swap(dx, dtmp);
+                        let input = match which {
+                            Branch::Mlp => &acts.ln1.output,
+                            Branch::Attn => &acts.x_in,
+                        };
+                        self.block_branch_grad(blk, acts, which, input, dx, dtmp, &mut bufs);
+                        add_assign(dx, dtmp);
+                    }
                 }
             }
         }
