@@ -550,8 +550,12 @@ struct TrainArgs {
 #[derive(clap::Args)]
 pub(crate) struct RecipeOverrides {
     /// Override the number of epochs.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "time_budget")]
     pub(crate) epochs: Option<u64>,
+    /// Train for as many epochs as fit in this many minutes of wall time, measured on this
+    /// machine before the run starts (replaces the config's epochs).
+    #[arg(long, value_name = "MIN")]
+    pub(crate) time_budget: Option<f64>,
     /// Override the batch size.
     #[arg(long)]
     batch_size: Option<usize>,
@@ -578,6 +582,10 @@ impl RecipeOverrides {
     pub(crate) fn apply(&self, run: &mut RunConfig) -> Result<()> {
         if let Some(e) = self.epochs {
             run.train.epochs = e;
+            run.train.time_budget_min = None;
+        }
+        if let Some(m) = self.time_budget {
+            run.train.time_budget_min = Some(m);
         }
         if let Some(b) = self.batch_size {
             run.train.batch_size = b;
@@ -697,8 +705,16 @@ impl Hooks for Bar {
 
 fn train(a: TrainArgs) -> Result<u8> {
     let trainer = match (&a.resume, &a.config, &a.out) {
-        (Some(dir), _, _) => Trainer::resume(dir, a.recipe.epochs)
-            .with_context(|| format!("cannot resume {}", dir.display()))?,
+        (Some(dir), _, _) => {
+            if a.recipe.time_budget.is_some() {
+                bail!(
+                    "--time-budget fits the epochs when a run starts; a resumed run keeps the \
+                     ones it was started with (change them with --epochs N)"
+                );
+            }
+            Trainer::resume(dir, a.recipe.epochs)
+                .with_context(|| format!("cannot resume {}", dir.display()))?
+        }
         (None, Some(cfg), Some(out)) => {
             let text = std::fs::read_to_string(cfg)
                 .with_context(|| format!("cannot read {}", cfg.display()))?;
@@ -730,6 +746,10 @@ pub(crate) fn drive(mut trainer: Trainer, max_steps: Option<u64>) -> Result<u8> 
             );
         });
     }
+    let mut bar = Bar {
+        tty: std::io::stderr().is_terminal(),
+    };
+    trainer.fit_to_budget(&mut bar)?;
     let cfg = trainer.model.config().clone();
     eprintln!(
         "training D={} L={} heads={} patch={} on {} images ({} held for evaluation: {}), {} parameters, {} steps, run dir {}",
@@ -753,9 +773,6 @@ pub(crate) fn drive(mut trainer: Trainer, max_steps: Option<u64>) -> Result<u8> 
             trainer.pos.step, trainer.pos.epoch, trainer.pos.batch
         );
     }
-    let mut bar = Bar {
-        tty: std::io::stderr().is_terminal(),
-    };
     let outcome = trainer.run(&mut bar, &stop, max_steps)?;
     let dir = trainer.dir().to_path_buf();
     match outcome {

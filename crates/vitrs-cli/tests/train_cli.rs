@@ -257,3 +257,71 @@ fn runs_that_cannot_fit_in_memory_are_refused_before_allocating() {
     assert!(err.contains("choose a smaller model"), "{err}");
     std::fs::remove_dir_all(root).ok();
 }
+
+#[test]
+fn a_time_budget_picks_the_epochs_and_says_how() {
+    let root = tmp("budget");
+    let cfg = setup(&root, 1, 0);
+    let run = root.join("run");
+    let o = vit(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&run),
+        "--time-budget",
+        "0.03",
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("time budget 0.03 min: measured") && err.contains("img/s training"),
+        "{err}"
+    );
+    // The run directory's config holds the fitted epochs, which the progress line counts.
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    let epochs: u64 = saved
+        .lines()
+        .find_map(|l| l.strip_prefix("epochs = "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{saved}"));
+    assert!(saved.contains("time_budget_min = 0.03"), "{saved}");
+    assert!(
+        err.contains(&format!("epoch {epochs}: eval top-1")),
+        "{err}"
+    );
+    // The budget is chosen when a run starts: not with --epochs, not on --resume.
+    let o = vit(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&root.join("other")),
+        "--time-budget",
+        "1",
+        "--epochs",
+        "2",
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("--epochs"));
+    let o = vit(&["train", "--resume", s(&run), "--time-budget", "1"]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--epochs N"),
+        "{}",
+        stderr(&o)
+    );
+    let o = vit(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--out",
+        s(&root.join("neg")),
+        "--time-budget",
+        "0",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("time_budget_min"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(root).ok();
+}

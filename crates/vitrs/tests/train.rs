@@ -176,3 +176,59 @@ fn a_nan_loss_stops_the_run_with_the_checkpoint_intact() {
     }
     std::fs::remove_dir_all(root).ok();
 }
+
+#[derive(Debug, Default)]
+struct Notes(Vec<String>);
+
+impl Hooks for Notes {
+    fn note(&mut self, msg: &str) {
+        self.0.push(msg.to_string());
+    }
+}
+
+#[test]
+fn a_time_budget_fits_the_epochs_and_trains_as_that_many_epochs_would() {
+    let root = tmp("budget");
+    synthetic(&root.join("data"));
+    let mut cfg = config(&root.join("data"), 1);
+    // A couple of seconds: the tiny model's epoch takes milliseconds, so several fit.
+    cfg.train.time_budget_min = Some(0.04);
+    let mut a = Trainer::new(cfg.clone(), &root.join("a")).unwrap();
+    let mut notes = Notes::default();
+    a.fit_to_budget(&mut notes).unwrap();
+    let fitted = a.run.train.epochs;
+    assert!(fitted > 1, "{notes:?}");
+    assert_eq!(a.total_steps(), 6 * fitted);
+    let note = notes.0.join("\n");
+    assert!(
+        note.contains("time budget") && note.contains(&format!("{fitted} epoch(s)")),
+        "{note}"
+    );
+    // The run directory's config says what the run does.
+    let saved = std::fs::read_to_string(root.join("a/config.toml")).unwrap();
+    let saved = RunConfig::from_toml(&saved, "a/config.toml").unwrap();
+    assert_eq!(saved.train.epochs, fitted);
+    // `run` fits only once: the epochs stay as fitted.
+    let mut notes = Notes::default();
+    let Outcome::Finished(_) = a.run(&mut notes, &AtomicBool::new(false), None).unwrap() else {
+        panic!("stopped early")
+    };
+    assert_eq!(a.run.train.epochs, fitted);
+    assert!(
+        notes.0.iter().all(|n| !n.contains("time budget")),
+        "{notes:?}"
+    );
+    assert!(root.join("a/model.safetensors").is_file());
+    // The measurement ran on copies: the run is exactly the fixed-epoch one.
+    let mut fixed = cfg;
+    fixed.train.time_budget_min = None;
+    fixed.train.epochs = fitted;
+    let mut b = Trainer::new(fixed, &root.join("b")).unwrap();
+    b.run(&mut Record::default(), &AtomicBool::new(false), None)
+        .unwrap();
+    assert_eq!(a.model.params().flat(), b.model.params().flat());
+    // A resumed run keeps its epochs.
+    let r = Trainer::resume(&root.join("a"), None).unwrap();
+    assert_eq!(r.run.train.epochs, fitted);
+    std::fs::remove_dir_all(root).ok();
+}

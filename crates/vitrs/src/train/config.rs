@@ -156,6 +156,10 @@ fn one() -> usize {
 #[serde(deny_unknown_fields)]
 pub struct TrainSpec {
     pub epochs: u64,
+    /// Wall-clock budget in minutes: before the run, `epochs` is replaced by as many as fit at
+    /// this machine's measured speed (see `Trainer::fit_to_budget`); absent: `epochs` it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_budget_min: Option<f64>,
     pub batch_size: usize,
     /// Micro-batches per optimizer step (the effective batch is their product).
     #[serde(default = "one")]
@@ -287,6 +291,13 @@ impl RunConfig {
         }
         if t.batch_size == 0 || t.accum_steps == 0 || t.epochs == 0 {
             return bad("[train] batch_size, accum_steps and epochs must be at least 1");
+        }
+        if let Some(m) = t.time_budget_min {
+            if !(m > 0.0 && m <= 525_600.0) {
+                return bad(&format!(
+                    "[train] time_budget_min is {m}: give minutes between 0 and 525600 (a year)"
+                ));
+            }
         }
         if t.batch_size > 65_536 {
             return bad("[train] batch_size above 65536 is not supported");

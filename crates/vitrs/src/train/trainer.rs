@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use super::config::RunConfig;
+use super::config::{RunConfig, TrainSpec};
 use super::eval::{evaluate, EvalResult};
 use super::optim::{clip_global_norm, Optimizer};
 use super::schedule::Schedule;
@@ -18,7 +18,7 @@ use super::state::{self, Position};
 use super::transfer;
 use crate::checkpoint::safetensors::SaveDtype;
 use crate::checkpoint::save_native;
-use crate::data::loader::{batches_per_epoch, derive_seed, Loader, LoaderConfig};
+use crate::data::loader::{batches_per_epoch, derive_seed, Batch, Loader, LoaderConfig};
 use crate::data::{self, Dataset, Resized, Split, Subset};
 use crate::error::{Error, Result};
 use crate::kernels::loss::Targets;
@@ -92,6 +92,10 @@ pub struct Trainer {
     /// The step of the checkpoint on disk, when this process wrote it: saving the same step
     /// again (end of epoch right after a periodic save) must not rotate it into the previous.
     saved_step: Option<u64>,
+    /// When the data was in memory and the model built: the start of a time budget.
+    built: Instant,
+    /// Whether `epochs` is settled (fitted to the time budget, or a resumed run's).
+    epochs_settled: bool,
 }
 
 impl Trainer {
@@ -191,6 +195,8 @@ impl Trainer {
             dir: dir.to_path_buf(),
             history: vec![],
             saved_step: None,
+            built: Instant::now(),
+            epochs_settled: false,
         })
     }
 
@@ -266,6 +272,9 @@ impl Trainer {
             dir: dir.to_path_buf(),
             history,
             saved_step: Some(pos.step),
+            built: Instant::now(),
+            // A resumed run keeps the epochs its checkpoint holds (fitted when it started).
+            epochs_settled: true,
         })
     }
 
@@ -427,6 +436,7 @@ impl Trainer {
         stop: &AtomicBool,
         max_steps: Option<u64>,
     ) -> Result<Outcome> {
+        self.fit_to_budget(hooks)?;
         let t = self.run.train.clone();
         let sched = self.schedule();
         let total = self.total_steps();
@@ -449,20 +459,7 @@ impl Trainer {
         while self.pos.epoch < t.epochs {
             let loader = Loader::new(
                 self.train.clone(),
-                LoaderConfig {
-                    batch_size: t.batch_size,
-                    shuffle: true,
-                    drop_last: true,
-                    seed: t.seed,
-                    epoch: self.pos.epoch,
-                    start_batch: self.pos.batch,
-                    workers: self.run.data.workers,
-                    prefetch: 4,
-                    augment: self.run.augment.clone(),
-                    mean: self.preprocess.mean.clone(),
-                    std: self.preprocess.std.clone(),
-                    num_classes: k,
-                },
+                self.loader_config(self.pos.epoch, self.pos.batch),
             )?;
             let usable = spe as usize * t.accum_steps;
             let mut micro = 0;
@@ -472,21 +469,7 @@ impl Trainer {
                 if batch.index >= usable {
                     break; // leftover micro-batches that make no full optimizer step
                 }
-                let targets = match &batch.soft {
-                    Some(s) => Targets::Soft(s),
-                    None => Targets::Labels {
-                        labels: &batch.labels,
-                        smoothing: t.label_smoothing,
-                    },
-                };
-                self.tw.reg = Regularization {
-                    dropout: t.dropout,
-                    drop_path: t.drop_path,
-                    seed: derive_seed(&[t.seed, self.pos.step, micro as u64, 3]),
-                };
-                let loss = self
-                    .model
-                    .forward_backward(&batch.images, targets, &mut self.tw)?;
+                let loss = micro_step(&self.model, &mut self.tw, &t, &batch, self.pos.step, micro)?;
                 if !loss.is_finite() {
                     return Err(self.diverged(&format!("the loss became {loss}")));
                 }
@@ -507,17 +490,8 @@ impl Trainer {
                     continue;
                 }
                 micro = 0;
-                if t.accum_steps > 1 {
-                    let s = 1.0 / t.accum_steps as f32;
-                    self.tw.grads_mut().iter_mut().for_each(|g| *g *= s);
-                }
-                if t.grad_clip > 0.0 {
-                    clip_global_norm(self.tw.grads_mut(), t.grad_clip);
-                }
                 let lr = sched.lr(self.pos.step);
-                self.opt
-                    .step(self.model.params_mut().flat_mut(), self.tw.grads(), lr);
-                self.tw.zero_grads();
+                optimizer_step(&mut self.model, &mut self.tw, &mut self.opt, &t, lr);
                 self.pos.step += 1;
                 self.pos.batch = batch.index + 1;
 
@@ -598,6 +572,206 @@ impl Trainer {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// How the training set is drawn in `epoch`, from batch `start_batch` on.
+    fn loader_config(&self, epoch: u64, start_batch: usize) -> LoaderConfig {
+        let t = &self.run.train;
+        LoaderConfig {
+            batch_size: t.batch_size,
+            shuffle: true,
+            drop_last: true,
+            seed: t.seed,
+            epoch,
+            start_batch,
+            workers: self.run.data.workers,
+            prefetch: 4,
+            augment: self.run.augment.clone(),
+            mean: self.preprocess.mean.clone(),
+            std: self.preprocess.std.clone(),
+            num_classes: self.model.config().num_classes,
+        }
+    }
+
+    /// With `time_budget_min` set in `[train]`, sets `epochs` to as many as fit in what is left
+    /// of the budget (counted from when the trainer was built) at this machine's speed, and
+    /// rewrites the run directory's `config.toml` to say so; otherwise does nothing. A resumed
+    /// run keeps the epochs its checkpoint holds.
+    ///
+    /// The speed is measured before the run on copies of the model and optimizer (so the run
+    /// itself is exactly the one `epochs = N` gives): a warm-up optimizer step, then steps on
+    /// real, augmented batches for about [`PROBE_SECONDS`]; one evaluation of part of the
+    /// evaluation set; one checkpoint save. An epoch costs its steps, one evaluation and its
+    /// saves; [`BUDGET_RESERVE`] of the time left is kept back for the host's speed to move.
+    /// `run` calls this first; call it before to know the total steps (a progress display).
+    pub fn fit_to_budget(&mut self, hooks: &mut dyn Hooks) -> Result<()> {
+        let Some(budget_min) = self.run.train.time_budget_min else {
+            return Ok(());
+        };
+        let spe = self.steps_per_epoch();
+        if self.epochs_settled || self.pos.step > 0 || spe == 0 {
+            return Ok(());
+        }
+        self.epochs_settled = true;
+        let t = self.run.train.clone();
+        let mut model = self.model.clone();
+        let mut opt = Optimizer::new(t.optimizer, model.params());
+        opt.set_lr_scales(lr_scales_for(&self.run, &model));
+        let mut tw = TrainWorkspace::new();
+        let lr = self.schedule().lr(0);
+        let usable = spe as usize * t.accum_steps;
+
+        // Training steps: the first one (allocations, first touches of memory) is not counted.
+        let loader = Loader::new(self.train.clone(), self.loader_config(0, 0))?;
+        let (mut micro, mut steps, mut first_s, mut warm) = (0, 0u64, 0.0, false);
+        let mut clock = Instant::now();
+        for batch in loader {
+            let batch = batch?;
+            if batch.index >= usable {
+                break;
+            }
+            micro_step(&model, &mut tw, &t, &batch, 0, micro)?;
+            micro += 1;
+            if micro < t.accum_steps {
+                continue;
+            }
+            micro = 0;
+            optimizer_step(&mut model, &mut tw, &mut opt, &t, lr);
+            if !warm {
+                warm = true;
+                first_s = clock.elapsed().as_secs_f64();
+                clock = Instant::now();
+                continue;
+            }
+            steps += 1;
+            if clock.elapsed().as_secs_f64() >= PROBE_SECONDS {
+                break;
+            }
+        }
+        // An epoch of a single step has only the warm-up step to go by.
+        let step_s = match steps {
+            0 => first_s,
+            n => clock.elapsed().as_secs_f64() / n as f64,
+        };
+
+        // Evaluation: part of the set, scaled to all of it.
+        let n = self.eval.len().min(PROBE_EVAL_IMAGES.max(t.batch_size));
+        let part: Arc<dyn Dataset> = Arc::new(Subset::new(self.eval.clone(), (0..n).collect()));
+        let clock = Instant::now();
+        evaluate(
+            &model,
+            part,
+            t.batch_size,
+            &self.preprocess.mean,
+            &self.preprocess.std,
+            self.run.data.workers,
+        )?;
+        let eval_s = clock.elapsed().as_secs_f64() * self.eval.len() as f64 / n as f64;
+
+        // One checkpoint save, to a file removed at once.
+        let probe = self.dir.join(".budget-probe.safetensors");
+        let clock = Instant::now();
+        let saved = state::save(
+            &probe,
+            &model,
+            &opt,
+            &self.preprocess,
+            &self.labels,
+            &self.run,
+            Position::default(),
+        );
+        let save_s = clock.elapsed().as_secs_f64();
+        let _ = std::fs::remove_file(&probe);
+        saved?;
+
+        let saves_per_epoch = 1 + match t.checkpoint_every {
+            0 => 0,
+            every => spe / every,
+        };
+        let epoch_s = step_s * spe as f64 + eval_s + save_s * saves_per_epoch as f64;
+        let budget_s = budget_min * 60.0;
+        let spent_s = self.built.elapsed().as_secs_f64();
+        let epochs = epochs_for_budget(budget_s, spent_s, epoch_s);
+        self.run.train.epochs = epochs;
+        std::fs::write(self.dir.join(CONFIG), self.run.to_toml())
+            .map_err(|e| Error::io(self.dir.join(CONFIG), e))?;
+        let imgs_per_s = (t.batch_size * t.accum_steps) as f64 / step_s.max(1e-9);
+        let fits = if epochs as f64 * epoch_s > (budget_s - spent_s).max(0.0) {
+            " (one epoch is more than the budget: running one anyway)"
+        } else {
+            ""
+        };
+        hooks.note(&format!(
+            "time budget {budget_min} min: measured {imgs_per_s:.0} img/s training, {eval_s:.1} s \
+             per evaluation, {save_s:.2} s per checkpoint; {epoch_s:.0} s per epoch, so {epochs} \
+             epoch(s) of the {:.0} s left{fits}",
+            (budget_s - spent_s).max(0.0)
+        ));
+        Ok(())
+    }
+}
+
+/// Seconds of training steps that [`Trainer::fit_to_budget`] times.
+pub const PROBE_SECONDS: f64 = 4.0;
+/// Evaluation images [`Trainer::fit_to_budget`] times (at least one batch).
+const PROBE_EVAL_IMAGES: usize = 1000;
+/// The share of a time budget kept back for the host's speed to move during the run.
+pub const BUDGET_RESERVE: f64 = 0.03;
+
+/// Whole epochs of `epoch_s` seconds that fit in what is left of `budget_s` once `spent_s` are
+/// gone, [`BUDGET_RESERVE`] kept back; at least one.
+pub fn epochs_for_budget(budget_s: f64, spent_s: f64, epoch_s: f64) -> u64 {
+    let left = (budget_s - spent_s).max(0.0) * (1.0 - BUDGET_RESERVE);
+    let n = left / epoch_s;
+    if epoch_s > 0.0 && n.is_finite() {
+        (n.floor() as u64).max(1)
+    } else {
+        1 // an epoch that took no measurable time: nothing to go by
+    }
+}
+
+/// One micro-batch's forward and backward pass, its gradients added into `tw`; the loss.
+/// `step` and `micro` seed the dropout and drop-path masks.
+fn micro_step(
+    model: &ViT,
+    tw: &mut TrainWorkspace,
+    t: &TrainSpec,
+    batch: &Batch,
+    step: u64,
+    micro: usize,
+) -> Result<f32> {
+    let targets = match &batch.soft {
+        Some(s) => Targets::Soft(s),
+        None => Targets::Labels {
+            labels: &batch.labels,
+            smoothing: t.label_smoothing,
+        },
+    };
+    tw.reg = Regularization {
+        dropout: t.dropout,
+        drop_path: t.drop_path,
+        seed: derive_seed(&[t.seed, step, micro as u64, 3]),
+    };
+    model.forward_backward(&batch.images, targets, tw)
+}
+
+/// The optimizer step on the gradients of `accum_steps` micro-batches (averaged, then clipped
+/// to the global norm when asked), which it then clears.
+fn optimizer_step(
+    model: &mut ViT,
+    tw: &mut TrainWorkspace,
+    opt: &mut Optimizer,
+    t: &TrainSpec,
+    lr: f32,
+) {
+    if t.accum_steps > 1 {
+        let s = 1.0 / t.accum_steps as f32;
+        tw.grads_mut().iter_mut().for_each(|g| *g *= s);
+    }
+    if t.grad_clip > 0.0 {
+        clip_global_norm(tw.grads_mut(), t.grad_clip);
+    }
+    opt.step(model.params_mut().flat_mut(), tw.grads(), lr);
+    tw.zero_grads();
 }
 
 /// Normalisation and geometry of the run's images, stored with the model so `vit predict`
@@ -786,5 +960,24 @@ fn remove_temp_files(dir: &Path) {
         if ours {
             let _ = std::fs::remove_file(e.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_for_budget_keeps_the_reserve_and_runs_at_least_one() {
+        // 100 s left, 3 s kept back: 97 s of 10-second epochs.
+        assert_eq!(epochs_for_budget(110.0, 10.0, 10.0), 9);
+        assert_eq!(epochs_for_budget(7_200.0, 20.0, 100.0), 69);
+        // 2910 s after the reserve: 29 whole epochs of 100 s, not 30.
+        assert_eq!(epochs_for_budget(3_000.0, 0.0, 100.0), 29);
+        // Nothing left, or an epoch longer than the budget: one epoch anyway.
+        assert_eq!(epochs_for_budget(60.0, 90.0, 10.0), 1);
+        assert_eq!(epochs_for_budget(60.0, 0.0, 1_000.0), 1);
+        assert_eq!(epochs_for_budget(60.0, 0.0, 0.0), 1);
+        assert_eq!(epochs_for_budget(60.0, 0.0, f64::NAN), 1);
     }
 }
