@@ -6,7 +6,7 @@ mod common;
 use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -43,6 +43,13 @@ checkpoint_every = {checkpoint_every}
     cfg
 }
 
+/// `vit train --config CFG --out RUN` with `extra` flags.
+fn train(cfg: &Path, run: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--config", s(cfg), "--out", s(run)];
+    args.extend(extra);
+    vit(&args)
+}
+
 fn step_of(ckpt: &Path) -> u64 {
     let st = vitrs::checkpoint::safetensors::SafeTensors::read(ckpt).unwrap();
     let pos: Value = serde_json::from_str(&st.metadata()["vitrs.position"]).unwrap();
@@ -54,15 +61,7 @@ fn train_then_eval_and_predict_with_the_result() {
     let root = tmp("basic");
     let cfg = setup(&root, 3, 0);
     let run = root.join("run");
-    let o = vit(&[
-        "train",
-        "--config",
-        s(&cfg),
-        "--out",
-        s(&run),
-        "--threads",
-        "2",
-    ]);
+    let o = train(&cfg, &run, &["--threads", "2"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("done: test top-1"), "{out}");
@@ -89,7 +88,7 @@ fn train_then_eval_and_predict_with_the_result() {
     assert_eq!(v["per_class"].as_array().unwrap().len(), 3);
     assert!(root.join("cm.png").is_file());
     // A second train into the same directory is refused, pointing at --resume.
-    let o = vit(&["train", "--config", s(&cfg), "--out", s(&run)]);
+    let o = train(&cfg, &run, &[]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--resume"));
     std::fs::remove_dir_all(root).ok();
 }
@@ -147,17 +146,7 @@ fn a_damaged_checkpoint_is_caught_and_the_previous_one_resumes() {
     let root = tmp("damaged");
     let cfg = setup(&root, 50, 2);
     let run = root.join("run");
-    let o = vit(&[
-        "train",
-        "--config",
-        s(&cfg),
-        "--out",
-        s(&run),
-        "--max-steps",
-        "6",
-        "--threads",
-        "1",
-    ]);
+    let o = train(&cfg, &run, &["--max-steps", "6", "--threads", "1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ckpt = run.join("checkpoint.safetensors");
     let prev = run.join("checkpoint.prev.safetensors");
@@ -227,15 +216,7 @@ fn runs_that_cannot_fit_in_memory_are_refused_before_allocating() {
     let large_cfg = root.join("large.toml");
     std::fs::write(&large_cfg, large).unwrap();
     let run = root.join("run");
-    let o = vit(&[
-        "train",
-        "--config",
-        s(&large_cfg),
-        "--out",
-        s(&run),
-        "--batch-size",
-        "65536",
-    ]);
+    let o = train(&large_cfg, &run, &["--batch-size", "65536"]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(4), "{err}");
     assert!(
@@ -251,7 +232,7 @@ fn runs_that_cannot_fit_in_memory_are_refused_before_allocating() {
         .replace("mlp_dim = 32", "mlp_dim = 65536");
     let big = root.join("big.toml");
     std::fs::write(&big, toml).unwrap();
-    let o = vit(&["train", "--config", s(&big), "--out", s(&root.join("big"))]);
+    let o = train(&big, &root.join("big"), &[]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(4), "{err}");
     assert!(err.contains("choose a smaller model"), "{err}");
@@ -263,15 +244,7 @@ fn a_time_budget_picks_the_epochs_and_says_how() {
     let root = tmp("budget");
     let cfg = setup(&root, 1, 0);
     let run = root.join("run");
-    let o = vit(&[
-        "train",
-        "--config",
-        s(&cfg),
-        "--out",
-        s(&run),
-        "--time-budget",
-        "0.03",
-    ]);
+    let o = train(&cfg, &run, &["--time-budget", "0.03"]);
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     assert!(
@@ -291,17 +264,11 @@ fn a_time_budget_picks_the_epochs_and_says_how() {
         "{err}"
     );
     // The budget is chosen when a run starts: not with --epochs, not on --resume.
-    let o = vit(&[
-        "train",
-        "--config",
-        s(&cfg),
-        "--out",
-        s(&root.join("other")),
-        "--time-budget",
-        "1",
-        "--epochs",
-        "2",
-    ]);
+    let o = train(
+        &cfg,
+        &root.join("other"),
+        &["--time-budget", "1", "--epochs", "2"],
+    );
     assert!(!o.status.success() && stderr(&o).contains("--epochs"));
     let o = vit(&["train", "--resume", s(&run), "--time-budget", "1"]);
     assert!(
@@ -309,15 +276,7 @@ fn a_time_budget_picks_the_epochs_and_says_how() {
         "{}",
         stderr(&o)
     );
-    let o = vit(&[
-        "train",
-        "--config",
-        s(&cfg),
-        "--out",
-        s(&root.join("neg")),
-        "--time-budget",
-        "0",
-    ]);
+    let o = train(&cfg, &root.join("neg"), &["--time-budget", "0"]);
     assert!(
         !o.status.success() && stderr(&o).contains("time_budget_min"),
         "{}",
