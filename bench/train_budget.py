@@ -206,6 +206,14 @@ def main():
 
     model = build()
     opt = make_opt(model)
+    # [train] ema_decay: as crates/vitrs/src/train/optim.rs `Ema` (timm's ModelEma with the
+    # warm-up min(decay, (1 + t) / (10 + t))); evaluations use the average.
+    ema_decay = t.get("ema_decay")
+    ema = None
+    if ema_decay:
+        ema = build()
+        ema.load_state_dict(model.state_dict())
+        ema.requires_grad_(False)
     out = open(a.out, "w") if a.out else None
     step, last = 0, None
     for epoch in range(1, epochs + 1):
@@ -216,15 +224,21 @@ def main():
         for i in range(steps_per_epoch):
             idx = perm[i * batch:(i + 1) * batch]
             losses.append(train_step(model, opt, augment(xtr_t[idx]), ytr_t[idx], lr_at(step)))
+            if ema is not None:
+                d = min(ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for pe, pm in zip(ema.parameters(), model.parameters()):
+                        pe.mul_(d).add_(pm, alpha=1 - d)
             step += 1
             if time.perf_counter() - start > budget_s:
                 over = True
                 break
-        model.eval()
+        judged = ema if ema is not None else model
+        judged.eval()
         correct = 0
         with torch.inference_mode():
             for i in range(0, len(xte), 500):
-                correct += (model(xte_t[i:i + 500]).argmax(-1) == yte_t[i:i + 500]).sum().item()
+                correct += (judged(xte_t[i:i + 500]).argmax(-1) == yte_t[i:i + 500]).sum().item()
         top1 = correct / len(xte)
         elapsed = time.perf_counter() - start
         last = {"epoch": epoch, "steps": step, "elapsed_s": round(elapsed, 1), "test_top1": top1,

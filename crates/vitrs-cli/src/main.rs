@@ -945,6 +945,8 @@ fn demo(out: &Path) -> Result<u8> {
     // Classify the first test image of each class, and keep the images to look at.
     let imgs = out.join("images");
     std::fs::create_dir_all(&imgs).with_context(|| format!("cannot create {}", imgs.display()))?;
+    // The weights the run evaluated (their moving average, when the config keeps one).
+    let model = trainer.result_model();
     let mut preds = vec![];
     let mut seen = vec![false; test.classes().len()];
     let mut px = vec![0u8; 28 * 28];
@@ -962,7 +964,7 @@ fn demo(out: &Path) -> Result<u8> {
         ));
         vitrs::preprocess::save_gray_png(&file, &px, 28, 28)?;
         let x = trainer.preprocess.load(&file)?;
-        let logits = trainer.model.logits(&x)?;
+        let logits = model.logits(&x)?;
         let (best, p) = vitrs::infer::top_k(logits.data(), 1)[0];
         println!(
             "{:<28} true {:<12} predicted {:<12} ({:.2}){}",
@@ -994,7 +996,7 @@ fn demo(out: &Path) -> Result<u8> {
             .unwrap_or_else(|| format!("class_{i}"))
     };
     let rows = attention::figure_rows(
-        &trainer.model,
+        &model,
         &trainer.preprocess,
         &label_of,
         &files,

@@ -232,3 +232,54 @@ fn a_time_budget_fits_the_epochs_and_trains_as_that_many_epochs_would() {
     assert_eq!(r.run.train.epochs, fitted);
     std::fs::remove_dir_all(root).ok();
 }
+
+#[test]
+fn the_weights_average_is_evaluated_saved_and_resumed() {
+    let root = tmp("ema");
+    synthetic(&root.join("data"));
+    let mut cfg = config(&root.join("data"), 2);
+    cfg.train.ema_decay = Some(0.9);
+    let mut a = Trainer::new(cfg.clone(), &root.join("a")).unwrap();
+    let Outcome::Finished(ra) = a
+        .run(&mut Record::default(), &AtomicBool::new(false), None)
+        .unwrap()
+    else {
+        panic!("stopped early")
+    };
+    // The final model is the average, which differs from the weights being trained.
+    let avg = a.result_model().params().flat().to_vec();
+    assert_ne!(avg, a.model.params().flat());
+    let saved = vitrs::load(&root.join("a/model.safetensors")).unwrap();
+    assert_eq!(saved.model.params().flat(), avg.as_slice());
+    // The evaluation was of the average.
+    let direct = vitrs::train::evaluate(
+        &saved.model,
+        vitrs::data::open(
+            root.join("data").to_str().unwrap(),
+            vitrs::data::Split::Test,
+            (1, 8, 8),
+        )
+        .unwrap(),
+        16,
+        &a.preprocess.mean,
+        &a.preprocess.std,
+        1,
+    )
+    .unwrap();
+    assert_eq!((direct.top1, direct.loss), (ra.top1, ra.loss));
+    // Stopped and resumed, the average comes back from the checkpoint: the same final model.
+    let mut b = Trainer::new(cfg, &root.join("b")).unwrap();
+    b.run(&mut Record::default(), &AtomicBool::new(false), Some(5))
+        .unwrap();
+    drop(b);
+    let mut b = Trainer::resume(&root.join("b"), None).unwrap();
+    b.run(&mut Record::default(), &AtomicBool::new(false), None)
+        .unwrap();
+    let diff = avg
+        .iter()
+        .zip(b.result_model().params().flat())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff <= 1e-6, "resumed average differs by {diff}");
+    std::fs::remove_dir_all(root).ok();
+}

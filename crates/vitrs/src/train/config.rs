@@ -193,6 +193,11 @@ pub struct TrainSpec {
     /// Optimizer steps between checkpoints (0: only at epoch ends and the end).
     #[serde(default)]
     pub checkpoint_every: u64,
+    /// Keep an exponential moving average of the weights with this decay per optimizer step
+    /// (e.g. 0.9998; warmed up as `min(decay, (1 + t)/(10 + t))`); the evaluations and the final
+    /// `model.safetensors` then use the average (the checkpoint holds both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_decay: Option<f32>,
 }
 
 fn adamw() -> OptimizerKind {
@@ -299,6 +304,13 @@ impl RunConfig {
                 ));
             }
         }
+        if let Some(d) = t.ema_decay {
+            if !(d > 0.0 && d < 1.0) {
+                return bad(&format!(
+                    "[train] ema_decay is {d}: it must be between 0 and 1 (e.g. 0.9998)"
+                ));
+            }
+        }
         if t.batch_size > 65_536 {
             return bad("[train] batch_size above 65536 is not supported");
         }
@@ -374,6 +386,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("x.toml") && e.contains("hflop"), "{e}");
+        let e = RunConfig::from_toml(
+            &text.replace("lr = 1e-3", "lr = 1e-3\nema_decay = 1.0"),
+            "x.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ema_decay is 1"), "{e}");
         // Without an optimizer: AdamW with PyTorch's defaults.
         let bare = text.replace("optimizer = { kind = \"adamw\", weight_decay = 0.05 }", "");
         let c = RunConfig::from_toml(&bare, "bare.toml").unwrap();

@@ -172,9 +172,78 @@ pub fn clip_global_norm(grads: &mut [f32], max_norm: f32) -> f32 {
     norm
 }
 
+/// An exponential moving average of the weights (timm's `ModelEma`): after optimizer step `t`
+/// (counted from 0), `avg ← d·avg + (1 − d)·params` with `d = min(decay, (1 + t) / (10 + t))`,
+/// so that the first steps do not leave the random start in the average for long.
+#[derive(Clone, Debug)]
+pub struct Ema {
+    pub decay: f32,
+    /// The averaged weights, in the parameter layout.
+    pub weights: Vec<f32>,
+}
+
+impl Ema {
+    /// Starts the average at `params`.
+    pub fn new(decay: f32, params: &[f32]) -> Self {
+        Ema {
+            decay,
+            weights: params.to_vec(),
+        }
+    }
+
+    /// The decay used after optimizer step `t`.
+    pub fn decay_at(&self, t: u64) -> f32 {
+        let warm = (1.0 + t as f64) / (10.0 + t as f64);
+        self.decay.min(warm as f32)
+    }
+
+    /// Folds `params`, as they are after optimizer step `t`, into the average.
+    pub fn update(&mut self, params: &[f32], t: u64) {
+        debug_assert_eq!(params.len(), self.weights.len());
+        let keep = self.decay_at(t);
+        let take = 1.0 - keep;
+        self.weights
+            .par_chunks_mut(CHUNK)
+            .zip(params.par_chunks(CHUNK))
+            .for_each(|(a, p)| {
+                for (a, &p) in a.iter_mut().zip(p) {
+                    *a = keep * *a + take * p;
+                }
+            });
+    }
+}
+
+/// [`Ema::update`] written out one element at a time, the reference it is tested against.
+pub fn ema_update_ref(avg: &mut [f32], params: &[f32], decay: f32, t: u64) {
+    let d = decay.min(((1.0 + t as f64) / (10.0 + t as f64)) as f32);
+    for i in 0..avg.len() {
+        avg[i] = d * avg[i] + (1.0 - d) * params[i];
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ema_matches_the_reference_and_warms_up() {
+        let n = 3 * CHUNK + 17;
+        let mut p: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+        let mut ema = Ema::new(0.999, &p);
+        let mut reference = p.clone();
+        for t in 0..25 {
+            p.iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x += ((i + t as usize) % 5) as f32 * 0.01);
+            ema.update(&p, t);
+            ema_update_ref(&mut reference, &p, 0.999, t);
+        }
+        assert_eq!(ema.weights, reference);
+        // Warm-up: 0.1 after the first step, then (1 + t)/(10 + t) until the decay caps it.
+        assert!((ema.decay_at(0) - 0.1).abs() < 1e-7);
+        assert!((ema.decay_at(90) - 0.91).abs() < 1e-6);
+        assert_eq!(ema.decay_at(1_000_000), 0.999);
+    }
     use crate::config::ViTConfig;
     use crate::model::ViT;
 

@@ -26,11 +26,14 @@ const META_RUN: &str = "vitrs.run_config";
 const META_POS: &str = "vitrs.position";
 const META_OPT_T: &str = "vitrs.optimizer_t";
 
-/// Saves model, optimiser and position to `path` (temp file, fsync, rename).
+/// Saves model, optimiser, the weights' moving average (as `ema.<name>`, when the run keeps
+/// one) and position to `path` (temp file, fsync, rename).
+#[allow(clippy::too_many_arguments)]
 pub fn save(
     path: &Path,
     model: &ViT,
     opt: &Optimizer,
+    ema: Option<&[f32]>,
     pre: &Preprocess,
     labels: &[String],
     run: &RunConfig,
@@ -59,15 +62,28 @@ pub fn save(
                 &opt.v[e.range.clone()],
             ));
         }
+        if let Some(avg) = ema {
+            names.push((format!("ema.{}", e.name), &e.shape, &avg[e.range.clone()]));
+        }
     }
     let tensors: Vec<(&str, &[usize], &[f32])> =
         names.iter().map(|(n, s, d)| (n.as_str(), *s, *d)).collect();
     safetensors::write(path, &tensors, &meta, SaveDtype::F32)
 }
 
-/// Loads a training checkpoint: the model (with preprocessing and labels), the run config,
-/// the optimiser state and the position.
-pub fn load(path: &Path) -> Result<(Checkpoint, RunConfig, Optimizer, Position)> {
+/// What a training checkpoint holds.
+pub struct Loaded {
+    /// The model, with its preprocessing and labels.
+    pub ck: Checkpoint,
+    pub run: RunConfig,
+    pub opt: Optimizer,
+    /// The weights' moving average, when the run keeps one (`ema_decay`).
+    pub ema: Option<Vec<f32>>,
+    pub pos: Position,
+}
+
+/// Loads a training checkpoint.
+pub fn load(path: &Path) -> Result<Loaded> {
     let ck = checkpoint::load(path)?;
     let st = SafeTensors::read(path)?;
     let meta = st.metadata();
@@ -84,14 +100,20 @@ pub fn load(path: &Path) -> Result<(Checkpoint, RunConfig, Optimizer, Position)>
         .and_then(|t| t.parse().ok())
         .ok_or_else(|| bad("bad optimizer step".into()))?;
     let has_v = !opt.v.is_empty();
+    let mut ema = run
+        .train
+        .ema_decay
+        .map(|_| vec![0.0f32; ck.model.params().count()]);
     for e in ck.model.params().entries() {
-        let moments: &mut [(&str, &mut Vec<f32>)] = if has_v {
-            &mut [("m", &mut opt.m), ("v", &mut opt.v)]
-        } else {
-            &mut [("m", &mut opt.m)]
-        };
-        for (which, buf) in moments.iter_mut() {
-            let name = format!("optimizer.{which}.{}", e.name);
+        let mut bufs: Vec<(&str, &mut Vec<f32>)> = vec![("optimizer.m", &mut opt.m)];
+        if has_v {
+            bufs.push(("optimizer.v", &mut opt.v));
+        }
+        if let Some(avg) = ema.as_mut() {
+            bufs.push(("ema", avg));
+        }
+        for (which, buf) in bufs {
+            let name = format!("{which}.{}", e.name);
             let t = st.tensor(&name)?;
             if t.shape() != e.shape.as_slice() {
                 return Err(Error::ShapeMismatch {
@@ -103,5 +125,11 @@ pub fn load(path: &Path) -> Result<(Checkpoint, RunConfig, Optimizer, Position)>
             buf[e.range.clone()].copy_from_slice(t.data());
         }
     }
-    Ok((ck, run, opt, pos))
+    Ok(Loaded {
+        ck,
+        run,
+        opt,
+        ema,
+        pos,
+    })
 }

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::config::{RunConfig, TrainSpec};
 use super::eval::{evaluate, EvalResult};
-use super::optim::{clip_global_norm, Optimizer};
+use super::optim::{clip_global_norm, Ema, Optimizer};
 use super::schedule::Schedule;
 use super::state::{self, Position};
 use super::transfer;
@@ -92,6 +92,8 @@ pub struct Trainer {
     /// The step of the checkpoint on disk, when this process wrote it: saving the same step
     /// again (end of epoch right after a periodic save) must not rotate it into the previous.
     saved_step: Option<u64>,
+    /// The weights' moving average (`ema_decay`), evaluated and saved as the final model.
+    ema: Option<Ema>,
     /// When the data was in memory and the model built: the start of a time budget.
     built: Instant,
     /// Whether `epochs` is settled (fitted to the time budget, or a resumed run's).
@@ -177,6 +179,10 @@ impl Trainer {
         let preprocess = preprocess_for(&run, &model);
         let mut opt = Optimizer::new(run.train.optimizer, model.params());
         opt.set_lr_scales(lr_scales_for(&run, &model));
+        let run_ema = run
+            .train
+            .ema_decay
+            .map(|d| Ema::new(d, model.params().flat()));
         std::fs::write(dir.join(CONFIG), run.to_toml())
             .map_err(|e| Error::io(dir.join(CONFIG), e))?;
         let _ = std::fs::remove_file(dir.join(METRICS));
@@ -194,6 +200,7 @@ impl Trainer {
             eval,
             dir: dir.to_path_buf(),
             history: vec![],
+            ema: run_ema,
             saved_step: None,
             built: Instant::now(),
             epochs_settled: false,
@@ -219,7 +226,13 @@ impl Trainer {
         } else {
             Err(Error::BadInput(format!("{} is missing", path.display())))
         };
-        let (ck, mut run, mut opt, pos) = match loaded {
+        let state::Loaded {
+            ck,
+            mut run,
+            mut opt,
+            ema,
+            pos,
+        } = match loaded {
             Ok(x) => x,
             Err(e) if prev.is_file() => {
                 let x = state::load(&prev).map_err(|e2| {
@@ -238,7 +251,7 @@ impl Trainer {
                         "the last checkpoint did not load ({e}); resuming from the previous one, \
                          {} (step {})",
                         prev.display(),
-                        x.3.step
+                        x.pos.step
                     ),
                 );
                 x
@@ -246,6 +259,11 @@ impl Trainer {
             Err(e) => return Err(e),
         };
         opt.set_lr_scales(lr_scales_for(&run, &ck.model));
+        let ema = run
+            .train
+            .ema_decay
+            .zip(ema)
+            .map(|(decay, weights)| Ema { decay, weights });
         if let Some(e) = epochs {
             run.train.epochs = e;
         }
@@ -271,6 +289,7 @@ impl Trainer {
             eval,
             dir: dir.to_path_buf(),
             history,
+            ema,
             saved_step: Some(pos.step),
             built: Instant::now(),
             // A resumed run keeps the epochs its checkpoint holds (fitted when it started).
@@ -334,6 +353,7 @@ impl Trainer {
             &cur,
             &self.model,
             &self.opt,
+            self.ema.as_ref().map(|e| e.weights.as_slice()),
             &self.preprocess,
             &self.labels,
             &self.run,
@@ -407,9 +427,20 @@ impl Trainer {
         plot(&self.dir.join(CURVE), "optimizer step", &panels)
     }
 
+    /// The model the run evaluates and hands over: the weights' moving average when the run
+    /// keeps one, else the model being trained.
+    pub fn result_model(&self) -> std::borrow::Cow<'_, ViT> {
+        let Some(ema) = &self.ema else {
+            return std::borrow::Cow::Borrowed(&self.model);
+        };
+        let mut m = self.model.clone();
+        m.params_mut().flat_mut().copy_from_slice(&ema.weights);
+        std::borrow::Cow::Owned(m)
+    }
+
     fn evaluate_now(&mut self, hooks: &mut dyn Hooks) -> Result<EvalResult> {
         let r = evaluate(
-            &self.model,
+            &self.result_model(),
             self.eval.clone(),
             self.run.train.batch_size,
             &self.preprocess.mean,
@@ -492,6 +523,9 @@ impl Trainer {
                 micro = 0;
                 let lr = sched.lr(self.pos.step);
                 optimizer_step(&mut self.model, &mut self.tw, &mut self.opt, &t, lr);
+                if let Some(ema) = &mut self.ema {
+                    ema.update(self.model.params().flat(), self.pos.step);
+                }
                 self.pos.step += 1;
                 self.pos.batch = batch.index + 1;
 
@@ -560,7 +594,7 @@ impl Trainer {
         };
         save_native(
             &self.dir.join(MODEL),
-            &self.model,
+            &self.result_model(),
             &self.preprocess,
             Some(&self.labels),
             SaveDtype::F32,
@@ -674,6 +708,7 @@ impl Trainer {
             &probe,
             &model,
             &opt,
+            self.ema.as_ref().map(|e| e.weights.as_slice()),
             &self.preprocess,
             &self.labels,
             &self.run,
