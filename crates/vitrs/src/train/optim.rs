@@ -224,26 +224,6 @@ pub fn ema_update_ref(avg: &mut [f32], params: &[f32], decay: f32, t: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ema_matches_the_reference_and_warms_up() {
-        let n = 3 * CHUNK + 17;
-        let mut p: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
-        let mut ema = Ema::new(0.999, &p);
-        let mut reference = p.clone();
-        for t in 0..25 {
-            p.iter_mut()
-                .enumerate()
-                .for_each(|(i, x)| *x += ((i + t as usize) % 5) as f32 * 0.01);
-            ema.update(&p, t);
-            ema_update_ref(&mut reference, &p, 0.999, t);
-        }
-        assert_eq!(ema.weights, reference);
-        // Warm-up: 0.1 after the first step, then (1 + t)/(10 + t) until the decay caps it.
-        assert!((ema.decay_at(0) - 0.1).abs() < 1e-7);
-        assert!((ema.decay_at(90) - 0.91).abs() < 1e-6);
-        assert_eq!(ema.decay_at(1_000_000), 0.999);
-    }
     use crate::config::ViTConfig;
     use crate::model::ViT;
 
@@ -355,6 +335,26 @@ mod tests {
         opt.step(&mut p, &g, 0.1);
         // buf: 1, then 1.9 -> p = 1 - 0.1 - 0.19
         assert!((p[0] - 0.71).abs() < 1e-6);
+    }
+
+    #[test]
+    fn ema_matches_the_reference_and_warms_up() {
+        let n = 3 * CHUNK + 17;
+        let mut p: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+        let mut ema = Ema::new(0.999, &p);
+        let mut reference = p.clone();
+        for t in 0..25 {
+            p.iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x += ((i + t as usize) % 5) as f32 * 0.01);
+            ema.update(&p, t);
+            ema_update_ref(&mut reference, &p, 0.999, t);
+        }
+        assert_eq!(ema.weights, reference);
+        // Warm-up: 0.1 after the first step, then (1 + t)/(10 + t) until the decay caps it.
+        assert!((ema.decay_at(0) - 0.1).abs() < 1e-7);
+        assert!((ema.decay_at(90) - 0.91).abs() < 1e-6);
+        assert_eq!(ema.decay_at(1_000_000), 0.999);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::config::RunConfig;
-use super::optim::Optimizer;
+use super::optim::{Ema, Optimizer};
 use crate::checkpoint::safetensors::{self, SafeTensors, SaveDtype};
 use crate::checkpoint::{self, Checkpoint};
 use crate::error::{Error, Result};
@@ -33,7 +33,7 @@ pub fn save(
     path: &Path,
     model: &ViT,
     opt: &Optimizer,
-    ema: Option<&[f32]>,
+    ema: Option<&Ema>,
     pre: &Preprocess,
     labels: &[String],
     run: &RunConfig,
@@ -63,7 +63,11 @@ pub fn save(
             ));
         }
         if let Some(avg) = ema {
-            names.push((format!("ema.{}", e.name), &e.shape, &avg[e.range.clone()]));
+            names.push((
+                format!("ema.{}", e.name),
+                &e.shape,
+                &avg.weights[e.range.clone()],
+            ));
         }
     }
     let tensors: Vec<(&str, &[usize], &[f32])> =
@@ -78,7 +82,7 @@ pub struct Loaded {
     pub run: RunConfig,
     pub opt: Optimizer,
     /// The weights' moving average, when the run keeps one (`ema_decay`).
-    pub ema: Option<Vec<f32>>,
+    pub ema: Option<Ema>,
     pub pos: Position,
 }
 
@@ -100,17 +104,17 @@ pub fn load(path: &Path) -> Result<Loaded> {
         .and_then(|t| t.parse().ok())
         .ok_or_else(|| bad("bad optimizer step".into()))?;
     let has_v = !opt.v.is_empty();
-    let mut ema = run
-        .train
-        .ema_decay
-        .map(|_| vec![0.0f32; ck.model.params().count()]);
+    let mut ema = run.train.ema_decay.map(|decay| Ema {
+        decay,
+        weights: vec![0.0f32; ck.model.params().count()],
+    });
     for e in ck.model.params().entries() {
         let mut bufs: Vec<(&str, &mut Vec<f32>)> = vec![("optimizer.m", &mut opt.m)];
         if has_v {
             bufs.push(("optimizer.v", &mut opt.v));
         }
         if let Some(avg) = ema.as_mut() {
-            bufs.push(("ema", avg));
+            bufs.push(("ema", &mut avg.weights));
         }
         for (which, buf) in bufs {
             let name = format!("{which}.{}", e.name);

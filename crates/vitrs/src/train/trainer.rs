@@ -259,11 +259,6 @@ impl Trainer {
             Err(e) => return Err(e),
         };
         opt.set_lr_scales(lr_scales_for(&run, &ck.model));
-        let ema = run
-            .train
-            .ema_decay
-            .zip(ema)
-            .map(|(decay, weights)| Ema { decay, weights });
         if let Some(e) = epochs {
             run.train.epochs = e;
         }
@@ -353,7 +348,7 @@ impl Trainer {
             &cur,
             &self.model,
             &self.opt,
-            self.ema.as_ref().map(|e| e.weights.as_slice()),
+            self.ema.as_ref(),
             &self.preprocess,
             &self.labels,
             &self.run,
@@ -708,7 +703,7 @@ impl Trainer {
             &probe,
             &model,
             &opt,
-            self.ema.as_ref().map(|e| e.weights.as_slice()),
+            self.ema.as_ref(),
             &self.preprocess,
             &self.labels,
             &self.run,
