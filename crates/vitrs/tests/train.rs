@@ -251,6 +251,22 @@ fn the_weights_average_is_evaluated_saved_and_resumed() {
     assert_ne!(avg, a.model.params().flat());
     let saved = vitrs::load(&root.join("a/model.safetensors")).unwrap();
     assert_eq!(saved.model.params().flat(), avg.as_slice());
+    // So does the run's checkpoint, for every command but --resume, and it says so.
+    let ck = vitrs::load(&root.join("a/checkpoint.safetensors")).unwrap();
+    assert_eq!(ck.model.params().flat(), avg.as_slice());
+    assert!(
+        ck.report.unexpected.is_empty(),
+        "{:?}",
+        ck.report.unexpected
+    );
+    assert!(
+        ck.report
+            .conversions
+            .iter()
+            .any(|c| c.contains("moving average")),
+        "{:?}",
+        ck.report.conversions
+    );
     // The evaluation was of the average.
     let direct = vitrs::train::evaluate(
         &saved.model,
@@ -281,5 +297,15 @@ fn the_weights_average_is_evaluated_saved_and_resumed() {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, f32::max);
     assert!(diff <= 1e-6, "resumed average differs by {diff}");
+    // The resumed run trained its own weights, not the average it had loaded.
+    let diff = a
+        .model
+        .params()
+        .flat()
+        .iter()
+        .zip(b.model.params().flat())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff <= 1e-6, "resumed weights differ by {diff}");
     std::fs::remove_dir_all(root).ok();
 }

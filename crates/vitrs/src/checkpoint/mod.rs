@@ -34,6 +34,8 @@ use safetensors::{SafeTensors, SaveDtype};
 const META_FORMAT: &str = "format";
 const META_FORMAT_VALUE: &str = "vitrs";
 const META_CONFIG: &str = "vitrs.config";
+/// A training checkpoint's name prefix for the weights' moving average (`ema.<name>`).
+pub const EMA_PREFIX: &str = "ema.";
 const META_PREPROCESS: &str = "vitrs.preprocess";
 const META_LABELS: &str = "vitrs.labels";
 
@@ -618,6 +620,18 @@ fn load_native(st: SafeTensors) -> Result<Checkpoint> {
             before - tensors.len()
         ));
     }
+    // A run with `ema_decay` also keeps the weights' moving average (`ema.<name>`): that is
+    // what it evaluates and saves as model.safetensors, so it is what the checkpoint loads as.
+    let averaged = take_prefixed(&mut tensors, EMA_PREFIX);
+    if !averaged.is_empty() {
+        report.conversions.push(format!(
+            "training checkpoint: loaded the weights' moving average ({} `{EMA_PREFIX}` tensors), \
+             as the run evaluated and saved it; the trained weights left aside",
+            averaged.len()
+        ));
+        // Same names as the trained weights: inserting replaces them.
+        tensors.extend(averaged);
+    }
     let model = build(config, tensors, &mut report)?;
     Ok(Checkpoint {
         model,
@@ -625,6 +639,22 @@ fn load_native(st: SafeTensors) -> Result<Checkpoint> {
         labels,
         report,
     })
+}
+
+/// Removes the tensors named `prefix` + a name from `tensors`; returns them under the name.
+fn take_prefixed(tensors: &mut BTreeMap<String, Tensor>, prefix: &str) -> BTreeMap<String, Tensor> {
+    let names: Vec<String> = tensors
+        .keys()
+        .filter(|k| k.starts_with(prefix))
+        .cloned()
+        .collect();
+    names
+        .into_iter()
+        .filter_map(|k| {
+            let t = tensors.remove(&k)?;
+            Some((k[prefix.len()..].to_string(), t))
+        })
+        .collect()
 }
 
 /// The metadata of a native file: format marker, config, preprocessing and labels.

@@ -1,6 +1,8 @@
 //! Training checkpoints: a native model file (loadable by every `vit` command) that also holds
-//! the optimiser moments as `optimizer.m.<name>` / `optimizer.v.<name>` tensors and, in its
-//! metadata, the run config and the position in the run. Written atomically.
+//! the optimiser moments as `optimizer.m.<name>` / `optimizer.v.<name>` tensors, the weights'
+//! moving average as `ema.<name>` when the run keeps one (loaded in place of the trained
+//! weights by the other commands, as model.safetensors is that average) and, in its metadata,
+//! the run config and the position in the run. Written atomically.
 
 use std::path::Path;
 
@@ -64,7 +66,7 @@ pub fn save(
         }
         if let Some(avg) = ema {
             names.push((
-                format!("ema.{}", e.name),
+                format!("{}{}", checkpoint::EMA_PREFIX, e.name),
                 &e.shape,
                 &avg.weights[e.range.clone()],
             ));
@@ -108,16 +110,21 @@ pub fn load(path: &Path) -> Result<Loaded> {
         decay,
         weights: vec![0.0f32; ck.model.params().count()],
     });
-    for e in ck.model.params().entries() {
-        let mut bufs: Vec<(&str, &mut Vec<f32>)> = vec![("optimizer.m", &mut opt.m)];
-        if has_v {
-            bufs.push(("optimizer.v", &mut opt.v));
-        }
-        if let Some(avg) = ema.as_mut() {
-            bufs.push(("ema", &mut avg.weights));
-        }
-        for (which, buf) in bufs {
-            let name = format!("{which}.{}", e.name);
+    let mut ck = ck;
+    let entries = ck.model.params().entries().to_vec();
+    // `checkpoint::load` gives the weights' average when the run keeps one (what every other
+    // command should see); resuming needs the trained weights, stored under their own names.
+    let mut bufs: Vec<(&str, &mut [f32])> = vec![("optimizer.m.", &mut opt.m)];
+    if has_v {
+        bufs.push(("optimizer.v.", &mut opt.v));
+    }
+    if let Some(avg) = ema.as_mut() {
+        bufs.push((checkpoint::EMA_PREFIX, &mut avg.weights));
+        bufs.push(("", ck.model.params_mut().flat_mut()));
+    }
+    for (prefix, buf) in bufs {
+        for e in &entries {
+            let name = format!("{prefix}{}", e.name);
             let t = st.tensor(&name)?;
             if t.shape() != e.shape.as_slice() {
                 return Err(Error::ShapeMismatch {
