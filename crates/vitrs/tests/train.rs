@@ -132,12 +132,7 @@ fn stop_and_resume_equals_one_run() {
     b.run(&mut Record::default(), &AtomicBool::new(false), None)
         .unwrap();
 
-    let (pa, pb) = (a.model.params().flat(), b.model.params().flat());
-    let diff = pa
-        .iter()
-        .zip(pb)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let diff = max_abs_diff(a.model.params().flat(), b.model.params().flat());
     assert!(diff <= 1e-6, "resumed run differs by {diff}");
     // Metrics of the resumed run have no duplicate steps.
     let text = std::fs::read_to_string(root.join("b/metrics.jsonl")).unwrap();
@@ -291,21 +286,19 @@ fn the_weights_average_is_evaluated_saved_and_resumed() {
     let mut b = Trainer::resume(&root.join("b"), None).unwrap();
     b.run(&mut Record::default(), &AtomicBool::new(false), None)
         .unwrap();
-    let diff = avg
-        .iter()
-        .zip(b.result_model().params().flat())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let diff = max_abs_diff(&avg, b.result_model().params().flat());
     assert!(diff <= 1e-6, "resumed average differs by {diff}");
     // The resumed run trained its own weights, not the average it had loaded.
-    let diff = a
-        .model
-        .params()
-        .flat()
-        .iter()
-        .zip(b.model.params().flat())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let diff = max_abs_diff(a.model.params().flat(), b.model.params().flat());
     assert!(diff <= 1e-6, "resumed weights differ by {diff}");
     std::fs::remove_dir_all(root).ok();
+}
+
+/// The largest element-wise difference between two equally long slices.
+fn max_abs_diff(x: &[f32], y: &[f32]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    x.iter()
+        .zip(y)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max)
 }
