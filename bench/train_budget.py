@@ -5,7 +5,7 @@ Reads a vitrs run config (configs/*.toml), builds the same ViT with timm's Visio
 and trains it on Fashion-MNIST the same way: AdamW (no decay on biases, norms, position
 embedding and class token) or SGD, linear warm-up then cosine/linear decay per step, label
 smoothing, global-norm clipping, horizontal flip, random crop with zero padding and random
-erasing, batch normalisation by the config's mean/std, the last partial batch dropped. It
+erasing (off in the last `plain_last_epochs`), batch normalisation by the config's mean/std, the last partial batch dropped. It
 evaluates on the 10,000 test images after every epoch and stops at the wall-clock budget,
 counting everything after the data is in memory (model creation, training, evaluation), as
 `vit train` does.
@@ -65,7 +65,8 @@ def main():
     with open(a.config, "rb") as f:
         cfg = tomllib.load(f)
     m, d, aug, t = cfg["model"], cfg["data"], cfg.get("augment", {}), cfg["train"]
-    unsupported = [k for k in aug if k not in ("hflip", "crop_padding", "random_erasing")]
+    unsupported = [k for k in aug
+                   if k not in ("hflip", "crop_padding", "random_erasing", "plain_last_epochs")]
     if unsupported:
         sys.exit(f"error: augment options {unsupported} are not mirrored by this script")
     if m.get("preset"):
@@ -95,6 +96,7 @@ def main():
     pad = int(aug.get("crop_padding", 0))
     hflip = bool(aug.get("hflip", False))
     reprob = float(aug.get("random_erasing", 0.0))
+    plain_last = int(aug.get("plain_last_epochs", 0))
     black = (0.0 - mean) / std
 
     width = m["width"]
@@ -126,8 +128,9 @@ def main():
                                      eps=o.get("eps", 1e-8))
         return torch.optim.SGD(groups, lr=t["lr"], momentum=o.get("momentum", 0.9))
 
-    def augment(xb):
-        if pad:
+    def augment(xb, plain=False):
+        # plain: the last `plain_last_epochs` epochs keep only the flip (as Augment::for_epoch).
+        if pad and not plain:
             n = xb.shape[0]
             padded = F.pad(xb, (pad, pad, pad, pad), value=black)
             ox = rng.integers(0, 2 * pad + 1, n)
@@ -136,7 +139,7 @@ def main():
         if hflip:
             flip = torch.from_numpy(rng.random(xb.shape[0]) < 0.5)
             xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-        if reprob > 0:
+        if reprob > 0 and not plain:
             # As crates/vitrs/src/data/augment.rs `erase` (timm's RandomErasing, mode "pixel"):
             # one rectangle of 2-33 % of the image, aspect 0.3-3.3, uniform random 8-bit values
             # (normalised like the image).
@@ -218,12 +221,13 @@ def main():
     step, last = 0, None
     for epoch in range(1, epochs + 1):
         model.train()
+        plain = plain_last > 0 and epoch > epochs - plain_last
         perm = torch.from_numpy(rng.permutation(len(xtr)))
         losses = []
         over = False
         for i in range(steps_per_epoch):
             idx = perm[i * batch:(i + 1) * batch]
-            losses.append(train_step(model, opt, augment(xtr_t[idx]), ytr_t[idx], lr_at(step)))
+            losses.append(train_step(model, opt, augment(xtr_t[idx], plain), ytr_t[idx], lr_at(step)))
             if ema is not None:
                 d = min(ema_decay, (1 + step) / (10 + step))
                 with torch.no_grad():

@@ -302,3 +302,36 @@ fn max_abs_diff(x: &[f32], y: &[f32]) -> f32 {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max)
 }
+
+#[test]
+fn the_last_epochs_train_on_plain_images() {
+    let root = tmp("plain");
+    synthetic(&root.join("data"));
+    let run = |cfg: RunConfig, name: &str| {
+        let mut t = Trainer::new(cfg, &root.join(name)).unwrap();
+        let mut rec = Record::default();
+        t.run(&mut rec, &AtomicBool::new(false), None).unwrap();
+        (rec.0, t.model.params().flat().to_vec())
+    };
+    let flip_only = config(&root.join("data"), 3);
+    let mut strong = flip_only.clone();
+    strong.augment.crop_padding = 2;
+    strong.augment.random_erasing = 0.5;
+    let (strong_losses, _) = run(strong.clone(), "strong");
+    // The last epoch plain: the first two as the strong run, the third not.
+    let mut last = strong.clone();
+    last.augment.plain_last_epochs = 1;
+    let (last_losses, _) = run(last, "last");
+    let per_epoch = 96 / 16;
+    assert_eq!(strong_losses.len(), 3 * per_epoch);
+    assert_eq!(last_losses[..2 * per_epoch], strong_losses[..2 * per_epoch]);
+    assert_ne!(last_losses[2 * per_epoch..], strong_losses[2 * per_epoch..]);
+    // Every epoch plain: exactly the flip-only run.
+    let mut all = strong;
+    all.augment.plain_last_epochs = 3;
+    let (all_losses, all_params) = run(all, "all");
+    let (flip_losses, flip_params) = run(flip_only, "flip");
+    assert_eq!(all_losses, flip_losses);
+    assert_eq!(all_params, flip_params);
+    std::fs::remove_dir_all(root).ok();
+}

@@ -38,12 +38,29 @@ pub struct Augment {
     /// rectangle of 2–33 % of the image (aspect 0.3–3.3) is filled with random pixel values
     /// (0: off).
     pub random_erasing: f32,
+    /// The last this-many epochs of a run train on plain images: the horizontal flip stays,
+    /// crops, RandAugment, mixup/cutmix and erasing are off, so the model ends on images like
+    /// the ones it is tested on (YOLOX's "no-aug" epochs; 0: off). See [`Augment::for_epoch`].
+    pub plain_last_epochs: u64,
 }
 
 impl Augment {
     /// Whether batches carry soft targets.
     pub fn mixes(&self) -> bool {
         self.mixup > 0.0 || self.cutmix > 0.0
+    }
+
+    /// What to apply in `epoch` (counted from 0) of a run of `epochs`: all of this, or only
+    /// the flip in the last [`plain_last_epochs`](Augment::plain_last_epochs).
+    pub fn for_epoch(&self, epoch: u64, epochs: u64) -> Augment {
+        if self.plain_last_epochs > 0 && epoch.saturating_add(self.plain_last_epochs) >= epochs {
+            Augment {
+                hflip: self.hflip,
+                ..Augment::default()
+            }
+        } else {
+            self.clone()
+        }
     }
 
     /// Augments one image in place.
@@ -436,6 +453,42 @@ mod tests {
         };
         assert_eq!(full(false), Some((0, 0, h, w)));
         assert_eq!(full(true), None);
+    }
+
+    #[test]
+    fn the_last_epochs_keep_only_the_flip() {
+        let a = Augment {
+            crop_padding: 2,
+            hflip: true,
+            random_erasing: 0.25,
+            mixup: 0.8,
+            randaugment: Some(RandAugment {
+                ops: 2,
+                magnitude: 9.0,
+            }),
+            plain_last_epochs: 2,
+            ..Default::default()
+        };
+        let flip_only = Augment {
+            hflip: true,
+            ..Default::default()
+        };
+        // Epochs 0..5 of 5: 3 and 4 are the last two.
+        for e in 0..3 {
+            assert_eq!(a.for_epoch(e, 5), a, "epoch {e}");
+        }
+        for e in 3..5 {
+            assert_eq!(a.for_epoch(e, 5), flip_only, "epoch {e}");
+        }
+        assert!(!a.for_epoch(4, 5).mixes());
+        // More plain epochs than the run has: all plain. Off: never.
+        assert_eq!(a.for_epoch(0, 1), flip_only);
+        let off = Augment {
+            plain_last_epochs: 0,
+            ..a.clone()
+        };
+        assert_eq!(off.for_epoch(4, 5), off);
+        assert_eq!(a.for_epoch(0, u64::MAX), a);
     }
 
     #[test]

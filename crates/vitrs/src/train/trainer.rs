@@ -614,7 +614,7 @@ impl Trainer {
             start_batch,
             workers: self.run.data.workers,
             prefetch: 4,
-            augment: self.run.augment.clone(),
+            augment: self.run.augment.for_epoch(epoch, t.epochs),
             mean: self.preprocess.mean.clone(),
             std: self.preprocess.std.clone(),
             num_classes: self.model.config().num_classes,
