@@ -767,6 +767,16 @@ pub(crate) fn drive(mut trainer: Trainer, max_steps: Option<u64>) -> Result<u8> 
     for note in &trainer.notes {
         eprintln!("note: {note}");
     }
+    let (plain, epochs) = (
+        trainer.run.augment.plain_last_epochs,
+        trainer.run.train.epochs,
+    );
+    if plain > 0 {
+        eprintln!(
+            "note: the last {} of {epochs} epoch(s) train on plain images (flip only)",
+            plain.min(epochs)
+        );
+    }
     if trainer.pos.step > 0 {
         eprintln!(
             "resuming at step {} (epoch {}, batch {})",

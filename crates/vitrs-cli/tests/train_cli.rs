@@ -60,12 +60,19 @@ fn step_of(ckpt: &Path) -> u64 {
 fn train_then_eval_and_predict_with_the_result() {
     let root = tmp("basic");
     let cfg = setup(&root, 3, 0);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text += "[augment]\nplain_last_epochs = 1\n";
+    std::fs::write(&cfg, text).unwrap();
     let run = root.join("run");
     let o = train(&cfg, &run, &["--threads", "2"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("done: test top-1"), "{out}");
     let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("the last 1 of 3 epoch(s) train on plain images"),
+        "{err}"
+    );
     assert!(
         err.contains("epoch 3: eval top-1") && err.contains("img/s") && err.contains("ETA"),
         "{err}"
