@@ -650,7 +650,13 @@ impl Trainer {
         let usable = spe as usize * t.accum_steps;
 
         // Training steps: the first one (allocations, first touches of memory) is not counted.
-        let loader = Loader::new(self.train.clone(), self.loader_config(0, 0))?;
+        // With the run's whole augmentation, whatever the placeholder `epochs` would make of
+        // `plain_last_epochs`: most epochs are augmented.
+        let lc = LoaderConfig {
+            augment: self.run.augment.clone(),
+            ..self.loader_config(0, 0)
+        };
+        let loader = Loader::new(self.train.clone(), lc)?;
         let (mut micro, mut steps, mut first_s, mut warm) = (0, 0u64, 0.0, false);
         let mut clock = Instant::now();
         for batch in loader {
