@@ -643,17 +643,13 @@ fn load_native(st: SafeTensors) -> Result<Checkpoint> {
 
 /// Removes the tensors named `prefix` + a name from `tensors`; returns them under the name.
 fn take_prefixed(tensors: &mut BTreeMap<String, Tensor>, prefix: &str) -> BTreeMap<String, Tensor> {
-    let names: Vec<String> = tensors
-        .keys()
-        .filter(|k| k.starts_with(prefix))
-        .cloned()
-        .collect();
-    names
+    let (taken, rest): (BTreeMap<_, _>, _) = std::mem::take(tensors)
         .into_iter()
-        .filter_map(|k| {
-            let t = tensors.remove(&k)?;
-            Some((k[prefix.len()..].to_string(), t))
-        })
+        .partition(|(k, _)| k.starts_with(prefix));
+    *tensors = rest;
+    taken
+        .into_iter()
+        .map(|(k, t)| (k[prefix.len()..].to_string(), t))
         .collect()
 }
 

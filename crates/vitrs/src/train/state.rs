@@ -90,7 +90,7 @@ pub struct Loaded {
 
 /// Loads a training checkpoint.
 pub fn load(path: &Path) -> Result<Loaded> {
-    let ck = checkpoint::load(path)?;
+    let mut ck = checkpoint::load(path)?;
     let st = SafeTensors::read(path)?;
     let meta = st.metadata();
     let bad = |r: String| Error::malformed(path, "training checkpoint", r);
@@ -110,7 +110,6 @@ pub fn load(path: &Path) -> Result<Loaded> {
         decay,
         weights: vec![0.0f32; ck.model.params().count()],
     });
-    let mut ck = ck;
     let entries = ck.model.params().entries().to_vec();
     // `checkpoint::load` gives the weights' average when the run keeps one (what every other
     // command should see); resuming needs the trained weights, stored under their own names.
