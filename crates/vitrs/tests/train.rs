@@ -56,6 +56,14 @@ impl Hooks for Record {
     }
 }
 
+/// A trainer for `cfg` in `dir`, run to its end; with the losses it logged.
+fn run_to_end(cfg: RunConfig, dir: &Path) -> (Trainer, Vec<f64>) {
+    let mut t = Trainer::new(cfg, dir).unwrap();
+    let mut rec = Record::default();
+    t.run(&mut rec, &AtomicBool::new(false), None).unwrap();
+    (t, rec.0)
+}
+
 #[test]
 fn loss_falls_along_the_recorded_trajectory() {
     let root = tmp("traj");
@@ -117,9 +125,7 @@ fn stop_and_resume_equals_one_run() {
     let root = tmp("resume");
     synthetic(&root.join("data"));
     let cfg = config(&root.join("data"), 2);
-    let mut a = Trainer::new(cfg.clone(), &root.join("a")).unwrap();
-    a.run(&mut Record::default(), &AtomicBool::new(false), None)
-        .unwrap();
+    let (a, _) = run_to_end(cfg.clone(), &root.join("a"));
 
     let mut b = Trainer::new(cfg, &root.join("b")).unwrap();
     let out = b
@@ -218,9 +224,7 @@ fn a_time_budget_fits_the_epochs_and_trains_as_that_many_epochs_would() {
     let mut fixed = cfg;
     fixed.train.time_budget_min = None;
     fixed.train.epochs = fitted;
-    let mut b = Trainer::new(fixed, &root.join("b")).unwrap();
-    b.run(&mut Record::default(), &AtomicBool::new(false), None)
-        .unwrap();
+    let (b, _) = run_to_end(fixed, &root.join("b"));
     assert_eq!(a.model.params().flat(), b.model.params().flat());
     // A resumed run keeps its epochs.
     let r = Trainer::resume(&root.join("a"), None).unwrap();
@@ -307,21 +311,15 @@ fn max_abs_diff(x: &[f32], y: &[f32]) -> f32 {
 fn the_last_epochs_train_on_plain_images() {
     let root = tmp("plain");
     synthetic(&root.join("data"));
-    let run = |cfg: RunConfig, name: &str| {
-        let mut t = Trainer::new(cfg, &root.join(name)).unwrap();
-        let mut rec = Record::default();
-        t.run(&mut rec, &AtomicBool::new(false), None).unwrap();
-        (rec.0, t.model.params().flat().to_vec())
-    };
     let flip_only = config(&root.join("data"), 3);
     let mut strong = flip_only.clone();
     strong.augment.crop_padding = 2;
     strong.augment.random_erasing = 0.5;
-    let (strong_losses, _) = run(strong.clone(), "strong");
+    let (_, strong_losses) = run_to_end(strong.clone(), &root.join("strong"));
     // The last epoch plain: the first two as the strong run, the third not.
     let mut last = strong.clone();
     last.augment.plain_last_epochs = 1;
-    let (last_losses, _) = run(last, "last");
+    let (_, last_losses) = run_to_end(last, &root.join("last"));
     let per_epoch = 96 / 16;
     assert_eq!(strong_losses.len(), 3 * per_epoch);
     assert_eq!(last_losses[..2 * per_epoch], strong_losses[..2 * per_epoch]);
@@ -329,9 +327,9 @@ fn the_last_epochs_train_on_plain_images() {
     // Every epoch plain: exactly the flip-only run.
     let mut all = strong;
     all.augment.plain_last_epochs = 3;
-    let (all_losses, all_params) = run(all, "all");
-    let (flip_losses, flip_params) = run(flip_only, "flip");
+    let (all, all_losses) = run_to_end(all, &root.join("all"));
+    let (flip, flip_losses) = run_to_end(flip_only, &root.join("flip"));
     assert_eq!(all_losses, flip_losses);
-    assert_eq!(all_params, flip_params);
+    assert_eq!(all.model.params().flat(), flip.model.params().flat());
     std::fs::remove_dir_all(root).ok();
 }
