@@ -233,6 +233,30 @@ fn a_time_budget_fits_the_epochs_and_trains_as_that_many_epochs_would() {
 }
 
 #[test]
+fn a_run_slower_than_its_fitted_budget_says_so_once_and_keeps_its_epochs() {
+    let root = tmp("overrun");
+    synthetic(&root.join("data"));
+    let mut cfg = config(&root.join("data"), 1);
+    cfg.train.time_budget_min = Some(0.04);
+    let mut a = Trainer::new(cfg, &root.join("a")).unwrap();
+    a.fit_to_budget(&mut Notes::default()).unwrap();
+    let fitted = a.run.train.epochs;
+    assert!(fitted > 1);
+    // The budget (2.4 s) is gone before the first step: the first epoch's end sees it.
+    std::thread::sleep(std::time::Duration::from_millis(2_500));
+    let mut notes = Notes::default();
+    let Outcome::Finished(_) = a.run(&mut notes, &AtomicBool::new(false), None).unwrap() else {
+        panic!("stopped early")
+    };
+    let warned: Vec<_> = notes.0.iter().filter(|n| n.contains("past the")).collect();
+    assert_eq!(warned.len(), 1, "{notes:?}");
+    assert!(warned[0].contains("--epochs"), "{}", warned[0]);
+    assert_eq!(a.run.train.epochs, fitted);
+    assert_eq!(a.pos.epoch, fitted);
+    std::fs::remove_dir_all(root).ok();
+}
+
+#[test]
 fn the_weights_average_is_evaluated_saved_and_resumed() {
     let root = tmp("ema");
     synthetic(&root.join("data"));

@@ -98,6 +98,9 @@ pub struct Trainer {
     built: Instant,
     /// Whether `epochs` is settled (fitted to the time budget, or a resumed run's).
     epochs_settled: bool,
+    /// The time budget in seconds from `built`, while this process fitted the epochs to it
+    /// and has not yet said that the run will overrun it.
+    budget_s: Option<f64>,
 }
 
 impl Trainer {
@@ -204,6 +207,7 @@ impl Trainer {
             saved_step: None,
             built: Instant::now(),
             epochs_settled: false,
+            budget_s: None,
         })
     }
 
@@ -289,6 +293,7 @@ impl Trainer {
             built: Instant::now(),
             // A resumed run keeps the epochs its checkpoint holds (fitted when it started).
             epochs_settled: true,
+            budget_s: None,
         })
     }
 
@@ -477,6 +482,7 @@ impl Trainer {
         }
         let start = Instant::now();
         let start_step = self.pos.step;
+        let start_epoch = self.pos.epoch;
         let (mut win_loss, mut win_n, mut win_correct, mut win_seen, mut win_imgs) =
             (0.0f64, 0usize, 0usize, 0usize, 0usize);
         let mut win_start = Instant::now();
@@ -581,6 +587,7 @@ impl Trainer {
             self.pos.batch = 0;
             last_eval = Some(self.evaluate_now(hooks)?);
             self.save_checkpoint()?;
+            self.warn_of_overrun(hooks, start.elapsed().as_secs_f64(), start_epoch);
         }
         // The last epoch's evaluation, or a fresh one when resuming a finished run.
         let r = match last_eval {
@@ -619,6 +626,37 @@ impl Trainer {
             std: self.preprocess.std.clone(),
             num_classes: self.model.config().num_classes,
         }
+    }
+
+    /// Says once, at an epoch's end, when the epochs this process fitted to the time budget
+    /// will not fit in it at the speed of the epochs trained so far (`run_s` seconds since
+    /// epoch `start_epoch`). The run keeps its epochs: the schedule is fixed when it starts.
+    fn warn_of_overrun(&mut self, hooks: &mut dyn Hooks, run_s: f64, start_epoch: u64) {
+        let Some(budget_s) = self.budget_s else {
+            return;
+        };
+        let t = &self.run.train;
+        let done = self.pos.epoch.saturating_sub(start_epoch);
+        let left = t.epochs.saturating_sub(self.pos.epoch);
+        let spent_s = self.built.elapsed().as_secs_f64();
+        let Some(end_s) = projected_end(spent_s, run_s, done, left) else {
+            return;
+        };
+        if end_s <= budget_s {
+            return;
+        }
+        self.budget_s = None;
+        hooks.note(&format!(
+            "slower than measured for the budget: at {:.0} s per epoch so far, the {} epoch(s) \
+             end after about {:.0} min, past the {:.0} min asked for; the run keeps them (its \
+             schedule was fixed at the start). To end sooner: Ctrl-C (a checkpoint is saved), \
+             or start again with --epochs {}",
+            run_s / done as f64,
+            t.epochs,
+            end_s / 60.0,
+            budget_s / 60.0,
+            epochs_for_budget(budget_s, 0.0, spent_s / self.pos.epoch.max(1) as f64),
+        ));
     }
 
     /// With `time_budget_min` set in `[train]`, sets `epochs` to as many as fit in what is left
@@ -728,6 +766,7 @@ impl Trainer {
         let spent_s = self.built.elapsed().as_secs_f64();
         let epochs = epochs_for_budget(budget_s, spent_s, epoch_s);
         self.run.train.epochs = epochs;
+        self.budget_s = Some(budget_s);
         std::fs::write(self.dir.join(CONFIG), self.run.to_toml())
             .map_err(|e| Error::io(self.dir.join(CONFIG), e))?;
         let imgs_per_s = (t.batch_size * t.accum_steps) as f64 / step_s.max(1e-9);
@@ -752,6 +791,16 @@ pub const PROBE_SECONDS: f64 = 4.0;
 const PROBE_EVAL_IMAGES: usize = 1000;
 /// The share of a time budget kept back for the host's speed to move during the run.
 pub const BUDGET_RESERVE: f64 = 0.03;
+
+/// When a run whose clock reads `spent_s` (seconds since its time budget started) ends, if its
+/// `left` epochs go at the pace of the `done` ones this process trained in `run_s`; `None`
+/// when there is nothing to go by (no epoch done) or nothing left.
+pub fn projected_end(spent_s: f64, run_s: f64, done: u64, left: u64) -> Option<f64> {
+    if done == 0 || left == 0 {
+        return None;
+    }
+    Some(spent_s + run_s / done as f64 * left as f64)
+}
 
 /// Whole epochs of `epoch_s` seconds that fit in what is left of `budget_s` once `spent_s` are
 /// gone, [`BUDGET_RESERVE`] kept back; at least one.
@@ -1015,5 +1064,16 @@ mod tests {
         assert_eq!(epochs_for_budget(60.0, 0.0, 1_000.0), 1);
         assert_eq!(epochs_for_budget(60.0, 0.0, 0.0), 1);
         assert_eq!(epochs_for_budget(60.0, 0.0, f64::NAN), 1);
+    }
+
+    #[test]
+    fn projected_end_goes_at_the_pace_of_the_epochs_done() {
+        // Today's long run: 14 min in after 7 of 68 epochs of ~117 s, 61 left.
+        let end = projected_end(840.0, 7.0 * 117.0, 7, 61).unwrap();
+        assert!((end - (840.0 + 61.0 * 117.0)).abs() < 1e-6, "{end}");
+        // A resumed run's clock and pace count only this process's epochs.
+        assert_eq!(projected_end(100.0, 50.0, 2, 3), Some(175.0));
+        assert_eq!(projected_end(100.0, 0.0, 0, 3), None);
+        assert_eq!(projected_end(100.0, 50.0, 2, 0), None);
     }
 }
