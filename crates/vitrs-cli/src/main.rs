@@ -128,6 +128,10 @@ enum Command {
         /// Image folders: stop on a file that is not a readable image instead of skipping it.
         #[arg(long)]
         strict: bool,
+        /// From a training checkpoint of a run with `ema_decay`, evaluate the weights being
+        /// trained instead of their moving average (which the run evaluated and saved).
+        #[arg(long)]
+        trained_weights: bool,
     },
     /// Measure speed on this machine: inference, or with --train a full training step
     /// (forward, backward, AdamW), on random weights and inputs.
@@ -237,6 +241,7 @@ fn run(cmd: Command) -> Result<u8> {
             image_size,
             classes,
             strict,
+            trained_weights,
         } => eval(
             &model,
             &dataset,
@@ -244,6 +249,7 @@ fn run(cmd: Command) -> Result<u8> {
             &confusion,
             json,
             strict,
+            trained_weights,
             image_size.as_deref(),
             classes.as_deref(),
         ),
@@ -815,11 +821,24 @@ fn eval(
     confusion: &Path,
     as_json: bool,
     strict: bool,
+    trained_weights: bool,
     image_size: Option<&str>,
     classes: Option<&str>,
 ) -> Result<u8> {
     use vitrs::data::Resized;
-    let mut ck = load(path)?;
+    let which = if trained_weights {
+        vitrs::Weights::Trained
+    } else {
+        vitrs::Weights::Average
+    };
+    let mut ck = vitrs::load_weights(path, which).context("cannot load model")?;
+    // Which of a training checkpoint's two sets of weights this is (to stderr: --json
+    // keeps stdout to one object).
+    for c in &ck.report.conversions {
+        if c.contains("moving average") {
+            eprintln!("{}: {c}", path.display());
+        }
+    }
     if let Some(s) = image_size {
         let [h, w] = finetune::parse_size(s)?;
         let a = vitrs::train::transfer::at_resolution(&ck.model, (h, w))?;

@@ -101,6 +101,55 @@ fn train_then_eval_and_predict_with_the_result() {
 }
 
 #[test]
+fn eval_takes_the_average_or_with_trained_weights_the_trained_ones() {
+    let root = tmp("ema-eval");
+    let cfg = setup(&root, 2, 0);
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text += "ema_decay = 0.9\n"; // [train] is the config's last section
+    std::fs::write(&cfg, text).unwrap();
+    let run = root.join("run");
+    let o = train(&cfg, &run, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ckpt = run.join("checkpoint.safetensors");
+    let (data, cm) = (root.join("data"), root.join("cm.png"));
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            s(&ckpt),
+            "--dataset",
+            s(&data),
+            "--json",
+            "--confusion",
+            s(&cm),
+        ];
+        args.extend(extra);
+        let o = vit(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+        (v, String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (avg, err) = eval(&[]);
+    assert!(err.contains("loaded the weights' moving average"), "{err}");
+    let (trained, err) = eval(&["--trained-weights"]);
+    assert!(err.contains("loaded the trained weights"), "{err}");
+    // Each is the model it names: the average as the run's own model.safetensors, the trained
+    // weights as the library loads them.
+    let direct = |w| {
+        let m = vitrs::load_weights(&ckpt, w).unwrap().model;
+        m.params().flat().to_vec()
+    };
+    let from_model = vitrs::load(&run.join("model.safetensors")).unwrap().model;
+    assert_eq!(direct(vitrs::Weights::Average), from_model.params().flat());
+    assert_ne!(direct(vitrs::Weights::Trained), from_model.params().flat());
+    assert_eq!(
+        (avg["n"].clone(), trained["n"].clone()),
+        (48.into(), 48.into())
+    );
+    std::fs::remove_dir_all(root).ok();
+}
+
+#[test]
 fn sigkill_at_random_moments_never_loses_the_checkpoint() {
     let root = tmp("kill");
     let cfg = setup(&root, 100_000, 2); // never finishes within the rounds

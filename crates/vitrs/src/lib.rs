@@ -23,7 +23,7 @@ pub mod tensor;
 pub mod train;
 pub mod viz;
 
-pub use checkpoint::{load, Checkpoint, Format, LoadReport};
+pub use checkpoint::{load, load_weights, Checkpoint, Format, LoadReport, Weights};
 pub use config::{Gelu, Head, NormPlacement, Pool, ViTConfig};
 pub use error::{Error, Result};
 pub use model::{Capture, ForwardOutput, ViT, Workspace};

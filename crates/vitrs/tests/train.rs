@@ -290,6 +290,35 @@ fn the_weights_average_is_evaluated_saved_and_resumed() {
         "{:?}",
         ck.report.conversions
     );
+    // Asked for, the checkpoint gives the weights being trained instead, and says so.
+    let trained = vitrs::load_weights(
+        &root.join("a/checkpoint.safetensors"),
+        vitrs::Weights::Trained,
+    )
+    .unwrap();
+    assert_eq!(trained.model.params().flat(), a.model.params().flat());
+    assert!(
+        trained
+            .report
+            .conversions
+            .iter()
+            .any(|c| c.contains("loaded the trained weights")),
+        "{:?}",
+        trained.report.conversions
+    );
+    // model.safetensors holds the average alone: asking it for the trained weights gives the
+    // average, with a note that the file keeps no average.
+    let lone =
+        vitrs::load_weights(&root.join("a/model.safetensors"), vitrs::Weights::Trained).unwrap();
+    assert_eq!(lone.model.params().flat(), avg.as_slice());
+    assert!(
+        lone.report
+            .conversions
+            .iter()
+            .any(|c| c.contains("keeps no moving average")),
+        "{:?}",
+        lone.report.conversions
+    );
     // The evaluation was of the average.
     let direct = vitrs::train::evaluate(
         &saved.model,

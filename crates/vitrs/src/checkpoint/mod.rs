@@ -125,22 +125,49 @@ struct Located {
     header: Option<safetensors::Header>,
 }
 
-/// Loads any supported checkpoint from a file or directory.
+/// Which weights to take from a vitrs training checkpoint of a run that keeps their moving
+/// average (`[train] ema_decay`): the checkpoint holds both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Weights {
+    /// The average, as the run evaluated it and saved it as `model.safetensors` (the default).
+    #[default]
+    Average,
+    /// The weights the optimizer was training.
+    Trained,
+}
+
+/// Loads any supported checkpoint from a file or directory; from a training checkpoint that
+/// keeps a moving average of the weights, the average (see [`load_weights`]).
 pub fn load(path: &Path) -> Result<Checkpoint> {
+    load_weights(path, Weights::Average)
+}
+
+/// [`load`], choosing between the trained weights and their moving average where a vitrs
+/// training checkpoint holds both. Every other file has one set of weights, which is loaded
+/// whatever `which` says (a report note says so when `Trained` was asked for).
+pub fn load_weights(path: &Path, which: Weights) -> Result<Checkpoint> {
     let loc = locate(path)?;
-    match loc.format {
-        Format::GoogleNpz => npz::load(&loc.weights),
-        Format::Native => match loc.header {
-            Some(h) => load_native_path(&loc.weights, h),
-            None => load_native_path(&loc.weights, SafeTensors::read_header(&loc.weights)?),
-        },
+    let mut ck = match loc.format {
+        Format::Native => {
+            return match loc.header {
+                Some(h) => load_native_path(&loc.weights, h, which),
+                None => {
+                    load_native_path(&loc.weights, SafeTensors::read_header(&loc.weights)?, which)
+                }
+            }
+        }
+        Format::GoogleNpz => npz::load(&loc.weights)?,
         Format::HuggingFace => hf::load(
             &loc.weights,
             loc.dir.as_deref().unwrap_or(Path::new(".")),
             loc.config.unwrap_or_default(),
-        ),
-        Format::Timm => timm::load(&loc.weights, loc.config.unwrap_or_default()),
+        )?,
+        Format::Timm => timm::load(&loc.weights, loc.config.unwrap_or_default())?,
+    };
+    if which == Weights::Trained {
+        ck.report.conversions.push(NO_AVERAGE.to_string());
     }
+    Ok(ck)
 }
 
 /// Reads `config.json` in `dir`.
@@ -442,12 +469,21 @@ pub(crate) fn read_weights(
 /// A native file: straight from disk into the parameter buffer when its data section is
 /// exactly that buffer (what `vit convert` and `vit train` write in f32: one read, no
 /// intermediate copies, so loading ViT-B holds its 330 MiB once); otherwise the general path.
-fn load_native_path(path: &Path, h: safetensors::Header) -> Result<Checkpoint> {
-    if let Some(ck) = load_native_direct(path, &h)? {
+fn load_native_path(path: &Path, h: safetensors::Header, which: Weights) -> Result<Checkpoint> {
+    // The direct path declines any file with more than the model's tensors, so a checkpoint
+    // with a moving average always takes `load_native`.
+    if let Some(mut ck) = load_native_direct(path, &h)? {
+        if which == Weights::Trained {
+            ck.report.conversions.push(NO_AVERAGE.to_string());
+        }
         return Ok(ck);
     }
-    load_native(SafeTensors::read(path)?)
+    load_native(SafeTensors::read(path)?, which)
 }
+
+/// The note for `Weights::Trained` asked of a file with one set of weights.
+const NO_AVERAGE: &str =
+    "trained weights asked for: this file keeps no moving average, so its weights are the trained ones";
 
 /// The direct path of [`load_native_path`]; `None` when the file's layout differs from the
 /// model's flat buffer (other dtypes, optimizer state, another order).
@@ -606,7 +642,7 @@ fn native_meta(
     Ok((config, preprocess, labels))
 }
 
-fn load_native(st: SafeTensors) -> Result<Checkpoint> {
+fn load_native(st: SafeTensors, which: Weights) -> Result<Checkpoint> {
     let path = st.path().to_path_buf();
     let (config, preprocess, labels) = native_meta(&path, st.metadata())?;
     let mut report = LoadReport::new(Format::Native, &path);
@@ -623,7 +659,17 @@ fn load_native(st: SafeTensors) -> Result<Checkpoint> {
     // A run with `ema_decay` also keeps the weights' moving average (`ema.<name>`): that is
     // what it evaluates and saves as model.safetensors, so it is what the checkpoint loads as.
     let averaged = take_prefixed(&mut tensors, EMA_PREFIX);
-    if !averaged.is_empty() {
+    if averaged.is_empty() {
+        if which == Weights::Trained {
+            report.conversions.push(NO_AVERAGE.to_string());
+        }
+    } else if which == Weights::Trained {
+        report.conversions.push(format!(
+            "training checkpoint: loaded the trained weights, as asked; the weights' moving \
+             average ({} `{EMA_PREFIX}` tensors) left aside",
+            averaged.len()
+        ));
+    } else {
         report.conversions.push(format!(
             "training checkpoint: loaded the weights' moving average ({} `{EMA_PREFIX}` tensors), \
              as the run evaluated and saved it; the trained weights left aside",
