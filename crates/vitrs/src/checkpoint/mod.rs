@@ -78,6 +78,9 @@ pub struct LoadReport {
     pub mismatched: Vec<(String, Vec<usize>, Vec<usize>)>,
     /// Human-readable notes: key renames, q/k/v fusion, dtype and pos-embed conversions.
     pub conversions: Vec<String>,
+    /// Whether the file held a moving average of the weights beside the trained ones (a vitrs
+    /// training checkpoint of a run with `ema_decay`; [`Weights`] chooses between them).
+    pub moving_average: bool,
 }
 
 impl LoadReport {
@@ -90,6 +93,7 @@ impl LoadReport {
             unexpected: vec![],
             mismatched: vec![],
             conversions: vec![],
+            moving_average: false,
         }
     }
 }
@@ -148,24 +152,24 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
 pub fn load_weights(path: &Path, which: Weights) -> Result<Checkpoint> {
     let loc = locate(path)?;
     let mut ck = match loc.format {
-        Format::Native => {
-            return match loc.header {
-                Some(h) => load_native_path(&loc.weights, h, which),
-                None => {
-                    load_native_path(&loc.weights, SafeTensors::read_header(&loc.weights)?, which)
-                }
-            }
-        }
-        Format::GoogleNpz => npz::load(&loc.weights)?,
+        Format::GoogleNpz => npz::load(&loc.weights),
+        Format::Native => match loc.header {
+            Some(h) => load_native_path(&loc.weights, h, which),
+            None => load_native_path(&loc.weights, SafeTensors::read_header(&loc.weights)?, which),
+        },
         Format::HuggingFace => hf::load(
             &loc.weights,
             loc.dir.as_deref().unwrap_or(Path::new(".")),
             loc.config.unwrap_or_default(),
-        )?,
-        Format::Timm => timm::load(&loc.weights, loc.config.unwrap_or_default())?,
-    };
-    if which == Weights::Trained {
-        ck.report.conversions.push(NO_AVERAGE.to_string());
+        ),
+        Format::Timm => timm::load(&loc.weights, loc.config.unwrap_or_default()),
+    }?;
+    if which == Weights::Trained && !ck.report.moving_average {
+        ck.report.conversions.push(
+            "trained weights asked for: this file keeps no moving average, so its weights are \
+             the trained ones"
+                .to_string(),
+        );
     }
     Ok(ck)
 }
@@ -472,18 +476,11 @@ pub(crate) fn read_weights(
 fn load_native_path(path: &Path, h: safetensors::Header, which: Weights) -> Result<Checkpoint> {
     // The direct path declines any file with more than the model's tensors, so a checkpoint
     // with a moving average always takes `load_native`.
-    if let Some(mut ck) = load_native_direct(path, &h)? {
-        if which == Weights::Trained {
-            ck.report.conversions.push(NO_AVERAGE.to_string());
-        }
+    if let Some(ck) = load_native_direct(path, &h)? {
         return Ok(ck);
     }
     load_native(SafeTensors::read(path)?, which)
 }
-
-/// The note for `Weights::Trained` asked of a file with one set of weights.
-const NO_AVERAGE: &str =
-    "trained weights asked for: this file keeps no moving average, so its weights are the trained ones";
 
 /// The direct path of [`load_native_path`]; `None` when the file's layout differs from the
 /// model's flat buffer (other dtypes, optimizer state, another order).
@@ -657,26 +654,26 @@ fn load_native(st: SafeTensors, which: Weights) -> Result<Checkpoint> {
         ));
     }
     // A run with `ema_decay` also keeps the weights' moving average (`ema.<name>`): that is
-    // what it evaluates and saves as model.safetensors, so it is what the checkpoint loads as.
+    // what it evaluates and saves as model.safetensors, so it is what the checkpoint loads as
+    // unless the trained weights are asked for.
     let averaged = take_prefixed(&mut tensors, EMA_PREFIX);
-    if averaged.is_empty() {
-        if which == Weights::Trained {
-            report.conversions.push(NO_AVERAGE.to_string());
-        }
-    } else if which == Weights::Trained {
-        report.conversions.push(format!(
-            "training checkpoint: loaded the trained weights, as asked; the weights' moving \
-             average ({} `{EMA_PREFIX}` tensors) left aside",
-            averaged.len()
-        ));
-    } else {
-        report.conversions.push(format!(
-            "training checkpoint: loaded the weights' moving average ({} `{EMA_PREFIX}` tensors), \
-             as the run evaluated and saved it; the trained weights left aside",
-            averaged.len()
-        ));
-        // Same names as the trained weights: inserting replaces them.
-        tensors.extend(averaged);
+    report.moving_average = !averaged.is_empty();
+    if report.moving_average {
+        let n = averaged.len();
+        report.conversions.push(match which {
+            Weights::Trained => format!(
+                "training checkpoint: loaded the trained weights, as asked; the weights' moving \
+                 average ({n} `{EMA_PREFIX}` tensors) left aside"
+            ),
+            Weights::Average => {
+                // Same names as the trained weights: inserting replaces them.
+                tensors.extend(averaged);
+                format!(
+                    "training checkpoint: loaded the weights' moving average ({n} `{EMA_PREFIX}` \
+                     tensors), as the run evaluated and saved it; the trained weights left aside"
+                )
+            }
+        });
     }
     let model = build(config, tensors, &mut report)?;
     Ok(Checkpoint {
