@@ -13,16 +13,33 @@
 //! the patch tokens, or attention pooling → [fc_norm] → [pre-logits dense + tanh `(B, F)`] →
 //! head `(B, K)` (DeiT: the mean of `head` on the class token and `head_dist` on the
 //! distillation token).
+//!
+//! # Where each stage lives
+//! One file per stage of the paper, each with its forward and its backward side by side:
+//! [`embed`] (patches, prefix tokens, position embedding), [`block`] (attention and MLP
+//! branches, pre/post norm, LayerScale, dropout and stochastic depth), [`pool`] (class token,
+//! mean, attention pooling) and [`head`] (fc_norm, pre-logits, classifiers). [`forward`] is the
+//! one forward pass inference and training share; [`backward`] the training step that runs it
+//! and then the stages' backwards in reverse. [`layers`] holds the linear and LayerNorm layers
+//! the stages are built from, [`workspace`] the activation buffers, [`params`] the parameter
+//! store, [`init`] the initialisation.
 
 mod backward;
+mod block;
+mod embed;
 mod forward;
+mod head;
 mod init;
+mod layers;
 mod params;
+mod pool;
+mod workspace;
 
-pub use backward::{Regularization, TrainWorkspace};
-pub use forward::{Capture, ForwardOutput, Workspace};
+pub use block::Regularization;
+pub use forward::{Capture, ForwardOutput};
 pub use init::Rng;
 pub use params::{ParamEntry, Params};
+pub use workspace::{TrainWorkspace, Workspace};
 
 use crate::config::ViTConfig;
 use crate::error::Result;

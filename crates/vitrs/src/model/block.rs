@@ -1,0 +1,418 @@
+//! Stage 2, the encoder block (paper §3.1, Eqs. 2–3): multi-head self-attention, then an MLP
+//! with GELU, each a residual branch with a LayerNorm — before the branch (pre-norm, the
+//! paper's) or after the residual sum (post-norm, the original Transformer's). Each branch may
+//! be scaled by LayerScale (CaiT/DeiT III) and, in training, dropped by dropout and stochastic
+//! depth. Forward and backward side by side.
+
+use std::ops::Range;
+
+use super::forward::Pass;
+use super::layers::{MlpActs, NormActs, Sizer};
+use super::params::{BlockView, LinearView};
+use super::ViT;
+use crate::config::{NormPlacement, ViTConfig};
+use crate::kernels::attention::{attention, attention_backward, AttnDims};
+use crate::kernels::gemm::{add_assign, Epilogue};
+use crate::kernels::math::gelu_backward_par;
+
+/// One block's activations. Shapes `(B, N, D)` unless noted. Inference keeps one of these for
+/// every block in turn and sizes only what it reads; training keeps one per block.
+#[derive(Debug, Default)]
+pub(crate) struct BlockActs {
+    /// Block input (post-norm training only: pre-norm's backward reads LN1's saved input).
+    pub x_in: Vec<f32>,
+    /// First LayerNorm (pre-norm: of the block input; post-norm: of `x + attn`).
+    pub ln1: NormActs,
+    /// Fused q/k/v `(B, N, 3D)`.
+    pub qkv: Vec<f32>,
+    /// Attention probabilities `(B, nh, N, N)`, training only (inference writes captured maps
+    /// straight into the caller's tensor).
+    pub probs: Vec<f32>,
+    /// Attention output, heads side by side.
+    pub attn: Vec<f32>,
+    /// Second LayerNorm (pre-norm: of the mid-block residual; post-norm: of `x + mlp`).
+    pub ln2: NormActs,
+    /// MLP hidden `(B, N, M)`.
+    pub mlp: MlpActs,
+    /// Dropout × stochastic-depth multipliers of the attention and MLP branch outputs,
+    /// training only.
+    pub mask_attn: Vec<f32>,
+    pub mask_mlp: Vec<f32>,
+    /// With LayerScale, the attention and MLP branch outputs before their gains.
+    pub ls_attn: Vec<f32>,
+    pub ls_mlp: Vec<f32>,
+}
+
+impl BlockActs {
+    pub(crate) fn size(&mut self, cfg: &ViTConfig, batch: usize, train: bool, f: &mut Sizer) {
+        let (n, d, m) = (cfg.num_tokens(), cfg.width, cfg.mlp_dim);
+        let rows = batch * n;
+        let t = |x: usize| if train { x } else { 0 };
+        let post = cfg.norm == NormPlacement::Post;
+        f(&mut self.x_in, if post { t(rows * d) } else { 0 });
+        self.ln1.size(rows, d, train, f);
+        f(&mut self.qkv, rows * 3 * d);
+        f(&mut self.probs, t(batch * cfg.heads * n * n));
+        f(&mut self.attn, rows * d);
+        self.ln2.size(rows, d, train, f);
+        self.mlp.size(rows, m, train, f);
+        f(&mut self.mask_attn, t(rows * d));
+        f(&mut self.mask_mlp, t(rows * d));
+        let ls = if cfg.layer_scale.is_some() {
+            rows * d
+        } else {
+            0
+        };
+        f(&mut self.ls_attn, ls);
+        f(&mut self.ls_mlp, ls);
+    }
+}
+
+/// Training-time regularisation of the residual branches (timm's `proj_drop`/`drop` and
+/// `drop_path`): dropout on each element of a branch's output, and stochastic depth, which
+/// drops a whole branch for a whole example with a rate rising linearly from 0 at the first
+/// block to `drop_path` at the last. Both rescale what they keep, so inference needs nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Regularization {
+    pub dropout: f32,
+    pub drop_path: f32,
+    /// Seeds the masks: the same seed gives the same masks.
+    pub seed: u64,
+}
+
+impl Regularization {
+    pub(crate) fn active(&self) -> bool {
+        self.dropout > 0.0 || self.drop_path > 0.0
+    }
+}
+
+/// Fills `mask (B, N, D)` with the branch multipliers of block `layer` of `depth`.
+fn fill_mask(
+    mask: &mut [f32],
+    reg: &Regularization,
+    layer: usize,
+    depth: usize,
+    which: u64,
+    (b, n, d): (usize, usize, usize),
+) {
+    let mut rng = super::Rng::new(crate::data::loader::derive_seed(&[
+        reg.seed,
+        layer as u64,
+        which,
+    ]));
+    let dp = if depth > 1 {
+        reg.drop_path * layer as f32 / (depth - 1) as f32
+    } else {
+        reg.drop_path
+    };
+    let keep_elem = 1.0 / (1.0 - reg.dropout);
+    for bi in 0..b {
+        let sample = if dp > 0.0 && (rng.uniform() as f32) < dp {
+            0.0
+        } else {
+            1.0 / (1.0 - dp)
+        };
+        for m in &mut mask[bi * n * d..(bi + 1) * n * d] {
+            let e = if reg.dropout > 0.0 && (rng.uniform() as f32) < reg.dropout {
+                0.0
+            } else {
+                keep_elem
+            };
+            *m = sample * e;
+        }
+    }
+}
+
+/// Which residual branch of a block.
+#[derive(Clone, Copy)]
+enum Branch {
+    Attn,
+    Mlp,
+}
+
+/// The workspace buffers a block's backward borrows, lent to the branch helpers together.
+pub(crate) struct BranchBufs<'a> {
+    /// A branch's masked or scaled output gradient `(B·N, D)`.
+    pub branch: &'a mut [f32],
+    /// `(B·N, M)`: ∂loss/∂(fc1 output), then ∂/∂(GELU input).
+    pub dh: &'a mut [f32],
+    /// `(B·N, D)`: ∂loss/∂(attention output, heads concatenated).
+    pub dattn: &'a mut [f32],
+    /// `(B·N, 3·D)`: ∂loss/∂(q, k, v).
+    pub dqkv: &'a mut [f32],
+    pub attn_scratch: &'a mut Vec<f32>,
+    pub ln_partials: &'a mut Vec<f32>,
+    pub grads: &'a mut [f32],
+    /// Whether stochastic depth or dropout masks apply.
+    pub masked: bool,
+    pub batch: usize,
+}
+
+impl ViT {
+    /// The attention kernel's dimensions for `batch` images.
+    pub(crate) fn attn_dims(&self, batch: usize) -> AttnDims {
+        AttnDims {
+            batch,
+            tokens: self.config.num_tokens(),
+            heads: self.config.heads,
+            head_dim: self.config.head_dim(),
+        }
+    }
+
+    /// Block `l`, in place on the residual stream.
+    ///
+    /// Pre-norm: `x = x + γ1·attn(LN1(x))`, then `x = x + γ2·MLP(LN2(x))`.
+    /// Post-norm: `x = LN1(x + γ1·attn(x))`, then `x = LN2(x + γ2·MLP(x))`.
+    ///
+    /// # Shapes
+    /// `x (B, N, D)`; `branch (B·N, D)` scratch; attention maps `(B, nh, N, N)` go to
+    /// `acts.probs` (training) or the pass's capture (inference).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn block_forward(
+        &self,
+        l: usize,
+        x: &mut [f32],
+        acts: &mut BlockActs,
+        branch: &mut [f32],
+        attn_scratch: &mut Vec<f32>,
+        batch: usize,
+        pass: &mut Pass<'_>,
+    ) {
+        let cfg = &self.config;
+        let blk = &self.view.blocks[l];
+        let (n, d) = (cfg.num_tokens(), cfg.width);
+        let rows = batch * n;
+        let dims = self.attn_dims(batch);
+        let keep = pass.keeps_activations();
+        let reg = pass.regularization();
+        if let Some(reg) = &reg {
+            fill_mask(&mut acts.mask_attn, reg, l, cfg.depth, 0, (batch, n, d));
+            fill_mask(&mut acts.mask_mlp, reg, l, cfg.depth, 1, (batch, n, d));
+        }
+        let (mask_attn, mask_mlp) = match reg {
+            Some(_) => (Some(&acts.mask_attn[..]), Some(&acts.mask_mlp[..])),
+            None => (None, None),
+        };
+        let probs = match pass {
+            Pass::Train { .. } => Some(&mut acts.probs[..]),
+            Pass::Infer { attentions } => {
+                let plane = batch * cfg.heads * n * n;
+                attentions
+                    .as_deref_mut()
+                    .map(|t| &mut t[l * plane..(l + 1) * plane])
+            }
+        };
+        let ls1 = blk.ls1.as_ref().map(|g| (g, &mut acts.ls_attn[..]));
+        let ls2 = blk.ls2.as_ref().map(|g| (g, &mut acts.ls_mlp[..]));
+        match cfg.norm {
+            NormPlacement::Pre => {
+                self.norm(&blk.norm1, x, &mut acts.ln1, keep);
+                self.linear(
+                    &blk.qkv,
+                    &acts.ln1.output,
+                    &mut acts.qkv,
+                    rows,
+                    Epilogue::None,
+                );
+                attention(&acts.qkv, &mut acts.attn, probs, attn_scratch, dims);
+                self.add_branch(&blk.proj, &acts.attn, x, branch, mask_attn, ls1, rows);
+                self.norm(&blk.norm2, x, &mut acts.ln2, keep);
+                self.mlp_hidden(&blk.fc1, &acts.ln2.output, &mut acts.mlp, rows, keep);
+                self.add_branch(&blk.fc2, &acts.mlp.h_act, x, branch, mask_mlp, ls2, rows);
+            }
+            NormPlacement::Post => {
+                if keep {
+                    acts.x_in.copy_from_slice(x);
+                }
+                self.linear(&blk.qkv, x, &mut acts.qkv, rows, Epilogue::None);
+                attention(&acts.qkv, &mut acts.attn, probs, attn_scratch, dims);
+                self.add_branch(&blk.proj, &acts.attn, x, branch, mask_attn, ls1, rows);
+                self.norm(&blk.norm1, x, &mut acts.ln1, keep);
+                x.copy_from_slice(&acts.ln1.output);
+                self.mlp_hidden(&blk.fc1, x, &mut acts.mlp, rows, keep);
+                self.add_branch(&blk.fc2, &acts.mlp.h_act, x, branch, mask_mlp, ls2, rows);
+                self.norm(&blk.norm2, x, &mut acts.ln2, keep);
+                x.copy_from_slice(&acts.ln2.output);
+            }
+        }
+    }
+
+    /// `x += γ ⊙ mask ⊙ linear(input)`, or the fused in-place residual add when there is
+    /// neither mask nor LayerScale. With LayerScale `(γ, saved)`, the branch output before
+    /// its gain is kept in `saved` for the backward; otherwise `branch` is scratch.
+    ///
+    /// # Shapes
+    /// `input (B·N, in)`, `x (B·N, D)`, `branch`, `mask`, `saved (B·N, D)`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_branch(
+        &self,
+        l: &LinearView,
+        input: &[f32],
+        x: &mut [f32],
+        branch: &mut [f32],
+        mask: Option<&[f32]>,
+        scale: Option<(&Range<usize>, &mut [f32])>,
+        rows: usize,
+    ) {
+        if mask.is_none() && scale.is_none() {
+            return self.linear(l, input, x, rows, Epilogue::Accumulate);
+        }
+        let (out, gamma) = match scale {
+            Some((g, saved)) => (saved, Some(self.params.slice(g))),
+            None => (branch, None),
+        };
+        self.linear(l, input, out, rows, Epilogue::None);
+        let d = self.config.width;
+        // One loop per case, so the per-element work has no branches (the training hot path).
+        for (r, (xr, or)) in x.chunks_exact_mut(d).zip(out.chunks_exact(d)).enumerate() {
+            let xo = xr.iter_mut().zip(or);
+            match (gamma, mask.map(|m| &m[r * d..(r + 1) * d])) {
+                (Some(g), Some(m)) => xo
+                    .zip(g.iter().zip(m))
+                    .for_each(|((x, o), (g, m))| *x += g * m * o),
+                (Some(g), None) => xo.zip(g).for_each(|((x, o), g)| *x += g * o),
+                (None, Some(m)) => xo.zip(m).for_each(|((x, o), m)| *x += m * o),
+                (None, None) => xo.for_each(|(x, o)| *x += o),
+            }
+        }
+    }
+
+    /// Backward of [`Self::block_forward`] for block `l`: `dx` holds ∂loss/∂(block output)
+    /// `(B·N, D)` on entry and ∂loss/∂(block input) on return; `dtmp (B·N, D)` is scratch.
+    /// The block's parameter gradients are added to `bufs.grads`.
+    pub(crate) fn block_backward(
+        &self,
+        l: usize,
+        acts: &BlockActs,
+        dx: &mut Vec<f32>,
+        dtmp: &mut Vec<f32>,
+        bufs: &mut BranchBufs,
+    ) {
+        let blk = &self.view.blocks[l];
+        // The MLP half first (its norm is norm2/ln2), then the attention half (norm1/ln1).
+        let halves = [
+            (Branch::Mlp, &blk.norm2, &acts.ln2),
+            (Branch::Attn, &blk.norm1, &acts.ln1),
+        ];
+        for (which, norm, ln) in halves {
+            match self.config.norm {
+                NormPlacement::Pre => {
+                    // x_out = x + Branch(LN(x))
+                    self.branch_backward(blk, acts, which, &ln.output, dx, dtmp, bufs);
+                    self.norm_grad(norm, dtmp, ln, dx, bufs.grads, bufs.ln_partials);
+                }
+                NormPlacement::Post => {
+                    // x_out = LN(s), s = x + Branch(x); the MLP's x is the middle state
+                    // (LN1's output), attention's the block's input.
+                    dtmp.fill(0.0);
+                    self.norm_grad(norm, dx, ln, dtmp, bufs.grads, bufs.ln_partials);
+                    std::mem::swap(dx, dtmp);
+                    let input = match which {
+                        Branch::Mlp => &acts.ln1.output,
+                        Branch::Attn => &acts.x_in,
+                    };
+                    self.branch_backward(blk, acts, which, input, dx, dtmp, bufs);
+                    add_assign(dx, dtmp);
+                }
+            }
+        }
+    }
+
+    /// One residual branch of a block, backwards — the MLP `γ2 ⊙ mask ⊙ fc2(GELU(fc1(input)))`
+    /// or the attention `γ1 ⊙ mask ⊙ proj(attn(qkv(input)))`: from `dx = ∂loss/∂(residual sum)`
+    /// `(B·N, D)` to `∂loss/∂input` `(B·N, D)`, written to `dinput`; the branch's parameter
+    /// gradients are added to `bufs.grads`. `input` is what the branch's first product saw:
+    /// the norm's output (pre-norm), or for post-norm the block's middle state (kept as LN1's
+    /// output) for the MLP and the block's input for attention.
+    #[allow(clippy::too_many_arguments)]
+    fn branch_backward(
+        &self,
+        blk: &BlockView,
+        acts: &BlockActs,
+        which: Branch,
+        input: &[f32],
+        dx: &[f32],
+        dinput: &mut [f32],
+        bufs: &mut BranchBufs,
+    ) {
+        let (mask, scale) = match which {
+            Branch::Mlp => (&acts.mask_mlp, blk.ls2.as_ref().map(|g| (g, &acts.ls_mlp))),
+            Branch::Attn => (
+                &acts.mask_attn,
+                blk.ls1.as_ref().map(|g| (g, &acts.ls_attn)),
+            ),
+        };
+        let dy = self.branch_grad(
+            dx,
+            bufs.masked.then_some(mask),
+            scale,
+            bufs.branch,
+            bufs.grads,
+        );
+        let rows = bufs.batch * self.config.num_tokens();
+        match which {
+            Branch::Mlp => {
+                let mlp = &acts.mlp;
+                self.linear_grad(&blk.fc2, dy, &mlp.h_act, Some(bufs.dh), bufs.grads, rows);
+                gelu_backward_par(&mlp.h_pre, bufs.dh, self.config.gelu);
+                self.linear_grad(&blk.fc1, bufs.dh, input, Some(dinput), bufs.grads, rows);
+            }
+            Branch::Attn => {
+                self.linear_grad(
+                    &blk.proj,
+                    dy,
+                    &acts.attn,
+                    Some(bufs.dattn),
+                    bufs.grads,
+                    rows,
+                );
+                attention_backward(
+                    &acts.qkv,
+                    &acts.probs,
+                    bufs.dattn,
+                    bufs.dqkv,
+                    bufs.attn_scratch,
+                    self.attn_dims(bufs.batch),
+                );
+                self.linear_grad(&blk.qkv, bufs.dqkv, input, Some(dinput), bufs.grads, rows);
+            }
+        }
+    }
+
+    /// The gradient reaching a branch `γ ⊙ mask ⊙ y` from `dx`: `dx ⊙ mask ⊙ γ` (written into
+    /// `buf`), or `dx` itself; with LayerScale, `dγ += Σ_rows dx ⊙ mask ⊙ y` (`y` saved).
+    fn branch_grad<'a>(
+        &self,
+        dx: &'a [f32],
+        mask: Option<&Vec<f32>>,
+        scale: Option<(&Range<usize>, &Vec<f32>)>,
+        buf: &'a mut [f32],
+        grads: &mut [f32],
+    ) -> &'a [f32] {
+        if mask.is_none() && scale.is_none() {
+            return dx;
+        }
+        let d = self.config.width;
+        for (r, (o, g)) in buf.chunks_exact_mut(d).zip(dx.chunks_exact(d)).enumerate() {
+            match mask {
+                Some(m) => o
+                    .iter_mut()
+                    .zip(g)
+                    .zip(&m[r * d..(r + 1) * d])
+                    .for_each(|((o, g), m)| *o = g * m),
+                None => o.copy_from_slice(g),
+            }
+        }
+        if let Some((gr, saved)) = scale {
+            let gamma = self.params.slice(gr);
+            let dgamma = &mut grads[gr.clone()];
+            for (o, y) in buf.chunks_exact_mut(d).zip(saved.chunks_exact(d)) {
+                for c in 0..d {
+                    dgamma[c] += o[c] * y[c];
+                    o[c] *= gamma[c];
+                }
+            }
+        }
+        buf
+    }
+}

@@ -1,0 +1,191 @@
+//! The two layers every stage is built from — a linear layer and a LayerNorm — forward and
+//! backward, over the parameter views of [`super::params`]. The stages (`embed`, `block`,
+//! `pool`, `head`) call these and never the kernels' parameter plumbing directly.
+
+use std::ops::Range;
+
+use super::params::{LinearView, NormView};
+use super::ViT;
+use crate::kernels::gemm::{linear, linear_backward, Epilogue};
+use crate::kernels::layernorm::{layernorm, layernorm_backward, layernorm_train};
+use crate::kernels::math::gelu_into_par;
+
+/// Sizes one activation buffer: `f(buffer, floats)`. The workspaces pass a closure that
+/// resizes, the memory estimates one that only counts, so both read the same list.
+pub(crate) type Sizer<'a> = dyn FnMut(&mut Vec<f32>, usize) + 'a;
+
+/// One LayerNorm's activations: the output, and when training the input and the per-row mean
+/// and 1/std its backward needs.
+#[derive(Debug, Default)]
+pub(crate) struct NormActs {
+    /// `(rows, D)`, training only.
+    pub input: Vec<f32>,
+    /// `(rows, D)`.
+    pub output: Vec<f32>,
+    /// `(rows)` each, training only.
+    pub mean: Vec<f32>,
+    pub rstd: Vec<f32>,
+}
+
+impl NormActs {
+    pub(crate) fn size(&mut self, rows: usize, d: usize, train: bool, f: &mut Sizer) {
+        let t = |n: usize| if train { n } else { 0 };
+        f(&mut self.output, rows * d);
+        f(&mut self.input, t(rows * d));
+        f(&mut self.mean, t(rows));
+        f(&mut self.rstd, t(rows));
+    }
+}
+
+/// The MLP hidden layer `GELU(x·W1ᵀ + b1)` `(rows, M)`: the pre-activation `h_pre` and the
+/// activation `h_act`. Inference fuses the GELU into the product and keeps only `h_act`.
+#[derive(Debug, Default)]
+pub(crate) struct MlpActs {
+    /// `(rows, M)`, training only.
+    pub h_pre: Vec<f32>,
+    /// `(rows, M)`.
+    pub h_act: Vec<f32>,
+}
+
+impl MlpActs {
+    pub(crate) fn size(&mut self, rows: usize, m: usize, train: bool, f: &mut Sizer) {
+        f(&mut self.h_pre, if train { rows * m } else { 0 });
+        f(&mut self.h_act, rows * m);
+    }
+}
+
+/// Two disjoint mutable ranges of one buffer (`a` must end before `b` starts).
+pub(crate) fn two_mut<'a>(
+    buf: &'a mut [f32],
+    a: &Range<usize>,
+    b: &Range<usize>,
+) -> (&'a mut [f32], &'a mut [f32]) {
+    let (lo, hi) = buf.split_at_mut(b.start);
+    (&mut lo[a.clone()], &mut hi[..b.len()])
+}
+
+impl ViT {
+    /// `out = epilogue(x·Wᵀ + b)` over `rows` rows.
+    ///
+    /// # Shapes
+    /// `x (rows, in)` -> `out (rows, out)`.
+    pub(crate) fn linear(
+        &self,
+        l: &LinearView,
+        x: &[f32],
+        out: &mut [f32],
+        rows: usize,
+        epi: Epilogue,
+    ) {
+        let w = self.params.slice(&l.w);
+        let b = l.b.as_ref().map(|r| self.params.slice(r));
+        linear(
+            &x[..rows * l.inp],
+            w,
+            b,
+            &mut out[..rows * l.out],
+            (rows, l.inp, l.out),
+            epi,
+        );
+    }
+
+    /// Gradients of a linear layer over `rows` rows: `dx = dy·W` (when asked), dW and db
+    /// accumulated into `grads`.
+    ///
+    /// # Shapes
+    /// `dy (rows, out)`, `x (rows, in)`, `dx (rows, in)`.
+    pub(crate) fn linear_grad(
+        &self,
+        l: &LinearView,
+        dy: &[f32],
+        x: &[f32],
+        dx: Option<&mut [f32]>,
+        grads: &mut [f32],
+        rows: usize,
+    ) {
+        let w = self.params.slice(&l.w);
+        let dims = (rows, l.inp, l.out);
+        let (dy, x) = (&dy[..rows * l.out], &x[..rows * l.inp]);
+        let dx = dx.map(|d| &mut d[..rows * l.inp]);
+        match &l.b {
+            Some(br) => {
+                let (dw, db) = two_mut(grads, &l.w, br);
+                linear_backward(dy, x, w, dx, dw, Some(db), dims);
+            }
+            None => linear_backward(dy, x, w, dx, &mut grads[l.w.clone()], None, dims),
+        }
+    }
+
+    /// The MLP hidden layer `GELU(x·W1ᵀ + b1)` into `acts`: fused when inferring, the
+    /// pre-activation kept when training (`keep`).
+    ///
+    /// # Shapes
+    /// `x (rows, D)` -> `acts.h_act (rows, M)`.
+    pub(crate) fn mlp_hidden(
+        &self,
+        fc1: &LinearView,
+        x: &[f32],
+        acts: &mut MlpActs,
+        rows: usize,
+        keep: bool,
+    ) {
+        let gelu = self.config.gelu;
+        if keep {
+            self.linear(fc1, x, &mut acts.h_pre, rows, Epilogue::None);
+            gelu_into_par(&acts.h_pre, &mut acts.h_act, gelu);
+        } else {
+            self.linear(fc1, x, &mut acts.h_act, rows, Epilogue::Gelu(gelu));
+        }
+    }
+
+    /// LayerNorm of every row of `x` into `acts.output`; when training (`keep`) the input,
+    /// mean and 1/std are kept for [`Self::norm_grad`].
+    ///
+    /// # Shapes
+    /// `x (rows, D)` -> `acts.output (rows, D)`.
+    pub(crate) fn norm(&self, nv: &NormView, x: &[f32], acts: &mut NormActs, keep: bool) {
+        let (d, eps) = (self.config.width, self.config.layer_norm_eps);
+        let (w, b) = (self.params.slice(&nv.w), self.params.slice(&nv.b));
+        if keep {
+            acts.input.copy_from_slice(x);
+            layernorm_train(
+                &acts.input,
+                &mut acts.output,
+                w,
+                b,
+                d,
+                eps,
+                &mut acts.mean,
+                &mut acts.rstd,
+            );
+        } else {
+            layernorm(x, &mut acts.output, w, b, d, eps);
+        }
+    }
+
+    /// `dx += ∂loss/∂input` of a LayerNorm given `dy = ∂loss/∂output`, accumulating its γ/β
+    /// gradients into `grads`.
+    pub(crate) fn norm_grad(
+        &self,
+        nv: &NormView,
+        dy: &[f32],
+        acts: &NormActs,
+        dx: &mut [f32],
+        grads: &mut [f32],
+        partials: &mut Vec<f32>,
+    ) {
+        let (dg, db) = two_mut(grads, &nv.w, &nv.b);
+        layernorm_backward(
+            dy,
+            &acts.input,
+            &acts.mean,
+            &acts.rstd,
+            self.params.slice(&nv.w),
+            dx,
+            dg,
+            db,
+            self.config.width,
+            partials,
+        );
+    }
+}

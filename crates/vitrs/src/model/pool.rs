@@ -1,0 +1,305 @@
+//! Stage 4, pooling: the final token states `(B, N, D)` become one vector per image `(B, D)`
+//! — the [class] token (the paper's), the mean of the patch tokens (`gap`), or attention
+//! pooling (`map`: one learned query attends over the tokens, timm's `AttentionPoolLatent`,
+//! big_vision's `MAPHead`). DeiT also reads its distillation token here. Forward and backward.
+
+use super::layers::{MlpActs, NormActs, Sizer};
+use super::params::MapView;
+use super::ViT;
+use crate::config::{Pool, ViTConfig};
+use crate::kernels::gemm::{add_assign, Epilogue};
+use crate::kernels::math::{gelu_backward_par, softmax_inplace};
+
+/// Pooling's activations: the pooled vectors, and attention pooling's intermediates.
+#[derive(Debug, Default)]
+pub(crate) struct PoolActs {
+    /// `(B, D)`: the pooled vectors (fc_norm, in the head, rewrites them in place).
+    pub pooled: Vec<f32>,
+    /// `(B, D)`: the distillation token's final state (DeiT only).
+    pub pooled_dist: Vec<f32>,
+    /// Attention pooling (empty without it).
+    pub map: MapActs,
+}
+
+impl PoolActs {
+    pub(crate) fn size(&mut self, cfg: &ViTConfig, batch: usize, train: bool, f: &mut Sizer) {
+        let d = cfg.width;
+        f(&mut self.pooled, batch * d);
+        f(
+            &mut self.pooled_dist,
+            if cfg.distilled { batch * d } else { 0 },
+        );
+        self.map.size(cfg, batch, train, f);
+    }
+}
+
+/// Activations of attention pooling ([`MapView`]), for the forward and its backward.
+#[derive(Debug, Default)]
+pub(crate) struct MapActs {
+    /// The projected query `(D)`, the same for every image.
+    q: Vec<f32>,
+    /// Keys then values of every token `(B, N, 2D)`.
+    kv: Vec<f32>,
+    /// Pooling attention `(B, nh, N)`.
+    pub(crate) probs: Vec<f32>,
+    /// Attention output, heads side by side `(B, D)`.
+    attn: Vec<f32>,
+    /// After `proj` `(B, D)`: the residual stream of the pooling MLP.
+    z: Vec<f32>,
+    ln: NormActs,
+    /// MLP hidden `(B, M)`.
+    mlp: MlpActs,
+    // Gradient scratch (training only).
+    dq: Vec<f32>,
+    dkv: Vec<f32>,
+    dattn: Vec<f32>,
+    dz: Vec<f32>,
+    dh: Vec<f32>,
+    dy: Vec<f32>,
+}
+
+impl MapActs {
+    fn size(&mut self, cfg: &ViTConfig, batch: usize, train: bool, f: &mut Sizer) {
+        let (n, d, m) = (cfg.num_tokens(), cfg.width, cfg.mlp_dim);
+        let on = cfg.pool == Pool::Map;
+        // Everything is empty without attention pooling, the gradients without training.
+        let a = |x: usize| if on { x } else { 0 };
+        let g = |x: usize| if on && train { x } else { 0 };
+        f(&mut self.q, a(d));
+        f(&mut self.kv, a(batch * n * 2 * d));
+        f(&mut self.probs, a(batch * cfg.heads * n));
+        f(&mut self.attn, a(batch * d));
+        f(&mut self.z, a(batch * d));
+        self.ln.size(a(batch), d, train, f);
+        self.mlp.size(a(batch), m, train, f);
+        f(&mut self.dq, g(d));
+        f(&mut self.dkv, g(batch * n * 2 * d));
+        f(&mut self.dattn, g(batch * d));
+        f(&mut self.dz, g(batch * d));
+        f(&mut self.dh, g(batch * m));
+        f(&mut self.dy, g(batch * d));
+    }
+}
+
+impl ViT {
+    /// Pools the final token states into `acts.pooled` (and DeiT's distillation token into
+    /// `acts.pooled_dist`); `keep` keeps what the backward needs.
+    ///
+    /// # Shapes
+    /// `states (B, N, D)` -> `pooled (B, D)`, `pooled_dist (B, D)`.
+    pub(crate) fn pool(&self, states: &[f32], batch: usize, acts: &mut PoolActs, keep: bool) {
+        let cfg = &self.config;
+        let (n, d, npre) = (cfg.num_tokens(), cfg.width, cfg.num_prefix_tokens());
+        match (&self.view.attn_pool, cfg.pool) {
+            (Some(mv), _) => {
+                self.map_forward(mv, states, batch, &mut acts.map, keep);
+                acts.pooled.copy_from_slice(&acts.map.z);
+                self.linear(
+                    &mv.fc2,
+                    &acts.map.mlp.h_act,
+                    &mut acts.pooled,
+                    batch,
+                    Epilogue::Accumulate,
+                );
+            }
+            (None, Pool::Mean) => {
+                let inv = 1.0 / (n - npre) as f32;
+                for (b, o) in acts.pooled.chunks_exact_mut(d).enumerate().take(batch) {
+                    let xb = &states[b * n * d..(b + 1) * n * d];
+                    o.fill(0.0);
+                    for row in xb.chunks_exact(d).skip(npre) {
+                        add_assign(o, row);
+                    }
+                    o.iter_mut().for_each(|v| *v *= inv);
+                }
+            }
+            (None, _) => token_rows(states, &mut acts.pooled, batch, n, d, 0),
+        }
+        if cfg.distilled {
+            token_rows(states, &mut acts.pooled_dist, batch, n, d, 1);
+        }
+    }
+
+    /// Backward of [`Self::pool`]: from `dpooled`, `dpooled_dist (B, D)` to
+    /// `dstates (B, N, D)` (overwritten), parameter gradients accumulated.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn pool_backward(
+        &self,
+        states: &[f32],
+        batch: usize,
+        acts: &mut PoolActs,
+        dpooled: &[f32],
+        dpooled_dist: &[f32],
+        dstates: &mut [f32],
+        grads: &mut [f32],
+        partials: &mut Vec<f32>,
+    ) {
+        let cfg = &self.config;
+        let (n, d, npre) = (cfg.num_tokens(), cfg.width, cfg.num_prefix_tokens());
+        dstates.fill(0.0);
+        match (&self.view.attn_pool, cfg.pool) {
+            (Some(mv), _) => self.map_backward(
+                mv,
+                states,
+                batch,
+                &mut acts.map,
+                dpooled,
+                dstates,
+                grads,
+                partials,
+            ),
+            (None, Pool::Mean) => {
+                let inv = 1.0 / (n - npre) as f32;
+                for (b, g) in dpooled.chunks_exact(d).enumerate().take(batch) {
+                    for t in npre..n {
+                        let row = &mut dstates[(b * n + t) * d..(b * n + t + 1) * d];
+                        row.iter_mut().zip(g).for_each(|(r, v)| *r = v * inv);
+                    }
+                }
+            }
+            (None, _) => {
+                for (b, g) in dpooled.chunks_exact(d).enumerate().take(batch) {
+                    dstates[b * n * d..b * n * d + d].copy_from_slice(g);
+                }
+            }
+        }
+        if cfg.distilled {
+            for (b, g) in dpooled_dist.chunks_exact(d).enumerate().take(batch) {
+                dstates[(b * n + 1) * d..(b * n + 2) * d].copy_from_slice(g);
+            }
+        }
+    }
+
+    /// Attention pooling up to its MLP: the learned query attends over the final token states
+    /// `(B, N, D)`, `z = proj(attn)`, and `acts.mlp` holds `GELU(fc1(LN(z)))`; [`Self::pool`]
+    /// adds `fc2` of that to `z`.
+    fn map_forward(
+        &self,
+        mv: &MapView,
+        states: &[f32],
+        batch: usize,
+        acts: &mut MapActs,
+        keep: bool,
+    ) {
+        let cfg = &self.config;
+        let (n, d, nh, hd) = (cfg.num_tokens(), cfg.width, cfg.heads, cfg.head_dim());
+        // q = latent·Wqᵀ + b: (1, D), shared by the batch.
+        self.linear(
+            &mv.q,
+            self.params.slice(&mv.latent),
+            &mut acts.q,
+            1,
+            Epilogue::None,
+        );
+        // kv (B·N, 2D): keys in the first D columns, values in the next D (timm's reshape
+        // (B, N, 2, nh, hd)).
+        self.linear(&mv.kv, states, &mut acts.kv, batch * n, Epilogue::None);
+        let scale = 1.0 / (hd as f32).sqrt();
+        for b in 0..batch {
+            let kv = &acts.kv[b * n * 2 * d..(b + 1) * n * 2 * d];
+            for h in 0..nh {
+                let q = &acts.q[h * hd..(h + 1) * hd];
+                let p = &mut acts.probs[(b * nh + h) * n..(b * nh + h + 1) * n];
+                for (j, pj) in p.iter_mut().enumerate() {
+                    let k = &kv[j * 2 * d + h * hd..j * 2 * d + (h + 1) * hd];
+                    *pj = scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>();
+                }
+                softmax_inplace(p);
+                let o = &mut acts.attn[b * d + h * hd..b * d + (h + 1) * hd];
+                o.fill(0.0);
+                for (j, pj) in p.iter().enumerate() {
+                    let v = &kv[j * 2 * d + d + h * hd..j * 2 * d + d + (h + 1) * hd];
+                    o.iter_mut().zip(v).for_each(|(o, v)| *o += pj * v);
+                }
+            }
+        }
+        self.linear(&mv.proj, &acts.attn, &mut acts.z, batch, Epilogue::None);
+        self.norm(&mv.norm, &acts.z, &mut acts.ln, keep);
+        self.mlp_hidden(&mv.fc1, &acts.ln.output, &mut acts.mlp, batch, keep);
+    }
+
+    /// Backward of attention pooling: `dout (B, D)` -> `dstates (B, N, D)` (overwritten),
+    /// parameter gradients accumulated.
+    #[allow(clippy::too_many_arguments)]
+    fn map_backward(
+        &self,
+        mv: &MapView,
+        states: &[f32],
+        batch: usize,
+        acts: &mut MapActs,
+        dout: &[f32],
+        dstates: &mut [f32],
+        grads: &mut [f32],
+        partials: &mut Vec<f32>,
+    ) {
+        let cfg = &self.config;
+        let (n, d, nh, hd) = (cfg.num_tokens(), cfg.width, cfg.heads, cfg.head_dim());
+        let MapActs {
+            q,
+            kv,
+            probs,
+            attn,
+            ln,
+            mlp,
+            dq,
+            dkv,
+            dattn,
+            dz,
+            dh,
+            dy,
+            ..
+        } = acts;
+        // out = z + fc2(GELU(fc1(LN(z)))).
+        dz.copy_from_slice(&dout[..batch * d]);
+        self.linear_grad(&mv.fc2, dout, &mlp.h_act, Some(dh), grads, batch);
+        gelu_backward_par(&mlp.h_pre, dh, cfg.gelu);
+        self.linear_grad(&mv.fc1, dh, &ln.output, Some(dy), grads, batch);
+        self.norm_grad(&mv.norm, dy, ln, dz, grads, partials);
+        self.linear_grad(&mv.proj, dz, attn, Some(dattn), grads, batch);
+        // o = Σ_j p_j v_j, p = softmax(scale · q·k_j).
+        let scale = 1.0 / (hd as f32).sqrt();
+        dq.fill(0.0);
+        for b in 0..batch {
+            let kv = &kv[b * n * 2 * d..(b + 1) * n * 2 * d];
+            let dkv = &mut dkv[b * n * 2 * d..(b + 1) * n * 2 * d];
+            for h in 0..nh {
+                let p = &probs[(b * nh + h) * n..(b * nh + h + 1) * n];
+                let dout_h = &dattn[b * d + h * hd..b * d + (h + 1) * hd];
+                let qh = &q[h * hd..(h + 1) * hd];
+                // dp_j = do·v_j, then the softmax backward: ds_j = p_j (dp_j − Σ p·dp).
+                let dp: Vec<f32> = (0..n)
+                    .map(|j| {
+                        let v = &kv[j * 2 * d + d + h * hd..j * 2 * d + d + (h + 1) * hd];
+                        dout_h.iter().zip(v).map(|(a, b)| a * b).sum()
+                    })
+                    .collect();
+                let s: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for j in 0..n {
+                    let ds = p[j] * (dp[j] - s) * scale;
+                    let k = &kv[j * 2 * d + h * hd..j * 2 * d + (h + 1) * hd];
+                    dq[h * hd..(h + 1) * hd]
+                        .iter_mut()
+                        .zip(k)
+                        .for_each(|(g, k)| *g += ds * k);
+                    let (dk, dv) = dkv[j * 2 * d..(j + 1) * 2 * d].split_at_mut(d);
+                    for c in 0..hd {
+                        dk[h * hd + c] = ds * qh[c];
+                        dv[h * hd + c] = p[j] * dout_h[c];
+                    }
+                }
+            }
+        }
+        self.linear_grad(&mv.kv, dkv, states, Some(dstates), grads, batch * n);
+        let mut dlatent = vec![0.0; d];
+        let latent = self.params.slice(&mv.latent);
+        self.linear_grad(&mv.q, dq, latent, Some(&mut dlatent), grads, 1);
+        add_assign(&mut grads[mv.latent.clone()], &dlatent);
+    }
+}
+
+/// Row `t` of every image: `states (B, N, D)` -> `out (B, D)`.
+fn token_rows(states: &[f32], out: &mut [f32], batch: usize, n: usize, d: usize, t: usize) {
+    for (b, o) in out.chunks_exact_mut(d).enumerate().take(batch) {
+        o.copy_from_slice(&states[(b * n + t) * d..(b * n + t + 1) * d]);
+    }
+}
