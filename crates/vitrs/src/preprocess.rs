@@ -15,6 +15,7 @@ use image::{DynamicImage, ImageReader, Limits};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub use crate::resample::Interpolation;
 use crate::resample::{resize_planes, Planes};
 use crate::tensor::Tensor;
 
@@ -26,27 +27,6 @@ const MAX_SIDE: u32 = 16_384;
 const MAX_DECODE_BYTES: u64 = 256 << 20;
 /// Largest intermediate image (pixels) the shorter-side resize may produce.
 const MAX_RESIZED_PIXELS: usize = 1 << 26;
-
-/// Resampling filter (Pillow's definitions).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Interpolation {
-    Nearest,
-    Bilinear,
-    Bicubic,
-}
-
-impl Interpolation {
-    /// Parses timm's names and Pillow's integer codes (HF's `resample`).
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "nearest" | "0" => Some(Self::Nearest),
-            "bilinear" | "linear" | "2" => Some(Self::Bilinear),
-            "bicubic" | "cubic" | "3" => Some(Self::Bicubic),
-            _ => None,
-        }
-    }
-}
 
 /// How the image is brought to the model size.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

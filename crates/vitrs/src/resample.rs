@@ -3,7 +3,28 @@
 //! `interpolate(..., antialias=True)` (what timm uses to resample position embeddings) follows
 //! the same algorithm, so one implementation matches both.
 
-use crate::preprocess::Interpolation;
+use serde::{Deserialize, Serialize};
+
+/// Resampling filter (Pillow's definitions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    Nearest,
+    Bilinear,
+    Bicubic,
+}
+
+impl Interpolation {
+    /// Parses timm's names and Pillow's integer codes (HF's `resample`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "nearest" | "0" => Some(Self::Nearest),
+            "bilinear" | "linear" | "2" => Some(Self::Bilinear),
+            "bicubic" | "cubic" | "3" => Some(Self::Bicubic),
+            _ => None,
+        }
+    }
+}
 
 /// Planar data `(C, H, W)`.
 #[derive(Clone, Debug, PartialEq)]

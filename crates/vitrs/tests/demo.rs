@@ -26,12 +26,7 @@ fn demo_model_matches_pytorch_on_real_images() {
             .iter()
             .map(|v| v.as_f64().unwrap() as f32)
             .collect();
-        let diff = got
-            .data()
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let diff = vitrs::kernels::max_abs_diff(got.data(), &want);
         assert!(diff < 1e-4, "{file}: max |Δlogit| {diff}");
         let argmax = vitrs::infer::top_k(got.data(), 1)[0].0;
         assert_eq!(

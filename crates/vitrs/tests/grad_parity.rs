@@ -64,10 +64,7 @@ fn check(name: &str) {
             .iter()
             .fold(0.0f32, |m, v| m.max(v.abs()))
             .max(1e-6);
-        let diff = got
-            .iter()
-            .zip(want.data())
-            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let diff = vitrs::kernels::max_abs_diff(got, want.data());
         let rel = diff / scale;
         if rel > worst.0 {
             worst = (rel, e.name.clone());

@@ -27,12 +27,7 @@ fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
-    let worst = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, |m, d| if d.is_nan() { f32::NAN } else { m.max(d) });
+    let worst = vitrs::kernels::max_abs_diff(got, want);
     assert!(worst <= tol, "{what}: max |diff| {worst:e} exceeds {tol:e}");
 }
 

@@ -300,12 +300,7 @@ fn check(cfg: ViTConfig, batch: usize) {
             &mut Workspace::new(),
         )
         .unwrap();
-    let diff = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max)
-    };
+    let diff = vitrs::kernels::max_abs_diff;
     assert_eq!(out.logits.numel(), want_logits.len(), "{cfg:?}");
     let dl = diff(out.logits.data(), &want_logits);
     let da = diff(out.attentions.as_ref().unwrap().data(), &want_attn);

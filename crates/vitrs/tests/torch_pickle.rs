@@ -109,12 +109,7 @@ fn directories_with_pickled_weights_give_pytorch_logits() {
         let x = vitrs::npy::read_npy(&r.join("input.npy")).unwrap();
         let want = vitrs::npy::read_npy(&r.join("logits.npy")).unwrap();
         let got = ck.model.logits(&x).unwrap();
-        let d = got
-            .data()
-            .iter()
-            .zip(want.data())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let d = vitrs::kernels::max_abs_diff(got.data(), want.data());
         assert!(d < 1e-4, "{sub}: max |Δlogit| {d}");
     }
 }

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
+use vitrs::kernels::max_abs_diff;
 use vitrs::train::trainer::Outcome;
 use vitrs::train::{Hooks, Progress, RunConfig, Trainer};
 
@@ -349,15 +350,6 @@ fn the_weights_average_is_evaluated_saved_and_resumed() {
     let diff = max_abs_diff(a.model.params().flat(), b.model.params().flat());
     assert!(diff <= 1e-6, "resumed weights differ by {diff}");
     std::fs::remove_dir_all(root).ok();
-}
-
-/// The largest element-wise difference between two equally long slices.
-fn max_abs_diff(x: &[f32], y: &[f32]) -> f32 {
-    assert_eq!(x.len(), y.len());
-    x.iter()
-        .zip(y)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max)
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //! Bicubic with antialiasing, as timm's `resample_abs_pos_embed`.
 
 use crate::error::{Error, Result};
-use crate::preprocess::Interpolation;
+use crate::resample::Interpolation;
 use crate::resample::{resize_planes, Planes};
 
 /// Resamples `pe`.

@@ -1,15 +1,15 @@
 //! Multi-head scaled dot-product attention over a fused qkv buffer.
 //!
 //! Per (image, head, block of query rows): `S = q·kᵀ / sqrt(hd)` and `O = softmax(S)·v`, as two
-//! register-tiled products ([`super::small`]) over strided views of the qkv buffer with the
+//! register-tiled products ([`super::attention_gemm`]) over strided views of the qkv buffer with the
 //! softmax in between; only `kᵀ` is copied (to `hd × N`, so the product reads its rows). The scores live in a per-thread scratch tile of `rows × N`, or, when
 //! attention maps are captured, directly in the caller's probability buffer: the same code
 //! path either way, so captured maps are exactly the ones used.
 
 use rayon::prelude::*;
 
+use super::attention_gemm::attention_sgemm;
 use super::math::{dot_lanes, softmax_inplace, softmax_ref};
-use super::small::small_sgemm;
 use super::{Split, SyncPtr};
 
 /// Query rows per task are never split below this.
@@ -61,6 +61,10 @@ impl AttnDims {
 /// `qkv (B, N, 3, nh, hd)` (timm's fused layout, i.e. `(B, N, 3D)`), `out (B, N, D)` with head
 /// `h` in columns `h·hd..(h+1)·hd`, `probs` (when given) `(B, nh, N, N)`. `scratch` is grown to
 /// [`AttnDims::scratch_len`] on first use and reused afterwards.
+///
+/// # Panics
+/// When a slice is shorter than its shape (checked in every build: the tiles are written
+/// through raw pointers).
 pub fn attention(
     qkv: &[f32],
     out: &mut [f32],
@@ -75,9 +79,10 @@ pub fn attention(
         head_dim: hd,
     } = dims;
     let d = dims.width();
-    debug_assert!(qkv.len() >= batch * n * 3 * d && out.len() >= batch * n * d);
+    super::check_len("attention: qkv", qkv.len(), batch * n * 3 * d);
+    super::check_len("attention: out", out.len(), batch * n * d);
     if let Some(p) = probs.as_deref() {
-        debug_assert!(p.len() >= batch * heads * n * n);
+        super::check_len("attention: probs", p.len(), batch * heads * n * n);
     }
     let threads = rayon::current_num_threads();
     let (blocks, rows) = dims.plan(threads);
@@ -129,7 +134,7 @@ pub fn attention(
                     let q = qkv.as_ptr().add(base + r0 * 3 * d + h * hd);
                     let v = qkv.as_ptr().add(base + 2 * d + h * hd);
                     // S (nr, N) = scale · q (nr, hd) · kᵀ (hd, N).
-                    small_sgemm(
+                    attention_sgemm(
                         (nr, hd, n),
                         scale,
                         (q, (3 * d) as isize, 1),
@@ -141,7 +146,7 @@ pub fn attention(
                         softmax_inplace(row);
                     }
                     // O (nr, hd) = P (nr, N) · v (N, hd), written into out[b, r0.., h·hd..].
-                    small_sgemm(
+                    attention_sgemm(
                         (nr, n, hd),
                         1.0,
                         (s.as_ptr(), n as isize, 1),
@@ -172,6 +177,9 @@ fn transpose_head(src: &[f32], ld: usize, n: usize, hd: usize, dst: &mut [f32]) 
 /// # Shapes
 /// `qkv, dqkv (B, N, 3D)`, `probs (B, nh, N, N)`, `dout (B, N, D)`; `scratch` grows to
 /// `threads · (N + hd) · N`.
+///
+/// # Panics
+/// When a slice is shorter than its shape (checked in every build).
 pub fn attention_backward(
     qkv: &[f32],
     probs: &[f32],
@@ -187,7 +195,14 @@ pub fn attention_backward(
         head_dim: hd,
     } = dims;
     let d = dims.width();
-    debug_assert!(probs.len() >= batch * heads * n * n && dqkv.len() >= batch * n * 3 * d);
+    super::check_len("attention_backward: qkv", qkv.len(), batch * n * 3 * d);
+    super::check_len(
+        "attention_backward: probs",
+        probs.len(),
+        batch * heads * n * n,
+    );
+    super::check_len("attention_backward: dout", dout.len(), batch * n * d);
+    super::check_len("attention_backward: dqkv", dqkv.len(), batch * n * 3 * d);
     let groups = Split::new(batch * heads, rayon::current_num_threads(), 1);
     // Per group: dS (N, N) and vᵀ (hd, N).
     let tile_len = (n + hd) * n;
@@ -216,7 +231,7 @@ pub fn attention_backward(
                     let (dq, dk, dv) = (dbase, dbase.add(d), dbase.add(2 * d));
                     let dob = dout.as_ptr().add(b * n * d + h * hd);
                     // dV (N, hd) = Pᵀ (N, N) · dO (N, hd)
-                    small_sgemm(
+                    attention_sgemm(
                         (n, n, hd),
                         1.0,
                         (p.as_ptr(), 1, ldn),
@@ -225,7 +240,7 @@ pub fn attention_backward(
                         (dv, ld3),
                     );
                     // dP (N, N) = dO (N, hd) · vᵀ (hd, N)
-                    small_sgemm(
+                    attention_sgemm(
                         (n, hd, n),
                         1.0,
                         (dob, ld, 1),
@@ -237,7 +252,7 @@ pub fn attention_backward(
                         softmax_backward_row(pr, dsr, scale);
                     }
                     // dQ (N, hd) = dS (N, N) · K (N, hd);  dK (N, hd) = dSᵀ (N, N) · Q (N, hd)
-                    small_sgemm(
+                    attention_sgemm(
                         (n, n, hd),
                         1.0,
                         (ds.as_ptr(), ldn, 1),
@@ -245,7 +260,7 @@ pub fn attention_backward(
                         false,
                         (dq, ld3),
                     );
-                    small_sgemm(
+                    attention_sgemm(
                         (n, n, hd),
                         1.0,
                         (ds.as_ptr(), 1, ldn),

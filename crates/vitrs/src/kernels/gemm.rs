@@ -35,7 +35,10 @@ const PARALLEL_MIN_MACS: usize = 1 << 16;
 ///
 /// # Shapes
 /// `x (m, k)`, `w (n, k)` (PyTorch `Linear` layout), `bias (n)`, `out (m, n)`; all row-major.
-/// Slices longer than their shape are an error of the caller and are caught by a debug assert.
+///
+/// # Panics
+/// When a slice is shorter than its shape: the product writes through raw pointers, so the
+/// lengths are checked in every build, not only in debug ones.
 pub fn linear(
     x: &[f32],
     w: &[f32],
@@ -44,8 +47,12 @@ pub fn linear(
     (m, k, n): (usize, usize, usize),
     epilogue: Epilogue,
 ) {
-    debug_assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n);
-    debug_assert!(bias.is_none_or(|b| b.len() >= n));
+    super::check_len("linear: x", x.len(), m * k);
+    super::check_len("linear: w", w.len(), n * k);
+    super::check_len("linear: out", out.len(), m * n);
+    if let Some(b) = bias {
+        super::check_len("linear: bias", b.len(), n);
+    }
     if m == 0 || n == 0 {
         return;
     }
@@ -139,6 +146,10 @@ super::simd_dispatch! {
 ///
 /// # Shapes
 /// `dy (m, n)`, `x (m, k)`, `w (n, k)`, `dx (m, k)`, `dw (n, k)`, `db (n)`.
+///
+/// # Panics
+/// When a slice is shorter than its shape (checked in every build: the products write
+/// through raw pointers).
 #[allow(clippy::too_many_arguments)]
 pub fn linear_backward(
     dy: &[f32],
@@ -149,7 +160,16 @@ pub fn linear_backward(
     db: Option<&mut [f32]>,
     (m, k, n): (usize, usize, usize),
 ) {
-    debug_assert!(dy.len() >= m * n && x.len() >= m * k && w.len() >= n * k && dw.len() >= n * k);
+    super::check_len("linear_backward: dy", dy.len(), m * n);
+    super::check_len("linear_backward: x", x.len(), m * k);
+    super::check_len("linear_backward: w", w.len(), n * k);
+    super::check_len("linear_backward: dw", dw.len(), n * k);
+    if let Some(dx) = dx.as_deref() {
+        super::check_len("linear_backward: dx", dx.len(), m * k);
+    }
+    if let Some(db) = db.as_deref() {
+        super::check_len("linear_backward: db", db.len(), n);
+    }
     if m == 0 || n == 0 || k == 0 {
         return;
     }

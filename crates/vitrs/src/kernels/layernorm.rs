@@ -43,8 +43,18 @@ fn layernorm_impl(
     eps: f32,
     stats: Option<(&mut [f32], &mut [f32])>,
 ) {
-    debug_assert_eq!(x.len(), out.len());
-    debug_assert!(d > 0 && x.len() % d == 0 && gamma.len() == d && beta.len() == d);
+    assert!(
+        d > 0 && x.len() % d == 0,
+        "layernorm: {} values are not rows of {d}",
+        x.len()
+    );
+    super::check_len("layernorm: out", out.len(), x.len());
+    super::check_len("layernorm: gamma", gamma.len(), d);
+    super::check_len("layernorm: beta", beta.len(), d);
+    if let Some((m, r)) = stats.as_ref() {
+        super::check_len("layernorm: mean", m.len(), x.len() / d);
+        super::check_len("layernorm: rstd", r.len(), x.len() / d);
+    }
     let stats = stats.map(|(m, r)| (SyncPtr(m.as_mut_ptr()), SyncPtr(r.as_mut_ptr())));
     out.par_chunks_mut(d * ROWS_PER_TASK)
         .zip(x.par_chunks(d * ROWS_PER_TASK))
@@ -127,7 +137,19 @@ pub fn layernorm_backward(
     d: usize,
     partials: &mut Vec<f32>,
 ) {
+    assert!(d > 0, "layernorm_backward: width 0");
     let rows = x.len() / d;
+    for (what, len, need) in [
+        ("dy", dy.len(), rows * d),
+        ("dx", dx.len(), rows * d),
+        ("mean", mean.len(), rows),
+        ("rstd", rstd.len(), rows),
+        ("gamma", gamma.len(), d),
+        ("dgamma", dgamma.len(), d),
+        ("dbeta", dbeta.len(), d),
+    ] {
+        super::check_len(what, len, need);
+    }
     let split = Split::new(rows, rayon::current_num_threads(), ROWS_PER_TASK);
     if partials.len() < split.count * 2 * d {
         partials.resize(split.count * 2 * d, 0.0);

@@ -6,11 +6,11 @@
 //! binary runs on any x86-64 and is fast on the CPUs people have.
 
 pub mod attention;
+pub mod attention_gemm;
 pub mod gemm;
 pub mod layernorm;
 pub mod loss;
 pub mod math;
-pub mod small;
 
 /// Which kernels may run: 0 not decided yet, 1 SIMD where the CPU has it, 2 portable only.
 static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
@@ -96,6 +96,37 @@ impl SyncPtr {
     }
 }
 
+/// Panics unless a kernel's slice holds at least `need` values. The public kernels write
+/// through raw pointers from parallel tasks, so their slice lengths are checked in every
+/// build, not only in debug ones.
+#[inline]
+#[track_caller]
+pub(crate) fn check_len(what: &str, len: usize, need: usize) {
+    assert!(
+        len >= need,
+        "{what}: {len} values where the shape needs {need}"
+    );
+}
+
+/// Largest `|a − b|` over two slices, the comparison every fast-vs-reference test uses. It is
+/// NaN-aware: a NaN in either slice (or two infinities) makes it infinite, and so do slices of
+/// different lengths, so `diff < tol` fails — where `fold(0.0, f32::max)` would skip the NaN
+/// and let a kernel that outputs only NaN pass.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return f32::INFINITY;
+    }
+    let mut worst = 0.0f32;
+    for (x, y) in a.iter().zip(b) {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            return f32::INFINITY;
+        }
+        worst = worst.max(d);
+    }
+    worst
+}
+
 /// A strided matrix operand: pointer, row stride, column stride (in elements).
 pub(crate) type Strided<P> = (P, isize, isize);
 
@@ -163,19 +194,35 @@ pub(crate) mod testutil {
             .collect()
     }
 
-    /// Largest |a - b| over two equal-length slices.
-    pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
-    }
+    pub use super::max_abs_diff;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_abs_diff_fails_on_nan_and_infinity() {
+        let good = [1.0, 2.0, 3.0];
+        assert_eq!(max_abs_diff(&good, &[1.0, 2.5, 3.0]), 0.5);
+        // A kernel that outputs NaN (anywhere, or everywhere) must not pass a tolerance check.
+        for bad in [
+            [f32::NAN, 2.0, 3.0],
+            [f32::NAN; 3],
+            [1.0, f32::INFINITY, 3.0],
+        ] {
+            assert!(!(max_abs_diff(&bad, &good) < 1.0), "{bad:?}");
+            assert!(!(max_abs_diff(&good, &bad) < 1.0), "{bad:?}");
+        }
+        assert!(!(max_abs_diff(&good, &good[..2]) < 1.0));
+        // What the old helper did: the NaN is skipped.
+        let folded = [f32::NAN; 3]
+            .iter()
+            .zip(&good)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert_eq!(folded, 0.0);
+    }
 
     #[test]
     fn split_covers_everything_once() {

@@ -6,7 +6,6 @@
 
 use std::ops::Range;
 
-use super::forward::Pass;
 use super::layers::{MlpActs, NormActs, Sizer};
 use super::params::{BlockView, LinearView};
 use super::ViT;
@@ -123,6 +122,17 @@ fn fill_mask(
     }
 }
 
+/// What a block's forward keeps and draws besides its output (the forward pass's mode, for
+/// one block).
+pub(crate) struct BlockPass<'a> {
+    /// Keep the activations the backward reads (training).
+    pub keep: bool,
+    /// Dropout and stochastic-depth masks to draw (training with regularisation).
+    pub reg: Option<Regularization>,
+    /// Where this block's attention maps `(B, nh, N, N)` go when inferring with capture.
+    pub capture: Option<&'a mut [f32]>,
+}
+
 /// Which residual branch of a block.
 #[derive(Clone, Copy)]
 enum Branch {
@@ -166,7 +176,7 @@ impl ViT {
     ///
     /// # Shapes
     /// `x (B, N, D)`; `branch (B·N, D)` scratch; attention maps `(B, nh, N, N)` go to
-    /// `acts.probs` (training) or the pass's capture (inference).
+    /// `acts.probs` (training) or `pass.capture` (inference).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn block_forward(
         &self,
@@ -176,15 +186,14 @@ impl ViT {
         branch: &mut [f32],
         attn_scratch: &mut Vec<f32>,
         batch: usize,
-        pass: &mut Pass<'_>,
+        pass: BlockPass<'_>,
     ) {
         let cfg = &self.config;
         let blk = &self.view.blocks[l];
         let (n, d) = (cfg.num_tokens(), cfg.width);
         let rows = batch * n;
         let dims = self.attn_dims(batch);
-        let keep = pass.keeps_activations();
-        let reg = pass.regularization();
+        let BlockPass { keep, reg, capture } = pass;
         if let Some(reg) = &reg {
             fill_mask(&mut acts.mask_attn, reg, l, cfg.depth, 0, (batch, n, d));
             fill_mask(&mut acts.mask_mlp, reg, l, cfg.depth, 1, (batch, n, d));
@@ -193,14 +202,10 @@ impl ViT {
             Some(_) => (Some(&acts.mask_attn[..]), Some(&acts.mask_mlp[..])),
             None => (None, None),
         };
-        let probs = match pass {
-            Pass::Train { .. } => Some(&mut acts.probs[..]),
-            Pass::Infer { attentions } => {
-                let plane = batch * cfg.heads * n * n;
-                attentions
-                    .as_deref_mut()
-                    .map(|t| &mut t[l * plane..(l + 1) * plane])
-            }
+        let probs = if keep {
+            Some(&mut acts.probs[..])
+        } else {
+            capture
         };
         let ls1 = blk.ls1.as_ref().map(|g| (g, &mut acts.ls_attn[..]));
         let ls2 = blk.ls2.as_ref().map(|g| (g, &mut acts.ls_mlp[..]));

@@ -3,7 +3,7 @@
 //! says whether it keeps what the backward needs (training) or overwrites as it goes and
 //! fuses where it can (inference). [`ViT::forward`] is the public inference entry point.
 
-use super::block::Regularization;
+use super::block::{BlockPass, Regularization};
 use super::workspace::{Activations, Workspace};
 use super::ViT;
 use crate::error::{Error, Result};
@@ -41,16 +41,22 @@ pub(crate) enum Pass<'a> {
 }
 
 impl Pass<'_> {
-    /// Whether activations are kept for the backward.
-    pub(crate) fn keeps_activations(&self) -> bool {
-        matches!(self, Pass::Train { .. })
-    }
-
-    /// The regularisation masks to draw, when training with any.
-    pub(crate) fn regularization(&self) -> Option<Regularization> {
+    /// Block `l`'s part of the pass: what it keeps, the masks it draws, where its attention
+    /// maps `(B, nh, N, N)` go (one plane of `(L, B, nh, N, N)`).
+    fn block(&mut self, l: usize, plane: usize) -> BlockPass<'_> {
         match self {
-            Pass::Train { reg } if reg.active() => Some(*reg),
-            _ => None,
+            Pass::Train { reg } => BlockPass {
+                keep: true,
+                reg: reg.active().then_some(*reg),
+                capture: None,
+            },
+            Pass::Infer { attentions } => BlockPass {
+                keep: false,
+                reg: None,
+                capture: attentions
+                    .as_deref_mut()
+                    .map(|t| &mut t[l * plane..(l + 1) * plane]),
+            },
         }
     }
 }
@@ -109,7 +115,9 @@ impl ViT {
         acts: &mut Activations,
         mut pass: Pass<'_>,
     ) {
-        let keep = pass.keeps_activations();
+        let keep = matches!(pass, Pass::Train { .. });
+        let cfg = &self.config;
+        let plane = batch * cfg.heads * cfg.num_tokens() * cfg.num_tokens();
         let Activations {
             embed,
             x,
@@ -122,10 +130,11 @@ impl ViT {
             ..
         } = acts;
         self.embed(images, batch, embed, x);
-        for l in 0..self.config.depth {
+        for l in 0..cfg.depth {
             // Training keeps every block's activations; inference reuses one set.
             let block_acts = &mut blocks[if keep { l } else { 0 }];
-            self.block_forward(l, x, block_acts, branch, attn_scratch, batch, &mut pass);
+            let bp = pass.block(l, plane);
+            self.block_forward(l, x, block_acts, branch, attn_scratch, batch, bp);
         }
         if let Some(nv) = &self.view.norm {
             self.norm(nv, x, final_norm, keep);

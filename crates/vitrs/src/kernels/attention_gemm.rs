@@ -22,7 +22,7 @@ const NR: usize = 16;
 /// As [`super::sgemm`]: each pointer addresses a matrix of the given shape and strides, `c`
 /// aliases neither `a` nor `b`, and no other thread writes the same elements of `c`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn small_sgemm(
+pub(crate) unsafe fn attention_sgemm(
     (m, k, n): (usize, usize, usize),
     alpha: f32,
     a: Strided<*const f32>,
@@ -163,7 +163,7 @@ mod tests {
     /// Every tile shape and tail, every operand layout used by attention, against the general
     /// SGEMM; elements of `C` outside the product must be left untouched.
     #[test]
-    fn small_sgemm_matches_general_sgemm() {
+    fn attention_sgemm_matches_general_sgemm() {
         for &(m, k, n) in &[
             (1, 1, 1),
             (6, 16, 16),
@@ -199,7 +199,7 @@ mod tests {
                             beta,
                             (want.as_mut_ptr(), ldc as isize, 1),
                         );
-                        small_sgemm(
+                        attention_sgemm(
                             (m, k, n),
                             0.7,
                             (a.as_ptr(), ars, acs),
