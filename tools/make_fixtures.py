@@ -478,6 +478,86 @@ def make_timm_resample() -> None:
 # --------------------------------------------------------------------------------------
 # Gradient references for the training backward pass
 # --------------------------------------------------------------------------------------
+# A post-norm ViT (the original Transformer's block), which no library ships: built from
+# timm's VisionTransformer with its own block_fn, saved in vitrs' native format
+# --------------------------------------------------------------------------------------
+
+class PostNormBlock(torch.nn.Module):
+    """The original Transformer's block (Vaswani et al. 2017), vitrs' `norm = "post"`:
+    x = LN1(x + γ1·attn(x)), then x = LN2(x + γ2·mlp(x)); timm's submodules and names
+    (norm1, attn, ls1, norm2, mlp, ls2), built with the arguments timm's VisionTransformer
+    passes to its `block_fn`."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, init_values=None,
+                 act_layer=torch.nn.GELU, norm_layer=torch.nn.LayerNorm, **_unused):
+        super().__init__()
+        from timm.layers import LayerScale, Mlp
+        from timm.models.vision_transformer import Attention
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values else torch.nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
+        self.ls2 = LayerScale(dim, init_values) if init_values else torch.nn.Identity()
+
+    def forward(self, x, attn_mask=None):
+        x = self.norm1(x + self.ls1(self.attn(x)))
+        return self.norm2(x + self.ls2(self.mlp(x)))
+
+
+def make_native_postnorm() -> None:
+    """`native_postnorm/model.safetensors`: post-norm blocks with LayerScale, tanh GELU, no
+    final norm (the last block ends on its LN2), class-token pooling, in vitrs' native format
+    (the architecture in the file's metadata), with logits, attentions and gradients."""
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+    name, seed = "native_postnorm", 3001
+    d = fresh_dir(name)
+    ref = d / "ref"
+    torch.manual_seed(seed)
+    model = VisionTransformer(img_size=24, patch_size=8, in_chans=3, num_classes=4, embed_dim=24,
+                              depth=2, num_heads=2, mlp_ratio=2.0, qkv_bias=True, init_values=0.3,
+                              act_layer="gelu_tanh", block_fn=PostNormBlock, final_norm=False)
+    perturb_(model, seed)
+    model.eval()
+    assert isinstance(model.norm, torch.nn.Identity) and isinstance(model.fc_norm, torch.nn.Identity)
+    config = {
+        "image_height": 24, "image_width": 24, "patch_size": 8, "channels": 3, "width": 24,
+        "depth": 2, "heads": 2, "mlp_dim": 48, "num_classes": 4, "pool": "cls", "head": "linear",
+        "norm": "post", "gelu": "tanh", "fc_norm": False, "qkv_bias": True,
+        "layer_norm_eps": model.blocks[0].norm1.eps, "class_token": True, "distilled": False,
+        "reg_tokens": 0, "no_embed_class": False, "layer_scale": 0.3,
+    }
+    preprocess = {"height": 24, "width": 24, "channels": 3, "resize": {"kind": "exact"},
+                  "interpolation": "bilinear", "rescale": 1.0 / 255.0,
+                  "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    metadata = {"format": "vitrs", "vitrs.config": json.dumps(config),
+                "vitrs.preprocess": json.dumps(preprocess)}
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(d / "model.safetensors"), metadata=metadata)
+
+    x_np = random_input(seed, 3, 24, 24)
+    save_npy(x_np, ref / "input.npy")
+    x = torch.from_numpy(x_np)
+    with torch.no_grad():
+        logits_fused = model(x)
+    logits, attn = timm_attentions(model, x)
+    assert torch.allclose(logits, logits_fused, atol=1e-5), (logits - logits_fused).abs().max()
+    save_npy(logits, ref / "logits.npy")
+    save_npy(attn, ref / "attentions.npy")
+    write_json({
+        "name": name,
+        "library": "timm (VisionTransformer with a post-norm block_fn) -> vitrs native safetensors",
+        "description": make_native_postnorm.__doc__,
+        "config": config,
+        "seed": seed,
+        "versions": VERSIONS,
+    }, ref / "info.json")
+    print(f"{name}: logits {tuple(logits.shape)} attn {tuple(attn.shape)}")
+    add_grads(name, model, hf=False)
+
+
+# --------------------------------------------------------------------------------------
 
 GRAD_SMOOTHING = 0.1
 
@@ -620,6 +700,7 @@ def main() -> None:
     make_hf_v5_names()
     make_timm_resample()
     make_grads()
+    make_native_postnorm()
 
     total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
     print(f"total size of {FIXTURES.relative_to(ROOT)}: {total} bytes")

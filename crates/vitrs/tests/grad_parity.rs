@@ -1,6 +1,7 @@
 //! The hand-written backward pass against PyTorch's autograd (loss and every parameter's
-//! gradient, from `tools/make_fixtures.py`), and a finite-difference spot check for the
-//! options no PyTorch model has (post-norm blocks, the pre-training head).
+//! gradient, from `tools/make_fixtures.py`, post-norm blocks included), and a
+//! finite-difference spot check for every option, including the one no PyTorch model has (the
+//! pre-training head's tanh pre-logits).
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +18,12 @@ fn fixtures() -> PathBuf {
 
 fn check(name: &str) {
     let dir = fixtures().join(name);
-    let ck = vitrs::load(&dir).unwrap();
+    // Hugging Face and timm fixtures are directories; native ones a file that carries its config.
+    let ck = match dir.join("config.json").is_file() {
+        true => vitrs::load(&dir),
+        false => vitrs::load(&dir.join("model.safetensors")),
+    }
+    .unwrap();
     let x = read_npy(&dir.join("ref/input.npy")).unwrap();
     let info: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("ref/grads.json")).unwrap())
@@ -126,6 +132,13 @@ fn timm_registers_gap_gradients() {
 #[test]
 fn timm_attention_pooling_gradients() {
     check("timm_siglip_map");
+}
+
+/// Post-norm blocks (the original Transformer's) with LayerScale and tanh GELU, built in
+/// PyTorch from timm's parts (`tools/make_fixtures.py`, `PostNormBlock`).
+#[test]
+fn post_norm_layer_scale_gradients() {
+    check("native_postnorm");
 }
 
 /// Central differences of the loss for a few entries of every parameter tensor.

@@ -171,6 +171,33 @@ fn timm_attention_pooling() {
     check_fixture("timm_siglip_map", Format::Timm);
 }
 
+/// Post-norm blocks (the original Transformer's: `x = LN(x + branch(x))`) with LayerScale and
+/// tanh GELU and no final norm, which no library ships: built in PyTorch from timm's parts and
+/// saved in the native format by `tools/make_fixtures.py`.
+#[test]
+fn native_post_norm_matches_pytorch() {
+    let dir = fixtures().join("native_postnorm");
+    let ck = vitrs::load(&dir.join("model.safetensors")).unwrap();
+    assert_eq!(ck.report.format, Format::Native);
+    assert_eq!(ck.model.config().norm, vitrs::NormPlacement::Post);
+    assert!(ck.model.params().get("norm.weight").is_none());
+    let r = dir.join("ref");
+    let input = read_npy(&r.join("input.npy")).unwrap();
+    let capture = Capture {
+        attentions: true,
+        pre_logits: false,
+    };
+    let out = ck
+        .model
+        .forward(&input, capture, &mut Workspace::new())
+        .unwrap();
+    let want = read_npy(&r.join("logits.npy")).unwrap();
+    assert_close("native_postnorm logits", &out.logits, &want, 1e-4);
+    let want = read_npy(&r.join("attentions.npy")).unwrap();
+    let got = out.attentions.as_ref().unwrap();
+    assert_close("native_postnorm attentions", got, &want, 1e-5);
+}
+
 #[test]
 fn hf_labels_and_config_are_read() {
     let ck = vitrs::load(&fixtures().join("hf_cls")).unwrap();
