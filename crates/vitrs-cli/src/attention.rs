@@ -1,20 +1,16 @@
 //! `vit attention`: where the model looks (maps over images), or how far each head looks
 //! (mean attention distance over a dataset, the paper's Fig. 7).
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::ValueEnum;
 use serde_json::json;
-use vitrs::attnmap::{
-    attention_map, image_attention, mean_attention_distance, HeadFusion, Method, Query,
-};
-use vitrs::data::loader::{Loader, LoaderConfig};
-use vitrs::data::{Dataset, Subset};
-use vitrs::preprocess::Preprocess;
-use vitrs::viz::heatmap::{overlay, plot_distance, plot_rows, RgbImage, Row};
-use vitrs::{Capture, Checkpoint, Tensor, ViT, Workspace};
+use vitrs::attnmap::{dataset_attention_distance, HeadFusion, Method, Query};
+use vitrs::data::{open_for_model, ForModel, Split};
+use vitrs::viz::attention::{explain, Explained};
+use vitrs::viz::heatmap::{plot_distance, plot_rows};
+use vitrs::{Checkpoint, ViTConfig};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum MapMethod {
@@ -79,7 +75,7 @@ pub(crate) struct AttentionArgs {
     out: PathBuf,
 }
 
-pub(crate) fn attention(a: AttentionArgs) -> Result<u8> {
+pub(crate) fn run(a: AttentionArgs) -> Result<u8> {
     let ck = crate::load(&a.model)?;
     if a.distance {
         return distance(&ck, &a);
@@ -119,19 +115,24 @@ pub(crate) fn attention(a: AttentionArgs) -> Result<u8> {
     };
     let query = Query::for_model(&cfg);
     eprintln!("showing {}", query.describe());
-    let method_name = a
-        .method
-        .to_possible_value()
-        .map(|v| v.get_name().to_string());
-    let rows = figure_rows(
+    let label_of = |i: usize| ck.label(i);
+    let explained = explain(
         &ck.model,
         &ck.preprocess,
-        &|i| ck.label(i),
+        &label_of,
         &a.images,
         &methods,
         a.alpha,
-        a.json.then_some(method_name.as_deref().unwrap_or("")),
     )?;
+    if a.json {
+        let method = a
+            .method
+            .to_possible_value()
+            .map(|v| v.get_name().to_string());
+        for e in &explained {
+            print_json(e, &cfg, query, method.as_deref().unwrap_or(""), &label_of);
+        }
+    }
     let title = format!(
         "{} - {}",
         a.model.display(),
@@ -140,98 +141,49 @@ pub(crate) fn attention(a: AttentionArgs) -> Result<u8> {
             Query::PatchMean => "mean patch attention (mean-pooled model)",
         }
     );
+    let rows: Vec<_> = explained.into_iter().map(|e| e.row).collect();
     plot_rows(&a.out, &title, &rows)?;
     eprintln!("wrote {}", a.out.display());
     Ok(0)
 }
 
-/// One figure row per image: the image as the model sees it, then one overlay per method.
-/// With `json` (the method's name), also prints one JSON object per image.
-pub(crate) fn figure_rows(
-    model: &ViT,
-    pre: &Preprocess,
+/// One image's maps as one JSON line: `{"image", "prediction", "method", "query", "grid",
+/// "maps": [{"map", "values": [[...], ...]}]}`.
+fn print_json(
+    e: &Explained,
+    cfg: &ViTConfig,
+    query: Query,
+    method: &str,
     label_of: &dyn Fn(usize) -> String,
-    images: &[PathBuf],
-    methods: &[(String, Method)],
-    alpha: f32,
-    json: Option<&str>,
-) -> Result<Vec<Row>> {
-    let cfg = model.config();
-    let query = Query::for_model(cfg);
-    let mut ws = Workspace::new();
-    let mut rows = vec![];
-    for path in images {
-        let x = pre.load(path)?;
-        if x.shape()[0] != 1 {
-            bail!(
-                "{}: one image per --image (got a batch of {})",
-                path.display(),
-                x.shape()[0]
-            );
-        }
-        let out = model.forward(
-            &x,
-            Capture {
-                attentions: true,
-                pre_logits: false,
-            },
-            &mut ws,
-        )?;
-        let att = out
-            .attentions
-            .context("the forward pass returned no attention maps")?;
-        let att = image_attention(cfg, att.data(), 1, 0);
-        let (best, p) = vitrs::infer::top_k(out.logits.data(), 1)
-            .first()
-            .copied()
-            .unwrap_or((0, 0.0));
-        let name = path.file_name().map_or_else(
-            || path.display().to_string(),
-            |f| f.to_string_lossy().into_owned(),
-        );
-        let label = if cfg.num_classes > 0 {
-            format!("{name}: {} ({p:.2})", label_of(best))
-        } else {
-            name
-        };
-        let shown = display_image(pre, &x);
-        let mut panels = vec![("image".to_string(), shown.clone())];
-        let mut maps_json = vec![];
-        for (caption, m) in methods {
-            let map = attention_map(cfg, &att, *m)?;
-            panels.push((
-                caption.clone(),
-                overlay(&shown, &map.normalized(), map.grid, alpha),
-            ));
+) {
+    let prediction = match e.prediction {
+        Some((best, p)) => json!({"class": best, "label": label_of(best), "prob": p}),
+        None => json!(null),
+    };
+    let maps: Vec<_> = e
+        .maps
+        .iter()
+        .map(|(caption, map)| {
             let (gh, gw) = map.grid;
             let grid: Vec<&[f32]> = map.values.chunks(gw).take(gh).collect();
-            maps_json.push(json!({"map": caption, "values": grid}));
-        }
-        if let Some(method) = json {
-            let prediction = if cfg.num_classes > 0 {
-                json!({"class": best, "label": label_of(best), "prob": p})
-            } else {
-                json!(null)
-            };
-            let query = match query {
-                Query::ClassToken => "class_token",
-                Query::PatchMean => "patch_mean",
-            };
-            println!(
-                "{}",
-                json!({
-                    "image": path,
-                    "prediction": prediction,
-                    "method": method,
-                    "query": query,
-                    "grid": [cfg.grid().0, cfg.grid().1],
-                    "maps": maps_json,
-                })
-            );
-        }
-        rows.push(Row { label, panels });
-    }
-    Ok(rows)
+            json!({"map": caption, "values": grid})
+        })
+        .collect();
+    let query = match query {
+        Query::ClassToken => "class_token",
+        Query::PatchMean => "patch_mean",
+    };
+    println!(
+        "{}",
+        json!({
+            "image": e.input,
+            "prediction": prediction,
+            "method": method,
+            "query": query,
+            "grid": [cfg.grid().0, cfg.grid().1],
+            "maps": maps,
+        })
+    );
 }
 
 fn fusion_name(f: Fusion) -> &'static str {
@@ -242,63 +194,14 @@ fn fusion_name(f: Fusion) -> &'static str {
     }
 }
 
-/// The model's input as a picture: the preprocessed tensor `(1, C, H, W)` with the
-/// normalisation undone, enlarged to about 224 px.
-fn display_image(p: &Preprocess, x: &Tensor) -> RgbImage {
-    let (c, h, w) = (x.shape()[1], x.shape()[2], x.shape()[3]);
-    let mut planes = vec![0u8; c * h * w];
-    for ch in 0..c {
-        let (m, s) = (p.mean[ch], p.std[ch]);
-        for i in 0..h * w {
-            let v = (x.data()[ch * h * w + i] * s + m) / p.rescale;
-            planes[ch * h * w + i] = v.round().clamp(0.0, 255.0) as u8;
-        }
-    }
-    let img = RgbImage::from_planes(&planes, (c, h, w));
-    let scale = (224 / h.max(w)).max(1);
-    img.scaled(scale)
-}
-
 fn distance(ck: &Checkpoint, a: &AttentionArgs) -> Result<u8> {
     let Some(dataset) = &a.dataset else {
         bail!("--distance needs --dataset (a name such as fashion-mnist, or a directory)");
     };
     let cfg = ck.model.config().clone();
-    let size = (cfg.channels, cfg.image_height, cfg.image_width);
-    let data = vitrs::data::open(dataset, vitrs::data::Split::Test, size)?;
-    if data.shape() != size {
-        bail!(
-            "dataset images are {:?} (C, H, W) but the model takes {size:?}",
-            data.shape()
-        );
-    }
-    let n = a.limit.min(data.len()).max(1);
-    let first: Arc<dyn Dataset> = Arc::new(Subset::new(data, (0..n).collect()));
+    let data = open_for_model(dataset, Split::Test, &cfg, &ForModel::default())?;
     let (mean, std) = (&ck.preprocess.mean, &ck.preprocess.std);
-    let loader = Loader::new(
-        first,
-        LoaderConfig::in_order(32, mean, std, cfg.num_classes.max(1)),
-    )?;
-    let mut ws = Workspace::new();
-    let mut total = vec![0.0f64; cfg.depth * cfg.heads];
-    for batch in loader {
-        let batch = batch?;
-        let (x, b) = (&batch.images, batch.labels.len());
-        let out = ck.model.forward(
-            x,
-            Capture {
-                attentions: true,
-                pre_logits: false,
-            },
-            &mut ws,
-        )?;
-        let att = out.attentions.context("no attention maps captured")?;
-        let d = mean_attention_distance(&cfg, att.data(), b);
-        for (t, v) in total.iter_mut().zip(d) {
-            *t += v * b as f64;
-        }
-    }
-    total.iter_mut().for_each(|v| *v /= n as f64);
+    let (total, n) = dataset_attention_distance(&ck.model, data, mean, std, a.limit)?;
     plot_distance(
         &a.out,
         &format!("mean attention distance, {n} images of {dataset}"),
@@ -321,6 +224,6 @@ fn distance(ck: &Checkpoint, a: &AttentionArgs) -> Result<u8> {
             println!("  layer {l:>2}: {}", cells.join(" "));
         }
     }
-    eprintln!("wrote {}", Path::new(&a.out).display());
+    eprintln!("wrote {}", a.out.display());
     Ok(0)
 }

@@ -5,28 +5,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use vitrs::train::config::FinetuneSpec;
-use vitrs::train::optim::OptimizerKind;
+use vitrs::train::transfer::FinetuneOptimizer;
 use vitrs::train::{RunConfig, Trainer};
-
-/// The paper's fine-tuning recipe (SGD with momentum 0.9, no weight decay, global-norm clip 1,
-/// linear warm-up then cosine), used when no --config is given; flags override it.
-const DEFAULT_RECIPE: &str = r#"
-[data]
-dataset = "-"
-
-[train]
-epochs = 10
-batch_size = 64
-lr = 0.01
-min_lr = 0.0
-warmup_steps = 50
-schedule = "cosine"
-optimizer = { kind = "sgd", momentum = 0.9, weight_decay = 0.0 }
-grad_clip = 1.0
-seed = 0
-log_every = 20
-checkpoint_every = 500
-"#;
 
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum Opt {
@@ -34,6 +14,15 @@ pub(crate) enum Opt {
     Sgd,
     /// AdamW (β 0.9/0.999, weight decay 0.05 unless --weight-decay, lr 5e-4 unless --lr).
     Adamw,
+}
+
+impl From<Opt> for FinetuneOptimizer {
+    fn from(o: Opt) -> Self {
+        match o {
+            Opt::Sgd => FinetuneOptimizer::Sgd,
+            Opt::Adamw => FinetuneOptimizer::AdamW,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -80,7 +69,7 @@ pub(crate) struct FinetuneArgs {
     #[arg(long)]
     max_steps: Option<u64>,
     #[command(flatten)]
-    recipe: crate::RecipeOverrides,
+    recipe: crate::train::RecipeOverrides,
 }
 
 /// `48` or `48x64` as (height, width).
@@ -97,45 +86,28 @@ pub(crate) fn parse_size(s: &str) -> Result<[usize; 2]> {
     Ok([h, w])
 }
 
-pub(crate) fn finetune(a: FinetuneArgs) -> Result<u8> {
+pub(crate) fn run(a: FinetuneArgs) -> Result<u8> {
     let mut run = match &a.config {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read {}", p.display()))?;
             RunConfig::from_toml(&text, &p.display().to_string())?
         }
-        None => RunConfig::from_toml(DEFAULT_RECIPE, "the default fine-tuning recipe")?,
+        None => vitrs::train::transfer::recipe()?,
     };
     run.data.dataset = a.dataset.clone();
     if let Some(s) = &a.image_size {
         run.data.resize = Some(parse_size(s)?);
     }
-    match a.optimizer {
-        Some(Opt::Sgd) => {
-            run.train.optimizer = OptimizerKind::Sgd {
-                momentum: 0.9,
-                weight_decay: 0.0,
-            };
+    if let Some(o) = a.optimizer.map(FinetuneOptimizer::from) {
+        run.train.optimizer = o.kind();
+        // The recipe's learning rate goes with its optimiser; a config or --lr sets its own.
+        if a.recipe.lr.is_none() && a.config.is_none() {
+            run.train.lr = o.lr();
         }
-        Some(Opt::Adamw) => {
-            run.train.optimizer = OptimizerKind::AdamW {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.05,
-            };
-            if a.recipe.lr.is_none() && a.config.is_none() {
-                run.train.lr = 5e-4;
-            }
-        }
-        None => {}
     }
     if let Some(wd) = a.weight_decay {
-        match &mut run.train.optimizer {
-            OptimizerKind::Sgd { weight_decay, .. } | OptimizerKind::AdamW { weight_decay, .. } => {
-                *weight_decay = wd;
-            }
-        }
+        *run.train.optimizer.weight_decay_mut() = wd;
     }
     a.recipe.apply(&mut run)?;
     run.train.min_lr = run.train.min_lr.min(run.train.lr);
@@ -173,7 +145,7 @@ pub(crate) fn finetune(a: FinetuneArgs) -> Result<u8> {
             a.dataset
         )
     })?;
-    crate::drive(trainer, a.max_steps)
+    crate::train::drive(trainer, a.max_steps)
 }
 
 #[cfg(test)]
@@ -185,6 +157,5 @@ mod tests {
         assert_eq!(parse_size("42").unwrap(), [42, 42]);
         assert_eq!(parse_size("48x64").unwrap(), [48, 64]);
         assert!(parse_size("4 8").is_err());
-        assert!(RunConfig::from_toml(DEFAULT_RECIPE, "x").is_ok());
     }
 }

@@ -298,6 +298,7 @@ fn peak_rss_kb(args: &[&str]) -> (u64, usize) {
     use std::io::Read;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vit"))
         .args(args)
+        .current_dir(workdir())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -168,6 +168,7 @@ fn sigkill_at_random_moments_never_loses_the_checkpoint() {
         }
         let mut child = Command::new(env!("CARGO_BIN_EXE_vit"))
             .args(&args)
+            .current_dir(workdir())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -171,15 +171,7 @@ fn model(c: &mut Criterion) {
     let x = input(vit.config(), batch);
     let labels: Vec<usize> = (0..batch).map(|i| i % 10).collect();
     let mut tw = TrainWorkspace::new();
-    let mut opt = Optimizer::new(
-        OptimizerKind::AdamW {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.05,
-        },
-        vit.params(),
-    );
+    let mut opt = Optimizer::new(OptimizerKind::adamw(0.05), vit.params());
     g.throughput(Throughput::Elements(
         (3.0 * vit.config().flops_per_image() * batch as f64) as u64,
     ));

@@ -312,6 +312,53 @@ pub fn mean_attention_distance(cfg: &ViTConfig, capture: &[f32], batch: usize) -
     out
 }
 
+/// [`mean_attention_distance`] over the first `limit` images of `data` (normalised with
+/// `mean` and `std`, as the model expects): `(L, nh)` row-major, in pixels, and the number of
+/// images it averaged over.
+pub fn dataset_attention_distance(
+    model: &crate::model::ViT,
+    data: std::sync::Arc<dyn crate::data::Dataset>,
+    mean: &[f32],
+    std: &[f32],
+    limit: usize,
+) -> Result<(Vec<f64>, usize)> {
+    use crate::data::loader::{Loader, LoaderConfig};
+    use crate::model::{Capture, Workspace};
+    let cfg = model.config();
+    let n = limit.min(data.len()).max(1);
+    if data.is_empty() {
+        return Err(Error::BadInput("the dataset has no images".into()));
+    }
+    let first = std::sync::Arc::new(crate::data::Subset::new(data, (0..n).collect()));
+    let loader = Loader::new(
+        first,
+        LoaderConfig::in_order(32, mean, std, cfg.num_classes.max(1)),
+    )?;
+    let capture = Capture {
+        attentions: true,
+        pre_logits: false,
+    };
+    let mut ws = Workspace::new();
+    let mut total = vec![0.0f64; cfg.depth * cfg.heads];
+    for batch in loader {
+        let batch = batch?;
+        let b = batch.labels.len();
+        let out = model.forward(&batch.images, capture, &mut ws)?;
+        let att = out
+            .attentions
+            .ok_or_else(|| Error::BadInput("the forward pass captured no attention".into()))?;
+        // Each batch's mean, weighted by its size: the mean over all n images.
+        for (t, v) in total
+            .iter_mut()
+            .zip(mean_attention_distance(cfg, att.data(), b))
+        {
+            *t += v * b as f64;
+        }
+    }
+    total.iter_mut().for_each(|v| *v /= n as f64);
+    Ok((total, n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -510,8 +510,8 @@ impl ViTConfig {
     }
 
     /// Serialises to JSON (the form stored in native checkpoints).
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string(self).map_err(|e| Error::serialize("the model config", e))
     }
 
     /// Parses the JSON form and validates it.
@@ -600,7 +600,7 @@ mod tests {
         assert!(c.validate().is_err());
         // An old checkpoint's JSON (no token fields) still parses, with a class token.
         let mut v: serde_json::Value =
-            serde_json::from_str(&ViTConfig::preset("Ti/16").unwrap().to_json()).unwrap();
+            serde_json::from_str(&ViTConfig::preset("Ti/16").unwrap().to_json().unwrap()).unwrap();
         for k in [
             "class_token",
             "distilled",
@@ -666,7 +666,7 @@ mod tests {
         c.head = Head::PreLogits { hidden: 7 };
         c.pool = Pool::Mean;
         c.fc_norm = true;
-        let back = ViTConfig::from_json(&c.to_json()).unwrap();
+        let back = ViTConfig::from_json(&c.to_json().unwrap()).unwrap();
         assert_eq!(c, back);
     }
 }

@@ -6,6 +6,20 @@ use std::path::PathBuf;
 /// Convenience alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What an [`Error`] is about, for a caller that reacts by kind (the `vit` command's exit
+/// codes) rather than by message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Something to classify, train or evaluate on: an image, a dataset file.
+    Input,
+    /// A model: its checkpoint, its config, or a run config that builds one.
+    Model,
+    /// Reading or writing a file failed.
+    Io,
+    /// A value could not be written out.
+    Serialize,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The I/O error is part of the message (not a `source`), so chains print it once.
@@ -23,6 +37,9 @@ pub enum Error {
         path: PathBuf,
         what: &'static str,
         reason: String,
+        /// A model file ([`ErrorKind::Model`]) or an input, such as a dataset file
+        /// ([`ErrorKind::Input`]).
+        kind: ErrorKind,
     },
 
     #[error("tensor `{name}`: expected shape {expected:?}, got {got:?}")]
@@ -43,6 +60,11 @@ pub enum Error {
 
     #[error("input: {0}")]
     BadInput(String),
+
+    /// A value could not be written out (a config with a non-finite number, say): the save
+    /// fails instead of writing a file with empty metadata.
+    #[error("cannot serialise {what}: {reason}")]
+    Serialize { what: &'static str, reason: String },
 }
 
 impl Error {
@@ -53,6 +75,14 @@ impl Error {
         }
     }
 
+    pub(crate) fn serialize(what: &'static str, err: impl std::fmt::Display) -> Self {
+        Error::Serialize {
+            what,
+            reason: err.to_string(),
+        }
+    }
+
+    /// A damaged or invalid model file (a checkpoint, its config).
     pub(crate) fn malformed(
         path: impl Into<PathBuf>,
         what: &'static str,
@@ -62,6 +92,36 @@ impl Error {
             path: path.into(),
             what,
             reason: reason.into(),
+            kind: ErrorKind::Model,
+        }
+    }
+
+    /// A damaged or invalid input file (a dataset's).
+    pub(crate) fn malformed_input(
+        path: impl Into<PathBuf>,
+        what: &'static str,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::Malformed {
+            path: path.into(),
+            what,
+            reason: reason.into(),
+            kind: ErrorKind::Input,
+        }
+    }
+
+    /// What the error is about.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Image { .. } | Error::BadInput(_) => ErrorKind::Input,
+            Error::Malformed { kind, .. } => *kind,
+            Error::Serialize { .. } => ErrorKind::Serialize,
+            Error::InvalidConfig(_)
+            | Error::UnknownFormat { .. }
+            | Error::ShapeMismatch { .. }
+            | Error::MissingTensor { .. }
+            | Error::LoadMismatch(_) => ErrorKind::Model,
         }
     }
 }

@@ -9,9 +9,11 @@
 //! The shape legend is in the [`model`] module docs.
 
 pub mod attnmap;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod error;
 pub mod infer;
 pub mod kernels;
@@ -25,7 +27,7 @@ pub mod viz;
 
 pub use checkpoint::{load, load_weights, Checkpoint, Format, LoadReport, Weights};
 pub use config::{Gelu, Head, NormPlacement, Pool, ViTConfig};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use model::{Capture, ForwardOutput, ViT, Workspace};
 pub use preprocess::Preprocess;
 pub use tensor::Tensor;

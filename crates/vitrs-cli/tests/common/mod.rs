@@ -5,12 +5,20 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Runs the `vit` binary built for these tests.
+/// Runs the `vit` binary built for these tests, in a scratch working directory (so a file a
+/// command writes by default, such as `confusion.png`, never lands in the source tree).
 pub fn vit(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vit"))
         .args(args)
+        .current_dir(workdir())
         .output()
         .expect("run vit")
+}
+
+/// The scratch working directory of this test process's `vit` runs.
+pub fn workdir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| tmp("cwd")).clone()
 }
 
 pub fn stdout(o: &Output) -> String {

@@ -701,21 +701,21 @@ pub fn native_metadata(
     model: &ViT,
     preprocess: &Preprocess,
     labels: Option<&[String]>,
-) -> BTreeMap<String, String> {
+) -> Result<BTreeMap<String, String>> {
     let mut meta = BTreeMap::new();
     meta.insert(META_FORMAT.to_string(), META_FORMAT_VALUE.to_string());
-    meta.insert(META_CONFIG.to_string(), model.config().to_json());
+    meta.insert(META_CONFIG.to_string(), model.config().to_json()?);
     meta.insert(
         META_PREPROCESS.to_string(),
-        serde_json::to_string(preprocess).unwrap_or_default(),
+        serde_json::to_string(preprocess).map_err(|e| Error::serialize("the preprocessing", e))?,
     );
     if let Some(l) = labels {
         meta.insert(
             META_LABELS.to_string(),
-            serde_json::to_string(l).unwrap_or_default(),
+            serde_json::to_string(l).map_err(|e| Error::serialize("the class labels", e))?,
         );
     }
-    meta
+    Ok(meta)
 }
 
 /// Writes the native format: timm-named tensors with the config, preprocessing and labels in
@@ -727,7 +727,7 @@ pub fn save_native(
     labels: Option<&[String]>,
     dtype: SaveDtype,
 ) -> Result<()> {
-    let meta = native_metadata(model, preprocess, labels);
+    let meta = native_metadata(model, preprocess, labels)?;
     let p = model.params();
     let tensors: Vec<(&str, &[usize], &[f32])> = p
         .entries()

@@ -353,7 +353,7 @@ pub fn write(
     let mut header = serde_json::Map::new();
     header.insert(
         "__metadata__".into(),
-        serde_json::to_value(&metadata).unwrap_or_default(),
+        serde_json::to_value(&metadata).map_err(|e| Error::serialize("safetensors metadata", e))?,
     );
     let mut offset = 0usize;
     for (n, shape, data) in tensors {
@@ -364,7 +364,8 @@ pub fn write(
         );
         offset += bytes;
     }
-    let mut hjson = serde_json::to_vec(&Value::Object(header)).unwrap_or_default();
+    let mut hjson = serde_json::to_vec(&Value::Object(header))
+        .map_err(|e| Error::serialize("the safetensors header", e))?;
     // Pad the header with spaces to a multiple of 8 so the data is aligned (as the spec suggests).
     while hjson.len() % 8 != 0 {
         hjson.push(b' ');

@@ -132,7 +132,7 @@ fn config_from(v: &Value, path: &std::path::Path) -> Result<ViTConfig> {
         cfg.mlp_dim = (cfg.width as f64 * r) as usize;
     } else if args.contains_key("embed_dim") {
         // timm's default mlp_ratio is 4.
-        cfg.mlp_dim = cfg.width * 4;
+        cfg.mlp_dim = cfg.width.saturating_mul(4);
     }
     if !args.contains_key("num_classes") {
         if let Some(k) = v.get("num_classes") {

@@ -50,7 +50,7 @@ pub fn open_dir(dir: &Path, split: Split) -> Result<Option<InMemory>> {
         let p = dir.join(&f);
         let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
         if bytes.is_empty() || bytes.len() % rec != 0 {
-            return Err(Error::malformed(
+            return Err(Error::malformed_input(
                 &p,
                 "CIFAR batch",
                 format!(
@@ -63,7 +63,7 @@ pub fn open_dir(dir: &Path, split: Split) -> Result<Option<InMemory>> {
             // CIFAR-100 records are (coarse, fine); we use the fine label.
             let l = r[label_bytes - 1] as usize;
             if l >= nclasses {
-                return Err(Error::malformed(
+                return Err(Error::malformed_input(
                     &p,
                     "CIFAR batch",
                     format!("label {l} >= {nclasses}"),

@@ -37,7 +37,7 @@ pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
 
 /// Parses one IDX array of unsigned bytes; returns its dimensions and data.
 pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>)> {
-    let bad = |r: String| Error::malformed(path, "IDX file", r);
+    let bad = |r: String| Error::malformed_input(path, "IDX file", r);
     if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
         return Err(bad(
             "wrong magic number (an IDX file starts with two zero bytes)".into(),
@@ -122,7 +122,7 @@ pub fn pair(ip: &Path, images: &[u8], lp: &Path, labels: &[u8], fashion: bool) -
     let (idims, pixels) = parse_idx(ip, images)?;
     let (ldims, labels) = parse_idx(lp, labels)?;
     if idims.len() != 3 || ldims.len() != 1 || idims[0] != ldims[0] {
-        return Err(Error::malformed(
+        return Err(Error::malformed_input(
             ip,
             "IDX dataset",
             format!(
@@ -154,7 +154,7 @@ pub fn gunzip(what: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     flate2::read::MultiGzDecoder::new(bytes)
         .read_to_end(&mut out)
-        .map_err(|e| Error::malformed(what, "gzip data", e.to_string()))?;
+        .map_err(|e| Error::malformed_input(what, "gzip data", e.to_string()))?;
     Ok(out)
 }
 

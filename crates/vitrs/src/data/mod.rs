@@ -147,6 +147,50 @@ pub fn split_indices(n: usize, fraction: f32, seed: u64) -> (Vec<usize>, Vec<usi
     (idx, val)
 }
 
+/// Parses a class list as written on a command line: `5-9`, `0,2,4` or a mix (`0-2,7`), in
+/// the order given. Only the syntax is checked here; [`check_classes`] checks the list.
+pub fn parse_classes(s: &str) -> Result<Vec<usize>> {
+    let bad =
+        |why: String| Error::BadInput(format!("classes `{s}`: {why} (e.g. `5-9` or `0,2,4`)"));
+    let mut out = vec![];
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<usize>()
+                .map_err(|_| bad(format!("`{t}` is not a class index")))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b || b - a > 100_000 {
+                    return Err(bad(format!("`{part}` is not an increasing range")));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(num(part)?),
+        }
+    }
+    Ok(out)
+}
+
+/// A class list must name at least one class, each once; `what` says where the list came from.
+pub fn check_classes(classes: &[usize], what: &str) -> Result<()> {
+    if classes.is_empty() {
+        return Err(Error::InvalidConfig(format!(
+            "{what} must name at least one class"
+        )));
+    }
+    let mut seen = classes.to_vec();
+    seen.sort_unstable();
+    seen.dedup();
+    if seen.len() != classes.len() {
+        return Err(Error::InvalidConfig(format!(
+            "{what} names a class twice: {classes:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// Only the items of `classes` (indices into `ds`'s classes, each once), renumbered 0.. in
 /// that order; `what` names the dataset in errors.
 pub fn select_classes(
@@ -154,19 +198,12 @@ pub fn select_classes(
     classes: &[usize],
     what: &str,
 ) -> Result<Arc<dyn Dataset>> {
+    check_classes(classes, "the class list")?;
     let k = ds.classes().len();
     if let Some(bad) = classes.iter().find(|&&c| c >= k) {
         return Err(Error::BadInput(format!(
             "classes name class {bad}, but `{what}` has {k} classes (0..{})",
             k.saturating_sub(1)
-        )));
-    }
-    let mut seen = classes.to_vec();
-    seen.sort_unstable();
-    seen.dedup();
-    if seen.len() != classes.len() || classes.is_empty() {
-        return Err(Error::BadInput(format!(
-            "classes {classes:?} must name at least one class of `{what}`, each once"
         )));
     }
     Ok(Arc::new(Subset::of_classes(ds, classes)))
@@ -332,6 +369,53 @@ pub fn open_with(
             .collect::<Vec<_>>()
             .join(", ")
     )))
+}
+
+/// How [`open_for_model`] fits a dataset to a model.
+#[derive(Clone, Debug, Default)]
+pub struct ForModel {
+    /// Stop on an image folder's unreadable file instead of skipping it ([`open_with`]).
+    pub strict: bool,
+    /// Only these classes of the dataset, renumbered from 0 (as the model was trained).
+    pub classes: Option<Vec<usize>>,
+    /// Resize the images to the model's size; otherwise a different size is an error.
+    pub resize: bool,
+    /// Require the dataset to have as many classes as the model has outputs.
+    pub same_classes: bool,
+}
+
+/// Opens `spec`'s `split` for a model of `cfg` — to evaluate it, or to look at its attention
+/// — and checks the two fit: image shape (or resizes, with `opts.resize`), and class count
+/// when `opts.same_classes`. Errors say which side disagrees and what to do.
+pub fn open_for_model(
+    spec: &str,
+    split: Split,
+    cfg: &crate::config::ViTConfig,
+    opts: &ForModel,
+) -> Result<Arc<dyn Dataset>> {
+    let size = (cfg.channels, cfg.image_height, cfg.image_width);
+    let mut data = open_with(spec, split, size, opts.strict)?;
+    if let Some(c) = &opts.classes {
+        data = select_classes(data, c, spec)?;
+    }
+    if opts.resize && data.shape() != size {
+        data = Arc::new(Resized::new(data, (size.1, size.2))?);
+    }
+    if data.shape() != size {
+        return Err(Error::BadInput(format!(
+            "`{spec}` images are {:?} (C, H, W) but the model takes {size:?}; use a model \
+             trained at the dataset's size, or evaluate at another resolution (--image-size)",
+            data.shape()
+        )));
+    }
+    if opts.same_classes && data.classes().len() != cfg.num_classes {
+        return Err(Error::BadInput(format!(
+            "`{spec}` has {} classes, the model {}; pick the model's classes with --classes",
+            data.classes().len(),
+            cfg.num_classes
+        )));
+    }
+    Ok(data)
 }
 
 fn open_dir(

@@ -172,7 +172,7 @@ pub struct TrainSpec {
     #[serde(default = "cosine")]
     pub schedule: Decay,
     /// Default: AdamW with PyTorch's defaults (betas 0.9/0.999, eps 1e-8, weight decay 0.01).
-    #[serde(default = "adamw")]
+    #[serde(default)]
     pub optimizer: OptimizerKind,
     #[serde(default)]
     pub label_smoothing: f32,
@@ -200,14 +200,6 @@ pub struct TrainSpec {
     pub ema_decay: Option<f32>,
 }
 
-fn adamw() -> OptimizerKind {
-    OptimizerKind::AdamW {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.01,
-    }
-}
 fn cosine() -> Decay {
     Decay::Cosine
 }
@@ -263,8 +255,9 @@ impl RunConfig {
         Ok(cfg)
     }
 
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_default()
+    /// The run config as TOML (`RUN_DIR/config.toml`, and inside training checkpoints).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::serialize("the run config", e))
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -276,15 +269,7 @@ impl RunConfig {
             }
         }
         if let Some(cs) = &self.data.classes {
-            if cs.is_empty() {
-                return bad("[data] classes must name at least one class");
-            }
-            let mut seen = cs.clone();
-            seen.sort_unstable();
-            seen.dedup();
-            if seen.len() != cs.len() {
-                return bad("[data] classes names a class twice");
-            }
+            crate::data::check_classes(cs, "[data] classes (or --classes)")?;
         }
         if self.data.per_class == Some(0) {
             return bad("[data] per_class must be at least 1");
@@ -381,7 +366,10 @@ mod tests {
         let c = RunConfig::from_toml(text, "x.toml").unwrap();
         let m = c.model.resolve((1, 28, 28), 10).unwrap();
         assert_eq!((m.mlp_dim, m.num_classes, m.grid()), (128, 10, (7, 7)));
-        assert_eq!(RunConfig::from_toml(&c.to_toml(), "round trip").unwrap(), c);
+        assert_eq!(
+            RunConfig::from_toml(&c.to_toml().unwrap(), "round trip").unwrap(),
+            c
+        );
         let e = RunConfig::from_toml(&text.replace("hflip", "hflop"), "x.toml")
             .unwrap_err()
             .to_string();
@@ -405,5 +393,10 @@ mod tests {
                 weight_decay: 0.01
             }
         );
+        assert_eq!(c.train.optimizer, OptimizerKind::default());
+        // `kind = "adamw"` alone means the same defaults.
+        let named = text.replace(", weight_decay = 0.05 }", " }");
+        let c = RunConfig::from_toml(&named, "named.toml").unwrap();
+        assert_eq!(c.train.optimizer, OptimizerKind::default());
     }
 }

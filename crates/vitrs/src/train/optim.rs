@@ -19,7 +19,7 @@ pub enum OptimizerKind {
         beta2: f32,
         #[serde(default = "default_eps")]
         eps: f32,
-        #[serde(default)]
+        #[serde(default = "default_adamw_weight_decay")]
         weight_decay: f32,
     },
     Sgd {
@@ -30,7 +30,8 @@ pub enum OptimizerKind {
     },
 }
 
-// PyTorch's AdamW defaults; the paper's SGD momentum 0.9.
+// PyTorch's AdamW defaults (β 0.9/0.999, ε 1e-8, weight decay 0.01); the paper's SGD momentum
+// 0.9. Every AdamW and SGD built without explicit values takes them from here.
 fn default_beta1() -> f32 {
     0.9
 }
@@ -42,6 +43,47 @@ fn default_eps() -> f32 {
 }
 fn default_momentum() -> f32 {
     0.9
+}
+/// PyTorch's `torch.optim.AdamW` default weight decay.
+pub const ADAMW_WEIGHT_DECAY: f32 = 0.01;
+fn default_adamw_weight_decay() -> f32 {
+    ADAMW_WEIGHT_DECAY
+}
+
+impl OptimizerKind {
+    /// AdamW with PyTorch's β, ε and the given weight decay.
+    pub fn adamw(weight_decay: f32) -> Self {
+        OptimizerKind::AdamW {
+            beta1: default_beta1(),
+            beta2: default_beta2(),
+            eps: default_eps(),
+            weight_decay,
+        }
+    }
+
+    /// SGD with the paper's momentum 0.9 and the given weight decay.
+    pub fn sgd(weight_decay: f32) -> Self {
+        OptimizerKind::Sgd {
+            momentum: default_momentum(),
+            weight_decay,
+        }
+    }
+
+    /// The optimiser's weight decay, to read or override.
+    pub fn weight_decay_mut(&mut self) -> &mut f32 {
+        match self {
+            OptimizerKind::AdamW { weight_decay, .. } | OptimizerKind::Sgd { weight_decay, .. } => {
+                weight_decay
+            }
+        }
+    }
+}
+
+/// A run without an `optimizer` uses AdamW with all of PyTorch's defaults.
+impl Default for OptimizerKind {
+    fn default() -> Self {
+        OptimizerKind::adamw(ADAMW_WEIGHT_DECAY)
+    }
 }
 
 /// Optimiser state: one or two moment buffers in the parameter layout.

@@ -41,11 +41,11 @@ pub fn save(
     run: &RunConfig,
     pos: Position,
 ) -> Result<()> {
-    let mut meta = checkpoint::native_metadata(model, pre, Some(labels));
-    meta.insert(META_RUN.into(), run.to_toml());
+    let mut meta = checkpoint::native_metadata(model, pre, Some(labels))?;
+    meta.insert(META_RUN.into(), run.to_toml()?);
     meta.insert(
         META_POS.into(),
-        serde_json::to_string(&pos).unwrap_or_default(),
+        serde_json::to_string(&pos).map_err(|e| Error::serialize("the run position", e))?,
     );
     meta.insert(META_OPT_T.into(), opt.t.to_string());
     let p = model.params();

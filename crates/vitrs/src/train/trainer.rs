@@ -186,7 +186,7 @@ impl Trainer {
             .train
             .ema_decay
             .map(|d| Ema::new(d, model.params().flat()));
-        std::fs::write(dir.join(CONFIG), run.to_toml())
+        std::fs::write(dir.join(CONFIG), run.to_toml()?)
             .map_err(|e| Error::io(dir.join(CONFIG), e))?;
         let _ = std::fs::remove_file(dir.join(METRICS));
         Ok(Trainer {
@@ -767,7 +767,7 @@ impl Trainer {
         let epochs = epochs_for_budget(budget_s, spent_s, epoch_s);
         self.run.train.epochs = epochs;
         self.budget_s = Some(budget_s);
-        std::fs::write(self.dir.join(CONFIG), self.run.to_toml())
+        std::fs::write(self.dir.join(CONFIG), self.run.to_toml()?)
             .map_err(|e| Error::io(self.dir.join(CONFIG), e))?;
         let imgs_per_s = (t.batch_size * t.accum_steps) as f64 / step_s.max(1e-9);
         let fits = if epochs as f64 * epoch_s > (budget_s - spent_s).max(0.0) {

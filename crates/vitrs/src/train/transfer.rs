@@ -8,6 +8,61 @@ use crate::checkpoint::posembed::resample_pos_embed;
 use crate::config::Head;
 use crate::error::{Error, Result};
 use crate::model::{Params, ViT};
+use crate::train::optim::OptimizerKind;
+use crate::train::RunConfig;
+
+/// The paper's fine-tuning recipe (§3.1 and App. B.1.1: SGD with momentum 0.9, no weight
+/// decay, global-norm gradient clipping at 1, linear warm-up then cosine decay; here lr 0.01,
+/// batch 64, 10 epochs). `vit finetune` starts from it unless given a `--config`; its flags
+/// and the `[finetune]` section override it.
+pub const RECIPE: &str = r#"
+[data]
+dataset = "-"
+
+[train]
+epochs = 10
+batch_size = 64
+lr = 0.01
+min_lr = 0.0
+warmup_steps = 50
+schedule = "cosine"
+optimizer = { kind = "sgd", momentum = 0.9, weight_decay = 0.0 }
+grad_clip = 1.0
+seed = 0
+log_every = 20
+checkpoint_every = 500
+"#;
+
+/// [`RECIPE`] as a run config, its dataset still to be set.
+pub fn recipe() -> Result<RunConfig> {
+    RunConfig::from_toml(RECIPE, "the default fine-tuning recipe")
+}
+
+/// The optimisers fine-tuning offers, each with the hyper-parameters it fine-tunes with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinetuneOptimizer {
+    /// SGD, momentum 0.9, no weight decay, lr 0.01: the paper's.
+    Sgd,
+    /// AdamW, PyTorch's β and ε, weight decay 0.05, lr 5e-4: DeiT's fine-tuning.
+    AdamW,
+}
+
+impl FinetuneOptimizer {
+    pub fn kind(self) -> OptimizerKind {
+        match self {
+            FinetuneOptimizer::Sgd => OptimizerKind::sgd(0.0),
+            FinetuneOptimizer::AdamW => OptimizerKind::adamw(0.05),
+        }
+    }
+
+    /// The peak learning rate this optimiser fine-tunes with unless told otherwise.
+    pub fn lr(self) -> f32 {
+        match self {
+            FinetuneOptimizer::Sgd => 0.01,
+            FinetuneOptimizer::AdamW => 5e-4,
+        }
+    }
+}
 
 /// A model ready for fine-tuning, and what was changed (one line each, for the user).
 pub struct Adapted {

@@ -1,0 +1,87 @@
+//! `vit info`: what a checkpoint is — format, architecture, size, cost, preprocessing.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde_json::json;
+
+#[derive(clap::Args)]
+pub(crate) struct InfoArgs {
+    /// Checkpoint: a native .safetensors file, or a Hugging Face / timm directory.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(a: InfoArgs) -> Result<u8> {
+    let ck = crate::load(&a.model)?;
+    let cfg = ck.model.config();
+    let gflops = cfg.flops_per_image() / 1e9;
+    let params = ck.model.params().count();
+    let kernels = vitrs::kernels::isa();
+    if a.json {
+        let v = json!({
+            "format": ck.report.format,
+            "weights": ck.report.weights,
+            "config": cfg,
+            "parameters": params,
+            "gflops_per_image": gflops,
+            "preprocess": ck.preprocess,
+            "labels": ck.labels,
+            "conversions": ck.report.conversions,
+            "unexpected": ck.report.unexpected,
+            "kernels": kernels,
+        });
+        println!("{v}");
+        return Ok(0);
+    }
+    let (gh, gw) = cfg.grid();
+    println!("format:        {}", ck.report.format);
+    println!("weights:       {}", ck.report.weights.display());
+    println!(
+        "architecture:  D={} L={} heads={} MLP={} patch={} ({}x{} grid, {} tokens)",
+        cfg.width,
+        cfg.depth,
+        cfg.heads,
+        cfg.mlp_dim,
+        cfg.patch_size,
+        gh,
+        gw,
+        cfg.num_tokens()
+    );
+    println!("tokens:        {}", cfg.token_summary());
+    println!(
+        "input:         {}x{}x{} (C x H x W)",
+        cfg.channels, cfg.image_height, cfg.image_width
+    );
+    println!(
+        "options:       pool={:?} head={:?} norm={:?} gelu={:?} qkv_bias={} fc_norm={} eps={:e}",
+        cfg.pool, cfg.head, cfg.norm, cfg.gelu, cfg.qkv_bias, cfg.fc_norm, cfg.layer_norm_eps
+    );
+    println!("classes:       {}", cfg.num_classes);
+    println!("parameters:    {params} ({:.2} M)", params as f64 / 1e6);
+    println!("cost:          {gflops:.3} GFLOP per image");
+    let p = &ck.preprocess;
+    println!(
+        "preprocess:    {:?}, {:?}, rescale {:.6}, mean {:?}, std {:?}",
+        p.resize, p.interpolation, p.rescale, p.mean, p.std
+    );
+    if let Some(l) = &ck.labels {
+        let shown: Vec<&str> = l.iter().take(5).map(String::as_str).collect();
+        println!(
+            "labels:        {}{}",
+            shown.join(", "),
+            if l.len() > 5 { ", ..." } else { "" }
+        );
+    }
+    for c in &ck.report.conversions {
+        println!("conversion:    {c}");
+    }
+    for u in &ck.report.unexpected {
+        println!("unused:        {u}");
+    }
+    println!("kernels:       {kernels} (this CPU's path; VITRS_KERNELS=portable forces the portable one)");
+    Ok(0)
+}
