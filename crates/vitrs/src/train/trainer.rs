@@ -211,17 +211,15 @@ impl Trainer {
         })
     }
 
-    /// Continues the run in `dir` from its last checkpoint; `overrides` may extend epochs.
+    /// Continues the run in `dir` from its last checkpoint; `epochs` may extend it.
     /// A last checkpoint that is missing or fails to load (checksum, truncation) falls back to
-    /// the previous one, with a note saying so; the damaged file is moved aside.
+    /// the previous one, with a note saying so; the damaged file is moved aside. A run stopped
+    /// before its first checkpoint starts again from step 0 with the config it saved.
     pub fn resume(dir: &Path, epochs: Option<u64>) -> Result<Self> {
         let path = dir.join(CHECKPOINT);
         let prev = dir.join(PREV_CHECKPOINT);
         if !path.is_file() && !prev.is_file() {
-            return Err(Error::BadInput(format!(
-                "{}: no checkpoint to resume from",
-                path.display()
-            )));
+            return Self::restart(dir, epochs);
         }
         remove_temp_files(dir);
         let mut notes = vec![];
@@ -295,6 +293,36 @@ impl Trainer {
             epochs_settled: true,
             budget_s: None,
         })
+    }
+
+    /// [`Self::resume`] of a run that has no checkpoint yet: the same run from step 0, with
+    /// the `config.toml` it wrote when it started.
+    fn restart(dir: &Path, epochs: Option<u64>) -> Result<Self> {
+        let cfg = dir.join(CONFIG);
+        let text = std::fs::read_to_string(&cfg).map_err(|_| {
+            Error::BadInput(format!(
+                "{}: no checkpoint to resume from, and no {CONFIG} to start the run again with; \
+                 start a new run with --config FILE --out {0}",
+                dir.display()
+            ))
+        })?;
+        let mut run = RunConfig::from_toml(&text, &cfg.display().to_string())?;
+        if let Some(e) = epochs {
+            run.train.epochs = e;
+            run.train.time_budget_min = None;
+        }
+        run.validate()?;
+        let mut t = Self::new(run, dir)?;
+        t.notes.insert(
+            0,
+            format!(
+                "{} has no checkpoint yet (the run stopped before its first one): starting it \
+                 again from step 0 with its saved {}",
+                dir.display(),
+                cfg.display()
+            ),
+        );
+        Ok(t)
     }
 
     pub fn steps_per_epoch(&self) -> u64 {
@@ -567,16 +595,18 @@ impl Trainer {
                 let stop_now = stop.load(Ordering::SeqCst);
                 if stop_now || max_steps.is_some_and(|m| self.pos.step >= m) {
                     self.save_checkpoint()?;
+                    self.save_model()?;
                     self.plot_curve()?;
                     hooks.note(&format!(
-                        "{} at step {}; checkpoint saved to {}",
+                        "{} at step {}; checkpoint saved to {}, the model so far to {}",
                         if stop_now {
                             "stopped"
                         } else {
                             "reached --max-steps"
                         },
                         self.pos.step,
-                        self.dir.join(CHECKPOINT).display()
+                        self.dir.join(CHECKPOINT).display(),
+                        self.dir.join(MODEL).display()
                     ));
                     return Ok(Outcome::Stopped {
                         step: self.pos.step,
@@ -594,15 +624,21 @@ impl Trainer {
             Some(r) => r,
             None => self.evaluate_now(hooks)?,
         };
+        self.save_model()?;
+        self.plot_curve()?;
+        Ok(Outcome::Finished(r))
+    }
+
+    /// Writes `RUN_DIR/model.safetensors`: the weights the run evaluates (their moving average
+    /// when it keeps one), loadable by every command.
+    fn save_model(&self) -> Result<()> {
         save_native(
             &self.dir.join(MODEL),
             &self.result_model(),
             &self.preprocess,
             Some(&self.labels),
             SaveDtype::F32,
-        )?;
-        self.plot_curve()?;
-        Ok(Outcome::Finished(r))
+        )
     }
 
     pub fn dir(&self) -> &Path {

@@ -53,6 +53,18 @@ impl Canvas {
 
     /// Text with its top-left corner at (x, y); `scale` enlarges each font pixel.
     pub fn text(&mut self, x: i64, y: i64, s: &str, c: Rgb, scale: i64) {
+        self.glyphs(s, scale, c, |gx, gy| (x + gx, y + gy));
+    }
+
+    /// Text turned 90° anticlockwise, read from bottom to top (the way axis labels under a
+    /// matrix are written), its first character's bottom-left corner at (x, y).
+    pub fn text_up(&mut self, x: i64, y: i64, s: &str, c: Rgb, scale: i64) {
+        self.glyphs(s, scale, c, |gx, gy| (x + gy, y - gx - scale));
+    }
+
+    /// Draws `s` glyph pixel by glyph pixel; `place` maps a pixel's offset along and across the
+    /// line of text to the canvas.
+    fn glyphs(&mut self, s: &str, scale: i64, c: Rgb, place: impl Fn(i64, i64) -> (i64, i64)) {
         for (i, ch) in s.chars().enumerate() {
             // The public-domain 8×8 font's ASCII table; anything else is drawn as '?'.
             let code = if (ch as u32) < 128 {
@@ -64,7 +76,7 @@ impl Canvas {
             for (gy, row) in glyph.iter().enumerate() {
                 for gx in 0..8 {
                     if row & (1 << gx) != 0 {
-                        let (px, py) = (x + (i as i64 * 8 + gx) * scale, y + gy as i64 * scale);
+                        let (px, py) = place((i as i64 * 8 + gx) * scale, gy as i64 * scale);
                         self.rect(px, py, px + scale, py + scale, c);
                     }
                 }
