@@ -109,6 +109,24 @@ fn default_true() -> bool {
     true
 }
 
+/// The sizes of a ViT; [`ViTConfig::paper`] makes the paper's model of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    /// `(H, W)` in pixels.
+    pub image: (usize, usize),
+    pub channels: usize,
+    pub patch: usize,
+    /// D.
+    pub width: usize,
+    /// L.
+    pub depth: usize,
+    pub heads: usize,
+    /// M.
+    pub mlp: usize,
+    /// K (0: no classifier).
+    pub classes: usize,
+}
+
 /// One row of the preset table.
 struct Variant {
     name: &'static str,
@@ -175,6 +193,35 @@ const VARIANTS: &[Variant] = &[
 ];
 
 impl ViTConfig {
+    /// The paper's ViT of these sizes: pre-norm blocks, a [class] token read by a linear head,
+    /// learned position embeddings for every token, exact GELU, qkv bias, and LayerNorm eps
+    /// 1e-6 (timm's and the JAX originals'). Every other option starts from here.
+    pub fn paper(s: Sizes) -> Self {
+        ViTConfig {
+            image_height: s.image.0,
+            image_width: s.image.1,
+            patch_size: s.patch,
+            channels: s.channels,
+            width: s.width,
+            depth: s.depth,
+            heads: s.heads,
+            mlp_dim: s.mlp,
+            num_classes: s.classes,
+            pool: Pool::Cls,
+            head: Head::Linear,
+            norm: NormPlacement::Pre,
+            gelu: Gelu::Exact,
+            fc_norm: false,
+            qkv_bias: true,
+            layer_norm_eps: 1e-6,
+            class_token: true,
+            distilled: false,
+            reg_tokens: 0,
+            no_embed_class: false,
+            layer_scale: None,
+        }
+    }
+
     /// A preset: `"B/16"`, `"S/32@384"` (variant / patch @ resolution, default 224), or a timm
     /// architecture name (a `.tag` suffix is ignored):
     ///
@@ -258,30 +305,18 @@ impl ViTConfig {
         // 384 is not a multiple of 14: patch-14 models at "384" use the nearest grid that tiles,
         // 27 x 27 patches = 378 px (the CLIP/DINOv2 convention), since we never drop pixels.
         let res = res / patch * patch;
-        let mut cfg = ViTConfig {
-            image_height: res,
-            image_width: res,
-            patch_size: patch,
+        let mut cfg = ViTConfig::paper(Sizes {
+            image: (res, res),
             channels: 3,
+            patch,
             width: variant.width,
             depth: variant.depth,
             heads: variant.heads,
-            mlp_dim: variant.mlp_dim,
-            num_classes: 1000,
-            pool: Pool::Cls,
-            head: Head::Linear,
-            norm: NormPlacement::Pre,
-            gelu: Gelu::Exact,
-            fc_norm: false,
-            qkv_bias: true,
-            // timm and the JAX originals use 1e-6.
-            layer_norm_eps: 1e-6,
-            class_token: true,
-            distilled: extra.distilled,
-            reg_tokens: extra.reg_tokens,
-            no_embed_class: false,
-            layer_scale: None,
-        };
+            mlp: variant.mlp_dim,
+            classes: 1000,
+        });
+        cfg.distilled = extra.distilled;
+        cfg.reg_tokens = extra.reg_tokens;
         if extra.deit3 {
             // timm's deit3_*: no_embed_class=True, init_values=1e-6.
             cfg.no_embed_class = true;

@@ -96,18 +96,18 @@ impl Error {
         }
     }
 
-    /// A damaged or invalid input file (a dataset's).
+    /// A damaged or invalid input file (a dataset's): [`Self::malformed`] of kind
+    /// [`ErrorKind::Input`].
     pub(crate) fn malformed_input(
         path: impl Into<PathBuf>,
         what: &'static str,
         reason: impl Into<String>,
     ) -> Self {
-        Error::Malformed {
-            path: path.into(),
-            what,
-            reason: reason.into(),
-            kind: ErrorKind::Input,
+        let mut e = Self::malformed(path, what, reason);
+        if let Error::Malformed { kind, .. } = &mut e {
+            *kind = ErrorKind::Input;
         }
+        e
     }
 
     /// What the error is about.

@@ -26,7 +26,7 @@ pub mod train;
 pub mod viz;
 
 pub use checkpoint::{load, load_weights, Checkpoint, Format, LoadReport, Weights};
-pub use config::{Gelu, Head, NormPlacement, Pool, ViTConfig};
+pub use config::{Gelu, Head, NormPlacement, Pool, Sizes, ViTConfig};
 pub use error::{Error, ErrorKind, Result};
 pub use model::{Capture, ForwardOutput, ViT, Workspace};
 pub use preprocess::Preprocess;

@@ -10,7 +10,7 @@ use vitrs::checkpoint::safetensors::SafeTensors;
 use vitrs::kernels::loss::Targets;
 use vitrs::model::{Regularization, TrainWorkspace};
 use vitrs::npy::read_npy;
-use vitrs::{Gelu, Head, NormPlacement, Pool, Tensor, ViT, ViTConfig};
+use vitrs::{Gelu, Head, NormPlacement, Pool, Sizes, Tensor, ViT, ViTConfig};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -192,29 +192,16 @@ fn finite_difference_with(cfg: ViTConfig, reg: Regularization) {
 }
 
 fn small() -> ViTConfig {
-    ViTConfig {
-        image_height: 8,
-        image_width: 12,
-        patch_size: 4,
+    ViTConfig::paper(Sizes {
+        image: (8, 12),
         channels: 2,
+        patch: 4,
         width: 8,
         depth: 2,
         heads: 2,
-        mlp_dim: 12,
-        num_classes: 3,
-        pool: Pool::Cls,
-        head: Head::Linear,
-        norm: NormPlacement::Pre,
-        gelu: Gelu::Exact,
-        fc_norm: false,
-        qkv_bias: true,
-        layer_norm_eps: 1e-6,
-        class_token: true,
-        distilled: false,
-        reg_tokens: 0,
-        no_embed_class: false,
-        layer_scale: None,
-    }
+        mlp: 12,
+        classes: 3,
+    })
 }
 
 #[test]

@@ -7,32 +7,19 @@
 use vitrs::kernels::loss::Targets;
 use vitrs::kernels::max_abs_diff;
 use vitrs::model::{Rng, TrainWorkspace};
-use vitrs::{Capture, Gelu, Head, NormPlacement, Pool, Tensor, ViT, ViTConfig, Workspace};
+use vitrs::{Capture, Gelu, Head, NormPlacement, Pool, Sizes, Tensor, ViT, ViTConfig, Workspace};
 
 fn base() -> ViTConfig {
-    ViTConfig {
-        image_height: 12,
-        image_width: 16,
-        patch_size: 4,
+    ViTConfig::paper(Sizes {
+        image: (12, 16),
         channels: 2,
+        patch: 4,
         width: 16,
         depth: 3,
         heads: 2,
-        mlp_dim: 24,
-        num_classes: 5,
-        pool: Pool::Cls,
-        head: Head::Linear,
-        norm: NormPlacement::Pre,
-        gelu: Gelu::Exact,
-        fc_norm: false,
-        qkv_bias: true,
-        layer_norm_eps: 1e-6,
-        class_token: true,
-        distilled: false,
-        reg_tokens: 0,
-        no_embed_class: false,
-        layer_scale: None,
-    }
+        mlp: 24,
+        classes: 5,
+    })
 }
 
 /// Every architecture option the library supports, alone and in the combinations the

@@ -7,32 +7,19 @@ use vitrs::attnmap::{attention_map, image_attention, HeadFusion, Method};
 use vitrs::kernels::attention::{attention_ref, AttnDims};
 use vitrs::kernels::gemm::{linear_ref, Epilogue};
 use vitrs::kernels::layernorm::layernorm_ref;
-use vitrs::{Capture, Gelu, Head, NormPlacement, Pool, Tensor, ViT, ViTConfig, Workspace};
+use vitrs::{Capture, Gelu, Head, NormPlacement, Pool, Sizes, Tensor, ViT, ViTConfig, Workspace};
 
 fn base() -> ViTConfig {
-    ViTConfig {
-        image_height: 12,
-        image_width: 16,
-        patch_size: 4,
+    ViTConfig::paper(Sizes {
+        image: (12, 16),
         channels: 2,
+        patch: 4,
         width: 12,
         depth: 2,
         heads: 3,
-        mlp_dim: 20,
-        num_classes: 5,
-        pool: Pool::Cls,
-        head: Head::Linear,
-        norm: NormPlacement::Pre,
-        gelu: Gelu::Exact,
-        fc_norm: false,
-        qkv_bias: true,
-        layer_norm_eps: 1e-6,
-        class_token: true,
-        distilled: false,
-        reg_tokens: 0,
-        no_embed_class: false,
-        layer_scale: None,
-    }
+        mlp: 20,
+        classes: 5,
+    })
 }
 
 /// A model whose every parameter is a distinct non-trivial value.

@@ -43,22 +43,11 @@ impl ViT {
     /// Backward from `tw.g.dlogits (B, K)` to every parameter's gradient.
     fn backward(&self, batch: usize, tw: &mut TrainWorkspace) {
         let TrainWorkspace {
-            acts,
+            acts: a,
             grads,
             reg,
             g,
         } = tw;
-        let Activations {
-            embed,
-            x,
-            blocks,
-            final_norm,
-            pool,
-            head,
-            branch,
-            attn_scratch,
-            ..
-        } = acts;
         let hg = HeadGrads {
             dlogits: &mut g.dlogits,
             dpre: &mut g.dpre,
@@ -66,47 +55,31 @@ impl ViT {
             dpooled_dist: &mut g.dpooled_dist,
             tmp: &mut g.dtmp,
         };
-        self.head_backward(batch, pool, head, hg, grads, &mut g.ln_partials);
-        let states = Activations::states(self, final_norm, x);
-        let (dpooled, dpooled_dist) = (&g.dpooled, &g.dpooled_dist);
-        let dx = &mut g.dx;
-        self.pool_backward(
-            states,
-            batch,
-            pool,
-            dpooled,
-            dpooled_dist,
-            dx,
-            grads,
-            &mut g.ln_partials,
-        );
+        self.head_backward(batch, &a.pool, &a.head, hg, grads, &mut g.ln_partials);
+        let states = Activations::states(self, &a.final_norm, &a.x);
+        let dp = (&g.dpooled[..], &g.dpooled_dist[..]);
+        let parts = &mut g.ln_partials;
+        self.pool_backward(states, batch, &mut a.pool, dp, &mut g.dx, grads, parts);
         if let Some(norm) = &self.view.norm {
             g.dtmp.fill(0.0);
-            self.norm_grad(
-                norm,
-                &g.dx,
-                final_norm,
-                &mut g.dtmp,
-                grads,
-                &mut g.ln_partials,
-            );
+            self.norm_grad(norm, &g.dx, &a.final_norm, &mut g.dtmp, grads, parts);
             std::mem::swap(&mut g.dx, &mut g.dtmp);
         }
         // Blocks, last to first; dx holds ∂loss/∂(block output) on entry, ∂/∂(block input) after.
         let mut bufs = BranchBufs {
-            branch,
+            branch: &mut a.branch,
             dh: &mut g.dh,
             dattn: &mut g.dattn,
             dqkv: &mut g.dqkv,
-            attn_scratch,
-            ln_partials: &mut g.ln_partials,
+            attn_scratch: &mut a.attn_scratch,
+            ln_partials: parts,
             grads,
             masked: reg.active(),
             batch,
         };
-        for (l, block_acts) in blocks.iter().enumerate().rev() {
+        for (l, block_acts) in a.blocks.iter().enumerate().rev() {
             self.block_backward(l, block_acts, &mut g.dx, &mut g.dtmp, &mut bufs);
         }
-        self.embed_backward(&g.dx, batch, embed, bufs.grads);
+        self.embed_backward(&g.dx, batch, &mut a.embed, bufs.grads);
     }
 }

@@ -120,7 +120,7 @@ impl ViT {
         }
     }
 
-    /// Backward of [`Self::pool`]: from `dpooled`, `dpooled_dist (B, D)` to
+    /// Backward of [`Self::pool`]: from `(dpooled, dpooled_dist)`, each `(B, D)`, to
     /// `dstates (B, N, D)` (overwritten), parameter gradients accumulated.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn pool_backward(
@@ -128,8 +128,7 @@ impl ViT {
         states: &[f32],
         batch: usize,
         acts: &mut PoolActs,
-        dpooled: &[f32],
-        dpooled_dist: &[f32],
+        (dpooled, dpooled_dist): (&[f32], &[f32]),
         dstates: &mut [f32],
         grads: &mut [f32],
         partials: &mut Vec<f32>,

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::optim::OptimizerKind;
 use super::schedule::Decay;
-use crate::config::{Gelu, Head, NormPlacement, Pool, ViTConfig};
+use crate::config::{Gelu, Head, NormPlacement, Pool, Sizes, ViTConfig};
 use crate::data::augment::Augment;
 use crate::error::{Error, Result};
 
@@ -46,30 +46,17 @@ impl ModelSpec {
     pub fn resolve(&self, (c, h, w): (usize, usize, usize), classes: usize) -> Result<ViTConfig> {
         let mut cfg = match &self.preset {
             Some(p) => ViTConfig::preset(p)?,
-            None => ViTConfig {
-                image_height: h,
-                image_width: w,
-                patch_size: self.patch_size.ok_or_else(|| need("patch_size"))?,
+            None => ViTConfig::paper(Sizes {
+                image: (h, w),
                 channels: self.channels.unwrap_or(c),
+                patch: self.patch_size.ok_or_else(|| need("patch_size"))?,
                 width: self.width.ok_or_else(|| need("width"))?,
                 depth: self.depth.ok_or_else(|| need("depth"))?,
                 heads: self.heads.ok_or_else(|| need("heads"))?,
-                mlp_dim: 0,
-                num_classes: classes,
-                pool: Pool::Cls,
-                head: Head::Linear,
-                norm: NormPlacement::Pre,
-                gelu: Gelu::Exact,
-                fc_norm: false,
-                qkv_bias: true,
-                // timm's default, the one vitrs checkpoints use.
-                layer_norm_eps: 1e-6,
-                class_token: true,
-                distilled: false,
-                reg_tokens: 0,
-                no_embed_class: false,
-                layer_scale: None,
-            },
+                // Set from the width below unless given.
+                mlp: 0,
+                classes,
+            }),
         };
         cfg.channels = self.channels.unwrap_or(c);
         cfg.num_classes = self.num_classes.unwrap_or(classes);
