@@ -20,7 +20,7 @@ pub(crate) fn run(a: InfoArgs) -> Result<u8> {
     let cfg = ck.model.config();
     let gflops = cfg.flops_per_image() / 1e9;
     let params = ck.model.params().count();
-    let kernels = vitrs::kernels::isa();
+    let kernels = vitrs::kernels::isa().name();
     if a.json {
         let v = json!({
             "format": ck.report.format,

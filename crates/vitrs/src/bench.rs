@@ -63,7 +63,7 @@ pub struct BenchReport {
     pub median_batch_seconds: f64,
     pub iters: usize,
     pub train: bool,
-    /// The kernels' instruction-set path ([`crate::kernels::isa`]).
+    /// The kernels' rung of the instruction-set ladder ([`crate::kernels::isa`]).
     pub kernels: &'static str,
 }
 
@@ -132,6 +132,6 @@ pub fn run(
         median_batch_seconds: median,
         iters: times.len(),
         train,
-        kernels: crate::kernels::isa(),
+        kernels: crate::kernels::isa().name(),
     })
 }

@@ -345,7 +345,7 @@ impl ViTConfig {
         if self.patch_size == 0 || self.channels == 0 || self.width == 0 || self.depth == 0 {
             return err("patch_size, channels, width and depth must all be at least 1".into());
         }
-        if self.heads == 0 || self.width % self.heads != 0 {
+        if self.heads == 0 || !self.width.is_multiple_of(self.heads) {
             return err(format!(
                 "width {} is not divisible by heads {}",
                 self.width, self.heads
@@ -356,8 +356,8 @@ impl ViTConfig {
         }
         if self.image_height == 0
             || self.image_width == 0
-            || self.image_height % self.patch_size != 0
-            || self.image_width % self.patch_size != 0
+            || !self.image_height.is_multiple_of(self.patch_size)
+            || !self.image_width.is_multiple_of(self.patch_size)
         {
             return err(format!(
                 "image size {}x{} is not a positive multiple of patch size {}",

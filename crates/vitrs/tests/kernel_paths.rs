@@ -1,9 +1,10 @@
-//! Every kernel path this CPU has — the AVX2 + FMA one where it exists, and the portable one
-//! always — held to the reference kernels and to PyTorch's logits. The path is a process-wide
-//! switch (`kernels::set_portable_only`), so this file is its own test binary with a single
-//! test that takes the paths one after the other.
+//! Every rung of the instruction-set ladder this CPU has — AVX-512 and AVX2 + FMA where it has
+//! them, the portable one always — held to the reference kernels and to PyTorch's logits. The
+//! rung is a process-wide switch (`kernels::set_isa`), so this file is its own test binary
+//! with a single test that takes the rungs one after the other and prints which it ran.
 //!
-//! (`VITRS_KERNELS=portable cargo test -p vitrs` runs the whole suite on the portable path.)
+//! (`VITRS_KERNELS=portable cargo test -p vitrs` runs the whole suite on the portable rung,
+//! `VITRS_KERNELS=avx2` on AVX2 + FMA.)
 
 use std::path::Path;
 
@@ -16,7 +17,7 @@ use vitrs::kernels::layernorm::{layernorm, layernorm_ref};
 use vitrs::kernels::math::{
     gelu_backward_inplace, gelu_grad_ref, gelu_inplace, gelu_ref, softmax_inplace, softmax_ref,
 };
-use vitrs::kernels::{has_avx2_fma, set_portable_only};
+use vitrs::kernels::{available_isas, cpu_isa, isa, set_isa, Isa};
 use vitrs::npy::read_npy;
 use vitrs::{Capture, Workspace};
 
@@ -151,24 +152,33 @@ fn check_model(path: &str) {
 
 #[test]
 fn every_kernel_path_matches_the_references() {
-    // With VITRS_KERNELS=portable (CI's second run of the suite) the SIMD paths must be off
-    // from the start, or that run would test nothing new.
-    let forced = std::env::var_os("VITRS_KERNELS").is_some_and(|v| v == "portable");
-    let simd = has_avx2_fma();
-    assert!(
-        !(forced && simd),
-        "VITRS_KERNELS=portable did not turn the SIMD paths off"
-    );
-    let mut paths = vec![("portable", true)];
-    if simd {
-        paths.push(("avx2+fma", false));
-    } else {
-        eprintln!("this CPU (or VITRS_KERNELS) offers the portable path only");
+    // With VITRS_KERNELS set (CI runs the suite again on the portable rung) the kernels must
+    // start on that rung, or that run would test nothing new.
+    if let Some(want) = std::env::var("VITRS_KERNELS")
+        .ok()
+        .as_deref()
+        .and_then(Isa::parse)
+    {
+        assert_eq!(
+            isa(),
+            want.min(cpu_isa()),
+            "VITRS_KERNELS={} did not take",
+            want.name()
+        );
     }
-    for (name, portable) in paths {
-        set_portable_only(portable);
-        assert_eq!(has_avx2_fma(), !portable, "{name}: the switch did not take");
-        check_kernels(name);
-        check_model(name);
+    let rungs = available_isas();
+    eprintln!(
+        "this CPU has the rungs {:?}; running each",
+        rungs.iter().map(|r| r.name()).collect::<Vec<_>>()
+    );
+    if !rungs.contains(&Isa::Avx512) {
+        eprintln!("no AVX-512 here: its kernels are compiled but not run by this test");
+    }
+    for rung in rungs {
+        assert_eq!(set_isa(rung), rung);
+        assert_eq!(isa(), rung, "{}: the switch did not take", rung.name());
+        eprintln!("rung {}: kernels and the whole model", rung.name());
+        check_kernels(rung.name());
+        check_model(rung.name());
     }
 }

@@ -1,18 +1,21 @@
-//! Matrix products `Y = X·Wᵀ + b` with a fused epilogue, the heart of the engine.
+//! Matrix products `Y = X·Wᵀ + b` with a fused epilogue, and their gradients: the heart of the
+//! engine.
 //!
-//! The inner kernel is the `matrixmultiply` crate's single-threaded SGEMM (AVX2/FMA picked at
-//! run time; measured on the ViT shapes in `docs/perf.md`). Threads split the output into
-//! blocks along its larger dimension, so each block packs only its own panel of the weight,
-//! and each block's epilogue (bias, residual, GELU, tanh) runs while its tile is still in cache.
+//! The products run on [`super::sgemm`] (packed panels and one register-tiled micro-kernel per
+//! rung of the instruction-set ladder; `matrixmultiply` on the portable rung). Threads split
+//! the output into blocks along its larger dimension — columns in whole micro-panels, so each
+//! thread reads only its panels of the weight — and each block's epilogue (bias and residual
+//! inside the micro-kernel's store; GELU, tanh right after, while the block is in cache) runs
+//! on the thread that computed it.
 //!
-//! Weights are kept in PyTorch's `(out, in)` layout; the packing into cache-sized panels
-//! happens inside the SGEMM. A pre-packed layout can replace this module without changing
-//! its interface.
+//! Weights are kept in PyTorch's `(out, in)` layout; [`PackedLinear`] holds a weight packed
+//! once into the micro-kernel's panels (inference packs a model's weights once).
 
 use rayon::prelude::*;
 
 use super::math::{gelu_inplace, tanh_inplace};
-use super::{Split, SyncPtr};
+use super::sgemm::{gemm, BRef, MatRef, Out, PackedB};
+use super::{Isa, Split, SyncPtr};
 use crate::config::Gelu;
 
 /// What happens to each output element after the product.
@@ -31,6 +34,31 @@ pub enum Epilogue {
 /// Below this many multiply-adds a product runs on one thread.
 const PARALLEL_MIN_MACS: usize = 1 << 16;
 
+/// A weight `W (n, k)` packed for the running rung's micro-kernel: `Bᵀ = W` read as `B (k, n)`
+/// panels. Made once per model for inference; a product given one that the running rung
+/// cannot read (a test switched rungs) uses the plain weight instead.
+#[derive(Debug)]
+pub struct PackedLinear(PackedB);
+
+impl PackedLinear {
+    /// Packs `w (n, k)` for the running rung; `None` on the portable rung.
+    pub fn new(w: &[f32], (n, k): (usize, usize)) -> Option<Self> {
+        super::check_len("PackedLinear: w", w.len(), n * k);
+        let b = MatRef {
+            ptr: w.as_ptr(),
+            rs: 1,
+            cs: k as isize,
+        };
+        // SAFETY: `w` holds (n, k) row-major, so B (k, n) = Wᵀ has these strides.
+        unsafe { PackedB::new(super::isa(), b, k, n) }.map(PackedLinear)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.0.bytes()
+    }
+}
+
 /// `out = epilogue(x·Wᵀ + bias)`.
 ///
 /// # Shapes
@@ -42,6 +70,19 @@ const PARALLEL_MIN_MACS: usize = 1 << 16;
 pub fn linear(
     x: &[f32],
     w: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    dims: (usize, usize, usize),
+    epilogue: Epilogue,
+) {
+    linear_packed(x, w, None, bias, out, dims, epilogue);
+}
+
+/// [`linear`] with the weight also given packed (`packed`, made from this `w`).
+pub fn linear_packed(
+    x: &[f32],
+    w: &[f32],
+    packed: Option<&PackedLinear>,
     bias: Option<&[f32]>,
     out: &mut [f32],
     (m, k, n): (usize, usize, usize),
@@ -56,23 +97,41 @@ pub fn linear(
     if m == 0 || n == 0 {
         return;
     }
+    let isa = super::isa();
+    let packed = packed
+        .map(|p| &p.0)
+        .filter(|p| p.usable(isa) && p.shape() == (k, n));
     let threads = rayon::current_num_threads();
     let outp = SyncPtr(out.as_mut_ptr());
     let run = |rows: (usize, usize), cols: (usize, usize)| {
         // SAFETY: the ranges of a `Split` are disjoint, so each task writes its own
-        // sub-matrix of `out`; `x` and `w` are only read.
-        unsafe { block(x, w, bias, outp, (m, k, n), rows, cols, epilogue) }
+        // sub-matrix of `out`; `x`, `w` and `packed` are only read.
+        unsafe {
+            block(
+                isa,
+                x,
+                w,
+                packed,
+                bias,
+                outp,
+                (m, k, n),
+                rows,
+                cols,
+                epilogue,
+            )
+        }
     };
     if threads == 1 || m * n * k < PARALLEL_MIN_MACS {
         run((0, m), (0, n));
     } else if n >= m {
-        // Few rows (small batch): split the columns; each thread packs only its slice of W.
-        let s = Split::new(n, threads, 16);
+        // Few rows (small batch): split the columns in whole panels; each thread reads only
+        // its panels of W.
+        let s = Split::new(n, threads, super::sgemm::geometry(isa).nr);
         (0..s.count)
             .into_par_iter()
             .for_each(|i| run((0, m), s.get(i)));
     } else {
-        let s = Split::new(m, threads, 8);
+        let s = Split::new(m, threads, super::sgemm::geometry(isa).mr);
         (0..s.count)
             .into_par_iter()
             .for_each(|i| run(s.get(i), (0, n)));
@@ -82,11 +141,14 @@ pub fn linear(
 /// Computes the block `out[r0..r1, c0..c1]`.
 ///
 /// # Safety
-/// `out` must point to an `(m, n)` buffer, and no other thread may touch this block.
+/// `out` must point to an `(m, n)` buffer, and no other thread may touch this block; `c0` must
+/// be a multiple of the packing's panel width.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
+    isa: Isa,
     x: &[f32],
     w: &[f32],
+    packed: Option<&PackedB>,
     bias: Option<&[f32]>,
     out: SyncPtr,
     (_m, k, n): (usize, usize, usize),
@@ -96,33 +158,28 @@ unsafe fn block(
 ) {
     let (bm, bn) = (r1 - r0, c1 - c0);
     let c = out.get().add(r0 * n + c0);
-    let row = |r: usize| std::slice::from_raw_parts_mut(c.add(r * n), bn);
-    // Start from the bias (or add it to the residual), then let SGEMM accumulate (beta = 1).
-    let beta = match (bias, epilogue) {
-        (Some(b), Epilogue::Accumulate) => {
-            for r in 0..bm {
-                add_assign(row(r), &b[c0..c1]);
-            }
-            1.0
-        }
-        (None, Epilogue::Accumulate) => 1.0,
-        (Some(b), _) => {
-            for r in 0..bm {
-                row(r).copy_from_slice(&b[c0..c1]);
-            }
-            1.0
-        }
-        (None, _) => 0.0,
+    let a = MatRef {
+        ptr: x.as_ptr().add(r0 * k),
+        rs: k as isize,
+        cs: 1,
     };
     // B = Wᵀ restricted to columns c0..c1: B[kk][j] = W[c0 + j][kk].
-    super::sgemm(
-        (bm, k, bn),
-        1.0,
-        (x.as_ptr().add(r0 * k), k as isize, 1),
-        (w.as_ptr().add(c0 * k), 1, k as isize),
-        beta,
-        (c, n as isize, 1),
-    );
+    let b = match packed {
+        Some(p) => BRef::Packed(p, c0),
+        None => BRef::Mat(MatRef {
+            ptr: w.as_ptr().add(c0 * k),
+            rs: 1,
+            cs: k as isize,
+        }),
+    };
+    let o = Out {
+        ptr: c,
+        rs: n as isize,
+        accumulate: epilogue == Epilogue::Accumulate,
+        bias: bias.map(|b| b.as_ptr().add(c0)),
+    };
+    gemm(isa, bm, bn, k, a, b, o);
+    let row = |r: usize| std::slice::from_raw_parts_mut(c.add(r * n), bn);
     match epilogue {
         Epilogue::None | Epilogue::Accumulate => {}
         Epilogue::Gelu(kind) => (0..bm).for_each(|r| gelu_inplace(row(r), kind)),
@@ -173,31 +230,42 @@ pub fn linear_backward(
     if m == 0 || n == 0 || k == 0 {
         return;
     }
+    let isa = super::isa();
+    let g = super::sgemm::geometry(isa);
     let threads = rayon::current_num_threads();
     let small = threads == 1 || m * n * k < PARALLEL_MIN_MACS;
     if let Some(dx) = dx {
-        // dx (m, k) = dy (m, n) · W (n, k): the forward product with W read untransposed.
+        // dx (m, k) = dy (m, n) · W (n, k): W read where it is, as B with unit column stride.
         let dxp = SyncPtr(dx.as_mut_ptr());
         let run = |(r0, r1): (usize, usize), (c0, c1): (usize, usize)| unsafe {
             // SAFETY: disjoint blocks of dx (ranges of one `Split`).
-            super::sgemm(
-                (r1 - r0, n, c1 - c0),
-                1.0,
-                (dy.as_ptr().add(r0 * n), n as isize, 1),
-                (w.as_ptr().add(c0), k as isize, 1),
-                0.0,
-                (dxp.get().add(r0 * k + c0), k as isize, 1),
-            );
+            let a = MatRef {
+                ptr: dy.as_ptr().add(r0 * n),
+                rs: n as isize,
+                cs: 1,
+            };
+            let b = MatRef {
+                ptr: w.as_ptr().add(c0),
+                rs: k as isize,
+                cs: 1,
+            };
+            let o = Out {
+                ptr: dxp.get().add(r0 * k + c0),
+                rs: k as isize,
+                accumulate: false,
+                bias: None,
+            };
+            gemm(isa, r1 - r0, c1 - c0, n, a, BRef::Mat(b), o);
         };
         if small {
             run((0, m), (0, k));
         } else if k >= m {
-            let s = Split::new(k, threads, 16);
+            let s = Split::new(k, threads, g.nr);
             (0..s.count)
                 .into_par_iter()
                 .for_each(|i| run((0, m), s.get(i)));
         } else {
-            let s = Split::new(m, threads, 8);
+            let s = Split::new(m, threads, g.mr);
             (0..s.count)
                 .into_par_iter()
                 .for_each(|i| run(s.get(i), (0, k)));
@@ -207,19 +275,28 @@ pub fn linear_backward(
     let dwp = SyncPtr(dw.as_mut_ptr());
     let run_w = |(r0, r1): (usize, usize)| unsafe {
         // SAFETY: disjoint row ranges of dw.
-        super::sgemm(
-            (r1 - r0, m, k),
-            1.0,
-            (dy.as_ptr().add(r0), 1, n as isize),
-            (x.as_ptr(), k as isize, 1),
-            1.0,
-            (dwp.get().add(r0 * k), k as isize, 1),
-        );
+        let a = MatRef {
+            ptr: dy.as_ptr().add(r0),
+            rs: 1,
+            cs: n as isize,
+        };
+        let b = MatRef {
+            ptr: x.as_ptr(),
+            rs: k as isize,
+            cs: 1,
+        };
+        let o = Out {
+            ptr: dwp.get().add(r0 * k),
+            rs: k as isize,
+            accumulate: true,
+            bias: None,
+        };
+        gemm(isa, r1 - r0, k, m, a, BRef::Mat(b), o);
     };
     if small {
         run_w((0, n));
     } else {
-        let s = Split::new(n, threads, 8);
+        let s = Split::new(n, threads, g.mr);
         (0..s.count).into_par_iter().for_each(|i| run_w(s.get(i)));
     }
     if let Some(db) = db {

@@ -44,7 +44,7 @@ fn layernorm_impl(
     stats: Option<(&mut [f32], &mut [f32])>,
 ) {
     assert!(
-        d > 0 && x.len() % d == 0,
+        d > 0 && x.len().is_multiple_of(d),
         "layernorm: {} values are not rows of {d}",
         x.len()
     );

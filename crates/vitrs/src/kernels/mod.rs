@@ -1,9 +1,17 @@
 //! CPU kernels. Each fast kernel has a plain reference twin (`*_ref`) beside it, and a test
 //! holds the two together within a stated tolerance.
 //!
-//! Element-wise kernels are written as plain loops that LLVM vectorises; [`simd_dispatch!`]
-//! compiles each twice (baseline x86-64 and AVX2+FMA) and picks at run time, so the release
-//! binary runs on any x86-64 and is fast on the CPUs people have.
+//! # The instruction-set ladder
+//! One release binary, built for baseline x86-64, picks at run time the highest rung the CPU
+//! has — [`Isa::Avx512`] (AVX-512 F + BW + VL + DQ with FMA), [`Isa::Avx2`] (AVX2 + FMA), or
+//! [`Isa::Portable`] — and `VITRS_KERNELS=avx2|portable` (or [`set_isa`]) holds it to a lower
+//! one. [`isa`] says which runs.
+//! - The matrix products ([`sgemm`]) have one register-tiled micro-kernel per rung, written
+//!   once over a small vector trait ([`simd`]): the blocking, packing and edge handling are
+//!   shared, so what only an AVX-512 CPU runs is a thin layer of intrinsics.
+//! - Element-wise kernels and reductions are plain loops that LLVM vectorises;
+//!   [`simd_dispatch!`] compiles each three times (baseline, AVX2 + FMA, AVX-512) and picks
+//!   the copy of the running rung.
 
 pub mod attention;
 pub mod attention_gemm;
@@ -11,62 +19,118 @@ pub mod gemm;
 pub mod layernorm;
 pub mod loss;
 pub mod math;
+pub mod sgemm;
+pub(crate) mod simd;
 
-/// Which kernels may run: 0 not decided yet, 1 SIMD where the CPU has it, 2 portable only.
-static MODE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 
-/// Makes every kernel of this crate take its portable path (the baseline x86-64 or
-/// non-x86 code), as on a CPU without AVX2 + FMA, or (`false`) lets them use the CPU's SIMD
-/// again. The environment variable `VITRS_KERNELS=portable` does the same for a whole process
-/// (e.g. `VITRS_KERNELS=portable cargo test -p vitrs` holds the portable paths to every
-/// reference test). The `matrixmultiply` crate inside the GEMM picks its own micro-kernel.
-pub fn set_portable_only(on: bool) {
-    MODE.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+/// A rung of the instruction-set ladder, lowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    /// No SIMD beyond the x86-64 baseline (or a non-x86 CPU).
+    Portable,
+    /// AVX2 with FMA (Intel since Haswell, AMD since Zen).
+    Avx2,
+    /// AVX-512 F, BW, VL and DQ, with FMA (Intel since Skylake-SP, AMD since Zen 4).
+    Avx512,
 }
 
-/// Whether the portable paths are forced ([`set_portable_only`] or `VITRS_KERNELS`).
-pub fn portable_only() -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
-    match MODE.load(Relaxed) {
-        0 => {
-            let on = std::env::var_os("VITRS_KERNELS").is_some_and(|v| v == "portable");
-            // A racing set_portable_only wins over the environment.
-            let _ = MODE.compare_exchange(0, if on { 2 } else { 1 }, Relaxed, Relaxed);
-            MODE.load(Relaxed) == 2
+impl Isa {
+    /// The name `vit bench --json`, `vit info` and `VITRS_KERNELS` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
         }
-        m => m == 2,
+    }
+
+    /// Parses [`Isa::name`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [Isa::Portable, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .find(|i| i.name() == s)
+    }
+
+    fn code(self) -> u8 {
+        self as u8 + 1
+    }
+
+    fn from_code(c: u8) -> Self {
+        match c {
+            3 => Isa::Avx512,
+            2 => Isa::Avx2,
+            _ => Isa::Portable,
+        }
     }
 }
 
-/// The instruction-set path the kernels take on this CPU: `"avx2"` (AVX2 + FMA) or
-/// `"portable"` (no SIMD beyond the x86-64 baseline, or [`set_portable_only`]).
-pub fn isa() -> &'static str {
-    if has_avx2_fma() {
-        "avx2"
-    } else {
-        "portable"
-    }
-}
-
-/// True when the CPU has AVX2 and FMA (checked once, cached by std) and the portable paths
-/// are not forced.
-#[inline]
-pub fn has_avx2_fma() -> bool {
-    if portable_only() {
-        return false;
-    }
+/// The highest rung this CPU has (detected once by std, cached).
+pub fn cpu_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        use std::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") {
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
+                return Isa::Avx512;
+            }
+            return Isa::Avx2;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    Isa::Portable
+}
+
+/// Every rung this CPU can run, lowest first: what the path tests iterate over.
+pub fn available_isas() -> Vec<Isa> {
+    [Isa::Portable, Isa::Avx2, Isa::Avx512]
+        .into_iter()
+        .filter(|&i| i <= cpu_isa())
+        .collect()
+}
+
+/// The rung in use: 0 not decided yet, else `Isa::code`.
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+/// Makes every kernel of this crate run the given rung, or the highest the CPU has if it
+/// lacks that one; returns the rung now in use. `VITRS_KERNELS=avx2` or `portable` does the
+/// same for a whole process (e.g. `VITRS_KERNELS=portable cargo test -p vitrs` holds the
+/// portable paths to every reference test).
+pub fn set_isa(want: Isa) -> Isa {
+    let got = want.min(cpu_isa());
+    MODE.store(got.code(), Relaxed);
+    got
+}
+
+/// The rung the kernels take: the CPU's highest, lowered by `VITRS_KERNELS` or [`set_isa`].
+#[inline]
+pub fn isa() -> Isa {
+    match MODE.load(Relaxed) {
+        0 => {
+            let cpu = cpu_isa();
+            let env = std::env::var("VITRS_KERNELS").ok();
+            let limit = env.as_deref().and_then(Isa::parse).unwrap_or(cpu);
+            // A racing set_isa wins over the environment.
+            let _ = MODE.compare_exchange(0, limit.min(cpu).code(), Relaxed, Relaxed);
+            Isa::from_code(MODE.load(Relaxed))
+        }
+        c => Isa::from_code(c),
     }
 }
 
-/// Defines `fn $name(args)` whose body is compiled for baseline and for AVX2+FMA; the
-/// AVX2 copy is used when the CPU has it.
+/// Holds the kernels to their portable paths (`true`), as on a CPU without AVX2 + FMA, or
+/// lets them use the CPU's best again (`false`). Shorthand for [`set_isa`].
+pub fn set_portable_only(on: bool) {
+    set_isa(if on { Isa::Portable } else { Isa::Avx512 });
+}
+
+/// True when the AVX2 + FMA rung or a higher one runs.
+#[inline]
+pub fn has_avx2_fma() -> bool {
+    isa() >= Isa::Avx2
+}
+
+/// Defines `fn $name(args)` whose body is compiled for the baseline, for AVX2 + FMA and for
+/// AVX-512; the copy of the running rung ([`isa`]) is called.
 macro_rules! simd_dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
         $(#[$m])*
@@ -79,9 +143,15 @@ macro_rules! simd_dispatch {
                 unsafe fn avx2($($arg: $ty),*) {
                     inner($($arg),*)
                 }
-                if $crate::kernels::has_avx2_fma() {
-                    // SAFETY: the CPU supports the features `avx2` was compiled for.
-                    return unsafe { avx2($($arg),*) };
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    inner($($arg),*)
+                }
+                match $crate::kernels::isa() {
+                    // SAFETY: `isa()` never exceeds what the CPU has.
+                    $crate::kernels::Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::kernels::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::kernels::Isa::Portable => {}
                 }
             }
             inner($($arg),*)

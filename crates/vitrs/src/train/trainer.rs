@@ -558,7 +558,7 @@ impl Trainer {
                 self.pos.step += 1;
                 self.pos.batch = batch.index + 1;
 
-                if self.pos.step % t.log_every.max(1) == 0 || self.pos.step == total {
+                if self.pos.step.is_multiple_of(t.log_every.max(1)) || self.pos.step == total {
                     let dt = win_start.elapsed().as_secs_f64();
                     let elapsed = start.elapsed().as_secs_f64();
                     let done = (self.pos.step - start_step) as f64;
@@ -589,7 +589,7 @@ impl Trainer {
                     (win_loss, win_n, win_correct, win_seen, win_imgs) = (0.0, 0, 0, 0, 0);
                     win_start = Instant::now();
                 }
-                if t.checkpoint_every > 0 && self.pos.step % t.checkpoint_every == 0 {
+                if t.checkpoint_every > 0 && self.pos.step.is_multiple_of(t.checkpoint_every) {
                     self.save_checkpoint()?;
                 }
                 let stop_now = stop.load(Ordering::SeqCst);

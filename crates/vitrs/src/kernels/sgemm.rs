@@ -1,0 +1,799 @@
+//! The engine's SGEMM, `C = A·B (+ C) (+ bias)`, one thread's share of a product.
+//!
+//! GotoBLAS/BLIS structure, written once and instantiated per rung of the instruction-set
+//! ladder ([`super::Isa`]):
+//! - the inner dimension is cut into blocks of `KC` (an `A` and a `B` micro-panel fit in L1),
+//!   the rows of `A` into blocks of `MC` (a packed `A` block fits in half of L2), both read
+//!   from the CPU's cache sizes at run time;
+//! - `A` is packed per block into `MR`-row micro-panels (`[k][MR]`, zero-padded), so the
+//!   micro-kernel reads it sequentially whatever its strides (a transposed `dY` in the weight
+//!   gradient, say);
+//! - `B` is read as `NR`-column micro-panels (`[k][NR]`): pre-packed once ([`PackedB`]: the
+//!   weights of a model, packed once per model), read in place when its rows are contiguous
+//!   and the panel is whole (`W` in `dX = dY·W`, activations in `dW = dYᵀ·X`), or packed per
+//!   call otherwise;
+//! - the micro-kernel keeps an `MR × NR` tile of `C` in registers (AVX2: 6 × 16, twelve ymm
+//!   accumulators; AVX-512: 12 × 32, twenty-four zmm), broadcasting one element of `A` and
+//!   loading `NR` of `B` per step of the inner dimension, unrolled four steps at a time, and
+//!   adds bias and the old `C` when it writes the tile.
+//!
+//! The portable rung calls the `matrixmultiply` crate (which is also the reference the tests
+//! and the criterion bench hold this one to).
+
+use std::cell::RefCell;
+
+use super::simd::Simd;
+use super::Isa;
+
+/// A read-only matrix operand: pointer, row stride, column stride (elements).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MatRef {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+/// Where the product goes: `C (m, n)` with unit column stride and row stride `rs`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Out {
+    pub ptr: *mut f32,
+    pub rs: isize,
+    /// `C += A·B` instead of `C = A·B`.
+    pub accumulate: bool,
+    /// Added to every row: `(n)` values, for the columns of this product.
+    pub bias: Option<*const f32>,
+}
+
+/// The `B` operand.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum BRef<'a> {
+    Mat(MatRef),
+    /// Columns `c0..` of a pre-packed matrix (`c0` a multiple of its panel width).
+    Packed(&'a PackedB, usize),
+}
+
+/// Register-tile and cache-block sizes of one rung.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Rows and columns of the register tile.
+    pub mr: usize,
+    pub nr: usize,
+    /// Inner-dimension block (A and B micro-panels in L1) and row block (packed A in L2).
+    pub kc: usize,
+    pub mc: usize,
+}
+
+/// `(L1d, L2)` bytes of one core, from sysfs (Linux), else 32 KiB and 512 KiB.
+fn cache_sizes() -> (usize, usize) {
+    let read = |level: &str| -> Option<usize> {
+        (0..8).find_map(|i| {
+            let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
+            let get = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).ok();
+            let (lv, ty) = (get("level")?, get("type")?);
+            if lv.trim() != level || ty.trim() == "Instruction" {
+                return None;
+            }
+            let s = get("size")?;
+            let s = s.trim();
+            let (num, mult) = match s.strip_suffix('K') {
+                Some(n) => (n, 1024),
+                None => match s.strip_suffix('M') {
+                    Some(n) => (n, 1 << 20),
+                    None => (s, 1),
+                },
+            };
+            num.parse::<usize>().ok().map(|v| v * mult)
+        })
+    };
+    let l1 = read("1").filter(|&v| v >= 16 << 10).unwrap_or(32 << 10);
+    let l2 = read("2").filter(|&v| v >= 128 << 10).unwrap_or(512 << 10);
+    (l1, l2)
+}
+
+/// The blocking of `isa` on this CPU (its cache sizes read once).
+pub fn geometry(isa: Isa) -> Geometry {
+    static CACHES: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    let (l1, l2) = *CACHES.get_or_init(cache_sizes);
+    let (mr, nr) = match isa {
+        Isa::Avx512 => (MR512, NR512),
+        _ => (MR256, NR256),
+    };
+    // Three quarters of L1 for the A and B micro-panels of one tile, in steps of 16.
+    let kc = ((l1 * 3 / 4) / (4 * (mr + nr)) / 16 * 16).clamp(64, 512);
+    // Half of L2 for the packed A block, in whole micro-panels.
+    let mc = ((l2 / 2) / (4 * kc) / mr * mr).clamp(mr, 4096 / mr * mr);
+    Geometry { mr, nr, kc, mc }
+}
+
+const MR256: usize = 6;
+const NV256: usize = 2;
+const NR256: usize = 16;
+const MR512: usize = 12;
+const NV512: usize = 2;
+const NR512: usize = 32;
+
+/// A matrix `B (k, n)` packed once into the micro-panels the running rung's kernel reads:
+/// `ceil(n / NR)` panels of `[k][NR]`, the last one zero-padded. A model's weights, packed
+/// for inference.
+pub struct PackedB {
+    isa: Isa,
+    nr: usize,
+    k: usize,
+    n: usize,
+    data: Aligned,
+}
+
+/// A zeroed f32 buffer whose first element is 64-byte aligned, so a micro-panel's vector
+/// loads never straddle cache lines (an allocator's large blocks start 16 bytes past one).
+#[derive(Default)]
+struct Aligned {
+    buf: Vec<f32>,
+    off: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn zeros(len: usize) -> Self {
+        let mut a = Aligned::default();
+        a.ensure(len);
+        a
+    }
+
+    /// Makes room for `len` floats (keeping none of the old contents).
+    fn ensure(&mut self, len: usize) {
+        if self.len >= len {
+            return;
+        }
+        self.buf = vec![0.0; len + 15];
+        self.off = self.buf.as_ptr().align_offset(64).min(15);
+        self.len = len;
+    }
+
+    fn slice(&self) -> &[f32] {
+        &self.buf[self.off..self.off + self.len]
+    }
+
+    fn slice_mut(&mut self) -> &mut [f32] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}
+
+impl std::fmt::Debug for PackedB {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "PackedB({}x{}, {}, NR {})",
+            self.k,
+            self.n,
+            self.isa.name(),
+            self.nr
+        )
+    }
+}
+
+impl PackedB {
+    /// Packs `B (k, n)` for rung `isa`; `None` on the portable rung (which packs per call
+    /// inside `matrixmultiply`).
+    ///
+    /// # Safety
+    /// `b` must address a `(k, n)` matrix with its strides.
+    pub(crate) unsafe fn new(isa: Isa, b: MatRef, k: usize, n: usize) -> Option<Self> {
+        if isa == Isa::Portable {
+            return None;
+        }
+        let nr = geometry(isa).nr;
+        let mut data = Aligned::zeros(n.div_ceil(nr) * k * nr);
+        pack_b(b, k, n, nr, data.slice_mut());
+        Some(PackedB {
+            isa,
+            nr,
+            k,
+            n,
+            data,
+        })
+    }
+
+    /// Whether rung `isa`'s kernel reads this packing (a test may have switched rungs).
+    pub(crate) fn usable(&self, isa: Isa) -> bool {
+        isa == self.isa
+    }
+
+    /// Panel width: column splits of a product over it must be multiples of it.
+    pub fn panel(&self) -> usize {
+        self.nr
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.len * 4
+    }
+
+    /// `(k, n)` of the matrix packed.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+}
+
+/// Packs `B (k, n)` into `ceil(n / nr)` panels `[k][nr]` in `out`; the columns of the last
+/// panel past `n` are left as they were (the tiles computed from them are never stored).
+unsafe fn pack_b(b: MatRef, k: usize, n: usize, nr: usize, out: &mut [f32]) {
+    for (jp, panel) in out.chunks_exact_mut(k * nr).enumerate() {
+        let j0 = jp * nr;
+        let cols = nr.min(n - j0);
+        if b.cs == 1 {
+            // Rows of B are contiguous: copy `cols` floats per step of the inner dimension.
+            for p in 0..k {
+                let src = b.ptr.offset(p as isize * b.rs + j0 as isize);
+                let dst = &mut panel[p * nr..p * nr + cols];
+                dst.copy_from_slice(std::slice::from_raw_parts(src, cols));
+            }
+            continue;
+        }
+        // Columns of B contiguous along the inner dimension (B = Wᵀ: rows of W): 8 × 8 blocks
+        // transposed in registers where the CPU has AVX2, the rest element by element.
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if b.rs == 1 && std::is_x86_feature_detected!("avx2") {
+            done =
+                transpose::pack_columns(b.ptr.offset(j0 as isize * b.cs), b.cs, k, cols, nr, panel);
+        }
+        for jj in 0..cols {
+            let src = b.ptr.offset((j0 + jj) as isize * b.cs);
+            let from = if jj < cols / 8 * 8 { done } else { 0 };
+            for p in from..k {
+                panel[p * nr + jj] = *src.offset(p as isize * b.rs);
+            }
+        }
+    }
+}
+
+/// 8 × 8 transposes for the packing of contiguous rows into micro-panels.
+#[cfg(target_arch = "x86_64")]
+mod transpose {
+    use std::arch::x86_64::*;
+
+    /// Transposes the 8 × 8 block `r` (row `i` in `r[i]`).
+    #[inline(always)]
+    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+
+    /// Rows `0..rows` of a matrix (row `i` at `src + i·ld`, contiguous), columns `0..k`, into
+    /// `out[p·stride + i]` for every full group of 8 rows and every full group of 8 columns.
+    /// Returns how many columns (a multiple of 8) it wrote; the caller writes the rest.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pack_columns(
+        src: *const f32,
+        ld: isize,
+        k: usize,
+        rows: usize,
+        stride: usize,
+        out: &mut [f32],
+    ) -> usize {
+        let k8 = k / 8 * 8;
+        assert!(out.len() >= k.saturating_sub(1) * stride + rows);
+        for g in 0..rows / 8 {
+            let base = src.offset((g * 8) as isize * ld);
+            for p0 in (0..k8).step_by(8) {
+                let r: [__m256; 8] =
+                    std::array::from_fn(|i| _mm256_loadu_ps(base.offset(i as isize * ld).add(p0)));
+                for (t, v) in transpose8(r).into_iter().enumerate() {
+                    _mm256_storeu_ps(out.as_mut_ptr().add((p0 + t) * stride + g * 8), v);
+                }
+            }
+        }
+        k8
+    }
+
+    /// `MR` rows of A (`rows ≤ MR` of them real, row `i` at `src + i·ld`) into the
+    /// micro-panel `out[p·MR + i]` for the full groups of 8 columns; rows past `rows` get
+    /// zeros. Writes up to 8·⌈MR/8⌉ − MR floats past the panel (the caller leaves room).
+    /// Returns how many columns it wrote.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pack_rows<const MR: usize>(
+        src: *const f32,
+        ld: isize,
+        k: usize,
+        rows: usize,
+        out: *mut f32,
+    ) -> usize {
+        let k8 = k / 8 * 8;
+        let groups = MR.div_ceil(8);
+        for p0 in (0..k8).step_by(8) {
+            // Every group's transposed block first, then the stores in increasing address
+            // order: each 8-lane store spills into the next column's slots, which the next
+            // store then writes.
+            let mut cols = [[_mm256_setzero_ps(); 8]; 2];
+            for (g, col) in cols.iter_mut().enumerate().take(groups) {
+                let r: [__m256; 8] = std::array::from_fn(|i| {
+                    let row = g * 8 + i;
+                    if row < rows {
+                        _mm256_loadu_ps(src.offset(row as isize * ld).add(p0))
+                    } else {
+                        _mm256_setzero_ps()
+                    }
+                });
+                *col = transpose8(r);
+            }
+            for t in 0..8 {
+                for (g, col) in cols.iter().enumerate().take(groups) {
+                    _mm256_storeu_ps(out.add((p0 + t) * MR + g * 8), col[t]);
+                }
+            }
+        }
+        k8
+    }
+}
+
+thread_local! {
+    /// Per-thread packing buffers (A block, B block), grown on demand and reused.
+    static BUFFERS: RefCell<(Aligned, Aligned)> = RefCell::new(Default::default());
+}
+
+/// `C (m, n) = A (m, k) · B (k, n)` (+ bias, + C), on the calling thread, with rung `isa`'s
+/// kernel (the caller reads [`super::isa`] once per product, so a packing it checked stays
+/// the one that runs).
+///
+/// # Safety
+/// Every pointer must address a matrix of the given shape and strides; `C` must not overlap
+/// `A`, `B` or the bias, and no other thread may write it meanwhile. `isa` must not exceed
+/// the CPU's, and a packed `B` must be [`PackedB::usable`] by it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(isa: Isa, m: usize, n: usize, k: usize, a: MatRef, b: BRef, c: Out) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // No products: C = bias (+ C).
+        for i in 0..m {
+            let row = std::slice::from_raw_parts_mut(c.ptr.offset(i as isize * c.rs), n);
+            if !c.accumulate {
+                row.fill(0.0);
+            }
+            if let Some(bias) = c.bias {
+                row.iter_mut()
+                    .zip(std::slice::from_raw_parts(bias, n))
+                    .for_each(|(o, b)| *o += b);
+            }
+        }
+        return;
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => gemm_avx512(m, n, k, a, b, c),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => gemm_avx2(m, n, k, a, b, c),
+        _ => gemm_portable(m, n, k, a, b, c),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemm_avx2(m: usize, n: usize, k: usize, a: MatRef, b: BRef, c: Out) {
+    blocked::<super::simd::Avx2, MR256, NV256>(m, n, k, a, b, c, geometry(Isa::Avx2));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: MatRef, b: BRef, c: Out) {
+    blocked::<super::simd::Avx512, MR512, NV512>(m, n, k, a, b, c, geometry(Isa::Avx512));
+}
+
+/// The portable rung: `matrixmultiply`'s SGEMM, the bias and accumulation done around it.
+unsafe fn gemm_portable(m: usize, n: usize, k: usize, a: MatRef, b: BRef, c: Out) {
+    let BRef::Mat(b) = b else {
+        // Packings are made for (and only used on) a SIMD rung; see `PackedB::usable`.
+        unreachable!("a packed B on the portable rung")
+    };
+    let mut beta = if c.accumulate { 1.0 } else { 0.0 };
+    if let Some(bias) = c.bias {
+        for i in 0..m {
+            let row = std::slice::from_raw_parts_mut(c.ptr.offset(i as isize * c.rs), n);
+            let bias = std::slice::from_raw_parts(bias, n);
+            if c.accumulate {
+                row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
+            } else {
+                row.copy_from_slice(bias);
+            }
+        }
+        beta = 1.0;
+    }
+    matrixmultiply::sgemm(
+        m, k, n, 1.0, a.ptr, a.rs, a.cs, b.ptr, b.rs, b.cs, beta, c.ptr, c.rs, 1,
+    );
+}
+
+/// The blocked product for one rung: `S` its vector type, an `MR × NV·LANES` register tile.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: BRef,
+    c: Out,
+    g: Geometry,
+) {
+    let nr = NV * S::LANES;
+    let (kc_max, mc_max) = (g.kc, g.mc.max(MR));
+    // The buffers are taken out of the thread-local and put back at the end: the work must
+    // not run inside a closure, which would not be compiled with this rung's features.
+    let (mut abuf, mut bbuf) = BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    {
+        abuf.ensure(mc_max.min(m.div_ceil(MR) * MR) * kc_max.min(k) + PACK_SLACK);
+        let panels = n.div_ceil(nr);
+        for pc in (0..k).step_by(kc_max) {
+            let kc = kc_max.min(k - pc);
+            // Where panel `jp` of B's rows pc..pc+kc is, and its row stride.
+            let (bbase, ldb, pstride): (*const f32, isize, isize) = match b {
+                BRef::Packed(pb, c0) => {
+                    debug_assert_eq!(pb.nr, nr);
+                    let first = pb
+                        .data
+                        .slice()
+                        .as_ptr()
+                        .add((c0 / nr) * pb.k * nr + pc * nr);
+                    (first, nr as isize, (pb.k * nr) as isize)
+                }
+                BRef::Mat(bm) if bm.cs == 1 && n.is_multiple_of(nr) => {
+                    // Rows contiguous and every panel whole: read B where it is.
+                    (bm.ptr.offset(pc as isize * bm.rs), bm.rs, nr as isize)
+                }
+                BRef::Mat(bm) => {
+                    let need = panels * kc * nr;
+                    bbuf.ensure(need);
+                    let part = MatRef {
+                        ptr: bm.ptr.offset(pc as isize * bm.rs),
+                        ..bm
+                    };
+                    let dst = &mut bbuf.slice_mut()[..need];
+                    pack_b(part, kc, n, nr, dst);
+                    (dst.as_ptr(), nr as isize, (kc * nr) as isize)
+                }
+            };
+            for ic in (0..m).step_by(mc_max) {
+                let mc = mc_max.min(m - ic);
+                let apack = &mut abuf.slice_mut()[..mc.div_ceil(MR) * MR * kc + PACK_SLACK];
+                pack_a::<MR>(a, ic, mc, pc, kc, apack);
+                for jp in 0..panels {
+                    let j0 = jp * nr;
+                    let cols = nr.min(n - j0);
+                    let bp = bbase.offset(jp as isize * pstride);
+                    for ir in (0..mc).step_by(MR) {
+                        let rows = MR.min(mc - ir);
+                        let cptr = c.ptr.offset((ic + ir) as isize * c.rs + j0 as isize);
+                        let first = pc == 0;
+                        let tile = Tile {
+                            k: kc,
+                            a: apack.as_ptr().add(ir * kc),
+                            b: bp,
+                            ldb,
+                            c: cptr,
+                            ldc: c.rs,
+                            rows,
+                            cols,
+                            load_c: c.accumulate || !first,
+                            bias: if first {
+                                c.bias.map(|p| p.add(j0))
+                            } else {
+                                None
+                            },
+                        };
+                        tile.run::<S, MR, NV>();
+                    }
+                }
+            }
+        }
+    }
+    BUFFERS.with(|b| *b.borrow_mut() = (abuf, bbuf));
+}
+
+/// Packs rows `i0..i0+mc`, columns `p0..p0+kc` of `A` into `MR`-row micro-panels
+/// `[kc][MR]`, the last one zero-padded. `out` has [`PACK_SLACK`] floats of room past the
+/// last panel.
+#[inline(always)]
+unsafe fn pack_a<const MR: usize>(
+    a: MatRef,
+    i0: usize,
+    mc: usize,
+    p0: usize,
+    kc: usize,
+    out: &mut [f32],
+) {
+    let panels = mc.div_ceil(MR);
+    for pi in 0..panels {
+        let r0 = i0 + pi * MR;
+        let rows = MR.min(i0 + mc - r0);
+        let base = a.ptr.offset(r0 as isize * a.rs + p0 as isize * a.cs);
+        let panel = out.as_mut_ptr().add(pi * MR * kc);
+        let mut done = 0;
+        // Row-major A (activations): 8 × 8 transposes where the CPU has AVX2 (MR ≤ 16).
+        #[cfg(target_arch = "x86_64")]
+        if a.cs == 1 && MR <= 16 && std::is_x86_feature_detected!("avx2") {
+            done = transpose::pack_rows::<MR>(base, a.rs, kc, rows, panel);
+        }
+        for p in done..kc {
+            let col = base.offset(p as isize * a.cs);
+            for i in 0..MR {
+                *panel.add(p * MR + i) = if i < rows {
+                    *col.offset(i as isize * a.rs)
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// Room the packing of A may write past its last micro-panel.
+const PACK_SLACK: usize = 16;
+
+/// One `MR × NR` tile of `C` (`rows × cols` of it valid).
+struct Tile {
+    k: usize,
+    /// Packed A micro-panel `[k][MR]`.
+    a: *const f32,
+    /// B micro-panel: row `p` at `b + p·ldb`, `NR` floats (zero-padded past `cols`).
+    b: *const f32,
+    ldb: isize,
+    c: *mut f32,
+    ldc: isize,
+    rows: usize,
+    cols: usize,
+    /// Add the tile to what C holds.
+    load_c: bool,
+    /// Add this `(cols)` vector to every row.
+    bias: Option<*const f32>,
+}
+
+impl Tile {
+    #[inline(always)]
+    unsafe fn run<S: Simd, const MR: usize, const NV: usize>(&self) {
+        // Ask for C's rows now: the loop over the inner dimension hides the misses.
+        for i in 0..MR.min(self.rows) {
+            let cr = self.c.offset(i as isize * self.ldc);
+            prefetch(cr);
+            prefetch(cr.add(NV * S::LANES - 1));
+        }
+        let mut acc = [[S::zero(); NV]; MR];
+        let (mut a, mut b) = (self.a, self.b);
+        // No closures here: they would not be compiled with the rung's target features.
+        macro_rules! step {
+            () => {{
+                let mut bv = [S::zero(); NV];
+                for (v, x) in bv.iter_mut().enumerate() {
+                    *x = S::load(b.add(v * S::LANES));
+                }
+                #[allow(clippy::needless_range_loop)]
+                for i in 0..MR {
+                    let av = S::broadcast(a.add(i));
+                    for v in 0..NV {
+                        acc[i][v] = S::fma(av, bv[v], acc[i][v]);
+                    }
+                }
+                a = a.add(MR);
+                b = b.offset(self.ldb);
+            }};
+        }
+        let mut p = 0;
+        while p + 4 <= self.k {
+            step!();
+            step!();
+            step!();
+            step!();
+            p += 4;
+        }
+        while p < self.k {
+            step!();
+            p += 1;
+        }
+        // The accumulators must only ever be indexed with constants, or LLVM keeps a copy of
+        // them in memory and stores to it on every step: whole tiles are written by loops of
+        // constant length without exits, edge tiles through a buffer.
+        if self.rows == MR && self.cols == NV * S::LANES {
+            #[allow(clippy::needless_range_loop)]
+            for i in 0..MR {
+                let cr = self.c.offset(i as isize * self.ldc);
+                for v in 0..NV {
+                    let at = v * S::LANES;
+                    let mut y = acc[i][v];
+                    if let Some(bias) = self.bias {
+                        y = S::add(y, S::load(bias.add(at)));
+                    }
+                    if self.load_c {
+                        y = S::add(y, S::load(cr.add(at)));
+                    }
+                    S::store(cr.add(at), y);
+                }
+            }
+        } else {
+            let nr = NV * S::LANES;
+            let mut buf = [0.0f32; EDGE_BUF];
+            #[allow(clippy::needless_range_loop)]
+            for i in 0..MR {
+                for v in 0..NV {
+                    S::store(buf.as_mut_ptr().add(i * nr + v * S::LANES), acc[i][v]);
+                }
+            }
+            for i in 0..self.rows {
+                let cr = self.c.offset(i as isize * self.ldc);
+                for j in 0..self.cols {
+                    let mut y = buf[i * nr + j];
+                    if let Some(bias) = self.bias {
+                        y += *bias.add(j);
+                    }
+                    if self.load_c {
+                        y += *cr.add(j);
+                    }
+                    *cr.add(j) = y;
+                }
+            }
+        }
+    }
+}
+
+/// Brings the cache line of `p` into L1 (a hint: never faults).
+#[inline(always)]
+unsafe fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Floats of the largest register tile (AVX-512's 12 × 32), for writing edge tiles.
+const EDGE_BUF: usize = MR512 * NR512;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::available_isas;
+    use crate::kernels::testutil::*;
+
+    /// `C = A·B (+ bias) (+ C)` in f64, on strided operands.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        (ars, acs): (usize, usize),
+        b: &[f32],
+        (brs, bcs): (usize, usize),
+        bias: Option<&[f32]>,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        for i in 0..m {
+            for j in 0..n {
+                let mut s: f64 = (0..k)
+                    .map(|p| a[i * ars + p * acs] as f64 * b[p * brs + j * bcs] as f64)
+                    .sum();
+                if let Some(bias) = bias {
+                    s += bias[j] as f64;
+                }
+                if accumulate {
+                    s += c[i * ldc + j] as f64;
+                }
+                c[i * ldc + j] = s as f32;
+            }
+        }
+    }
+
+    /// Every rung the CPU has, every operand layout the engine uses, shapes with ragged
+    /// edges in all three dimensions and across the cache blocks, against f64; elements of C
+    /// outside the product keep their values.
+    #[test]
+    fn every_rung_matches_the_reference_on_every_layout() {
+        for isa in available_isas() {
+            let g = geometry(isa);
+            for &(m, k, n) in &[
+                (1, 1, 1),
+                (7, 5, 3),
+                (13, 37, 33),
+                (g.mr + 1, g.kc + 3, g.nr * 2 + 5),
+                (g.mc + 7, 2 * g.kc + 1, 3 * g.nr),
+                (50, 64, 192),
+            ] {
+                let a = rand_vec(m * k, 1);
+                let bt = rand_vec(n * k, 2); // B stored transposed, (n, k): a weight
+                let bn = rand_vec(k * n, 3); // B row-major (k, n): activations
+                let bias = rand_vec(n, 4);
+                let ldc = n + 3;
+                let c0 = rand_vec(m * ldc, 5);
+                // (A layout, B matrix + strides): x·Wᵀ, dY·W, and a transposed A (dYᵀ·X).
+                type Case<'a> = (&'a [f32], (usize, usize), &'a [f32], (usize, usize));
+                let cases: [Case; 3] = [
+                    (&a, (k, 1), &bt, (1, k)),
+                    (&a, (k, 1), &bn, (n, 1)),
+                    (&a, (1, m), &bn, (n, 1)),
+                ];
+                for (ci, &(av, (ars, acs), bv, (brs, bcs))) in cases.iter().enumerate() {
+                    for (accumulate, with_bias) in [(false, true), (true, false), (true, true)] {
+                        let bias = with_bias.then_some(&bias[..]);
+                        let mut want = c0.clone();
+                        reference(
+                            m,
+                            n,
+                            k,
+                            av,
+                            (ars, acs),
+                            bv,
+                            (brs, bcs),
+                            bias,
+                            &mut want,
+                            ldc,
+                            accumulate,
+                        );
+                        let amat = MatRef {
+                            ptr: av.as_ptr(),
+                            rs: ars as isize,
+                            cs: acs as isize,
+                        };
+                        let bmat = MatRef {
+                            ptr: bv.as_ptr(),
+                            rs: brs as isize,
+                            cs: bcs as isize,
+                        };
+                        let packed = unsafe { PackedB::new(isa, bmat, k, n) };
+                        let bs: Vec<BRef> = match &packed {
+                            Some(p) => vec![BRef::Mat(bmat), BRef::Packed(p, 0)],
+                            None => vec![BRef::Mat(bmat)],
+                        };
+                        for bref in bs {
+                            let mut got = c0.clone();
+                            let out = Out {
+                                ptr: got.as_mut_ptr(),
+                                rs: ldc as isize,
+                                accumulate,
+                                bias: bias.map(|b| b.as_ptr()),
+                            };
+                            unsafe { gemm(isa, m, n, k, amat, bref, out) };
+                            let d = max_abs_diff(&got, &want);
+                            assert!(
+                                d < 2e-6 * (k as f32).sqrt() * 4.0,
+                                "{isa:?} {m}x{k}x{n} case {ci} {bref:?} acc {accumulate} bias {with_bias}: {d}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_blocking_fits_the_caches() {
+        for isa in [Isa::Avx2, Isa::Avx512] {
+            let g = geometry(isa);
+            assert!(g.kc >= 64 && g.kc.is_multiple_of(16), "{g:?}");
+            assert!(g.mc >= g.mr && g.mc.is_multiple_of(g.mr), "{g:?}");
+        }
+    }
+}
