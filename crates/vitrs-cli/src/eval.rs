@@ -62,6 +62,8 @@ pub(crate) fn run(a: EvalArgs) -> Result<u8> {
         ck.model = adapted.model;
         (ck.preprocess.height, ck.preprocess.width) = (h, w);
     }
+    // Many forwards of the same weights: pack them once for the GEMM kernel.
+    ck.model.pack_weights();
     let cfg = ck.model.config();
     let classes = a
         .classes

@@ -29,7 +29,7 @@ pub(crate) struct PredictArgs {
 }
 
 pub(crate) fn run(a: PredictArgs) -> Result<u8> {
-    let ck = crate::load(&a.model)?;
+    let mut ck = crate::load(&a.model)?;
     let (files, skipped) = expand_inputs(&a.inputs)?;
     if skipped > 0 {
         eprintln!("warning: skipped {skipped} file(s) that are not images or .npy arrays");
@@ -45,6 +45,10 @@ pub(crate) fn run(a: PredictArgs) -> Result<u8> {
         );
     }
     vitrs::infer::check_batch_memory(ck.model.config(), a.batch_size.min(files.len()))?;
+    if files.len() > a.batch_size.max(1) {
+        // More than one forward: packing the weights once beats packing them every time.
+        ck.model.pack_weights();
+    }
     let mut failures = 0usize;
     let mut predictor = Predictor::new(&ck, a.batch_size, a.top_k);
     predictor.run(&files, |res| match res {

@@ -94,6 +94,10 @@ pub fn run(
     )?;
     let k = cfg.num_classes.max(1);
     let labels: Vec<usize> = (0..batch).map(|i| i % k).collect();
+    if !train {
+        // Repeated forwards of unchanging weights: pack them once, as a server would.
+        w.model.pack_weights();
+    }
     let mut ws = Workspace::new();
     let mut tw = TrainWorkspace::new();
     let mut opt = Optimizer::new(w.optimizer, w.model.params());

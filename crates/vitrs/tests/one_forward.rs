@@ -163,6 +163,23 @@ fn training_and_inference_forwards_give_the_same_logits_on_every_configuration()
             inferred.logits, captured.logits,
             "{name}: capture changed the logits"
         );
+        // With the weights packed once for the GEMM kernel, the same logits again.
+        let mut packed_model = model.clone();
+        packed_model.pack_weights();
+        let packed = packed_model.logits(&x).unwrap();
+        let d = max_abs_diff(packed.data(), inferred.logits.data());
+        assert!(
+            d <= 1e-6,
+            "{name}: packed weights changed the logits by {d}"
+        );
+        let portable = vitrs::kernels::isa() == vitrs::kernels::Isa::Portable;
+        assert!(
+            portable || packed_model.packed_bytes() > 0,
+            "{name}: nothing packed"
+        );
+        // A change of the parameters drops the packing.
+        packed_model.params_mut();
+        assert_eq!(packed_model.packed_bytes(), 0);
 
         let labels: Vec<usize> = (0..batch).map(|b| b % cfg.num_classes).collect();
         let mut tw = TrainWorkspace::new();

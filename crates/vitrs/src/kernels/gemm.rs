@@ -271,33 +271,42 @@ pub fn linear_backward(
                 .for_each(|i| run(s.get(i), (0, k)));
         }
     }
-    // dW (n, k) += dyᵀ (n, m) · x (m, k), split over the rows of dW (the output features).
+    // dW (n, k) += dyᵀ (n, m) · x (m, k). Each thread packs its rows of dyᵀ and its columns
+    // of x, m floats per row or column, so the split goes along the longer side of dW: both
+    // halves then pack m·(max/2 + min) floats each, the fewer.
     let dwp = SyncPtr(dw.as_mut_ptr());
-    let run_w = |(r0, r1): (usize, usize)| unsafe {
-        // SAFETY: disjoint row ranges of dw.
+    let run_w = |(r0, r1): (usize, usize), (c0, c1): (usize, usize)| unsafe {
+        // SAFETY: disjoint blocks of dw (ranges of one `Split`).
         let a = MatRef {
             ptr: dy.as_ptr().add(r0),
             rs: 1,
             cs: n as isize,
         };
         let b = MatRef {
-            ptr: x.as_ptr(),
+            ptr: x.as_ptr().add(c0),
             rs: k as isize,
             cs: 1,
         };
         let o = Out {
-            ptr: dwp.get().add(r0 * k),
+            ptr: dwp.get().add(r0 * k + c0),
             rs: k as isize,
             accumulate: true,
             bias: None,
         };
-        gemm(isa, r1 - r0, k, m, a, BRef::Mat(b), o);
+        gemm(isa, r1 - r0, c1 - c0, m, a, BRef::Mat(b), o);
     };
     if small {
-        run_w((0, n));
+        run_w((0, n), (0, k));
+    } else if k > n {
+        let s = Split::new(k, threads, g.nr);
+        (0..s.count)
+            .into_par_iter()
+            .for_each(|i| run_w((0, n), s.get(i)));
     } else {
         let s = Split::new(n, threads, g.mr);
-        (0..s.count).into_par_iter().for_each(|i| run_w(s.get(i)));
+        (0..s.count)
+            .into_par_iter()
+            .for_each(|i| run_w(s.get(i), (0, k)));
     }
     if let Some(db) = db {
         for row in dy.chunks_exact(n).take(m) {

@@ -9,9 +9,9 @@
 //!   micro-kernel reads it sequentially whatever its strides (a transposed `dY` in the weight
 //!   gradient, say);
 //! - `B` is read as `NR`-column micro-panels (`[k][NR]`): pre-packed once ([`PackedB`]: the
-//!   weights of a model, packed once per model), read in place when its rows are contiguous
-//!   and the panel is whole (`W` in `dX = dY·W`, activations in `dW = dYᵀ·X`), or packed per
-//!   call otherwise;
+//!   weights of a model, packed once per model) or packed per block of the inner dimension
+//!   (a copy of contiguous rows, or 8 × 8 transposes), so a micro-panel is one contiguous,
+//!   aligned run of L1 (read in place, a panel's rows straddle cache lines and overflow L1);
 //! - the micro-kernel keeps an `MR × NR` tile of `C` in registers (AVX2: 6 × 16, twelve ymm
 //!   accumulators; AVX-512: 12 × 32, twenty-four zmm), broadcasting one element of `A` and
 //!   loading `NR` of `B` per step of the inner dimension, unrolled four steps at a time, and
@@ -61,6 +61,8 @@ pub struct Geometry {
     /// Inner-dimension block (A and B micro-panels in L1) and row block (packed A in L2).
     pub kc: usize,
     pub mc: usize,
+    /// Bytes of one core's L2.
+    pub l2: usize,
 }
 
 /// `(L1d, L2)` bytes of one core, from sysfs (Linux), else 32 KiB and 512 KiB.
@@ -102,7 +104,7 @@ pub fn geometry(isa: Isa) -> Geometry {
     let kc = ((l1 * 3 / 4) / (4 * (mr + nr)) / 16 * 16).clamp(64, 512);
     // Half of L2 for the packed A block, in whole micro-panels.
     let mc = ((l2 / 2) / (4 * kc) / mr * mr).clamp(mr, 4096 / mr * mr);
-    Geometry { mr, nr, kc, mc }
+    Geometry { mr, nr, kc, mc, l2 }
 }
 
 const MR256: usize = 6;
@@ -310,6 +312,34 @@ mod transpose {
         k8
     }
 
+    /// Columns `0..k` of an `MR`-row block whose columns are contiguous (column `p` at
+    /// `src + p·ld`, `MR` floats) into the micro-panel `out[p·MR + i]`, with 8-lane loads and
+    /// stores in increasing address order (each spills into the next column's slots, which
+    /// the next store writes; up to 8·⌈MR/8⌉ − MR floats past the panel). Returns `k`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pack_columns_contiguous<const MR: usize>(
+        src: *const f32,
+        ld: isize,
+        k: usize,
+        out: *mut f32,
+    ) -> usize {
+        let groups = MR.div_ceil(8);
+        let tail = MR - (groups - 1) * 8;
+        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        // The last group's lanes past MR are masked off: never read past the column's end.
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail as i32), idx);
+        for p in 0..k {
+            let col = src.offset(p as isize * ld);
+            let dst = out.add(p * MR);
+            for g in 0..groups - 1 {
+                _mm256_storeu_ps(dst.add(g * 8), _mm256_loadu_ps(col.add(g * 8)));
+            }
+            let g = groups - 1;
+            _mm256_storeu_ps(dst.add(g * 8), _mm256_maskload_ps(col.add(g * 8), mask));
+        }
+        k
+    }
+
     /// `MR` rows of A (`rows ≤ MR` of them real, row `i` at `src + i·ld`) into the
     /// micro-panel `out[p·MR + i]` for the full groups of 8 columns; rows past `rows` get
     /// zeros. Writes up to 8·⌈MR/8⌉ − MR floats past the panel (the caller leaves room).
@@ -441,7 +471,16 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
     g: Geometry,
 ) {
     let nr = NV * S::LANES;
-    let (kc_max, mc_max) = (g.kc, g.mc.max(MR));
+    let kc_max = g.kc;
+    let mut mc_max = g.mc.max(MR);
+    // A long inner dimension and a small C (the weight gradient: thousands of rows summed
+    // into a weight-sized C) passes over C once per block of the inner dimension: keep all of
+    // C in L2 beside the packed A block, with smaller A blocks.
+    let c_bytes = 4 * m * n;
+    if k > kc_max && c_bytes <= g.l2 / 2 {
+        let room = g.l2 * 4 / 5 - c_bytes;
+        mc_max = mc_max.min((room / (4 * kc_max) / MR * MR).max(MR));
+    }
     // The buffers are taken out of the thread-local and put back at the end: the work must
     // not run inside a closure, which would not be compiled with this rung's features.
     let (mut abuf, mut bbuf) = BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
@@ -460,10 +499,6 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                         .as_ptr()
                         .add((c0 / nr) * pb.k * nr + pc * nr);
                     (first, nr as isize, (pb.k * nr) as isize)
-                }
-                BRef::Mat(bm) if bm.cs == 1 && n.is_multiple_of(nr) => {
-                    // Rows contiguous and every panel whole: read B where it is.
-                    (bm.ptr.offset(pc as isize * bm.rs), bm.rs, nr as isize)
                 }
                 BRef::Mat(bm) => {
                     let need = panels * kc * nr;
@@ -533,10 +568,16 @@ unsafe fn pack_a<const MR: usize>(
         let base = a.ptr.offset(r0 as isize * a.rs + p0 as isize * a.cs);
         let panel = out.as_mut_ptr().add(pi * MR * kc);
         let mut done = 0;
-        // Row-major A (activations): 8 × 8 transposes where the CPU has AVX2 (MR ≤ 16).
         #[cfg(target_arch = "x86_64")]
-        if a.cs == 1 && MR <= 16 && std::is_x86_feature_detected!("avx2") {
-            done = transpose::pack_rows::<MR>(base, a.rs, kc, rows, panel);
+        if MR <= 16 && std::is_x86_feature_detected!("avx2") {
+            if a.cs == 1 {
+                // Row-major A (activations): 8 × 8 transposes.
+                done = transpose::pack_rows::<MR>(base, a.rs, kc, rows, panel);
+            } else if a.rs == 1 && rows == MR {
+                // Transposed A (dYᵀ in the weight gradient): each column is MR contiguous
+                // floats, copied with 8-lane loads and stores.
+                done = transpose::pack_columns_contiguous::<MR>(base, a.cs, kc, panel);
+            }
         }
         for p in done..kc {
             let col = base.offset(p as isize * a.cs);

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use super::params::{LinearView, NormView};
 use super::ViT;
-use crate::kernels::gemm::{linear, linear_backward, Epilogue};
+use crate::kernels::gemm::{linear_backward, linear_packed, Epilogue};
 use crate::kernels::layernorm::{layernorm, layernorm_backward, layernorm_train};
 use crate::kernels::math::gelu_into_par;
 
@@ -79,9 +79,11 @@ impl ViT {
     ) {
         let w = self.params.slice(&l.w);
         let b = l.b.as_ref().map(|r| self.params.slice(r));
-        linear(
+        let packed = self.packed.as_ref().and_then(|p| p.get(&l.w.start));
+        linear_packed(
             &x[..rows * l.inp],
             w,
+            packed,
             b,
             &mut out[..rows * l.out],
             (rows, l.inp, l.out),
