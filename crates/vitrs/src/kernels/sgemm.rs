@@ -114,12 +114,14 @@ const MR512: usize = 12;
 const NV512: usize = 2;
 const NR512: usize = 32;
 
-/// A matrix `B (k, n)` packed once into the micro-panels the running rung's kernel reads:
-/// `ceil(n / NR)` panels of `[k][NR]`, the last one zero-padded. A model's weights, packed
-/// for inference.
+/// A matrix `B (k, n)` packed once into the micro-panels the running rung's kernel reads: for
+/// each block of `KC` steps of the inner dimension, `ceil(n / NR)` panels of `[KC][NR]`. A
+/// model's weights, packed for inference.
 pub struct PackedB {
     isa: Isa,
     nr: usize,
+    /// The blocks of the inner dimension it is laid out in: `[k / kc][panels][kc][nr]`.
+    kc: usize,
     k: usize,
     n: usize,
     data: Aligned,
@@ -183,12 +185,25 @@ impl PackedB {
         if isa == Isa::Portable {
             return None;
         }
-        let nr = geometry(isa).nr;
-        let mut data = Aligned::zeros(n.div_ceil(nr) * k * nr);
-        pack_b(b, k, n, nr, data.slice_mut());
+        let g = geometry(isa);
+        let (nr, kc) = (g.nr, g.kc);
+        let panels = n.div_ceil(nr);
+        // Block by block of the inner dimension, as the kernel reads it: within a block the
+        // panels follow each other, so the hardware prefetcher streams from one to the next.
+        let mut data = Aligned::zeros(panels * k * nr);
+        for pc in (0..k).step_by(kc) {
+            let kcb = kc.min(k - pc);
+            let part = MatRef {
+                ptr: b.ptr.offset(pc as isize * b.rs),
+                ..b
+            };
+            let block = &mut data.slice_mut()[pc * panels * nr..(pc + kcb) * panels * nr];
+            pack_b(part, kcb, n, nr, block);
+        }
         Some(PackedB {
             isa,
             nr,
+            kc,
             k,
             n,
             data,
@@ -492,13 +507,11 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
             // Where panel `jp` of B's rows pc..pc+kc is, and its row stride.
             let (bbase, ldb, pstride): (*const f32, isize, isize) = match b {
                 BRef::Packed(pb, c0) => {
-                    debug_assert_eq!(pb.nr, nr);
-                    let first = pb
-                        .data
-                        .slice()
-                        .as_ptr()
-                        .add((c0 / nr) * pb.k * nr + pc * nr);
-                    (first, nr as isize, (pb.k * nr) as isize)
+                    debug_assert!(pb.nr == nr && pb.kc == kc_max);
+                    // Block pc: every panel's kc rows, panel after panel.
+                    let block = pc * pb.n.div_ceil(nr) * nr;
+                    let first = pb.data.slice().as_ptr().add(block + (c0 / nr) * kc * nr);
+                    (first, nr as isize, (kc * nr) as isize)
                 }
                 BRef::Mat(bm) => {
                     let need = panels * kc * nr;
