@@ -1,35 +1,136 @@
-//! `vit bench`: images per second and GFLOP/s of inference or a training step on this machine.
+//! `vit bench`: images per second and GFLOP/s of inference or a training step on this machine,
+//! the engine's matrix product alone (`--gemm`), and the FMA peak they are measured against
+//! (`--peak`).
 
-use anyhow::Result;
-use vitrs::bench::{run as measure, Workload};
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use vitrs::bench::{run as measure, GemmOp, Workload};
+use vitrs::kernels::peak::fma_peak;
+use vitrs::kernels::{available_isas, isa, Isa};
 
 #[derive(clap::Args)]
 pub(crate) struct BenchArgs {
     /// A preset such as `B/16`, `S/16@384`, `vit_tiny_patch16_224`, a checkpoint path, or a
     /// run config (.toml) whose [model] is used.
-    #[arg(long, value_name = "PRESET|PATH")]
-    model: String,
+    #[arg(long, value_name = "PRESET|PATH", required_unless_present_any = ["gemm", "peak"])]
+    model: Option<String>,
     /// Time a training step instead of inference.
     #[arg(long)]
     train: bool,
     #[arg(long, default_value_t = 1, value_name = "N")]
     batch_size: usize,
+    /// Time the engine's matrix products instead of a model: a linear layer with input
+    /// `(M, K)` and weight `(N, K)`, `MxKxN` for its forward (`197x768x2304`), `dx:MxKxN` for
+    /// its backward to the input, `dw:MxKxN` to the weight; several separated by commas.
+    #[arg(long, value_name = "MxKxN,...", conflicts_with = "model")]
+    gemm: Option<String>,
+    /// With --gemm: forwards with the weight packed once beforehand, as `vit` does for
+    /// repeated inference.
+    #[arg(long, requires = "gemm")]
+    packed: bool,
+    /// Measure the FMA peak (GFLOP/s) of every instruction set this CPU has, on one thread
+    /// and on all; with --model or --gemm, report efficiency against the running one's.
+    #[arg(long)]
+    peak: bool,
     /// Timed repetitions (the median is reported).
     #[arg(long, default_value_t = 10)]
     iters: usize,
     /// Untimed warm-up repetitions.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// One JSON object instead of text.
+    /// One JSON object (per product with --gemm) instead of text.
     #[arg(long)]
     json: bool,
 }
 
+/// `[fwd:|dx:|dw:]197x768x2304` as the product and (M, K, N).
+fn parse_shape(s: &str) -> Result<(GemmOp, (usize, usize, usize))> {
+    let (op, dims) = match s.split_once(':') {
+        Some((op, dims)) => (
+            GemmOp::parse(op.trim())
+                .with_context(|| format!("--gemm `{s}`: `{op}` is not fwd, dx or dw"))?,
+            dims,
+        ),
+        None => (GemmOp::Fwd, s),
+    };
+    let v: Vec<usize> = dims
+        .split('x')
+        .map(|t| t.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--gemm `{s}`: expected MxKxN, e.g. 197x768x2304"))?;
+    match v[..] {
+        [m, k, n] if m > 0 && k > 0 && n > 0 && m * k * n <= 1 << 36 => Ok((op, (m, k, n))),
+        _ => bail!("--gemm `{s}`: expected three positive sizes MxKxN, e.g. 197x768x2304"),
+    }
+}
+
 pub(crate) fn run(a: BenchArgs) -> Result<u8> {
-    let mut w = Workload::from_spec(&a.model)?;
+    let threads = rayon::current_num_threads();
+    // The peak of the rung that runs, for efficiency figures.
+    let peak = a.peak.then(|| fma_peak(isa(), threads, 0.5)).flatten();
+    if let Some(spec) = &a.gemm {
+        for s in spec.split(',') {
+            let (op, dims) = parse_shape(s)?;
+            let r = vitrs::bench::gemm(op, dims, a.packed, a.iters, a.warmup);
+            let eff = peak.map(|p| r.gflops_per_sec / p);
+            if a.json {
+                let mut v = serde_json::to_value(&r)?;
+                v["peak_gflops_per_sec"] = json!(peak);
+                v["efficiency"] = json!(eff);
+                println!("{v}");
+            } else {
+                println!(
+                    "gemm {:?} {}x{}x{} ({}, {} thread(s), {} kernels): {:.1} GFLOP/s, {:.3} ms (median of {}){}",
+                    r.op,
+                    r.m,
+                    r.k,
+                    r.n,
+                    if r.packed {
+                        "weight packed once"
+                    } else {
+                        "packed per call"
+                    },
+                    r.threads,
+                    r.kernels,
+                    r.gflops_per_sec,
+                    r.median_seconds * 1e3,
+                    r.iters,
+                    eff.map(|e| format!(", {:.0} % of the FMA peak", 100.0 * e))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        return Ok(0);
+    }
+    let Some(model) = &a.model else {
+        // --peak alone: every rung, one thread and all.
+        for rung in available_isas().into_iter().filter(|&r| r != Isa::Portable) {
+            let one = fma_peak(rung, 1, 0.5);
+            let all = fma_peak(rung, threads, 0.5);
+            if a.json {
+                println!(
+                    "{}",
+                    json!({"kernels": rung.name(), "threads": threads, "peak_gflops_per_sec_1_thread": one, "peak_gflops_per_sec": all})
+                );
+            } else {
+                println!(
+                    "{} FMA peak: {:.1} GFLOP/s on 1 thread, {:.1} on {threads}",
+                    rung.name(),
+                    one.unwrap_or(f64::NAN),
+                    all.unwrap_or(f64::NAN)
+                );
+            }
+        }
+        return Ok(0);
+    };
+    let mut w = Workload::from_spec(model)?;
     let r = measure(&mut w, a.train, a.batch_size, a.iters, a.warmup)?;
+    let eff = peak.map(|p| r.gflops_per_sec / p);
     if a.json {
-        println!("{}", serde_json::to_string(&r)?);
+        let mut v = serde_json::to_value(&r)?;
+        v["peak_gflops_per_sec"] = json!(peak);
+        v["efficiency"] = json!(eff);
+        println!("{v}");
     } else {
         let what = if a.train {
             "training step"
@@ -37,15 +138,16 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
             "inference"
         };
         println!(
-            "{} ({what}): batch {}, {} thread(s), {} kernels: {:.2} images/s, {:.1} ms per batch (median of {}), {:.1} GFLOP/s",
-            a.model,
+            "{model} ({what}): batch {}, {} thread(s), {} kernels: {:.2} images/s, {:.1} ms per batch (median of {}), {:.1} GFLOP/s{}",
             r.batch_size,
             r.threads,
             r.kernels,
             r.images_per_sec,
             r.median_batch_seconds * 1e3,
             r.iters,
-            r.gflops_per_sec
+            r.gflops_per_sec,
+            eff.map(|e| format!(" ({:.0} % of the FMA peak)", 100.0 * e))
+                .unwrap_or_default()
         );
     }
     Ok(0)

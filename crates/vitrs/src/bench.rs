@@ -67,6 +67,100 @@ pub struct BenchReport {
     pub kernels: &'static str,
 }
 
+/// Which product of a linear layer `y = x·Wᵀ` (`x (m, k)`, `W (n, k)`) [`gemm`] times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GemmOp {
+    /// `y (m, n) = x·Wᵀ + b`, the forward.
+    Fwd,
+    /// `dx (m, k) = dy (m, n) · W`, the backward to the input.
+    Dx,
+    /// `dW (n, k) += dyᵀ · x`, the backward to the weight.
+    Dw,
+}
+
+impl GemmOp {
+    /// `fwd`, `dx` or `dw`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "fwd" => Some(GemmOp::Fwd),
+            "dx" => Some(GemmOp::Dx),
+            "dw" => Some(GemmOp::Dw),
+            _ => None,
+        }
+    }
+}
+
+/// What [`gemm`] measured: one product of a linear layer as the engine runs it.
+#[derive(Clone, Debug, Serialize)]
+pub struct GemmReport {
+    pub op: GemmOp,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    /// The weight was packed once beforehand (as [`ViT::pack_weights`] does).
+    pub packed: bool,
+    pub gflops_per_sec: f64,
+    pub median_seconds: f64,
+    pub iters: usize,
+    pub threads: usize,
+    pub kernels: &'static str,
+}
+
+/// Times one product of the linear layer `x (m, k)`, `W (n, k)` — the forward (with bias),
+/// or the backward to the input or to the weight — as the engine runs it on the current
+/// thread pool, `iters` times after `warmup` untimed runs; the median. 2·m·k·n FLOPs each.
+pub fn gemm(
+    op: GemmOp,
+    (m, k, n): (usize, usize, usize),
+    packed: bool,
+    iters: usize,
+    warmup: usize,
+) -> GemmReport {
+    use crate::kernels::gemm::{linear_dw, linear_dx, linear_packed, Epilogue, PackedLinear};
+    let fill = |len: usize, seed: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + seed) % 1000) as f32 / 1000.0 - 0.5)
+            .collect()
+    };
+    let (x, w, b, dy) = (fill(m * k, 1), fill(n * k, 2), fill(n, 3), fill(m * n, 4));
+    let mut out = vec![0.0; m * n.max(k)];
+    let mut dw = vec![0.0; n * k];
+    let pw = (packed && op == GemmOp::Fwd)
+        .then(|| PackedLinear::new(&w, (n, k)))
+        .flatten();
+    let mut once = || {
+        let t = Instant::now();
+        match op {
+            GemmOp::Fwd => {
+                let o = &mut out[..m * n];
+                linear_packed(&x, &w, pw.as_ref(), Some(&b), o, (m, k, n), Epilogue::None)
+            }
+            GemmOp::Dx => linear_dx(&dy, &w, &mut out[..m * k], (m, k, n)),
+            GemmOp::Dw => linear_dw(&dy, &x, &mut dw, (m, k, n)),
+        }
+        t.elapsed().as_secs_f64()
+    };
+    for _ in 0..warmup {
+        once();
+    }
+    let mut times: Vec<f64> = (0..iters.max(1)).map(|_| once()).collect();
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    GemmReport {
+        op,
+        m,
+        k,
+        n,
+        packed: pw.is_some(),
+        gflops_per_sec: 2.0 * (m * k * n) as f64 / median / 1e9,
+        median_seconds: median,
+        iters: times.len(),
+        threads: rayon::current_num_threads(),
+        kernels: crate::kernels::isa().name(),
+    }
+}
+
 /// FLOPs of one image through `cfg`: a forward, or a training step, which costs about three
 /// forwards (the forward, and the backward's products to inputs and to weights).
 pub fn flops_per_image(cfg: &ViTConfig, train: bool) -> f64 {

@@ -34,6 +34,14 @@ pub enum Epilogue {
 /// Below this many multiply-adds a product runs on one thread.
 const PARALLEL_MIN_MACS: usize = 1 << 16;
 
+/// The weight gradient splits its sum over rows among the threads from this many rows each.
+const DW_MIN_ROWS_PER_THREAD: usize = 256;
+
+thread_local! {
+    /// The calling thread's partial weight gradients of the other threads, reused.
+    static DW_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A weight `W (n, k)` packed for the running rung's micro-kernel: `Bᵀ = W` read as `B (k, n)`
 /// panels. Made once per model for inference; a product given one that the running rung
 /// cannot read (a test switched rungs) uses the plain weight instead.
@@ -230,50 +238,135 @@ pub fn linear_backward(
     if m == 0 || n == 0 || k == 0 {
         return;
     }
+    if let Some(dx) = dx {
+        linear_dx(dy, w, dx, (m, k, n));
+    }
+    linear_dw(dy, x, dw, (m, k, n));
+    if let Some(db) = db {
+        for row in dy.chunks_exact(n).take(m) {
+            add_assign(&mut db[..n], row);
+        }
+    }
+}
+
+/// `dx (m, k) = dy (m, n) · W (n, k)`: the backward of a linear layer to its input.
+///
+/// # Panics
+/// When a slice is shorter than its shape.
+pub fn linear_dx(dy: &[f32], w: &[f32], dx: &mut [f32], (m, k, n): (usize, usize, usize)) {
+    super::check_len("linear_dx: dy", dy.len(), m * n);
+    super::check_len("linear_dx: w", w.len(), n * k);
+    super::check_len("linear_dx: dx", dx.len(), m * k);
+    if m == 0 || k == 0 {
+        return;
+    }
     let isa = super::isa();
     let g = super::sgemm::geometry(isa);
     let threads = rayon::current_num_threads();
     let small = threads == 1 || m * n * k < PARALLEL_MIN_MACS;
-    if let Some(dx) = dx {
-        // dx (m, k) = dy (m, n) · W (n, k): W read where it is, as B with unit column stride.
-        let dxp = SyncPtr(dx.as_mut_ptr());
-        let run = |(r0, r1): (usize, usize), (c0, c1): (usize, usize)| unsafe {
-            // SAFETY: disjoint blocks of dx (ranges of one `Split`).
+    // dx (m, k) = dy (m, n) · W (n, k): W is B with contiguous rows.
+    let dxp = SyncPtr(dx.as_mut_ptr());
+    let run = |(r0, r1): (usize, usize), (c0, c1): (usize, usize)| unsafe {
+        // SAFETY: disjoint blocks of dx (ranges of one `Split`).
+        let a = MatRef {
+            ptr: dy.as_ptr().add(r0 * n),
+            rs: n as isize,
+            cs: 1,
+        };
+        let b = MatRef {
+            ptr: w.as_ptr().add(c0),
+            rs: k as isize,
+            cs: 1,
+        };
+        let o = Out {
+            ptr: dxp.get().add(r0 * k + c0),
+            rs: k as isize,
+            accumulate: false,
+            bias: None,
+        };
+        gemm(isa, r1 - r0, c1 - c0, n, a, BRef::Mat(b), o);
+    };
+    if small {
+        run((0, m), (0, k));
+    } else if k >= m {
+        let s = Split::new(k, threads, g.nr);
+        (0..s.count)
+            .into_par_iter()
+            .for_each(|i| run((0, m), s.get(i)));
+    } else {
+        let s = Split::new(m, threads, g.mr);
+        (0..s.count)
+            .into_par_iter()
+            .for_each(|i| run(s.get(i), (0, k)));
+    }
+}
+
+/// `dW (n, k) += dyᵀ (n, m) · x (m, k)`: the backward of a linear layer to its weight.
+///
+/// # Panics
+/// When a slice is shorter than its shape.
+pub fn linear_dw(dy: &[f32], x: &[f32], dw: &mut [f32], (m, k, n): (usize, usize, usize)) {
+    super::check_len("linear_dw: dy", dy.len(), m * n);
+    super::check_len("linear_dw: x", x.len(), m * k);
+    super::check_len("linear_dw: dw", dw.len(), n * k);
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let isa = super::isa();
+    let g = super::sgemm::geometry(isa);
+    let threads = rayon::current_num_threads();
+    let small = threads == 1 || m * n * k < PARALLEL_MIN_MACS;
+    // dW (n, k) += dyᵀ (n, m) · x (m, k): a sum over the m rows (images × tokens, thousands in
+    // training) into a weight-sized result. Every element of dY and x takes part in only 2k
+    // or 2n FLOPs, so packing them is a large share of the work: the threads split the m
+    // rows, each packing only its own, the first summing into dW and the others into scratch
+    // added to it afterwards. (Split along dW instead, every thread would pack all of x or
+    // all of dY.)
+    if !small && m >= threads * DW_MIN_ROWS_PER_THREAD {
+        let s = Split::new(m, threads, 1);
+        let mut scratch = DW_SCRATCH.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        scratch.resize((s.count - 1) * n * k, 0.0);
+        let dwp = SyncPtr(dw.as_mut_ptr());
+        let sp = SyncPtr(scratch.as_mut_ptr());
+        (0..s.count).into_par_iter().for_each(|i| unsafe {
+            // SAFETY: part 0 alone writes dw, part i > 0 alone its scratch slot.
+            let (p0, p1) = s.get(i);
             let a = MatRef {
-                ptr: dy.as_ptr().add(r0 * n),
-                rs: n as isize,
-                cs: 1,
+                ptr: dy.as_ptr().add(p0 * n),
+                rs: 1,
+                cs: n as isize,
             };
             let b = MatRef {
-                ptr: w.as_ptr().add(c0),
+                ptr: x.as_ptr().add(p0 * k),
                 rs: k as isize,
                 cs: 1,
             };
             let o = Out {
-                ptr: dxp.get().add(r0 * k + c0),
+                ptr: if i == 0 {
+                    dwp.get()
+                } else {
+                    sp.get().add((i - 1) * n * k)
+                },
                 rs: k as isize,
-                accumulate: false,
+                accumulate: i == 0,
                 bias: None,
             };
-            gemm(isa, r1 - r0, c1 - c0, n, a, BRef::Mat(b), o);
-        };
-        if small {
-            run((0, m), (0, k));
-        } else if k >= m {
-            let s = Split::new(k, threads, g.nr);
-            (0..s.count)
-                .into_par_iter()
-                .for_each(|i| run((0, m), s.get(i)));
-        } else {
-            let s = Split::new(m, threads, g.mr);
-            (0..s.count)
-                .into_par_iter()
-                .for_each(|i| run(s.get(i), (0, k)));
-        }
+            gemm(isa, n, k, p1 - p0, a, BRef::Mat(b), o);
+        });
+        let parts = &scratch[..];
+        dw[..n * k]
+            .par_chunks_mut(1 << 14)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for part in parts.chunks_exact(n * k) {
+                    add_assign(chunk, &part[c << 14..(c << 14) + chunk.len()]);
+                }
+            });
+        DW_SCRATCH.with(|b| *b.borrow_mut() = scratch);
+        return;
     }
-    // dW (n, k) += dyᵀ (n, m) · x (m, k). Each thread packs its rows of dyᵀ and its columns
-    // of x, m floats per row or column, so the split goes along the longer side of dW: both
-    // halves then pack m·(max/2 + min) floats each, the fewer.
+    // Too few rows to split: split dW along its longer side (each thread packs m floats per
+    // row of dyᵀ or column of x it needs: m·(max/2 + min) each, the fewer).
     let dwp = SyncPtr(dw.as_mut_ptr());
     let run_w = |(r0, r1): (usize, usize), (c0, c1): (usize, usize)| unsafe {
         // SAFETY: disjoint blocks of dw (ranges of one `Split`).
@@ -307,11 +400,6 @@ pub fn linear_backward(
         (0..s.count)
             .into_par_iter()
             .for_each(|i| run_w(s.get(i), (0, k)));
-    }
-    if let Some(db) = db {
-        for row in dy.chunks_exact(n).take(m) {
-            add_assign(&mut db[..n], row);
-        }
     }
 }
 
@@ -393,6 +481,9 @@ mod tests {
             (300, 33, 129),
             (40, 100, 60),
             (17, 64, 100),
+            // Enough rows for the weight gradient to split its sum among the threads.
+            (1000, 24, 40),
+            (2000, 16, 8),
         ] {
             let dy = rand_vec(m * n, 1);
             let x = rand_vec(m * k, 2);

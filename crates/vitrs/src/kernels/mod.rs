@@ -19,6 +19,7 @@ pub mod gemm;
 pub mod layernorm;
 pub mod loss;
 pub mod math;
+pub mod peak;
 pub mod sgemm;
 pub(crate) mod simd;
 

@@ -1,0 +1,207 @@
+//! The ceiling every efficiency figure is measured against: the FMA peak of a rung of the
+//! instruction-set ladder, per core and for a number of threads.
+//!
+//! A hand-written loop (inline assembly, so nothing but FMAs and the loop counter runs) keeps
+//! more independent FMA chains in flight than latency × ports needs on any x86 core of the
+//! last decade (latency 4–5 cycles, 2 FMA ports: 8–10 chains): 12 ymm chains for AVX2, 24 zmm
+//! chains for AVX-512. Each chain adds a constant product to itself, so no value grows large,
+//! denormal or NaN. The result is GFLOP/s: 2 FLOPs per lane per FMA.
+
+use rayon::prelude::*;
+
+use super::Isa;
+
+/// FMAs per loop trip and lanes per FMA of each rung's loop.
+fn shape(isa: Isa) -> (u64, u64) {
+    match isa {
+        Isa::Avx512 => (24, 16),
+        _ => (12, 8),
+    }
+}
+
+/// Runs `trips` trips of `isa`'s FMA loop on the calling thread.
+///
+/// # Safety
+/// The CPU must have `isa`'s features.
+#[cfg(target_arch = "x86_64")]
+unsafe fn fma_loop(isa: Isa, trips: u64) {
+    match isa {
+        Isa::Avx512 => fma_loop_avx512(trips),
+        Isa::Avx2 => fma_loop_avx2(trips),
+        Isa::Portable => {}
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_loop_avx2(trips: u64) {
+    std::arch::asm!(
+        "vxorps ymm0, ymm0, ymm0",
+        "vxorps ymm1, ymm1, ymm1",
+        "vxorps ymm2, ymm2, ymm2",
+        "vxorps ymm3, ymm3, ymm3",
+        "vxorps ymm4, ymm4, ymm4",
+        "vxorps ymm5, ymm5, ymm5",
+        "vxorps ymm6, ymm6, ymm6",
+        "vxorps ymm7, ymm7, ymm7",
+        "vxorps ymm8, ymm8, ymm8",
+        "vxorps ymm9, ymm9, ymm9",
+        "vxorps ymm10, ymm10, ymm10",
+        "vxorps ymm11, ymm11, ymm11",
+        "vbroadcastss ymm12, [{m}]",
+        "vbroadcastss ymm13, [{a}]",
+        "2:",
+        "vfmadd231ps ymm0, ymm12, ymm13",
+        "vfmadd231ps ymm1, ymm12, ymm13",
+        "vfmadd231ps ymm2, ymm12, ymm13",
+        "vfmadd231ps ymm3, ymm12, ymm13",
+        "vfmadd231ps ymm4, ymm12, ymm13",
+        "vfmadd231ps ymm5, ymm12, ymm13",
+        "vfmadd231ps ymm6, ymm12, ymm13",
+        "vfmadd231ps ymm7, ymm12, ymm13",
+        "vfmadd231ps ymm8, ymm12, ymm13",
+        "vfmadd231ps ymm9, ymm12, ymm13",
+        "vfmadd231ps ymm10, ymm12, ymm13",
+        "vfmadd231ps ymm11, ymm12, ymm13",
+        "dec {n}",
+        "jnz 2b",
+        "vzeroupper",
+        m = in(reg) &1e-3f32,
+        a = in(reg) &1e-4f32,
+        n = inout(reg) trips.max(1) => _,
+        out("ymm0") _, out("ymm1") _, out("ymm2") _, out("ymm3") _,
+        out("ymm4") _, out("ymm5") _, out("ymm6") _, out("ymm7") _,
+        out("ymm8") _, out("ymm9") _, out("ymm10") _, out("ymm11") _,
+        out("ymm12") _, out("ymm13") _,
+        options(nostack),
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_loop_avx512(trips: u64) {
+    std::arch::asm!(
+        "vxorps zmm0, zmm0, zmm0",
+        "vxorps zmm1, zmm1, zmm1",
+        "vxorps zmm2, zmm2, zmm2",
+        "vxorps zmm3, zmm3, zmm3",
+        "vxorps zmm4, zmm4, zmm4",
+        "vxorps zmm5, zmm5, zmm5",
+        "vxorps zmm6, zmm6, zmm6",
+        "vxorps zmm7, zmm7, zmm7",
+        "vxorps zmm8, zmm8, zmm8",
+        "vxorps zmm9, zmm9, zmm9",
+        "vxorps zmm10, zmm10, zmm10",
+        "vxorps zmm11, zmm11, zmm11",
+        "vxorps zmm12, zmm12, zmm12",
+        "vxorps zmm13, zmm13, zmm13",
+        "vxorps zmm14, zmm14, zmm14",
+        "vxorps zmm15, zmm15, zmm15",
+        "vxorps zmm16, zmm16, zmm16",
+        "vxorps zmm17, zmm17, zmm17",
+        "vxorps zmm18, zmm18, zmm18",
+        "vxorps zmm19, zmm19, zmm19",
+        "vxorps zmm20, zmm20, zmm20",
+        "vxorps zmm21, zmm21, zmm21",
+        "vxorps zmm22, zmm22, zmm22",
+        "vxorps zmm23, zmm23, zmm23",
+        "vbroadcastss zmm24, [{m}]",
+        "vbroadcastss zmm25, [{a}]",
+        "2:",
+        "vfmadd231ps zmm0, zmm24, zmm25",
+        "vfmadd231ps zmm1, zmm24, zmm25",
+        "vfmadd231ps zmm2, zmm24, zmm25",
+        "vfmadd231ps zmm3, zmm24, zmm25",
+        "vfmadd231ps zmm4, zmm24, zmm25",
+        "vfmadd231ps zmm5, zmm24, zmm25",
+        "vfmadd231ps zmm6, zmm24, zmm25",
+        "vfmadd231ps zmm7, zmm24, zmm25",
+        "vfmadd231ps zmm8, zmm24, zmm25",
+        "vfmadd231ps zmm9, zmm24, zmm25",
+        "vfmadd231ps zmm10, zmm24, zmm25",
+        "vfmadd231ps zmm11, zmm24, zmm25",
+        "vfmadd231ps zmm12, zmm24, zmm25",
+        "vfmadd231ps zmm13, zmm24, zmm25",
+        "vfmadd231ps zmm14, zmm24, zmm25",
+        "vfmadd231ps zmm15, zmm24, zmm25",
+        "vfmadd231ps zmm16, zmm24, zmm25",
+        "vfmadd231ps zmm17, zmm24, zmm25",
+        "vfmadd231ps zmm18, zmm24, zmm25",
+        "vfmadd231ps zmm19, zmm24, zmm25",
+        "vfmadd231ps zmm20, zmm24, zmm25",
+        "vfmadd231ps zmm21, zmm24, zmm25",
+        "vfmadd231ps zmm22, zmm24, zmm25",
+        "vfmadd231ps zmm23, zmm24, zmm25",
+        "dec {n}",
+        "jnz 2b",
+        "vzeroupper",
+        m = in(reg) &1e-3f32,
+        a = in(reg) &1e-4f32,
+        n = inout(reg) trips.max(1) => _,
+        out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+        out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+        out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+        out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _,
+        out("zmm16") _, out("zmm17") _, out("zmm18") _, out("zmm19") _,
+        out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _,
+        out("zmm24") _, out("zmm25") _,
+        options(nostack),
+    );
+}
+
+/// The FMA peak of `isa` in GFLOP/s with `threads` threads of the current pool each running
+/// the loop for about `seconds`: the best of three rounds. `None` when this CPU lacks `isa`
+/// (or for the portable rung, which has no FMA loop).
+pub fn fma_peak(isa: Isa, threads: usize, seconds: f64) -> Option<f64> {
+    if isa == Isa::Portable || isa > super::cpu_isa() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (fmas, lanes) = shape(isa);
+        // Calibrate the trips to the time asked for on one thread.
+        let probe = 1u64 << 16;
+        let t = std::time::Instant::now();
+        // SAFETY: the CPU has `isa` (checked above).
+        unsafe { fma_loop(isa, probe) };
+        let per_trip = t.elapsed().as_secs_f64() / probe as f64;
+        let trips = ((seconds / per_trip.max(1e-12)) as u64).clamp(probe, 1 << 34);
+        let threads = threads.max(1);
+        let mut best = 0.0f64;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            // SAFETY: as above.
+            (0..threads)
+                .into_par_iter()
+                .for_each(|_| unsafe { fma_loop(isa, trips) });
+            let secs = t.elapsed().as_secs_f64();
+            let flops = (2 * lanes * fmas * trips) as f64 * threads as f64;
+            best = best.max(flops / secs / 1e9);
+        }
+        Some(best)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (threads, seconds);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peak_is_measured_where_the_rung_exists() {
+        for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512] {
+            let p = fma_peak(isa, 1, 0.01);
+            if isa == Isa::Portable || isa > crate::kernels::cpu_isa() {
+                assert!(p.is_none());
+            } else {
+                // Any x86 core of the last decade: more than a GFLOP/s per thread.
+                let p = p.unwrap();
+                assert!(p.is_finite() && p > 1.0, "{isa:?}: {p}");
+            }
+        }
+    }
+}
