@@ -6,7 +6,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use vitrs::kernels::attention::{attention, AttnDims};
-use vitrs::kernels::gemm::{linear, Epilogue};
+use vitrs::kernels::gemm::Epilogue;
 use vitrs::kernels::layernorm::layernorm;
 use vitrs::kernels::loss::Targets;
 use vitrs::kernels::math::gelu_inplace;
@@ -21,86 +21,87 @@ fn data(n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The FMA peak: 12 independent 8-wide FMA chains (enough to hide the FMA latency on two
-/// pipes), `ITERS` rounds, on every thread of the pool at once. FLOPs = 2 · 8 · 12 · ITERS per
-/// thread.
-#[cfg(target_arch = "x86_64")]
+/// The FMA peak of every rung this CPU has (`kernels::peak`: a hand-written assembly loop of
+/// 12 ymm or 24 zmm independent chains), on one thread and on every thread of the pool; its
+/// throughput reads as FLOP/s.
 fn fma_peak(c: &mut Criterion) {
-    use std::arch::x86_64::*;
-    const ITERS: usize = 1 << 20;
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn chains(seed: f32) -> f32 {
-        // Twelve named accumulators so they stay in registers (an array may be spilled).
-        let m = _mm256_set1_ps(0.999_999);
-        let a = _mm256_set1_ps(1e-7);
-        let s = _mm256_set1_ps(seed);
-        let (mut x0, mut x1, mut x2, mut x3, mut x4, mut x5) = (s, s, s, s, s, s);
-        let (mut x6, mut x7, mut x8, mut x9, mut x10, mut x11) = (s, s, s, s, s, s);
-        for _ in 0..ITERS {
-            x0 = _mm256_fmadd_ps(x0, m, a);
-            x1 = _mm256_fmadd_ps(x1, m, a);
-            x2 = _mm256_fmadd_ps(x2, m, a);
-            x3 = _mm256_fmadd_ps(x3, m, a);
-            x4 = _mm256_fmadd_ps(x4, m, a);
-            x5 = _mm256_fmadd_ps(x5, m, a);
-            x6 = _mm256_fmadd_ps(x6, m, a);
-            x7 = _mm256_fmadd_ps(x7, m, a);
-            x8 = _mm256_fmadd_ps(x8, m, a);
-            x9 = _mm256_fmadd_ps(x9, m, a);
-            x10 = _mm256_fmadd_ps(x10, m, a);
-            x11 = _mm256_fmadd_ps(x11, m, a);
-        }
-        let sum = [x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11]
-            .iter()
-            .fold(x0, |acc, x| _mm256_add_ps(acc, *x));
-        let mut out = [0.0f32; 8];
-        _mm256_storeu_ps(out.as_mut_ptr(), sum);
-        out.iter().sum()
-    }
-    if !vitrs::kernels::has_avx2_fma() {
-        return;
-    }
+    use vitrs::kernels::peak::fma_loops;
     let mut g = c.benchmark_group("fma_peak");
     g.sample_size(10);
     let threads = rayon::current_num_threads();
-    for t in [1, threads] {
-        g.throughput(Throughput::Elements((2 * 8 * 12 * ITERS * t) as u64));
-        g.bench_function(BenchmarkId::new("threads", t), |b| {
-            b.iter(|| {
-                use rayon::prelude::*;
-                (0..t)
-                    .into_par_iter()
-                    // SAFETY: AVX2 and FMA were checked above.
-                    .map(|i| unsafe { chains(i as f32) })
-                    .sum::<f32>()
-            })
-        });
+    const TRIPS: u64 = 1 << 20;
+    for isa in vitrs::kernels::available_isas() {
+        for t in [1, threads] {
+            let Some(flops) = fma_loops(isa, t, TRIPS) else {
+                continue;
+            };
+            g.throughput(Throughput::Elements(flops));
+            g.bench_function(BenchmarkId::new(isa.name(), format!("{t}_threads")), |b| {
+                b.iter(|| fma_loops(isa, t, TRIPS))
+            });
+        }
     }
     g.finish();
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-fn fma_peak(_: &mut Criterion) {}
-
+/// The engine's products at the ViT-B/16 shapes (batch 1 and 16) and the training shapes of
+/// `configs/bench-train.toml` at batch 128, on the running rung — packed per call, and for
+/// the inference shapes with the weight packed once — and on the portable rung, which is
+/// `matrixmultiply`: the reference the engine's GEMM must beat.
 fn gemm(c: &mut Criterion) {
+    use vitrs::bench::GemmOp;
+    use vitrs::kernels::gemm::{linear_dw, linear_dx, linear_packed, PackedLinear};
+    use vitrs::kernels::{isa, set_isa, Isa};
     let mut g = c.benchmark_group("gemm");
     g.sample_size(10);
-    // (name, m, k, n): ViT-B/16 at batch 1 (197 tokens) and batch 16 (3152 tokens).
-    for &(name, m, k, n) in &[
-        ("b1_qkv", 197, 768, 2304),
-        ("b1_fc1", 197, 768, 3072),
-        ("b1_fc2", 197, 3072, 768),
-        ("b16_qkv", 3152, 768, 2304),
-        ("b16_fc1", 3152, 768, 3072),
-        ("b16_fc2", 3152, 3072, 768),
+    let rung = isa();
+    // (name, op, m, k, n): x (m, k), W (n, k).
+    for &(name, op, m, k, n) in &[
+        ("b1_qkv", GemmOp::Fwd, 197, 768, 2304),
+        ("b1_fc1", GemmOp::Fwd, 197, 768, 3072),
+        ("b1_fc2", GemmOp::Fwd, 197, 3072, 768),
+        ("b16_qkv", GemmOp::Fwd, 3152, 768, 2304),
+        ("b16_fc1", GemmOp::Fwd, 3152, 768, 3072),
+        ("b16_fc2", GemmOp::Fwd, 3152, 3072, 768),
+        ("train_fc1_fwd", GemmOp::Fwd, 6400, 192, 768),
+        ("train_fc1_dx", GemmOp::Dx, 6400, 192, 768),
+        ("train_fc1_dw", GemmOp::Dw, 6400, 192, 768),
+        ("train_fc2_dw", GemmOp::Dw, 6400, 768, 192),
     ] {
-        let (x, w, b) = (data(m * k), data(n * k), data(n));
-        let mut out = vec![0.0; m * n];
+        let (x, w, b, dy) = (data(m * k), data(n * k), data(n), data(m * n));
+        let mut out = vec![0.0; m * n.max(k)];
+        let mut dw = vec![0.0; n * k];
         // Criterion's "elements" are FLOPs here: its elem/s figure reads as FLOP/s.
         g.throughput(Throughput::Elements((2 * m * k * n) as u64));
-        g.bench_function(BenchmarkId::from_parameter(name), |bch| {
-            bch.iter(|| linear(&x, &w, Some(&b), &mut out, (m, k, n), Epilogue::None))
-        });
+        let mut variants = vec![(rung, false), (Isa::Portable, false)];
+        if op == GemmOp::Fwd && rung != Isa::Portable {
+            variants.push((rung, true));
+        }
+        for (variant, packed) in variants {
+            set_isa(variant);
+            let pw = packed.then(|| PackedLinear::new(&w, (n, k))).flatten();
+            let label = match (variant, packed) {
+                (Isa::Portable, _) => "matrixmultiply".to_string(),
+                (r, true) => format!("{}_packed", r.name()),
+                (r, false) => r.name().to_string(),
+            };
+            g.bench_function(BenchmarkId::new(name, label), |bch| {
+                bch.iter(|| match op {
+                    GemmOp::Fwd => linear_packed(
+                        &x,
+                        &w,
+                        pw.as_ref(),
+                        Some(&b),
+                        &mut out[..m * n],
+                        (m, k, n),
+                        Epilogue::None,
+                    ),
+                    GemmOp::Dx => linear_dx(&dy, &w, &mut out[..m * k], (m, k, n)),
+                    GemmOp::Dw => linear_dw(&dy, &x, &mut dw, (m, k, n)),
+                })
+            });
+        }
+        set_isa(rung);
     }
     g.finish();
 }

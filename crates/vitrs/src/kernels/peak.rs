@@ -149,6 +149,30 @@ unsafe fn fma_loop_avx512(trips: u64) {
     );
 }
 
+/// Runs `trips` trips of `isa`'s FMA loop on each of `threads` threads of the current pool at
+/// once; returns the FLOPs done, or `None` when this CPU lacks `isa` (or for the portable
+/// rung). For a benchmark harness that does its own timing.
+pub fn fma_loops(isa: Isa, threads: usize, trips: u64) -> Option<u64> {
+    if isa == Isa::Portable || isa > super::cpu_isa() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (fmas, lanes) = shape(isa);
+        let threads = threads.max(1);
+        // SAFETY: the CPU has `isa` (checked above).
+        (0..threads)
+            .into_par_iter()
+            .for_each(|_| unsafe { fma_loop(isa, trips) });
+        Some(2 * lanes * fmas * trips.max(1) * threads as u64)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (threads, trips);
+        None
+    }
+}
+
 /// The FMA peak of `isa` in GFLOP/s with `threads` threads of the current pool each running
 /// the loop for about `seconds`: the best of three rounds. `None` when this CPU lacks `isa`
 /// (or for the portable rung, which has no FMA loop).

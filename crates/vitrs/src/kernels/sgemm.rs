@@ -761,85 +761,123 @@ mod tests {
         }
     }
 
-    /// Every rung the CPU has, every operand layout the engine uses, shapes with ragged
-    /// edges in all three dimensions and across the cache blocks, against f64; elements of C
-    /// outside the product keep their values.
-    #[test]
-    fn every_rung_matches_the_reference_on_every_layout() {
-        for isa in available_isas() {
-            let g = geometry(isa);
-            for &(m, k, n) in &[
-                (1, 1, 1),
-                (7, 5, 3),
-                (13, 37, 33),
-                (g.mr + 1, g.kc + 3, g.nr * 2 + 5),
-                (g.mc + 7, 2 * g.kc + 1, 3 * g.nr),
-                (50, 64, 192),
-            ] {
-                let a = rand_vec(m * k, 1);
-                let bt = rand_vec(n * k, 2); // B stored transposed, (n, k): a weight
-                let bn = rand_vec(k * n, 3); // B row-major (k, n): activations
-                let bias = rand_vec(n, 4);
-                let ldc = n + 3;
-                let c0 = rand_vec(m * ldc, 5);
-                // (A layout, B matrix + strides): x·Wᵀ, dY·W, and a transposed A (dYᵀ·X).
-                type Case<'a> = (&'a [f32], (usize, usize), &'a [f32], (usize, usize));
-                let cases: [Case; 3] = [
-                    (&a, (k, 1), &bt, (1, k)),
-                    (&a, (k, 1), &bn, (n, 1)),
-                    (&a, (1, m), &bn, (n, 1)),
-                ];
-                for (ci, &(av, (ars, acs), bv, (brs, bcs))) in cases.iter().enumerate() {
-                    for (accumulate, with_bias) in [(false, true), (true, false), (true, true)] {
-                        let bias = with_bias.then_some(&bias[..]);
-                        let mut want = c0.clone();
-                        reference(
-                            m,
-                            n,
-                            k,
-                            av,
-                            (ars, acs),
-                            bv,
-                            (brs, bcs),
-                            bias,
-                            &mut want,
-                            ldc,
+    /// A product routine under test: `gemm` of one rung, or a test instantiation.
+    type Product<'a> = &'a dyn Fn(usize, usize, usize, MatRef, BRef, Out);
+
+    /// Gives a closure the higher-ranked signature `Product` needs.
+    fn product<F: Fn(usize, usize, usize, MatRef, BRef, Out)>(f: F) -> F {
+        f
+    }
+
+    /// `product` against f64 on every operand layout the engine uses, shapes with ragged
+    /// edges in all three dimensions and across the cache blocks of `g`; elements of C
+    /// outside the product keep their values. `packing` packs B for its `BRef::Packed` case.
+    fn check_products(name: &str, g: Geometry, product: Product, packing: Option<Isa>) {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (7, 5, 3),
+            (13, 37, 33),
+            (g.mr + 1, g.kc + 3, g.nr * 2 + 5),
+            (g.mc + 7, 2 * g.kc + 1, 3 * g.nr),
+            (50, 64, 192),
+        ] {
+            let a = rand_vec(m * k, 1);
+            let bt = rand_vec(n * k, 2); // B stored transposed, (n, k): a weight
+            let bn = rand_vec(k * n, 3); // B row-major (k, n): activations
+            let bias = rand_vec(n, 4);
+            let ldc = n + 3;
+            let c0 = rand_vec(m * ldc, 5);
+            // (A layout, B matrix + strides): x·Wᵀ, dY·W, and a transposed A (dYᵀ·X).
+            type Case<'a> = (&'a [f32], (usize, usize), &'a [f32], (usize, usize));
+            let cases: [Case; 3] = [
+                (&a, (k, 1), &bt, (1, k)),
+                (&a, (k, 1), &bn, (n, 1)),
+                (&a, (1, m), &bn, (n, 1)),
+            ];
+            for (ci, &(av, (ars, acs), bv, (brs, bcs))) in cases.iter().enumerate() {
+                for (accumulate, with_bias) in [(false, true), (true, false), (true, true)] {
+                    let bias = with_bias.then_some(&bias[..]);
+                    let mut want = c0.clone();
+                    reference(
+                        m,
+                        n,
+                        k,
+                        av,
+                        (ars, acs),
+                        bv,
+                        (brs, bcs),
+                        bias,
+                        &mut want,
+                        ldc,
+                        accumulate,
+                    );
+                    let amat = MatRef {
+                        ptr: av.as_ptr(),
+                        rs: ars as isize,
+                        cs: acs as isize,
+                    };
+                    let bmat = MatRef {
+                        ptr: bv.as_ptr(),
+                        rs: brs as isize,
+                        cs: bcs as isize,
+                    };
+                    let packed = packing.and_then(|isa| unsafe { PackedB::new(isa, bmat, k, n) });
+                    let bs: Vec<BRef> = match &packed {
+                        Some(p) => vec![BRef::Mat(bmat), BRef::Packed(p, 0)],
+                        None => vec![BRef::Mat(bmat)],
+                    };
+                    for bref in bs {
+                        let mut got = c0.clone();
+                        let out = Out {
+                            ptr: got.as_mut_ptr(),
+                            rs: ldc as isize,
                             accumulate,
+                            bias: bias.map(|b| b.as_ptr()),
+                        };
+                        product(m, n, k, amat, bref, out);
+                        let d = max_abs_diff(&got, &want);
+                        assert!(
+                            d < 2e-6 * (k as f32).sqrt() * 4.0,
+                            "{name} {m}x{k}x{n} case {ci} {bref:?} acc {accumulate} bias {with_bias}: {d}"
                         );
-                        let amat = MatRef {
-                            ptr: av.as_ptr(),
-                            rs: ars as isize,
-                            cs: acs as isize,
-                        };
-                        let bmat = MatRef {
-                            ptr: bv.as_ptr(),
-                            rs: brs as isize,
-                            cs: bcs as isize,
-                        };
-                        let packed = unsafe { PackedB::new(isa, bmat, k, n) };
-                        let bs: Vec<BRef> = match &packed {
-                            Some(p) => vec![BRef::Mat(bmat), BRef::Packed(p, 0)],
-                            None => vec![BRef::Mat(bmat)],
-                        };
-                        for bref in bs {
-                            let mut got = c0.clone();
-                            let out = Out {
-                                ptr: got.as_mut_ptr(),
-                                rs: ldc as isize,
-                                accumulate,
-                                bias: bias.map(|b| b.as_ptr()),
-                            };
-                            unsafe { gemm(isa, m, n, k, amat, bref, out) };
-                            let d = max_abs_diff(&got, &want);
-                            assert!(
-                                d < 2e-6 * (k as f32).sqrt() * 4.0,
-                                "{isa:?} {m}x{k}x{n} case {ci} {bref:?} acc {accumulate} bias {with_bias}: {d}"
-                            );
-                        }
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn every_rung_matches_the_reference_on_every_layout() {
+        for isa in available_isas() {
+            let p = product(|m, n, k, a, b, c| unsafe { gemm(isa, m, n, k, a, b, c) });
+            check_products(isa.name(), geometry(isa), &p, Some(isa));
+        }
+    }
+
+    /// The AVX-512 rung's tile — 12 rows, two vectors per row — instantiated with AVX2
+    /// vectors, so the shared code it runs (its 12-row packing in two groups of 8, the
+    /// accumulator array, the edge tiles, the packed B) is tested on any AVX2 CPU. What an
+    /// AVX2 machine cannot run of that rung is only `simd::Avx512`'s intrinsics.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_tile_shape_is_right_on_avx2_vectors() {
+        use super::super::simd::Avx2;
+        if !available_isas().contains(&Isa::Avx2) {
+            return;
+        }
+        let base = geometry(Isa::Avx2);
+        let g = Geometry {
+            mr: MR512,
+            mc: (base.mc / MR512).max(1) * MR512,
+            ..base
+        };
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn wide(m: usize, n: usize, k: usize, a: MatRef, b: BRef, c: Out, g: Geometry) {
+            blocked::<Avx2, MR512, NV512>(m, n, k, a, b, c, g);
+        }
+        let p = product(|m, n, k, a, b, c| unsafe { wide(m, n, k, a, b, c, g) });
+        // B packed for AVX2 has the panel width (16) and blocking this instantiation reads.
+        check_products("12 x (2 x 8) on AVX2", g, &p, Some(Isa::Avx2));
     }
 
     #[test]
