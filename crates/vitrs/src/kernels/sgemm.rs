@@ -527,8 +527,12 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
             };
             for ic in (0..m).step_by(mc_max) {
                 let mc = mc_max.min(m - ic);
+                // Row-major A (activations) is read where it is; any other layout is packed.
+                let in_place = a.cs == 1;
                 let apack = &mut abuf.slice_mut()[..mc.div_ceil(MR) * MR * kc + PACK_SLACK];
-                pack_a::<MR>(a, ic, mc, pc, kc, apack);
+                if !in_place {
+                    pack_a::<MR>(a, ic, mc, pc, kc, apack);
+                }
                 for jp in 0..panels {
                     let j0 = jp * nr;
                     let cols = nr.min(n - j0);
@@ -539,7 +543,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                         let first = pc == 0;
                         let tile = Tile {
                             k: kc,
-                            a: apack.as_ptr().add(ir * kc),
+                            a: (),
                             b: bp,
                             ldb,
                             c: cptr,
@@ -553,7 +557,17 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                                 None
                             },
                         };
-                        tile.run::<S, MR, NV>();
+                        if in_place {
+                            // Rows past the edge read the last real one (never stored).
+                            let rows_a: [*const f32; MR] = std::array::from_fn(|i| {
+                                let r = ic + ir + i.min(rows - 1);
+                                a.ptr.offset(r as isize * a.rs + pc as isize)
+                            });
+                            tile.with_a(RowsA(rows_a)).run::<S, MR, NV>();
+                        } else {
+                            let panel = PackedA::<MR>(apack.as_ptr().add(ir * kc));
+                            tile.with_a(panel).run::<S, MR, NV>();
+                        }
                     }
                 }
             }
@@ -608,11 +622,39 @@ unsafe fn pack_a<const MR: usize>(
 /// Room the packing of A may write past its last micro-panel.
 const PACK_SLACK: usize = 16;
 
+/// How a micro-kernel reads `A(i, p)`, row `i` of its tile at step `p` of the inner dimension.
+trait AccessA: Copy {
+    unsafe fn at(&self, i: usize, p: usize) -> *const f32;
+}
+
+/// A packed micro-panel `[k][MR]`.
+#[derive(Clone, Copy)]
+struct PackedA<const MR: usize>(*const f32);
+
+impl<const MR: usize> AccessA for PackedA<MR> {
+    #[inline(always)]
+    unsafe fn at(&self, i: usize, p: usize) -> *const f32 {
+        self.0.add(p * MR + i)
+    }
+}
+
+/// `MR` contiguous rows of A read where they are (row-major activations): row `i` at
+/// `rows[i]`, step `p` at `rows[i] + p`.
+#[derive(Clone, Copy)]
+struct RowsA<const MR: usize>([*const f32; MR]);
+
+impl<const MR: usize> AccessA for RowsA<MR> {
+    #[inline(always)]
+    unsafe fn at(&self, i: usize, p: usize) -> *const f32 {
+        self.0[i].add(p)
+    }
+}
+
 /// One `MR × NR` tile of `C` (`rows × cols` of it valid).
-struct Tile {
+struct Tile<A> {
     k: usize,
-    /// Packed A micro-panel `[k][MR]`.
-    a: *const f32,
+    /// A's `MR` rows, steps `0..k`.
+    a: A,
     /// B micro-panel: row `p` at `b + p·ldb`, `NR` floats (zero-padded past `cols`).
     b: *const f32,
     ldb: isize,
@@ -626,7 +668,26 @@ struct Tile {
     bias: Option<*const f32>,
 }
 
-impl Tile {
+impl<A> Tile<A> {
+    /// The same tile reading A through `a`.
+    #[inline(always)]
+    fn with_a<B>(&self, a: B) -> Tile<B> {
+        Tile {
+            k: self.k,
+            a,
+            b: self.b,
+            ldb: self.ldb,
+            c: self.c,
+            ldc: self.ldc,
+            rows: self.rows,
+            cols: self.cols,
+            load_c: self.load_c,
+            bias: self.bias,
+        }
+    }
+}
+
+impl<A: AccessA> Tile<A> {
     #[inline(always)]
     unsafe fn run<S: Simd, const MR: usize, const NV: usize>(&self) {
         // Ask for C's rows now: the loop over the inner dimension hides the misses.
@@ -636,7 +697,8 @@ impl Tile {
             prefetch(cr.add(NV * S::LANES - 1));
         }
         let mut acc = [[S::zero(); NV]; MR];
-        let (mut a, mut b) = (self.a, self.b);
+        let mut b = self.b;
+        let mut p = 0;
         // No closures here: they would not be compiled with the rung's target features.
         macro_rules! step {
             () => {{
@@ -646,26 +708,23 @@ impl Tile {
                 }
                 #[allow(clippy::needless_range_loop)]
                 for i in 0..MR {
-                    let av = S::broadcast(a.add(i));
+                    let av = S::broadcast(self.a.at(i, p));
                     for v in 0..NV {
                         acc[i][v] = S::fma(av, bv[v], acc[i][v]);
                     }
                 }
-                a = a.add(MR);
                 b = b.offset(self.ldb);
+                p += 1;
             }};
         }
-        let mut p = 0;
         while p + 4 <= self.k {
             step!();
             step!();
             step!();
             step!();
-            p += 4;
         }
         while p < self.k {
             step!();
-            p += 1;
         }
         // The accumulators must only ever be indexed with constants, or LLVM keeps a copy of
         // them in memory and stores to it on every step: whole tiles are written by loops of
