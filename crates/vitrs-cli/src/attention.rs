@@ -31,7 +31,8 @@ pub(crate) enum Fusion {
 
 #[derive(clap::Args)]
 pub(crate) struct AttentionArgs {
-    /// Checkpoint: a native .safetensors file, or a Hugging Face / timm directory.
+    /// Checkpoint: a native .safetensors file, a Hugging Face / timm directory, or a hub id
+    /// (`ORG/NAME[@REVISION]`) found in the local Hugging Face cache.
     #[arg(long, value_name = "PATH")]
     model: PathBuf,
     /// Image(s) to explain; several give one row each in the PNG.

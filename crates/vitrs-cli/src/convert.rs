@@ -16,6 +16,8 @@ enum Dtype {
 
 #[derive(clap::Args)]
 pub(crate) struct ConvertArgs {
+    /// Checkpoint: a native .safetensors file, a Hugging Face / timm directory, or a hub id
+    /// (`ORG/NAME[@REVISION]`) found in the local Hugging Face cache.
     #[arg(long, value_name = "PATH")]
     model: PathBuf,
     /// Output file, e.g. model.safetensors.

@@ -9,7 +9,7 @@ use vitrs::viz::confusion::plot_confusion;
 
 #[derive(clap::Args)]
 pub(crate) struct EvalArgs {
-    /// The model: a checkpoint path, as for `vit predict`.
+    /// The model: a checkpoint path or hub id, as for `vit predict`.
     #[arg(long, value_name = "PATH")]
     model: PathBuf,
     /// `fashion-mnist`, `mnist`, `cifar10`, `cifar100`, or a directory.

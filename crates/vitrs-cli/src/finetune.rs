@@ -27,7 +27,8 @@ impl From<Opt> for FinetuneOptimizer {
 
 #[derive(clap::Args)]
 pub(crate) struct FinetuneArgs {
-    /// Pre-trained checkpoint: a native .safetensors file or a Hugging Face / timm directory.
+    /// Pre-trained checkpoint: a native .safetensors file, a Hugging Face / timm directory,
+    /// or a hub id (`ORG/NAME[@REVISION]`) found in the local Hugging Face cache.
     #[arg(long, value_name = "PATH")]
     from: PathBuf,
     /// Dataset to fine-tune on: `fashion-mnist`, `mnist`, `cifar10`, `cifar100`, or a directory.

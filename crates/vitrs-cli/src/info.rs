@@ -7,7 +7,8 @@ use serde_json::json;
 
 #[derive(clap::Args)]
 pub(crate) struct InfoArgs {
-    /// Checkpoint: a native .safetensors file, or a Hugging Face / timm directory.
+    /// Checkpoint: a native .safetensors file, a Hugging Face / timm directory, or a hub id
+    /// (`ORG/NAME[@REVISION]`) found in the local Hugging Face cache.
     #[arg(long, value_name = "PATH")]
     model: PathBuf,
     /// Print one JSON object instead of text.

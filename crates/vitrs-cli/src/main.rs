@@ -108,21 +108,27 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
-fn hint_for(e: &anyhow::Error) -> Option<&'static str> {
-    match e.downcast_ref::<vitrs::Error>()? {
+fn hint_for(e: &anyhow::Error) -> Option<String> {
+    let hint = match e.downcast_ref::<vitrs::Error>()? {
+        vitrs::Error::NotCached { fetch, .. } => {
+            return Some(format!(
+                "fetch it on a machine with a network (`{fetch}`), then copy the cache here or point HF_HUB_CACHE at it"
+            ))
+        }
         vitrs::Error::Io { err, .. } if err.kind() == std::io::ErrorKind::NotFound => {
-            Some("check the path; --model takes a .safetensors file or a directory with config.json + model.safetensors")
+            "check the path; --model takes a .safetensors file, a directory with config.json + model.safetensors, or a hub id in the Hugging Face cache"
         }
         vitrs::Error::Malformed { what: "safetensors file", .. } => {
-            Some("the weights file is damaged or incomplete (an interrupted download?); copy it again")
+            "the weights file is damaged or incomplete (an interrupted download?); copy it again"
         }
-        vitrs::Error::UnknownFormat { .. } => Some(
-            "vit reads Hugging Face or timm directories (config.json + model.safetensors) and files written by `vit convert`",
-        ),
-        vitrs::Error::LoadMismatch(_) => Some("the weights and config.json come from different models"),
-        vitrs::Error::Image { .. } => Some("inputs must be PNG, JPEG, GIF or BMP images, or float32 .npy arrays"),
-        _ => None,
-    }
+        vitrs::Error::UnknownFormat { .. } => {
+            "vit reads Hugging Face or timm directories (config.json + model.safetensors) and files written by `vit convert`"
+        }
+        vitrs::Error::LoadMismatch(_) => "the weights and config.json come from different models",
+        vitrs::Error::Image { .. } => "inputs must be PNG, JPEG, GIF or BMP images, or float32 .npy arrays",
+        _ => return None,
+    };
+    Some(hint.to_string())
 }
 
 /// Loads a model as every command does (library errors name the file themselves).

@@ -8,7 +8,8 @@ use vitrs::infer::{expand_inputs, Predictor};
 
 #[derive(clap::Args)]
 pub(crate) struct PredictArgs {
-    /// Checkpoint: a native .safetensors file, or a Hugging Face / timm directory.
+    /// Checkpoint: a native .safetensors file, a Hugging Face / timm directory, or a hub id
+    /// (`ORG/NAME[@REVISION]`) found in the local Hugging Face cache.
     #[arg(long, value_name = "PATH")]
     model: PathBuf,
     /// How many classes to show per input.

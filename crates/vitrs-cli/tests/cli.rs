@@ -368,3 +368,57 @@ fn predicting_a_large_directory_streams_in_flat_memory() {
     );
     std::fs::remove_dir_all(root).ok();
 }
+
+/// A Fortran-ordered `.npy` input (what NumPy writes for a transposed array) is read into C
+/// order: the same logits as its C-ordered twin.
+#[test]
+fn fortran_ordered_npy_inputs_predict_like_their_c_twins() {
+    let dir = fixtures().join("hf_cls");
+    let fortran = fixtures().join("fortran/input_f.npy");
+    let o = vit(&[
+        "predict",
+        "--model",
+        s(&dir),
+        "--json",
+        "--logits",
+        s(&fortran),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = read_npy(&dir.join("ref/logits.npy"));
+    let got: Vec<f32> = stdout(&o)
+        .lines()
+        .flat_map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(got.len(), want.len());
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+}
+
+/// A hub id that the local Hugging Face cache does not hold: exit 3, where it looked, and the
+/// command that fetches it.
+#[test]
+fn an_uncached_hub_id_says_where_it_looked_and_how_to_fetch_it() {
+    let cache = tmp("empty-hub");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_vit"))
+        .args(["info", "--model", "acme/no-such-vit@v2"])
+        .env("HF_HUB_CACHE", &cache)
+        .current_dir(workdir())
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, 3, "acme/no-such-vit@v2");
+    let err = stderr(&o);
+    assert!(err.contains("models--acme--no-such-vit"), "{err}");
+    assert!(
+        err.contains("huggingface-cli download acme/no-such-vit --revision v2"),
+        "{err}"
+    );
+}

@@ -61,6 +61,16 @@ pub enum Error {
     #[error("input: {0}")]
     BadInput(String),
 
+    /// A model named by its Hugging Face hub id that the local cache does not hold.
+    #[error("{id}: {reason} (looked in {})", looked.display())]
+    NotCached {
+        id: String,
+        looked: PathBuf,
+        reason: String,
+        /// The command that fetches it on a machine with a network.
+        fetch: String,
+    },
+
     /// A value could not be written out (a config with a non-finite number, say): the save
     /// fails instead of writing a file with empty metadata.
     #[error("cannot serialise {what}: {reason}")]
@@ -121,7 +131,8 @@ impl Error {
             | Error::UnknownFormat { .. }
             | Error::ShapeMismatch { .. }
             | Error::MissingTensor { .. }
-            | Error::LoadMismatch(_) => ErrorKind::Model,
+            | Error::LoadMismatch(_)
+            | Error::NotCached { .. } => ErrorKind::Model,
         }
     }
 }

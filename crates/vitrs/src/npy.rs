@@ -1,5 +1,7 @@
-//! NumPy `.npy` arrays (format 1.0–3.0), little-endian f32 or f64, C order: how users hand
-//! vitrs an already-preprocessed tensor, and how the parity fixtures store references.
+//! NumPy `.npy` arrays (format 1.0–3.0), little-endian f32, f64, f16 or bf16, in C or Fortran
+//! order: how users hand vitrs an already-preprocessed tensor, how `.npz` checkpoints hold
+//! their weights, and how the parity fixtures store references. Fortran-ordered arrays (NumPy
+//! writes them for any transposed array it saves: `np.save(f, w.T)`) are read into C order.
 
 use std::path::Path;
 
@@ -70,11 +72,7 @@ pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Tensor> {
             descr.split(',').next().unwrap_or(descr)
         )));
     };
-    if field("fortran_order").is_some_and(|f| f.starts_with("True")) {
-        return Err(bad(
-            "Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into(),
-        ));
-    }
+    let fortran = field("fortran_order").is_some_and(|f| f.starts_with("True"));
     let shape_txt = field("shape").ok_or_else(|| bad("header has no 'shape'".into()))?;
     let inner = shape_txt
         .strip_prefix('(')
@@ -104,7 +102,40 @@ pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<Tensor> {
         )));
     }
     let values = dtype.decode(data);
+    let values = if fortran {
+        fortran_to_c(&values, &shape)
+    } else {
+        values
+    };
     Tensor::new(shape, values)
+}
+
+/// The elements of an array of `shape` stored in Fortran (column-major) order, in C
+/// (row-major) order: element `(i0, …, in)` is at `i0 + d0·(i1 + d1·(…))` in the input.
+fn fortran_to_c(values: &[f32], shape: &[usize]) -> Vec<f32> {
+    if shape.len() < 2 {
+        return values.to_vec();
+    }
+    // The input's stride of each axis: 1 for the first, growing to the last.
+    let mut strides = vec![1usize; shape.len()];
+    for a in 1..shape.len() {
+        strides[a] = strides[a - 1] * shape[a - 1];
+    }
+    let mut out = Vec::with_capacity(values.len());
+    let mut idx = vec![0usize; shape.len()];
+    for _ in 0..values.len() {
+        let src: usize = idx.iter().zip(&strides).map(|(i, s)| i * s).sum();
+        out.push(values[src]);
+        // Next C-order index: the last axis fastest.
+        for a in (0..shape.len()).rev() {
+            idx[a] += 1;
+            if idx[a] < shape[a] {
+                break;
+            }
+            idx[a] = 0;
+        }
+    }
+    out
 }
 
 /// Writes an f32 tensor as `.npy` (format 1.0).
@@ -151,6 +182,33 @@ mod tests {
             .to_string()
             .contains("magic"));
         let _ = std::fs::remove_file(p);
+    }
+
+    /// A Fortran-ordered array (what `np.save(f, a.T)` writes) reads as its C-ordered twin:
+    /// `a` of shape (2, 3, 4) stored column-major.
+    #[test]
+    fn fortran_order_is_read_into_c_order() {
+        let shape = [2usize, 3, 4];
+        let want: Vec<f32> = (0..24).map(|v| v as f32).collect(); // C order: v = 12i + 4j + k
+        let mut fortran = [0.0f32; 24];
+        for i in 0..2 {
+            for j in 0..3 {
+                for k in 0..4 {
+                    fortran[i + 2 * (j + 3 * k)] = (12 * i + 4 * j + k) as f32;
+                }
+            }
+        }
+        let header = "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3, 4), }";
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&[1, 0]);
+        b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        b.extend_from_slice(header.as_bytes());
+        fortran
+            .iter()
+            .for_each(|v| b.extend_from_slice(&v.to_le_bytes()));
+        let t = parse_npy(Path::new("f.npy"), &b).unwrap();
+        assert_eq!(t.shape(), &shape);
+        assert_eq!(t.data(), &want[..]);
     }
 
     /// Headers found by `vitrs-fuzz` (npz target): a shape field that does not start with `(`

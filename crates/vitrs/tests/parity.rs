@@ -301,3 +301,31 @@ fn google_npz_layouts_match_jax() {
         assert_eq!(cfg.class_token, want_pool == vitrs::Pool::Cls, "{name}");
     }
 }
+
+/// Fortran-ordered arrays (what NumPy writes for a transposed array; made by
+/// `tools/make_fortran_fixtures.py`): an `.npz` checkpoint whose kernels are column-major and
+/// a column-major `.npy` input load as their C-ordered twins and give JAX's and PyTorch's
+/// logits.
+#[test]
+fn fortran_ordered_npz_and_npy_load_like_their_c_twins() {
+    let f = fixtures().join("fortran");
+    let c = fixtures().join("npz-vit");
+    let ck = vitrs::load(&f.join("model_f.npz")).unwrap();
+    let twin = vitrs::load(&c.join("model.npz")).unwrap();
+    assert_eq!(ck.model.params().flat(), twin.model.params().flat());
+    let x = read_npy(&c.join("input.npy")).unwrap();
+    let want = read_npy(&c.join("logits.npy")).unwrap();
+    assert_close("fortran npz", &ck.model.logits(&x).unwrap(), &want, 1e-4);
+
+    let xf = read_npy(&f.join("input_f.npy")).unwrap();
+    let hf = fixtures().join("hf_cls");
+    assert_eq!(xf, read_npy(&hf.join("ref/input.npy")).unwrap());
+    let model = vitrs::load(&hf).unwrap().model;
+    let want = read_npy(&hf.join("ref/logits.npy")).unwrap();
+    assert_close(
+        "fortran npy input",
+        &model.logits(&xf).unwrap(),
+        &want,
+        1e-4,
+    );
+}

@@ -10,6 +10,7 @@
 //!   and `model.safetensors` (see [`timm`]).
 
 pub mod hf;
+pub mod hub;
 pub mod npz;
 pub mod posembed;
 pub mod safetensors;
@@ -140,8 +141,10 @@ pub enum Weights {
     Trained,
 }
 
-/// Loads any supported checkpoint from a file or directory; from a training checkpoint that
-/// keeps a moving average of the weights, the average (see [`load_weights`]).
+/// Loads any supported checkpoint from a file or directory, or from the local Hugging Face
+/// cache by hub id (`google/vit-base-patch16-224`, `ORG/NAME@REVISION`: [`hub`]; a local path
+/// of that name wins); from a training checkpoint that keeps a moving average of the weights,
+/// the average (see [`load_weights`]).
 pub fn load(path: &Path) -> Result<Checkpoint> {
     load_weights(path, Weights::Average)
 }
@@ -150,6 +153,9 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
 /// training checkpoint holds both. Every other file has one set of weights, which is loaded
 /// whatever `which` says (a report note says so when `Trained` was asked for).
 pub fn load_weights(path: &Path, which: Weights) -> Result<Checkpoint> {
+    // A hub id (`ORG/NAME[@REV]`) that is not a local path: its snapshot in the local cache.
+    let resolved = hub::locate(path)?;
+    let path = resolved.as_deref().unwrap_or(path);
     let loc = locate(path)?;
     let mut ck = match loc.format {
         Format::GoogleNpz => npz::load(&loc.weights),
