@@ -10,6 +10,8 @@ use vitrs::train::{EvalResult, Hooks, Progress};
 pub(crate) struct Bar {
     /// The live bar, on a terminal only.
     live: Option<ProgressBar>,
+    /// What the evaluations run on ("test split", "validation split (...)", ...).
+    pub(crate) eval_source: String,
 }
 
 fn hms(s: f64) -> String {
@@ -49,7 +51,10 @@ impl Bar {
             }
             bar
         });
-        Bar { live }
+        Bar {
+            live,
+            eval_source: "evaluation set".into(),
+        }
     }
 
     /// Prints a line above the bar (or just a line).
@@ -86,10 +91,11 @@ impl Hooks for Bar {
 
     fn evaluated(&mut self, epoch: u64, r: &EvalResult) {
         self.line(&format!(
-            "epoch {epoch}: eval top-1 {:.2}% top-5 {:.2}% loss {:.4} ({} images)",
+            "epoch {epoch}: top-1 {:.2}% top-5 {:.2}% loss {:.4} on the {} ({} images)",
             100.0 * r.top1,
             100.0 * r.top5,
             r.loss,
+            self.eval_source,
             r.n
         ));
     }

@@ -143,6 +143,7 @@ pub(crate) fn drive(mut trainer: Trainer, max_steps: Option<u64>) -> Result<u8> 
         });
     }
     let mut bar = Bar::new();
+    bar.eval_source = trainer.eval_source.clone();
     trainer.fit_to_budget(&mut bar)?;
     let cfg = trainer.model.config().clone();
     eprintln!(
@@ -183,7 +184,7 @@ pub(crate) fn drive(mut trainer: Trainer, max_steps: Option<u64>) -> Result<u8> 
     match outcome? {
         Outcome::Finished(r) => {
             println!(
-                "done: test top-1 {:.2}% ({}), model {}, curve {}, metrics {}",
+                "done: top-1 {:.2}% on the {}, model {}, curve {}, metrics {}",
                 100.0 * r.top1,
                 trainer.eval_source,
                 dir.join(MODEL).display(),

@@ -110,7 +110,10 @@ fn finetune_to_new_classes_at_a_new_resolution_then_resume() {
     }
     // The fine-tuning run resumes like any run and ends with a 12-px, linear-head model.
     let out = ok(&vit(&["train", "--resume", s(&run), "--threads", "2"]));
-    assert!(out.contains("done: test top-1"), "{out}");
+    assert!(
+        out.contains("done: top-1") && out.contains("on the test split"),
+        "{out}"
+    );
     let model = run.join("model.safetensors");
     let info: Value =
         serde_json::from_str(ok(&vit(&["info", "--model", s(&model), "--json"])).trim()).unwrap();
@@ -329,7 +332,10 @@ optimizer = {{ kind = "adamw", weight_decay = 0.05 }}
         "--threads",
         "2",
     ]));
-    assert!(out.contains("done: test top-1"), "{out}");
+    assert!(
+        out.contains("done: top-1") && out.contains("on the test split"),
+        "{out}"
+    );
     let model = run.join("model.safetensors");
     let info = ok(&vit(&["info", "--model", s(&model)]));
     assert!(
@@ -382,4 +388,41 @@ optimizer = {{ kind = "adamw", weight_decay = 0.05 }}
     let line: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(line["grid"], serde_json::json!([3, 3]));
     assert_eq!(line["query"], "patch_mean");
+}
+
+/// `vit finetune` on a flat folder of 10 images with the default recipe (batch 64): it trains
+/// with the batches it has, holds out a stratified validation split, and names it.
+#[test]
+fn finetuning_on_a_ten_image_folder_with_the_default_recipe() {
+    let root = tmp("tenimages");
+    let (_, model) = pretrain(&root);
+    let folder = root.join("photos");
+    for (c, name) in ["cats", "dogs"].iter().enumerate() {
+        let dir = folder.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..5 {
+            let px: Vec<u8> = (0..64).map(|p| (90 * c + 7 * i + p % 5) as u8).collect();
+            vitrs::preprocess::save_gray_png(&dir.join(format!("{i}.png")), &px, 8, 8).unwrap();
+        }
+    }
+    let o = vit(&[
+        "finetune",
+        "--from",
+        s(&model),
+        "--dataset",
+        s(&folder),
+        "--epochs",
+        "2",
+        "--out",
+        s(&root.join("ft")),
+    ]);
+    let out = ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("make no full batch of 64"), "{err}");
+    assert!(err.contains("on 8 images (2 held for evaluation"), "{err}");
+    assert!(
+        out.contains("done: top-1") && out.contains("on the validation split"),
+        "{out}"
+    );
+    std::fs::remove_dir_all(root).ok();
 }

@@ -415,3 +415,107 @@ fn the_last_epochs_train_on_plain_images() {
     assert_eq!(all.model.params().flat(), flip.model.params().flat());
     std::fs::remove_dir_all(root).ok();
 }
+
+/// An image folder of `per_class` 8×8 grey images for each of `classes` classes under
+/// `root/{sub}/class_{c}` (`sub` "" for a flat folder), each class a different brightness.
+fn image_folder(root: &Path, sub: &str, classes: usize, per_class: usize) {
+    for c in 0..classes {
+        let dir = root.join(sub).join(format!("class_{c}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..per_class {
+            let px: Vec<u8> = (0..64).map(|p| (40 * c + 3 * i + p % 7) as u8).collect();
+            vitrs::preprocess::save_gray_png(&dir.join(format!("{i:03}.png")), &px, 8, 8).unwrap();
+        }
+    }
+}
+
+fn folder_config(data: &Path) -> RunConfig {
+    let mut cfg = config(data, 1);
+    cfg.model.channels = Some(1);
+    cfg.model.image_size = Some(8);
+    cfg
+}
+
+/// A flat image folder (no train/ val/ test/) holds out a stratified tenth: the evaluation
+/// images are not training images, every class is in both, and the split is named as a
+/// validation split; `val_fraction = 0` evaluates on the training images and says so.
+#[test]
+fn a_flat_image_folder_is_evaluated_on_held_out_images() {
+    let root = tmp("flat");
+    image_folder(&root.join("data"), "", 3, 20);
+    let t = Trainer::new(folder_config(&root.join("data")), &root.join("run")).unwrap();
+    assert!(
+        t.eval_source.starts_with("validation split"),
+        "{}",
+        t.eval_source
+    );
+    let (train, eval) = t.datasets();
+    assert_eq!(
+        (train.len(), eval.len()),
+        (54, 6),
+        "2 of each class's 20 held out"
+    );
+    let files = |ds: &dyn vitrs::data::Dataset| -> Vec<(Vec<u8>, usize)> {
+        (0..ds.len())
+            .map(|i| {
+                let mut px = vec![0u8; 64];
+                ds.image(i, &mut px).unwrap();
+                (px, ds.label(i))
+            })
+            .collect()
+    };
+    let (tr, ev) = (files(&*train), files(&*eval));
+    assert!(
+        ev.iter().all(|e| !tr.contains(e)),
+        "an evaluation image is also trained on"
+    );
+    for c in 0..3 {
+        assert!(tr.iter().any(|(_, l)| *l == c) && ev.iter().any(|(_, l)| *l == c));
+    }
+    drop(t);
+    std::fs::remove_dir_all(root.join("run")).unwrap();
+    let mut cfg = folder_config(&root.join("data"));
+    cfg.data.val_fraction = Some(0.0);
+    let t = Trainer::new(cfg, &root.join("run")).unwrap();
+    assert_eq!(t.eval_source, "training images (nothing held out)");
+    assert!(t
+        .notes
+        .iter()
+        .any(|n| n.contains("evaluating on the training images")));
+    std::fs::remove_dir_all(root).ok();
+}
+
+/// A folder with train/ and val/ is used as given: all of train/ trains, val/ evaluates.
+#[test]
+fn train_and_val_sub_folders_are_used_as_given() {
+    let root = tmp("trainval");
+    image_folder(&root.join("data"), "train", 2, 12);
+    image_folder(&root.join("data"), "val", 2, 3);
+    let t = Trainer::new(folder_config(&root.join("data")), &root.join("run")).unwrap();
+    let (train, eval) = t.datasets();
+    assert_eq!((train.len(), eval.len()), (24, 6));
+    assert_eq!(t.eval_source, "val/ folder");
+    std::fs::remove_dir_all(root).ok();
+}
+
+/// Ten images and a batch of 16: training runs with the batches there are, and says so.
+#[test]
+fn a_dataset_smaller_than_the_batch_trains_with_the_batches_it_has() {
+    let root = tmp("tiny");
+    image_folder(&root.join("data"), "", 2, 5);
+    let mut t = Trainer::new(folder_config(&root.join("data")), &root.join("run")).unwrap();
+    // 2 of the 10 held out, 8 to train on.
+    assert_eq!(t.run.train.batch_size, 8);
+    assert!(
+        t.notes
+            .iter()
+            .any(|n| n.contains("make no full batch of 16")),
+        "{:?}",
+        t.notes
+    );
+    let out = t
+        .run(&mut Record::default(), &AtomicBool::new(false), None)
+        .unwrap();
+    assert!(matches!(out, Outcome::Finished(_)));
+    std::fs::remove_dir_all(root).ok();
+}

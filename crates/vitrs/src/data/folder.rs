@@ -138,6 +138,14 @@ impl Dataset for ImageFolder {
         let path = &self.files[i].0;
         let px = image_to_u8(&img, c, h, w)
             .map_err(|e| Error::BadInput(format!("{}: {e}", path.display())))?;
+        if out.len() != px.len() {
+            return Err(Error::BadInput(format!(
+                "{}: the image is {c}x{h}x{w} ({} values) but the caller's buffer holds {}",
+                path.display(),
+                px.len(),
+                out.len()
+            )));
+        }
         out.copy_from_slice(&px);
         Ok(())
     }

@@ -138,13 +138,50 @@ impl Dataset for Subset {
     }
 }
 
-/// Splits `0..n` into (train, validation) with `fraction` held out, shuffled by `seed`.
-pub fn split_indices(n: usize, fraction: f32, seed: u64) -> (Vec<usize>, Vec<usize>) {
-    let mut idx: Vec<usize> = (0..n).collect();
-    crate::model::Rng::new(seed ^ 0x5EED_51A1).shuffle(&mut idx);
-    let nval = ((n as f64 * fraction.clamp(0.0, 1.0) as f64).round() as usize).min(n);
-    let val = idx.split_off(n - nval);
-    (idx, val)
+/// Whether `spec` is a flat image folder: a directory of class sub-folders without `train/`,
+/// `val/` or `test/` (and no IDX or CIFAR files), which has no test split of its own.
+pub fn is_flat_image_folder(spec: &str) -> bool {
+    let dir = Path::new(spec);
+    if !dir.is_dir()
+        || ["train", "val", "test"]
+            .iter()
+            .any(|s| dir.join(s).is_dir())
+    {
+        return false;
+    }
+    let dataset_file =
+        |name: &str| name.contains("-ubyte") || name.ends_with(".bin") || name.ends_with(".bin.gz");
+    std::fs::read_dir(dir).is_ok_and(|it| {
+        !it.filter_map(|e| e.ok())
+            .any(|e| dataset_file(&e.file_name().to_string_lossy()))
+    })
+}
+
+/// Splits `ds` into (train, validation) indices with `fraction` of every class held out
+/// (rounded, at least one image of each class that has two or more), seeded by `seed`.
+pub fn stratified_split(ds: &dyn Dataset, fraction: f32, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut by_class: Vec<Vec<usize>> = vec![vec![]; ds.classes().len()];
+    for i in 0..ds.len() {
+        if let Some(c) = by_class.get_mut(ds.label(i)) {
+            c.push(i);
+        }
+    }
+    let mut rng = crate::model::Rng::new(seed ^ 0x5EED_51A1);
+    let (mut train, mut val) = (vec![], vec![]);
+    for mut items in by_class {
+        rng.shuffle(&mut items);
+        let n = items.len();
+        let held = if n >= 2 {
+            ((n as f64 * fraction.clamp(0.0, 1.0) as f64).round() as usize).clamp(1, n - 1)
+        } else {
+            0
+        };
+        val.extend_from_slice(&items[..held]);
+        train.extend_from_slice(&items[held..]);
+    }
+    train.sort_unstable();
+    val.sort_unstable();
+    (train, val)
 }
 
 /// Parses a class list as written on a command line: `5-9`, `0,2,4` or a mix (`0-2,7`), in

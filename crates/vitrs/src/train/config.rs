@@ -107,9 +107,13 @@ fn need(field: &str) -> Error {
 pub struct DataSpec {
     /// `fashion-mnist`, `mnist`, `cifar10`, `cifar100`, or a directory.
     pub dataset: String,
-    /// Hold out this fraction of the training set for evaluation instead of the test split.
-    #[serde(default)]
-    pub val_fraction: f32,
+    /// Hold out this fraction of the training set (stratified: the same share of every
+    /// class, at least one image of each) for evaluation instead of the test split. Unset: 0
+    /// for datasets with a test split, 0.1 for a flat image folder (one sub-folder per class
+    /// and no `train/`, `val/` or `test/`); 0 for such a folder evaluates on its training
+    /// images, and says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_fraction: Option<f32>,
     /// Normalisation; default: 0.5 / 0.5 per channel.
     #[serde(default)]
     pub mean: Option<Vec<f32>>,
@@ -295,7 +299,11 @@ impl RunConfig {
         if !(0.0..1.0).contains(&t.dropout) || !(0.0..1.0).contains(&t.drop_path) {
             return bad("[train] dropout and drop_path must be in [0, 1)");
         }
-        if !(0.0..1.0).contains(&self.data.val_fraction) {
+        if self
+            .data
+            .val_fraction
+            .is_some_and(|f| !(0.0..1.0).contains(&f))
+        {
             return bad("[data] val_fraction must be in [0, 1)");
         }
         if self.data.workers == 0 || self.data.workers > 64 {

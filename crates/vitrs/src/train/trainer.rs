@@ -147,6 +147,20 @@ impl Trainer {
                 "the training or evaluation set is empty".into(),
             ));
         }
+        // Fewer images than a batch: train with the batches there are (as PyTorch's loader
+        // would with a short last batch), saying so.
+        let mut notes = vec![];
+        let (len, t) = (train.len(), &mut run.train);
+        if len < t.batch_size * t.accum_steps {
+            let (batch, accum) = (t.batch_size, t.accum_steps);
+            t.accum_steps = accum.min(len);
+            t.batch_size = (len / t.accum_steps).max(1);
+            notes.push(format!(
+                "{len} training images make no full batch of {batch} x {accum} accumulation \
+                 step(s): training with batches of {} x {}",
+                t.batch_size, t.accum_steps
+            ));
+        }
         let classes = train.classes().len();
         let (model, transfer_notes) = match source {
             Some(ck) => {
@@ -196,7 +210,7 @@ impl Trainer {
             labels,
             pos: Position::default(),
             eval_source,
-            notes: transfer_notes,
+            notes: [transfer_notes, notes].concat(),
             opt,
             tw: TrainWorkspace::new(),
             train,
@@ -332,6 +346,11 @@ impl Trainer {
 
     pub fn total_steps(&self) -> u64 {
         self.steps_per_epoch() * self.run.train.epochs
+    }
+
+    /// The training and evaluation sets, as the run sees them.
+    pub fn datasets(&self) -> (Arc<dyn Dataset>, Arc<dyn Dataset>) {
+        (self.train.clone(), self.eval.clone())
     }
 
     pub fn train_len(&self) -> usize {
@@ -476,7 +495,7 @@ impl Trainer {
             self.run.data.workers,
         )?;
         hooks.evaluated(self.pos.epoch, &r);
-        self.log(json!({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch, "top1": r.top1, "top5": r.top5, "loss": r.loss, "n": r.n}))?;
+        self.log(json!({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch, "top1": r.top1, "top5": r.top5, "loss": r.loss, "n": r.n, "on": self.eval_source}))?;
         self.plot_curve()?;
         plot_confusion(
             &self.dir.join(CONFUSION),
@@ -931,7 +950,7 @@ fn open_data(run: &RunConfig, model: Option<&crate::config::ViTConfig>) -> Resul
         (None, Some(c)) => (c.channels, c.image_height, c.image_width),
         (None, None) => {
             let s = run.model.image_size.unwrap_or(224);
-            (3, s, s)
+            (run.model.channels.unwrap_or(3), s, s)
         }
     };
     let prepare = |ds: Arc<dyn Dataset>| -> Result<Arc<dyn Dataset>> {
@@ -962,19 +981,56 @@ fn open_data(run: &RunConfig, model: Option<&crate::config::ViTConfig>) -> Resul
         let keep = data::per_class_indices(&*train, k, run.train.seed);
         train = Arc::new(Subset::new(train, keep));
     }
-    if run.data.val_fraction > 0.0 {
-        let (tr, va) = data::split_indices(train.len(), run.data.val_fraction, run.train.seed);
+    // A flat image folder has no test split: hold out a stratified tenth unless told otherwise.
+    let flat = data::is_flat_image_folder(&run.data.dataset);
+    let fraction = run.data.val_fraction.unwrap_or(if flat {
+        DEFAULT_FOLDER_VAL_FRACTION
+    } else {
+        0.0
+    });
+    if fraction > 0.0 {
+        let (tr, va) = data::stratified_split(&*train, fraction, run.train.seed);
+        if va.is_empty() {
+            return Err(Error::BadInput(format!(
+                "{}: no class has two images, so none can be held out for validation; add \
+                 images, or set `val_fraction = 0` in [data] to evaluate on the training images",
+                run.data.dataset
+            )));
+        }
         let eval: Arc<dyn Dataset> = Arc::new(Subset::new(train.clone(), va));
+        let what = format!(
+            "validation split ({:.0} % of the training images, stratified)",
+            100.0 * fraction
+        );
+        return Ok((Arc::new(Subset::new(train, tr)), eval, what, notes));
+    }
+    if flat {
+        notes.push(format!(
+            "{} has no train/ val/ or test/ sub-folders and val_fraction is 0: evaluating on the \
+             training images themselves, which says nothing about new images",
+            run.data.dataset
+        ));
+        let same = train.clone();
         return Ok((
-            Arc::new(Subset::new(train, tr)),
-            eval,
-            "validation split".into(),
+            train,
+            same,
+            "training images (nothing held out)".into(),
             notes,
         ));
     }
     let test = opened(Split::Test, "test set")?;
-    Ok((train, test, "test split".into(), notes))
+    // An image folder's own evaluation folder is named as what it is.
+    let dir = Path::new(&run.data.dataset);
+    let what = match (dir.join("test").is_dir(), dir.join("val").is_dir()) {
+        (true, _) => "test/ folder",
+        (false, true) => "val/ folder",
+        _ => "test split",
+    };
+    Ok((train, test, what.into(), notes))
 }
+
+/// The share of a flat image folder held out for validation when the config does not say.
+const DEFAULT_FOLDER_VAL_FRACTION: f32 = 0.1;
 
 /// The pre-trained model a fine-tuning run starts from (none for a run from scratch).
 fn pretrained(run: &RunConfig) -> Result<Option<crate::checkpoint::Checkpoint>> {
