@@ -11,6 +11,7 @@ mod bench;
 mod convert;
 mod demo;
 mod eval;
+mod export;
 mod finetune;
 mod info;
 mod predict;
@@ -61,6 +62,8 @@ enum Command {
     Info(info::InfoArgs),
     /// Convert any supported checkpoint to the native format (one .safetensors file).
     Convert(convert::ConvertArgs),
+    /// Export a model to ONNX (graph and weights; preprocessing in its metadata).
+    Export(export::ExportArgs),
     /// Measure speed on this machine: inference, or with --train a full training step
     /// (forward, backward, AdamW), on random weights and inputs.
     Bench(bench::BenchArgs),
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
         Command::Attention(a) => attention::run(a),
         Command::Info(a) => info::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
     };
     match result {

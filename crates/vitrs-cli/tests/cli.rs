@@ -422,3 +422,46 @@ fn an_uncached_hub_id_says_where_it_looked_and_how_to_fetch_it() {
         "{err}"
     );
 }
+
+/// `vit export --format onnx`: a file that decodes to the model's graph, its weights and
+/// its preprocessing in the metadata; a bad opset is a clear error.
+#[test]
+fn export_writes_an_onnx_model() {
+    let dir = tmp("onnx");
+    let out = dir.join("m.onnx");
+    let model = fixtures().join("timm_deit_distilled");
+    let o = vit(&[
+        "export",
+        "--model",
+        s(&model),
+        "--format",
+        "onnx",
+        "--out",
+        s(&out),
+        "--dynamic-batch",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("output logits (batch, 5)"),
+        "{}",
+        stdout(&o)
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    let sum = vitrs::checkpoint::onnx::summarize(&out, &bytes).unwrap();
+    assert_eq!(
+        sum.inputs,
+        vec![("pixel_values".to_string(), vec![-1, 3, 32, 32])]
+    );
+    assert!(sum.metadata.contains(&"vitrs.preprocess".to_string()));
+    assert!(sum.nodes.iter().any(|n| n == "LayerNormalization"));
+    let o = vit(&[
+        "export",
+        "--model",
+        s(&model),
+        "--out",
+        s(&out),
+        "--opset",
+        "13",
+    ]);
+    assert_clean_failure(&o, 3, "opset 13");
+}

@@ -275,7 +275,10 @@ fn runs_that_cannot_fit_in_memory_are_refused_before_allocating() {
     vitrs::data::idx::write_synthetic(&many, 65536, 16, 3, 8, 5).unwrap();
     let large = std::fs::read_to_string(&cfg)
         .unwrap()
-        .replace(&root.join("data").display().to_string(), &many.display().to_string())
+        .replace(
+            &root.join("data").display().to_string(),
+            &many.display().to_string(),
+        )
         .replace("width = 16", "width = 1024")
         .replace("depth = 2", "depth = 24")
         .replace("heads = 2", "heads = 16")

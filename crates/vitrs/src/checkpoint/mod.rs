@@ -12,6 +12,7 @@
 pub mod hf;
 pub mod hub;
 pub mod npz;
+pub mod onnx;
 pub mod posembed;
 pub mod safetensors;
 pub mod timm;
