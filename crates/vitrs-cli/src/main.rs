@@ -16,6 +16,8 @@ mod finetune;
 mod info;
 mod predict;
 mod progress;
+#[cfg(feature = "serve")]
+mod serve;
 mod train;
 
 use anyhow::{Context, Result};
@@ -67,6 +69,10 @@ enum Command {
     /// Measure speed on this machine: inference, or with --train a full training step
     /// (forward, backward, AdamW), on random weights and inputs.
     Bench(bench::BenchArgs),
+    /// Serve models over HTTP: a web page, a JSON API, the Open Inference Protocol (v2) and
+    /// Prometheus metrics, batching concurrent requests.
+    #[cfg(feature = "serve")]
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -86,6 +92,8 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert::run(a),
         Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
+        #[cfg(feature = "serve")]
+        Command::Serve(a) => serve::run(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -9,6 +9,7 @@
 //! The shape legend is in the [`model`] module docs.
 
 pub mod attnmap;
+pub mod batcher;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;

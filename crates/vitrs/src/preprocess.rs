@@ -199,8 +199,17 @@ impl Preprocess {
             let b = if shape.len() == 4 { shape[0] } else { 1 };
             return t.reshape(vec![b, want[0], want[1], want[2]]);
         }
-        let img = load_image(path)?;
-        let t = self.apply(&img)?;
+        self.batch_of_one(&load_image(path)?)
+    }
+
+    /// An image held in memory (an upload) as a batch `(1, C, H, W)`; `what` names it in
+    /// errors, which are the ones [`Self::load`] gives for a file.
+    pub fn load_bytes(&self, what: &Path, bytes: &[u8]) -> Result<Tensor> {
+        self.batch_of_one(&decode_image_bytes(what, bytes)?)
+    }
+
+    fn batch_of_one(&self, img: &DynamicImage) -> Result<Tensor> {
+        let t = self.apply(img)?;
         let s = t.shape().to_vec();
         t.reshape(vec![1, s[0], s[1], s[2]])
     }
@@ -247,18 +256,30 @@ pub fn save_gray_png(path: &Path, px: &[u8], h: usize, w: usize) -> Result<()> {
 
 /// Decodes an image file (PNG, JPEG, GIF's first frame, BMP) with size limits.
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
+    let reader = ImageReader::open(path).map_err(|e| Error::io(path, e))?;
+    decode(reader, path)
+}
+
+/// [`load_image`] of an image held in memory (an upload); `what` names it in errors.
+pub fn decode_image_bytes(what: &Path, bytes: &[u8]) -> Result<DynamicImage> {
+    decode(ImageReader::new(std::io::Cursor::new(bytes)), what)
+}
+
+/// Decodes with the format guessed from the content and the size limits that stop a
+/// decompression bomb before it allocates.
+fn decode<R: std::io::BufRead + std::io::Seek>(
+    reader: ImageReader<R>,
+    path: &Path,
+) -> Result<DynamicImage> {
     let err = |reason: String| Error::Image {
         path: path.to_path_buf(),
         reason,
     };
-    let mut reader = ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
+    let mut reader = reader
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
     if reader.format().is_none() {
-        return Err(err(
-            "not a recognised image format (PNG, JPEG, GIF, BMP) or a .npy array".into(),
-        ));
+        return Err(err(NOT_AN_IMAGE.into()));
     }
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
@@ -267,6 +288,10 @@ pub fn load_image(path: &Path) -> Result<DynamicImage> {
     reader.limits(limits);
     reader.decode().map_err(|e| err(e.to_string()))
 }
+
+/// What an input whose bytes name no image format is told.
+pub const NOT_AN_IMAGE: &str =
+    "not a recognised image format (PNG, JPEG, GIF, BMP) or a .npy array";
 
 /// Converts to planes with values 0..=255: 1 (Pillow `L`: ITU-R 601-2 luma) or 3 (RGB, alpha dropped) planes.
 fn to_planes(img: &DynamicImage, channels: usize) -> Planes {

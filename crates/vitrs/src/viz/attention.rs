@@ -97,7 +97,7 @@ fn file_name(path: &Path) -> String {
 
 /// The model's input as a picture: the preprocessed tensor `(1, C, H, W)` with the
 /// normalisation undone, enlarged to about 224 px.
-fn display_image(p: &Preprocess, x: &Tensor) -> RgbImage {
+pub fn display_image(p: &Preprocess, x: &Tensor) -> RgbImage {
     let (c, h, w) = (x.shape()[1], x.shape()[2], x.shape()[3]);
     let mut planes = vec![0u8; c * h * w];
     for ch in 0..c {

@@ -39,6 +39,19 @@ impl RgbImage {
         }
         RgbImage { w, h, px }
     }
+
+    /// The image as PNG bytes (for a web page: a server returns overlays inline).
+    pub fn to_png(&self) -> Result<Vec<u8>> {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_raw(self.w as u32, self.h as u32, self.px.clone())
+            .ok_or_else(|| crate::Error::BadInput("image size does not match its pixels".into()))?
+            .write_to(&mut out, image::ImageFormat::Png)
+            .map_err(|e| crate::Error::Image {
+                path: "overlay.png".into(),
+                reason: e.to_string(),
+            })?;
+        Ok(out.into_inner())
+    }
 }
 
 /// `map (gh, gw)` in [0, 1] resampled to `(h, w)`: bilinear, grid cells centred on their patches.
