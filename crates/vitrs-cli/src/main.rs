@@ -9,6 +9,7 @@ use std::process::ExitCode;
 mod attention;
 mod bench;
 mod convert;
+mod data;
 mod demo;
 mod eval;
 mod export;
@@ -69,6 +70,8 @@ enum Command {
     /// Measure speed on this machine: inference, or with --train a full training step
     /// (forward, backward, AdamW), on random weights and inputs.
     Bench(bench::BenchArgs),
+    /// Datasets: `vit data pack` writes one as tar shards that training streams.
+    Data(data::DataArgs),
     /// Serve models over HTTP: a web page, a JSON API, the Open Inference Protocol (v2) and
     /// Prometheus metrics, batching concurrent requests.
     #[cfg(feature = "serve")]
@@ -92,6 +95,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert::run(a),
         Command::Export(a) => export::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Data(a) => data::run(a),
         #[cfg(feature = "serve")]
         Command::Serve(a) => serve::run(a),
     };

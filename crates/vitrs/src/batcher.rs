@@ -13,7 +13,9 @@
 //! that is not coming, and under load the batch still gathers everything on its way.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{
+    sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError,
+};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -216,11 +218,26 @@ fn run(
         let mut images = first.req.images.shape()[0];
         let mut group = vec![first];
         while images < cfg.max_batch {
-            let mut wait = deadline.saturating_duration_since(Instant::now());
-            if cfg.wait_for_announced {
-                wait = wait.min(POLL);
-            }
-            match rx.recv_timeout(wait) {
+            // What is queued already joins without waiting; with `wait_for_announced`, nothing
+            // on its way means no wait at all.
+            let waiting = match rx.try_recv() {
+                Ok(q) => Ok(q),
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    if cfg.wait_for_announced && arriving.load(Ordering::SeqCst) == 0 {
+                        break;
+                    }
+                    let mut wait = deadline.saturating_duration_since(Instant::now());
+                    if wait.is_zero() {
+                        break;
+                    }
+                    if cfg.wait_for_announced {
+                        wait = wait.min(POLL);
+                    }
+                    rx.recv_timeout(wait)
+                }
+            };
+            match waiting {
                 Ok(q) if images + q.req.images.shape()[0] <= cfg.max_batch => {
                     images += q.req.images.shape()[0];
                     group.push(q);
@@ -230,13 +247,8 @@ fn run(
                     carry = Some(q);
                     break;
                 }
-                Err(RecvTimeoutError::Timeout)
-                    if cfg.wait_for_announced
-                        && Instant::now() < deadline
-                        && arriving.load(Ordering::SeqCst) > 0 =>
-                {
-                    continue
-                }
+                // Check again: queued, still on its way, or past the deadline.
+                Err(RecvTimeoutError::Timeout) if cfg.wait_for_announced => continue,
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }

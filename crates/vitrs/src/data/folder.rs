@@ -132,6 +132,9 @@ impl Dataset for ImageFolder {
     fn label(&self, i: usize) -> usize {
         self.files[i].1
     }
+    fn source_file(&self, i: usize) -> Option<PathBuf> {
+        Some(self.files[i].0.clone())
+    }
     fn image(&self, i: usize, out: &mut [u8]) -> Result<()> {
         let img = load_image(&self.files[i].0)?;
         let (c, h, w) = self.size;

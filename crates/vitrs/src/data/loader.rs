@@ -2,11 +2,17 @@
 //! normalisation) ahead of the training loop with a bounded prefetch queue, so the matrix
 //! products never wait for data. Order and augmentation depend only on (seed, epoch,
 //! batch index): a run is reproducible and resumable mid-epoch, whatever the thread timing.
+//!
+//! A sharded dataset ([`Dataset::shards`]) is shuffled the way streaming loaders do it: the
+//! shards in a seeded order, read one after the other, through a seeded shuffle buffer of
+//! `shuffle_buffer` items; reads stay sequential within a shard. A sample that cannot be
+//! decoded is left out of its batch and counted ([`Loader::skipped`]) when `skip_unreadable`
+//! is set, and is an error naming it otherwise.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::augment::{mix_batch, Augment};
@@ -47,7 +53,14 @@ pub struct LoaderConfig {
     pub std: Vec<f32>,
     /// Classes, for soft targets.
     pub num_classes: usize,
+    /// Items in the shuffle buffer of a sharded dataset.
+    pub shuffle_buffer: usize,
+    /// Leave an undecodable item out of its batch (and count it) instead of failing.
+    pub skip_unreadable: bool,
 }
+
+/// The default shuffle buffer of a sharded dataset, in items.
+pub const DEFAULT_SHUFFLE_BUFFER: usize = 10_000;
 
 impl LoaderConfig {
     /// Every item once, in order, unaugmented, the last batch kept: evaluation and analysis.
@@ -65,6 +78,8 @@ impl LoaderConfig {
             mean: mean.to_vec(),
             std: std.to_vec(),
             num_classes,
+            shuffle_buffer: DEFAULT_SHUFFLE_BUFFER,
+            skip_unreadable: false,
         }
     }
 }
@@ -89,6 +104,41 @@ pub fn batches_per_epoch(n: usize, batch: usize, drop_last: bool) -> usize {
     }
 }
 
+/// The order of an epoch's items: everything in order, a permutation, or for a sharded
+/// dataset the shards in a seeded order through a seeded shuffle buffer of `buffer` items.
+pub fn epoch_order(
+    data: &dyn Dataset,
+    shuffle: bool,
+    seed: u64,
+    epoch: u64,
+    buffer: usize,
+) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..data.len()).collect();
+    if !shuffle {
+        return order;
+    }
+    let Some(mut shards) = data.shards() else {
+        Rng::new(derive_seed(&[seed, epoch, 1])).shuffle(&mut order);
+        return order;
+    };
+    Rng::new(derive_seed(&[seed, epoch, 3])).shuffle(&mut shards);
+    let mut rng = Rng::new(derive_seed(&[seed, epoch, 4]));
+    let cap = buffer.max(1);
+    let mut buf = Vec::with_capacity(cap.min(data.len()));
+    order.clear();
+    for i in shards.into_iter().flatten() {
+        if buf.len() < cap {
+            buf.push(i);
+            continue;
+        }
+        let k = rng.below(cap);
+        order.push(std::mem::replace(&mut buf[k], i));
+    }
+    rng.shuffle(&mut buf);
+    order.extend(buf);
+    order
+}
+
 pub struct Loader {
     rx: Option<Receiver<(usize, Result<Batch>)>>,
     pending: BTreeMap<usize, Result<Batch>>,
@@ -96,6 +146,23 @@ pub struct Loader {
     end: usize,
     stop: Arc<AtomicBool>,
     handles: Vec<JoinHandle<()>>,
+    skipped: Arc<Mutex<Skips>>,
+}
+
+/// Items left out: how many, and the messages of the first few.
+#[derive(Default)]
+struct Skips {
+    count: usize,
+    first: Vec<String>,
+}
+
+impl Loader {
+    /// Items left out of their batches because they could not be decoded, and why (the
+    /// messages of the first few).
+    pub fn skipped(&self) -> (usize, Vec<String>) {
+        let s = self.skipped.lock().unwrap_or_else(|e| e.into_inner());
+        (s.count, s.first.clone())
+    }
 }
 
 impl Loader {
@@ -108,11 +175,14 @@ impl Loader {
             )));
         }
         let end = batches_per_epoch(data.len(), cfg.batch_size, cfg.drop_last);
-        let mut order: Vec<usize> = (0..data.len()).collect();
-        if cfg.shuffle {
-            Rng::new(derive_seed(&[cfg.seed, cfg.epoch, 1])).shuffle(&mut order);
-        }
-        let order = Arc::new(order);
+        let order = Arc::new(epoch_order(
+            &*data,
+            cfg.shuffle,
+            cfg.seed,
+            cfg.epoch,
+            cfg.shuffle_buffer,
+        ));
+        let skipped = Arc::new(Mutex::new(Skips::default()));
         let start = cfg.start_batch.min(end);
         let counter = Arc::new(AtomicUsize::new(start));
         let stop = Arc::new(AtomicBool::new(false));
@@ -120,13 +190,14 @@ impl Loader {
         let cfg = Arc::new(cfg);
         let handles = (0..cfg.workers.max(1))
             .map(|_| {
-                let (data, order, counter, stop, tx, cfg) = (
+                let (data, order, counter, stop, tx, cfg, skipped) = (
                     data.clone(),
                     order.clone(),
                     counter.clone(),
                     stop.clone(),
                     tx.clone(),
                     cfg.clone(),
+                    skipped.clone(),
                 );
                 std::thread::spawn(move || {
                     let mut tmp = Vec::new();
@@ -135,7 +206,7 @@ impl Loader {
                         if j >= end || stop.load(Ordering::SeqCst) {
                             return;
                         }
-                        let b = make_batch(&*data, &order, j, &cfg, (c, h, w), &mut tmp);
+                        let b = make_batch(&*data, &order, j, &cfg, (c, h, w), &mut tmp, &skipped);
                         if tx.send((j, b)).is_err() {
                             return;
                         }
@@ -150,6 +221,7 @@ impl Loader {
             end,
             stop,
             handles,
+            skipped,
         })
     }
 }
@@ -161,18 +233,29 @@ fn make_batch(
     cfg: &LoaderConfig,
     (c, h, w): (usize, usize, usize),
     tmp: &mut Vec<u8>,
+    skipped: &Mutex<Skips>,
 ) -> Result<Batch> {
     let lo = j * cfg.batch_size;
     let hi = (lo + cfg.batch_size).min(order.len());
-    let b = hi - lo;
     let n = c * h * w;
     let mut rng = Rng::new(derive_seed(&[cfg.seed, cfg.epoch, j as u64, 2]));
-    let mut images = vec![0.0f32; b * n];
-    let mut labels = Vec::with_capacity(b);
+    let mut images = vec![0.0f32; (hi - lo) * n];
+    let mut labels = Vec::with_capacity(hi - lo);
     let mut px = vec![0u8; n];
-    for (slot, &i) in order[lo..hi].iter().enumerate() {
-        data.image(i, &mut px)?;
+    for &i in &order[lo..hi] {
+        if let Err(e) = data.image(i, &mut px) {
+            if !cfg.skip_unreadable {
+                return Err(e);
+            }
+            let mut s = skipped.lock().unwrap_or_else(|e| e.into_inner());
+            s.count += 1;
+            if s.first.len() < 3 {
+                s.first.push(e.to_string());
+            }
+            continue;
+        }
         cfg.augment.apply(&mut px, (c, h, w), &mut rng, tmp);
+        let slot = labels.len();
         let out = &mut images[slot * n..(slot + 1) * n];
         for ch in 0..c {
             let (m, s) = (cfg.mean[ch], cfg.std[ch]);
@@ -185,6 +268,15 @@ fn make_batch(
         }
         labels.push(data.label(i));
     }
+    let b = labels.len();
+    if b == 0 {
+        let s = skipped.lock().unwrap_or_else(|e| e.into_inner());
+        return Err(Error::BadInput(format!(
+            "no item of batch {j} could be decoded (e.g. {})",
+            s.first.first().cloned().unwrap_or_default()
+        )));
+    }
+    images.truncate(b * n);
     let soft = cfg.augment.mixes().then(|| {
         mix_batch(
             &cfg.augment,
@@ -266,6 +358,8 @@ mod tests {
             mean: vec![0.0],
             std: vec![1.0 / 255.0],
             num_classes: 3,
+            shuffle_buffer: 8,
+            skip_unreadable: false,
         }
     }
 
@@ -290,6 +384,98 @@ mod tests {
         items.sort();
         items.dedup();
         assert_eq!(items.len(), 28);
+    }
+
+    /// A dataset in shards of 10 items whose item 13 cannot be decoded.
+    struct Sharded(InMemory);
+
+    impl Dataset for Sharded {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn shape(&self) -> (usize, usize, usize) {
+            self.0.shape()
+        }
+        fn classes(&self) -> &[String] {
+            self.0.classes()
+        }
+        fn label(&self, i: usize) -> usize {
+            self.0.label(i)
+        }
+        fn image(&self, i: usize, out: &mut [u8]) -> Result<()> {
+            if i == 13 {
+                return Err(Error::BadInput("item 13: not an image".into()));
+            }
+            self.0.image(i, out)
+        }
+        fn shards(&self) -> Option<Vec<std::ops::Range<usize>>> {
+            Some(
+                (0..self.len())
+                    .step_by(10)
+                    .map(|s| s..(s + 10).min(self.len()))
+                    .collect(),
+            )
+        }
+    }
+
+    #[test]
+    fn sharded_data_is_read_shard_by_shard_through_a_buffer() {
+        let ds = Sharded(InMemory {
+            c: 1,
+            h: 2,
+            w: 2,
+            pixels: (0..400).map(|i| (i / 4) as u8).collect(),
+            labels: (0..100).map(|i| i % 3).collect(),
+            classes: vec!["a".into(), "b".into(), "c".into()],
+        });
+        let order = epoch_order(&ds, true, 7, 0, 8);
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>(), "not a permutation");
+        assert_eq!(order, epoch_order(&ds, true, 7, 0, 8), "not deterministic");
+        assert_ne!(
+            order,
+            epoch_order(&ds, true, 7, 1, 8),
+            "the same in every epoch"
+        );
+        // Streaming: consecutive draws mostly come from the same shard (a permutation of all
+        // 100 items puts one pair in ten in the same shard).
+        let same =
+            |o: &[usize]| o.windows(2).filter(|p| p[0] / 10 == p[1] / 10).count() as f32 / 99.0;
+        assert!(same(&order) > 0.3, "{order:?}");
+        assert!(same(&epoch_order(&*data(100), true, 7, 0, 8)) < 0.25);
+        // Not in shard order within a shard either.
+        assert!(order
+            .windows(2)
+            .any(|p| p[1] != p[0] + 1 && p[0] / 10 == p[1] / 10));
+        assert_eq!(
+            epoch_order(&ds, false, 7, 0, 8),
+            (0..100).collect::<Vec<_>>()
+        );
+
+        // The undecodable item is left out of its batch and counted, or stops the loader.
+        let ds: Arc<dyn Dataset> = Arc::new(ds);
+        let c = LoaderConfig {
+            batch_size: 10,
+            skip_unreadable: true,
+            ..cfg(2, 0)
+        };
+        let mut l = Loader::new(ds.clone(), c.clone()).unwrap();
+        let sizes: Vec<usize> = l.by_ref().map(|b| b.unwrap().labels.len()).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 99);
+        assert_eq!(sizes.iter().filter(|&&s| s == 9).count(), 1);
+        let (n, why) = l.skipped();
+        assert_eq!((n, why.len()), (1, 1));
+        assert!(why[0].contains("item 13"));
+        let strict = Loader::new(
+            ds,
+            LoaderConfig {
+                skip_unreadable: false,
+                ..c
+            },
+        )
+        .unwrap();
+        assert!(strict.into_iter().any(|b| b.is_err()));
     }
 
     #[test]

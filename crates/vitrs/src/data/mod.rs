@@ -9,7 +9,9 @@ pub mod cifar;
 pub mod folder;
 pub mod idx;
 pub mod loader;
+pub mod shards;
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -33,6 +35,16 @@ pub trait Dataset: Send + Sync {
     /// Files left out when the dataset was opened (not images, or unreadable).
     fn skipped(&self) -> usize {
         0
+    }
+    /// The items of each shard, when the items are stored in shards that are best read one
+    /// after the other ([`shards::ShardSet`]): the loader then shuffles by shard order and a
+    /// buffer instead of drawing items from anywhere.
+    fn shards(&self) -> Option<Vec<Range<usize>>> {
+        None
+    }
+    /// The file item `i` is read from, when it is one file of its own (an image folder).
+    fn source_file(&self, _i: usize) -> Option<PathBuf> {
+        None
     }
 }
 
@@ -136,11 +148,35 @@ impl Dataset for Subset {
     fn image(&self, i: usize, out: &mut [u8]) -> Result<()> {
         self.base.image(self.indices[i], out)
     }
+    /// The base's shards, restricted to this subset: a new group wherever the base shard of
+    /// consecutive items changes.
+    fn shards(&self) -> Option<Vec<Range<usize>>> {
+        let base = self.base.shards()?;
+        let shard_of = |b: usize| base.partition_point(|r| r.end <= b);
+        let mut out: Vec<Range<usize>> = vec![];
+        let mut last = usize::MAX;
+        for (i, &b) in self.indices.iter().enumerate() {
+            let s = shard_of(b);
+            match out.last_mut() {
+                Some(r) if s == last => r.end = i + 1,
+                _ => out.push(i..i + 1),
+            }
+            last = s;
+        }
+        Some(out)
+    }
+    fn source_file(&self, i: usize) -> Option<PathBuf> {
+        self.base.source_file(self.indices[i])
+    }
 }
 
 /// Whether `spec` is a flat image folder: a directory of class sub-folders without `train/`,
 /// `val/` or `test/` (and no IDX or CIFAR files), which has no test split of its own.
 pub fn is_flat_image_folder(spec: &str) -> bool {
+    // Shards named by a pattern have no test split either.
+    if shards::is_shard_pattern(spec) {
+        return true;
+    }
     let dir = Path::new(spec);
     if !dir.is_dir()
         || ["train", "val", "test"]
@@ -299,6 +335,9 @@ impl Dataset for Resized {
     fn label(&self, i: usize) -> usize {
         self.base.label(i)
     }
+    fn shards(&self) -> Option<Vec<Range<usize>>> {
+        self.base.shards()
+    }
     fn image(&self, i: usize, out: &mut [u8]) -> Result<()> {
         let (c, h0, w0) = self.base.shape();
         let mut src = vec![0u8; c * h0 * w0];
@@ -370,6 +409,9 @@ pub fn open_with(
     let path = Path::new(spec);
     if path.is_dir() {
         return open_dir(path, split, size, strict);
+    }
+    if shards::is_shard_pattern(spec) {
+        return Ok(Arc::new(shards::ShardSet::open(spec, split, size, strict)?));
     }
     let name = spec.to_ascii_lowercase();
     let known = [
@@ -466,6 +508,12 @@ fn open_dir(
     }
     if let Some(ds) = cifar::open_dir(dir, split)? {
         return Ok(Arc::new(ds));
+    }
+    if shards::is_shard_dir(dir) {
+        let spec = dir.to_string_lossy();
+        return Ok(Arc::new(shards::ShardSet::open(
+            &spec, split, size, strict,
+        )?));
     }
     let folder = match split {
         Split::Train if dir.join("train").is_dir() => dir.join("train"),

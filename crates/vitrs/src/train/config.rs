@@ -105,7 +105,9 @@ fn need(field: &str) -> Error {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
-    /// `fashion-mnist`, `mnist`, `cifar10`, `cifar100`, or a directory.
+    /// `fashion-mnist`, `mnist`, `cifar10`, `cifar100`, a directory (IDX, CIFAR, an image
+    /// folder, or shards written by `vit data pack`), or shard files (`data/train-*.tar`,
+    /// comma-separated for several).
     pub dataset: String,
     /// Hold out this fraction of the training set (stratified: the same share of every
     /// class, at least one image of each) for evaluation instead of the test split. Unset: 0
@@ -133,10 +135,14 @@ pub struct DataSpec {
     /// a higher resolution than the data comes in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resize: Option<[usize; 2]>,
-    /// Image folders: fail on a file that is not a readable image instead of skipping it
-    /// (skipped files are counted and reported).
+    /// Image folders and shards: fail on a file or sample that is not a readable image
+    /// instead of skipping it (skipped ones are counted and reported).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub strict: bool,
+    /// Sharded datasets (`vit data pack`): the shuffle buffer, in images (default 10 000).
+    /// The shards are read in a seeded order, one after the other, through this buffer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shuffle_buffer: Option<usize>,
 }
 
 fn one() -> usize {

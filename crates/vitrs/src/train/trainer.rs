@@ -536,14 +536,14 @@ impl Trainer {
         let k = self.model.config().num_classes;
         let mut last_eval = None;
         while self.pos.epoch < t.epochs {
-            let loader = Loader::new(
+            let mut loader = Loader::new(
                 self.train.clone(),
                 self.loader_config(self.pos.epoch, self.pos.batch),
             )?;
             let usable = spe as usize * t.accum_steps;
             let mut micro = 0;
             self.tw.zero_grads();
-            for batch in loader {
+            for batch in loader.by_ref() {
                 let batch = batch?;
                 if batch.index >= usable {
                     break; // leftover micro-batches that make no full optimizer step
@@ -632,6 +632,15 @@ impl Trainer {
                     });
                 }
             }
+            let (skipped, why) = loader.skipped();
+            drop(loader);
+            if skipped > 0 {
+                hooks.note(&format!(
+                    "epoch {}: left out {skipped} training image(s) that could not be decoded                      (set `strict = true` in [data] to stop on them instead); e.g. {}",
+                    self.pos.epoch + 1,
+                    why.join("; ")
+                ));
+            }
             self.pos.epoch += 1;
             self.pos.batch = 0;
             last_eval = Some(self.evaluate_now(hooks)?);
@@ -680,6 +689,12 @@ impl Trainer {
             mean: self.preprocess.mean.clone(),
             std: self.preprocess.std.clone(),
             num_classes: self.model.config().num_classes,
+            shuffle_buffer: self
+                .run
+                .data
+                .shuffle_buffer
+                .unwrap_or(crate::data::loader::DEFAULT_SHUFFLE_BUFFER),
+            skip_unreadable: !self.run.data.strict,
         }
     }
 
