@@ -170,8 +170,10 @@ async fn run_batched(
             let _ = tx.send(r);
         }),
     };
-    let submitted = m.batcher.submit(job);
+    // No longer on its way once queued: dropped first, or the batch this request starts
+    // would wait for the request itself.
     drop(arrival);
+    let submitted = m.batcher.submit(job);
     if let Err(rej) = submitted {
         let why = match rej {
             Rejected::QueueFull(_) => "the queue is full; retry in a moment",

@@ -1036,7 +1036,10 @@ fn open_data(run: &RunConfig, model: Option<&crate::config::ViTConfig>) -> Resul
     let test = opened(Split::Test, "test set")?;
     // An image folder's own evaluation folder is named as what it is.
     let dir = Path::new(&run.data.dataset);
+    let shards = dir.is_dir() && data::shards::is_shard_dir(dir);
     let what = match (dir.join("test").is_dir(), dir.join("val").is_dir()) {
+        (true, _) if shards => "test shards",
+        (false, true) if shards => "val shards",
         (true, _) => "test/ folder",
         (false, true) => "val/ folder",
         _ => "test split",
