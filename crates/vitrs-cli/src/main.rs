@@ -15,6 +15,8 @@ mod eval;
 mod export;
 mod finetune;
 mod info;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod predict;
 mod progress;
 #[cfg(feature = "serve")]
@@ -49,7 +51,8 @@ enum Command {
     /// Train a small ViT on Fashion-MNIST for about two minutes, evaluate it, classify a few
     /// test images, and write the curve, confusion matrix and predictions into a folder.
     Demo(demo::DemoArgs),
-    /// Train a ViT from a TOML run config (or continue a run with --resume).
+    /// Train a ViT from a TOML run config (or continue a run with --resume). Built with
+    /// `--features mpi`, `mpirun -np N vit train ...` trains on N data-parallel ranks.
     Train(train::TrainArgs),
     /// Fine-tune a pre-trained model on new data: new zero-initialised head, position
     /// embeddings resampled to a new resolution, the paper's SGD recipe by default.

@@ -100,7 +100,12 @@ impl RecipeOverrides {
 }
 
 pub(crate) fn run(a: TrainArgs) -> Result<u8> {
-    let trainer = match (&a.resume, &a.config, &a.out) {
+    // Under `mpirun`, the ranks: initialised before anything is read, so that a rank that
+    // fails to start ends the job at once.
+    #[cfg(feature = "mpi")]
+    let ranks = crate::mpi::init()?;
+    #[allow(unused_mut)]
+    let mut trainer = match (&a.resume, &a.config, &a.out) {
         (Some(dir), _, _) => {
             if a.recipe.time_budget.is_some() {
                 bail!(
@@ -124,6 +129,21 @@ pub(crate) fn run(a: TrainArgs) -> Result<u8> {
         }
         _ => bail!("give --config FILE --out RUN_DIR, or --resume RUN_DIR"),
     };
+    #[cfg(feature = "mpi")]
+    if let Some(m) = ranks {
+        use vitrs::train::dist::Collective;
+        let (n, b) = (m.size(), trainer.run.train.batch_size);
+        if m.rank() == 0 {
+            eprintln!(
+                "data parallel over {n} MPI ranks: global batch {b} ({} per rank x {} \
+                 accumulation step(s)), gradients averaged over the ranks before each step; \
+                 the learning rate is the config's, for the global batch",
+                b / n.max(1),
+                trainer.run.train.accum_steps
+            );
+        }
+        trainer.set_collective(Box::new(m))?;
+    }
     drive(trainer, a.max_steps)
 }
 
@@ -146,6 +166,14 @@ pub(crate) fn drive(mut trainer: Trainer, max_steps: Option<u64>) -> Result<u8> 
     bar.eval_source = trainer.eval_source.clone();
     trainer.fit_to_budget(&mut bar)?;
     let cfg = trainer.model.config().clone();
+    // With several ranks, rank 0 speaks for all.
+    if trainer.rank() != 0 {
+        let outcome = trainer.run(&mut bar, &stop, max_steps)?;
+        return Ok(match outcome {
+            Outcome::Stopped { .. } if stop.load(Ordering::SeqCst) => 130,
+            _ => 0,
+        });
+    }
     eprintln!(
         "training D={} L={} heads={} patch={} on {} images ({} held for evaluation: {}), {} parameters, {} steps, run dir {}",
         cfg.width,

@@ -57,6 +57,10 @@ pub struct LoaderConfig {
     pub shuffle_buffer: usize,
     /// Leave an undecodable item out of its batch (and count it) instead of failing.
     pub skip_unreadable: bool,
+    /// Data parallel training: this process takes the `rank`-th of `world` equal shares of
+    /// every batch of `batch_size` images (the global batch); 0 of 1 takes all of it.
+    pub rank: usize,
+    pub world: usize,
 }
 
 /// The default shuffle buffer of a sharded dataset, in items.
@@ -80,6 +84,8 @@ impl LoaderConfig {
             num_classes,
             shuffle_buffer: DEFAULT_SHUFFLE_BUFFER,
             skip_unreadable: false,
+            rank: 0,
+            world: 1,
         }
     }
 }
@@ -235,10 +241,25 @@ fn make_batch(
     tmp: &mut Vec<u8>,
     skipped: &Mutex<Skips>,
 ) -> Result<Batch> {
-    let lo = j * cfg.batch_size;
-    let hi = (lo + cfg.batch_size).min(order.len());
+    let (mut lo, mut hi) = (j * cfg.batch_size, (j + 1) * cfg.batch_size);
+    // This rank's share of the global batch, and augmentation draws of its own.
+    let mut rng = if cfg.world > 1 {
+        let share = cfg.batch_size / cfg.world;
+        lo += cfg.rank * share;
+        hi = lo + share;
+        Rng::new(derive_seed(&[
+            cfg.seed,
+            cfg.epoch,
+            j as u64,
+            2,
+            cfg.rank as u64 + 1,
+        ]))
+    } else {
+        Rng::new(derive_seed(&[cfg.seed, cfg.epoch, j as u64, 2]))
+    };
+    let hi = hi.min(order.len());
+    let lo = lo.min(hi);
     let n = c * h * w;
-    let mut rng = Rng::new(derive_seed(&[cfg.seed, cfg.epoch, j as u64, 2]));
     let mut images = vec![0.0f32; (hi - lo) * n];
     let mut labels = Vec::with_capacity(hi - lo);
     let mut px = vec![0u8; n];
@@ -360,6 +381,8 @@ mod tests {
             num_classes: 3,
             shuffle_buffer: 8,
             skip_unreadable: false,
+            rank: 0,
+            world: 1,
         }
     }
 
@@ -476,6 +499,33 @@ mod tests {
         )
         .unwrap();
         assert!(strict.into_iter().any(|b| b.is_err()));
+    }
+
+    /// Two ranks together draw exactly the batches one process draws.
+    #[test]
+    fn ranks_share_every_batch() {
+        let all: Vec<Vec<f32>> = Loader::new(data(30), cfg(1, 0))
+            .unwrap()
+            .map(|b| b.unwrap().images.into_data())
+            .collect();
+        let share = |rank| -> Vec<Vec<f32>> {
+            Loader::new(
+                data(30),
+                LoaderConfig {
+                    rank,
+                    world: 2,
+                    ..cfg(2, 0)
+                },
+            )
+            .unwrap()
+            .map(|b| b.unwrap().images.into_data())
+            .collect()
+        };
+        let (a, b) = (share(0), share(1));
+        assert_eq!(a.len(), all.len());
+        for ((x, y), whole) in a.iter().zip(&b).zip(&all) {
+            assert_eq!([x.as_slice(), y.as_slice()].concat(), *whole);
+        }
     }
 
     #[test]

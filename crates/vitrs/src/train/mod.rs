@@ -2,6 +2,7 @@
 //! checkpoints and resume.
 
 pub mod config;
+pub mod dist;
 pub mod eval;
 pub mod optim;
 pub mod schedule;

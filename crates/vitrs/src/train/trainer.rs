@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::kernels::loss::Targets;
 use crate::model::{Regularization, TrainWorkspace, ViT};
 use crate::preprocess::{Interpolation, Preprocess, Resize};
+use crate::train::dist::{Collective, Single};
 use crate::viz::confusion::plot_confusion;
 use crate::viz::curve::{plot, Panel, Series, BLUE, GREEN, ORANGE};
 
@@ -101,6 +102,8 @@ pub struct Trainer {
     /// The time budget in seconds from `built`, while this process fitted the epochs to it
     /// and has not yet said that the run will overrun it.
     budget_s: Option<f64>,
+    /// The processes training together ([`Trainer::set_collective`]); one by default.
+    comm: Box<dyn Collective + Send>,
 }
 
 impl Trainer {
@@ -222,6 +225,7 @@ impl Trainer {
             built: Instant::now(),
             epochs_settled: false,
             budget_s: None,
+            comm: Box::new(Single),
         })
     }
 
@@ -306,6 +310,7 @@ impl Trainer {
             // A resumed run keeps the epochs its checkpoint holds (fitted when it started).
             epochs_settled: true,
             budget_s: None,
+            comm: Box::new(Single),
         })
     }
 
@@ -337,6 +342,38 @@ impl Trainer {
             ),
         );
         Ok(t)
+    }
+
+    /// Trains together with other processes (data parallel): each rank takes its share of
+    /// every global batch (`batch_size` images, split evenly), the gradients are averaged over
+    /// the ranks before each optimizer step, and rank 0 alone reports through the hooks and
+    /// writes the run directory. Every rank must be built from the same config (or resume the
+    /// same checkpoint) and call [`Trainer::run`] with the same `max_steps`.
+    pub fn set_collective(&mut self, comm: Box<dyn Collective + Send>) -> Result<()> {
+        let (n, t) = (comm.size(), &self.run.train);
+        if n > 1 && t.batch_size % n != 0 {
+            return Err(Error::InvalidConfig(format!(
+                "batch_size {} does not split evenly over {n} ranks; use a multiple of {n}",
+                t.batch_size
+            )));
+        }
+        if n > 1 && t.time_budget_min.is_some() && !self.epochs_settled {
+            return Err(Error::InvalidConfig(
+                "a time budget is fitted by one process; with several ranks give --epochs".into(),
+            ));
+        }
+        self.comm = comm;
+        Ok(())
+    }
+
+    /// This process's rank (0 when training alone).
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// Whether this process writes the run directory and reports: rank 0.
+    fn writes(&self) -> bool {
+        self.comm.rank() == 0
     }
 
     pub fn steps_per_epoch(&self) -> u64 {
@@ -392,6 +429,9 @@ impl Trainer {
         }) {
             return Err(self.diverged(&format!("parameter `{}` became NaN or Inf", e.name)));
         }
+        if !self.writes() {
+            return Ok(());
+        }
         let cur = self.dir.join(CHECKPOINT);
         if cur.is_file() && self.saved_step != Some(self.pos.step) {
             keep_previous(&cur, &self.dir.join(PREV_CHECKPOINT))?;
@@ -419,6 +459,9 @@ impl Trainer {
     }
 
     fn log(&mut self, v: serde_json::Value) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
         let path = self.dir.join(METRICS);
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -432,6 +475,9 @@ impl Trainer {
 
     /// Draws the training curve from the metrics so far.
     pub fn plot_curve(&self) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
         let get = |kind: &str, key: &str| -> Vec<(f64, f64)> {
             self.history
                 .iter()
@@ -497,12 +543,14 @@ impl Trainer {
         hooks.evaluated(self.pos.epoch, &r);
         self.log(json!({"kind": "eval", "step": self.pos.step, "epoch": self.pos.epoch, "top1": r.top1, "top5": r.top5, "loss": r.loss, "n": r.n, "on": self.eval_source}))?;
         self.plot_curve()?;
-        plot_confusion(
-            &self.dir.join(CONFUSION),
-            &r.confusion,
-            &self.labels,
-            &format!("{} after epoch {}", self.eval_source, self.pos.epoch),
-        )?;
+        if self.writes() {
+            plot_confusion(
+                &self.dir.join(CONFUSION),
+                &r.confusion,
+                &self.labels,
+                &format!("{} after epoch {}", self.eval_source, self.pos.epoch),
+            )?;
+        }
         Ok(r)
     }
 
@@ -514,6 +562,15 @@ impl Trainer {
         stop: &AtomicBool,
         max_steps: Option<u64>,
     ) -> Result<Outcome> {
+        // Rank 0 reports; the other ranks train silently.
+        struct Quiet;
+        impl Hooks for Quiet {}
+        let mut quiet = Quiet;
+        let hooks: &mut dyn Hooks = if self.writes() { hooks } else { &mut quiet };
+        let (world, salt) = match self.comm.size() {
+            1 => (1, 0),
+            n => (n, self.comm.rank() as u64 + 1),
+        };
         self.fit_to_budget(hooks)?;
         let t = self.run.train.clone();
         let sched = self.schedule();
@@ -541,17 +598,28 @@ impl Trainer {
                 self.loader_config(self.pos.epoch, self.pos.batch),
             )?;
             let usable = spe as usize * t.accum_steps;
-            let mut micro = 0;
+            let (mut micro, mut bad_loss) = (0, false);
+            let (mut comm_s, mut comm_steps, epoch_start) = (0.0f64, 0u64, Instant::now());
             self.tw.zero_grads();
             for batch in loader.by_ref() {
                 let batch = batch?;
                 if batch.index >= usable {
                     break; // leftover micro-batches that make no full optimizer step
                 }
-                let loss = micro_step(&self.model, &mut self.tw, &t, &batch, self.pos.step, micro)?;
-                if !loss.is_finite() {
+                let loss = micro_step(
+                    &self.model,
+                    &mut self.tw,
+                    &t,
+                    &batch,
+                    self.pos.step,
+                    micro,
+                    salt,
+                )?;
+                // With several ranks the ranks decide together, at the optimizer step.
+                if !loss.is_finite() && world == 1 {
                     return Err(self.diverged(&format!("the loss became {loss}")));
                 }
+                bad_loss |= !loss.is_finite();
                 win_loss += loss as f64;
                 win_n += 1;
                 win_imgs += batch.labels.len();
@@ -569,6 +637,13 @@ impl Trainer {
                     continue;
                 }
                 micro = 0;
+                // Every rank's gradients averaged: the ranks take the same step.
+                if world > 1 {
+                    let clock = Instant::now();
+                    self.comm.all_reduce_mean(self.tw.grads_mut());
+                    comm_s += clock.elapsed().as_secs_f64();
+                    comm_steps += 1;
+                }
                 let lr = sched.lr(self.pos.step);
                 optimizer_step(&mut self.model, &mut self.tw, &mut self.opt, &t, lr);
                 if let Some(ema) = &mut self.ema {
@@ -578,6 +653,20 @@ impl Trainer {
                 self.pos.batch = batch.index + 1;
 
                 if self.pos.step.is_multiple_of(t.log_every.max(1)) || self.pos.step == total {
+                    // The window's numbers over all ranks (every rank logs at the same steps).
+                    if world > 1 {
+                        let mut w = [
+                            win_loss as f32,
+                            win_n as f32,
+                            win_correct as f32,
+                            win_seen as f32,
+                            win_imgs as f32,
+                        ];
+                        self.comm.all_reduce_sum(&mut w);
+                        win_loss = w[0] as f64;
+                        [win_n, win_correct, win_seen, win_imgs] =
+                            [w[1], w[2], w[3], w[4]].map(|v| v.round() as usize);
+                    }
                     let dt = win_start.elapsed().as_secs_f64();
                     let elapsed = start.elapsed().as_secs_f64();
                     let done = (self.pos.step - start_step) as f64;
@@ -611,7 +700,16 @@ impl Trainer {
                 if t.checkpoint_every > 0 && self.pos.step.is_multiple_of(t.checkpoint_every) {
                     self.save_checkpoint()?;
                 }
-                let stop_now = stop.load(Ordering::SeqCst);
+                let mut stop_now = stop.load(Ordering::SeqCst);
+                // The ranks agree on stopping, and on a loss gone bad on any of them.
+                if world > 1 {
+                    let mut flags = [bad_loss as u8 as f32, stop_now as u8 as f32];
+                    self.comm.all_reduce_sum(&mut flags);
+                    if flags[0] > 0.0 {
+                        return Err(self.diverged("the loss became NaN or Inf on some rank"));
+                    }
+                    stop_now = flags[1] > 0.0;
+                }
                 if stop_now || max_steps.is_some_and(|m| self.pos.step >= m) {
                     self.save_checkpoint()?;
                     self.save_model()?;
@@ -634,6 +732,16 @@ impl Trainer {
             }
             let (skipped, why) = loader.skipped();
             drop(loader);
+            if comm_steps > 0 {
+                let mb = 4.0 * self.tw.grads_mut().len() as f64 / 1e6;
+                hooks.note(&format!(
+                    "epoch {}: the gradient all-reduce ({mb:.2} MB per step over {world} ranks) \
+                     took {:.1} ms per step on average, {:.1} % of the epoch's wall time",
+                    self.pos.epoch + 1,
+                    1e3 * comm_s / comm_steps as f64,
+                    100.0 * comm_s / epoch_start.elapsed().as_secs_f64()
+                ));
+            }
             if skipped > 0 {
                 hooks.note(&format!(
                     "epoch {}: left out {skipped} training image(s) that could not be decoded                      (set `strict = true` in [data] to stop on them instead); e.g. {}",
@@ -660,6 +768,9 @@ impl Trainer {
     /// Writes `RUN_DIR/model.safetensors`: the weights the run evaluates (their moving average
     /// when it keeps one), loadable by every command.
     fn save_model(&self) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
         save_native(
             &self.dir.join(MODEL),
             &self.result_model(),
@@ -695,6 +806,8 @@ impl Trainer {
                 .shuffle_buffer
                 .unwrap_or(crate::data::loader::DEFAULT_SHUFFLE_BUFFER),
             skip_unreadable: !self.run.data.strict,
+            rank: self.comm.rank(),
+            world: self.comm.size(),
         }
     }
 
@@ -772,7 +885,7 @@ impl Trainer {
             if batch.index >= usable {
                 break;
             }
-            micro_step(&model, &mut tw, &t, &batch, 0, micro)?;
+            micro_step(&model, &mut tw, &t, &batch, 0, micro, 0)?;
             micro += 1;
             if micro < t.accum_steps {
                 continue;
@@ -886,6 +999,9 @@ pub fn epochs_for_budget(budget_s: f64, spent_s: f64, epoch_s: f64) -> u64 {
 
 /// One micro-batch's forward and backward pass, its gradients added into `tw`; the loss.
 /// `step` and `micro` seed the dropout and drop-path masks.
+/// One forward and backward on a (micro-)batch, adding to the gradients. `salt` is 0 for a
+/// process training alone, and `rank + 1` for one of several, so that each rank draws its
+/// own dropout masks.
 fn micro_step(
     model: &ViT,
     tw: &mut TrainWorkspace,
@@ -893,6 +1009,7 @@ fn micro_step(
     batch: &Batch,
     step: u64,
     micro: usize,
+    salt: u64,
 ) -> Result<f32> {
     let targets = match &batch.soft {
         Some(s) => Targets::Soft(s),
@@ -904,7 +1021,10 @@ fn micro_step(
     tw.reg = Regularization {
         dropout: t.dropout,
         drop_path: t.drop_path,
-        seed: derive_seed(&[t.seed, step, micro as u64, 3]),
+        seed: match salt {
+            0 => derive_seed(&[t.seed, step, micro as u64, 3]),
+            r => derive_seed(&[t.seed, step, micro as u64, 3, r]),
+        },
     };
     model.forward_backward(&batch.images, targets, tw)
 }
