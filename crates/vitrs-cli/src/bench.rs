@@ -12,8 +12,20 @@ use vitrs::kernels::{available_isas, isa, Isa};
 pub(crate) struct BenchArgs {
     /// A preset such as `B/16`, `S/16@384`, `vit_tiny_patch16_224`, a checkpoint path, or a
     /// run config (.toml) whose [model] is used.
-    #[arg(long, value_name = "PRESET|PATH", required_unless_present_any = ["gemm", "peak"])]
+    #[arg(long, value_name = "PRESET|PATH", required_unless_present_any = ["gemm", "peak", "data"])]
     model: Option<String>,
+    /// Time the data loader alone on a dataset (a name, a directory, shards): images per
+    /// second decoded, augmented and normalised, on --workers threads. With --model RUN.toml,
+    /// at its model's image size and with its [augment]; otherwise unaugmented, at the
+    /// dataset's own size (folders and shards without one: --image-size).
+    #[arg(long, value_name = "DATASET", conflicts_with = "gemm")]
+    data: Option<String>,
+    /// With --data: loader threads (each one core's worth of decoding).
+    #[arg(long, default_value_t = 1, requires = "data")]
+    workers: usize,
+    /// With --data: the size images are decoded to, for datasets without a fixed one.
+    #[arg(long, default_value_t = 224, requires = "data")]
+    image_size: usize,
     /// Time a training step instead of inference.
     #[arg(long)]
     train: bool,
@@ -64,7 +76,55 @@ fn parse_shape(s: &str) -> Result<(GemmOp, (usize, usize, usize))> {
     }
 }
 
+/// `--data`: the loader alone.
+fn loader(a: &BenchArgs, spec: &str) -> Result<u8> {
+    let (size, augment) = match a.model.as_deref() {
+        Some(m) if m.ends_with(".toml") => {
+            let text = std::fs::read_to_string(m).with_context(|| format!("cannot read {m}"))?;
+            let run = vitrs::train::RunConfig::from_toml(&text, m)?;
+            let s = run.model.image_size.unwrap_or(a.image_size);
+            let c = run.model.channels.unwrap_or(3);
+            let size = vitrs::data::known_shape(spec).map_or((c, s, s), |(k, _)| (k.0, s, s));
+            (size, run.augment)
+        }
+        Some(m) => bail!(
+            "--data takes a run config (.toml) as --model for its size and [augment], not `{m}`"
+        ),
+        None => (
+            vitrs::data::known_shape(spec).map_or((3, a.image_size, a.image_size), |(k, _)| k),
+            Default::default(),
+        ),
+    };
+    let bs = if a.batch_size > 1 { a.batch_size } else { 128 };
+    let r = vitrs::bench::loader(spec, size, augment, bs, a.workers, a.iters)?;
+    if a.json {
+        println!("{}", serde_json::to_value(&r)?);
+    } else {
+        println!(
+            "{} (loader, {}x{}x{}, batch {}, {} worker(s)): {:.0} images/s, {:.0} per worker (over {} batches){}",
+            r.dataset,
+            r.shape[0],
+            r.shape[1],
+            r.shape[2],
+            r.batch_size,
+            r.workers,
+            r.images_per_sec,
+            r.images_per_sec_per_worker,
+            r.batches,
+            if r.skipped > 0 {
+                format!("; {} undecodable image(s) left out", r.skipped)
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(0)
+}
+
 pub(crate) fn run(a: BenchArgs) -> Result<u8> {
+    if let Some(spec) = a.data.clone() {
+        return loader(&a, &spec);
+    }
     let threads = rayon::current_num_threads();
     // The peak of the rung that runs, for efficiency figures.
     let peak = a.peak.then(|| fma_peak(isa(), threads, 0.5)).flatten();

@@ -107,6 +107,28 @@ fn packed_shards_train_evaluate_and_resume() {
     assert_eq!(info["shape"], serde_json::json!([1, 8, 8]));
     assert_eq!(info["classes"].as_array().unwrap().len(), 3);
 
+    // The loader alone reads them at their own size.
+    let o = vit(&[
+        "--threads",
+        "1",
+        "bench",
+        "--data",
+        s(&shards),
+        "--batch-size",
+        "16",
+        "--iters",
+        "3",
+        "--json",
+    ]);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(
+        (v["shape"].clone(), v["batches"].clone()),
+        (serde_json::json!([1, 8, 8]), 3.into()),
+        "{v}"
+    );
+    assert!(v["images_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+
     // Trains from the shards and learns the task, as from the IDX files; evaluates on the
     // test shards, which hold the same images as the IDX test split.
     let cfg = config(&root, &shards, (3, 16), "shuffle_buffer = 24");

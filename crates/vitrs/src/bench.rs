@@ -233,3 +233,67 @@ pub fn run(
         kernels: crate::kernels::isa().name(),
     })
 }
+
+/// What [`loader`] measured: how fast the data loader decodes, augments and normalises
+/// batches, with no model behind it.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoaderReport {
+    pub dataset: String,
+    /// `(C, H, W)` of the batches.
+    pub shape: [usize; 3],
+    pub batch_size: usize,
+    pub workers: usize,
+    pub batches: usize,
+    pub images_per_sec: f64,
+    /// `images_per_sec / workers`: what one core decodes.
+    pub images_per_sec_per_worker: f64,
+    /// Images left out because they could not be decoded.
+    pub skipped: usize,
+}
+
+/// Times the loader alone on `spec` (a dataset `vit train` reads: a name, a directory, shards;
+/// image folders and photo shards decoded to `size` `(C, H, W)`), with `augment`,
+/// on `workers` threads: `batches` batches of `batch_size` after one untimed batch.
+pub fn loader(
+    spec: &str,
+    size: (usize, usize, usize),
+    augment: crate::data::augment::Augment,
+    batch_size: usize,
+    workers: usize,
+    batches: usize,
+) -> Result<LoaderReport> {
+    use crate::data::loader::{Loader, LoaderConfig};
+    // Datasets with a size of their own (IDX, CIFAR, shards packed from them) keep it, as in
+    // training; image folders and shards of photos are decoded to `size`.
+    let data = crate::data::open_with(spec, crate::data::Split::Train, size, false)?;
+    let (c, h, w) = data.shape();
+    let cfg = LoaderConfig {
+        workers: workers.max(1),
+        augment,
+        shuffle: true,
+        drop_last: true,
+        prefetch: 2 * workers.max(1),
+        ..LoaderConfig::in_order(batch_size.max(1), &vec![0.5; c], &vec![0.5; c], 1)
+    };
+    let mut l = Loader::new(data, cfg)?;
+    // One untimed batch: threads started, files opened.
+    l.next().transpose()?;
+    let start = Instant::now();
+    let (mut n, mut images) = (0, 0);
+    for b in l.by_ref().take(batches.max(1)) {
+        images += b?.labels.len();
+        n += 1;
+    }
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    let ips = images as f64 / secs;
+    Ok(LoaderReport {
+        dataset: spec.to_string(),
+        shape: [c, h, w],
+        batch_size,
+        workers: workers.max(1),
+        batches: n,
+        images_per_sec: ips,
+        images_per_sec_per_worker: ips / workers.max(1) as f64,
+        skipped: l.skipped().0,
+    })
+}
