@@ -82,7 +82,7 @@ dataset = "{}"
 [train]
 epochs = 4
 batch_size = 16
-lr = 5e-3
+lr = 2e-3
 warmup_steps = 2
 optimizer = {{ kind = "adamw", weight_decay = 0.05 }}
 grad_clip = 1.0

@@ -1,7 +1,10 @@
 //! Synchronous data parallelism: two ranks (threads here, sharing memory through
 //! `train::dist::threads`; processes over MPI with `vit`'s `mpi` feature) on halves of every
 //! global batch take the same optimizer steps as one process on the whole batch, and a run
-//! checkpointed by two ranks resumes on one.
+//! checkpointed by two ranks resumes on one. The two add the same per-image gradients in
+//! another order, so they agree to rounding, which AdamW's steps amplify: at the Fashion-MNIST
+//! recipe's peak lr (2e-3) the parameters differ by 8e-7 (norm-relative) after 20 steps; at
+//! 5e-3 by 5e-6 to 1.1e-5, the trajectories drifting apart faster.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -26,7 +29,7 @@ fn config(data: &Path) -> RunConfig {
         [train]
         epochs = 4
         batch_size = 16
-        lr = 5e-3
+        lr = 2e-3
         warmup_steps = 2
         optimizer = {{ kind = "adamw", weight_decay = 0.05 }}
         grad_clip = 1.0
