@@ -71,7 +71,8 @@ enum Command {
     /// Export a model to ONNX (graph and weights; preprocessing in its metadata).
     Export(export::ExportArgs),
     /// Measure speed on this machine: inference, or with --train a full training step
-    /// (forward, backward, AdamW), on random weights and inputs.
+    /// (forward, backward, AdamW), on random weights and inputs; the matrix products alone
+    /// (--gemm), the FMA peak (--peak), or the data loader alone (--data).
     Bench(bench::BenchArgs),
     /// Datasets: `vit data pack` writes one as tar shards that training streams.
     Data(data::DataArgs),

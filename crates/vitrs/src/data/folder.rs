@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::Dataset;
 use crate::error::{Error, Result};
 use crate::infer::INPUT_EXTENSIONS;
-use crate::preprocess::{image_to_u8, load_image};
+use crate::preprocess::load_image;
 
 #[derive(Debug)]
 pub struct ImageFolder {
@@ -136,21 +136,8 @@ impl Dataset for ImageFolder {
         Some(self.files[i].0.clone())
     }
     fn image(&self, i: usize, out: &mut [u8]) -> Result<()> {
-        let img = load_image(&self.files[i].0)?;
-        let (c, h, w) = self.size;
         let path = &self.files[i].0;
-        let px = image_to_u8(&img, c, h, w)
-            .map_err(|e| Error::BadInput(format!("{}: {e}", path.display())))?;
-        if out.len() != px.len() {
-            return Err(Error::BadInput(format!(
-                "{}: the image is {c}x{h}x{w} ({} values) but the caller's buffer holds {}",
-                path.display(),
-                px.len(),
-                out.len()
-            )));
-        }
-        out.copy_from_slice(&px);
-        Ok(())
+        super::pixels_into(&load_image(path)?, self.size, path, out)
     }
 }
 

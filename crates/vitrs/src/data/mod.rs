@@ -362,6 +362,28 @@ impl Dataset for Resized {
     }
 }
 
+/// Writes a decoded image into `out` as `(C, H, W)` u8 at `size` (resized and centre-cropped
+/// as the loaders do); `what` names it in errors (a file, a shard sample).
+pub(crate) fn pixels_into(
+    img: &image::DynamicImage,
+    (c, h, w): (usize, usize, usize),
+    what: &Path,
+    out: &mut [u8],
+) -> Result<()> {
+    let px = crate::preprocess::image_to_u8(img, c, h, w)
+        .map_err(|e| Error::BadInput(format!("{}: {e}", what.display())))?;
+    if out.len() != px.len() {
+        return Err(Error::BadInput(format!(
+            "{}: the image is {c}x{h}x{w} ({} values) but the caller's buffer holds {}",
+            what.display(),
+            px.len(),
+            out.len()
+        )));
+    }
+    out.copy_from_slice(&px);
+    Ok(())
+}
+
 /// Which part of a dataset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Split {

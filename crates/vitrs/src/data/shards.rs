@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Dataset, Split};
 use crate::error::{Error, Result};
-use crate::preprocess::{decode_image_bytes, image_to_u8};
+use crate::preprocess::decode_image_bytes;
 
 /// The tar block size.
 const BLOCK: u64 = 512;
@@ -519,19 +519,7 @@ impl Dataset for ShardSet {
     fn image(&self, i: usize, out: &mut [u8]) -> Result<()> {
         let (bytes, path) = self.bytes(i)?;
         let what = PathBuf::from(format!("{} (sample {i})", path.display()));
-        let img = decode_image_bytes(&what, &bytes)?;
-        let (c, h, w) = self.size;
-        let px = image_to_u8(&img, c, h, w)
-            .map_err(|e| Error::BadInput(format!("{}: {e}", what.display())))?;
-        if out.len() != px.len() {
-            return Err(Error::BadInput(format!(
-                "{}: the image is {c}x{h}x{w} but the caller's buffer holds {} values",
-                what.display(),
-                out.len()
-            )));
-        }
-        out.copy_from_slice(&px);
-        Ok(())
+        super::pixels_into(&decode_image_bytes(&what, &bytes)?, self.size, &what, out)
     }
     fn shards(&self) -> Option<Vec<Range<usize>>> {
         Some(self.ranges.clone())
