@@ -826,6 +826,9 @@ fn the_web_page_classifies_an_upload_in_chromium() {
     let options =
         wd.script("return [...document.querySelectorAll('#model option')].map(o => o.value)");
     assert_eq!(options, json!(["fashion-demo", "second"]));
+    // No empty result panel before an image is chosen.
+    let shown = wd.script("return getComputedStyle(document.getElementById('result')).display");
+    assert_eq!(shown, json!("none"));
 
     // Keyboard: Tab goes to the model list, the attention choice, then the file picker.
     let focused = wd.script("document.activeElement.blur(); return document.activeElement.tagName");
