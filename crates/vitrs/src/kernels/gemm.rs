@@ -129,20 +129,41 @@ pub fn linear_packed(
             )
         }
     };
-    if threads == 1 || m * n * k < PARALLEL_MIN_MACS {
-        run((0, m), (0, n));
-    } else if n >= m {
-        // Few rows (small batch): split the columns in whole panels; each thread reads only
-        // its panels of W.
-        let s = Split::new(n, threads, super::sgemm::geometry(isa).nr);
+    // Few rows (small batch): split the columns in whole panels; each thread reads only its
+    // panels of W.
+    for_blocks(
+        (m, n),
+        threads == 1 || m * n * k < PARALLEL_MIN_MACS,
+        n >= m,
+        super::sgemm::geometry(isa),
+        run,
+    );
+}
+
+/// Runs `run(rows, cols)` over a `(rows, cols)` result: whole on this thread when `alone`,
+/// otherwise in parts for the pool's threads, split along the columns in whole `nr`-wide
+/// panels when `by_cols`, along the rows in whole `mr`-tall tiles otherwise. The parts are
+/// disjoint blocks of the result.
+fn for_blocks(
+    (rows, cols): (usize, usize),
+    alone: bool,
+    by_cols: bool,
+    g: super::sgemm::Geometry,
+    run: impl Fn((usize, usize), (usize, usize)) + Sync,
+) {
+    let threads = rayon::current_num_threads();
+    if alone {
+        run((0, rows), (0, cols));
+    } else if by_cols {
+        let s = Split::new(cols, threads, g.nr);
         (0..s.count)
             .into_par_iter()
-            .for_each(|i| run((0, m), s.get(i)));
+            .for_each(|i| run((0, rows), s.get(i)));
     } else {
-        let s = Split::new(m, threads, super::sgemm::geometry(isa).mr);
+        let s = Split::new(rows, threads, g.mr);
         (0..s.count)
             .into_par_iter()
-            .for_each(|i| run(s.get(i), (0, n)));
+            .for_each(|i| run(s.get(i), (0, cols)));
     }
 }
 
@@ -286,19 +307,7 @@ pub fn linear_dx(dy: &[f32], w: &[f32], dx: &mut [f32], (m, k, n): (usize, usize
         };
         gemm(isa, r1 - r0, c1 - c0, n, a, BRef::Mat(b), o);
     };
-    if small {
-        run((0, m), (0, k));
-    } else if k >= m {
-        let s = Split::new(k, threads, g.nr);
-        (0..s.count)
-            .into_par_iter()
-            .for_each(|i| run((0, m), s.get(i)));
-    } else {
-        let s = Split::new(m, threads, g.mr);
-        (0..s.count)
-            .into_par_iter()
-            .for_each(|i| run(s.get(i), (0, k)));
-    }
+    for_blocks((m, k), small, k >= m, g, run);
 }
 
 /// `dW (n, k) += dyᵀ (n, m) · x (m, k)`: the backward of a linear layer to its weight.
@@ -388,19 +397,7 @@ pub fn linear_dw(dy: &[f32], x: &[f32], dw: &mut [f32], (m, k, n): (usize, usize
         };
         gemm(isa, r1 - r0, c1 - c0, m, a, BRef::Mat(b), o);
     };
-    if small {
-        run_w((0, n), (0, k));
-    } else if k > n {
-        let s = Split::new(k, threads, g.nr);
-        (0..s.count)
-            .into_par_iter()
-            .for_each(|i| run_w((0, n), s.get(i)));
-    } else {
-        let s = Split::new(n, threads, g.mr);
-        (0..s.count)
-            .into_par_iter()
-            .for_each(|i| run_w(s.get(i), (0, k)));
-    }
+    for_blocks((n, k), small, k > n, g, run_w);
 }
 
 /// Reference twin of [`linear_backward`] in f64.
