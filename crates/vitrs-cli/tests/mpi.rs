@@ -11,6 +11,8 @@ use common::*;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use vitrs::kernels::relative_l2_diff;
+
 fn mpirun() -> Option<std::path::PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
         std::env::split_paths(&p)
@@ -41,17 +43,6 @@ fn params(run: &Path) -> Vec<f32> {
         .params()
         .flat()
         .to_vec()
-}
-
-/// ‖a − b‖ / ‖a‖: the ranks add the same per-image gradients in another order.
-fn relative(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let (mut d, mut n) = (0.0f64, 0.0f64);
-    for (x, y) in a.iter().zip(b) {
-        d += ((x - y) as f64).powi(2);
-        n += (*x as f64).powi(2);
-    }
-    (d / n).sqrt() as f32
 }
 
 #[test]
@@ -134,7 +125,7 @@ seed = 3
         "{}",
         stdout(&o)
     );
-    let d = relative(&params(&one), &params(&two));
+    let d = relative_l2_diff(&params(&one), &params(&two));
     assert!(
         d <= 1e-5,
         "2 ranks vs 1 process after 20 steps: {d:e} relative"
@@ -167,7 +158,7 @@ seed = 3
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("resuming at step 10"), "{}", stderr(&o));
-    let d = relative(&params(&one), &params(&half));
+    let d = relative_l2_diff(&params(&one), &params(&half));
     assert!(d <= 1e-5, "2 ranks to 10 then 1 to 20: {d:e} relative");
 
     // A global batch that does not split over the ranks is refused, on every rank.

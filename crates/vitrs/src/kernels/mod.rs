@@ -208,6 +208,26 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     worst
 }
 
+/// `‖a − b‖ / ‖a‖` (Euclidean norms, summed in f64): how far a whole parameter vector moved
+/// from a reference, e.g. two runs that add the same gradients in another order. NaN-aware
+/// like [`max_abs_diff`]: a NaN, an infinity or slices of different lengths give infinity.
+pub fn relative_l2_diff(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return f32::INFINITY;
+    }
+    let (mut d, mut n) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        d += (*x as f64 - *y as f64).powi(2);
+        n += (*x as f64).powi(2);
+    }
+    let r = (d / n).sqrt() as f32;
+    if r.is_finite() {
+        r
+    } else {
+        f32::INFINITY
+    }
+}
+
 /// A strided matrix operand: pointer, row stride, column stride (in elements).
 pub(crate) type Strided<P> = (P, isize, isize);
 
@@ -303,6 +323,16 @@ mod tests {
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max);
         assert_eq!(folded, 0.0);
+    }
+
+    #[test]
+    fn relative_l2_diff_is_the_norm_ratio_and_fails_on_nan() {
+        let a = [3.0, 4.0];
+        assert!((relative_l2_diff(&a, &[3.0, 4.5]) - 0.1).abs() < 1e-7);
+        assert_eq!(relative_l2_diff(&a, &a), 0.0);
+        assert_eq!(relative_l2_diff(&a, &[f32::NAN, 4.0]), f32::INFINITY);
+        assert_eq!(relative_l2_diff(&a, &[3.0]), f32::INFINITY);
+        assert_eq!(relative_l2_diff(&[0.0], &[1.0]), f32::INFINITY);
     }
 
     #[test]
