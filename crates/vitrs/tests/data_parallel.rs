@@ -35,6 +35,9 @@ fn config(data: &Path) -> RunConfig {
         optimizer = {{ kind = "adamw", weight_decay = 0.05 }}
         grad_clip = 1.0
         seed = 3
+        # 4 KB buckets: each block's gradients (9 KB) summed on their own as the backward
+        # finishes them, the rest gathered and summed after.
+        bucket_mb = 0.004
         "#,
         data.display(),
     );

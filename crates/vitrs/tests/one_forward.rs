@@ -2,7 +2,9 @@
 //! supports, the training forward (no dropout) gives the inference forward's logits. The two
 //! differ only where inference may fuse and overwrite (the MLP's GELU fused into its product,
 //! one set of block buffers for every block, LayerNorm without saved statistics, attention
-//! maps only when captured), so a stage broken on either side fails here.
+//! maps only when captured), so a stage broken on either side fails here. The training
+//! backward of each hands over its gradient pieces final and in order (what data-parallel
+//! training overlaps its all-reduce with).
 
 use vitrs::kernels::loss::Targets;
 use vitrs::kernels::max_abs_diff;
@@ -183,16 +185,41 @@ fn training_and_inference_forwards_give_the_same_logits_on_every_configuration()
 
         let labels: Vec<usize> = (0..batch).map(|b| b % cfg.num_classes).collect();
         let mut tw = TrainWorkspace::new();
+        // The backward hands over each piece of the gradient buffer once, in order, final.
+        let mut handed: Vec<(std::ops::Range<usize>, Vec<f32>)> = vec![];
         model
-            .forward_backward(
+            .forward_backward_overlapped(
                 &x,
                 Targets::Labels {
                     labels: &labels,
                     smoothing: 0.0,
                 },
                 &mut tw,
+                &mut |r, g| handed.push((r.clone(), g[r].to_vec())),
             )
             .unwrap();
+        let pieces: Vec<_> = model
+            .grad_pieces()
+            .into_iter()
+            .filter(|r| !r.is_empty())
+            .collect();
+        assert_eq!(
+            handed.iter().map(|h| h.0.clone()).collect::<Vec<_>>(),
+            pieces,
+            "{name}: pieces handed over out of order"
+        );
+        let mut end = tw.grads().len();
+        for (r, snapshot) in &handed {
+            assert_eq!(r.end, end, "{name}: pieces not contiguous");
+            end = r.start;
+            assert_eq!(
+                &tw.grads()[r.clone()],
+                &snapshot[..],
+                "{name}: gradients {r:?} changed after they were handed over"
+            );
+            assert!(snapshot.iter().any(|&g| g != 0.0), "{name}: {r:?} all zero");
+        }
+        assert_eq!(end, 0, "{name}: pieces do not cover the buffer");
         let want = inferred.logits.data();
         let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
         let diff = max_abs_diff(tw.logits(), want);

@@ -59,6 +59,38 @@ pub(crate) struct BlockView {
     pub ls2: Option<Range<usize>>,
 }
 
+impl BlockView {
+    /// The block's parameters, contiguous in the flat buffer: first to last entry.
+    pub fn span(&self) -> Range<usize> {
+        let mut all = vec![
+            self.norm1.w.clone(),
+            self.norm1.b.clone(),
+            self.qkv.w.clone(),
+            self.proj.w.clone(),
+            self.norm2.w.clone(),
+            self.norm2.b.clone(),
+            self.fc1.w.clone(),
+            self.fc2.w.clone(),
+        ];
+        all.extend(
+            [
+                &self.qkv.b,
+                &self.proj.b,
+                &self.fc1.b,
+                &self.fc2.b,
+                &self.ls1,
+                &self.ls2,
+            ]
+            .into_iter()
+            .flatten()
+            .cloned(),
+        );
+        let start = all.iter().map(|r| r.start).min().unwrap_or(0);
+        let end = all.iter().map(|r| r.end).max().unwrap_or(0);
+        start..end
+    }
+}
+
 /// Attention pooling (timm `AttentionPoolLatent`): a learned query `latent (1, 1, D)`, its
 /// projection `q (D, D)`, keys/values of every token `kv (2D, D)`, output `proj (D, D)`, then
 /// `x + fc2(GELU(fc1(norm(x))))`.

@@ -195,6 +195,14 @@ pub struct TrainSpec {
     /// `model.safetensors` then use the average (the checkpoint holds both).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema_decay: Option<f32>,
+    /// Data parallel over several ranks: the gradients are summed in buckets of at least this
+    /// many MB, each started as soon as the backward has finished it (default 0.125).
+    #[serde(default = "bucket_mb")]
+    pub bucket_mb: f32,
+}
+
+fn bucket_mb() -> f32 {
+    (crate::train::dist::BUCKET_BYTES as f64 / 1048576.0) as f32
 }
 
 fn cosine() -> Decay {
@@ -292,6 +300,13 @@ impl RunConfig {
                     "[train] ema_decay is {d}: it must be between 0 and 1 (e.g. 0.9998)"
                 ));
             }
+        }
+        if !(t.bucket_mb > 0.0 && t.bucket_mb <= 4096.0) {
+            return bad(&format!(
+                "[train] bucket_mb is {}: give the all-reduce bucket size in MB, above 0 and \
+                 at most 4096 (default 0.125)",
+                t.bucket_mb
+            ));
         }
         if t.batch_size > 65_536 {
             return bad("[train] batch_size above 65536 is not supported");
