@@ -15,6 +15,8 @@
 
 pub mod attention;
 pub mod attention_gemm;
+pub mod batchnorm;
+pub mod conv;
 pub mod gemm;
 pub mod layernorm;
 pub mod loss;

@@ -33,6 +33,7 @@ mod init;
 mod layers;
 mod params;
 mod pool;
+pub mod resnet;
 mod workspace;
 
 pub use block::Regularization;
