@@ -1,10 +1,14 @@
 //! 2-D convolution (square kernel, stride, zero padding), lowered onto the matrix product: the
-//! input's k × k windows become the rows of a matrix (im2col), multiplied by the weight in
-//! PyTorch's `(C_out, C_in, k, k)` layout, which is already a `(C_out, C_in·k·k)` matrix when
-//! the window's values are ordered (channel, row, column). The output is channels-last
+//! input's k × k windows become the rows of a matrix (im2col), multiplied by the weight. A
+//! window's values are ordered (row, column, channel), so that with channels-last input each
+//! tap is one contiguous copy of `C_in` values; the weight, stored in PyTorch's
+//! `(C_out, C_in, k, k)` layout, is read through a copy in that order `(C_out, k, k, C_in)`
+//! ([`taps_last`]), and its gradient permuted back. The output is channels-last
 //! (NHWC): one row of `C_out` per output pixel, what the next convolution's im2col and batch
 //! normalisation read. The backward runs the same products transposed and scatters the window
 //! gradients back (col2im). [`conv2d_ref`] and [`conv2d_backward_ref`] are the direct loops.
+
+use rayon::prelude::*;
 
 use super::gemm::{linear, linear_dw, linear_dx, Epilogue};
 
@@ -75,67 +79,111 @@ impl Conv2d {
     }
 }
 
-/// Lowers `x` into `cols (B·H_out·W_out, C_in·k·k)`: row `(b, oy, ox)` holds the window at
-/// that output pixel, ordered (channel, ky, kx), zeros where it hangs over the border.
+/// Rows of the lowered matrix per parallel task.
+const ROWS_PER_TASK: usize = 256;
+
+/// Lowers `x` into `cols (B·H_out·W_out, k·k·C_in)`: row `(b, oy, ox)` holds the window at
+/// that output pixel, ordered (ky, kx, channel), zeros where it hangs over the border.
 pub fn im2col(g: &Conv2d, x: &[f32], layout: Layout, cols: &mut [f32]) {
     super::check_len("im2col: x", x.len(), g.in_len());
     super::check_len("im2col: cols", cols.len(), g.rows() * g.cols());
     let (ho, wo) = g.out_hw();
     let [sb, sc, sy, sx] = g.in_strides(layout);
-    let (k, s, p) = (g.k, g.stride, g.pad as isize);
+    let (k, s, p, ci) = (g.k, g.stride, g.pad as isize, g.in_ch);
     let kk = g.cols();
-    for (r, row) in cols.chunks_exact_mut(kk).take(g.rows()).enumerate() {
-        let (b, oy, ox) = (r / (ho * wo), (r / wo) % ho, r % wo);
-        let (y0, x0) = ((oy * s) as isize - p, (ox * s) as isize - p);
-        for c in 0..g.in_ch {
+    let fill = |r0: usize, chunk: &mut [f32]| {
+        for (i, row) in chunk.chunks_exact_mut(kk).enumerate() {
+            let r = r0 + i;
+            let (b, oy, ox) = (r / (ho * wo), (r / wo) % ho, r % wo);
+            let (y0, x0) = ((oy * s) as isize - p, (ox * s) as isize - p);
             for ky in 0..k {
                 let y = y0 + ky as isize;
-                let out = &mut row[(c * k + ky) * k..(c * k + ky + 1) * k];
+                for kx in 0..k {
+                    let xx = x0 + kx as isize;
+                    let out = &mut row[(ky * k + kx) * ci..(ky * k + kx + 1) * ci];
+                    if y < 0 || y >= g.h as isize || xx < 0 || xx >= g.w as isize {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let at = b * sb + y as usize * sy + xx as usize * sx;
+                    if sc == 1 {
+                        out.copy_from_slice(&x[at..at + ci]);
+                    } else {
+                        for (c, o) in out.iter_mut().enumerate() {
+                            *o = x[at + c * sc];
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let cols = &mut cols[..g.rows() * kk];
+    if g.rows() * kk < 1 << 16 {
+        fill(0, cols);
+    } else {
+        cols.par_chunks_mut(kk * ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(t, chunk)| fill(t * ROWS_PER_TASK, chunk));
+    }
+}
+
+/// The adjoint of [`im2col`]: adds every window gradient of `dcols` back onto the input
+/// positions it was read from, into `dx` (NHWC, accumulated). Images in parallel: each owns
+/// its rows of `dcols` and its part of `dx`.
+pub fn col2im_add(g: &Conv2d, dcols: &[f32], dx: &mut [f32]) {
+    super::check_len("col2im: dcols", dcols.len(), g.rows() * g.cols());
+    super::check_len("col2im: dx", dx.len(), g.in_len());
+    let (ho, wo) = g.out_hw();
+    let (k, s, p, ci) = (g.k, g.stride, g.pad as isize, g.in_ch);
+    let (kk, image) = (g.cols(), g.h * g.w * ci);
+    let add = |dcols: &[f32], dx: &mut [f32]| {
+        for (r, row) in dcols.chunks_exact(kk).enumerate() {
+            let (oy, ox) = (r / wo, r % wo);
+            let (y0, x0) = ((oy * s) as isize - p, (ox * s) as isize - p);
+            for ky in 0..k {
+                let y = y0 + ky as isize;
                 if y < 0 || y >= g.h as isize {
-                    out.fill(0.0);
                     continue;
                 }
-                let base = b * sb + c * sc + y as usize * sy;
-                for (kx, o) in out.iter_mut().enumerate() {
+                for kx in 0..k {
                     let xx = x0 + kx as isize;
-                    *o = if xx < 0 || xx >= g.w as isize {
-                        0.0
-                    } else {
-                        x[base + xx as usize * sx]
-                    };
+                    if xx < 0 || xx >= g.w as isize {
+                        continue;
+                    }
+                    let at = (y as usize * g.w + xx as usize) * ci;
+                    let src = &row[(ky * k + kx) * ci..(ky * k + kx + 1) * ci];
+                    dx[at..at + ci].iter_mut().zip(src).for_each(|(d, v)| *d += v);
                 }
+            }
+        }
+    };
+    dx[..g.in_len()]
+        .par_chunks_mut(image)
+        .zip(dcols[..g.rows() * kk].par_chunks(ho * wo * kk))
+        .for_each(|(dx, dcols)| add(dcols, dx));
+}
+
+/// The weight `(C_out, C_in, k, k)` reordered `(C_out, k, k, C_in)`, the order of [`im2col`]'s
+/// columns, into `out`.
+pub fn taps_last(g: &Conv2d, w: &[f32], out: &mut Vec<f32>) {
+    let (ci, kk) = (g.in_ch, g.k * g.k);
+    out.resize(g.weight_len(), 0.0);
+    for o in 0..g.out_ch {
+        for c in 0..ci {
+            for t in 0..kk {
+                out[(o * kk + t) * ci + c] = w[(o * ci + c) * kk + t];
             }
         }
     }
 }
 
-/// The adjoint of [`im2col`]: adds every window gradient of `dcols` back onto the input
-/// positions it was read from, into `dx` (NHWC, accumulated).
-pub fn col2im_add(g: &Conv2d, dcols: &[f32], dx: &mut [f32]) {
-    super::check_len("col2im: dcols", dcols.len(), g.rows() * g.cols());
-    super::check_len("col2im: dx", dx.len(), g.in_len());
-    let (ho, wo) = g.out_hw();
-    let [sb, _, sy, sx] = g.in_strides(Layout::Nhwc);
-    let (k, s, p) = (g.k, g.stride, g.pad as isize);
-    for (r, row) in dcols.chunks_exact(g.cols()).take(g.rows()).enumerate() {
-        let (b, oy, ox) = (r / (ho * wo), (r / wo) % ho, r % wo);
-        let (y0, x0) = ((oy * s) as isize - p, (ox * s) as isize - p);
-        for ky in 0..k {
-            let y = y0 + ky as isize;
-            if y < 0 || y >= g.h as isize {
-                continue;
-            }
-            for kx in 0..k {
-                let xx = x0 + kx as isize;
-                if xx < 0 || xx >= g.w as isize {
-                    continue;
-                }
-                // The input pixel's channels are contiguous in NHWC.
-                let at = b * sb + y as usize * sy + xx as usize * sx;
-                let px = &mut dx[at..at + g.in_ch];
-                for (c, d) in px.iter_mut().enumerate() {
-                    *d += row[(c * k + ky) * k + kx];
-                }
+/// Adds a gradient in [`taps_last`] order back onto `dw` in PyTorch's order.
+fn add_taps_first(g: &Conv2d, dw_t: &[f32], dw: &mut [f32]) {
+    let (ci, kk) = (g.in_ch, g.k * g.k);
+    for o in 0..g.out_ch {
+        for c in 0..ci {
+            for t in 0..kk {
+                dw[(o * ci + c) * kk + t] += dw_t[(o * kk + t) * ci + c];
             }
         }
     }
@@ -155,11 +203,14 @@ pub fn conv2d(
     out: &mut [f32],
     cols: &mut Vec<f32>,
 ) {
+    super::check_len("conv2d: w", w.len(), g.weight_len());
     cols.resize(g.rows() * g.cols(), 0.0);
     im2col(g, x, layout, cols);
-    // out (rows, C_out) = cols (rows, C_in·k·k) · wᵀ.
+    let mut wt = Vec::new();
+    taps_last(g, w, &mut wt);
+    // out (rows, C_out) = cols (rows, k·k·C_in) · wtᵀ.
     let dims = (g.rows(), g.cols(), g.out_ch);
-    linear(cols, w, bias, out, dims, Epilogue::None);
+    linear(cols, &wt, bias, out, dims, Epilogue::None);
 }
 
 /// The backward of [`conv2d`]: `dw += ∂/∂w`, `db += ∂/∂bias`, and, when asked, `dx`
@@ -178,9 +229,13 @@ pub fn conv2d_backward(
 ) {
     let (m, kk, n) = (g.rows(), g.cols(), g.out_ch);
     super::check_len("conv2d_backward: dy", dy.len(), m * n);
+    super::check_len("conv2d_backward: w", w.len(), g.weight_len());
+    super::check_len("conv2d_backward: dw", dw.len(), g.weight_len());
     cols.resize(m * kk, 0.0);
     im2col(g, x, layout, cols);
-    linear_dw(dy, cols, dw, (m, kk, n));
+    let mut dw_t = vec![0.0; g.weight_len()];
+    linear_dw(dy, cols, &mut dw_t, (m, kk, n));
+    add_taps_first(g, &dw_t, dw);
     if let Some(db) = db {
         for row in dy.chunks_exact(n).take(m) {
             db.iter_mut().zip(row).for_each(|(d, v)| *d += v);
@@ -188,7 +243,9 @@ pub fn conv2d_backward(
     }
     if let Some(dx) = dx {
         dcols.resize(m * kk, 0.0);
-        linear_dx(dy, w, dcols, (m, kk, n));
+        let mut wt = Vec::new();
+        taps_last(g, w, &mut wt);
+        linear_dx(dy, &wt, dcols, (m, kk, n));
         dx[..g.in_len()].fill(0.0);
         col2im_add(g, dcols, dx);
     }
