@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Training-step throughput side by side: vitrs (`vit bench --train`) vs PyTorch eager
-(timm VisionTransformer, AdamW), same model, batch and thread count, interleaved, medians.
+(timm VisionTransformer, or the CIFAR ResNet of tools/make_resnet_fixtures.py; AdamW), same
+model, batch and thread count, interleaved, medians.
 
 Usage (repository root, after `cargo build --release`):
     python bench/train_compare.py [--config configs/bench-train.toml] [--threads 2] [--reps 5]
+    python bench/train_compare.py --resnet resnet20@28x1
 The model is the [model] of --config (explicit dims; image size, channels and classes default
 to Fashion-MNIST's 28x28x1 and 10): by default the benchmark ViT of configs/bench-train.toml
-(patch 4, D 192, depth 6, 3 heads, MLP 768), batch 128.
+(patch 4, D 192, depth 6, 3 heads, MLP 768), batch 128. With --resnet, a ResNet preset of
+`vit bench` (resnet{DEPTH}[w{WIDTH}][@{SIZE}[x{CHANNELS}]], 10 classes) on both sides.
 """
 import argparse
 import json
@@ -14,6 +17,19 @@ import statistics
 import subprocess
 import sys
 import time
+
+
+def resnet(spec):
+    """The PyTorch twin of `vit bench --model SPEC` for a ResNet preset, and its input shape."""
+    import re
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from make_resnet_fixtures import ResNet
+    m = re.fullmatch(r"resnet(\d+)(?:w(\d+))?(?:@(\d+)(?:x(\d+))?)?", spec)
+    if not m:
+        sys.exit(f"not a ResNet preset: {spec}")
+    depth, width, size, ch = (int(v) if v else d for v, d in zip(m.groups(), (0, 16, 32, 3)))
+    return ResNet(depth, width, ch, 10), (ch, size, size)
 
 
 def vit_once(vit, config, batch, threads, steps):
@@ -29,6 +45,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--vit", default="target/release/vit")
     ap.add_argument("--config", default="configs/bench-train.toml")
+    ap.add_argument("--resnet", help="a ResNet preset instead of --config's ViT, e.g. resnet20@28x1")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
@@ -39,16 +56,21 @@ def main():
     import timm
 
     torch.set_num_threads(a.threads)
-    import tomllib
-    with open(a.config, "rb") as f:
-        m = tomllib.load(f)["model"]
-    model = timm.models.vision_transformer.VisionTransformer(
-        img_size=m.get("image_size", 28), patch_size=m["patch_size"], in_chans=m.get("channels", 1),
-        num_classes=m.get("num_classes", 10), embed_dim=m["width"], depth=m["depth"], num_heads=m["heads"],
-        mlp_ratio=m["mlp_dim"] / m["width"], global_pool="avg" if m.get("pool") == "mean" else "token")
+    if a.resnet:
+        model, shape = resnet(a.resnet)
+        a.config = a.resnet  # what `vit bench --model` is given
+    else:
+        import tomllib
+        with open(a.config, "rb") as f:
+            m = tomllib.load(f)["model"]
+        model = timm.models.vision_transformer.VisionTransformer(
+            img_size=m.get("image_size", 28), patch_size=m["patch_size"], in_chans=m.get("channels", 1),
+            num_classes=m.get("num_classes", 10), embed_dim=m["width"], depth=m["depth"], num_heads=m["heads"],
+            mlp_ratio=m["mlp_dim"] / m["width"], global_pool="avg" if m.get("pool") == "mean" else "token")
+        shape = (m.get("channels", 1), m.get("image_size", 28), m.get("image_size", 28))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    x = torch.randn(a.batch, m.get("channels", 1), m.get("image_size", 28), m.get("image_size", 28))
+    x = torch.randn(a.batch, *shape)
     y = torch.arange(a.batch) % 10
 
     def torch_step():

@@ -29,9 +29,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-torch.set_num_threads(1)
-torch.use_deterministic_algorithms(True)
-
 STEPS = 3
 LR = 0.05
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "resnet"
@@ -131,5 +128,9 @@ def make(name, depth, width, channels, hw, classes, batch, seed):
 
 
 if __name__ == "__main__":
+    # Set here, not on import: bench/train_compare.py imports the model and times it on its
+    # own thread count.
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
     make("resnet8_gray", depth=8, width=4, channels=1, hw=(12, 10), classes=3, batch=4, seed=1)
     make("resnet14_rgb_odd", depth=14, width=6, channels=3, hw=(9, 9), classes=5, batch=3, seed=2)

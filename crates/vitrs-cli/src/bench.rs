@@ -10,8 +10,9 @@ use vitrs::kernels::{available_isas, isa, Isa};
 
 #[derive(clap::Args)]
 pub(crate) struct BenchArgs {
-    /// A preset such as `B/16`, `S/16@384`, `vit_tiny_patch16_224`, a checkpoint path, or a
-    /// run config (.toml) whose [model] is used.
+    /// A preset such as `B/16`, `S/16@384`, `vit_tiny_patch16_224`, a ResNet baseline
+    /// (`resnet20`, `resnet20@28x1`: resnet{DEPTH}[w{WIDTH}][@{SIZE}[x{CHANNELS}]]), a
+    /// checkpoint path, or a run config (.toml) whose [model] is used.
     #[arg(long, value_name = "PRESET|PATH", required_unless_present_any = ["gemm", "peak", "data"])]
     model: Option<String>,
     /// Time the data loader alone on a dataset (a name, a directory, shards): images per

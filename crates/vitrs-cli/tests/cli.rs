@@ -290,6 +290,26 @@ fn bench_reports_json() {
     assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
     assert_eq!(v["threads"], 1);
     assert_eq!(v["batch_size"], 1);
+
+    // The ResNet baseline by preset, a training step; a depth that is no ResNet's refused.
+    let o = vit(&[
+        "bench",
+        "--model",
+        "resnet8@12x1",
+        "--train",
+        "--batch-size",
+        "4",
+        "--iters",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(v["gflops_per_sec"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["train"], true);
+    let o = vit(&["bench", "--model", "resnet21"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("6n + 2"), "{}", stderr(&o));
 }
 
 /// Peak resident memory (kB) of `vit` run with `args`, polled from /proc while it runs;

@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::config::ViTConfig;
 use crate::error::Result;
 use crate::kernels::loss::Targets;
+use crate::model::resnet::{Mode, ResNet, ResNetConfig, ResNetWorkspace};
 use crate::model::{Capture, TrainWorkspace, ViT, Workspace};
 use crate::tensor::Tensor;
 use crate::train::optim::{Optimizer, OptimizerKind};
@@ -18,14 +19,23 @@ use crate::train::RunConfig;
 
 /// A model to time and the optimiser its training step uses.
 pub struct Workload {
-    pub model: ViT,
+    pub model: Net,
     pub optimizer: OptimizerKind,
+}
+
+/// The model a [`Workload`] times.
+#[allow(clippy::large_enum_variant)] // one per benchmark run: the size does not matter
+pub enum Net {
+    ViT(ViT),
+    /// The CIFAR ResNet baseline ([`crate::model::resnet`]), from a preset such as
+    /// `resnet20@28x1`.
+    ResNet(ResNet),
 }
 
 impl Workload {
     /// `spec` is a run config (`.toml`: its `[model]` at its dataset's image shape, and its
     /// optimiser), a checkpoint path, or a preset name (`B/16`, `S/16@384`,
-    /// `vit_tiny_patch16_224`); presets and checkpoints get random weights or their own, and
+    /// `vit_tiny_patch16_224`, or a ResNet's `resnet20@28x1`); presets and checkpoints get random weights or their own, and
     /// AdamW with PyTorch's defaults.
     pub fn from_spec(spec: &str) -> Result<Self> {
         let p = Path::new(spec);
@@ -37,14 +47,16 @@ impl Workload {
                 crate::data::known_shape(&run.data.dataset).unwrap_or(((3, 224, 224), 1000));
             let cfg = run.model.resolve(shape, classes)?;
             return Ok(Workload {
-                model: ViT::random(cfg, 0)?,
+                model: Net::ViT(ViT::random(cfg, 0)?),
                 optimizer: run.train.optimizer,
             });
         }
         let model = if p.exists() {
-            crate::checkpoint::load(p)?.model
+            Net::ViT(crate::checkpoint::load(p)?.model)
+        } else if let Some(cfg) = ResNetConfig::preset(spec) {
+            Net::ResNet(ResNet::new(cfg?, 0)?)
         } else {
-            ViT::random(ViTConfig::preset(spec)?, 0)?
+            Net::ViT(ViT::random(ViTConfig::preset(spec)?, 0)?)
         };
         Ok(Workload {
             model,
@@ -176,9 +188,29 @@ pub fn run(
     iters: usize,
     warmup: usize,
 ) -> Result<BenchReport> {
-    let cfg = w.model.config().clone();
     let batch = batch.max(1);
-    let shape = vec![batch, cfg.channels, cfg.image_height, cfg.image_width];
+    // (C, H, W), classes, FLOPs of one image's forward.
+    let ((c, h, wd), k, fwd_flops) = match &w.model {
+        Net::ViT(m) => {
+            let cfg = m.config();
+            let f = flops_per_image(cfg, false);
+            (
+                (cfg.channels, cfg.image_height, cfg.image_width),
+                cfg.num_classes,
+                f,
+            )
+        }
+        Net::ResNet(m) => {
+            let cfg = m.config();
+            let f = m.flops_per_image();
+            (
+                (cfg.channels, cfg.image_height, cfg.image_width),
+                cfg.num_classes,
+                f,
+            )
+        }
+    };
+    let shape = vec![batch, c, h, wd];
     let numel: usize = shape.iter().product();
     let x = Tensor::new(
         shape,
@@ -186,27 +218,42 @@ pub fn run(
             .map(|i| ((i % 251) as f32 / 125.0) - 1.0)
             .collect(),
     )?;
-    let k = cfg.num_classes.max(1);
+    let k = k.max(1);
     let labels: Vec<usize> = (0..batch).map(|i| i % k).collect();
-    if !train {
-        // Repeated forwards of unchanging weights: pack them once, as a server would.
-        w.model.pack_weights();
-    }
+    let targets = || Targets::Labels {
+        labels: &labels,
+        smoothing: 0.0,
+    };
     let mut ws = Workspace::new();
     let mut tw = TrainWorkspace::new();
-    let mut opt = Optimizer::new(w.optimizer, w.model.params());
+    let mut rw = ResNetWorkspace::new();
+    let mut opt = match &mut w.model {
+        Net::ViT(m) => {
+            if !train {
+                // Repeated forwards of unchanging weights: pack them once, as a server would.
+                m.pack_weights();
+            }
+            Optimizer::new(w.optimizer, m.params())
+        }
+        Net::ResNet(m) => Optimizer::new(w.optimizer, m.params()),
+    };
     let model = &mut w.model;
-    let mut once = |vit: &mut ViT| -> Result<()> {
-        if train {
-            tw.zero_grads();
-            let targets = Targets::Labels {
-                labels: &labels,
-                smoothing: 0.0,
-            };
-            vit.forward_backward(&x, targets, &mut tw)?;
-            opt.step(vit.params_mut().flat_mut(), tw.grads(), 1e-4);
-        } else {
-            vit.forward(&x, Capture::default(), &mut ws)?;
+    let mut once = |net: &mut Net| -> Result<()> {
+        match (net, train) {
+            (Net::ViT(vit), true) => {
+                tw.zero_grads();
+                vit.forward_backward(&x, targets(), &mut tw)?;
+                opt.step(vit.params_mut().flat_mut(), tw.grads(), 1e-4);
+            }
+            (Net::ViT(vit), false) => {
+                vit.forward(&x, Capture::default(), &mut ws)?;
+            }
+            (Net::ResNet(r), true) => {
+                rw.zero_grads();
+                r.forward_backward(x.data(), targets(), &mut rw)?;
+                opt.step(r.params_mut().flat_mut(), rw.grads(), 1e-4);
+            }
+            (Net::ResNet(r), false) => r.forward(x.data(), Mode::Eval, &mut rw)?,
         }
         Ok(())
     };
@@ -224,7 +271,8 @@ pub fn run(
     let ips = batch as f64 / median;
     Ok(BenchReport {
         images_per_sec: ips,
-        gflops_per_sec: ips * flops_per_image(&cfg, train) / 1e9,
+        // A training step is the forward and a backward of twice its work.
+        gflops_per_sec: ips * fwd_flops * if train { 3.0 } else { 1.0 } / 1e9,
         batch_size: batch,
         threads: rayon::current_num_threads(),
         median_batch_seconds: median,

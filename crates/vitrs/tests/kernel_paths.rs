@@ -12,6 +12,7 @@ use vitrs::config::Gelu;
 use vitrs::kernels::attention::{
     attention, attention_backward, attention_backward_ref, attention_ref, AttnDims,
 };
+use vitrs::kernels::conv::{conv2d, conv2d_ref, Conv2d, Layout};
 use vitrs::kernels::gemm::{linear, linear_backward, linear_backward_ref, linear_ref, Epilogue};
 use vitrs::kernels::layernorm::{layernorm, layernorm_ref};
 use vitrs::kernels::math::{
@@ -129,6 +130,33 @@ fn check_kernels(path: &str) {
         let want = softmax_ref(&row);
         softmax_inplace(&mut row);
         assert_close(&format!("{path}: softmax {len}"), &row, &want, 1e-6);
+    }
+    // Convolutions: gathered in place on the SIMD rungs, lowered on the portable one; strided,
+    // padded, both input layouts, one that splits over the threads.
+    for (batch, in_ch, hw, out_ch, stride, layout) in [
+        (2, 3, 7, 5, 1, Layout::Nchw),
+        (2, 8, 9, 16, 2, Layout::Nhwc),
+        (16, 16, 14, 16, 1, Layout::Nhwc),
+    ] {
+        let g = Conv2d {
+            batch,
+            in_ch,
+            h: hw,
+            w: hw,
+            out_ch,
+            k: 3,
+            stride,
+            pad: 1,
+        };
+        let (x, w, b) = (
+            rand_vec(g.in_len(), 14),
+            rand_vec(g.weight_len(), 15),
+            rand_vec(out_ch, 16),
+        );
+        let (mut got, mut want) = (vec![0.0; g.out_len()], vec![0.0; g.out_len()]);
+        conv2d(&g, &x, layout, &w, Some(&b), &mut got, &mut vec![]);
+        conv2d_ref(&g, &x, layout, &w, Some(&b), &mut want);
+        assert_close(&format!("{path}: conv2d {g:?}"), &got, &want, 1e-4);
     }
 }
 

@@ -4,6 +4,40 @@
 //! the ReLU and the residual addition a ResNet puts after it fused in. [`batchnorm_train_ref`]
 //! and [`batchnorm_backward_ref`] are the plain twins, in f64.
 
+use rayon::prelude::*;
+
+/// Rows per parallel task.
+const ROWS_PER_TASK: usize = 512;
+
+/// Per-channel sums of `f(row)` contributions over the rows of `(M, C)` matrices, in
+/// parallel: each task sums its rows in f32 lanes, the tasks' sums are added in f64.
+fn channel_sums(c: usize, rows: usize, per_row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f64> {
+    let tasks = rows.div_ceil(ROWS_PER_TASK);
+    (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            let mut acc = vec![0.0f32; c];
+            for r in t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows) {
+                per_row(r, &mut acc);
+            }
+            acc
+        })
+        .fold(
+            || vec![0.0f64; c],
+            |mut s, a| {
+                s.iter_mut().zip(&a).for_each(|(s, &a)| *s += a as f64);
+                s
+            },
+        )
+        .reduce(
+            || vec![0.0f64; c],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            },
+        )
+}
+
 /// What follows the normalisation: `y = relu?(bn(x) + residual?)`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct After<'a> {
@@ -38,20 +72,22 @@ pub fn batchnorm_train(
 ) {
     let m = x.len() / c.max(1);
     super::check_len("batchnorm: y", y.len(), m * c);
-    // Per-channel sums, row by row (each row a contiguous run of C channels), in f64: M is
-    // in the hundreds of thousands for the first stage of a ResNet.
-    let mut s = vec![0.0f64; c];
-    for row in x.chunks_exact(c) {
-        s.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64);
-    }
+    // Per-channel sums (each row a contiguous run of C channels), then squared deviations
+    // from the mean: two passes, f32 within a task of rows, f64 across tasks (M is in the
+    // hundreds of thousands for the first stage of a ResNet).
+    let s = channel_sums(c, m, |r, acc| {
+        acc.iter_mut()
+            .zip(&x[r * c..(r + 1) * c])
+            .for_each(|(a, &v)| *a += v);
+    });
     let mu: Vec<f64> = s.iter().map(|v| v / m.max(1) as f64).collect();
-    let mut q = vec![0.0f64; c];
-    for row in x.chunks_exact(c) {
-        for ((a, &v), &mu) in q.iter_mut().zip(row).zip(&mu) {
-            let d = v as f64 - mu;
+    let mu32: Vec<f32> = mu.iter().map(|&v| v as f32).collect();
+    let q = channel_sums(c, m, |r, acc| {
+        for ((a, &v), &mu) in acc.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mu32) {
+            let d = v - mu;
             *a += d * d;
         }
-    }
+    });
     for ch in 0..c {
         let var = q[ch] / m.max(1) as f64;
         mean[ch] = mu[ch] as f32;
@@ -93,24 +129,38 @@ fn normalise(
 ) {
     let scale: Vec<f32> = (0..c).map(|i| gamma[i] * rstd[i]).collect();
     let shift: Vec<f32> = (0..c).map(|i| beta[i] - mean[i] * scale[i]).collect();
-    let rows = y.chunks_exact_mut(c).zip(x.chunks_exact(c));
-    match after.residual {
-        Some(res) => {
-            super::check_len("batchnorm: residual", res.len(), x.len());
-            for ((yr, xr), rr) in rows.zip(res.chunks_exact(c)) {
-                for i in 0..c {
-                    yr[i] = finish(xr[i] * scale[i] + shift[i], Some(rr[i]), after.relu);
-                }
-            }
-        }
-        None => {
-            for (yr, xr) in rows {
-                for i in 0..c {
-                    yr[i] = finish(xr[i] * scale[i] + shift[i], None, after.relu);
-                }
-            }
-        }
+    if let Some(res) = after.residual {
+        super::check_len("batchnorm: residual", res.len(), x.len());
     }
+    let n = x.len();
+    y[..n]
+        .par_chunks_mut(c * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(t, yc)| {
+            let at = t * c * ROWS_PER_TASK;
+            let xc = &x[at..at + yc.len()];
+            match after.residual {
+                Some(res) => {
+                    let rc = &res[at..at + yc.len()];
+                    for ((yr, xr), rr) in yc
+                        .chunks_exact_mut(c)
+                        .zip(xc.chunks_exact(c))
+                        .zip(rc.chunks_exact(c))
+                    {
+                        for i in 0..c {
+                            yr[i] = finish(xr[i] * scale[i] + shift[i], Some(rr[i]), after.relu);
+                        }
+                    }
+                }
+                None => {
+                    for (yr, xr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+                        for i in 0..c {
+                            yr[i] = finish(xr[i] * scale[i] + shift[i], None, after.relu);
+                        }
+                    }
+                }
+            }
+        });
 }
 
 /// The backward of [`batchnorm_train`] (with its ReLU: `y` is its output, whose zeros mask
@@ -132,28 +182,38 @@ pub fn batchnorm_backward(
     let m = x.len() / c.max(1);
     super::check_len("batchnorm_backward: dy", dy.len(), m * c);
     super::check_len("batchnorm_backward: dx", dx.len(), m * c);
-    let (mut sd, mut sdx) = (vec![0.0f64; c], vec![0.0f64; c]);
-    for (xr, dr) in x.chunks_exact(c).zip(dy.chunks_exact(c)) {
+    let sd = channel_sums(c, m, |r, acc| {
+        acc.iter_mut()
+            .zip(&dy[r * c..(r + 1) * c])
+            .for_each(|(a, &d)| *a += d);
+    });
+    let sdx = channel_sums(c, m, |r, acc| {
+        let (xr, dr) = (&x[r * c..(r + 1) * c], &dy[r * c..(r + 1) * c]);
         for i in 0..c {
-            let xh = (xr[i] - mean[i]) * rstd[i];
-            sd[i] += dr[i] as f64;
-            sdx[i] += (dr[i] * xh) as f64;
+            acc[i] += dr[i] * (xr[i] - mean[i]) * rstd[i];
         }
-    }
+    });
     let inv_m = 1.0 / m.max(1) as f32;
     let k: Vec<f32> = (0..c).map(|i| gamma[i] * rstd[i]).collect();
     let a: Vec<f32> = (0..c).map(|i| sd[i] as f32 * inv_m).collect();
     let b: Vec<f32> = (0..c).map(|i| sdx[i] as f32 * inv_m).collect();
-    for ((xr, dr), out) in x
-        .chunks_exact(c)
-        .zip(dy.chunks_exact(c))
-        .zip(dx.chunks_exact_mut(c))
-    {
-        for i in 0..c {
-            let xh = (xr[i] - mean[i]) * rstd[i];
-            out[i] = k[i] * (dr[i] - a[i] - xh * b[i]);
-        }
-    }
+    dx[..m * c]
+        .par_chunks_mut(c * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(t, oc)| {
+            let at = t * c * ROWS_PER_TASK;
+            let (xc, dc) = (&x[at..at + oc.len()], &dy[at..at + oc.len()]);
+            for ((xr, dr), out) in xc
+                .chunks_exact(c)
+                .zip(dc.chunks_exact(c))
+                .zip(oc.chunks_exact_mut(c))
+            {
+                for i in 0..c {
+                    let xh = (xr[i] - mean[i]) * rstd[i];
+                    out[i] = k[i] * (dr[i] - a[i] - xh * b[i]);
+                }
+            }
+        });
     for i in 0..c {
         dgamma[i] += sdx[i] as f32;
         dbeta[i] += sd[i] as f32;

@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{linear, linear_dw, linear_dx, Epilogue};
+use super::gemm::{gathered_accumulate, linear, linear_dw, linear_dx, linear_gathered, Epilogue};
 
 /// Where a `(B, C, H, W)` tensor keeps its values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,7 +152,10 @@ pub fn col2im_add(g: &Conv2d, dcols: &[f32], dx: &mut [f32]) {
                     }
                     let at = (y as usize * g.w + xx as usize) * ci;
                     let src = &row[(ky * k + kx) * ci..(ky * k + kx + 1) * ci];
-                    dx[at..at + ci].iter_mut().zip(src).for_each(|(d, v)| *d += v);
+                    dx[at..at + ci]
+                        .iter_mut()
+                        .zip(src)
+                        .for_each(|(d, v)| *d += v);
                 }
             }
         }
@@ -189,8 +192,13 @@ fn add_taps_first(g: &Conv2d, dw_t: &[f32], dw: &mut [f32]) {
     }
 }
 
-/// `out (B, H_out, W_out, C_out) = conv(x, w) + bias`, through `cols` (scratch of
-/// `rows · cols` values).
+/// `out (B, H_out, W_out, C_out) = conv(x, w) + bias`, through `scratch`.
+///
+/// On the SIMD rungs the matrix product reads the windows where they are: `scratch` holds the
+/// input zero-padded and channels-last (1.3 × the input for a 28 × 28 image, where the lowered
+/// matrix would be 9 ×), and two offset tables say where each output pixel's window starts
+/// and where each (tap, channel) is from there. The portable rung lowers the input (im2col)
+/// into `scratch` and multiplies that.
 ///
 /// # Shapes
 /// `x (B, C_in, H, W)` in `layout`; `w (C_out, C_in, k, k)`; `bias (C_out)`.
@@ -201,16 +209,77 @@ pub fn conv2d(
     w: &[f32],
     bias: Option<&[f32]>,
     out: &mut [f32],
-    cols: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
 ) {
+    super::check_len("conv2d: x", x.len(), g.in_len());
     super::check_len("conv2d: w", w.len(), g.weight_len());
-    cols.resize(g.rows() * g.cols(), 0.0);
-    im2col(g, x, layout, cols);
+    super::check_len("conv2d: out", out.len(), g.out_len());
     let mut wt = Vec::new();
     taps_last(g, w, &mut wt);
-    // out (rows, C_out) = cols (rows, k·k·C_in) · wtᵀ.
     let dims = (g.rows(), g.cols(), g.out_ch);
-    linear(cols, &wt, bias, out, dims, Epilogue::None);
+    if super::isa() != super::Isa::Portable {
+        let (rows, cols) = pad_channels_last(g, x, layout, scratch);
+        let done = linear_gathered(scratch, (&rows, &cols), &wt, bias, out, dims);
+        if done.is_some() {
+            return;
+        }
+    }
+    scratch.resize(g.rows() * g.cols(), 0.0);
+    im2col(g, x, layout, scratch);
+    // out (rows, C_out) = cols (rows, k·k·C_in) · wtᵀ.
+    linear(scratch, &wt, bias, out, dims, Epilogue::None);
+}
+
+/// Writes `x` zero-padded by `pad` on every side, channels-last, `(B, H + 2p, W + 2p, C)`,
+/// into `xp`, and returns the offset tables of its windows: each output pixel's window origin
+/// (in [`Conv2d::rows`] order) and each (ky, kx, channel)'s offset from it (in [`im2col`]'s
+/// column order).
+fn pad_channels_last(
+    g: &Conv2d,
+    x: &[f32],
+    layout: Layout,
+    xp: &mut Vec<f32>,
+) -> (Vec<isize>, Vec<isize>) {
+    let (hp, wp, c, p) = (g.h + 2 * g.pad, g.w + 2 * g.pad, g.in_ch, g.pad);
+    let image = hp * wp * c;
+    xp.clear();
+    xp.resize(g.batch * image, 0.0);
+    let [_, sc, sy, sx] = g.in_strides(layout);
+    let per_in = g.in_ch * g.h * g.w;
+    xp.par_chunks_mut(image)
+        .zip(x[..g.in_len()].par_chunks(per_in.max(1)))
+        .for_each(|(dst, src)| {
+            for y in 0..g.h {
+                for xx in 0..g.w {
+                    let at = ((y + p) * wp + xx + p) * c;
+                    let from = y * sy + xx * sx;
+                    if sc == 1 {
+                        dst[at..at + c].copy_from_slice(&src[from..from + c]);
+                    } else {
+                        for ch in 0..c {
+                            dst[at + ch] = src[from + ch * sc];
+                        }
+                    }
+                }
+            }
+        });
+    let (ho, wo) = g.out_hw();
+    let s = g.stride;
+    let rows = (0..g.rows())
+        .map(|r| {
+            let (b, oy, ox) = (r / (ho * wo), (r / wo) % ho, r % wo);
+            (b * image + (oy * s * wp + ox * s) * c) as isize
+        })
+        .collect();
+    let mut cols = Vec::with_capacity(g.cols());
+    for ky in 0..g.k {
+        for kx in 0..g.k {
+            for ch in 0..c {
+                cols.push(((ky * wp + kx) * c + ch) as isize);
+            }
+        }
+    }
+    (rows, cols)
 }
 
 /// The backward of [`conv2d`]: `dw += ∂/∂w`, `db += ∂/∂bias`, and, when asked, `dx`
@@ -231,24 +300,75 @@ pub fn conv2d_backward(
     super::check_len("conv2d_backward: dy", dy.len(), m * n);
     super::check_len("conv2d_backward: w", w.len(), g.weight_len());
     super::check_len("conv2d_backward: dw", dw.len(), g.weight_len());
-    cols.resize(m * kk, 0.0);
-    im2col(g, x, layout, cols);
     let mut dw_t = vec![0.0; g.weight_len()];
-    linear_dw(dy, cols, &mut dw_t, (m, kk, n));
+    let mut gathered = None;
+    if super::isa() != super::Isa::Portable {
+        // dWᵀ (k·k·C_in, C_out) += (lowered x)ᵀ · dy: the lowered input read in place, its
+        // offset tables swapped so that it is the transposed operand.
+        let (rows, offs) = pad_channels_last(g, x, layout, cols);
+        gathered = gathered_accumulate(cols, (&offs, &rows), dy, &mut dw_t, (kk, m, n));
+    }
+    if gathered.is_some() {
+        // (k·k·C_in, C_out) -> (C_out, k·k·C_in), the order add_taps_first reads.
+        let t = dw_t.clone();
+        for p in 0..kk {
+            for o in 0..n {
+                dw_t[o * kk + p] = t[p * n + o];
+            }
+        }
+    } else {
+        cols.resize(m * kk, 0.0);
+        im2col(g, x, layout, cols);
+        linear_dw(dy, cols, &mut dw_t, (m, kk, n));
+    }
     add_taps_first(g, &dw_t, dw);
     if let Some(db) = db {
         for row in dy.chunks_exact(n).take(m) {
             db.iter_mut().zip(row).for_each(|(d, v)| *d += v);
         }
     }
-    if let Some(dx) = dx {
-        dcols.resize(m * kk, 0.0);
-        let mut wt = Vec::new();
-        taps_last(g, w, &mut wt);
-        linear_dx(dy, &wt, dcols, (m, kk, n));
-        dx[..g.in_len()].fill(0.0);
-        col2im_add(g, dcols, dx);
+    let Some(dx) = dx else {
+        return;
+    };
+    let (ho, wo) = g.out_hw();
+    if g.stride == 1 && 2 * g.pad + 1 == g.k && (ho, wo) == (g.h, g.w) {
+        // A "same" convolution's input gradient is itself a "same" convolution: of `dy`, by
+        // the kernel turned half a turn with its channel axes swapped,
+        // `w'[c, o, ky, kx] = w[o, c, k−1−ky, k−1−kx]` (gathered in place on the SIMD rungs).
+        let (ci, co, k) = (g.in_ch, g.out_ch, g.k);
+        let mut wr = vec![0.0; g.weight_len()];
+        for o in 0..co {
+            for c in 0..ci {
+                for ky in 0..k {
+                    for kx in 0..k {
+                        wr[((c * co + o) * k + ky) * k + kx] =
+                            w[((o * ci + c) * k + (k - 1 - ky)) * k + (k - 1 - kx)];
+                    }
+                }
+            }
+        }
+        let gt = Conv2d {
+            in_ch: co,
+            out_ch: ci,
+            ..*g
+        };
+        conv2d(
+            &gt,
+            dy,
+            Layout::Nhwc,
+            &wr,
+            None,
+            &mut dx[..g.in_len()],
+            dcols,
+        );
+        return;
     }
+    dcols.resize(m * kk, 0.0);
+    let mut wt = Vec::new();
+    taps_last(g, w, &mut wt);
+    linear_dx(dy, &wt, dcols, (m, kk, n));
+    dx[..g.in_len()].fill(0.0);
+    col2im_add(g, dcols, dx);
 }
 
 /// Reference twin of [`conv2d`]: the direct six-deep loop.

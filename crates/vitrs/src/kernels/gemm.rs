@@ -14,7 +14,7 @@
 use rayon::prelude::*;
 
 use super::math::{gelu_inplace, tanh_inplace};
-use super::sgemm::{gemm, BRef, MatRef, Out, PackedB};
+use super::sgemm::{gemm, gemm_gather, BRef, Gather, MatRef, Out, PackedB};
 use super::{Isa, Split, SyncPtr};
 use crate::config::Gelu;
 
@@ -138,6 +138,113 @@ pub fn linear_packed(
         super::sgemm::geometry(isa),
         run,
     );
+}
+
+/// `out (m, n) = A·Wᵀ + bias` with `A (m, k)` gathered from `base`: `A(i, p) =
+/// base[rows[i] + cols[p]]` — a convolution's product without its lowered matrix (see
+/// `kernels::conv`). `None` on the portable rung, which cannot gather: lower the input there.
+///
+/// # Panics
+/// When a table or `out` is shorter than its shape, or an offset leaves `base`.
+pub(crate) fn linear_gathered(
+    base: &[f32],
+    (rows, cols): (&[isize], &[isize]),
+    w: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    dims: (usize, usize, usize),
+) -> Option<()> {
+    gathered(base, (rows, cols), w, false, bias, out, dims)
+}
+
+/// `out (m, n) += A · B` with `A (m, k)` gathered as in [`linear_gathered`] and `B (k, n)`
+/// row-major: a convolution's weight gradient, `dWᵀ += (lowered input)ᵀ · dY`, with the
+/// tables swapped so that A is the lowered input transposed.
+pub(crate) fn gathered_accumulate(
+    base: &[f32],
+    (rows, cols): (&[isize], &[isize]),
+    b: &[f32],
+    out: &mut [f32],
+    dims: (usize, usize, usize),
+) -> Option<()> {
+    gathered(base, (rows, cols), b, true, None, out, dims)
+}
+
+/// The product of [`linear_gathered`] (`w (n, k)`, `out` overwritten) or of
+/// [`gathered_accumulate`] (`b_kn`: `w` is `B (k, n)` row-major, `out` accumulated).
+fn gathered(
+    base: &[f32],
+    (rows, cols): (&[isize], &[isize]),
+    w: &[f32],
+    b_kn: bool,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    (m, k, n): (usize, usize, usize),
+) -> Option<()> {
+    let isa = super::isa();
+    if isa == Isa::Portable {
+        return None;
+    }
+    super::check_len("linear_gathered: rows", rows.len(), m);
+    super::check_len("linear_gathered: cols", cols.len(), k);
+    super::check_len("linear_gathered: w", w.len(), n * k);
+    super::check_len("linear_gathered: out", out.len(), m * n);
+    // Every read stays inside `base`: the largest row and column offsets together.
+    let hi =
+        rows[..m].iter().max().copied().unwrap_or(0) + cols[..k].iter().max().copied().unwrap_or(0);
+    let lo =
+        rows[..m].iter().min().copied().unwrap_or(0) + cols[..k].iter().min().copied().unwrap_or(0);
+    assert!(
+        m == 0 || k == 0 || (lo >= 0 && (hi as usize) < base.len()),
+        "linear_gathered: offsets {lo}..={hi} outside a base of {}",
+        base.len()
+    );
+    if let Some(b) = bias {
+        super::check_len("linear_gathered: bias", b.len(), n);
+    }
+    if m == 0 || n == 0 {
+        return Some(());
+    }
+    let outp = SyncPtr(out.as_mut_ptr());
+    let run = |(r0, r1): (usize, usize), (c0, c1): (usize, usize)| unsafe {
+        // SAFETY: disjoint blocks of `out` (ranges of one `Split`); every gathered read was
+        // checked to be inside `base` above.
+        let a = Gather {
+            base: base.as_ptr(),
+            rows: rows.as_ptr().add(r0),
+            cols: cols.as_ptr(),
+        };
+        let b = if b_kn {
+            MatRef {
+                ptr: w.as_ptr().add(c0),
+                rs: n as isize,
+                cs: 1,
+            }
+        } else {
+            MatRef {
+                ptr: w.as_ptr().add(c0 * k),
+                rs: 1,
+                cs: k as isize,
+            }
+        };
+        let o = Out {
+            ptr: outp.get().add(r0 * n + c0),
+            rs: n as isize,
+            accumulate: b_kn,
+            bias: bias.map(|b| b.as_ptr().add(c0)),
+        };
+        gemm_gather(isa, r1 - r0, c1 - c0, k, a, BRef::Mat(b), o);
+    };
+    let threads = rayon::current_num_threads();
+    let g = super::sgemm::geometry(isa);
+    for_blocks(
+        (m, n),
+        threads == 1 || m * n * k < PARALLEL_MIN_MACS,
+        n >= m,
+        g,
+        run,
+    );
+    Some(())
 }
 
 /// Runs `run(rows, cols)` over a `(rows, cols)` result: whole on this thread when `alone`,

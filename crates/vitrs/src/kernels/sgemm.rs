@@ -33,6 +33,26 @@ pub(crate) struct MatRef {
     pub cs: isize,
 }
 
+/// An `A` operand read through two offset tables, `A(i, p) = base[rows[i] + cols[p]]`: a
+/// convolution's lowered input without the lowering (row `i` an output pixel's window origin
+/// in a zero-padded input, column `p` a tap's and channel's offset from it). Read in place,
+/// like row-major activations; only the SIMD rungs take it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Gather {
+    pub base: *const f32,
+    /// `(m)` row offsets.
+    pub rows: *const isize,
+    /// `(k)` column offsets.
+    pub cols: *const isize,
+}
+
+/// The `A` operand.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ARef {
+    Mat(MatRef),
+    Gather(Gather),
+}
+
 /// Where the product goes: `C (m, n)` with unit column stride and row stride `rs`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Out {
@@ -410,6 +430,28 @@ thread_local! {
 /// the CPU's, and a packed `B` must be [`PackedB::usable`] by it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(isa: Isa, m: usize, n: usize, k: usize, a: MatRef, b: BRef, c: Out) {
+    gemm_a(isa, m, n, k, ARef::Mat(a), b, c)
+}
+
+/// [`gemm`] with `A` gathered through offset tables (see [`Gather`]).
+///
+/// # Panics
+/// On the portable rung, whose `matrixmultiply` takes strided matrices only: callers lower
+/// the input there instead.
+pub(crate) unsafe fn gemm_gather(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Gather,
+    b: BRef,
+    c: Out,
+) {
+    assert!(isa != Isa::Portable, "gathered A on the portable rung");
+    gemm_a(isa, m, n, k, ARef::Gather(a), b, c)
+}
+
+unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out) {
     if m == 0 || n == 0 {
         return;
     }
@@ -439,18 +481,21 @@ pub(crate) unsafe fn gemm(isa: Isa, m: usize, n: usize, k: usize, a: MatRef, b: 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gemm_avx2(m: usize, n: usize, k: usize, a: MatRef, b: BRef, c: Out) {
+unsafe fn gemm_avx2(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out) {
     blocked::<super::simd::Avx2, MR256, NV256>(m, n, k, a, b, c, geometry(Isa::Avx2));
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: MatRef, b: BRef, c: Out) {
+unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out) {
     blocked::<super::simd::Avx512, MR512, NV512>(m, n, k, a, b, c, geometry(Isa::Avx512));
 }
 
 /// The portable rung: `matrixmultiply`'s SGEMM, the bias and accumulation done around it.
-unsafe fn gemm_portable(m: usize, n: usize, k: usize, a: MatRef, b: BRef, c: Out) {
+unsafe fn gemm_portable(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out) {
+    let ARef::Mat(a) = a else {
+        unreachable!("a gathered A on the portable rung (see gemm_gather)")
+    };
     let BRef::Mat(b) = b else {
         // Packings are made for (and only used on) a SIMD rung; see `PackedB::usable`.
         unreachable!("a packed B on the portable rung")
@@ -480,7 +525,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
     m: usize,
     n: usize,
     k: usize,
-    a: MatRef,
+    a: ARef,
     b: BRef,
     c: Out,
     g: Geometry,
@@ -527,12 +572,16 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
             };
             for ic in (0..m).step_by(mc_max) {
                 let mc = mc_max.min(m - ic);
-                // Row-major A (activations) is read where it is; any other layout is packed.
-                let in_place = a.cs == 1;
+                // Row-major A (activations) and gathered A are read where they are; any other
+                // layout is packed.
                 let apack = &mut abuf.slice_mut()[..mc.div_ceil(MR) * MR * kc + PACK_SLACK];
-                if !in_place {
-                    pack_a::<MR>(a, ic, mc, pc, kc, apack);
-                }
+                let packed_a = match a {
+                    ARef::Mat(am) if am.cs != 1 => {
+                        pack_a::<MR>(am, ic, mc, pc, kc, apack);
+                        true
+                    }
+                    _ => false,
+                };
                 for jp in 0..panels {
                     let j0 = jp * nr;
                     let cols = nr.min(n - j0);
@@ -557,16 +606,25 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                                 None
                             },
                         };
-                        if in_place {
-                            // Rows past the edge read the last real one (never stored).
-                            let rows_a: [*const f32; MR] = std::array::from_fn(|i| {
-                                let r = ic + ir + i.min(rows - 1);
-                                a.ptr.offset(r as isize * a.rs + pc as isize)
-                            });
-                            tile.with_a(RowsA(rows_a)).run::<S, MR, NV>();
-                        } else {
-                            let panel = PackedA::<MR>(apack.as_ptr().add(ir * kc));
-                            tile.with_a(panel).run::<S, MR, NV>();
+                        // Rows past the edge read the last real one (never stored).
+                        let row = |i: usize| ic + ir + i.min(rows - 1);
+                        match a {
+                            ARef::Gather(g) => {
+                                let rows_a: [*const f32; MR] =
+                                    std::array::from_fn(|i| g.base.offset(*g.rows.add(row(i))));
+                                let access = GatherA(rows_a, g.cols.add(pc));
+                                tile.with_a(access).run::<S, MR, NV>();
+                            }
+                            ARef::Mat(am) if !packed_a => {
+                                let rows_a: [*const f32; MR] = std::array::from_fn(|i| {
+                                    am.ptr.offset(row(i) as isize * am.rs + pc as isize)
+                                });
+                                tile.with_a(RowsA(rows_a)).run::<S, MR, NV>();
+                            }
+                            ARef::Mat(_) => {
+                                let panel = PackedA::<MR>(apack.as_ptr().add(ir * kc));
+                                tile.with_a(panel).run::<S, MR, NV>();
+                            }
                         }
                     }
                 }
@@ -647,6 +705,18 @@ impl<const MR: usize> AccessA for RowsA<MR> {
     #[inline(always)]
     unsafe fn at(&self, i: usize, p: usize) -> *const f32 {
         self.0[i].add(p)
+    }
+}
+
+/// `MR` rows of a gathered A (see [`Gather`]): row `i`'s origin at `rows[i]`, step `p` at
+/// `rows[i] + cols[p]`.
+#[derive(Clone, Copy)]
+struct GatherA<const MR: usize>([*const f32; MR], *const isize);
+
+impl<const MR: usize> AccessA for GatherA<MR> {
+    #[inline(always)]
+    unsafe fn at(&self, i: usize, p: usize) -> *const f32 {
+        self.0[i].offset(*self.1.add(p))
     }
 }
 
@@ -932,7 +1002,7 @@ mod tests {
         };
         #[target_feature(enable = "avx2,fma")]
         unsafe fn wide(m: usize, n: usize, k: usize, a: MatRef, b: BRef, c: Out, g: Geometry) {
-            blocked::<Avx2, MR512, NV512>(m, n, k, a, b, c, g);
+            blocked::<Avx2, MR512, NV512>(m, n, k, ARef::Mat(a), b, c, g);
         }
         let p = product(|m, n, k, a, b, c| unsafe { wide(m, n, k, a, b, c, g) });
         // B packed for AVX2 has the panel width (16) and blocking this instantiation reads.

@@ -65,6 +65,26 @@ impl ResNetConfig {
         }
     }
 
+    /// A benchmark preset: `resnet{DEPTH}[w{WIDTH}][@{SIZE}[x{CHANNELS}]]`, e.g. `resnet20`
+    /// (width 16, 32 × 32 × 3, the paper's CIFAR-10 model) or `resnet20@28x1` (Fashion-MNIST);
+    /// 10 classes. `None` when `spec` is not of that form.
+    pub fn preset(spec: &str) -> Option<Result<Self>> {
+        let rest = spec.strip_prefix("resnet")?;
+        let (arch, input) = rest.split_once('@').unwrap_or((rest, "32x3"));
+        let (depth, width) = arch.split_once('w').unwrap_or((arch, "16"));
+        let (size, channels) = input.split_once('x').unwrap_or((input, "3"));
+        let num = |v: &str| v.parse::<usize>().ok();
+        let cfg = match (num(depth), num(width), num(size), num(channels)) {
+            (Some(d), Some(w), Some(s), Some(c)) => Self::cifar(d, w, c, (s, s), 10),
+            _ => {
+                return Some(Err(Error::InvalidConfig(format!(
+                    "`{spec}` is not a ResNet preset: write resnet{{DEPTH}}[w{{WIDTH}}][@{{SIZE}}[x{{CHANNELS}}]], e.g. resnet20 or resnet20@28x1"
+                ))))
+            }
+        };
+        Some(cfg.validate().map(|_| cfg))
+    }
+
     /// Basic blocks per stage, `n = (depth − 2) / 6`.
     pub fn blocks_per_stage(&self) -> Result<usize> {
         if self.depth < 8 || !(self.depth - 2).is_multiple_of(6) {
@@ -400,6 +420,18 @@ impl ResNet {
         &mut self.buffers
     }
 
+    /// Multiply-adds × 2 of one image's forward (convolutions and classifier; batch norm,
+    /// ReLU and pooling are a rounding error beside them).
+    pub fn flops_per_image(&self) -> f64 {
+        let conv: usize = self
+            .view
+            .layers
+            .iter()
+            .map(|l| 2 * l.geo.rows() * l.geo.cols() * l.geo.out_ch)
+            .sum();
+        (conv + 2 * self.view.feat * self.config.num_classes) as f64
+    }
+
     /// Replaces the classifier by a zero-initialised one for `classes` classes (fine-tuning).
     pub fn reset_head(&mut self, classes: usize) -> Result<()> {
         let old = self.params.clone();
@@ -719,5 +751,25 @@ mod tests {
             10
         );
         assert!(ResNet::new(ResNetConfig::cifar(21, 16, 3, (32, 32), 10), 0).is_err());
+        // He et al.: ResNet-20 is about 41 M multiply-adds on a 32 x 32 image.
+        let macs = m.flops_per_image() / 2.0;
+        assert!((40e6..42e6).contains(&macs), "{macs}");
+    }
+
+    #[test]
+    fn presets_name_depth_width_and_input() {
+        let c = ResNetConfig::preset("resnet20@28x1").unwrap().unwrap();
+        assert_eq!(
+            (c.depth, c.width, c.image_height, c.channels),
+            (20, 16, 28, 1)
+        );
+        let c = ResNetConfig::preset("resnet56w32").unwrap().unwrap();
+        assert_eq!(
+            (c.depth, c.width, c.image_height, c.channels),
+            (56, 32, 32, 3)
+        );
+        assert!(ResNetConfig::preset("resnet21").unwrap().is_err());
+        assert!(ResNetConfig::preset("resnetx").unwrap().is_err());
+        assert!(ResNetConfig::preset("B/16").is_none());
     }
 }
