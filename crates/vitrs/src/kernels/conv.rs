@@ -69,6 +69,14 @@ impl Conv2d {
         self.out_ch * self.cols()
     }
 
+    /// The input pixel that tap `(ky, kx)` of output pixel `(oy, ox)` reads, or `None` in the
+    /// zero padding.
+    fn tap(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
+        let y = (oy * self.stride + ky).checked_sub(self.pad)?;
+        let x = (ox * self.stride + kx).checked_sub(self.pad)?;
+        (y < self.h && x < self.w).then_some((y, x))
+    }
+
     /// Strides of (b, c, y, x) in an input of `layout`.
     fn in_strides(&self, layout: Layout) -> [usize; 4] {
         let (c, h, w) = (self.in_ch, self.h, self.w);
@@ -391,12 +399,10 @@ pub fn conv2d_ref(
                     for c in 0..g.in_ch {
                         for ky in 0..k {
                             for kx in 0..k {
-                                let y = (oy * g.stride + ky) as isize - g.pad as isize;
-                                let xx = (ox * g.stride + kx) as isize - g.pad as isize;
-                                if y < 0 || xx < 0 || y >= g.h as isize || xx >= g.w as isize {
+                                let Some((y, xx)) = g.tap(oy, ox, ky, kx) else {
                                     continue;
-                                }
-                                let v = x[b * sb + c * sc + y as usize * sy + xx as usize * sx];
+                                };
+                                let v = x[b * sb + c * sc + y * sy + xx * sx];
                                 acc += v as f64 * w[((o * g.in_ch + c) * k + ky) * k + kx] as f64;
                             }
                         }
@@ -439,12 +445,9 @@ pub fn conv2d_backward_ref(
                     for c in 0..g.in_ch {
                         for ky in 0..k {
                             for kx in 0..k {
-                                let y = (oy * g.stride + ky) as isize - g.pad as isize;
-                                let xx = (ox * g.stride + kx) as isize - g.pad as isize;
-                                if y < 0 || xx < 0 || y >= g.h as isize || xx >= g.w as isize {
+                                let Some((y, xx)) = g.tap(oy, ox, ky, kx) else {
                                     continue;
-                                }
-                                let (y, xx) = (y as usize, xx as usize);
+                                };
                                 let wi = ((o * g.in_ch + c) * k + ky) * k + kx;
                                 dw[wi] += d * x[b * sb + c * sc + y * sy + xx * sx];
                                 if let Some(dx) = dx.as_deref_mut() {
