@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::config::ViTConfig;
 use crate::error::Result;
 use crate::kernels::loss::Targets;
-use crate::model::resnet::{Mode, ResNet, ResNetConfig, ResNetWorkspace};
+use crate::model::resnet::{ResNet, ResNetConfig, ResNetWorkspace};
 use crate::model::{Capture, TrainWorkspace, ViT, Workspace};
 use crate::tensor::Tensor;
 use crate::train::optim::{Optimizer, OptimizerKind};
@@ -253,7 +253,7 @@ pub fn run(
                 r.forward_backward(x.data(), targets(), &mut rw)?;
                 opt.step(r.params_mut().flat_mut(), rw.grads(), 1e-4);
             }
-            (Net::ResNet(r), false) => r.forward(x.data(), Mode::Eval, &mut rw)?,
+            (Net::ResNet(r), false) => r.forward_eval(x.data(), &mut rw)?,
         }
         Ok(())
     };

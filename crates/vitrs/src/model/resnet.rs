@@ -496,13 +496,40 @@ impl ResNet {
 
     /// The forward pass of `images (B, C, H, W)` into `ws` (logits in [`ResNetWorkspace::logits`]).
     /// In [`Mode::Train`] the batch norms use the batch's statistics and update the running
-    /// ones; in [`Mode::Eval`] they use the running ones.
+    /// ones; in [`Mode::Eval`] they use the running ones (and the model is only read: see
+    /// [`forward_eval`](Self::forward_eval)).
     pub fn forward(&mut self, images: &[f32], mode: Mode, ws: &mut ResNetWorkspace) -> Result<()> {
+        match mode {
+            Mode::Eval => self.forward_eval(images, ws),
+            Mode::Train => {
+                // The running statistics are a few thousand values: updated in a copy while
+                // the model is read, then stored.
+                let mut running = self.buffers.flat().to_vec();
+                self.run(images, ws, Some(&mut running))?;
+                self.buffers.flat_mut().copy_from_slice(&running);
+                Ok(())
+            }
+        }
+    }
+
+    /// [`forward`](Self::forward) in [`Mode::Eval`], through a shared reference: several
+    /// threads may evaluate one model, each with its own workspace.
+    pub fn forward_eval(&self, images: &[f32], ws: &mut ResNetWorkspace) -> Result<()> {
+        self.run(images, ws, None)
+    }
+
+    /// The one forward: batch statistics, moving `update` (the running statistics' layout)
+    /// toward them, when `update` is given; the model's running statistics otherwise.
+    fn run(
+        &self,
+        images: &[f32],
+        ws: &mut ResNetWorkspace,
+        mut update: Option<&mut [f32]>,
+    ) -> Result<()> {
         let batch = self.batch_of(images)?;
         self.prepare(ws, batch);
         let (eps, mom) = (self.config.bn_eps, self.config.bn_momentum);
         let p = self.params.flat();
-        let bufs = self.buffers.flat_mut();
         let view = &self.view;
         for (li, l) in view.layers.iter().enumerate() {
             let g = l.geo(batch);
@@ -543,8 +570,8 @@ impl ResNet {
             };
             let affine = (&p[l.gamma.clone()], &p[l.beta.clone()]);
             let c = l.geo.out_ch;
-            match mode {
-                Mode::Train => {
+            match update.as_deref_mut() {
+                Some(bufs) => {
                     let (rm, rv) = split_two(bufs, &l.mean, &l.var);
                     batchnorm_train(
                         &a.z,
@@ -557,7 +584,8 @@ impl ResNet {
                         after,
                     );
                 }
-                Mode::Eval => {
+                None => {
+                    let bufs = self.buffers.flat();
                     let running = (&bufs[l.mean.clone()], &bufs[l.var.clone()]);
                     batchnorm_eval(&a.z, &mut a.y, affine, c, eps, running, after);
                 }
@@ -587,8 +615,8 @@ impl ResNet {
     }
 
     /// Logits `(B, K)` of `images (B, C, H, W)` with the running statistics.
-    pub fn predict(&mut self, images: &[f32], ws: &mut ResNetWorkspace) -> Result<Vec<f32>> {
-        self.forward(images, Mode::Eval, ws)?;
+    pub fn predict(&self, images: &[f32], ws: &mut ResNetWorkspace) -> Result<Vec<f32>> {
+        self.forward_eval(images, ws)?;
         Ok(ws.logits.clone())
     }
 
