@@ -19,6 +19,10 @@ Writes tests/fixtures/resnet/<name>.safetensors for small random CIFAR ResNets (
 - `steps.buffer.<name>`, `steps.param.<name>`, `steps.eval.logits`: after `STEPS` plain SGD
   steps (p -= LR * grad) on the same batch, the first being the step above.
 
+For `resnet14_rgb_odd` also `<name>_state_dict.safetensors`: the model after those steps as
+PyTorch users save it (`save_file(model.state_dict())`, `num_batches_tracked` included), whose
+evaluation logits are `steps.eval.logits`.
+
 Re-running it gives byte-identical files (CPU, one thread, deterministic algorithms).
 """
 
@@ -75,7 +79,7 @@ class ResNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def make(name, depth, width, channels, hw, classes, batch, seed):
+def make(name, depth, width, channels, hw, classes, batch, seed, state_dict=False):
     g = torch.Generator().manual_seed(seed)
     m = ResNet(depth, width, channels, classes)
     with torch.no_grad():
@@ -122,6 +126,11 @@ def make(name, depth, width, channels, hw, classes, batch, seed):
         out["steps.eval.logits"] = m(x)
     OUT.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in out.items()}, OUT / f"{name}.safetensors")
+    if state_dict:
+        # What a PyTorch user has: the trained model's state_dict (num_batches_tracked
+        # included), as `safetensors.torch.save_file(model.state_dict(), ...)` writes it.
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()},
+                  OUT / f"{name}_state_dict.safetensors")
     n = sum(p.numel() for p in m.parameters())
     print(f"{name}: ResNet-{depth} width {width}, {channels}x{hw[0]}x{hw[1]}, {classes} classes, "
           f"batch {batch}, {n} parameters, loss {out['train.loss'].item():.4f}")
@@ -133,4 +142,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     make("resnet8_gray", depth=8, width=4, channels=1, hw=(12, 10), classes=3, batch=4, seed=1)
-    make("resnet14_rgb_odd", depth=14, width=6, channels=3, hw=(9, 9), classes=5, batch=3, seed=2)
+    make("resnet14_rgb_odd", depth=14, width=6, channels=3, hw=(9, 9), classes=5, batch=3, seed=2,
+         state_dict=True)

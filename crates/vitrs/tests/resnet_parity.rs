@@ -123,3 +123,23 @@ fn resnet8_on_gray_images_matches_pytorch() {
 fn resnet14_on_odd_sized_rgb_images_matches_pytorch() {
     check("resnet14_rgb_odd", ResNetConfig::cifar(14, 6, 3, (9, 9), 5));
 }
+
+/// What a PyTorch user has: `save_file(model.state_dict())` of the trained model. Its
+/// architecture is read from the shapes, and it evaluates to PyTorch's logits.
+#[test]
+fn a_pytorch_state_dict_loads_and_gives_pytorchs_logits() {
+    let m = ResNet::from_state_dict(&fixture("resnet14_rgb_odd_state_dict"), (9, 9)).unwrap();
+    assert_eq!(*m.config(), ResNetConfig::cifar(14, 6, 3, (9, 9), 5));
+    let st = SafeTensors::read(&fixture("resnet14_rgb_odd")).unwrap();
+    let x = st.tensor("x").unwrap();
+    let logits = m.predict(x.data(), &mut ResNetWorkspace::new()).unwrap();
+    close(
+        "state_dict eval logits",
+        &logits,
+        st.tensor("steps.eval.logits").unwrap().data(),
+        1e-4,
+    );
+    // Not a ResNet state_dict: the missing tensor is named.
+    let e = ResNet::from_state_dict(&fixture("resnet8_gray"), (12, 10)).unwrap_err();
+    assert!(e.to_string().contains("conv1.weight"), "{e}");
+}

@@ -403,6 +403,90 @@ impl ResNet {
         })
     }
 
+    /// A PyTorch ResNet's `state_dict` saved as safetensors (`safetensors.torch.save_file(
+    /// model.state_dict(), path)`, PyTorch's names as in this module's layout), for images of
+    /// `(h, w)`: depth, width, input channels and classes are read from the tensors' shapes;
+    /// `num_batches_tracked` is ignored. A model with projection shortcuts (option B:
+    /// `downsample` / `shortcut` tensors), or with any tensor this layout lacks, is refused
+    /// with the tensor's name.
+    pub fn from_state_dict(path: &std::path::Path, (h, w): (usize, usize)) -> Result<Self> {
+        use crate::checkpoint::safetensors::SafeTensors;
+        let st = SafeTensors::read(path)?;
+        let bad = |why: String| Error::malformed(path, "ResNet state_dict", why);
+        let shape = |name: &str| -> Result<Vec<usize>> {
+            st.tensors()
+                .get(name)
+                .map(|t| t.shape.clone())
+                .ok_or_else(|| Error::MissingTensor {
+                    name: name.to_string(),
+                    hint: Some(format!(
+                        "{} is not a CIFAR ResNet state_dict (conv1, bn1, layer1..3, fc)",
+                        path.display()
+                    )),
+                })
+        };
+        let stem = shape("conv1.weight")?;
+        let fc = shape("fc.weight")?;
+        let [width, channels, 3, 3] = stem[..] else {
+            return Err(bad(format!(
+                "conv1.weight has shape {stem:?}, where a CIFAR ResNet's stem is (width, channels, 3, 3)"
+            )));
+        };
+        let n = (0..)
+            .take_while(|i| {
+                st.tensors()
+                    .contains_key(&format!("layer1.{i}.conv1.weight"))
+            })
+            .count();
+        if let Some(k) = st
+            .tensors()
+            .keys()
+            .find(|k| k.contains(".downsample.") || k.contains(".shortcut."))
+        {
+            return Err(bad(format!(
+                "`{k}`: this ResNet has projection shortcuts (option B); vitrs implements the \
+                 parameter-free option A of He et al.'s CIFAR ResNets"
+            )));
+        }
+        let classes = fc.first().copied().unwrap_or(0);
+        let cfg = ResNetConfig::cifar(6 * n + 2, width, channels, (h, w), classes);
+        let mut m = ResNet::zeros(cfg).map_err(|e| bad(e.to_string()))?;
+        let mut known = std::collections::HashSet::new();
+        for (store, entries) in [
+            (0, m.params.entries().to_vec()),
+            (1, m.buffers.entries().to_vec()),
+        ] {
+            for e in entries {
+                let t = st.tensor(&e.name)?;
+                if t.shape() != e.shape.as_slice() {
+                    return Err(Error::ShapeMismatch {
+                        name: e.name.clone(),
+                        expected: e.shape.clone(),
+                        got: t.shape().to_vec(),
+                    });
+                }
+                let dst = if store == 0 {
+                    &mut m.params
+                } else {
+                    &mut m.buffers
+                };
+                dst.flat_mut()[e.range.clone()].copy_from_slice(t.data());
+                known.insert(e.name);
+            }
+        }
+        if let Some(extra) = st
+            .tensors()
+            .keys()
+            .find(|k| !known.contains(*k) && !k.ends_with("num_batches_tracked"))
+        {
+            return Err(bad(format!(
+                "`{extra}` has no place in a ResNet-{} of width {width} (is it another architecture?)",
+                6 * n + 2
+            )));
+        }
+        Ok(m)
+    }
+
     pub fn config(&self) -> &ResNetConfig {
         &self.config
     }
@@ -799,5 +883,66 @@ mod tests {
         assert!(ResNetConfig::preset("resnet21").unwrap().is_err());
         assert!(ResNetConfig::preset("resnetx").unwrap().is_err());
         assert!(ResNetConfig::preset("B/16").is_none());
+    }
+
+    /// A state_dict of this module's own model round-trips; one with a projection shortcut,
+    /// an unknown tensor or a wrong shape is refused naming the tensor.
+    #[test]
+    fn state_dicts_round_trip_and_foreign_ones_are_named() {
+        use crate::checkpoint::safetensors::{write, SaveDtype};
+        let dir = std::env::temp_dir().join(format!("vitrs-resnet-sd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let m = ResNet::new(ResNetConfig::cifar(8, 4, 1, (8, 8), 3), 7).unwrap();
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = vec![];
+        for (store, e) in m
+            .params()
+            .entries()
+            .iter()
+            .map(|e| (m.params(), e))
+            .chain(m.buffers().entries().iter().map(|e| (m.buffers(), e)))
+        {
+            tensors.push((
+                e.name.clone(),
+                e.shape.clone(),
+                store.flat()[e.range.clone()].to_vec(),
+            ));
+        }
+        let save = |name: &str, extra: Option<(&str, Vec<usize>)>, drop: Option<&str>| {
+            let p = dir.join(name);
+            let mut t: Vec<(&str, &[usize], &[f32])> = tensors
+                .iter()
+                .filter(|(n, _, _)| Some(n.as_str()) != drop)
+                .map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice()))
+                .collect();
+            let zeros = vec![0.0; 64];
+            if let Some((n, s)) = extra.as_ref() {
+                t.push((n, s, &zeros[..s.iter().product::<usize>()]));
+            }
+            write(&p, &t, &Default::default(), SaveDtype::F32).unwrap();
+            p
+        };
+        let back = ResNet::from_state_dict(&save("ok.safetensors", None, None), (8, 8)).unwrap();
+        assert_eq!(back.params().flat(), m.params().flat());
+        assert_eq!(back.buffers().flat(), m.buffers().flat());
+        let err =
+            |p: std::path::PathBuf| ResNet::from_state_dict(&p, (8, 8)).unwrap_err().to_string();
+        let e = err(save(
+            "b.safetensors",
+            Some(("layer2.0.downsample.0.weight", vec![8, 4, 1, 1])),
+            None,
+        ));
+        assert!(
+            e.contains("layer2.0.downsample.0.weight") && e.contains("option A"),
+            "{e}"
+        );
+        let e = err(save("x.safetensors", Some(("head.extra", vec![2])), None));
+        assert!(e.contains("head.extra"), "{e}");
+        let e = err(save(
+            "m.safetensors",
+            None,
+            Some("layer3.0.bn2.running_var"),
+        ));
+        assert!(e.contains("layer3.0.bn2.running_var"), "{e}");
+        std::fs::remove_dir_all(dir).ok();
     }
 }
