@@ -1,4 +1,5 @@
-//! Kernel benchmarks at the ViT shapes, and the whole model's forward and training step.
+//! Kernel benchmarks at the ViT shapes, and the whole model's forward and training step; the
+//! ResNet baseline's convolution and training step (`-- resnet`).
 //! GEMM and model throughput is printed as GFLOP/s so it can be compared with the machine's
 //! FMA peak (see `docs/perf.md`).
 //!
@@ -190,5 +191,87 @@ fn model(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, fma_peak, gemm, elementwise, attn, model);
+/// The ResNet baseline: the first stage's convolution (ResNet-20 on Fashion-MNIST, batch 128,
+/// 16 → 16 channels at 28 × 28) read in place on the running rung and lowered (im2col, what
+/// the portable rung does), its backward, and the whole training step of ResNet-20 at batch 32.
+fn resnet(c: &mut Criterion) {
+    use vitrs::kernels::conv::{conv2d, conv2d_backward, im2col, Conv2d, Layout};
+    use vitrs::kernels::gemm::linear;
+    use vitrs::model::resnet::{ResNet, ResNetConfig, ResNetWorkspace};
+    let mut g = c.benchmark_group("resnet");
+    g.sample_size(10);
+    let cv = Conv2d {
+        batch: 128,
+        in_ch: 16,
+        h: 28,
+        w: 28,
+        out_ch: 16,
+        k: 3,
+        stride: 1,
+        pad: 1,
+    };
+    let (x, w) = (data(cv.in_len()), data(cv.weight_len()));
+    let mut out = vec![0.0; cv.out_len()];
+    let (mut s1, mut s2) = (vec![], vec![]);
+    g.throughput(Throughput::Elements(
+        2 * (cv.rows() * cv.cols() * cv.out_ch) as u64,
+    ));
+    g.bench_function("conv3x3_b128_28x28x16_in_place", |b| {
+        b.iter(|| conv2d(&cv, &x, Layout::Nhwc, &w, None, &mut out, &mut s1))
+    });
+    // The lowered product the same way the portable rung runs it, with this rung's GEMM:
+    // im2col, then the weight (already in the windows' order here) times the columns.
+    g.bench_function("conv3x3_b128_28x28x16_lowered", |b| {
+        b.iter(|| {
+            s1.resize(cv.rows() * cv.cols(), 0.0);
+            im2col(&cv, &x, Layout::Nhwc, &mut s1);
+            let dims = (cv.rows(), cv.cols(), cv.out_ch);
+            linear(&s1, &w, None, &mut out, dims, Epilogue::None)
+        })
+    });
+    let dy = data(cv.out_len());
+    let (mut dx, mut dw) = (vec![0.0; cv.in_len()], vec![0.0; cv.weight_len()]);
+    g.throughput(Throughput::Elements(
+        4 * (cv.rows() * cv.cols() * cv.out_ch) as u64,
+    ));
+    g.bench_function("conv3x3_b128_28x28x16_backward", |b| {
+        b.iter(|| {
+            let d = Some(&mut dx[..]);
+            conv2d_backward(
+                &cv,
+                &x,
+                Layout::Nhwc,
+                &w,
+                &dy,
+                d,
+                &mut dw,
+                None,
+                (&mut s1, &mut s2),
+            )
+        })
+    });
+    let mut m = ResNet::new(ResNetConfig::cifar(20, 16, 1, (28, 28), 10), 0).unwrap();
+    let batch = 32;
+    let xs = data(batch * 28 * 28);
+    let labels: Vec<usize> = (0..batch).map(|i| i % 10).collect();
+    let mut ws = ResNetWorkspace::new();
+    let mut opt = Optimizer::new(OptimizerKind::adamw(0.05), m.params());
+    g.throughput(Throughput::Elements(
+        (3.0 * m.flops_per_image() * batch as f64) as u64,
+    ));
+    g.bench_function("resnet20_28x28_train_step_b32", |b| {
+        b.iter(|| {
+            ws.zero_grads();
+            let t = Targets::Labels {
+                labels: &labels,
+                smoothing: 0.0,
+            };
+            m.forward_backward(&xs, t, &mut ws).unwrap();
+            opt.step(m.params_mut().flat_mut(), ws.grads(), 1e-4);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, fma_peak, gemm, elementwise, attn, model, resnet);
 criterion_main!(benches);
