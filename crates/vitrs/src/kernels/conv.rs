@@ -250,22 +250,30 @@ fn pad_channels_last(
 ) -> (Vec<isize>, Vec<isize>) {
     let (hp, wp, c, p) = (g.h + 2 * g.pad, g.w + 2 * g.pad, g.in_ch, g.pad);
     let image = hp * wp * c;
-    xp.clear();
+    // Every value is written below (the border zeros, the interior copied), so the buffer is
+    // only grown, not cleared.
     xp.resize(g.batch * image, 0.0);
     let [_, sc, sy, sx] = g.in_strides(layout);
     let per_in = g.in_ch * g.h * g.w;
-    xp.par_chunks_mut(image)
+    xp[..g.batch * image]
+        .par_chunks_mut(image)
         .zip(x[..g.in_len()].par_chunks(per_in.max(1)))
         .for_each(|(dst, src)| {
+            // Top and bottom border rows.
+            dst[..p * wp * c].fill(0.0);
+            dst[(p + g.h) * wp * c..].fill(0.0);
             for y in 0..g.h {
-                for xx in 0..g.w {
-                    let at = ((y + p) * wp + xx + p) * c;
-                    let from = y * sy + xx * sx;
-                    if sc == 1 {
-                        dst[at..at + c].copy_from_slice(&src[from..from + c]);
-                    } else {
+                let row = &mut dst[(y + p) * wp * c..(y + p + 1) * wp * c];
+                row[..p * c].fill(0.0);
+                row[(p + g.w) * c..].fill(0.0);
+                let inner = &mut row[p * c..(p + g.w) * c];
+                if sc == 1 {
+                    // Channels-last input: the image row is one contiguous run.
+                    inner.copy_from_slice(&src[y * sy..y * sy + g.w * c]);
+                } else {
+                    for xx in 0..g.w {
                         for ch in 0..c {
-                            dst[at + ch] = src[from + ch * sc];
+                            inner[xx * c + ch] = src[y * sy + xx * sx + ch * sc];
                         }
                     }
                 }
@@ -273,12 +281,14 @@ fn pad_channels_last(
         });
     let (ho, wo) = g.out_hw();
     let s = g.stride;
-    let rows = (0..g.rows())
-        .map(|r| {
-            let (b, oy, ox) = (r / (ho * wo), (r / wo) % ho, r % wo);
-            (b * image + (oy * s * wp + ox * s) * c) as isize
-        })
-        .collect();
+    let mut rows = Vec::with_capacity(g.rows());
+    for b in 0..g.batch {
+        for oy in 0..ho {
+            for ox in 0..wo {
+                rows.push((b * image + (oy * s * wp + ox * s) * c) as isize);
+            }
+        }
+    }
     let mut cols = Vec::with_capacity(g.cols());
     for ky in 0..g.k {
         for kx in 0..g.k {
