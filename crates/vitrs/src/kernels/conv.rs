@@ -493,6 +493,9 @@ mod tests {
             (1, 2, 5, 9, 3, 1, 2, 0, Layout::Nhwc),
             (3, 1, 28, 28, 4, 3, 1, 1, Layout::Nchw),
             (1, 3, 4, 4, 2, 3, 1, 2, Layout::Nhwc),
+            // Whole 16-wide panels of output channels: the weight gradient reads dy in place.
+            (2, 8, 6, 5, 32, 3, 1, 1, Layout::Nhwc),
+            (3, 16, 7, 7, 16, 3, 2, 1, Layout::Nhwc),
         ];
         for (batch, in_ch, h, w, out_ch, k, stride, pad, layout) in cases {
             let g = Conv2d {

@@ -558,6 +558,13 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                     let first = pb.data.slice().as_ptr().add(block + (c0 / nr) * kc * nr);
                     (first, nr as isize, (kc * nr) as isize)
                 }
+                // A convolution's weight gradient (gathered A) multiplies `dy`, row-major and a
+                // few whole panels wide: its rows are read in place, no copy.
+                BRef::Mat(bm)
+                    if matches!(a, ARef::Gather(_)) && bm.cs == 1 && n.is_multiple_of(nr) =>
+                {
+                    (bm.ptr.offset(pc as isize * bm.rs), bm.rs, nr as isize)
+                }
                 BRef::Mat(bm) => {
                     let need = panels * kc * nr;
                     bbuf.ensure(need);

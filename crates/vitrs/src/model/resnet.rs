@@ -640,11 +640,12 @@ impl ResNet {
                 let block_in = &before[li - 2].y;
                 let n = batch * l.out_per_image();
                 if bg.stride == 1 && bg.in_ch == bg.out_ch {
-                    ws.shortcut[..n].copy_from_slice(&block_in[..n]);
+                    // The identity: the block's input itself.
+                    Some(&block_in[..n])
                 } else {
                     shortcut_a(block_in, &bg, &mut ws.shortcut);
+                    Some(&ws.shortcut[..n])
                 }
-                Some(&ws.shortcut[..n])
             } else {
                 None
             };
