@@ -12,12 +12,12 @@ use vitrs::kernels::{available_isas, isa, Isa};
 pub(crate) struct BenchArgs {
     /// A preset such as `B/16`, `S/16@384`, `vit_tiny_patch16_224`, a ResNet baseline
     /// (`resnet20`, `resnet20@28x1`: resnet{DEPTH}[w{WIDTH}][@{SIZE}[x{CHANNELS}]]), a
-    /// checkpoint path, or a run config (.toml) whose [model] is used.
+    /// checkpoint path, or a run config (.toml) whose `[model]` is used.
     #[arg(long, value_name = "PRESET|PATH", required_unless_present_any = ["gemm", "peak", "data"])]
     model: Option<String>,
     /// Time the data loader alone on a dataset (a name, a directory, shards): images per
     /// second decoded, augmented and normalised, on --workers threads. With --model RUN.toml,
-    /// at its model's image size and with its [augment]; otherwise unaugmented, at the
+    /// at its model's image size and with its `[augment]`; otherwise unaugmented, at the
     /// dataset's own size (folders and shards without one: --image-size).
     #[arg(long, value_name = "DATASET", conflicts_with = "gemm")]
     data: Option<String>,

@@ -15,7 +15,7 @@ pub(crate) struct DataArgs {
 enum DataCommand {
     /// Write a dataset as tar shards (`KEY.png|jpg` + `KEY.cls` per sample): OUT/train/,
     /// OUT/test/ when the dataset has a test split, and OUT/info.json. Train from them with
-    /// `dataset = "OUT"` in [data].
+    /// `dataset = "OUT"` in `[data]`.
     Pack(PackArgs),
 }
 

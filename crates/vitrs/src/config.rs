@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Pool {
-    /// The final [class] token (the paper; timm `global_pool='token'`).
+    /// The final \[class\] token (the paper; timm `global_pool='token'`).
     Cls,
     /// Mean over the patch tokens, prefix tokens (class, distillation, registers) excluded
     /// (timm `global_pool='avg'`, big_vision `pool_type='gap'`).
@@ -83,7 +83,7 @@ pub struct ViTConfig {
     pub qkv_bias: bool,
     /// LayerNorm epsilon: 1e-6 in timm/JAX checkpoints, 1e-12 in Hugging Face's.
     pub layer_norm_eps: f32,
-    /// Whether a learned [class] token is prepended (the paper; timm `class_token`). Models
+    /// Whether a learned \[class\] token is prepended (the paper; timm `class_token`). Models
     /// without one pool with `mean` or `map` (big_vision, SigLIP, timm `*_gap`).
     #[serde(default = "default_true")]
     pub class_token: bool,
@@ -193,7 +193,7 @@ const VARIANTS: &[Variant] = &[
 ];
 
 impl ViTConfig {
-    /// The paper's ViT of these sizes: pre-norm blocks, a [class] token read by a linear head,
+    /// The paper's ViT of these sizes: pre-norm blocks, a \[class\] token read by a linear head,
     /// learned position embeddings for every token, exact GELU, qkv bias, and LayerNorm eps
     /// 1e-6 (timm's and the JAX originals'). Every other option starts from here.
     pub fn paper(s: Sizes) -> Self {
@@ -447,7 +447,7 @@ impl ViTConfig {
         gh * gw
     }
 
-    /// Prefix tokens before the patches: [class], [distillation], then the registers.
+    /// Prefix tokens before the patches: \[class\], \[distillation\], then the registers.
     pub fn num_prefix_tokens(&self) -> usize {
         self.class_token as usize + self.distilled as usize + self.reg_tokens
     }

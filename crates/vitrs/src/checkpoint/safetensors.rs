@@ -324,7 +324,7 @@ fn parse_entry(v: &Value) -> std::result::Result<Entry, String> {
     Ok((dtype, shape, (off(0)?, off(1)?)))
 }
 
-/// How [`write`] stores the values.
+/// How [`write()`] stores the values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SaveDtype {
     F32,

@@ -7,10 +7,10 @@
 //! [`Isa::Portable`] — and `VITRS_KERNELS=avx2|portable` (or [`set_isa`]) holds it to a lower
 //! one. [`isa`] says which runs.
 //! - The matrix products ([`sgemm`]) have one register-tiled micro-kernel per rung, written
-//!   once over a small vector trait ([`simd`]): the blocking, packing and edge handling are
+//!   once over a small vector trait (`simd`): the blocking, packing and edge handling are
 //!   shared, so what only an AVX-512 CPU runs is a thin layer of intrinsics.
 //! - Element-wise kernels and reductions are plain loops that LLVM vectorises;
-//!   [`simd_dispatch!`] compiles each three times (baseline, AVX2 + FMA, AVX-512) and picks
+//!   `simd_dispatch!` compiles each three times (baseline, AVX2 + FMA, AVX-512) and picks
 //!   the copy of the running rung.
 
 pub mod attention;

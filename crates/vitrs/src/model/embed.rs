@@ -1,6 +1,6 @@
 //! Stage 1, the embedding (paper §3.1, Eq. 1): the image is cut into P×P patches, each
-//! flattened with its channels and projected to width D; the prefix tokens — [class], DeiT's
-//! [distillation], registers — go in front, and the learned position embeddings are added.
+//! flattened with its channels and projected to width D; the prefix tokens — \[class\], DeiT's
+//! \[distillation\], registers — go in front, and the learned position embeddings are added.
 //! Forward and backward.
 
 use std::ops::Range;
@@ -49,7 +49,7 @@ impl ViT {
         self.embed_tokens(&acts.tokens, x, batch);
     }
 
-    /// The token sequence `(B, N, D)`: the prefix tokens ([class], [distillation], registers)
+    /// The token sequence `(B, N, D)`: the prefix tokens (\[class\], \[distillation\], registers)
     /// then the patch projections `tokens (B·gh·gw, D)`, plus the position table `(T, D)`.
     /// Position row `i` goes on token `i` (T = N), or with `no_embed_class` on patch `i`
     /// only (T = gh·gw): the table's rows always cover the last T tokens.
@@ -122,8 +122,8 @@ impl ViT {
         );
     }
 
-    /// Parameter ranges of the prefix tokens, one `(D)` row each, in token order: [class],
-    /// [distillation], registers.
+    /// Parameter ranges of the prefix tokens, one `(D)` row each, in token order: \[class\],
+    /// \[distillation\], registers.
     fn prefix_rows(&self) -> Vec<Range<usize>> {
         let d = self.config.width;
         let v = &self.view;

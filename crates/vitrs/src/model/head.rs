@@ -55,7 +55,7 @@ pub(crate) struct HeadGrads<'a> {
 }
 
 impl ViT {
-    /// The head over the pooled vectors: [fc_norm] → [pre-logits] → classifier(s) into
+    /// The head over the pooled vectors: \[fc_norm\] → \[pre-logits\] → classifier(s) into
     /// `acts.logits`; fc_norm rewrites `pool.pooled` with its output. `keep` keeps what the
     /// backward needs.
     ///

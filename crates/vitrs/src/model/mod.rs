@@ -2,7 +2,7 @@
 //!
 //! # Shape legend
 //! B batch, C channels, H×W image, P patch, gh×gw patch grid (H/P × W/P), N tokens
-//! (prefix tokens + gh·gw: the [class] token, and DeiT's distillation and register tokens when
+//! (prefix tokens + gh·gw: the \[class\] token, and DeiT's distillation and register tokens when
 //! present), D width, nh heads, hd head dim (D/nh), M MLP width,
 //! K classes, F feature width fed to the classifier (D, or the pre-logits width), L layers.
 //!
@@ -10,19 +10,19 @@
 //! image `(B, C, H, W)` → patches `(B·gh·gw, C·P·P)` → linear projection `(B·gh·gw, D)` →
 //! prepend the prefix tokens, add position embeddings `(B, N, D)` → L blocks `(B, N, D)`, each
 //! branch optionally scaled by LayerScale → final norm → pool `(B, D)`: class token, mean of
-//! the patch tokens, or attention pooling → [fc_norm] → [pre-logits dense + tanh `(B, F)`] →
+//! the patch tokens, or attention pooling → \[fc_norm\] → \[pre-logits dense + tanh `(B, F)`\] →
 //! head `(B, K)` (DeiT: the mean of `head` on the class token and `head_dist` on the
 //! distillation token).
 //!
 //! # Where each stage lives
 //! One file per stage of the paper, each with its forward and its backward side by side:
-//! [`embed`] (patches, prefix tokens, position embedding), [`block`] (attention and MLP
-//! branches, pre/post norm, LayerScale, dropout and stochastic depth), [`pool`] (class token,
-//! mean, attention pooling) and [`head`] (fc_norm, pre-logits, classifiers). [`forward`] is the
-//! one forward pass inference and training share; [`backward`] the training step that runs it
-//! and then the stages' backwards in reverse. [`layers`] holds the linear and LayerNorm layers
-//! the stages are built from, [`workspace`] the activation buffers, [`params`] the parameter
-//! store, [`init`] the initialisation.
+//! `embed` (patches, prefix tokens, position embedding), `block` (attention and MLP
+//! branches, pre/post norm, LayerScale, dropout and stochastic depth), `pool` (class token,
+//! mean, attention pooling) and `head` (fc_norm, pre-logits, classifiers). `forward` is the
+//! one forward pass inference and training share; `backward` the training step that runs it
+//! and then the stages' backwards in reverse. `layers` holds the linear and LayerNorm layers
+//! the stages are built from, `workspace` the activation buffers, `params` the parameter
+//! store, `init` the initialisation.
 
 mod backward;
 mod block;

@@ -1,5 +1,5 @@
 //! Stage 4, pooling: the final token states `(B, N, D)` become one vector per image `(B, D)`
-//! — the [class] token (the paper's), the mean of the patch tokens (`gap`), or attention
+//! — the \[class\] token (the paper's), the mean of the patch tokens (`gap`), or attention
 //! pooling (`map`: one learned query attends over the tokens, timm's `AttentionPoolLatent`,
 //! big_vision's `MAPHead`). DeiT also reads its distillation token here. Forward and backward.
 

@@ -189,7 +189,7 @@ impl TrainWorkspace {
     }
 
     /// Bytes a training step of `cfg` holds per image of the batch: the activations and
-    /// gradient scratch [`Self::prepare`] allocates (the same list, counted without
+    /// gradient scratch `prepare` allocates (the same list, counted without
     /// allocating, so an impossible batch size can be refused up front). The gradients add
     /// one float per parameter on top.
     pub fn bytes_per_image(cfg: &ViTConfig) -> u64 {

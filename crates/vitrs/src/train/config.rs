@@ -31,7 +31,7 @@ pub struct ModelSpec {
     pub gelu: Option<Gelu>,
     pub qkv_bias: Option<bool>,
     pub layer_norm_eps: Option<f32>,
-    /// `false` for a model without a [class] token (pool `mean` or `map`).
+    /// `false` for a model without a \[class\] token (pool `mean` or `map`).
     pub class_token: Option<bool>,
     /// Register tokens (Darcet et al. 2024).
     pub reg_tokens: Option<usize>,
