@@ -22,19 +22,23 @@ fn mpirun() -> Option<std::path::PathBuf> {
     })
 }
 
-/// `mpirun -np N vit --threads 1 ARGS`.
-fn ranks(mpirun: &Path, n: usize, args: &[&str]) -> Output {
-    Command::new(mpirun)
-        .args(["-np", &n.to_string(), "--oversubscribe"])
+/// The command `mpirun -np N vit --threads 1 ARGS`.
+fn mpirun_vit(mpirun: &Path, n: usize, args: &[&str]) -> Command {
+    let mut c = Command::new(mpirun);
+    c.args(["-np", &n.to_string(), "--oversubscribe"])
         .arg(env!("CARGO_BIN_EXE_vit"))
         .args(["--threads", "1"])
         .args(args)
         .current_dir(workdir())
         // Containers and CI machines run as root, which Open MPI refuses unless told.
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .output()
-        .expect("run mpirun")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    c
+}
+
+/// Runs `mpirun -np N vit --threads 1 ARGS` to the end.
+fn ranks(mpirun: &Path, n: usize, args: &[&str]) -> Output {
+    mpirun_vit(mpirun, n, args).output().expect("run mpirun")
 }
 
 fn params(run: &Path) -> Vec<f32> {
@@ -217,21 +221,8 @@ fn a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes() {
     // Long enough that it is still running when rank 1 is killed.
     let cfg = config(&root, 100_000, "checkpoint_every = 5");
     let out = root.join("run");
-    let mut job = Command::new(&mpirun)
-        .args(["-np", "2", "--oversubscribe"])
-        .arg(env!("CARGO_BIN_EXE_vit"))
-        .args([
-            "--threads",
-            "1",
-            "train",
-            "--config",
-            s(&cfg),
-            "--out",
-            s(&out),
-        ])
-        .current_dir(workdir())
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    let args = ["train", "--config", s(&cfg), "--out", s(&out)];
+    let mut job = mpirun_vit(&mpirun, 2, &args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -10,7 +10,9 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{gathered_accumulate, linear, linear_dw, linear_dx, linear_gathered, Epilogue};
+use super::gemm::{
+    add_assign, gathered_accumulate, linear, linear_dw, linear_dx, linear_gathered, Epilogue,
+};
 
 /// Where a `(B, C, H, W)` tensor keeps its values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,23 +99,20 @@ pub fn im2col(g: &Conv2d, x: &[f32], layout: Layout, cols: &mut [f32]) {
     super::check_len("im2col: cols", cols.len(), g.rows() * g.cols());
     let (ho, wo) = g.out_hw();
     let [sb, sc, sy, sx] = g.in_strides(layout);
-    let (k, s, p, ci) = (g.k, g.stride, g.pad as isize, g.in_ch);
+    let (k, ci) = (g.k, g.in_ch);
     let kk = g.cols();
     let fill = |r0: usize, chunk: &mut [f32]| {
         for (i, row) in chunk.chunks_exact_mut(kk).enumerate() {
             let r = r0 + i;
             let (b, oy, ox) = (r / (ho * wo), (r / wo) % ho, r % wo);
-            let (y0, x0) = ((oy * s) as isize - p, (ox * s) as isize - p);
             for ky in 0..k {
-                let y = y0 + ky as isize;
                 for kx in 0..k {
-                    let xx = x0 + kx as isize;
                     let out = &mut row[(ky * k + kx) * ci..(ky * k + kx + 1) * ci];
-                    if y < 0 || y >= g.h as isize || xx < 0 || xx >= g.w as isize {
+                    let Some((y, xx)) = g.tap(oy, ox, ky, kx) else {
                         out.fill(0.0);
                         continue;
-                    }
-                    let at = b * sb + y as usize * sy + xx as usize * sx;
+                    };
+                    let at = b * sb + y * sy + xx * sx;
                     if sc == 1 {
                         out.copy_from_slice(&x[at..at + ci]);
                     } else {
@@ -142,23 +141,17 @@ pub fn col2im_add(g: &Conv2d, dcols: &[f32], dx: &mut [f32]) {
     super::check_len("col2im: dcols", dcols.len(), g.rows() * g.cols());
     super::check_len("col2im: dx", dx.len(), g.in_len());
     let (ho, wo) = g.out_hw();
-    let (k, s, p, ci) = (g.k, g.stride, g.pad as isize, g.in_ch);
+    let (k, ci) = (g.k, g.in_ch);
     let (kk, image) = (g.cols(), g.h * g.w * ci);
     let add = |dcols: &[f32], dx: &mut [f32]| {
         for (r, row) in dcols.chunks_exact(kk).enumerate() {
             let (oy, ox) = (r / wo, r % wo);
-            let (y0, x0) = ((oy * s) as isize - p, (ox * s) as isize - p);
             for ky in 0..k {
-                let y = y0 + ky as isize;
-                if y < 0 || y >= g.h as isize {
-                    continue;
-                }
                 for kx in 0..k {
-                    let xx = x0 + kx as isize;
-                    if xx < 0 || xx >= g.w as isize {
+                    let Some((y, xx)) = g.tap(oy, ox, ky, kx) else {
                         continue;
-                    }
-                    let at = (y as usize * g.w + xx as usize) * ci;
+                    };
+                    let at = (y * g.w + xx) * ci;
                     let src = &row[(ky * k + kx) * ci..(ky * k + kx + 1) * ci];
                     dx[at..at + ci]
                         .iter_mut()
@@ -188,13 +181,21 @@ pub fn taps_last(g: &Conv2d, w: &[f32], out: &mut Vec<f32>) {
     }
 }
 
-/// Adds a gradient in [`taps_last`] order back onto `dw` in PyTorch's order.
-fn add_taps_first(g: &Conv2d, dw_t: &[f32], dw: &mut [f32]) {
-    let (ci, kk) = (g.in_ch, g.k * g.k);
-    for o in 0..g.out_ch {
+/// Adds a weight gradient over [`im2col`]'s columns back onto `dw` in PyTorch's order: `g_t`
+/// is `(C_out, k·k·C_in)`, or with `transposed` `(k·k·C_in, C_out)`.
+fn add_taps_first(g: &Conv2d, g_t: &[f32], transposed: bool, dw: &mut [f32]) {
+    let (ci, co, kk) = (g.in_ch, g.out_ch, g.k * g.k);
+    for o in 0..co {
         for c in 0..ci {
             for t in 0..kk {
-                dw[(o * ci + c) * kk + t] += dw_t[(o * kk + t) * ci + c];
+                // Column (tap, channel) of output channel o.
+                let col = t * ci + c;
+                let at = if transposed {
+                    col * co + o
+                } else {
+                    o * kk * ci + col
+                };
+                dw[(o * ci + c) * kk + t] += g_t[at];
             }
         }
     }
@@ -326,23 +327,16 @@ pub fn conv2d_backward(
         let (rows, offs) = pad_channels_last(g, x, layout, cols);
         gathered = gathered_accumulate(cols, (&offs, &rows), dy, &mut dw_t, (kk, m, n));
     }
-    if gathered.is_some() {
-        // (k·k·C_in, C_out) -> (C_out, k·k·C_in), the order add_taps_first reads.
-        let t = dw_t.clone();
-        for p in 0..kk {
-            for o in 0..n {
-                dw_t[o * kk + p] = t[p * n + o];
-            }
-        }
-    } else {
+    if gathered.is_none() {
+        // dW (C_out, k·k·C_in) += dyᵀ · (lowered x).
         cols.resize(m * kk, 0.0);
         im2col(g, x, layout, cols);
         linear_dw(dy, cols, &mut dw_t, (m, kk, n));
     }
-    add_taps_first(g, &dw_t, dw);
+    add_taps_first(g, &dw_t, gathered.is_some(), dw);
     if let Some(db) = db {
         for row in dy.chunks_exact(n).take(m) {
-            db.iter_mut().zip(row).for_each(|(d, v)| *d += v);
+            add_assign(&mut db[..n], row);
         }
     }
     let Some(dx) = dx else {

@@ -24,7 +24,7 @@ use crate::kernels::batchnorm::{
     batchnorm_backward, batchnorm_eval, batchnorm_train, relu_mask, After,
 };
 use crate::kernels::conv::{conv2d, conv2d_backward, Conv2d, Layout};
-use crate::kernels::gemm::{linear, linear_backward, Epilogue};
+use crate::kernels::gemm::{add_assign, linear, linear_backward, Epilogue};
 use crate::kernels::loss::{cross_entropy, Targets};
 
 /// The architecture.
@@ -814,10 +814,7 @@ impl ResNet {
             if li % 2 == 1 {
                 if g.stride == 1 && g.in_ch == g.out_ch {
                     let m = g.in_len();
-                    dy[..m]
-                        .iter_mut()
-                        .zip(&dres[..m])
-                        .for_each(|(d, r)| *d += r);
+                    add_assign(&mut dy[..m], &dres[..m]);
                 } else {
                     shortcut_a_backward(dres, &g, dy);
                 }

@@ -36,12 +36,13 @@ pub trait Collective {
         self.all_reduce_sum(grads);
     }
 
-    /// Replaces `buf` with its element-wise mean over all ranks.
-    fn all_reduce_mean(&self, buf: &mut [f32]) {
+    /// [`finish_sums`](Self::finish_sums), then divides by the number of ranks: `grads` is
+    /// the element-wise mean over all ranks (what the optimizer step takes).
+    fn finish_means(&self, grads: &mut [f32]) {
         if self.size() > 1 {
-            self.all_reduce_sum(buf);
+            self.finish_sums(grads);
             let s = 1.0 / self.size() as f32;
-            buf.iter_mut().for_each(|v| *v *= s);
+            grads.iter_mut().for_each(|v| *v *= s);
         }
     }
 }
@@ -233,7 +234,7 @@ mod tests {
                     let mut v = vec![r.rank() as f32, 1.0];
                     r.all_reduce_sum(&mut v);
                     let mut m = vec![r.rank() as f32 * 3.0];
-                    r.all_reduce_mean(&mut m);
+                    r.finish_means(&mut m);
                     (v, m)
                 })
             })
@@ -244,7 +245,7 @@ mod tests {
             assert_eq!(m, vec![3.0]);
         }
         let mut x = vec![2.0];
-        Single.all_reduce_mean(&mut x);
+        Single.finish_means(&mut x);
         assert_eq!(x, vec![2.0]);
     }
 

@@ -646,9 +646,7 @@ impl Trainer {
                 // is the wait left after the backward (the communication not overlapped).
                 if world > 1 {
                     let clock = Instant::now();
-                    self.comm.finish_sums(self.tw.grads_mut());
-                    let s = 1.0 / world as f32;
-                    self.tw.grads_mut().iter_mut().for_each(|g| *g *= s);
+                    self.comm.finish_means(self.tw.grads_mut());
                     comm_s += clock.elapsed().as_secs_f64();
                     comm_steps += 1;
                 }
