@@ -200,7 +200,13 @@ fn distance(ck: &Checkpoint, a: &AttentionArgs) -> Result<u8> {
         bail!("--distance needs --dataset (a name such as fashion-mnist, or a directory)");
     };
     let cfg = ck.model.config().clone();
-    let data = open_for_model(dataset, Split::Test, &cfg, &ForModel::default())?;
+    let input = (cfg.channels, cfg.image_height, cfg.image_width);
+    let data = open_for_model(
+        dataset,
+        Split::Test,
+        (input, cfg.num_classes),
+        &ForModel::default(),
+    )?;
     let (mean, std) = (&ck.preprocess.mean, &ck.preprocess.std);
     let (total, n) = dataset_attention_distance(&ck.model, data, mean, std, a.limit)?;
     plot_distance(

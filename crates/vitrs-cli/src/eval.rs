@@ -1,10 +1,12 @@
-//! `vit eval`: top-1, top-5, per-class accuracy and the confusion matrix on a test split.
+//! `vit eval`: top-1, top-5, per-class accuracy and the confusion matrix on a test split, for
+//! a ViT or a ResNet.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use serde_json::json;
 use vitrs::data::{open_for_model, ForModel, Split};
+use vitrs::model::Net;
 use vitrs::viz::confusion::plot_confusion;
 
 #[derive(clap::Args)]
@@ -45,7 +47,8 @@ pub(crate) fn run(a: EvalArgs) -> Result<u8> {
     } else {
         vitrs::Weights::Average
     };
-    let mut ck = vitrs::load_weights(&a.model, which).context("cannot load model")?;
+    let mut ck =
+        vitrs::checkpoint::load_net_weights(&a.model, which).context("cannot load model")?;
     // Which of a training checkpoint's two sets of weights this is (to stderr: --json
     // keeps stdout to one object).
     for c in &ck.report.conversions {
@@ -55,16 +58,27 @@ pub(crate) fn run(a: EvalArgs) -> Result<u8> {
     }
     if let Some(s) = &a.image_size {
         let [h, w] = crate::finetune::parse_size(s)?;
-        let adapted = vitrs::train::transfer::at_resolution(&ck.model, (h, w))?;
-        for note in &adapted.changes {
+        let (model, changes) = match &ck.model {
+            Net::ViT(m) => {
+                let adapted = vitrs::train::transfer::at_resolution(m, (h, w))?;
+                (Net::ViT(adapted.model), adapted.changes)
+            }
+            Net::ResNet(m) => (
+                Net::ResNet(m.with_input((h, w))?),
+                vec!["same convolutions (global average pooling takes any size)".to_string()],
+            ),
+        };
+        for note in &changes {
             eprintln!("eval at {h}x{w}: {note}");
         }
-        ck.model = adapted.model;
+        ck.model = model;
         (ck.preprocess.height, ck.preprocess.width) = (h, w);
     }
     // Many forwards of the same weights: pack them once for the GEMM kernel.
-    ck.model.pack_weights();
-    let cfg = ck.model.config();
+    if let Net::ViT(m) = &mut ck.model {
+        m.pack_weights();
+    }
+    let k = ck.model.num_classes();
     let classes = a
         .classes
         .as_deref()
@@ -77,14 +91,14 @@ pub(crate) fn run(a: EvalArgs) -> Result<u8> {
         resize: a.image_size.is_some(),
         same_classes: true,
     };
-    let data = open_for_model(&a.dataset, Split::Test, cfg, &opts)?;
+    let data = open_for_model(&a.dataset, Split::Test, (ck.model.input(), k), &opts)?;
     if data.skipped() > 0 {
         eprintln!(
             "warning: skipped {} file(s) that are not readable images (--strict stops on them)",
             data.skipped()
         );
     }
-    let labels: Vec<String> = (0..cfg.num_classes).map(|i| ck.label(i)).collect();
+    let labels: Vec<String> = (0..k).map(|i| ck.label(i)).collect();
     let (mean, std) = (&ck.preprocess.mean, &ck.preprocess.std);
     let r = vitrs::train::evaluate(&ck.model, data, a.batch_size.max(1), mean, std, 1)?;
     let title = format!("{} test split", a.dataset);

@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 use vitrs::infer::{expand_inputs, Predictor};
+use vitrs::model::Net;
 
 #[derive(clap::Args)]
 pub(crate) struct PredictArgs {
@@ -30,7 +31,7 @@ pub(crate) struct PredictArgs {
 }
 
 pub(crate) fn run(a: PredictArgs) -> Result<u8> {
-    let mut ck = crate::load(&a.model)?;
+    let mut ck = vitrs::checkpoint::load_net(&a.model).context("cannot load model")?;
     let (files, skipped) = expand_inputs(&a.inputs)?;
     if skipped > 0 {
         eprintln!("warning: skipped {skipped} file(s) that are not images or .npy arrays");
@@ -45,10 +46,10 @@ pub(crate) fn run(a: PredictArgs) -> Result<u8> {
                 .join(", ")
         );
     }
-    vitrs::infer::check_batch_memory(ck.model.config(), a.batch_size.min(files.len()))?;
-    if files.len() > a.batch_size.max(1) {
+    vitrs::infer::check_batch_memory(&ck.model, a.batch_size.min(files.len()))?;
+    if let (true, Net::ViT(m)) = (files.len() > a.batch_size.max(1), &mut ck.model) {
         // More than one forward: packing the weights once beats packing them every time.
-        ck.model.pack_weights();
+        m.pack_weights();
     }
     let mut failures = 0usize;
     let mut predictor = Predictor::new(&ck, a.batch_size, a.top_k);

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use vitrs::model::Net;
 use vitrs::train::trainer::{Outcome, CURVE, METRICS, MODEL};
 use vitrs::train::{RunConfig, Trainer};
 
@@ -165,7 +166,16 @@ pub(crate) fn drive(mut trainer: Trainer, max_steps: Option<u64>) -> Result<u8> 
     let mut bar = Bar::new();
     bar.eval_source = trainer.eval_source.clone();
     trainer.fit_to_budget(&mut bar)?;
-    let cfg = trainer.model.config().clone();
+    let arch = match &trainer.model {
+        Net::ViT(m) => {
+            let c = m.config();
+            format!(
+                "D={} L={} heads={} patch={}",
+                c.width, c.depth, c.heads, c.patch_size
+            )
+        }
+        Net::ResNet(_) => trainer.model.describe(),
+    };
     // With several ranks, rank 0 speaks for all.
     if trainer.rank() != 0 {
         let outcome = trainer.run(&mut bar, &stop, max_steps)?;
@@ -175,11 +185,7 @@ pub(crate) fn drive(mut trainer: Trainer, max_steps: Option<u64>) -> Result<u8> 
         });
     }
     eprintln!(
-        "training D={} L={} heads={} patch={} on {} images ({} held for evaluation: {}), {} parameters, {} steps, run dir {}",
-        cfg.width,
-        cfg.depth,
-        cfg.heads,
-        cfg.patch_size,
+        "training {arch} on {} images ({} held for evaluation: {}), {} parameters, {} steps, run dir {}",
         trainer.train_len(),
         trainer.eval_len(),
         trainer.eval_source,

@@ -12,7 +12,7 @@ use crate::config::ViTConfig;
 use crate::error::Result;
 use crate::kernels::loss::Targets;
 use crate::model::resnet::{ResNet, ResNetConfig, ResNetWorkspace};
-use crate::model::{Capture, TrainWorkspace, ViT, Workspace};
+use crate::model::{Capture, Net, TrainWorkspace, ViT, Workspace};
 use crate::tensor::Tensor;
 use crate::train::optim::{Optimizer, OptimizerKind};
 use crate::train::RunConfig;
@@ -21,15 +21,6 @@ use crate::train::RunConfig;
 pub struct Workload {
     pub model: Net,
     pub optimizer: OptimizerKind,
-}
-
-/// The model a [`Workload`] times.
-#[allow(clippy::large_enum_variant)] // one per benchmark run: the size does not matter
-pub enum Net {
-    ViT(ViT),
-    /// The CIFAR ResNet baseline ([`crate::model::resnet`]), from a preset such as
-    /// `resnet20@28x1`.
-    ResNet(ResNet),
 }
 
 impl Workload {
@@ -45,14 +36,13 @@ impl Workload {
             // Without the data at hand, take the shape of a dataset known by name.
             let (shape, classes) =
                 crate::data::known_shape(&run.data.dataset).unwrap_or(((3, 224, 224), 1000));
-            let cfg = run.model.resolve(shape, classes)?;
             return Ok(Workload {
-                model: Net::ViT(ViT::random(cfg, 0)?),
+                model: run.model.resolve_net(shape, classes)?.build(0)?,
                 optimizer: run.train.optimizer,
             });
         }
         let model = if p.exists() {
-            Net::ViT(crate::checkpoint::load(p)?.model)
+            crate::checkpoint::load_net(p)?.model
         } else if let Some(cfg) = ResNetConfig::preset(spec) {
             Net::ResNet(ResNet::new(cfg?, 0)?)
         } else {

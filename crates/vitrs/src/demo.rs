@@ -136,7 +136,8 @@ impl Demo {
         let images = self.out.join("images");
         std::fs::create_dir_all(&images).map_err(|e| Error::io(&images, e))?;
         // The weights the run evaluated (their moving average, when the config keeps one).
-        let model = t.result_model();
+        let trained = t.result_model();
+        let model = trained.vit("the demo")?;
         let mut examples = vec![];
         let mut seen = vec![false; self.test.classes().len()];
         let mut px = vec![0u8; 28 * 28];
@@ -174,7 +175,7 @@ impl Demo {
                 .unwrap_or_else(|| format!("class_{i}"))
         };
         let explained = crate::viz::attention::explain(
-            &model,
+            model,
             &t.preprocess,
             &label_of,
             &files,

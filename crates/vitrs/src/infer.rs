@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::kernels::math::softmax_ref;
-use crate::model::{Capture, Workspace};
+use crate::model::{Net, NetWorkspace};
 use crate::tensor::Tensor;
 
 /// File extensions taken from a directory.
@@ -76,8 +76,8 @@ pub fn expand_inputs(inputs: &[PathBuf]) -> Result<(Vec<PathBuf>, usize)> {
 
 /// Runs a checkpoint over inputs in batches, streaming: at most one batch of images is held.
 pub struct Predictor<'a> {
-    ckpt: &'a Checkpoint,
-    ws: Workspace,
+    ckpt: &'a Checkpoint<Net>,
+    ws: NetWorkspace,
     batch_size: usize,
     top_k: usize,
 }
@@ -92,13 +92,19 @@ pub fn available_memory() -> Option<u64> {
 
 /// Refuses an inference batch whose activations cannot fit in the available memory, before
 /// allocating, with the estimate and the largest batch that fits.
-pub fn check_batch_memory(cfg: &crate::config::ViTConfig, batch: usize) -> Result<()> {
+pub fn check_batch_memory(model: &Net, batch: usize) -> Result<()> {
     let Some(avail) = available_memory() else {
         return Ok(());
     };
-    let per = crate::model::Workspace::bytes_per_image(cfg).max(1);
+    let per = match model {
+        Net::ViT(m) => crate::model::Workspace::bytes_per_image(m.config()),
+        // A ResNet's evaluation uses the training workspace's buffers.
+        Net::ResNet(m) => m.train_bytes_per_image(),
+    }
+    .max(1);
     // Each image's pixels are held too until its batch runs.
-    let per = per + 4 * (cfg.channels * cfg.image_height * cfg.image_width) as u64;
+    let (c, h, w) = model.input();
+    let per = per + 4 * (c * h * w) as u64;
     let need = per.saturating_mul(batch as u64);
     if need <= avail {
         return Ok(());
@@ -114,10 +120,10 @@ pub fn check_batch_memory(cfg: &crate::config::ViTConfig, batch: usize) -> Resul
 }
 
 impl<'a> Predictor<'a> {
-    pub fn new(ckpt: &'a Checkpoint, batch_size: usize, top_k: usize) -> Self {
+    pub fn new(ckpt: &'a Checkpoint<Net>, batch_size: usize, top_k: usize) -> Self {
         Predictor {
             ckpt,
-            ws: Workspace::new(),
+            ws: NetWorkspace::for_net(&ckpt.model),
             batch_size: batch_size.max(1),
             top_k: top_k.max(1),
         }
@@ -167,16 +173,14 @@ impl<'a> Predictor<'a> {
         let mut shape = items[0].1.shape().to_vec();
         shape.insert(0, items.len());
         let x = Tensor::new(shape, data)?;
-        let out = self
-            .ckpt
-            .model
-            .forward(&x, Capture::default(), &mut self.ws)?;
-        let k = out.logits.shape()[1];
+        let logits = self.ckpt.model.logits(&x, &mut self.ws)?;
+        // A ViT without a head gives its features.
+        let k = (logits.len() / items.len()).max(1);
+        let has_head = self.ckpt.model.num_classes() > 0;
         Ok(items
             .iter()
-            .zip(out.logits.data().chunks_exact(k))
+            .zip(logits.chunks_exact(k))
             .map(|((name, _), row)| {
-                let has_head = self.ckpt.model.config().num_classes > 0;
                 let top = if has_head {
                     top_k(row, self.top_k)
                         .into_iter()
@@ -228,6 +232,7 @@ mod tests {
         let cfg = crate::config::ViTConfig::preset("B/16").unwrap();
         // 7.9 MB of activations and pixels per ViT-B image: 10 million images cannot fit.
         assert!(crate::model::Workspace::bytes_per_image(&cfg) > 7_000_000);
+        let cfg = Net::ViT(crate::model::ViT::zeros(cfg).unwrap());
         if available_memory().is_none() {
             return; // no /proc/meminfo: nothing to check against
         }

@@ -359,7 +359,7 @@ fn the_weights_average_is_evaluated_saved_and_resumed() {
     );
     // The evaluation was of the average.
     let direct = vitrs::train::evaluate(
-        &saved.model,
+        &vitrs::model::Net::ViT(saved.model.clone()),
         vitrs::data::open(
             root.join("data").to_str().unwrap(),
             vitrs::data::Split::Test,

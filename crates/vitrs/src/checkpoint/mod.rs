@@ -27,7 +27,8 @@ use serde::Serialize;
 
 use crate::config::ViTConfig;
 use crate::error::{Error, Result};
-use crate::model::ViT;
+use crate::model::resnet::{ResNet, ResNetConfig};
+use crate::model::{Net, Params, ViT};
 use crate::preprocess::Preprocess;
 use crate::tensor::Tensor;
 use safetensors::{SafeTensors, SaveDtype};
@@ -40,6 +41,8 @@ const META_CONFIG: &str = "vitrs.config";
 pub const EMA_PREFIX: &str = "ema.";
 const META_PREPROCESS: &str = "vitrs.preprocess";
 const META_LABELS: &str = "vitrs.labels";
+/// The architecture of a native file: `"resnet"`; absent for a ViT (every earlier file).
+const META_ARCH: &str = "vitrs.arch";
 
 /// Which producer wrote a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -100,17 +103,18 @@ impl LoadReport {
     }
 }
 
-/// A loaded checkpoint: the model plus what travels with it.
+/// A loaded checkpoint: the model (a [`ViT`], or a [`Net`] of either architecture from
+/// [`load_net`]) plus what travels with it.
 #[derive(Clone, Debug)]
-pub struct Checkpoint {
-    pub model: ViT,
+pub struct Checkpoint<M = ViT> {
+    pub model: M,
     pub preprocess: Preprocess,
     /// Class names by index, when the checkpoint names them.
     pub labels: Option<Vec<String>>,
     pub report: LoadReport,
 }
 
-impl Checkpoint {
+impl<M> Checkpoint<M> {
     /// The name of class `i`: its label, or `class_{i}`.
     pub fn label(&self, i: usize) -> String {
         self.labels
@@ -626,6 +630,14 @@ fn native_meta(
     path: &Path,
     meta: &BTreeMap<String, String>,
 ) -> Result<(ViTConfig, Preprocess, Option<Vec<String>>)> {
+    if let Some(arch) = meta.get(META_ARCH) {
+        return Err(Error::BadInput(format!(
+            "{} holds a {arch} (native file with `{META_ARCH}` = \"{arch}\"), and this command \
+             works on ViTs only; vit train, eval, predict, finetune and bench take it",
+            path.display()
+        )));
+    }
+    let (preprocess, labels) = native_extras(path, meta)?;
     let get = |k: &str| {
         meta.get(k).ok_or_else(|| {
             Error::malformed(path, "native checkpoint", format!("metadata lacks `{k}`"))
@@ -633,7 +645,22 @@ fn native_meta(
     };
     let config = ViTConfig::from_json(get(META_CONFIG)?)
         .map_err(|e| Error::malformed(path, "native checkpoint", e.to_string()))?;
-    let preprocess: Preprocess = serde_json::from_str(get(META_PREPROCESS)?)
+    Ok((config, preprocess, labels))
+}
+
+/// The preprocessing and labels of a native file, whatever its architecture.
+fn native_extras(
+    path: &Path,
+    meta: &BTreeMap<String, String>,
+) -> Result<(Preprocess, Option<Vec<String>>)> {
+    let text = meta.get(META_PREPROCESS).ok_or_else(|| {
+        Error::malformed(
+            path,
+            "native checkpoint",
+            format!("metadata lacks `{META_PREPROCESS}`"),
+        )
+    })?;
+    let preprocess: Preprocess = serde_json::from_str(text)
         .map_err(|e| Error::malformed(path, "native checkpoint", format!("preprocessing: {e}")))?;
     preprocess.validate()?;
     let labels: Option<Vec<String>> = match meta.get(META_LABELS) {
@@ -643,7 +670,101 @@ fn native_meta(
         ),
         None => None,
     };
-    Ok((config, preprocess, labels))
+    Ok((preprocess, labels))
+}
+
+/// Loads a checkpoint of either architecture: a native ResNet file (what `vit train` writes
+/// for `arch = "resnet"`), or anything [`load`] reads, as a ViT.
+pub fn load_net(path: &Path) -> Result<Checkpoint<Net>> {
+    load_net_weights(path, Weights::Average)
+}
+
+/// [`load_net`], choosing between trained and averaged weights as [`load_weights`] does.
+pub fn load_net_weights(path: &Path, which: Weights) -> Result<Checkpoint<Net>> {
+    let is_file = path.is_file();
+    let header = if is_file {
+        SafeTensors::read_header(path).ok()
+    } else {
+        None
+    };
+    let resnet = header
+        .as_ref()
+        .and_then(|h| h.metadata.get(META_ARCH))
+        .is_some_and(|a| a == "resnet");
+    if !resnet {
+        let ck = load_weights(path, which)?;
+        return Ok(Checkpoint {
+            model: Net::ViT(ck.model),
+            preprocess: ck.preprocess,
+            labels: ck.labels,
+            report: ck.report,
+        });
+    }
+    load_native_resnet(SafeTensors::read(path)?, which)
+}
+
+/// A native ResNet file: parameters and running statistics under PyTorch's names; a training
+/// checkpoint's optimizer moments left aside, and its weights' moving average (`ema.<name>`)
+/// taken unless the trained weights are asked for.
+fn load_native_resnet(st: SafeTensors, which: Weights) -> Result<Checkpoint<Net>> {
+    let path = st.path().to_path_buf();
+    let meta = st.metadata();
+    let (preprocess, labels) = native_extras(&path, meta)?;
+    let text = meta.get(META_CONFIG).ok_or_else(|| {
+        Error::malformed(
+            &path,
+            "native ResNet",
+            format!("metadata lacks `{META_CONFIG}`"),
+        )
+    })?;
+    let config: ResNetConfig = serde_json::from_str(text)
+        .map_err(|e| Error::malformed(&path, "native ResNet", format!("config: {e}")))?;
+    let mut model = ResNet::zeros(config)?;
+    let mut report = LoadReport::new(Format::Native, &path);
+    let averaged = st.tensors().keys().any(|k| k.starts_with(EMA_PREFIX));
+    report.moving_average = averaged;
+    let take_average = averaged && which == Weights::Average;
+    let mut fill = |params: &mut Params, prefix: &str| -> Result<()> {
+        for e in params.entries().to_vec() {
+            let name = format!("{prefix}{}", e.name);
+            let t = st.tensor(&name)?;
+            if t.shape() != e.shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    name,
+                    expected: e.shape.clone(),
+                    got: t.shape().to_vec(),
+                });
+            }
+            params.flat_mut()[e.range.clone()].copy_from_slice(t.data());
+            report.applied.push(e.name.clone());
+        }
+        Ok(())
+    };
+    fill(
+        model.params_mut(),
+        if take_average { EMA_PREFIX } else { "" },
+    )?;
+    fill(model.buffers_mut(), "")?;
+    if averaged {
+        report.conversions.push(if take_average {
+            "training checkpoint: loaded the weights' moving average, as the run evaluated and \
+             saved it; the trained weights left aside"
+                .to_string()
+        } else {
+            "training checkpoint: loaded the trained weights, as asked".to_string()
+        });
+    }
+    if !all_finite(model.params().flat()) || !all_finite(model.buffers().flat()) {
+        report
+            .conversions
+            .push("warning: the model holds NaN or Inf values".to_string());
+    }
+    Ok(Checkpoint {
+        model: Net::ResNet(model),
+        preprocess,
+        labels,
+        report,
+    })
 }
 
 fn load_native(st: SafeTensors, which: Weights) -> Result<Checkpoint> {
@@ -723,6 +844,74 @@ pub fn native_metadata(
         );
     }
     Ok(meta)
+}
+
+/// The metadata of a native file of either architecture.
+pub fn net_metadata(
+    model: &Net,
+    preprocess: &Preprocess,
+    labels: Option<&[String]>,
+) -> Result<BTreeMap<String, String>> {
+    match model {
+        Net::ViT(m) => native_metadata(m, preprocess, labels),
+        Net::ResNet(m) => {
+            let mut meta = BTreeMap::new();
+            meta.insert(META_FORMAT.to_string(), META_FORMAT_VALUE.to_string());
+            meta.insert(META_ARCH.to_string(), "resnet".to_string());
+            meta.insert(
+                META_CONFIG.to_string(),
+                serde_json::to_string(m.config())
+                    .map_err(|e| Error::serialize("the ResNet config", e))?,
+            );
+            meta.insert(
+                META_PREPROCESS.to_string(),
+                serde_json::to_string(preprocess)
+                    .map_err(|e| Error::serialize("the preprocessing", e))?,
+            );
+            if let Some(l) = labels {
+                meta.insert(
+                    META_LABELS.to_string(),
+                    serde_json::to_string(l)
+                        .map_err(|e| Error::serialize("the class labels", e))?,
+                );
+            }
+            Ok(meta)
+        }
+    }
+}
+
+/// The named tensors of a model of either architecture: its parameters, then (a ResNet) its
+/// running statistics.
+pub fn net_tensors(model: &Net) -> Vec<(&str, &[usize], &[f32])> {
+    let mut out = vec![];
+    for p in std::iter::once(model.params()).chain(model.buffers()) {
+        out.extend(p.entries().iter().map(|e| {
+            (
+                e.name.as_str(),
+                e.shape.as_slice(),
+                &p.flat()[e.range.clone()],
+            )
+        }));
+    }
+    out
+}
+
+/// [`save_native`] for a model of either architecture (`vit train` writes its
+/// model.safetensors this way); [`load_net`] reads it back.
+pub fn save_net(
+    path: &Path,
+    model: &Net,
+    preprocess: &Preprocess,
+    labels: Option<&[String]>,
+    dtype: SaveDtype,
+) -> Result<()> {
+    match model {
+        Net::ViT(m) => save_native(path, m, preprocess, labels, dtype),
+        Net::ResNet(_) => {
+            let meta = net_metadata(model, preprocess, labels)?;
+            safetensors::write(path, &net_tensors(model), &meta, dtype)
+        }
+    }
 }
 
 /// Writes the native format: timm-named tensors with the config, preprocessing and labels in

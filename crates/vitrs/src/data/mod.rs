@@ -485,16 +485,16 @@ pub struct ForModel {
     pub same_classes: bool,
 }
 
-/// Opens `spec`'s `split` for a model of `cfg` — to evaluate it, or to look at its attention
-/// — and checks the two fit: image shape (or resizes, with `opts.resize`), and class count
-/// when `opts.same_classes`. Errors say which side disagrees and what to do.
+/// Opens `spec`'s `split` for a model taking `size` `(C, H, W)` images into `classes`
+/// classes — to evaluate it, or to look at its attention — and checks the two fit: image
+/// shape (or resizes, with `opts.resize`), and class count when `opts.same_classes`. Errors
+/// say which side disagrees and what to do.
 pub fn open_for_model(
     spec: &str,
     split: Split,
-    cfg: &crate::config::ViTConfig,
+    (size, classes): ((usize, usize, usize), usize),
     opts: &ForModel,
 ) -> Result<Arc<dyn Dataset>> {
-    let size = (cfg.channels, cfg.image_height, cfg.image_width);
     let mut data = open_with(spec, split, size, opts.strict)?;
     if let Some(c) = &opts.classes {
         data = select_classes(data, c, spec)?;
@@ -509,11 +509,11 @@ pub fn open_for_model(
             data.shape()
         )));
     }
-    if opts.same_classes && data.classes().len() != cfg.num_classes {
+    if opts.same_classes && data.classes().len() != classes {
         return Err(Error::BadInput(format!(
             "`{spec}` has {} classes, the model {}; pick the model's classes with --classes",
             data.classes().len(),
-            cfg.num_classes
+            classes
         )));
     }
     Ok(data)

@@ -31,6 +31,7 @@ mod forward;
 mod head;
 mod init;
 mod layers;
+mod net;
 mod params;
 mod pool;
 pub mod resnet;
@@ -39,6 +40,7 @@ mod workspace;
 pub use block::Regularization;
 pub use forward::{Capture, ForwardOutput};
 pub use init::Rng;
+pub use net::{Net, NetConfig, NetWorkspace};
 pub use params::{ParamEntry, Params};
 pub use workspace::{TrainWorkspace, Workspace};
 

@@ -28,7 +28,7 @@ use crate::kernels::gemm::{add_assign, linear, linear_backward, Epilogue};
 use crate::kernels::loss::{cross_entropy, Targets};
 
 /// The architecture.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ResNetConfig {
     /// Layers, `6n + 2` (20, 32, 44, 56, 110, …).
     pub depth: usize,
@@ -96,7 +96,7 @@ impl ResNetConfig {
         Ok((self.depth - 2) / 6)
     }
 
-    fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         self.blocks_per_stage()?;
         let bad = |m: String| Err(Error::InvalidConfig(m));
         if self.width == 0 || !self.width.is_multiple_of(2) || self.width > 4096 {
@@ -514,6 +514,37 @@ impl ResNet {
             .map(|l| 2 * l.geo.rows() * l.geo.cols() * l.geo.out_ch)
             .sum();
         (conv + 2 * self.view.feat * self.config.num_classes) as f64
+    }
+
+    /// The same model for images of `(h, w)`: convolutions and global average pooling take
+    /// any size, so only the geometry changes (fine-tuning at a new resolution); every
+    /// parameter and running statistic is kept.
+    pub fn with_input(&self, (h, w): (usize, usize)) -> Result<Self> {
+        let cfg = ResNetConfig {
+            image_height: h,
+            image_width: w,
+            ..self.config.clone()
+        };
+        let mut m = ResNet::zeros(cfg)?;
+        // Shapes do not depend on the image size: the same flat layouts.
+        m.params.flat_mut().copy_from_slice(self.params.flat());
+        m.buffers.flat_mut().copy_from_slice(self.buffers.flat());
+        Ok(m)
+    }
+
+    /// Bytes of activations and their gradients one image holds in a training step (what
+    /// [`ResNetWorkspace`] allocates per image, the im2col scratch included).
+    pub fn train_bytes_per_image(&self) -> u64 {
+        let layers: usize = self.view.layers.iter().map(|l| 2 * l.out_per_image()).sum();
+        let widest = self
+            .view
+            .layers
+            .iter()
+            .map(|l| l.out_per_image().max(l.geo.rows() * l.geo.cols()))
+            .max()
+            .unwrap_or(0);
+        // z and y per layer; shortcut, dy, dx, dres and the two im2col buffers at the widest.
+        4 * (layers + 6 * widest) as u64
     }
 
     /// Replaces the classifier by a zero-initialised one for `classes` classes (fine-tuning).

@@ -8,12 +8,17 @@ use super::schedule::Decay;
 use crate::config::{Gelu, Head, NormPlacement, Pool, Sizes, ViTConfig};
 use crate::data::augment::Augment;
 use crate::error::{Error, Result};
+use crate::model::resnet::ResNetConfig;
+use crate::model::NetConfig;
 
 /// The model of a run: a preset, explicit dimensions, or a preset with overrides. Image size,
 /// channels and classes default to the dataset's.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSpec {
+    /// `"vit"` (the default) or `"resnet"`: the CIFAR ResNet baseline, sized by `depth`
+    /// (6n + 2 layers, 20 by default) and `width` (channels of its first stage, 16).
+    pub arch: Option<Arch>,
     pub preset: Option<String>,
     pub image_size: Option<usize>,
     /// Input channels and classes; normally taken from the dataset (set them for `vit bench`).
@@ -41,7 +46,65 @@ pub struct ModelSpec {
     pub layer_scale: Option<f32>,
 }
 
+/// The architecture of `[model]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    #[default]
+    Vit,
+    Resnet,
+}
+
 impl ModelSpec {
+    /// The model for images `(C, H, W)` and `classes` classes, of either architecture.
+    pub fn resolve_net(&self, shape: (usize, usize, usize), classes: usize) -> Result<NetConfig> {
+        match self.arch.unwrap_or_default() {
+            Arch::Vit => self.resolve(shape, classes).map(NetConfig::ViT),
+            Arch::Resnet => self.resolve_resnet(shape, classes).map(NetConfig::ResNet),
+        }
+    }
+
+    /// The ResNet of `depth` and `width` (ResNet-20, width 16 by default); the ViT's fields
+    /// are refused by name rather than ignored.
+    fn resolve_resnet(
+        &self,
+        (c, h, w): (usize, usize, usize),
+        classes: usize,
+    ) -> Result<ResNetConfig> {
+        let vit_only = [
+            ("preset", self.preset.is_some()),
+            ("patch_size", self.patch_size.is_some()),
+            ("heads", self.heads.is_some()),
+            ("mlp_dim", self.mlp_dim.is_some()),
+            ("pool", self.pool.is_some()),
+            ("pre_logits", self.pre_logits.is_some()),
+            ("norm", self.norm.is_some()),
+            ("gelu", self.gelu.is_some()),
+            ("qkv_bias", self.qkv_bias.is_some()),
+            ("layer_norm_eps", self.layer_norm_eps.is_some()),
+            ("class_token", self.class_token.is_some()),
+            ("reg_tokens", self.reg_tokens.is_some()),
+            ("no_embed_class", self.no_embed_class.is_some()),
+            ("layer_scale", self.layer_scale.is_some()),
+        ];
+        if let Some((field, _)) = vit_only.iter().find(|(_, set)| *set) {
+            return Err(Error::InvalidConfig(format!(
+                "[model] `{field}` is a ViT setting; a ResNet (arch = \"resnet\") takes only \
+                 depth, width, image_size, channels and num_classes"
+            )));
+        }
+        let size = self.image_size.map_or((h, w), |s| (s, s));
+        let cfg = ResNetConfig::cifar(
+            self.depth.unwrap_or(20),
+            self.width.unwrap_or(16),
+            self.channels.unwrap_or(c),
+            size,
+            self.num_classes.unwrap_or(classes),
+        );
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// The full config for images `(C, H, W)` and `classes` classes.
     pub fn resolve(&self, (c, h, w): (usize, usize, usize), classes: usize) -> Result<ViTConfig> {
         let mut cfg = match &self.preset {

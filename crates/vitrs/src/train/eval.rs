@@ -9,7 +9,7 @@ use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::Dataset;
 use crate::error::Result;
 use crate::kernels::loss::{cross_entropy, Targets};
-use crate::model::{Capture, ViT, Workspace};
+use crate::model::{Net, NetWorkspace};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct EvalResult {
@@ -26,14 +26,14 @@ pub struct EvalResult {
 
 /// Runs `model` over every item of `data`, normalised with `mean`/`std`.
 pub fn evaluate(
-    model: &ViT,
+    model: &Net,
     data: Arc<dyn Dataset>,
     batch_size: usize,
     mean: &[f32],
     std: &[f32],
     workers: usize,
 ) -> Result<EvalResult> {
-    let k = model.config().num_classes;
+    let k = model.num_classes();
     let loader = Loader::new(
         data,
         LoaderConfig {
@@ -41,19 +41,17 @@ pub fn evaluate(
             ..LoaderConfig::in_order(batch_size, mean, std, k)
         },
     )?;
-    let mut ws = Workspace::new();
+    let mut ws = NetWorkspace::for_net(model);
     let (mut n, mut top1, mut top5, mut loss) = (0usize, 0usize, 0usize, 0.0f64);
     let mut confusion = vec![0u64; k * k];
     let mut scratch = vec![];
     for batch in loader {
         let batch = batch?;
-        let logits = model
-            .forward(&batch.images, Capture::default(), &mut ws)?
-            .logits;
+        let logits = model.logits(&batch.images, &mut ws)?;
         let b = batch.labels.len();
         scratch.resize(b * k, 0.0);
         loss += cross_entropy(
-            logits.data(),
+            logits,
             k,
             Targets::Labels {
                 labels: &batch.labels,
@@ -62,7 +60,7 @@ pub fn evaluate(
             &mut scratch,
         )? as f64
             * b as f64;
-        for (row, &y) in logits.data().chunks_exact(k).zip(&batch.labels) {
+        for (row, &y) in logits.chunks_exact(k).zip(&batch.labels) {
             let mut idx: Vec<usize> = (0..k).collect();
             idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
             top1 += (idx[0] == y) as usize;

@@ -11,7 +11,7 @@ use super::optim::{Ema, Optimizer};
 use crate::checkpoint::safetensors::{self, SafeTensors, SaveDtype};
 use crate::checkpoint::{self, Checkpoint};
 use crate::error::{Error, Result};
-use crate::model::ViT;
+use crate::model::Net;
 use crate::preprocess::Preprocess;
 
 /// Where a run stands.
@@ -33,7 +33,7 @@ const META_OPT_T: &str = "vitrs.optimizer_t";
 #[allow(clippy::too_many_arguments)]
 pub fn save(
     path: &Path,
-    model: &ViT,
+    model: &Net,
     opt: &Optimizer,
     ema: Option<&Ema>,
     pre: &Preprocess,
@@ -41,7 +41,7 @@ pub fn save(
     run: &RunConfig,
     pos: Position,
 ) -> Result<()> {
-    let mut meta = checkpoint::native_metadata(model, pre, Some(labels))?;
+    let mut meta = checkpoint::net_metadata(model, pre, Some(labels))?;
     meta.insert(META_RUN.into(), run.to_toml()?);
     meta.insert(
         META_POS.into(),
@@ -72,6 +72,12 @@ pub fn save(
             ));
         }
     }
+    // A ResNet's running statistics: state of the model, not trained by the optimizer.
+    if let Some(b) = model.buffers() {
+        for e in b.entries() {
+            names.push((e.name.clone(), &e.shape, &b.flat()[e.range.clone()]));
+        }
+    }
     let tensors: Vec<(&str, &[usize], &[f32])> =
         names.iter().map(|(n, s, d)| (n.as_str(), *s, *d)).collect();
     safetensors::write(path, &tensors, &meta, SaveDtype::F32)
@@ -80,7 +86,7 @@ pub fn save(
 /// What a training checkpoint holds.
 pub struct Loaded {
     /// The model, with its preprocessing and labels.
-    pub ck: Checkpoint,
+    pub ck: Checkpoint<Net>,
     pub run: RunConfig,
     pub opt: Optimizer,
     /// The weights' moving average, when the run keeps one (`ema_decay`).
@@ -90,7 +96,7 @@ pub struct Loaded {
 
 /// Loads a training checkpoint.
 pub fn load(path: &Path) -> Result<Loaded> {
-    let mut ck = checkpoint::load(path)?;
+    let mut ck = checkpoint::load_net(path)?;
     let st = SafeTensors::read(path)?;
     let meta = st.metadata();
     let bad = |r: String| Error::malformed(path, "training checkpoint", r);

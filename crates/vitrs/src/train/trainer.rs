@@ -17,12 +17,12 @@ use super::schedule::Schedule;
 use super::state::{self, Position};
 use super::transfer;
 use crate::checkpoint::safetensors::SaveDtype;
-use crate::checkpoint::save_native;
+use crate::checkpoint::save_net;
 use crate::data::loader::{batches_per_epoch, derive_seed, Batch, Loader, LoaderConfig};
 use crate::data::{self, Dataset, Resized, Split, Subset};
 use crate::error::{Error, Result};
 use crate::kernels::loss::Targets;
-use crate::model::{Regularization, TrainWorkspace, ViT};
+use crate::model::{Net, NetWorkspace, Regularization};
 use crate::preprocess::{Interpolation, Preprocess, Resize};
 use crate::train::dist::{Buckets, Collective, Single};
 use crate::viz::confusion::plot_confusion;
@@ -74,7 +74,8 @@ pub enum Outcome {
 }
 
 pub struct Trainer {
-    pub model: ViT,
+    /// The model being trained: a ViT, or the ResNet baseline (`[model] arch = "resnet"`).
+    pub model: Net,
     pub run: RunConfig,
     pub preprocess: Preprocess,
     pub labels: Vec<String>,
@@ -85,7 +86,7 @@ pub struct Trainer {
     /// Notes for the user about how the run was set up (transfer changes, a checkpoint fallback).
     pub notes: Vec<String>,
     opt: Optimizer,
-    tw: TrainWorkspace,
+    tw: NetWorkspace,
     train: Arc<dyn Dataset>,
     eval: Arc<dyn Dataset>,
     dir: PathBuf,
@@ -112,7 +113,7 @@ impl Trainer {
     pub fn new(run: RunConfig, dir: &Path) -> Result<Self> {
         let source = pretrained(&run)?;
         let (train, eval, eval_source, notes) =
-            open_data(&run, source.as_ref().map(|ck| ck.model.config()))?;
+            open_data(&run, source.as_ref().map(|ck| ck.model.input()))?;
         let mut t = Self::build(run, dir, train, eval, eval_source, source)?;
         t.notes.extend(notes);
         Ok(t)
@@ -137,7 +138,7 @@ impl Trainer {
         train: Arc<dyn Dataset>,
         eval: Arc<dyn Dataset>,
         eval_source: String,
-        source: Option<crate::checkpoint::Checkpoint>,
+        source: Option<crate::checkpoint::Checkpoint<Net>>,
     ) -> Result<Self> {
         if dir.join(CHECKPOINT).exists() || dir.join(PREV_CHECKPOINT).exists() {
             return Err(Error::BadInput(format!(
@@ -173,27 +174,42 @@ impl Trainer {
                     run.data.std = Some(ck.preprocess.std.clone());
                 }
                 let keep = run.finetune.as_ref().is_some_and(|f| f.keep_head);
-                let a = if keep {
-                    let k = ck.model.config().num_classes;
+                if keep {
+                    let k = ck.model.num_classes();
                     if k != classes {
                         return Err(Error::BadInput(format!(
                             "keep_head needs the data to have the model's {k} classes, it has {classes}; \
                              drop --keep-head to train a new head"
                         )));
                     }
-                    transfer::adapt_keep_head(&ck.model, train.shape())?
-                } else {
-                    transfer::adapt(&ck.model, train.shape(), classes)?
+                }
+                let (model, changes) = match &ck.model {
+                    Net::ViT(m) => {
+                        let a = if keep {
+                            transfer::adapt_keep_head(m, train.shape())?
+                        } else {
+                            transfer::adapt(m, train.shape(), classes)?
+                        };
+                        (Net::ViT(a.model), a.changes)
+                    }
+                    Net::ResNet(m) => {
+                        let a = transfer::adapt_resnet(m, train.shape(), classes, keep)?;
+                        (Net::ResNet(a.0), a.1)
+                    }
                 };
-                check_memory(a.model.config(), &run)?;
-                (a.model, a.changes)
+                check_memory(&model, &run)?;
+                (model, changes)
             }
             None => {
-                let cfg = run.model.resolve(train.shape(), classes)?;
-                check_memory(&cfg, &run)?;
-                (ViT::random(cfg, run.train.seed)?, vec![])
+                let model = run
+                    .model
+                    .resolve_net(train.shape(), classes)?
+                    .build(run.train.seed)?;
+                check_memory(&model, &run)?;
+                (model, vec![])
             }
         };
+        check_arch(&run, &model)?;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let labels = train.classes().to_vec();
         let preprocess = preprocess_for(&run, &model);
@@ -206,6 +222,7 @@ impl Trainer {
         std::fs::write(dir.join(CONFIG), run.to_toml()?)
             .map_err(|e| Error::io(dir.join(CONFIG), e))?;
         let _ = std::fs::remove_file(dir.join(METRICS));
+        let tw = NetWorkspace::for_net(&model);
         Ok(Trainer {
             model,
             run,
@@ -215,7 +232,7 @@ impl Trainer {
             eval_source,
             notes: [transfer_notes, notes].concat(),
             opt,
-            tw: TrainWorkspace::new(),
+            tw,
             train,
             eval,
             dir: dir.to_path_buf(),
@@ -282,7 +299,7 @@ impl Trainer {
         if let Some(e) = epochs {
             run.train.epochs = e;
         }
-        let (train, eval, eval_source, data_notes) = open_data(&run, Some(ck.model.config()))?;
+        let (train, eval, eval_source, data_notes) = open_data(&run, Some(ck.model.input()))?;
         notes.extend(data_notes);
         // Metrics after the checkpoint belong to steps that will be redone.
         let history = read_history(&dir.join(METRICS), pos.step);
@@ -292,6 +309,7 @@ impl Trainer {
                 .labels
                 .clone()
                 .unwrap_or_else(|| train.classes().to_vec()),
+            tw: NetWorkspace::for_net(&ck.model),
             model: ck.model,
             run,
             preprocess: ck.preprocess,
@@ -299,7 +317,6 @@ impl Trainer {
             eval_source,
             notes,
             opt,
-            tw: TrainWorkspace::new(),
             train,
             eval,
             dir: dir.to_path_buf(),
@@ -522,7 +539,7 @@ impl Trainer {
 
     /// The model the run evaluates and hands over: the weights' moving average when the run
     /// keeps one, else the model being trained.
-    pub fn result_model(&self) -> std::borrow::Cow<'_, ViT> {
+    pub fn result_model(&self) -> std::borrow::Cow<'_, Net> {
         let Some(ema) = &self.ema else {
             return std::borrow::Cow::Borrowed(&self.model);
         };
@@ -590,7 +607,7 @@ impl Trainer {
         let (mut win_loss, mut win_n, mut win_correct, mut win_seen, mut win_imgs) =
             (0.0f64, 0usize, 0usize, 0usize, 0usize);
         let mut win_start = Instant::now();
-        let k = self.model.config().num_classes;
+        let k = self.model.num_classes();
         let mut last_eval = None;
         while self.pos.epoch < t.epochs {
             let mut loader = Loader::new(
@@ -613,7 +630,7 @@ impl Trainer {
                 let mut buckets =
                     (world > 1 && last_micro).then(|| Buckets::new(&*self.comm, bucket_bytes));
                 let loss = micro_step(
-                    &self.model,
+                    &mut self.model,
                     &mut self.tw,
                     &t,
                     &batch,
@@ -629,7 +646,7 @@ impl Trainer {
                 win_n += 1;
                 win_imgs += batch.labels.len();
                 if batch.soft.is_none() {
-                    for (row, &y) in self.tw.logits().chunks_exact(k).zip(&batch.labels) {
+                    for (row, &y) in self.tw.train_logits().chunks_exact(k).zip(&batch.labels) {
                         let arg = (0..k)
                             .max_by(|&a, &b| row[a].total_cmp(&row[b]))
                             .unwrap_or(0);
@@ -647,6 +664,13 @@ impl Trainer {
                 if world > 1 {
                     let clock = Instant::now();
                     self.comm.finish_means(self.tw.grads_mut());
+                    // A ResNet's running statistics, each rank's from its own share of the
+                    // batches: averaged, so every rank keeps the same model.
+                    if let Some(b) = self.model.buffers_mut() {
+                        self.comm.all_reduce_sum(b.flat_mut());
+                        let n = world as f32;
+                        b.flat_mut().iter_mut().for_each(|v| *v /= n);
+                    }
                     comm_s += clock.elapsed().as_secs_f64();
                     comm_steps += 1;
                 }
@@ -779,7 +803,7 @@ impl Trainer {
         if !self.writes() {
             return Ok(());
         }
-        save_native(
+        save_net(
             &self.dir.join(MODEL),
             &self.result_model(),
             &self.preprocess,
@@ -807,7 +831,7 @@ impl Trainer {
             augment: self.run.augment.for_epoch(epoch, t.epochs),
             mean: self.preprocess.mean.clone(),
             std: self.preprocess.std.clone(),
-            num_classes: self.model.config().num_classes,
+            num_classes: self.model.num_classes(),
             shuffle_buffer: self
                 .run
                 .data
@@ -874,7 +898,7 @@ impl Trainer {
         let mut model = self.model.clone();
         let mut opt = Optimizer::new(t.optimizer, model.params());
         opt.set_lr_scales(lr_scales_for(&self.run, &model));
-        let mut tw = TrainWorkspace::new();
+        let mut tw = NetWorkspace::for_net(&model);
         let lr = self.schedule().lr(0);
         let usable = spe as usize * t.accum_steps;
 
@@ -893,7 +917,7 @@ impl Trainer {
             if batch.index >= usable {
                 break;
             }
-            micro_step(&model, &mut tw, &t, &batch, (0, micro, 0), None)?;
+            micro_step(&mut model, &mut tw, &t, &batch, (0, micro, 0), None)?;
             micro += 1;
             if micro < t.accum_steps {
                 continue;
@@ -1011,8 +1035,8 @@ pub fn epochs_for_budget(budget_s: f64, spent_s: f64, epoch_s: f64) -> u64 {
 /// process training alone, and `rank + 1` for one of several, so that each rank draws its
 /// own dropout masks.
 fn micro_step(
-    model: &ViT,
-    tw: &mut TrainWorkspace,
+    model: &mut Net,
+    tw: &mut NetWorkspace,
     t: &TrainSpec,
     batch: &Batch,
     (step, micro, salt): (u64, usize, u64),
@@ -1025,7 +1049,7 @@ fn micro_step(
             smoothing: t.label_smoothing,
         },
     };
-    tw.reg = Regularization {
+    let reg = Regularization {
         dropout: t.dropout,
         drop_path: t.drop_path,
         seed: match salt {
@@ -1034,12 +1058,10 @@ fn micro_step(
         },
     };
     match buckets {
-        None => model.forward_backward(&batch.images, targets, tw),
+        None => model.forward_backward(&batch.images, targets, reg, tw, &mut |_, _| {}),
         Some(b) => {
             let loss =
-                model.forward_backward_overlapped(&batch.images, targets, tw, &mut |r, g| {
-                    b.add(r, g)
-                })?;
+                model.forward_backward(&batch.images, targets, reg, tw, &mut |r, g| b.add(r, g))?;
             b.flush(tw.grads());
             Ok(loss)
         }
@@ -1049,8 +1071,8 @@ fn micro_step(
 /// The optimizer step on the gradients of `accum_steps` micro-batches (averaged, then clipped
 /// to the global norm when asked), which it then clears.
 fn optimizer_step(
-    model: &mut ViT,
-    tw: &mut TrainWorkspace,
+    model: &mut Net,
+    tw: &mut NetWorkspace,
     opt: &mut Optimizer,
     t: &TrainSpec,
     lr: f32,
@@ -1068,25 +1090,17 @@ fn optimizer_step(
 
 /// Normalisation and geometry of the run's images, stored with the model so `vit predict`
 /// preprocesses new images the same way.
-fn preprocess_for(run: &RunConfig, model: &ViT) -> Preprocess {
-    let c = model.config();
+fn preprocess_for(run: &RunConfig, model: &Net) -> Preprocess {
+    let (channels, height, width) = model.input();
     Preprocess {
-        height: c.image_height,
-        width: c.image_width,
-        channels: c.channels,
+        height,
+        width,
+        channels,
         resize: Resize::ShorterThenCrop { crop_pct: 1.0 },
         interpolation: Interpolation::Bilinear,
         rescale: 1.0 / 255.0,
-        mean: run
-            .data
-            .mean
-            .clone()
-            .unwrap_or_else(|| vec![0.5; c.channels]),
-        std: run
-            .data
-            .std
-            .clone()
-            .unwrap_or_else(|| vec![0.5; c.channels]),
+        mean: run.data.mean.clone().unwrap_or_else(|| vec![0.5; channels]),
+        std: run.data.std.clone().unwrap_or_else(|| vec![0.5; channels]),
     }
 }
 
@@ -1095,11 +1109,12 @@ fn preprocess_for(run: &RunConfig, model: &ViT) -> Preprocess {
 type Sets = (Arc<dyn Dataset>, Arc<dyn Dataset>, String, Vec<String>);
 
 /// Training and evaluation sets: the test split, or a held-out part of the training set.
-fn open_data(run: &RunConfig, model: Option<&crate::config::ViTConfig>) -> Result<Sets> {
+/// `model` is the `(C, H, W)` input of the model the run starts from, when it has one.
+fn open_data(run: &RunConfig, model: Option<(usize, usize, usize)>) -> Result<Sets> {
     // Folder datasets are decoded at this size; IDX/CIFAR have their own (then `resize`).
     let size = match (run.data.resize, model) {
-        (Some([h, w]), m) => (m.map_or(3, |c| c.channels), h, w),
-        (None, Some(c)) => (c.channels, c.image_height, c.image_width),
+        (Some([h, w]), m) => (m.map_or(3, |c| c.0), h, w),
+        (None, Some(c)) => c,
         (None, None) => {
             let s = run.model.image_size.unwrap_or(224);
             (run.model.channels.unwrap_or(3), s, s)
@@ -1188,22 +1203,54 @@ fn open_data(run: &RunConfig, model: Option<&crate::config::ViTConfig>) -> Resul
 const DEFAULT_FOLDER_VAL_FRACTION: f32 = 0.1;
 
 /// The pre-trained model a fine-tuning run starts from (none for a run from scratch).
-fn pretrained(run: &RunConfig) -> Result<Option<crate::checkpoint::Checkpoint>> {
+fn pretrained(run: &RunConfig) -> Result<Option<crate::checkpoint::Checkpoint<Net>>> {
     run.finetune
         .as_ref()
-        .map(|ft| crate::checkpoint::load(Path::new(&ft.from)))
+        .map(|ft| crate::checkpoint::load_net(Path::new(&ft.from)))
         .transpose()
 }
 
-/// Learning-rate factors of a fine-tuning run (freezing, layer-wise decay), if any.
-fn lr_scales_for(run: &RunConfig, model: &ViT) -> Option<Vec<f32>> {
+/// Learning-rate factors of a fine-tuning run (freezing, layer-wise decay), if any; a ViT's
+/// (a ResNet's are refused by [`check_arch`]).
+fn lr_scales_for(run: &RunConfig, model: &Net) -> Option<Vec<f32>> {
     let ft = run.finetune.as_ref()?;
+    let Net::ViT(m) = model else {
+        return None;
+    };
     transfer::lr_scales(
-        model.params(),
-        model.config().depth,
+        m.params(),
+        m.config().depth,
         ft.freeze_blocks,
         ft.layer_decay,
     )
+}
+
+/// Refuses the ViT-only settings of a run whose model is a ResNet, naming them.
+fn check_arch(run: &RunConfig, model: &Net) -> Result<()> {
+    if !matches!(model, Net::ResNet(_)) {
+        return Ok(());
+    }
+    let t = &run.train;
+    let ft = run.finetune.as_ref();
+    let vit_only = [
+        ("[train] dropout", t.dropout > 0.0),
+        ("[train] drop_path", t.drop_path > 0.0),
+        (
+            "[finetune] freeze_blocks",
+            ft.is_some_and(|f| f.freeze_blocks > 0),
+        ),
+        (
+            "[finetune] layer_decay",
+            ft.is_some_and(|f| f.layer_decay < 1.0),
+        ),
+    ];
+    match vit_only.iter().find(|(_, set)| *set) {
+        Some((what, _)) => Err(Error::InvalidConfig(format!(
+            "{what} is a ViT setting and this run trains a ResNet (batch norm, no dropout); \
+             remove it"
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn read_history(path: &Path, upto_step: u64) -> Vec<serde_json::Value> {
@@ -1222,15 +1269,15 @@ fn rewrite_history(path: &Path, history: &[serde_json::Value]) -> Result<()> {
 
 /// Refuses a run whose model and batch cannot fit in this machine's available memory, before
 /// allocating any of it, with the estimate and a batch size that would fit.
-fn check_memory(cfg: &crate::config::ViTConfig, run: &RunConfig) -> Result<()> {
+fn check_memory(model: &Net, run: &RunConfig) -> Result<()> {
     let Some(avail) = crate::infer::available_memory() else {
         return Ok(());
     };
     // `batch_size` is what one forward/backward holds (accumulation repeats it).
     let micro = run.train.batch_size;
     // Weights, gradients and the optimizer's two moments: 4 buffers of P floats.
-    let fixed = 4 * 4 * ViT::param_count(cfg) as u64;
-    let per_image = TrainWorkspace::bytes_per_image(cfg).max(1);
+    let fixed = 4 * 4 * model.params().count() as u64;
+    let per_image = model.train_bytes_per_image().max(1);
     let need = fixed.saturating_add(per_image.saturating_mul(micro as u64));
     if need <= avail {
         return Ok(());

@@ -7,6 +7,7 @@
 use crate::checkpoint::posembed::resample_pos_embed;
 use crate::config::Head;
 use crate::error::{Error, Result};
+use crate::model::resnet::ResNet;
 use crate::model::{Params, ViT};
 use crate::train::optim::OptimizerKind;
 use crate::train::RunConfig;
@@ -80,6 +81,46 @@ pub fn adapt_keep_head(source: &ViT, shape: (usize, usize, usize)) -> Result<Ada
     let mut a = rebuild(source, shape, None)?;
     a.changes.insert(0, "pre-trained head kept".into());
     Ok(a)
+}
+
+/// A pre-trained ResNet for images `(C, H, W)`: the same weights and running statistics at
+/// the new size (convolutions and global average pooling take any size), and unless `keep`
+/// a new zero-initialised classifier for `classes` classes. The input channels must match.
+/// Returns the model and what changed.
+pub fn adapt_resnet(
+    source: &ResNet,
+    (c, h, w): (usize, usize, usize),
+    classes: usize,
+    keep: bool,
+) -> Result<(ResNet, Vec<String>)> {
+    let sc = source.config();
+    if sc.channels != c {
+        return Err(Error::BadInput(format!(
+            "the pre-trained ResNet takes {}-channel images and the data has {c} channel(s); \
+             fine-tune on data with {0} channel(s)",
+            sc.channels
+        )));
+    }
+    let mut changes = vec![];
+    let mut m = if (sc.image_height, sc.image_width) != (h, w) {
+        changes.push(format!(
+            "input {}x{} -> {h}x{w} (same convolutions; global average pooling takes any size)",
+            sc.image_height, sc.image_width
+        ));
+        source.with_input((h, w))?
+    } else {
+        source.clone()
+    };
+    if keep {
+        changes.insert(0, "pre-trained head kept".into());
+    } else {
+        m.reset_head(classes)?;
+        changes.push(format!(
+            "new zero-initialised classifier `fc` for {classes} classes (was {})",
+            sc.num_classes
+        ));
+    }
+    Ok((m, changes))
 }
 
 /// `source` at another resolution, head kept: only the position embeddings are resampled
