@@ -2,8 +2,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::json;
+use vitrs::checkpoint::Checkpoint;
+use vitrs::model::resnet::ResNet;
+use vitrs::model::Net;
 
 #[derive(clap::Args)]
 pub(crate) struct InfoArgs {
@@ -17,7 +20,11 @@ pub(crate) struct InfoArgs {
 }
 
 pub(crate) fn run(a: InfoArgs) -> Result<u8> {
-    let ck = crate::load(&a.model)?;
+    let ck = vitrs::checkpoint::load_net(&a.model).context("cannot load model")?;
+    if let Net::ResNet(m) = &ck.model {
+        return resnet(&ck, m, a.json);
+    }
+    let ck = ck.map_model(|m| m.into_vit("vit info"))?;
     let cfg = ck.model.config();
     let gflops = cfg.flops_per_image() / 1e9;
     let params = ck.model.params().count();
@@ -64,19 +71,7 @@ pub(crate) fn run(a: InfoArgs) -> Result<u8> {
     println!("classes:       {}", cfg.num_classes);
     println!("parameters:    {params} ({:.2} M)", params as f64 / 1e6);
     println!("cost:          {gflops:.3} GFLOP per image");
-    let p = &ck.preprocess;
-    println!(
-        "preprocess:    {:?}, {:?}, rescale {:.6}, mean {:?}, std {:?}",
-        p.resize, p.interpolation, p.rescale, p.mean, p.std
-    );
-    if let Some(l) = &ck.labels {
-        let shown: Vec<&str> = l.iter().take(5).map(String::as_str).collect();
-        println!(
-            "labels:        {}{}",
-            shown.join(", "),
-            if l.len() > 5 { ", ..." } else { "" }
-        );
-    }
+    print_preprocess(&ck.preprocess, ck.labels.as_deref());
     for c in &ck.report.conversions {
         println!("conversion:    {c}");
     }
@@ -85,4 +80,61 @@ pub(crate) fn run(a: InfoArgs) -> Result<u8> {
     }
     println!("kernels:       {kernels} (this CPU's path; VITRS_KERNELS=portable forces the portable one)");
     Ok(0)
+}
+
+/// `vit info` of a ResNet baseline model.
+fn resnet(ck: &Checkpoint<Net>, m: &ResNet, json: bool) -> Result<u8> {
+    let cfg = m.config();
+    let gflops = m.flops_per_image() / 1e9;
+    let params = m.params().count();
+    if json {
+        let v = json!({
+            "format": ck.report.format,
+            "weights": ck.report.weights,
+            "arch": "resnet",
+            "config": cfg,
+            "parameters": params,
+            "gflops_per_image": gflops,
+            "preprocess": ck.preprocess,
+            "labels": ck.labels,
+            "conversions": ck.report.conversions,
+            "kernels": vitrs::kernels::isa().name(),
+        });
+        println!("{v}");
+        return Ok(0);
+    }
+    println!("format:        {}", ck.report.format);
+    println!("weights:       {}", ck.report.weights.display());
+    println!(
+        "architecture:  {} (CIFAR ResNet, option A shortcuts, batch norm eps {:e} momentum {})",
+        ck.model.describe(),
+        cfg.bn_eps,
+        cfg.bn_momentum
+    );
+    println!(
+        "input:         {}x{}x{} (C x H x W)",
+        cfg.channels, cfg.image_height, cfg.image_width
+    );
+    println!("classes:       {}", cfg.num_classes);
+    println!("parameters:    {params} ({:.2} M)", params as f64 / 1e6);
+    println!("cost:          {gflops:.3} GFLOP per image");
+    print_preprocess(&ck.preprocess, ck.labels.as_deref());
+    println!("kernels:       {}", vitrs::kernels::isa().name());
+    Ok(0)
+}
+
+/// The preprocessing and the first labels, as both architectures print them.
+fn print_preprocess(p: &vitrs::preprocess::Preprocess, labels: Option<&[String]>) {
+    println!(
+        "preprocess:    {:?}, {:?}, rescale {:.6}, mean {:?}, std {:?}",
+        p.resize, p.interpolation, p.rescale, p.mean, p.std
+    );
+    if let Some(l) = labels {
+        let shown: Vec<&str> = l.iter().take(5).map(String::as_str).collect();
+        println!(
+            "labels:        {}{}",
+            shown.join(", "),
+            if l.len() > 5 { ", ..." } else { "" }
+        );
+    }
 }

@@ -174,14 +174,8 @@ impl Demo {
                 .cloned()
                 .unwrap_or_else(|| format!("class_{i}"))
         };
-        let explained = crate::viz::attention::explain(
-            model,
-            &t.preprocess,
-            &label_of,
-            &files,
-            &rollout,
-            0.5,
-        )?;
+        let explained =
+            crate::viz::attention::explain(model, &t.preprocess, &label_of, &files, &rollout, 0.5)?;
         let rows: Vec<_> = explained.into_iter().map(|e| e.row).collect();
         crate::viz::heatmap::plot_rows(
             &self.out.join("attention.png"),

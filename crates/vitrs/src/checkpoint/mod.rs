@@ -115,6 +115,16 @@ pub struct Checkpoint<M = ViT> {
 }
 
 impl<M> Checkpoint<M> {
+    /// The same checkpoint with its model mapped by `f` (e.g. a [`Net`] to its ViT).
+    pub fn map_model<N>(self, f: impl FnOnce(M) -> Result<N>) -> Result<Checkpoint<N>> {
+        Ok(Checkpoint {
+            model: f(self.model)?,
+            preprocess: self.preprocess,
+            labels: self.labels,
+            report: self.report,
+        })
+    }
+
     /// The name of class `i`: its label, or `class_{i}`.
     pub fn label(&self, i: usize) -> String {
         self.labels

@@ -38,6 +38,15 @@ impl NetConfig {
         })
     }
 
+    /// Parameters, and bytes of activations one image holds in a training step, of a model
+    /// of this config, without allocating it (to refuse a run that cannot fit first).
+    pub fn train_footprint(&self) -> Result<(usize, u64)> {
+        Ok(match self {
+            NetConfig::ViT(c) => (ViT::param_count(c), TrainWorkspace::bytes_per_image(c)),
+            NetConfig::ResNet(c) => (c.param_count()?, c.train_bytes_per_image()?),
+        })
+    }
+
     /// `(channels, height, width)` of the input images.
     pub fn input(&self) -> (usize, usize, usize) {
         match self {
@@ -94,6 +103,14 @@ impl Net {
                 "{what} needs a ViT; this model is a ResNet-{} (arch = \"resnet\")",
                 m.config().depth
             ))),
+        }
+    }
+
+    /// [`Net::vit`], by value.
+    pub fn into_vit(self, what: &str) -> Result<ViT> {
+        match self {
+            Net::ViT(m) => Ok(m),
+            other => other.vit(what).cloned(),
         }
     }
 

@@ -96,6 +96,64 @@ impl ResNetConfig {
         Ok((self.depth - 2) / 6)
     }
 
+    /// Every convolution's geometry for one image, in forward order: the stem, then each
+    /// block's two (the first block of stages 2 and 3 has stride 2).
+    pub fn geometry(&self) -> Result<Vec<Conv2d>> {
+        self.validate()?;
+        let n = self.blocks_per_stage()?;
+        let conv3 = |in_ch, (h, w), out_ch, stride| Conv2d {
+            batch: 1,
+            in_ch,
+            h,
+            w,
+            out_ch,
+            k: 3,
+            stride,
+            pad: 1,
+        };
+        let stem = conv3(
+            self.channels,
+            (self.image_height, self.image_width),
+            self.width,
+            1,
+        );
+        let mut out = vec![stem];
+        let (mut hw, mut ch) = (stem.out_hw(), self.width);
+        for stage in 0..3 {
+            let width = self.width << stage;
+            for i in 0..n {
+                let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+                let g1 = conv3(ch, hw, width, stride);
+                out.extend([g1, conv3(width, g1.out_hw(), width, 1)]);
+                (hw, ch) = (g1.out_hw(), width);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Parameters of a model of this config, without allocating it.
+    pub fn param_count(&self) -> Result<usize> {
+        let g = self.geometry()?;
+        let convs: usize = g.iter().map(|g| g.weight_len() + 2 * g.out_ch).sum();
+        let feat = g.last().map_or(0, |g| g.out_ch);
+        Ok(convs + (feat + 1) * self.num_classes)
+    }
+
+    /// Bytes of activations and their gradients one image holds in a training step (what
+    /// [`ResNetWorkspace`] allocates per image, the im2col scratch included), without
+    /// allocating a model.
+    pub fn train_bytes_per_image(&self) -> Result<u64> {
+        let g = self.geometry()?;
+        let layers: usize = g.iter().map(|g| 2 * g.out_len()).sum();
+        let widest = g
+            .iter()
+            .map(|g| g.out_len().max(g.rows() * g.cols()))
+            .max()
+            .unwrap_or(0);
+        // z and y per layer; shortcut, dy, dx, dres and the two im2col buffers at the widest.
+        Ok(4 * (layers + 6 * widest) as u64)
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.blocks_per_stage()?;
         let bad = |m: String| Err(Error::InvalidConfig(m));
@@ -197,7 +255,7 @@ impl Builder {
 }
 
 fn layout(cfg: &ResNetConfig) -> Result<(Params, Params, View)> {
-    cfg.validate()?;
+    let geometry = cfg.geometry()?;
     let n = cfg.blocks_per_stage()?;
     let mut b = Builder {
         entries: vec![],
@@ -205,36 +263,23 @@ fn layout(cfg: &ResNetConfig) -> Result<(Params, Params, View)> {
         buf_entries: vec![],
         buf_len: 0,
     };
-    let conv3 = |in_ch, (h, w), out_ch, stride| Conv2d {
-        batch: 1,
-        in_ch,
-        h,
-        w,
-        out_ch,
-        k: 3,
-        stride,
-        pad: 1,
-    };
-    let stem = conv3(
-        cfg.channels,
-        (cfg.image_height, cfg.image_width),
-        cfg.width,
-        1,
-    );
-    let mut layers = vec![b.conv_bn("conv1", "bn1", stem)];
-    let (mut hw, mut ch) = (stem.out_hw(), cfg.width);
-    for stage in 0..3 {
-        let out = cfg.width << stage;
-        for i in 0..n {
-            let stride = if stage > 0 && i == 0 { 2 } else { 1 };
-            let pre = format!("layer{}.{i}", stage + 1);
-            let g1 = conv3(ch, hw, out, stride);
-            layers.push(b.conv_bn(&format!("{pre}.conv1"), &format!("{pre}.bn1"), g1));
-            let g2 = conv3(out, g1.out_hw(), out, 1);
-            layers.push(b.conv_bn(&format!("{pre}.conv2"), &format!("{pre}.bn2"), g2));
-            (hw, ch) = (g1.out_hw(), out);
-        }
+    let mut layers = Vec::with_capacity(geometry.len());
+    for (li, g) in geometry.iter().enumerate() {
+        layers.push(if li == 0 {
+            b.conv_bn("conv1", "bn1", *g)
+        } else {
+            // Layer 1 + 2j is block j's first convolution, 2 + 2j its second.
+            let j = (li - 1) / 2;
+            let pre = format!("layer{}.{}", j / n + 1, j % n);
+            let which = 2 - li % 2;
+            b.conv_bn(
+                &format!("{pre}.conv{which}"),
+                &format!("{pre}.bn{which}"),
+                *g,
+            )
+        });
     }
+    let ch = geometry.last().map_or(cfg.width, |g| g.out_ch);
     let fc_w = b.add("fc.weight".into(), vec![cfg.num_classes, ch]);
     let fc_b = b.add("fc.bias".into(), vec![cfg.num_classes]);
     let params = Params::zeros(b.entries, b.len);
@@ -532,19 +577,10 @@ impl ResNet {
         Ok(m)
     }
 
-    /// Bytes of activations and their gradients one image holds in a training step (what
-    /// [`ResNetWorkspace`] allocates per image, the im2col scratch included).
+    /// Bytes of activations and their gradients one image holds in a training step.
     pub fn train_bytes_per_image(&self) -> u64 {
-        let layers: usize = self.view.layers.iter().map(|l| 2 * l.out_per_image()).sum();
-        let widest = self
-            .view
-            .layers
-            .iter()
-            .map(|l| l.out_per_image().max(l.geo.rows() * l.geo.cols()))
-            .max()
-            .unwrap_or(0);
-        // z and y per layer; shortcut, dy, dx, dres and the two im2col buffers at the widest.
-        4 * (layers + 6 * widest) as u64
+        // The config was validated when the model was built.
+        self.config.train_bytes_per_image().unwrap_or(0)
     }
 
     /// Replaces the classifier by a zero-initialised one for `classes` classes (fine-tuning).
@@ -895,6 +931,20 @@ mod tests {
         // He et al.: ResNet-20 is about 41 M multiply-adds on a 32 x 32 image.
         let macs = m.flops_per_image() / 2.0;
         assert!((40e6..42e6).contains(&macs), "{macs}");
+        // The estimates made before allocating agree with the model built.
+        assert_eq!(m.config().param_count().unwrap(), n);
+        for (cfg, h) in [
+            (ResNetConfig::cifar(8, 4, 1, (9, 7), 3), 9),
+            (m.config().clone(), 32),
+        ] {
+            let r = ResNet::new(cfg.clone(), 0).unwrap();
+            assert_eq!(cfg.param_count().unwrap(), r.params().count(), "{h}");
+            let mut ws = ResNetWorkspace::new();
+            let x = vec![0.5f32; 2 * cfg.channels * cfg.image_height * cfg.image_width];
+            r.forward_eval(&x, &mut ws).unwrap();
+            let held: usize = ws.layers.iter().map(|a| a.z.len() + a.y.len()).sum();
+            assert!(4 * held as u64 <= 2 * cfg.train_bytes_per_image().unwrap());
+        }
     }
 
     #[test]

@@ -105,8 +105,14 @@ impl ModelSpec {
         Ok(cfg)
     }
 
-    /// The full config for images `(C, H, W)` and `classes` classes.
+    /// The full ViT config for images `(C, H, W)` and `classes` classes (refused for
+    /// `arch = "resnet"`: see [`ModelSpec::resolve_net`]).
     pub fn resolve(&self, (c, h, w): (usize, usize, usize), classes: usize) -> Result<ViTConfig> {
+        if self.arch == Some(Arch::Resnet) {
+            return Err(Error::InvalidConfig(
+                "[model] arch = \"resnet\" describes a ResNet; this needs a ViT".into(),
+            ));
+        }
         let mut cfg = match &self.preset {
             Some(p) => ViTConfig::preset(p)?,
             None => ViTConfig::paper(Sizes {
@@ -415,7 +421,7 @@ mod tests {
                 let run = RunConfig::from_toml(&text, &path.display().to_string())
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 run.model
-                    .resolve((1, 28, 28), 10)
+                    .resolve_net((1, 28, 28), 10)
                     .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 n += 1;
             }

@@ -197,16 +197,14 @@ impl Trainer {
                         (Net::ResNet(a.0), a.1)
                     }
                 };
-                check_memory(&model, &run)?;
+                check_memory(model.params().count(), model.train_bytes_per_image(), &run)?;
                 (model, changes)
             }
             None => {
-                let model = run
-                    .model
-                    .resolve_net(train.shape(), classes)?
-                    .build(run.train.seed)?;
-                check_memory(&model, &run)?;
-                (model, vec![])
+                let cfg = run.model.resolve_net(train.shape(), classes)?;
+                let (params, per_image) = cfg.train_footprint()?;
+                check_memory(params, per_image, &run)?;
+                (cfg.build(run.train.seed)?, vec![])
             }
         };
         check_arch(&run, &model)?;
@@ -1269,15 +1267,16 @@ fn rewrite_history(path: &Path, history: &[serde_json::Value]) -> Result<()> {
 
 /// Refuses a run whose model and batch cannot fit in this machine's available memory, before
 /// allocating any of it, with the estimate and a batch size that would fit.
-fn check_memory(model: &Net, run: &RunConfig) -> Result<()> {
+/// `params` and `per_image` (bytes of activations) describe the model.
+fn check_memory(params: usize, per_image: u64, run: &RunConfig) -> Result<()> {
     let Some(avail) = crate::infer::available_memory() else {
         return Ok(());
     };
     // `batch_size` is what one forward/backward holds (accumulation repeats it).
     let micro = run.train.batch_size;
     // Weights, gradients and the optimizer's two moments: 4 buffers of P floats.
-    let fixed = 4 * 4 * model.params().count() as u64;
-    let per_image = model.train_bytes_per_image().max(1);
+    let fixed = 4 * 4 * params as u64;
+    let per_image = per_image.max(1);
     let need = fixed.saturating_add(per_image.saturating_mul(micro as u64));
     if need <= avail {
         return Ok(());
