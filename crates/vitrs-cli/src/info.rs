@@ -93,12 +93,12 @@ fn resnet(ck: &Checkpoint<Net>, m: &ResNet, json: bool) -> Result<u8> {
             "weights": ck.report.weights,
             "arch": "resnet",
             "config": cfg,
+            "kernels": vitrs::kernels::isa().name(),
             "parameters": params,
             "gflops_per_image": gflops,
             "preprocess": ck.preprocess,
             "labels": ck.labels,
             "conversions": ck.report.conversions,
-            "kernels": vitrs::kernels::isa().name(),
         });
         println!("{v}");
         return Ok(0);

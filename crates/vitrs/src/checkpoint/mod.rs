@@ -735,19 +735,9 @@ fn load_native_resnet(st: SafeTensors, which: Weights) -> Result<Checkpoint<Net>
     report.moving_average = averaged;
     let take_average = averaged && which == Weights::Average;
     let mut fill = |params: &mut Params, prefix: &str| -> Result<()> {
-        for e in params.entries().to_vec() {
-            let name = format!("{prefix}{}", e.name);
-            let t = st.tensor(&name)?;
-            if t.shape() != e.shape.as_slice() {
-                return Err(Error::ShapeMismatch {
-                    name,
-                    expected: e.shape.clone(),
-                    got: t.shape().to_vec(),
-                });
-            }
-            params.flat_mut()[e.range.clone()].copy_from_slice(t.data());
-            report.applied.push(e.name.clone());
-        }
+        let entries = params.entries().to_vec();
+        read_prefixed(&st, prefix, &entries, params.flat_mut())?;
+        report.applied.extend(entries.into_iter().map(|e| e.name));
         Ok(())
     };
     fill(
@@ -854,6 +844,29 @@ pub fn native_metadata(
         );
     }
     Ok(meta)
+}
+
+/// Reads the tensor `prefix` + name of every entry of a flat buffer into its place in `buf`,
+/// checking its shape.
+pub(crate) fn read_prefixed(
+    st: &SafeTensors,
+    prefix: &str,
+    entries: &[crate::model::ParamEntry],
+    buf: &mut [f32],
+) -> Result<()> {
+    for e in entries {
+        let name = format!("{prefix}{}", e.name);
+        let t = st.tensor(&name)?;
+        if t.shape() != e.shape.as_slice() {
+            return Err(Error::ShapeMismatch {
+                name,
+                expected: e.shape.clone(),
+                got: t.shape().to_vec(),
+            });
+        }
+        buf[e.range.clone()].copy_from_slice(t.data());
+    }
+    Ok(())
 }
 
 /// The metadata of a native file of either architecture.

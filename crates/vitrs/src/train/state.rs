@@ -128,18 +128,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
         bufs.push(("", ck.model.params_mut().flat_mut()));
     }
     for (prefix, buf) in bufs {
-        for e in &entries {
-            let name = format!("{prefix}{}", e.name);
-            let t = st.tensor(&name)?;
-            if t.shape() != e.shape.as_slice() {
-                return Err(Error::ShapeMismatch {
-                    name,
-                    expected: e.shape.clone(),
-                    got: t.shape().to_vec(),
-                });
-            }
-            buf[e.range.clone()].copy_from_slice(t.data());
-        }
+        checkpoint::read_prefixed(&st, prefix, &entries, buf)?;
     }
     Ok(Loaded {
         ck,
