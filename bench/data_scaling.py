@@ -152,6 +152,54 @@ def config(model, n, lr, seed, images, pretrained):
     return text, epochs
 
 
+class Vit:
+    """Runs the `vit` binary, `threads` compute threads a run."""
+
+    def __init__(self, binary, threads):
+        self.binary, self.threads = str(binary), str(threads)
+
+    def __call__(self, *args, log=None):
+        cmd = [self.binary, *args]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if log is not None:
+            log.write_text(p.stdout + p.stderr)
+        if p.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+        return p.stdout
+
+    def train(self, cfg_text, run_dir):
+        """Trains a run (once: a finished run of the same config is read back); its last
+        validation top-1."""
+        done = run_dir / "done.json"
+        cfg = run_dir.parent / f"{run_dir.name}.toml"
+        if done.is_file() and cfg.is_file() and cfg.read_text() == cfg_text:
+            return json.loads(done.read_text())
+        if run_dir.exists():
+            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(cfg_text)
+        t0 = time.time()
+        self("train", "--config", str(cfg), "--out", str(run_dir), "--threads", self.threads,
+             log=run_dir.parent / f"{run_dir.name}.log")
+        evals = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        evals = [e for e in evals if e.get("kind") == "eval"]
+        r = {"val_top1": evals[-1]["top1"], "val_n": evals[-1]["n"],
+             "on": evals[-1]["on"], "wall_s": time.time() - t0}
+        done.write_text(json.dumps(r))
+        return r
+
+    def test(self, run_dir):
+        """Test top-1 of a run's model on classes 5-9 (once per trained model)."""
+        out = run_dir / "test.json"
+        if out.is_file() and out.stat().st_mtime >= (run_dir / "done.json").stat().st_mtime:
+            return json.loads(out.read_text())["top1"]
+        s = self("eval", "--model", str(run_dir / "model.safetensors"), "--dataset",
+                 "fashion-mnist", "--classes", ",".join(map(str, CLASSES)), "--json",
+                 "--confusion", str(run_dir / "test-confusion.png"), "--threads", self.threads)
+        out.write_text(s)
+        return json.loads(s)["top1"]
+
+
 def pretrain(vit, out, arch, scale):
     """The model pre-trained on every image of classes 0-4 (their test split evaluates it)."""
     model = VIT_MODEL if arch == "vit" else RESNET_MODEL
