@@ -625,17 +625,17 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                                 let rows_a: [*const f32; MR] =
                                     std::array::from_fn(|i| g.base.offset(*g.rows.add(row(i))));
                                 let access = GatherA(rows_a, g.cols.add(pc));
-                                tile.with_a(access).run::<S, MR, NV>();
+                                run_tile::<S, _, MR, NV>(&tile.with_a(access));
                             }
                             ARef::Mat(am) if !packed_a => {
                                 let rows_a: [*const f32; MR] = std::array::from_fn(|i| {
                                     am.ptr.offset(row(i) as isize * am.rs + pc as isize)
                                 });
-                                tile.with_a(RowsA(rows_a)).run::<S, MR, NV>();
+                                run_tile::<S, _, MR, NV>(&tile.with_a(RowsA(rows_a)));
                             }
                             ARef::Mat(_) => {
                                 let panel = PackedA::<MR>(apack.as_ptr().add(ir * kc));
-                                tile.with_a(panel).run::<S, MR, NV>();
+                                run_tile::<S, _, MR, NV>(&tile.with_a(panel));
                             }
                         }
                     }
@@ -730,6 +730,37 @@ impl<const MR: usize> AccessA for GatherA<MR> {
     unsafe fn at(&self, i: usize, p: usize) -> *const f32 {
         self.0[i].offset(*self.1.add(p))
     }
+}
+
+/// Runs one tile in a function of its own, compiled for the rung's vector width: LLVM then
+/// allocates the tile's registers for that loop alone. Inlined into the blocked product
+/// (with its three ways of reading A), the AVX-512 tile's accumulators spilled to the stack in
+/// some builds and not others (a third of the loop on stack traffic, half the speed), as
+/// unrelated code elsewhere in the crate changed.
+#[inline(always)]
+unsafe fn run_tile<S: Simd, A: AccessA, const MR: usize, const NV: usize>(t: &Tile<A>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        #[inline(never)]
+        unsafe fn wide<S: Simd, A: AccessA, const MR: usize, const NV: usize>(t: &Tile<A>) {
+            t.run::<S, MR, NV>()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        #[inline(never)]
+        unsafe fn narrow<S: Simd, A: AccessA, const MR: usize, const NV: usize>(t: &Tile<A>) {
+            t.run::<S, MR, NV>()
+        }
+        // Only the AVX-512 vector type has 16 lanes; the AVX2 one (8) never runs with the
+        // AVX-512 features enabled.
+        if S::LANES == 16 {
+            wide::<S, A, MR, NV>(t)
+        } else {
+            narrow::<S, A, MR, NV>(t)
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    t.run::<S, MR, NV>()
 }
 
 /// One `MR × NR` tile of `C` (`rows × cols` of it valid).
