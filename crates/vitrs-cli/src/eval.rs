@@ -58,20 +58,11 @@ pub(crate) fn run(a: EvalArgs) -> Result<u8> {
     }
     if let Some(s) = &a.image_size {
         let [h, w] = crate::finetune::parse_size(s)?;
-        let (model, changes) = match &ck.model {
-            Net::ViT(m) => {
-                let adapted = vitrs::train::transfer::at_resolution(m, (h, w))?;
-                (Net::ViT(adapted.model), adapted.changes)
-            }
-            Net::ResNet(m) => (
-                Net::ResNet(m.with_input((h, w))?),
-                vec!["same convolutions (global average pooling takes any size)".to_string()],
-            ),
-        };
-        for note in &changes {
+        let adapted = vitrs::train::transfer::at_resolution_net(&ck.model, (h, w))?;
+        for note in &adapted.changes {
             eprintln!("eval at {h}x{w}: {note}");
         }
-        ck.model = model;
+        ck.model = adapted.model;
         (ck.preprocess.height, ck.preprocess.width) = (h, w);
     }
     // Many forwards of the same weights: pack them once for the GEMM kernel.

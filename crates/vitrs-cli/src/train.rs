@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use vitrs::model::Net;
 use vitrs::train::trainer::{Outcome, CURVE, METRICS, MODEL};
 use vitrs::train::{RunConfig, Trainer};
 
@@ -166,16 +165,7 @@ pub(crate) fn drive(mut trainer: Trainer, max_steps: Option<u64>) -> Result<u8> 
     let mut bar = Bar::new();
     bar.eval_source = trainer.eval_source.clone();
     trainer.fit_to_budget(&mut bar)?;
-    let arch = match &trainer.model {
-        Net::ViT(m) => {
-            let c = m.config();
-            format!(
-                "D={} L={} heads={} patch={}",
-                c.width, c.depth, c.heads, c.patch_size
-            )
-        }
-        Net::ResNet(_) => trainer.model.describe(),
-    };
+    let arch = trainer.model.describe();
     // With several ranks, rank 0 speaks for all.
     if trainer.rank() != 0 {
         let outcome = trainer.run(&mut bar, &stop, max_steps)?;

@@ -11,7 +11,7 @@ use vitrs::kernels::gemm::Epilogue;
 use vitrs::kernels::layernorm::layernorm;
 use vitrs::kernels::loss::Targets;
 use vitrs::kernels::math::gelu_inplace;
-use vitrs::model::TrainWorkspace;
+use vitrs::model::{Net, NetWorkspace, Regularization};
 use vitrs::train::optim::{Optimizer, OptimizerKind};
 use vitrs::train::RunConfig;
 use vitrs::{Capture, Gelu, Tensor, ViT, ViTConfig, Workspace};
@@ -168,27 +168,41 @@ fn model(c: &mut Criterion) {
     }
     let toml = include_str!("../../../configs/bench-train.toml");
     let run = RunConfig::from_toml(toml, "configs/bench-train.toml").unwrap();
-    let mut vit = ViT::random(run.model.resolve((1, 28, 28), 10).unwrap(), 0).unwrap();
-    let batch = 32;
-    let x = input(vit.config(), batch);
-    let labels: Vec<usize> = (0..batch).map(|i| i % 10).collect();
-    let mut tw = TrainWorkspace::new();
-    let mut opt = Optimizer::new(OptimizerKind::adamw(0.05), vit.params());
+    let vit = ViT::random(run.model.resolve((1, 28, 28), 10).unwrap(), 0).unwrap();
+    let x = input(vit.config(), 32);
+    train_step(&mut g, "train_step_bench_train_b32", Net::ViT(vit), &x);
+    g.finish();
+}
+
+/// One training step of `net` on `x (B, C, H, W)` (labels `i mod classes`, AdamW), the
+/// throughput in FLOPs (three forwards).
+fn train_step(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    mut net: Net,
+    x: &Tensor,
+) {
+    let batch = x.shape()[0];
+    let k = net.num_classes();
+    let labels: Vec<usize> = (0..batch).map(|i| i % k).collect();
+    let mut ws = NetWorkspace::for_net(&net);
+    let mut opt = Optimizer::new(OptimizerKind::adamw(0.05), net.params());
     g.throughput(Throughput::Elements(
-        (3.0 * vit.config().flops_per_image() * batch as f64) as u64,
+        (3.0 * net.flops_per_image() * batch as f64) as u64,
     ));
-    g.bench_function("train_step_bench_train_b32", |b| {
+    g.bench_function(name, |b| {
         b.iter(|| {
-            tw.zero_grads();
+            ws.zero_grads();
             let t = Targets::Labels {
                 labels: &labels,
                 smoothing: 0.0,
             };
-            vit.forward_backward(&x, t, &mut tw).unwrap();
-            opt.step(vit.params_mut().flat_mut(), tw.grads(), 1e-4);
+            let reg = Regularization::default();
+            net.forward_backward(x, t, reg, &mut ws, &mut |_, _| {})
+                .unwrap();
+            opt.step(net.params_mut().flat_mut(), ws.grads(), 1e-4);
         })
     });
-    g.finish();
 }
 
 /// The ResNet baseline: the first stage's convolution (ResNet-20 on Fashion-MNIST, batch 128,
@@ -197,7 +211,7 @@ fn model(c: &mut Criterion) {
 fn resnet(c: &mut Criterion) {
     use vitrs::kernels::conv::{conv2d, conv2d_backward, im2col, Conv2d, Layout};
     use vitrs::kernels::gemm::linear;
-    use vitrs::model::resnet::{ResNet, ResNetConfig, ResNetWorkspace};
+    use vitrs::model::resnet::{ResNet, ResNetConfig};
     let mut g = c.benchmark_group("resnet");
     g.sample_size(10);
     let cv = Conv2d {
@@ -250,26 +264,9 @@ fn resnet(c: &mut Criterion) {
             )
         })
     });
-    let mut m = ResNet::new(ResNetConfig::cifar(20, 16, 1, (28, 28), 10), 0).unwrap();
-    let batch = 32;
-    let xs = data(batch * 28 * 28);
-    let labels: Vec<usize> = (0..batch).map(|i| i % 10).collect();
-    let mut ws = ResNetWorkspace::new();
-    let mut opt = Optimizer::new(OptimizerKind::adamw(0.05), m.params());
-    g.throughput(Throughput::Elements(
-        (3.0 * m.flops_per_image() * batch as f64) as u64,
-    ));
-    g.bench_function("resnet20_28x28_train_step_b32", |b| {
-        b.iter(|| {
-            ws.zero_grads();
-            let t = Targets::Labels {
-                labels: &labels,
-                smoothing: 0.0,
-            };
-            m.forward_backward(&xs, t, &mut ws).unwrap();
-            opt.step(m.params_mut().flat_mut(), ws.grads(), 1e-4);
-        })
-    });
+    let m = ResNet::new(ResNetConfig::cifar(20, 16, 1, (28, 28), 10), 0).unwrap();
+    let xs = Tensor::new(vec![32, 1, 28, 28], data(32 * 28 * 28)).unwrap();
+    train_step(&mut g, "resnet20_28x28_train_step_b32", Net::ResNet(m), &xs);
     g.finish();
 }
 

@@ -11,8 +11,8 @@ use serde::Serialize;
 use crate::config::ViTConfig;
 use crate::error::Result;
 use crate::kernels::loss::Targets;
-use crate::model::resnet::{ResNet, ResNetConfig, ResNetWorkspace};
-use crate::model::{Capture, Net, TrainWorkspace, ViT, Workspace};
+use crate::model::resnet::{ResNet, ResNetConfig};
+use crate::model::{Net, NetWorkspace, Regularization, ViT};
 use crate::tensor::Tensor;
 use crate::train::optim::{Optimizer, OptimizerKind};
 use crate::train::RunConfig;
@@ -163,12 +163,6 @@ pub fn gemm(
     }
 }
 
-/// FLOPs of one image through `cfg`: a forward, or a training step, which costs about three
-/// forwards (the forward, and the backward's products to inputs and to weights).
-pub fn flops_per_image(cfg: &ViTConfig, train: bool) -> f64 {
-    cfg.flops_per_image() * if train { 3.0 } else { 1.0 }
-}
-
 /// Times `iters` repetitions (after `warmup` untimed ones) of inference, or with `train` of a
 /// whole training step, on a batch of `batch` fixed pseudo-random images.
 pub fn run(
@@ -179,27 +173,8 @@ pub fn run(
     warmup: usize,
 ) -> Result<BenchReport> {
     let batch = batch.max(1);
-    // (C, H, W), classes, FLOPs of one image's forward.
-    let ((c, h, wd), k, fwd_flops) = match &w.model {
-        Net::ViT(m) => {
-            let cfg = m.config();
-            let f = flops_per_image(cfg, false);
-            (
-                (cfg.channels, cfg.image_height, cfg.image_width),
-                cfg.num_classes,
-                f,
-            )
-        }
-        Net::ResNet(m) => {
-            let cfg = m.config();
-            let f = m.flops_per_image();
-            (
-                (cfg.channels, cfg.image_height, cfg.image_width),
-                cfg.num_classes,
-                f,
-            )
-        }
-    };
+    let (c, h, wd) = w.model.input();
+    let fwd_flops = w.model.flops_per_image();
     let shape = vec![batch, c, h, wd];
     let numel: usize = shape.iter().product();
     let x = Tensor::new(
@@ -208,42 +183,27 @@ pub fn run(
             .map(|i| ((i % 251) as f32 / 125.0) - 1.0)
             .collect(),
     )?;
-    let k = k.max(1);
+    let k = w.model.num_classes().max(1);
     let labels: Vec<usize> = (0..batch).map(|i| i % k).collect();
     let targets = || Targets::Labels {
         labels: &labels,
         smoothing: 0.0,
     };
-    let mut ws = Workspace::new();
-    let mut tw = TrainWorkspace::new();
-    let mut rw = ResNetWorkspace::new();
-    let mut opt = match &mut w.model {
-        Net::ViT(m) => {
-            if !train {
-                // Repeated forwards of unchanging weights: pack them once, as a server would.
-                m.pack_weights();
-            }
-            Optimizer::new(w.optimizer, m.params())
-        }
-        Net::ResNet(m) => Optimizer::new(w.optimizer, m.params()),
-    };
+    if let (Net::ViT(m), false) = (&mut w.model, train) {
+        // Repeated forwards of unchanging weights: pack them once, as a server would.
+        m.pack_weights();
+    }
+    let mut opt = Optimizer::new(w.optimizer, w.model.params());
+    let mut ws = NetWorkspace::for_net(&w.model);
     let model = &mut w.model;
     let mut once = |net: &mut Net| -> Result<()> {
-        match (net, train) {
-            (Net::ViT(vit), true) => {
-                tw.zero_grads();
-                vit.forward_backward(&x, targets(), &mut tw)?;
-                opt.step(vit.params_mut().flat_mut(), tw.grads(), 1e-4);
-            }
-            (Net::ViT(vit), false) => {
-                vit.forward(&x, Capture::default(), &mut ws)?;
-            }
-            (Net::ResNet(r), true) => {
-                rw.zero_grads();
-                r.forward_backward(x.data(), targets(), &mut rw)?;
-                opt.step(r.params_mut().flat_mut(), rw.grads(), 1e-4);
-            }
-            (Net::ResNet(r), false) => r.forward_eval(x.data(), &mut rw)?,
+        if train {
+            ws.zero_grads();
+            let reg = Regularization::default();
+            net.forward_backward(&x, targets(), reg, &mut ws, &mut |_, _| {})?;
+            opt.step(net.params_mut().flat_mut(), ws.grads(), 1e-4);
+        } else {
+            net.logits(&x, &mut ws)?;
         }
         Ok(())
     };

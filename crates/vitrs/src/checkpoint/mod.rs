@@ -691,26 +691,14 @@ pub fn load_net(path: &Path) -> Result<Checkpoint<Net>> {
 
 /// [`load_net`], choosing between trained and averaged weights as [`load_weights`] does.
 pub fn load_net_weights(path: &Path, which: Weights) -> Result<Checkpoint<Net>> {
-    let is_file = path.is_file();
-    let header = if is_file {
-        SafeTensors::read_header(path).ok()
+    let resnet = path.is_file()
+        && SafeTensors::read_header(path)
+            .is_ok_and(|h| h.metadata.get(META_ARCH).is_some_and(|a| a == "resnet"));
+    if resnet {
+        load_native_resnet(SafeTensors::read(path)?, which)
     } else {
-        None
-    };
-    let resnet = header
-        .as_ref()
-        .and_then(|h| h.metadata.get(META_ARCH))
-        .is_some_and(|a| a == "resnet");
-    if !resnet {
-        let ck = load_weights(path, which)?;
-        return Ok(Checkpoint {
-            model: Net::ViT(ck.model),
-            preprocess: ck.preprocess,
-            labels: ck.labels,
-            report: ck.report,
-        });
+        load_weights(path, which)?.map_model(|m| Ok(Net::ViT(m)))
     }
-    load_native_resnet(SafeTensors::read(path)?, which)
 }
 
 /// A native ResNet file: parameters and running statistics under PyTorch's names; a training
@@ -830,9 +818,18 @@ pub fn native_metadata(
     preprocess: &Preprocess,
     labels: Option<&[String]>,
 ) -> Result<BTreeMap<String, String>> {
+    metadata_with(model.config().to_json()?, preprocess, labels)
+}
+
+/// A native file's metadata around its model's config (JSON).
+fn metadata_with(
+    config: String,
+    preprocess: &Preprocess,
+    labels: Option<&[String]>,
+) -> Result<BTreeMap<String, String>> {
     let mut meta = BTreeMap::new();
     meta.insert(META_FORMAT.to_string(), META_FORMAT_VALUE.to_string());
-    meta.insert(META_CONFIG.to_string(), model.config().to_json()?);
+    meta.insert(META_CONFIG.to_string(), config);
     meta.insert(
         META_PREPROCESS.to_string(),
         serde_json::to_string(preprocess).map_err(|e| Error::serialize("the preprocessing", e))?,
@@ -878,26 +875,10 @@ pub fn net_metadata(
     match model {
         Net::ViT(m) => native_metadata(m, preprocess, labels),
         Net::ResNet(m) => {
-            let mut meta = BTreeMap::new();
-            meta.insert(META_FORMAT.to_string(), META_FORMAT_VALUE.to_string());
+            let config = serde_json::to_string(m.config())
+                .map_err(|e| Error::serialize("the ResNet config", e))?;
+            let mut meta = metadata_with(config, preprocess, labels)?;
             meta.insert(META_ARCH.to_string(), "resnet".to_string());
-            meta.insert(
-                META_CONFIG.to_string(),
-                serde_json::to_string(m.config())
-                    .map_err(|e| Error::serialize("the ResNet config", e))?,
-            );
-            meta.insert(
-                META_PREPROCESS.to_string(),
-                serde_json::to_string(preprocess)
-                    .map_err(|e| Error::serialize("the preprocessing", e))?,
-            );
-            if let Some(l) = labels {
-                meta.insert(
-                    META_LABELS.to_string(),
-                    serde_json::to_string(l)
-                        .map_err(|e| Error::serialize("the class labels", e))?,
-                );
-            }
             Ok(meta)
         }
     }
@@ -906,17 +887,21 @@ pub fn net_metadata(
 /// The named tensors of a model of either architecture: its parameters, then (a ResNet) its
 /// running statistics.
 pub fn net_tensors(model: &Net) -> Vec<(&str, &[usize], &[f32])> {
-    let mut out = vec![];
-    for p in std::iter::once(model.params()).chain(model.buffers()) {
-        out.extend(p.entries().iter().map(|e| {
-            (
-                e.name.as_str(),
-                e.shape.as_slice(),
-                &p.flat()[e.range.clone()],
-            )
-        }));
-    }
-    out
+    std::iter::once(model.params())
+        .chain(model.buffers())
+        .flat_map(named_tensors)
+        .collect()
+}
+
+/// `(name, shape, values)` of every entry of a flat buffer, in its order.
+fn named_tensors(p: &Params) -> impl Iterator<Item = (&str, &[usize], &[f32])> {
+    p.entries().iter().map(|e| {
+        (
+            e.name.as_str(),
+            e.shape.as_slice(),
+            &p.flat()[e.range.clone()],
+        )
+    })
 }
 
 /// [`save_native`] for a model of either architecture (`vit train` writes its
@@ -928,13 +913,8 @@ pub fn save_net(
     labels: Option<&[String]>,
     dtype: SaveDtype,
 ) -> Result<()> {
-    match model {
-        Net::ViT(m) => save_native(path, m, preprocess, labels, dtype),
-        Net::ResNet(_) => {
-            let meta = net_metadata(model, preprocess, labels)?;
-            safetensors::write(path, &net_tensors(model), &meta, dtype)
-        }
-    }
+    let meta = net_metadata(model, preprocess, labels)?;
+    safetensors::write(path, &net_tensors(model), &meta, dtype)
 }
 
 /// Writes the native format: timm-named tensors with the config, preprocessing and labels in
@@ -947,18 +927,7 @@ pub fn save_native(
     dtype: SaveDtype,
 ) -> Result<()> {
     let meta = native_metadata(model, preprocess, labels)?;
-    let p = model.params();
-    let tensors: Vec<(&str, &[usize], &[f32])> = p
-        .entries()
-        .iter()
-        .map(|e| {
-            (
-                e.name.as_str(),
-                e.shape.as_slice(),
-                &p.flat()[e.range.clone()],
-            )
-        })
-        .collect();
+    let tensors: Vec<_> = named_tensors(model.params()).collect();
     safetensors::write(path, &tensors, &meta, dtype)
 }
 

@@ -46,14 +46,6 @@ impl NetConfig {
             NetConfig::ResNet(c) => (c.param_count()?, c.train_bytes_per_image()?),
         })
     }
-
-    /// `(channels, height, width)` of the input images.
-    pub fn input(&self) -> (usize, usize, usize) {
-        match self {
-            NetConfig::ViT(c) => (c.channels, c.image_height, c.image_width),
-            NetConfig::ResNet(c) => (c.channels, c.image_height, c.image_width),
-        }
-    }
 }
 
 impl From<ViT> for Net {
@@ -69,22 +61,15 @@ impl From<ResNet> for Net {
 }
 
 impl Net {
-    /// `"vit"` or `"resnet"`, as `[model] arch` names it.
-    pub fn arch(&self) -> &'static str {
-        match self {
-            Net::ViT(_) => "vit",
-            Net::ResNet(_) => "resnet",
-        }
-    }
-
-    /// A one-line description: `ViT-…` with its size, or `ResNet-20 (width 16)`.
+    /// A one-line description of the size: `D=64 L=6 heads=4 patch=4` for a ViT,
+    /// `ResNet-20 (width 16)`.
     pub fn describe(&self) -> String {
         match self {
             Net::ViT(m) => {
                 let c = m.config();
                 format!(
-                    "ViT (patch {}, width {}, depth {}, {} heads)",
-                    c.patch_size, c.width, c.depth, c.heads
+                    "D={} L={} heads={} patch={}",
+                    c.width, c.depth, c.heads, c.patch_size
                 )
             }
             Net::ResNet(m) => {
@@ -233,7 +218,8 @@ pub struct NetWorkspace {
     train: TrainWorkspace,
     resnet: ResNetWorkspace,
     logits: Vec<f32>,
-    /// Which architecture trained last (where the gradients are).
+    /// Whether this is a ResNet's workspace (set by [`NetWorkspace::for_net`]): where the
+    /// gradients and the training logits are.
     resnet_trained: bool,
 }
 

@@ -497,27 +497,10 @@ impl ResNet {
         let cfg = ResNetConfig::cifar(6 * n + 2, width, channels, (h, w), classes);
         let mut m = ResNet::zeros(cfg).map_err(|e| bad(e.to_string()))?;
         let mut known = std::collections::HashSet::new();
-        for (store, entries) in [
-            (0, m.params.entries().to_vec()),
-            (1, m.buffers.entries().to_vec()),
-        ] {
-            for e in entries {
-                let t = st.tensor(&e.name)?;
-                if t.shape() != e.shape.as_slice() {
-                    return Err(Error::ShapeMismatch {
-                        name: e.name.clone(),
-                        expected: e.shape.clone(),
-                        got: t.shape().to_vec(),
-                    });
-                }
-                let dst = if store == 0 {
-                    &mut m.params
-                } else {
-                    &mut m.buffers
-                };
-                dst.flat_mut()[e.range.clone()].copy_from_slice(t.data());
-                known.insert(e.name);
-            }
+        for store in [&mut m.params, &mut m.buffers] {
+            let entries = store.entries().to_vec();
+            crate::checkpoint::read_prefixed(&st, "", &entries, store.flat_mut())?;
+            known.extend(entries.into_iter().map(|e| e.name));
         }
         if let Some(extra) = st
             .tensors()

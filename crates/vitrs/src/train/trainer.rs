@@ -183,22 +183,13 @@ impl Trainer {
                         )));
                     }
                 }
-                let (model, changes) = match &ck.model {
-                    Net::ViT(m) => {
-                        let a = if keep {
-                            transfer::adapt_keep_head(m, train.shape())?
-                        } else {
-                            transfer::adapt(m, train.shape(), classes)?
-                        };
-                        (Net::ViT(a.model), a.changes)
-                    }
-                    Net::ResNet(m) => {
-                        let a = transfer::adapt_resnet(m, train.shape(), classes, keep)?;
-                        (Net::ResNet(a.0), a.1)
-                    }
-                };
-                check_memory(model.params().count(), model.train_bytes_per_image(), &run)?;
-                (model, changes)
+                let a = transfer::adapt_net(&ck.model, train.shape(), classes, keep)?;
+                check_memory(
+                    a.model.params().count(),
+                    a.model.train_bytes_per_image(),
+                    &run,
+                )?;
+                (a.model, a.changes)
             }
             None => {
                 let cfg = run.model.resolve_net(train.shape(), classes)?;
@@ -665,9 +656,7 @@ impl Trainer {
                     // A ResNet's running statistics, each rank's from its own share of the
                     // batches: averaged, so every rank keeps the same model.
                     if let Some(b) = self.model.buffers_mut() {
-                        self.comm.all_reduce_sum(b.flat_mut());
-                        let n = world as f32;
-                        b.flat_mut().iter_mut().for_each(|v| *v /= n);
+                        self.comm.finish_means(b.flat_mut());
                     }
                     comm_s += clock.elapsed().as_secs_f64();
                     comm_steps += 1;

@@ -8,7 +8,7 @@ use crate::checkpoint::posembed::resample_pos_embed;
 use crate::config::Head;
 use crate::error::{Error, Result};
 use crate::model::resnet::ResNet;
-use crate::model::{Params, ViT};
+use crate::model::{Net, Params, ViT};
 use crate::train::optim::OptimizerKind;
 use crate::train::RunConfig;
 
@@ -66,9 +66,47 @@ impl FinetuneOptimizer {
 }
 
 /// A model ready for fine-tuning, and what was changed (one line each, for the user).
-pub struct Adapted {
-    pub model: ViT,
+pub struct Adapted<M = ViT> {
+    pub model: M,
     pub changes: Vec<String>,
+}
+
+impl<M: Into<Net>> Adapted<M> {
+    fn into_net(self) -> Adapted<Net> {
+        Adapted {
+            model: self.model.into(),
+            changes: self.changes,
+        }
+    }
+}
+
+/// A pre-trained model of either architecture for images `(C, H, W)`: with a new
+/// zero-initialised head for `classes` classes, or with `keep` its own (the caller checks
+/// that the classes agree).
+pub fn adapt_net(
+    source: &Net,
+    shape: (usize, usize, usize),
+    classes: usize,
+    keep: bool,
+) -> Result<Adapted<Net>> {
+    let new_head = (!keep).then_some(classes);
+    let mut a = match source {
+        Net::ViT(m) => rebuild(m, shape, new_head)?.into_net(),
+        Net::ResNet(m) => adapt_resnet(m, shape, new_head)?.into_net(),
+    };
+    if keep {
+        a.changes.insert(0, "pre-trained head kept".into());
+    }
+    Ok(a)
+}
+
+/// [`at_resolution`] for a model of either architecture (a ResNet only changes geometry).
+pub fn at_resolution_net(source: &Net, (h, w): (usize, usize)) -> Result<Adapted<Net>> {
+    let (c, _, _) = source.input();
+    Ok(match source {
+        Net::ViT(m) => rebuild(m, (c, h, w), None)?.into_net(),
+        Net::ResNet(m) => adapt_resnet(m, (c, h, w), None)?.into_net(),
+    })
 }
 
 /// Adapts `source` to images `(C, H, W)` and `classes` classes (a new zero head).
@@ -84,15 +122,14 @@ pub fn adapt_keep_head(source: &ViT, shape: (usize, usize, usize)) -> Result<Ada
 }
 
 /// A pre-trained ResNet for images `(C, H, W)`: the same weights and running statistics at
-/// the new size (convolutions and global average pooling take any size), and unless `keep`
-/// a new zero-initialised classifier for `classes` classes. The input channels must match.
-/// Returns the model and what changed.
+/// the new size (convolutions and global average pooling take any size), and with
+/// `new_head` a new zero-initialised classifier for that many classes. The input channels
+/// must match.
 pub fn adapt_resnet(
     source: &ResNet,
     (c, h, w): (usize, usize, usize),
-    classes: usize,
-    keep: bool,
-) -> Result<(ResNet, Vec<String>)> {
+    new_head: Option<usize>,
+) -> Result<Adapted<ResNet>> {
     let sc = source.config();
     if sc.channels != c {
         return Err(Error::BadInput(format!(
@@ -111,16 +148,14 @@ pub fn adapt_resnet(
     } else {
         source.clone()
     };
-    if keep {
-        changes.insert(0, "pre-trained head kept".into());
-    } else {
+    if let Some(classes) = new_head {
         m.reset_head(classes)?;
         changes.push(format!(
             "new zero-initialised classifier `fc` for {classes} classes (was {})",
             sc.num_classes
         ));
     }
-    Ok((m, changes))
+    Ok(Adapted { model: m, changes })
 }
 
 /// `source` at another resolution, head kept: only the position embeddings are resampled
