@@ -126,10 +126,19 @@ fn check_kernels(path: &str) {
         assert_close(&format!("{path}: gelu backward {kind:?}"), &dy, &want, 1e-5);
     }
     for len in [1, 7, 50, 197] {
-        let mut row: Vec<f32> = rand_vec(len, 13).iter().map(|v| v * 10.0).collect();
-        let want = softmax_ref(&row);
-        softmax_inplace(&mut row);
-        assert_close(&format!("{path}: softmax {len}"), &row, &want, 1e-6);
+        // Scales that are powers of two, so the reference sees exactly the scaled scores.
+        for scale in [1.0, 0.125] {
+            let mut row: Vec<f32> = rand_vec(len, 13).iter().map(|v| v * 10.0).collect();
+            let scaled: Vec<f32> = row.iter().map(|v| v * scale).collect();
+            let want = softmax_ref(&scaled);
+            softmax_inplace(&mut row, scale);
+            assert_close(
+                &format!("{path}: softmax {len} x{scale}"),
+                &row,
+                &want,
+                1e-6,
+            );
+        }
     }
     // Convolutions: gathered in place on the SIMD rungs, lowered on the portable one; strided,
     // padded, both input layouts, one that splits over the threads.

@@ -1,16 +1,41 @@
 //! Multi-head scaled dot-product attention over a fused qkv buffer.
 //!
-//! Per (image, head, block of query rows): `S = q·kᵀ / sqrt(hd)` and `O = softmax(S)·v`, as two
-//! register-tiled products ([`super::attention_gemm`]) over strided views of the qkv buffer with the
-//! softmax in between; only `kᵀ` is copied (to `hd × N`, so the product reads its rows). The scores live in a per-thread scratch tile of `rows × N`, or, when
-//! attention maps are captured, directly in the caller's probability buffer: the same code
-//! path either way, so captured maps are exactly the ones used.
+//! Per (image, head, block of query rows): `S = q·kᵀ` and `O = softmax(S / sqrt(hd))·v`, as two
+//! products on the engine's SGEMM ([`super::sgemm`], the running rung's register tile) reading
+//! strided views of the qkv buffer in place (`kᵀ` and `v` are packed into micro-panels by the
+//! product itself), with the scaled softmax in between. The scores live in a per-thread
+//! scratch tile of `rows × N`, or, when attention maps are captured, directly in the caller's
+//! probability buffer: the same code path either way, so captured maps are exactly the ones
+//! used.
 
 use rayon::prelude::*;
 
-use super::attention_gemm::attention_sgemm;
 use super::math::{dot_lanes, softmax_inplace, softmax_ref};
-use super::{Split, SyncPtr};
+use super::sgemm::{gemm, BRef, MatRef, Out};
+use super::{Isa, Split, Strided, SyncPtr};
+
+/// `C (m, n) = A (m, k) · B (k, n)` on this thread, on the running rung's SGEMM; `C` has unit
+/// column stride and row stride `c.1`.
+///
+/// # Safety
+/// As [`super::sgemm::gemm`]: each pointer addresses a matrix of the given shape and strides,
+/// `c` aliases neither `a` nor `b`, and no other thread writes the same elements of `c`.
+unsafe fn product(
+    isa: Isa,
+    (m, k, n): (usize, usize, usize),
+    a: Strided<*const f32>,
+    b: Strided<*const f32>,
+    c: (*mut f32, isize),
+) {
+    let mat = |(ptr, rs, cs): Strided<*const f32>| MatRef { ptr, rs, cs };
+    let out = Out {
+        ptr: c.0,
+        rs: c.1,
+        accumulate: false,
+        bias: None,
+    };
+    gemm(isa, m, n, k, mat(a), BRef::Mat(mat(b)), out);
+}
 
 /// Query rows per task are never split below this.
 const MIN_ROWS: usize = 16;
@@ -49,9 +74,9 @@ impl AttnDims {
         threads.max(1) * self.tile_len(rows)
     }
 
-    /// Per-task scratch of the forward pass: a `rows × N` score tile and `kᵀ (hd, N)`.
+    /// Per-task scratch of the forward pass: a `rows × N` score tile.
     fn tile_len(&self, rows: usize) -> usize {
-        (rows + self.head_dim) * self.tokens
+        rows * self.tokens
     }
 }
 
@@ -98,13 +123,13 @@ pub fn attention(
     let outp = SyncPtr(out.as_mut_ptr());
     let probp = probs.map(|p| SyncPtr(p.as_mut_ptr()));
     let scale = 1.0 / (hd as f32).sqrt();
+    let isa = super::isa();
+    let ld3 = (3 * d) as isize;
     scratch[..need]
         .par_chunks_mut(tile_len)
         .enumerate()
         .for_each(|(g, tile)| {
             let (t0, t1) = groups.get(g);
-            let (tile, kt) = tile.split_at_mut(rows * n);
-            let mut kt_of = usize::MAX; // which (image, head) `kt` holds
             for t in t0..t1 {
                 // task t -> (image b, head h, query block qb)
                 let (bh, qb) = (t / blocks, t % blocks);
@@ -115,14 +140,11 @@ pub fn attention(
                     continue;
                 }
                 let nr = r1 - r0;
-                let base = b * n * 3 * d;
-                if kt_of != bh {
-                    // kᵀ (hd, N) from the k rows of head h, which are 3D apart.
-                    transpose_head(&qkv[base + d + h * hd..], 3 * d, n, hd, kt);
-                    kt_of = bh;
-                }
+                // Head h of image b: q, k and v rows N apart by 3D, columns h·hd.. of each third.
+                let base = b * n * 3 * d + h * hd;
                 // SAFETY: each task owns rows r0..r1 of head h of image b, in both `out`
-                // (columns h·hd..) and `probs` (plane (b, h)); tasks are disjoint.
+                // (columns h·hd..) and `probs` (plane (b, h)); tasks are disjoint, and the
+                // products read `qkv` only inside image b.
                 unsafe {
                     let s: &mut [f32] = match probp {
                         Some(p) => std::slice::from_raw_parts_mut(
@@ -131,41 +153,31 @@ pub fn attention(
                         ),
                         None => &mut tile[..nr * n],
                     };
-                    let q = qkv.as_ptr().add(base + r0 * 3 * d + h * hd);
-                    let v = qkv.as_ptr().add(base + 2 * d + h * hd);
-                    // S (nr, N) = scale · q (nr, hd) · kᵀ (hd, N).
-                    attention_sgemm(
+                    let q = qkv.as_ptr().add(base + r0 * 3 * d);
+                    let k = qkv.as_ptr().add(base + d);
+                    let v = qkv.as_ptr().add(base + 2 * d);
+                    // S (nr, N) = q (nr, hd) · kᵀ (hd, N): kᵀ read as k's rows transposed.
+                    product(
+                        isa,
                         (nr, hd, n),
-                        scale,
-                        (q, (3 * d) as isize, 1),
-                        (kt.as_ptr(), n as isize),
-                        false,
+                        (q, ld3, 1),
+                        (k, 1, ld3),
                         (s.as_mut_ptr(), n as isize),
                     );
                     for row in s.chunks_exact_mut(n) {
-                        softmax_inplace(row);
+                        softmax_inplace(row, scale);
                     }
                     // O (nr, hd) = P (nr, N) · v (N, hd), written into out[b, r0.., h·hd..].
-                    attention_sgemm(
+                    product(
+                        isa,
                         (nr, n, hd),
-                        1.0,
                         (s.as_ptr(), n as isize, 1),
-                        (v, (3 * d) as isize),
-                        false,
+                        (v, ld3, 1),
                         (outp.get().add((b * n + r0) * d + h * hd), d as isize),
                     );
                 }
             }
         });
-}
-
-/// `dst (hd, N) = srcᵀ` for the `N` rows of one head, `ld` apart, each `hd` long.
-fn transpose_head(src: &[f32], ld: usize, n: usize, hd: usize, dst: &mut [f32]) {
-    for (t, row) in src.chunks(ld).take(n).enumerate() {
-        for (c, &x) in row[..hd].iter().enumerate() {
-            dst[c * n + t] = x;
-        }
-    }
 }
 
 /// Backward of [`attention`], from the probabilities it saved.
@@ -176,7 +188,7 @@ fn transpose_head(src: &[f32], ld: usize, n: usize, hd: usize, dst: &mut [f32]) 
 ///
 /// # Shapes
 /// `qkv, dqkv (B, N, 3D)`, `probs (B, nh, N, N)`, `dout (B, N, D)`; `scratch` grows to
-/// `threads · (N + hd) · N`.
+/// `threads · N · N`.
 ///
 /// # Panics
 /// When a slice is shorter than its shape (checked in every build).
@@ -204,68 +216,65 @@ pub fn attention_backward(
     super::check_len("attention_backward: dout", dout.len(), batch * n * d);
     super::check_len("attention_backward: dqkv", dqkv.len(), batch * n * 3 * d);
     let groups = Split::new(batch * heads, rayon::current_num_threads(), 1);
-    // Per group: dS (N, N) and vᵀ (hd, N).
-    let tile_len = (n + hd) * n;
+    // Per group: dS (N, N).
+    let tile_len = n * n;
     let need = groups.count * tile_len;
     if scratch.len() < need {
         scratch.resize(need, 0.0);
     }
     let dp = SyncPtr(dqkv.as_mut_ptr());
     let scale = 1.0 / (hd as f32).sqrt();
+    let isa = super::isa();
     let (ld3, ld, ldn) = ((3 * d) as isize, d as isize, n as isize);
     scratch[..need]
         .par_chunks_mut(tile_len)
         .enumerate()
-        .for_each(|(g, tile)| {
+        .for_each(|(g, ds)| {
             let (t0, t1) = groups.get(g);
-            let (ds, vt) = tile.split_at_mut(n * n);
             for t in t0..t1 {
                 let (b, h) = (t / heads, t % heads);
                 let p = &probs[t * n * n..(t + 1) * n * n];
                 let base = b * n * 3 * d + h * hd;
-                transpose_head(&qkv[base + 2 * d..], 3 * d, n, hd, vt);
-                // SAFETY: task (b, h) alone writes the q/k/v columns of head h of image b in dqkv.
+                // SAFETY: task (b, h) alone writes the q/k/v columns of head h of image b in
+                // dqkv; the products read qkv, probs and dout only inside image b.
                 unsafe {
-                    let (q, k) = (qkv.as_ptr().add(base), qkv.as_ptr().add(base + d));
+                    let q = qkv.as_ptr().add(base);
+                    let (k, v) = (q.add(d), q.add(2 * d));
                     let dbase = dp.get().add(base);
                     let (dq, dk, dv) = (dbase, dbase.add(d), dbase.add(2 * d));
                     let dob = dout.as_ptr().add(b * n * d + h * hd);
                     // dV (N, hd) = Pᵀ (N, N) · dO (N, hd)
-                    attention_sgemm(
+                    product(
+                        isa,
                         (n, n, hd),
-                        1.0,
                         (p.as_ptr(), 1, ldn),
-                        (dob, ld),
-                        false,
+                        (dob, ld, 1),
                         (dv, ld3),
                     );
                     // dP (N, N) = dO (N, hd) · vᵀ (hd, N)
-                    attention_sgemm(
+                    product(
+                        isa,
                         (n, hd, n),
-                        1.0,
                         (dob, ld, 1),
-                        (vt.as_ptr(), ldn),
-                        false,
+                        (v, 1, ld3),
                         (ds.as_mut_ptr(), ldn),
                     );
                     for (dsr, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
                         softmax_backward_row(pr, dsr, scale);
                     }
                     // dQ (N, hd) = dS (N, N) · K (N, hd);  dK (N, hd) = dSᵀ (N, N) · Q (N, hd)
-                    attention_sgemm(
+                    product(
+                        isa,
                         (n, n, hd),
-                        1.0,
                         (ds.as_ptr(), ldn, 1),
-                        (k, ld3),
-                        false,
+                        (k, ld3, 1),
                         (dq, ld3),
                     );
-                    attention_sgemm(
+                    product(
+                        isa,
                         (n, n, hd),
-                        1.0,
                         (ds.as_ptr(), 1, ldn),
-                        (q, ld3),
-                        false,
+                        (q, ld3, 1),
                         (dk, ld3),
                     );
                 }

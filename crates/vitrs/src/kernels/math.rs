@@ -180,12 +180,13 @@ pub(crate) fn max_lanes(x: &[f32]) -> f32 {
 }
 
 simd_dispatch! {
-    /// Numerically stable softmax of one row, in place. The exponentials are one vectorised
-    /// pass, the sum and the maximum lane-parallel reductions.
-    pub fn softmax_inplace(row: &mut [f32]) {
+    /// Numerically stable softmax of `scale · row` (`scale` > 0: attention's `1/sqrt(hd)`,
+    /// folded in here rather than into the scores' product), in place. The exponentials are
+    /// one vectorised pass, the sum and the maximum lane-parallel reductions.
+    pub fn softmax_inplace(row: &mut [f32], scale: f32) {
         let max = max_lanes(row);
         for v in row.iter_mut() {
-            *v = exp_fast(*v - max);
+            *v = exp_fast(scale * (*v - max));
         }
         let inv = 1.0 / sum_lanes(row);
         for v in row.iter_mut() {
@@ -398,7 +399,7 @@ mod tests {
     fn softmax_matches_reference_and_sums_to_one() {
         let mut row: Vec<f32> = rand_vec(197, 9).iter().map(|v| v * 20.0).collect();
         let want = softmax_ref(&row);
-        softmax_inplace(&mut row);
+        softmax_inplace(&mut row, 1.0);
         assert!(max_abs_diff(&row, &want) < 1e-6);
         let s: f32 = row.iter().sum();
         assert!((s - 1.0).abs() < 1e-5);

@@ -14,7 +14,6 @@
 //!   the copy of the running rung.
 
 pub mod attention;
-pub mod attention_gemm;
 pub mod batchnorm;
 pub mod conv;
 pub mod gemm;
@@ -232,27 +231,6 @@ pub fn relative_l2_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// A strided matrix operand: pointer, row stride, column stride (in elements).
 pub(crate) type Strided<P> = (P, isize, isize);
-
-/// `C (m, n) = alpha · A (m, k) · B (k, n) + beta · C` on strided operands: the single-threaded
-/// matrixmultiply SGEMM with its arguments grouped per operand.
-///
-/// # Safety
-/// Each pointer must address a matrix of the given shape and strides; `c` must not alias `a`
-/// or `b` and no other thread may write the same elements of `c`.
-#[inline]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn sgemm(
-    (m, k, n): (usize, usize, usize),
-    alpha: f32,
-    a: Strided<*const f32>,
-    b: Strided<*const f32>,
-    beta: f32,
-    c: Strided<*mut f32>,
-) {
-    matrixmultiply::sgemm(
-        m, k, n, alpha, a.0, a.1, a.2, b.0, b.1, b.2, beta, c.0, c.1, c.2,
-    );
-}
 
 /// `0..len` cut into at most `parts` contiguous ranges of near-equal size, each a multiple of
 /// `align` except the last. Computed on demand, so splitting work allocates nothing.

@@ -201,9 +201,9 @@ impl ViT {
                 let p = &mut acts.probs[(b * nh + h) * n..(b * nh + h + 1) * n];
                 for (j, pj) in p.iter_mut().enumerate() {
                     let k = &kv[j * 2 * d + h * hd..j * 2 * d + (h + 1) * hd];
-                    *pj = scale * q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>();
+                    *pj = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>();
                 }
-                softmax_inplace(p);
+                softmax_inplace(p, scale);
                 let o = &mut acts.attn[b * d + h * hd..b * d + (h + 1) * hd];
                 o.fill(0.0);
                 for (j, pj) in p.iter().enumerate() {
