@@ -8,11 +8,9 @@
 //! probability buffer: the same code path either way, so captured maps are exactly the ones
 //! used.
 
-use rayon::prelude::*;
-
 use super::math::{dot_lanes, softmax_inplace, softmax_ref};
 use super::sgemm::{gemm, BRef, MatRef, Out};
-use super::{Isa, Split, Strided, SyncPtr};
+use super::{team, Isa, Split, Strided, SyncPtr};
 
 /// `C (m, n) = A (m, k) · B (k, n)` on this thread, on the running rung's SGEMM; `C` has unit
 /// column stride and row stride `c.1`.
@@ -125,59 +123,56 @@ pub fn attention(
     let scale = 1.0 / (hd as f32).sqrt();
     let isa = super::isa();
     let ld3 = (3 * d) as isize;
-    scratch[..need]
-        .par_chunks_mut(tile_len)
-        .enumerate()
-        .for_each(|(g, tile)| {
-            let (t0, t1) = groups.get(g);
-            for t in t0..t1 {
-                // task t -> (image b, head h, query block qb)
-                let (bh, qb) = (t / blocks, t % blocks);
-                let (b, h) = (bh / heads, bh % heads);
-                let r0 = qb * rows;
-                let r1 = (r0 + rows).min(n);
-                if r0 >= r1 {
-                    continue;
-                }
-                let nr = r1 - r0;
-                // Head h of image b: q, k and v rows N apart by 3D, columns h·hd.. of each third.
-                let base = b * n * 3 * d + h * hd;
-                // SAFETY: each task owns rows r0..r1 of head h of image b, in both `out`
-                // (columns h·hd..) and `probs` (plane (b, h)); tasks are disjoint, and the
-                // products read `qkv` only inside image b.
-                unsafe {
-                    let s: &mut [f32] = match probp {
-                        Some(p) => std::slice::from_raw_parts_mut(
-                            p.get().add(((b * heads + h) * n + r0) * n),
-                            nr * n,
-                        ),
-                        None => &mut tile[..nr * n],
-                    };
-                    let q = qkv.as_ptr().add(base + r0 * 3 * d);
-                    let k = qkv.as_ptr().add(base + d);
-                    let v = qkv.as_ptr().add(base + 2 * d);
-                    // S (nr, N) = q (nr, hd) · kᵀ (hd, N): kᵀ read as k's rows transposed.
-                    product(
-                        isa,
-                        (nr, hd, n),
-                        (q, ld3, 1),
-                        (k, 1, ld3),
-                        (s.as_mut_ptr(), n as isize),
-                    );
-                    for row in s.chunks_exact_mut(n) {
-                        softmax_inplace(row, scale);
-                    }
-                    // O (nr, hd) = P (nr, N) · v (N, hd), written into out[b, r0.., h·hd..].
-                    product(
-                        isa,
-                        (nr, n, hd),
-                        (s.as_ptr(), n as isize, 1),
-                        (v, ld3, 1),
-                        (outp.get().add((b * n + r0) * d + h * hd), d as isize),
-                    );
-                }
+    team::for_chunks_mut(&mut scratch[..need], tile_len, |g, tile| {
+        let (t0, t1) = groups.get(g);
+        for t in t0..t1 {
+            // task t -> (image b, head h, query block qb)
+            let (bh, qb) = (t / blocks, t % blocks);
+            let (b, h) = (bh / heads, bh % heads);
+            let r0 = qb * rows;
+            let r1 = (r0 + rows).min(n);
+            if r0 >= r1 {
+                continue;
             }
-        });
+            let nr = r1 - r0;
+            // Head h of image b: q, k and v rows N apart by 3D, columns h·hd.. of each third.
+            let base = b * n * 3 * d + h * hd;
+            // SAFETY: each task owns rows r0..r1 of head h of image b, in both `out`
+            // (columns h·hd..) and `probs` (plane (b, h)); tasks are disjoint, and the
+            // products read `qkv` only inside image b.
+            unsafe {
+                let s: &mut [f32] = match probp {
+                    Some(p) => std::slice::from_raw_parts_mut(
+                        p.get().add(((b * heads + h) * n + r0) * n),
+                        nr * n,
+                    ),
+                    None => &mut tile[..nr * n],
+                };
+                let q = qkv.as_ptr().add(base + r0 * 3 * d);
+                let k = qkv.as_ptr().add(base + d);
+                let v = qkv.as_ptr().add(base + 2 * d);
+                // S (nr, N) = q (nr, hd) · kᵀ (hd, N): kᵀ read as k's rows transposed.
+                product(
+                    isa,
+                    (nr, hd, n),
+                    (q, ld3, 1),
+                    (k, 1, ld3),
+                    (s.as_mut_ptr(), n as isize),
+                );
+                for row in s.chunks_exact_mut(n) {
+                    softmax_inplace(row, scale);
+                }
+                // O (nr, hd) = P (nr, N) · v (N, hd), written into out[b, r0.., h·hd..].
+                product(
+                    isa,
+                    (nr, n, hd),
+                    (s.as_ptr(), n as isize, 1),
+                    (v, ld3, 1),
+                    (outp.get().add((b * n + r0) * d + h * hd), d as isize),
+                );
+            }
+        }
+    });
 }
 
 /// Backward of [`attention`], from the probabilities it saved.
@@ -226,60 +221,57 @@ pub fn attention_backward(
     let scale = 1.0 / (hd as f32).sqrt();
     let isa = super::isa();
     let (ld3, ld, ldn) = ((3 * d) as isize, d as isize, n as isize);
-    scratch[..need]
-        .par_chunks_mut(tile_len)
-        .enumerate()
-        .for_each(|(g, ds)| {
-            let (t0, t1) = groups.get(g);
-            for t in t0..t1 {
-                let (b, h) = (t / heads, t % heads);
-                let p = &probs[t * n * n..(t + 1) * n * n];
-                let base = b * n * 3 * d + h * hd;
-                // SAFETY: task (b, h) alone writes the q/k/v columns of head h of image b in
-                // dqkv; the products read qkv, probs and dout only inside image b.
-                unsafe {
-                    let q = qkv.as_ptr().add(base);
-                    let (k, v) = (q.add(d), q.add(2 * d));
-                    let dbase = dp.get().add(base);
-                    let (dq, dk, dv) = (dbase, dbase.add(d), dbase.add(2 * d));
-                    let dob = dout.as_ptr().add(b * n * d + h * hd);
-                    // dV (N, hd) = Pᵀ (N, N) · dO (N, hd)
-                    product(
-                        isa,
-                        (n, n, hd),
-                        (p.as_ptr(), 1, ldn),
-                        (dob, ld, 1),
-                        (dv, ld3),
-                    );
-                    // dP (N, N) = dO (N, hd) · vᵀ (hd, N)
-                    product(
-                        isa,
-                        (n, hd, n),
-                        (dob, ld, 1),
-                        (v, 1, ld3),
-                        (ds.as_mut_ptr(), ldn),
-                    );
-                    for (dsr, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
-                        softmax_backward_row(pr, dsr, scale);
-                    }
-                    // dQ (N, hd) = dS (N, N) · K (N, hd);  dK (N, hd) = dSᵀ (N, N) · Q (N, hd)
-                    product(
-                        isa,
-                        (n, n, hd),
-                        (ds.as_ptr(), ldn, 1),
-                        (k, ld3, 1),
-                        (dq, ld3),
-                    );
-                    product(
-                        isa,
-                        (n, n, hd),
-                        (ds.as_ptr(), 1, ldn),
-                        (q, ld3, 1),
-                        (dk, ld3),
-                    );
+    team::for_chunks_mut(&mut scratch[..need], tile_len, |g, ds| {
+        let (t0, t1) = groups.get(g);
+        for t in t0..t1 {
+            let (b, h) = (t / heads, t % heads);
+            let p = &probs[t * n * n..(t + 1) * n * n];
+            let base = b * n * 3 * d + h * hd;
+            // SAFETY: task (b, h) alone writes the q/k/v columns of head h of image b in
+            // dqkv; the products read qkv, probs and dout only inside image b.
+            unsafe {
+                let q = qkv.as_ptr().add(base);
+                let (k, v) = (q.add(d), q.add(2 * d));
+                let dbase = dp.get().add(base);
+                let (dq, dk, dv) = (dbase, dbase.add(d), dbase.add(2 * d));
+                let dob = dout.as_ptr().add(b * n * d + h * hd);
+                // dV (N, hd) = Pᵀ (N, N) · dO (N, hd)
+                product(
+                    isa,
+                    (n, n, hd),
+                    (p.as_ptr(), 1, ldn),
+                    (dob, ld, 1),
+                    (dv, ld3),
+                );
+                // dP (N, N) = dO (N, hd) · vᵀ (hd, N)
+                product(
+                    isa,
+                    (n, hd, n),
+                    (dob, ld, 1),
+                    (v, 1, ld3),
+                    (ds.as_mut_ptr(), ldn),
+                );
+                for (dsr, pr) in ds.chunks_exact_mut(n).zip(p.chunks_exact(n)) {
+                    softmax_backward_row(pr, dsr, scale);
                 }
+                // dQ (N, hd) = dS (N, N) · K (N, hd);  dK (N, hd) = dSᵀ (N, N) · Q (N, hd)
+                product(
+                    isa,
+                    (n, n, hd),
+                    (ds.as_ptr(), ldn, 1),
+                    (k, ld3, 1),
+                    (dq, ld3),
+                );
+                product(
+                    isa,
+                    (n, n, hd),
+                    (ds.as_ptr(), 1, ldn),
+                    (q, ld3, 1),
+                    (dk, ld3),
+                );
             }
-        });
+        }
+    });
 }
 
 super::simd_dispatch! {

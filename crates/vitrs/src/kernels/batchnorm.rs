@@ -4,7 +4,7 @@
 //! the ReLU and the residual addition a ResNet puts after it fused in. [`batchnorm_train_ref`]
 //! and [`batchnorm_backward_ref`] are the plain twins, in f64.
 
-use rayon::prelude::*;
+use super::team;
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 512;
@@ -13,29 +13,18 @@ const ROWS_PER_TASK: usize = 512;
 /// parallel: each task sums its rows in f32 lanes, the tasks' sums are added in f64.
 fn channel_sums(c: usize, rows: usize, per_row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f64> {
     let tasks = rows.div_ceil(ROWS_PER_TASK);
-    (0..tasks)
-        .into_par_iter()
-        .map(|t| {
-            let mut acc = vec![0.0f32; c];
-            for r in t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows) {
-                per_row(r, &mut acc);
-            }
-            acc
-        })
-        .fold(
-            || vec![0.0f64; c],
-            |mut s, a| {
-                s.iter_mut().zip(&a).for_each(|(s, &a)| *s += a as f64);
-                s
-            },
-        )
-        .reduce(
-            || vec![0.0f64; c],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
-        )
+    // (tasks, C): each task's sums, added in task order (the same result on any threads).
+    let mut partial = vec![0.0f32; tasks * c];
+    team::for_chunks_mut(&mut partial, c.max(1), |t, acc| {
+        for r in t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(rows) {
+            per_row(r, acc);
+        }
+    });
+    let mut sums = vec![0.0f64; c];
+    for part in partial.chunks_exact(c.max(1)) {
+        sums.iter_mut().zip(part).for_each(|(s, &a)| *s += a as f64);
+    }
+    sums
 }
 
 /// What follows the normalisation: `y = relu?(bn(x) + residual?)`.
@@ -133,34 +122,31 @@ fn normalise(
         super::check_len("batchnorm: residual", res.len(), x.len());
     }
     let n = x.len();
-    y[..n]
-        .par_chunks_mut(c * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(t, yc)| {
-            let at = t * c * ROWS_PER_TASK;
-            let xc = &x[at..at + yc.len()];
-            match after.residual {
-                Some(res) => {
-                    let rc = &res[at..at + yc.len()];
-                    for ((yr, xr), rr) in yc
-                        .chunks_exact_mut(c)
-                        .zip(xc.chunks_exact(c))
-                        .zip(rc.chunks_exact(c))
-                    {
-                        for i in 0..c {
-                            yr[i] = finish(xr[i] * scale[i] + shift[i], Some(rr[i]), after.relu);
-                        }
-                    }
-                }
-                None => {
-                    for (yr, xr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
-                        for i in 0..c {
-                            yr[i] = finish(xr[i] * scale[i] + shift[i], None, after.relu);
-                        }
+    team::for_chunks_mut(&mut y[..n], c * ROWS_PER_TASK, |t, yc| {
+        let at = t * c * ROWS_PER_TASK;
+        let xc = &x[at..at + yc.len()];
+        match after.residual {
+            Some(res) => {
+                let rc = &res[at..at + yc.len()];
+                for ((yr, xr), rr) in yc
+                    .chunks_exact_mut(c)
+                    .zip(xc.chunks_exact(c))
+                    .zip(rc.chunks_exact(c))
+                {
+                    for i in 0..c {
+                        yr[i] = finish(xr[i] * scale[i] + shift[i], Some(rr[i]), after.relu);
                     }
                 }
             }
-        });
+            None => {
+                for (yr, xr) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)) {
+                    for i in 0..c {
+                        yr[i] = finish(xr[i] * scale[i] + shift[i], None, after.relu);
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// The backward of [`batchnorm_train`] (with its ReLU: `y` is its output, whose zeros mask
@@ -197,23 +183,20 @@ pub fn batchnorm_backward(
     let k: Vec<f32> = (0..c).map(|i| gamma[i] * rstd[i]).collect();
     let a: Vec<f32> = (0..c).map(|i| sd[i] as f32 * inv_m).collect();
     let b: Vec<f32> = (0..c).map(|i| sdx[i] as f32 * inv_m).collect();
-    dx[..m * c]
-        .par_chunks_mut(c * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(t, oc)| {
-            let at = t * c * ROWS_PER_TASK;
-            let (xc, dc) = (&x[at..at + oc.len()], &dy[at..at + oc.len()]);
-            for ((xr, dr), out) in xc
-                .chunks_exact(c)
-                .zip(dc.chunks_exact(c))
-                .zip(oc.chunks_exact_mut(c))
-            {
-                for i in 0..c {
-                    let xh = (xr[i] - mean[i]) * rstd[i];
-                    out[i] = k[i] * (dr[i] - a[i] - xh * b[i]);
-                }
+    team::for_chunks_mut(&mut dx[..m * c], c * ROWS_PER_TASK, |t, oc| {
+        let at = t * c * ROWS_PER_TASK;
+        let (xc, dc) = (&x[at..at + oc.len()], &dy[at..at + oc.len()]);
+        for ((xr, dr), out) in xc
+            .chunks_exact(c)
+            .zip(dc.chunks_exact(c))
+            .zip(oc.chunks_exact_mut(c))
+        {
+            for i in 0..c {
+                let xh = (xr[i] - mean[i]) * rstd[i];
+                out[i] = k[i] * (dr[i] - a[i] - xh * b[i]);
             }
-        });
+        }
+    });
     for i in 0..c {
         dgamma[i] += sdx[i] as f32;
         dbeta[i] += sd[i] as f32;

@@ -8,7 +8,7 @@
 //! normalisation read. The backward runs the same products transposed and scatters the window
 //! gradients back (col2im). [`conv2d_ref`] and [`conv2d_backward_ref`] are the direct loops.
 
-use rayon::prelude::*;
+use super::team;
 
 use super::gemm::{
     add_assign, gathered_accumulate, linear, linear_dw, linear_dx, linear_gathered, Epilogue,
@@ -128,9 +128,9 @@ pub fn im2col(g: &Conv2d, x: &[f32], layout: Layout, cols: &mut [f32]) {
     if g.rows() * kk < 1 << 16 {
         fill(0, cols);
     } else {
-        cols.par_chunks_mut(kk * ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(t, chunk)| fill(t * ROWS_PER_TASK, chunk));
+        team::for_chunks_mut(cols, kk * ROWS_PER_TASK, |t, chunk| {
+            fill(t * ROWS_PER_TASK, chunk)
+        });
     }
 }
 
@@ -161,10 +161,10 @@ pub fn col2im_add(g: &Conv2d, dcols: &[f32], dx: &mut [f32]) {
             }
         }
     };
-    dx[..g.in_len()]
-        .par_chunks_mut(image)
-        .zip(dcols[..g.rows() * kk].par_chunks(ho * wo * kk))
-        .for_each(|(dx, dcols)| add(dcols, dx));
+    let per = ho * wo * kk;
+    team::for_chunks_mut(&mut dx[..g.in_len()], image, |i, dx| {
+        add(&dcols[i * per..(i + 1) * per], dx)
+    });
 }
 
 /// The weight `(C_out, C_in, k, k)` reordered `(C_out, k, k, C_in)`, the order of [`im2col`]'s
@@ -256,30 +256,28 @@ fn pad_channels_last(
     xp.resize(g.batch * image, 0.0);
     let [_, sc, sy, sx] = g.in_strides(layout);
     let per_in = g.in_ch * g.h * g.w;
-    xp[..g.batch * image]
-        .par_chunks_mut(image)
-        .zip(x[..g.in_len()].par_chunks(per_in.max(1)))
-        .for_each(|(dst, src)| {
-            // Top and bottom border rows.
-            dst[..p * wp * c].fill(0.0);
-            dst[(p + g.h) * wp * c..].fill(0.0);
-            for y in 0..g.h {
-                let row = &mut dst[(y + p) * wp * c..(y + p + 1) * wp * c];
-                row[..p * c].fill(0.0);
-                row[(p + g.w) * c..].fill(0.0);
-                let inner = &mut row[p * c..(p + g.w) * c];
-                if sc == 1 {
-                    // Channels-last input: the image row is one contiguous run.
-                    inner.copy_from_slice(&src[y * sy..y * sy + g.w * c]);
-                } else {
-                    for xx in 0..g.w {
-                        for ch in 0..c {
-                            inner[xx * c + ch] = src[y * sy + xx * sx + ch * sc];
-                        }
+    team::for_chunks_mut(&mut xp[..g.batch * image], image, |i, dst| {
+        let src = &x[i * per_in..(i + 1) * per_in];
+        // Top and bottom border rows.
+        dst[..p * wp * c].fill(0.0);
+        dst[(p + g.h) * wp * c..].fill(0.0);
+        for y in 0..g.h {
+            let row = &mut dst[(y + p) * wp * c..(y + p + 1) * wp * c];
+            row[..p * c].fill(0.0);
+            row[(p + g.w) * c..].fill(0.0);
+            let inner = &mut row[p * c..(p + g.w) * c];
+            if sc == 1 {
+                // Channels-last input: the image row is one contiguous run.
+                inner.copy_from_slice(&src[y * sy..y * sy + g.w * c]);
+            } else {
+                for xx in 0..g.w {
+                    for ch in 0..c {
+                        inner[xx * c + ch] = src[y * sy + xx * sx + ch * sc];
                     }
                 }
             }
-        });
+        }
+    });
     let (ho, wo) = g.out_hw();
     let s = g.stride;
     let mut rows = Vec::with_capacity(g.rows());

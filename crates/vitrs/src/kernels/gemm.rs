@@ -11,11 +11,9 @@
 //! Weights are kept in PyTorch's `(out, in)` layout; [`PackedLinear`] holds a weight packed
 //! once into the micro-kernel's panels (inference packs a model's weights once).
 
-use rayon::prelude::*;
-
 use super::math::{gelu_inplace, tanh_inplace};
 use super::sgemm::{gemm, gemm_gather, BRef, Gather, MatRef, Out, PackedB};
-use super::{Isa, Split, SyncPtr};
+use super::{team, Isa, Split, SyncPtr};
 use crate::config::Gelu;
 
 /// What happens to each output element after the product.
@@ -263,14 +261,10 @@ fn for_blocks(
         run((0, rows), (0, cols));
     } else if by_cols {
         let s = Split::new(cols, threads, g.nr);
-        (0..s.count)
-            .into_par_iter()
-            .for_each(|i| run((0, rows), s.get(i)));
+        team::for_each(s.count, |i| run((0, rows), s.get(i)));
     } else {
         let s = Split::new(rows, threads, g.mr);
-        (0..s.count)
-            .into_par_iter()
-            .for_each(|i| run(s.get(i), (0, cols)));
+        team::for_each(s.count, |i| run(s.get(i), (0, cols)));
     }
 }
 
@@ -444,7 +438,7 @@ pub fn linear_dw(dy: &[f32], x: &[f32], dw: &mut [f32], (m, k, n): (usize, usize
         scratch.resize((s.count - 1) * n * k, 0.0);
         let dwp = SyncPtr(dw.as_mut_ptr());
         let sp = SyncPtr(scratch.as_mut_ptr());
-        (0..s.count).into_par_iter().for_each(|i| unsafe {
+        team::for_each(s.count, |i| unsafe {
             // SAFETY: part 0 alone writes dw, part i > 0 alone its scratch slot.
             let (p0, p1) = s.get(i);
             let a = MatRef {
@@ -470,14 +464,11 @@ pub fn linear_dw(dy: &[f32], x: &[f32], dw: &mut [f32], (m, k, n): (usize, usize
             gemm(isa, n, k, p1 - p0, a, BRef::Mat(b), o);
         });
         let parts = &scratch[..];
-        dw[..n * k]
-            .par_chunks_mut(1 << 14)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                for part in parts.chunks_exact(n * k) {
-                    add_assign(chunk, &part[c << 14..(c << 14) + chunk.len()]);
-                }
-            });
+        team::for_chunks_mut(&mut dw[..n * k], 1 << 14, |c, chunk| {
+            for part in parts.chunks_exact(n * k) {
+                add_assign(chunk, &part[c << 14..(c << 14) + chunk.len()]);
+            }
+        });
         DW_SCRATCH.with(|b| *b.borrow_mut() = scratch);
         return;
     }

@@ -1,9 +1,7 @@
 //! LayerNorm over the last dimension: `y = (x − mean) / sqrt(var + eps) · γ + β`.
 
-use rayon::prelude::*;
-
 use super::math::{sq_dev_sum_lanes, sum_lanes};
-use super::{simd_dispatch, Split, SyncPtr};
+use super::{simd_dispatch, team, Split, SyncPtr};
 
 /// Rows per parallel task: enough work to amortise scheduling.
 const ROWS_PER_TASK: usize = 16;
@@ -56,21 +54,20 @@ fn layernorm_impl(
         super::check_len("layernorm: rstd", r.len(), x.len() / d);
     }
     let stats = stats.map(|(m, r)| (SyncPtr(m.as_mut_ptr()), SyncPtr(r.as_mut_ptr())));
-    out.par_chunks_mut(d * ROWS_PER_TASK)
-        .zip(x.par_chunks(d * ROWS_PER_TASK))
-        .enumerate()
-        .for_each(|(c, (o, xi))| {
-            for (r, (orow, xrow)) in o.chunks_exact_mut(d).zip(xi.chunks_exact(d)).enumerate() {
-                let (mean, rstd) = layernorm_row(xrow, orow, gamma, beta, eps);
-                if let Some((mp, rp)) = stats {
-                    // SAFETY: row c·ROWS_PER_TASK + r belongs to this task alone.
-                    unsafe {
-                        *mp.get().add(c * ROWS_PER_TASK + r) = mean;
-                        *rp.get().add(c * ROWS_PER_TASK + r) = rstd;
-                    }
+    let chunk = d * ROWS_PER_TASK;
+    team::for_chunks_mut(&mut out[..x.len()], chunk, |c, o| {
+        let xi = &x[c * chunk..c * chunk + o.len()];
+        for (r, (orow, xrow)) in o.chunks_exact_mut(d).zip(xi.chunks_exact(d)).enumerate() {
+            let (mean, rstd) = layernorm_row(xrow, orow, gamma, beta, eps);
+            if let Some((mp, rp)) = stats {
+                // SAFETY: row c·ROWS_PER_TASK + r belongs to this task alone.
+                unsafe {
+                    *mp.get().add(c * ROWS_PER_TASK + r) = mean;
+                    *rp.get().add(c * ROWS_PER_TASK + r) = rstd;
                 }
             }
-        });
+        }
+    });
 }
 
 #[inline(always)]
@@ -155,21 +152,18 @@ pub fn layernorm_backward(
         partials.resize(split.count * 2 * d, 0.0);
     }
     let dxp = SyncPtr(dx.as_mut_ptr());
-    partials[..split.count * 2 * d]
-        .par_chunks_mut(2 * d)
-        .enumerate()
-        .for_each(|(g, part)| {
-            part.fill(0.0);
-            let (pg, pb) = part.split_at_mut(d);
-            let (r0, r1) = split.get(g);
-            for r in r0..r1 {
-                let xr = &x[r * d..(r + 1) * d];
-                let dyr = &dy[r * d..(r + 1) * d];
-                // SAFETY: row r belongs to group g alone.
-                let dxr = unsafe { std::slice::from_raw_parts_mut(dxp.get().add(r * d), d) };
-                layernorm_backward_row(dyr, xr, mean[r], rstd[r], gamma, dxr, pg, pb);
-            }
-        });
+    team::for_chunks_mut(&mut partials[..split.count * 2 * d], 2 * d, |g, part| {
+        part.fill(0.0);
+        let (pg, pb) = part.split_at_mut(d);
+        let (r0, r1) = split.get(g);
+        for r in r0..r1 {
+            let xr = &x[r * d..(r + 1) * d];
+            let dyr = &dy[r * d..(r + 1) * d];
+            // SAFETY: row r belongs to group g alone.
+            let dxr = unsafe { std::slice::from_raw_parts_mut(dxp.get().add(r * d), d) };
+            layernorm_backward_row(dyr, xr, mean[r], rstd[r], gamma, dxr, pg, pb);
+        }
+    });
     for part in partials[..split.count * 2 * d].chunks_exact(2 * d) {
         for j in 0..d {
             dgamma[j] += part[j];

@@ -2,9 +2,7 @@
 //! applied in place. The fast forms use polynomial approximations (errors stated per function);
 //! the `*_ref` twins use f64 and std.
 
-use rayon::prelude::*;
-
-use super::simd_dispatch;
+use super::{simd_dispatch, team};
 use crate::config::Gelu;
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -202,19 +200,19 @@ const PAR_CHUNK: usize = 1 << 14;
 /// `out ← GELU(x)` over a whole activation buffer, split across threads (the training forward
 /// keeps `x` for the backward pass, so this is a copy and not in place).
 pub fn gelu_into_par(x: &[f32], out: &mut [f32], kind: Gelu) {
-    out.par_chunks_mut(PAR_CHUNK)
-        .zip(x.par_chunks(PAR_CHUNK))
-        .for_each(|(o, i)| {
-            o.copy_from_slice(i);
-            gelu_inplace(o, kind);
-        });
+    let n = x.len().min(out.len());
+    team::for_chunks_mut(&mut out[..n], PAR_CHUNK, |c, o| {
+        o.copy_from_slice(&x[c * PAR_CHUNK..c * PAR_CHUNK + o.len()]);
+        gelu_inplace(o, kind);
+    });
 }
 
 /// [`gelu_backward_inplace`] over a whole buffer, split across threads.
 pub fn gelu_backward_par(x: &[f32], dy: &mut [f32], kind: Gelu) {
-    dy.par_chunks_mut(PAR_CHUNK)
-        .zip(x.par_chunks(PAR_CHUNK))
-        .for_each(|(g, i)| gelu_backward_inplace(i, g, kind));
+    let n = x.len().min(dy.len());
+    team::for_chunks_mut(&mut dy[..n], PAR_CHUNK, |c, g| {
+        gelu_backward_inplace(&x[c * PAR_CHUNK..c * PAR_CHUNK + g.len()], g, kind)
+    });
 }
 
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;

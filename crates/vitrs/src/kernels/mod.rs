@@ -23,6 +23,7 @@ pub mod math;
 pub mod peak;
 pub mod sgemm;
 pub(crate) mod simd;
+pub mod team;
 
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 

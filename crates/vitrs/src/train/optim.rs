@@ -3,9 +3,9 @@
 //! gradient clipping. Weight decay skips the parameters the model names as no-decay
 //! (position embedding, class token, norms, biases).
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::kernels::{team, SyncPtr};
 use crate::model::Params;
 
 /// Which optimiser, with its hyper-parameters.
@@ -135,6 +135,17 @@ impl Optimizer {
 
     /// One update of `params` with `grads` at learning rate `lr`.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f32) {
+        // The updates below write m and v through raw pointers, at the parameters' offsets.
+        let n = params.len();
+        assert!(
+            grads.len() == n && self.m.len() == n && self.decay.len() == n,
+            "optimizer step: {n} parameters, {} gradients, state for {}",
+            grads.len(),
+            self.m.len()
+        );
+        if matches!(self.kind, OptimizerKind::AdamW { .. }) {
+            assert_eq!(self.v.len(), n, "optimizer step: AdamW second moments");
+        }
         self.t += 1;
         let mask = &self.decay;
         let scale = self.scale.as_deref();
@@ -150,49 +161,52 @@ impl Optimizer {
                 let bc1 = 1.0 - beta1.powi(self.t.min(i32::MAX as u64) as i32);
                 let bc2 = 1.0 - beta2.powi(self.t.min(i32::MAX as u64) as i32);
                 let inv_sqrt_bc2 = 1.0 / bc2.sqrt();
-                params
-                    .par_chunks_mut(CHUNK)
-                    .zip(grads.par_chunks(CHUNK))
-                    .zip(self.m.par_chunks_mut(CHUNK))
-                    .zip(self.v.par_chunks_mut(CHUNK))
-                    .zip(mask.par_chunks(CHUNK))
-                    .enumerate()
-                    .for_each(|(ci, ((((p, g), m), v), dm))| {
-                        let sc = chunk_scale(ci, p.len());
-                        for i in 0..p.len() {
-                            let lr_i = sc.map_or(lr, |s| lr * s[i]);
-                            if dm[i] {
-                                p[i] -= lr_i * weight_decay * p[i];
-                            }
-                            m[i] = beta1 * m[i] + (1.0 - beta1) * g[i];
-                            v[i] = beta2 * v[i] + (1.0 - beta2) * g[i] * g[i];
-                            p[i] -= lr_i / bc1 * m[i] / (v[i].sqrt() * inv_sqrt_bc2 + eps);
+                let (mp, vp) = (SyncPtr(self.m.as_mut_ptr()), SyncPtr(self.v.as_mut_ptr()));
+                team::for_chunks_mut(params, CHUNK, |ci, p| {
+                    let at = ci * CHUNK;
+                    let (g, dm) = (&grads[at..at + p.len()], &mask[at..at + p.len()]);
+                    // SAFETY: elements at.. of m and v, like those of `p`, belong to this
+                    // task alone (m and v are as long as the parameters).
+                    let (m, v) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(mp.get().add(at), p.len()),
+                            std::slice::from_raw_parts_mut(vp.get().add(at), p.len()),
+                        )
+                    };
+                    let sc = chunk_scale(ci, p.len());
+                    for i in 0..p.len() {
+                        let lr_i = sc.map_or(lr, |s| lr * s[i]);
+                        if dm[i] {
+                            p[i] -= lr_i * weight_decay * p[i];
                         }
-                    });
+                        m[i] = beta1 * m[i] + (1.0 - beta1) * g[i];
+                        v[i] = beta2 * v[i] + (1.0 - beta2) * g[i] * g[i];
+                        p[i] -= lr_i / bc1 * m[i] / (v[i].sqrt() * inv_sqrt_bc2 + eps);
+                    }
+                });
             }
             OptimizerKind::Sgd {
                 momentum,
                 weight_decay,
             } => {
-                params
-                    .par_chunks_mut(CHUNK)
-                    .zip(grads.par_chunks(CHUNK))
-                    .zip(self.m.par_chunks_mut(CHUNK))
-                    .zip(mask.par_chunks(CHUNK))
-                    .enumerate()
-                    .for_each(|(ci, (((p, g), buf), dm))| {
-                        let sc = chunk_scale(ci, p.len());
-                        for i in 0..p.len() {
-                            let lr_i = sc.map_or(lr, |s| lr * s[i]);
-                            let gi = if dm[i] {
-                                g[i] + weight_decay * p[i]
-                            } else {
-                                g[i]
-                            };
-                            buf[i] = momentum * buf[i] + gi;
-                            p[i] -= lr_i * buf[i];
-                        }
-                    });
+                let mp = SyncPtr(self.m.as_mut_ptr());
+                team::for_chunks_mut(params, CHUNK, |ci, p| {
+                    let at = ci * CHUNK;
+                    let (g, dm) = (&grads[at..at + p.len()], &mask[at..at + p.len()]);
+                    // SAFETY: elements at.. of the momentum buffer belong to this task alone.
+                    let buf = unsafe { std::slice::from_raw_parts_mut(mp.get().add(at), p.len()) };
+                    let sc = chunk_scale(ci, p.len());
+                    for i in 0..p.len() {
+                        let lr_i = sc.map_or(lr, |s| lr * s[i]);
+                        let gi = if dm[i] {
+                            g[i] + weight_decay * p[i]
+                        } else {
+                            g[i]
+                        };
+                        buf[i] = momentum * buf[i] + gi;
+                        p[i] -= lr_i * buf[i];
+                    }
+                });
             }
         }
     }
@@ -200,16 +214,17 @@ impl Optimizer {
 
 /// Scales `grads` so their global L2 norm is at most `max_norm`; returns the norm before.
 pub fn clip_global_norm(grads: &mut [f32], max_norm: f32) -> f32 {
-    let sq: f64 = grads
-        .par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
-        .sum();
+    // Per chunk in f64, added in chunk order (the same norm on any number of threads).
+    let mut part = vec![0.0f64; grads.len().div_ceil(CHUNK)];
+    team::for_chunks_mut(&mut part, 1, |ci, out| {
+        let c = &grads[ci * CHUNK..((ci + 1) * CHUNK).min(grads.len())];
+        out[0] = c.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>();
+    });
+    let sq: f64 = part.iter().sum();
     let norm = sq.sqrt() as f32;
     if max_norm > 0.0 && norm > max_norm {
         let s = max_norm / (norm + 1e-6);
-        grads
-            .par_chunks_mut(CHUNK)
-            .for_each(|c| c.iter_mut().for_each(|g| *g *= s));
+        team::for_chunks_mut(grads, CHUNK, |_, c| c.iter_mut().for_each(|g| *g *= s));
     }
     norm
 }
@@ -244,14 +259,12 @@ impl Ema {
         debug_assert_eq!(params.len(), self.weights.len());
         let keep = self.decay_at(t);
         let take = 1.0 - keep;
-        self.weights
-            .par_chunks_mut(CHUNK)
-            .zip(params.par_chunks(CHUNK))
-            .for_each(|(a, p)| {
-                for (a, &p) in a.iter_mut().zip(p) {
-                    *a = keep * *a + take * p;
-                }
-            });
+        team::for_chunks_mut(&mut self.weights, CHUNK, |ci, a| {
+            let p = &params[ci * CHUNK..ci * CHUNK + a.len()];
+            for (a, &p) in a.iter_mut().zip(p) {
+                *a = keep * *a + take * p;
+            }
+        });
     }
 }
 

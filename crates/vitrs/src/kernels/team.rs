@@ -1,0 +1,360 @@
+//! The compute threads' fork/join: [`for_each`] runs `f(0..count)` on a team of threads that
+//! wait for the next operation by spinning, not sleeping.
+//!
+//! A forward pass is a chain of short parallel operations (a ViT-Ti block at batch 1 is seven
+//! of them, 100–300 µs each). Rayon's workers go to sleep a few microseconds after their work
+//! runs out, and a caller outside the pool sleeps while it waits: every operation paid three
+//! context switches and a wake-up of a halted virtual CPU (`perf`: a fifth of the samples of
+//! `vit bench --model Ti/16` in the scheduler). Here the caller takes part in the work, and
+//! the team's workers spin on the next operation for [`SPIN`] before they park, so inside a
+//! forward or a training step an operation starts in well under a microsecond — what an
+//! OpenMP runtime does with its block time.
+//!
+//! One caller at a time holds the team. A caller that finds it taken (another thread's model,
+//! tests running side by side), a call from inside a rayon pool (`ThreadPool::install`, whose
+//! thread count the kernels then plan for), and a call nested in a team task all fall back to
+//! rayon or to running inline, so the result never depends on which threads ran it.
+
+use std::cell::Cell;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+
+/// How long an idle worker spins on the next operation before it parks.
+const SPIN: Duration = Duration::from_millis(2);
+
+thread_local! {
+    /// Set on the team's own workers (a nested [`for_each`] there runs inline).
+    static ON_TEAM: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f(i)` for every `i` in `0..count`, each exactly once, on the compute threads (the
+/// calling thread among them), and returns when all have run. A panic in `f` is re-raised
+/// here once every index has finished.
+pub fn for_each(count: usize, f: impl Fn(usize) + Sync) {
+    if count == 0 {
+        return;
+    }
+    if count == 1 || ON_TEAM.with(Cell::get) {
+        return (0..count).for_each(f);
+    }
+    if rayon::current_thread_index().is_some() {
+        return (0..count).into_par_iter().for_each(&f);
+    }
+    match global().try_run(count, &f) {
+        Ok(()) => {}
+        Err(Busy) => (0..count).into_par_iter().for_each(&f),
+    }
+}
+
+/// `f(i, chunk)` for every `chunk`-long piece `i` of `data` (the last may be shorter), in
+/// parallel as [`for_each`].
+pub fn for_chunks_mut<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let chunk = chunk.max(1);
+    let len = data.len();
+    let base = SendPtr(data.as_mut_ptr());
+    for_each(len.div_ceil(chunk), |i| {
+        let start = i * chunk;
+        let n = chunk.min(len - start);
+        // SAFETY: the pieces are disjoint and inside `data`, which is borrowed mutably for
+        // the whole call.
+        let piece = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), n) };
+        f(i, piece)
+    });
+}
+
+/// A pointer handed to the team's tasks (each writes a disjoint part).
+struct SendPtr<T>(*mut T);
+// SAFETY: used only for the disjoint pieces of `for_chunks_mut`.
+unsafe impl<T: Send> Send for SendPtr<T> {}
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// The process's team: one worker per thread of rayon's global pool but one (the caller is
+/// the last), started on first use.
+fn global() -> &'static Team {
+    static TEAM: OnceLock<Team> = OnceLock::new();
+    TEAM.get_or_init(|| Team::new(rayon::current_num_threads().saturating_sub(1)))
+}
+
+/// The team was held by another caller.
+#[derive(Debug)]
+pub(crate) struct Busy;
+
+/// A fixed set of worker threads and the operation they are running.
+pub(crate) struct Team {
+    shared: Arc<Shared>,
+    workers: usize,
+    /// Held by the caller whose operation runs.
+    owner: Mutex<()>,
+}
+
+/// The operation of one [`Team::try_run`] as the workers see it.
+struct Shared {
+    /// Epoch (high 32 bits) and next unclaimed index (low 32): a worker claims index `i` of
+    /// epoch `e` by moving `(e, i)` to `(e, i + 1)`, so it can never claim an index of an
+    /// operation other than the one whose job it then reads.
+    state: AtomicU64,
+    /// The operation: `count`, and `f` as a data pointer and the function that calls it.
+    /// Written before the epoch is published, read after a successful claim.
+    count: AtomicUsize,
+    data: AtomicUsize,
+    call: AtomicUsize,
+    /// Indices finished in this epoch.
+    done: AtomicUsize,
+    /// A task panicked in this epoch.
+    panicked: AtomicBool,
+    /// Parked workers, and where they park.
+    sleepers: AtomicUsize,
+    park: Mutex<()>,
+    wake: Condvar,
+}
+
+impl Team {
+    /// A team of `workers` threads besides its callers.
+    pub(crate) fn new(workers: usize) -> Self {
+        let shared = Arc::new(Shared {
+            state: AtomicU64::new(0),
+            count: AtomicUsize::new(0),
+            data: AtomicUsize::new(0),
+            call: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            park: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let mut started = 0;
+        for i in 0..workers {
+            let s = Arc::clone(&shared);
+            let spawned = std::thread::Builder::new()
+                .name(format!("vitrs-team-{i}"))
+                .spawn(move || s.work());
+            // Without the thread (a process at its limit), the team is smaller: the caller
+            // claims whatever no worker does.
+            if spawned.is_ok() {
+                started += 1;
+            }
+        }
+        Team {
+            shared,
+            workers: started,
+            owner: Mutex::new(()),
+        }
+    }
+
+    /// Runs `f(0..count)` on the team and the calling thread, or `Busy` when another caller
+    /// holds the team.
+    pub(crate) fn try_run(&self, count: usize, f: &(dyn Fn(usize) + Sync)) -> Result<(), Busy> {
+        let _held = match self.owner.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) => return Err(Busy),
+            // A caller panicked while holding it; the state is consistent between operations.
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        if self.workers == 0 || count > u32::MAX as usize {
+            (0..count).for_each(f);
+            return Ok(());
+        }
+        let s = &*self.shared;
+        /// Calls the erased `f`.
+        unsafe fn trampoline(data: usize, i: usize) {
+            let f = &*(data as *const &(dyn Fn(usize) + Sync));
+            f(i)
+        }
+        let fref: &&(dyn Fn(usize) + Sync) = &f;
+        s.count.store(count, Relaxed);
+        s.data.store(fref as *const _ as usize, Relaxed);
+        s.call
+            .store(trampoline as unsafe fn(usize, usize) as usize, Relaxed);
+        s.done.store(0, Relaxed);
+        s.panicked.store(false, Relaxed);
+        let epoch = (s.state.load(Relaxed) >> 32).wrapping_add(1) & 0xFFFF_FFFF;
+        // Publishes the job above (Release; SeqCst also orders it before reading `sleepers`,
+        // against a worker that checks the epoch and then parks).
+        s.state.store(epoch << 32, SeqCst);
+        if s.sleepers.load(SeqCst) > 0 {
+            let _g = s.park.lock().unwrap_or_else(|p| p.into_inner());
+            s.wake.notify_all();
+        }
+        s.claim_all(epoch);
+        // Every index claimed; wait for the workers' ones to finish (they read `f`, which
+        // lives on this stack frame).
+        let mut spins = 0u32;
+        while s.done.load(Acquire) < count {
+            spins += 1;
+            if spins < 1 << 16 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        if s.panicked.load(Relaxed) {
+            resume_unwind(Box::new("a parallel task panicked (see the message above)"));
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// Claims and runs indices of operation `epoch` until none are left.
+    fn claim_all(&self, epoch: u64) {
+        let mut cur = self.state.load(Acquire);
+        loop {
+            if cur >> 32 != epoch {
+                return;
+            }
+            let i = (cur & 0xFFFF_FFFF) as usize;
+            if i >= self.count.load(Relaxed) {
+                return;
+            }
+            match self
+                .state
+                .compare_exchange_weak(cur, cur + 1, AcqRel, Acquire)
+            {
+                Ok(_) => {
+                    let (data, call) = (self.data.load(Relaxed), self.call.load(Relaxed));
+                    // SAFETY: index i of this epoch is unfinished, so the caller is still
+                    // waiting and `f` (behind `data`) alive; `call` is the trampoline.
+                    let call: unsafe fn(usize, usize) = unsafe { std::mem::transmute(call) };
+                    if catch_unwind(AssertUnwindSafe(|| unsafe { call(data, i) })).is_err() {
+                        self.panicked.store(true, Relaxed);
+                    }
+                    self.done.fetch_add(1, Release);
+                    cur = self.state.load(Acquire);
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// A worker's life: wait for a new epoch (spinning, then parked), take part in it.
+    fn work(&self) {
+        ON_TEAM.with(|t| t.set(true));
+        let mut seen = self.state.load(Acquire) >> 32;
+        loop {
+            let start = Instant::now();
+            let mut spins = 0u32;
+            let epoch = loop {
+                let e = self.state.load(Acquire) >> 32;
+                if e != seen {
+                    break e;
+                }
+                spins = spins.wrapping_add(1);
+                if !spins.is_multiple_of(256) || start.elapsed() < SPIN {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                // Park until the next epoch.
+                let mut g = self.park.lock().unwrap_or_else(|p| p.into_inner());
+                self.sleepers.fetch_add(1, SeqCst);
+                while self.state.load(SeqCst) >> 32 == seen {
+                    g = self.wake.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+                self.sleepers.fetch_sub(1, SeqCst);
+                drop(g);
+            };
+            seen = epoch;
+            self.claim_all(epoch);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_index_runs_once() {
+        for workers in [0, 1, 3] {
+            let team = Team::new(workers);
+            for count in [1, 2, 5, 64, 1000] {
+                let hits: Vec<AtomicUsize> = (0..count).map(|_| AtomicUsize::new(0)).collect();
+                team.try_run(count, &|i| {
+                    hits[i].fetch_add(1, Relaxed);
+                })
+                .unwrap();
+                assert!(
+                    hits.iter().all(|h| h.load(Relaxed) == 1),
+                    "{workers} {count}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn back_to_back_and_after_parking() {
+        let team = Team::new(1);
+        let total = AtomicUsize::new(0);
+        for round in 0..2000 {
+            if round == 1000 {
+                // Long enough for the worker to park.
+                std::thread::sleep(SPIN * 3);
+            }
+            team.try_run(4, &|i| {
+                total.fetch_add(i + 1, Relaxed);
+            })
+            .unwrap();
+        }
+        assert_eq!(total.load(Relaxed), 2000 * 10);
+    }
+
+    #[test]
+    fn a_second_caller_is_turned_away_and_falls_back() {
+        // Callers on several threads at once through the public entry point: each result is
+        // complete whichever path it took.
+        std::thread::scope(|sc| {
+            for t in 0..4 {
+                sc.spawn(move || {
+                    for _ in 0..200 {
+                        let mut v = vec![0usize; 100];
+                        for_chunks_mut(&mut v, 7, |i, c| {
+                            c.iter_mut()
+                                .enumerate()
+                                .for_each(|(j, x)| *x = i * 7 + j + t)
+                        });
+                        assert!(v.iter().enumerate().all(|(j, &x)| x == j + t));
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn nested_calls_run_inline() {
+        let total = AtomicUsize::new(0);
+        for_each(4, |_| {
+            for_each(3, |j| {
+                total.fetch_add(j, Relaxed);
+            })
+        });
+        assert_eq!(total.load(Relaxed), 4 * 3);
+    }
+
+    #[test]
+    fn a_panicking_task_is_reraised_and_the_team_recovers() {
+        let team = Team::new(1);
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            team.try_run(8, &|i| {
+                if i == 5 {
+                    panic!("task 5");
+                }
+            })
+        }));
+        assert!(r.is_err());
+        let n = AtomicUsize::new(0);
+        team.try_run(8, &|_| {
+            n.fetch_add(1, Relaxed);
+        })
+        .unwrap();
+        assert_eq!(n.load(Relaxed), 8);
+    }
+}
