@@ -9,6 +9,7 @@ use super::layers::Sizer;
 use super::ViT;
 use crate::config::ViTConfig;
 use crate::kernels::gemm::{add_assign, Epilogue};
+use crate::kernels::team;
 
 /// The embedding's activations.
 #[derive(Debug, Default)]
@@ -141,7 +142,8 @@ impl ViT {
     }
 }
 
-/// Cuts images into flattened patches in the conv weight's (c, py, px) order.
+/// Cuts images into flattened patches in the conv weight's (c, py, px) order, one row of
+/// patches per parallel task.
 ///
 /// # Shapes
 /// `images (B, C, H, W)` -> `patches (B, gh, gw, C, P, P)` = `(B·gh·gw, C·P·P)`.
@@ -153,18 +155,23 @@ pub(crate) fn patchify(images: &[f32], patches: &mut [f32], cfg: &ViTConfig, bat
         cfg.patch_size,
     );
     let (gh, gw) = cfg.grid();
-    let mut o = 0;
-    for b in 0..batch {
-        for gy in 0..gh {
-            for gx in 0..gw {
-                for ch in 0..c {
-                    for py in 0..p {
-                        let src = ((b * c + ch) * h + gy * p + py) * w + gx * p;
-                        patches[o..o + p].copy_from_slice(&images[src..src + p]);
-                        o += p;
+    // One task per row of patches: (gw, C, P, P) floats.
+    let per_row = gw * c * p * p;
+    team::for_chunks_mut(&mut patches[..batch * gh * per_row], per_row, |r, out| {
+        let (b, gy) = (r / gh, r % gh);
+        let mut o = 0;
+        for gx in 0..gw {
+            for ch in 0..c {
+                for py in 0..p {
+                    let src = ((b * c + ch) * h + gy * p + py) * w + gx * p;
+                    // An element loop, not `copy_from_slice`: a call to memmove per
+                    // P floats cost more than the copy.
+                    for (d, s) in out[o..o + p].iter_mut().zip(&images[src..src + p]) {
+                        *d = *s;
                     }
+                    o += p;
                 }
             }
         }
-    }
+    });
 }
