@@ -133,22 +133,24 @@ pub fn has_avx2_fma() -> bool {
 }
 
 /// Defines `fn $name(args)` whose body is compiled for the baseline, for AVX2 + FMA and for
-/// AVX-512; the copy of the running rung ([`isa`]) is called.
+/// AVX-512; the copy of the running rung ([`isa`]) is called. In the body the constant
+/// `FMA` says whether fused multiply-adds are instructions there (the SIMD copies), for the
+/// polynomials of `math` (`exp_f::<FMA>`).
 macro_rules! simd_dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
-            fn inner($($arg: $ty),*) $body
+            fn inner<const FMA: bool>($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) {
-                    inner($($arg),*)
+                    inner::<true>($($arg),*)
                 }
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
                 unsafe fn avx512($($arg: $ty),*) {
-                    inner($($arg),*)
+                    inner::<true>($($arg),*)
                 }
                 match $crate::kernels::isa() {
                     // SAFETY: `isa()` never exceeds what the CPU has.
@@ -157,7 +159,7 @@ macro_rules! simd_dispatch {
                     $crate::kernels::Isa::Portable => {}
                 }
             }
-            inner($($arg),*)
+            inner::<false>($($arg),*)
         }
     };
 }
