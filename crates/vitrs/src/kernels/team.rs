@@ -6,7 +6,8 @@
 //! runs out, and a caller outside the pool sleeps while it waits: every operation paid three
 //! context switches and a wake-up of a halted virtual CPU (`perf`: a fifth of the samples of
 //! `vit bench --model Ti/16` in the scheduler). Here the caller takes part in the work, and
-//! the team's workers spin on the next operation for [`SPIN`] before they park, so inside a
+//! the team's workers wait for the next operation for [`SPIN`] (spinning, then yielding the
+//! CPU to any other thread that wants it) before they park, so inside a
 //! forward or a training step an operation starts in well under a microsecond — what an
 //! OpenMP runtime does with its block time.
 //!
@@ -23,8 +24,10 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-/// How long an idle worker spins on the next operation before it parks.
+/// How long an idle worker waits for the next operation before it parks: spinning for the
+/// first [`SPIN_HOT`], then yielding its CPU between looks.
 const SPIN: Duration = Duration::from_millis(2);
+const SPIN_HOT: Duration = Duration::from_micros(100);
 
 thread_local! {
     /// Set on the team's own workers (a nested [`for_each`] there runs inline).
@@ -249,8 +252,18 @@ impl Shared {
                     break e;
                 }
                 spins = spins.wrapping_add(1);
-                if !spins.is_multiple_of(256) || start.elapsed() < SPIN {
+                if !spins.is_multiple_of(256) {
                     std::hint::spin_loop();
+                    continue;
+                }
+                let idle = start.elapsed();
+                if idle < SPIN_HOT {
+                    continue;
+                }
+                if idle < SPIN {
+                    // Still close to the last operation, but let a thread that shares this
+                    // CPU run (another MPI rank, a data loader).
+                    std::thread::yield_now();
                     continue;
                 }
                 // Park until the next epoch.
