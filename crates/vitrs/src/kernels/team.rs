@@ -6,7 +6,7 @@
 //! runs out, and a caller outside the pool sleeps while it waits: every operation paid three
 //! context switches and a wake-up of a halted virtual CPU (`perf`: a fifth of the samples of
 //! `vit bench --model Ti/16` in the scheduler). Here the caller takes part in the work, and
-//! the team's workers wait for the next operation for [`SPIN`] (spinning, then yielding the
+//! the team's workers wait for the next operation for 2 ms (spinning, then yielding the
 //! CPU to any other thread that wants it) before they park, so inside a
 //! forward or a training step an operation starts in well under a microsecond — what an
 //! OpenMP runtime does with its block time.
