@@ -33,8 +33,10 @@ pub use model::{Capture, ForwardOutput, ViT, Workspace};
 pub use preprocess::Preprocess;
 pub use tensor::Tensor;
 
-/// Sizes the global thread pool used by every kernel. Call once, before any model work;
-/// `None` means one thread per core. Returns an error if the pool was already built.
+/// Sizes the global thread pool used by every kernel (rayon's global pool, and the kernels'
+/// spinning team, `kernels::team`, which takes its size from it on first use). Call once,
+/// before any model work; `None` means one thread per core. Returns an error if the pool was
+/// already built.
 pub fn init_threads(threads: Option<usize>) -> Result<()> {
     let mut b = rayon::ThreadPoolBuilder::new();
     if let Some(t) = threads {
