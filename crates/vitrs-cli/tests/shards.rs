@@ -341,10 +341,13 @@ log_every = 50
         String::from_utf8_lossy(&out.stderr)
     );
     let data_kib = total / 1024;
-    // The decoded images alone would be 3 x 64 x 64 bytes each: 150 MiB held in memory.
+    // The decoded images alone would be 3 x 64 x 64 bytes each: 150 MiB held in memory. The
+    // process itself (binary, model, workspace, loader queue, the compute threads' packing
+    // buffers) peaks at 43-52 MiB, which a third of the shards (51 MiB) left no room for:
+    // half of them still fails a loader that keeps the data.
     assert!(
-        peak * 3 < data_kib,
-        "peak resident memory {peak} KiB is over a third of the {data_kib} KiB of shards"
+        peak * 2 < data_kib,
+        "peak resident memory {peak} KiB is over half of the {data_kib} KiB of shards"
     );
     eprintln!(
         "peak resident memory {} MiB for {} MiB of shards",
