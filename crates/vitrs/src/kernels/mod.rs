@@ -167,16 +167,23 @@ pub(crate) use simd_dispatch;
 
 /// A raw pointer that may cross threads. Kernels use it to let parallel tasks write disjoint,
 /// non-contiguous regions of one output buffer (each use states why the regions are disjoint).
-#[derive(Clone, Copy)]
-pub(crate) struct SyncPtr(pub *mut f32);
+pub(crate) struct SyncPtr<T = f32>(pub *mut T);
 // SAFETY: only used for writes to regions proven disjoint at each use site.
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
+unsafe impl<T: Send> Send for SyncPtr<T> {}
+unsafe impl<T: Send> Sync for SyncPtr<T> {}
 
-impl SyncPtr {
+// By hand: a derive would require `T: Copy`, and the pointer is copyable whatever it points to.
+impl<T> Clone for SyncPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
     /// The pointer. A method (not `.0`) so closures capture the whole `Send` wrapper.
     #[inline(always)]
-    pub fn get(self) -> *mut f32 {
+    pub fn get(self) -> *mut T {
         self.0
     }
 }

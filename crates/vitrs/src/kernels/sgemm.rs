@@ -90,12 +90,12 @@ pub struct Geometry {
 
 /// Bytes of one core's L2, from sysfs (Linux), else 512 KiB.
 fn l2_size() -> usize {
-    let read = |level: &str| -> Option<usize> {
-        (0..8).find_map(|i| {
+    (0..8)
+        .find_map(|i| {
             let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
             let get = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).ok();
             let (lv, ty) = (get("level")?, get("type")?);
-            if lv.trim() != level || ty.trim() == "Instruction" {
+            if lv.trim() != "2" || ty.trim() == "Instruction" {
                 return None;
             }
             let s = get("size")?;
@@ -109,11 +109,11 @@ fn l2_size() -> usize {
             };
             num.parse::<usize>().ok().map(|v| v * mult)
         })
-    };
-    read("2").filter(|&v| v >= 128 << 10).unwrap_or(512 << 10)
+        .filter(|&v| v >= 128 << 10)
+        .unwrap_or(512 << 10)
 }
 
-/// The blocking of `isa` on this CPU (its cache sizes read once).
+/// The blocking of `isa` on this CPU (its L2 size read once).
 pub fn geometry(isa: Isa) -> Geometry {
     static L2: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let l2 = *L2.get_or_init(l2_size);

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
+use super::SyncPtr;
+
 /// How long an idle worker waits for the next operation before it parks: spinning for the
 /// first [`SPIN_HOT`], then yielding its CPU between looks.
 const SPIN: Duration = Duration::from_millis(2);
@@ -44,12 +46,10 @@ pub fn for_each(count: usize, f: impl Fn(usize) + Sync) {
     if count == 1 || ON_TEAM.with(Cell::get) {
         return (0..count).for_each(f);
     }
-    if rayon::current_thread_index().is_some() {
-        return (0..count).into_par_iter().for_each(&f);
-    }
-    match global().try_run(count, &f) {
-        Ok(()) => {}
-        Err(Busy) => (0..count).into_par_iter().for_each(&f),
+    // Inside a rayon pool (whose thread count the kernels planned for), or with the team
+    // held by another caller: rayon.
+    if rayon::current_thread_index().is_some() || global().try_run(count, &f).is_err() {
+        (0..count).into_par_iter().for_each(&f);
     }
 }
 
@@ -58,7 +58,7 @@ pub fn for_each(count: usize, f: impl Fn(usize) + Sync) {
 pub fn for_chunks_mut<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let chunk = chunk.max(1);
     let len = data.len();
-    let base = SendPtr(data.as_mut_ptr());
+    let base = SyncPtr(data.as_mut_ptr());
     for_each(len.div_ceil(chunk), |i| {
         let start = i * chunk;
         let n = chunk.min(len - start);
@@ -67,18 +67,6 @@ pub fn for_chunks_mut<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usize, &
         let piece = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), n) };
         f(i, piece)
     });
-}
-
-/// A pointer handed to the team's tasks (each writes a disjoint part).
-struct SendPtr<T>(*mut T);
-// SAFETY: used only for the disjoint pieces of `for_chunks_mut`.
-unsafe impl<T: Send> Send for SendPtr<T> {}
-unsafe impl<T: Send> Sync for SendPtr<T> {}
-
-impl<T> SendPtr<T> {
-    fn get(&self) -> *mut T {
-        self.0
-    }
 }
 
 /// The process's team: one worker per thread of rayon's global pool but one (the caller is
@@ -106,11 +94,10 @@ struct Shared {
     /// epoch `e` by moving `(e, i)` to `(e, i + 1)`, so it can never claim an index of an
     /// operation other than the one whose job it then reads.
     state: AtomicU64,
-    /// The operation: `count`, and `f` as a data pointer and the function that calls it.
-    /// Written before the epoch is published, read after a successful claim.
+    /// The operation: `count`, and the address of `f: &(dyn Fn(usize) + Sync)` on the
+    /// caller's stack. Written before the epoch is published, read after a successful claim.
     count: AtomicUsize,
     data: AtomicUsize,
-    call: AtomicUsize,
     /// Indices finished in this epoch.
     done: AtomicUsize,
     /// A task panicked in this epoch.
@@ -128,7 +115,6 @@ impl Team {
             state: AtomicU64::new(0),
             count: AtomicUsize::new(0),
             data: AtomicUsize::new(0),
-            call: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
@@ -168,16 +154,9 @@ impl Team {
             return Ok(());
         }
         let s = &*self.shared;
-        /// Calls the erased `f`.
-        unsafe fn trampoline(data: usize, i: usize) {
-            let f = &*(data as *const &(dyn Fn(usize) + Sync));
-            f(i)
-        }
         let fref: &&(dyn Fn(usize) + Sync) = &f;
         s.count.store(count, Relaxed);
         s.data.store(fref as *const _ as usize, Relaxed);
-        s.call
-            .store(trampoline as unsafe fn(usize, usize) as usize, Relaxed);
         s.done.store(0, Relaxed);
         s.panicked.store(false, Relaxed);
         let epoch = (s.state.load(Relaxed) >> 32).wrapping_add(1) & 0xFFFF_FFFF;
@@ -224,11 +203,11 @@ impl Shared {
                 .compare_exchange_weak(cur, cur + 1, AcqRel, Acquire)
             {
                 Ok(_) => {
-                    let (data, call) = (self.data.load(Relaxed), self.call.load(Relaxed));
+                    let data = self.data.load(Relaxed) as *const &(dyn Fn(usize) + Sync);
                     // SAFETY: index i of this epoch is unfinished, so the caller is still
-                    // waiting and `f` (behind `data`) alive; `call` is the trampoline.
-                    let call: unsafe fn(usize, usize) = unsafe { std::mem::transmute(call) };
-                    if catch_unwind(AssertUnwindSafe(|| unsafe { call(data, i) })).is_err() {
+                    // waiting and `f` (behind `data`) alive.
+                    let f = unsafe { *data };
+                    if catch_unwind(AssertUnwindSafe(|| f(i))).is_err() {
                         self.panicked.store(true, Relaxed);
                     }
                     self.done.fetch_add(1, Release);
