@@ -127,7 +127,17 @@ pub fn geometry(isa: Isa) -> Geometry {
     // read and written once per block: more passes over it cost more than streaming B's
     // micro-panel from L2, which the hardware prefetcher keeps ahead of the tile); 384 was
     // the best of 144–768 there.
-    let kc = (KC_TARGET.min(l2 / (4 * 4 * nr)) / 16 * 16).max(64);
+    //
+    // An AVX-512 tile is twice as many FLOPs per step on CPUs with two 512-bit FMA units (Intel
+    // Xeon), so each pass over C costs more of the time: there, with a 2 MiB L2, 768 steps ran
+    // the ViT-B/16 products 3–8 % faster than 384 (1024 and 1536 no better; 2 threads,
+    // interleaved). Hence 384 steps per MiB of L2, between 384 and 768, on AVX-512; AVX2 kept
+    // 384 on that Xeon too (768: −2 to +5 %, no clear gain).
+    let target = match isa {
+        Isa::Avx512 => (KC_TARGET * l2 / (1 << 20)).clamp(KC_TARGET, 2 * KC_TARGET),
+        _ => KC_TARGET,
+    };
+    let kc = (target.min(l2 / (4 * 4 * nr)) / 16 * 16).max(64);
     // Half of L2 for the packed A block, in whole micro-panels.
     let mc = ((l2 / 2) / (4 * kc) / mr * mr).clamp(mr, 4096 / mr * mr);
     Geometry { mr, nr, kc, mc, l2 }
@@ -139,10 +149,12 @@ const KC_TARGET: usize = 384;
 const MR256: usize = 6;
 const NV256: usize = 2;
 const NR256: usize = 16;
-// 8 rows, not 12: with 12 (24 accumulators, 12 row pointers of A) LLVM spilled accumulators
-// and pointers in the inner loop (a third of the samples on stack traffic, 60 GFLOP/s of a
-// 222 GFLOP/s single-thread peak on a Zen 4 EPYC); 8 × 48 spilled the same way.
-const MR512: usize = 8;
+// 12 rows (24 accumulators): with A always packed the tile reads it through one pointer, and
+// 12 ran the ViT-B/16 products 2.5–7 % faster than 8 on an AVX-512 Xeon (one shape −1 %). A
+// gathered A (a convolution's) is read through one pointer per row: 12 of them spill to the
+// stack in the inner loop, so that product keeps 8-row tiles.
+const MR512: usize = 12;
+const MR512_GATHER: usize = 8;
 const NV512: usize = 2;
 const NR512: usize = 32;
 
@@ -500,7 +512,11 @@ unsafe fn gemm_avx2(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
 unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out) {
-    blocked::<super::simd::Avx512, MR512, NV512>(m, n, k, a, b, c, geometry(Isa::Avx512));
+    let g = geometry(Isa::Avx512);
+    match a {
+        ARef::Gather(_) => blocked::<super::simd::Avx512, MR512_GATHER, NV512>(m, n, k, a, b, c, g),
+        ARef::Mat(_) => blocked::<super::simd::Avx512, MR512, NV512>(m, n, k, a, b, c, g),
+    }
 }
 
 /// The portable rung: `matrixmultiply`'s SGEMM, the bias and accumulation done around it.
@@ -544,7 +560,8 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
 ) {
     let nr = NV * S::LANES;
     let kc_max = g.kc;
-    let mut mc_max = g.mc.max(MR);
+    // Whole tiles of this instantiation (`g.mr` may be another tile's height).
+    let mut mc_max = (g.mc / MR * MR).max(MR);
     // A long inner dimension and a small C (the weight gradient: thousands of rows summed
     // into a weight-sized C) passes over C once per block of the inner dimension: keep all of
     // C in L2 beside the packed A block, with smaller A blocks.
@@ -591,24 +608,37 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
             };
             for ic in (0..m).step_by(mc_max) {
                 let mc = mc_max.min(m - ic);
-                // Gathered A, and row-major A (activations) of at most `PACK_A_ROWS` rows
-                // (a batch-1 forward), are read where they are; any other layout, and taller
-                // row-major A, is packed: one sequential stream per tile instead of MR rows
-                // `k` apart, packed once per block and read by every panel of B.
+                // A matrix A is packed, once per block, read by every panel of B: one sequential
+                // stream per tile. Read in place (MR row pointers), the tile needs more general
+                // registers than x86-64 has, and LLVM reloaded pointers from the stack in the
+                // inner loop in some builds (batch 1 on an AVX-512 Xeon: 12 % slower than
+                // packed). A gathered A is read where it is.
                 let apack = &mut abuf.slice_mut()[..mc.div_ceil(MR) * MR * kc + PACK_SLACK];
-                let packed_a = match a {
-                    ARef::Mat(am) if am.cs != 1 || m > PACK_A_ROWS => {
-                        pack_a::<MR>(am, ic, mc, pc, kc, apack);
-                        true
-                    }
-                    _ => false,
-                };
+                if let ARef::Mat(am) = a {
+                    pack_a::<MR>(am, ic, mc, pc, kc, apack);
+                }
+                // While the tiles of one B micro-panel run, they ask L2 for the next panel, a
+                // share each (the whole panel over this panel's tiles): its first tile would
+                // otherwise wait on L3 for every line, the hardware prefetcher restarting at
+                // each 4 KiB page (+2–4 % on the ViT-B/16 products on an AVX-512 Xeon).
+                let tiles = mc.div_ceil(MR);
+                // Cache lines (16 floats) per panel, and lines asked for per tile.
+                let lines = (kc * nr).div_ceil(16);
+                let per_tile = lines.div_ceil(tiles);
                 for jp in 0..panels {
                     let j0 = jp * nr;
                     let cols = nr.min(n - j0);
                     let bp = bbase.offset(jp as isize * pstride);
+                    let next = (jp + 1 < panels && ldb == nr as isize)
+                        .then(|| bbase.offset((jp + 1) as isize * pstride));
                     for ir in (0..mc).step_by(MR) {
                         let rows = MR.min(mc - ir);
+                        if let Some(nb) = next {
+                            let first = (ir / MR) * per_tile;
+                            for l in first..(first + per_tile).min(lines) {
+                                prefetch_l2(nb.add(l * 16));
+                            }
+                        }
                         let cptr = c.ptr.offset((ic + ir) as isize * c.rs + j0 as isize);
                         let first = pc == 0;
                         let tile = Tile {
@@ -635,12 +665,6 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                                     std::array::from_fn(|i| g.base.offset(*g.rows.add(row(i))));
                                 let access = GatherA(rows_a, g.cols.add(pc));
                                 run_tile::<S, _, MR, NV>(&tile.with_a(access));
-                            }
-                            ARef::Mat(am) if !packed_a => {
-                                let rows_a: [*const f32; MR] = std::array::from_fn(|i| {
-                                    am.ptr.offset(row(i) as isize * am.rs + pc as isize)
-                                });
-                                run_tile::<S, _, MR, NV>(&tile.with_a(RowsA(rows_a)));
                             }
                             ARef::Mat(_) => {
                                 let panel = PackedA::<MR>(apack.as_ptr().add(ir * kc));
@@ -698,12 +722,6 @@ unsafe fn pack_a<const MR: usize>(
     }
 }
 
-/// Products with more rows than this pack a row-major A. Reading it in place won at batch 1
-/// (197 rows); at batch 16 (3152 rows), on a Zen 4 EPYC, packing made the ViT-B/16 GEMMs
-/// +5–12 % on three of its four shapes (−4 % on the fourth) and the whole forward +0.6–3.5 %
-/// in three interleaved A/Bs (S/16 +0.1–4.8 %).
-const PACK_A_ROWS: usize = 256;
-
 /// Room the packing of A may write past its last micro-panel.
 const PACK_SLACK: usize = 16;
 
@@ -720,18 +738,6 @@ impl<const MR: usize> AccessA for PackedA<MR> {
     #[inline(always)]
     unsafe fn at(&self, i: usize, p: usize) -> *const f32 {
         self.0.add(p * MR + i)
-    }
-}
-
-/// `MR` contiguous rows of A read where they are (row-major activations): row `i` at
-/// `rows[i]`, step `p` at `rows[i] + p`.
-#[derive(Clone, Copy)]
-struct RowsA<const MR: usize>([*const f32; MR]);
-
-impl<const MR: usize> AccessA for RowsA<MR> {
-    #[inline(always)]
-    unsafe fn at(&self, i: usize, p: usize) -> *const f32 {
-        self.0[i].add(p)
     }
 }
 
@@ -899,6 +905,15 @@ impl<A: AccessA> Tile<A> {
     }
 }
 
+/// Brings the cache line of `p` into L2 (a hint: never faults).
+#[inline(always)]
+unsafe fn prefetch_l2(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.cast());
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Brings the cache line of `p` into L1 (a hint: never faults).
 #[inline(always)]
 unsafe fn prefetch(p: *const f32) {
@@ -1041,7 +1056,7 @@ mod tests {
         }
     }
 
-    /// The AVX-512 rung's tile — 12 rows, two vectors per row — instantiated with AVX2
+    /// The AVX-512 rung's tiles — 12 and 8 rows, two vectors per row — instantiated with AVX2
     /// vectors, so the shared code it runs (its 12-row packing in two groups of 8, the
     /// accumulator array, the edge tiles, the packed B) is tested on any AVX2 CPU. What an
     /// AVX2 machine cannot run of that rung is only `simd::Avx512`'s intrinsics.
@@ -1059,11 +1074,21 @@ mod tests {
             ..base
         };
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn wide(m: usize, n: usize, k: usize, a: MatRef, b: BRef, c: Out, g: Geometry) {
-            blocked::<Avx2, MR512, NV512>(m, n, k, ARef::Mat(a), b, c, g);
+        unsafe fn wide<const MR: usize>(
+            m: usize,
+            n: usize,
+            k: usize,
+            a: MatRef,
+            b: BRef,
+            c: Out,
+            g: Geometry,
+        ) {
+            blocked::<Avx2, MR, NV512>(m, n, k, ARef::Mat(a), b, c, g);
         }
-        let p = product(|m, n, k, a, b, c| unsafe { wide(m, n, k, a, b, c, g) });
+        let p = product(|m, n, k, a, b, c| unsafe { wide::<MR512>(m, n, k, a, b, c, g) });
         // B packed for AVX2 has the panel width (16) and blocking this instantiation reads.
+        check_products("12 x (2 x 8) on AVX2", g, &p, Some(Isa::Avx2));
+        let p = product(|m, n, k, a, b, c| unsafe { wide::<MR512_GATHER>(m, n, k, a, b, c, g) });
         check_products("8 x (2 x 8) on AVX2", g, &p, Some(Isa::Avx2));
     }
 
