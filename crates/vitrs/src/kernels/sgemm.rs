@@ -86,6 +86,8 @@ pub struct Geometry {
     pub mc: usize,
     /// Bytes of one core's L2.
     pub l2: usize,
+    /// A row-major A with more rows than this is packed; one with fewer is read in place.
+    pub pack_a_rows: usize,
 }
 
 /// Bytes of one core's L2, from sysfs (Linux), else 512 KiB.
@@ -117,10 +119,13 @@ fn l2_size() -> usize {
 pub fn geometry(isa: Isa) -> Geometry {
     static L2: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let l2 = *L2.get_or_init(l2_size);
+    let wide = isa == Isa::Avx512 && two_512_bit_fmas();
     let (mr, nr) = match isa {
+        Isa::Avx512 if wide => (MR512_WIDE, NR512),
         Isa::Avx512 => (MR512, NR512),
         _ => (MR256, NR256),
     };
+    let pack_a_rows = if wide { 0 } else { PACK_A_ROWS };
     // 384 steps of the inner dimension, the B micro-panel kept within a quarter of L2. L1-sized
     // blocks (three quarters of L1 for both micro-panels: 144 on AVX-512, 272 on AVX2 with a
     // 32 KiB L1) ran 5–15 % slower on a Zen 4 EPYC, on both rungs, at batch 1 and 16 (C is
@@ -140,7 +145,14 @@ pub fn geometry(isa: Isa) -> Geometry {
     let kc = (target.min(l2 / (4 * 4 * nr)) / 16 * 16).max(64);
     // Half of L2 for the packed A block, in whole micro-panels.
     let mc = ((l2 / 2) / (4 * kc) / mr * mr).clamp(mr, 4096 / mr * mr);
-    Geometry { mr, nr, kc, mc, l2 }
+    Geometry {
+        mr,
+        nr,
+        kc,
+        mc,
+        l2,
+        pack_a_rows,
+    }
 }
 
 /// Steps of the inner dimension per block, where the L2 allows (see [`geometry`]).
@@ -149,14 +161,42 @@ const KC_TARGET: usize = 384;
 const MR256: usize = 6;
 const NV256: usize = 2;
 const NR256: usize = 16;
-// 12 rows (24 accumulators): with A always packed the tile reads it through one pointer, and
-// 12 ran the ViT-B/16 products 2.5–7 % faster than 8 on an AVX-512 Xeon (one shape −1 %). A
-// gathered A (a convolution's) is read through one pointer per row: 12 of them spill to the
-// stack in the inner loop, so that product keeps 8-row tiles.
-const MR512: usize = 12;
-const MR512_GATHER: usize = 8;
+// AVX-512 tiles. 8 rows (16 accumulators) where a 512-bit FMA issues once per cycle (Zen 4
+// runs it as two 256-bit halves): 16 chains cover its latency, and with 12 rows read in place
+// (12 pointers) LLVM spilled accumulators and pointers in the inner loop (a third of the
+// samples on stack traffic, 60 GFLOP/s of a 222 GFLOP/s single-thread peak on a Zen 4 EPYC;
+// 8 × 48 spilled the same way), while 12 rows over a packed A measured no better there. On
+// CPUs with two 512-bit FMA units (Intel Xeon) A is always packed (read through one pointer)
+// and the tile has 12 rows (24 accumulators): the ViT-B/16 products 2.5–7 % faster than 8
+// rows on an AVX-512 Xeon (one shape −1 %). A gathered A (a convolution's) is read through one
+// pointer per row, so that product keeps 8 rows everywhere.
+const MR512: usize = 8;
+const MR512_WIDE: usize = 12;
 const NV512: usize = 2;
 const NR512: usize = 32;
+
+/// Whether this CPU issues two 512-bit FMAs per cycle: Intel's AVX-512 cores (Skylake-SP and
+/// later Xeons) do, AMD's Zen 4 and 5 client and EPYC parts split a 512-bit FMA in two 256-bit
+/// halves (Zen 5's full-width units are not told apart here: they get the narrower tile).
+fn two_512_bit_fmas() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *WIDE.get_or_init(|| {
+            // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+            #[allow(unused_unsafe)]
+            let r = unsafe { std::arch::x86_64::__cpuid(0) };
+            // The vendor string, "GenuineIntel", is in EBX, EDX, ECX.
+            let mut v = [0u8; 12];
+            v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+            v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+            v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+            &v == b"GenuineIntel"
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
 
 /// A matrix `B (k, n)` packed once into the micro-panels the running rung's kernel reads: for
 /// each block of `KC` steps of the inner dimension, `ceil(n / NR)` panels of `[KC][NR]`. A
@@ -512,10 +552,13 @@ unsafe fn gemm_avx2(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
 unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out) {
+    use super::simd::Avx512;
     let g = geometry(Isa::Avx512);
     match a {
-        ARef::Gather(_) => blocked::<super::simd::Avx512, MR512_GATHER, NV512>(m, n, k, a, b, c, g),
-        ARef::Mat(_) => blocked::<super::simd::Avx512, MR512, NV512>(m, n, k, a, b, c, g),
+        ARef::Mat(_) if g.mr == MR512_WIDE => {
+            blocked::<Avx512, MR512_WIDE, NV512>(m, n, k, a, b, c, g)
+        }
+        _ => blocked::<Avx512, MR512, NV512>(m, n, k, a, b, c, g),
     }
 }
 
@@ -608,15 +651,18 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
             };
             for ic in (0..m).step_by(mc_max) {
                 let mc = mc_max.min(m - ic);
-                // A matrix A is packed, once per block, read by every panel of B: one sequential
-                // stream per tile. Read in place (MR row pointers), the tile needs more general
-                // registers than x86-64 has, and LLVM reloaded pointers from the stack in the
-                // inner loop in some builds (batch 1 on an AVX-512 Xeon: 12 % slower than
-                // packed). A gathered A is read where it is.
+                // Gathered A, and row-major A (activations) of at most `g.pack_a_rows` rows
+                // (a batch-1 forward), are read where they are; any other layout, and taller
+                // row-major A, is packed: one sequential stream per tile instead of MR rows
+                // `k` apart, packed once per block and read by every panel of B.
                 let apack = &mut abuf.slice_mut()[..mc.div_ceil(MR) * MR * kc + PACK_SLACK];
-                if let ARef::Mat(am) = a {
-                    pack_a::<MR>(am, ic, mc, pc, kc, apack);
-                }
+                let packed_a = match a {
+                    ARef::Mat(am) if am.cs != 1 || m > g.pack_a_rows => {
+                        pack_a::<MR>(am, ic, mc, pc, kc, apack);
+                        true
+                    }
+                    _ => false,
+                };
                 // While the tiles of one B micro-panel run, they ask L2 for the next panel, a
                 // share each (the whole panel over this panel's tiles): its first tile would
                 // otherwise wait on L3 for every line, the hardware prefetcher restarting at
@@ -665,6 +711,12 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                                     std::array::from_fn(|i| g.base.offset(*g.rows.add(row(i))));
                                 let access = GatherA(rows_a, g.cols.add(pc));
                                 run_tile::<S, _, MR, NV>(&tile.with_a(access));
+                            }
+                            ARef::Mat(am) if !packed_a => {
+                                let rows_a: [*const f32; MR] = std::array::from_fn(|i| {
+                                    am.ptr.offset(row(i) as isize * am.rs + pc as isize)
+                                });
+                                run_tile::<S, _, MR, NV>(&tile.with_a(RowsA(rows_a)));
                             }
                             ARef::Mat(_) => {
                                 let panel = PackedA::<MR>(apack.as_ptr().add(ir * kc));
@@ -722,6 +774,14 @@ unsafe fn pack_a<const MR: usize>(
     }
 }
 
+/// Products with more rows than this pack a row-major A (where [`Geometry::pack_a_rows`] is
+/// not 0). Reading it in place won at batch 1 (197 rows) on a Zen 4 EPYC; at batch 16 (3152
+/// rows) there, packing made the ViT-B/16 GEMMs +5–12 % on three of its four shapes (−4 % on
+/// the fourth) and the whole forward +0.6–3.5 % in three interleaved A/Bs (S/16 +0.1–4.8 %).
+/// On an AVX-512 Xeon the in-place read lost 12 % at batch 1 (LLVM reloaded the row pointers
+/// from the stack in the inner loop), and its tile has 12 rows: there A is always packed.
+const PACK_A_ROWS: usize = 256;
+
 /// Room the packing of A may write past its last micro-panel.
 const PACK_SLACK: usize = 16;
 
@@ -738,6 +798,18 @@ impl<const MR: usize> AccessA for PackedA<MR> {
     #[inline(always)]
     unsafe fn at(&self, i: usize, p: usize) -> *const f32 {
         self.0.add(p * MR + i)
+    }
+}
+
+/// `MR` contiguous rows of A read where they are (row-major activations): row `i` at
+/// `rows[i]`, step `p` at `rows[i] + p`.
+#[derive(Clone, Copy)]
+struct RowsA<const MR: usize>([*const f32; MR]);
+
+impl<const MR: usize> AccessA for RowsA<MR> {
+    #[inline(always)]
+    unsafe fn at(&self, i: usize, p: usize) -> *const f32 {
+        self.0[i].add(p)
     }
 }
 
@@ -923,8 +995,8 @@ unsafe fn prefetch(p: *const f32) {
     let _ = p;
 }
 
-/// Floats of the largest register tile (AVX-512's 8 × 32), for writing edge tiles.
-const EDGE_BUF: usize = MR512 * NR512;
+/// Floats of the largest register tile (AVX-512's 12 × 32), for writing edge tiles.
+const EDGE_BUF: usize = MR512_WIDE * NR512;
 
 #[cfg(test)]
 mod tests {
@@ -1068,9 +1140,10 @@ mod tests {
             return;
         }
         let base = geometry(Isa::Avx2);
-        let g = Geometry {
-            mr: MR512,
-            mc: (base.mc / MR512).max(1) * MR512,
+        let at = |mr: usize, pack_a_rows: usize| Geometry {
+            mr,
+            mc: (base.mc / mr).max(1) * mr,
+            pack_a_rows,
             ..base
         };
         #[target_feature(enable = "avx2,fma")]
@@ -1085,11 +1158,18 @@ mod tests {
         ) {
             blocked::<Avx2, MR, NV512>(m, n, k, ARef::Mat(a), b, c, g);
         }
-        let p = product(|m, n, k, a, b, c| unsafe { wide::<MR512>(m, n, k, a, b, c, g) });
-        // B packed for AVX2 has the panel width (16) and blocking this instantiation reads.
-        check_products("12 x (2 x 8) on AVX2", g, &p, Some(Isa::Avx2));
-        let p = product(|m, n, k, a, b, c| unsafe { wide::<MR512_GATHER>(m, n, k, a, b, c, g) });
-        check_products("8 x (2 x 8) on AVX2", g, &p, Some(Isa::Avx2));
+        // Both tile heights, with A read in place up to 256 rows and with A always packed.
+        // B packed for AVX2 has the panel width (16) and blocking these instantiations read.
+        for pack_a_rows in [PACK_A_ROWS, 0] {
+            let g = at(MR512_WIDE, pack_a_rows);
+            let p = product(|m, n, k, a, b, c| unsafe { wide::<MR512_WIDE>(m, n, k, a, b, c, g) });
+            let name = format!("12 x (2 x 8) on AVX2, A packed above {pack_a_rows} rows");
+            check_products(&name, g, &p, Some(Isa::Avx2));
+            let g = at(MR512, pack_a_rows);
+            let p = product(|m, n, k, a, b, c| unsafe { wide::<MR512>(m, n, k, a, b, c, g) });
+            let name = format!("8 x (2 x 8) on AVX2, A packed above {pack_a_rows} rows");
+            check_products(&name, g, &p, Some(Isa::Avx2));
+        }
     }
 
     #[test]
