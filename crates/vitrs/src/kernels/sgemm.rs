@@ -452,6 +452,9 @@ mod transpose {
         out: *mut f32,
     ) -> usize {
         let k8 = k / 8 * 8;
+        if MR > 8 && MR % 8 == 4 {
+            return pack_rows_8_and_4::<MR>(src, ld, k8, rows, out);
+        }
         let groups = MR.div_ceil(8);
         for p0 in (0..k8).step_by(8) {
             // Every group's transposed block first, then the stores in increasing address
@@ -473,6 +476,56 @@ mod transpose {
                 for (g, col) in cols.iter().enumerate().take(groups) {
                     _mm256_storeu_ps(out.add((p0 + t) * MR + g * 8), col[t]);
                 }
+            }
+        }
+        k8
+    }
+
+    /// [`pack_rows`] for an `MR` of 8·g + 4 (the 12-row AVX-512 tile): the last four rows
+    /// with a 4 × 8 transpose (eight shuffles, and the upper halves stored straight from the
+    /// register) instead of an 8 × 8 one over four rows of zeros (24 shuffles). Writes only
+    /// the panel.
+    #[target_feature(enable = "avx2")]
+    unsafe fn pack_rows_8_and_4<const MR: usize>(
+        src: *const f32,
+        ld: isize,
+        k8: usize,
+        rows: usize,
+        out: *mut f32,
+    ) -> usize {
+        let full = MR / 8;
+        let load = |row: usize, p0: usize| {
+            if row < rows {
+                _mm256_loadu_ps(src.offset(row as isize * ld).add(p0))
+            } else {
+                _mm256_setzero_ps()
+            }
+        };
+        for p0 in (0..k8).step_by(8) {
+            for g in 0..full {
+                let r: [__m256; 8] = std::array::from_fn(|i| load(g * 8 + i, p0));
+                for (t, v) in transpose8(r).into_iter().enumerate() {
+                    _mm256_storeu_ps(out.add((p0 + t) * MR + g * 8), v);
+                }
+            }
+            // Rows 8·full .. 8·full + 4: u[t] holds column t in its lower half and column t + 4
+            // in its upper half, four floats each.
+            let r: [__m256; 4] = std::array::from_fn(|i| load(full * 8 + i, p0));
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let u = [
+                _mm256_shuffle_ps::<0x44>(t0, t2),
+                _mm256_shuffle_ps::<0xEE>(t0, t2),
+                _mm256_shuffle_ps::<0x44>(t1, t3),
+                _mm256_shuffle_ps::<0xEE>(t1, t3),
+            ];
+            for (t, v) in u.into_iter().enumerate() {
+                let lo = out.add((p0 + t) * MR + full * 8);
+                let hi = out.add((p0 + t + 4) * MR + full * 8);
+                _mm_storeu_ps(lo, _mm256_castps256_ps128(v));
+                _mm_storeu_ps(hi, _mm256_extractf128_ps::<1>(v));
             }
         }
         k8
