@@ -441,8 +441,12 @@ mod transpose {
 
     /// `MR` rows of A (`rows ≤ MR` of them real, row `i` at `src + i·ld`) into the
     /// micro-panel `out[p·MR + i]` for the full groups of 8 columns; rows past `rows` get
-    /// zeros. Writes up to 8·⌈MR/8⌉ − MR floats past the panel (the caller leaves room).
-    /// Returns how many columns it wrote.
+    /// zeros. Each group of 8 rows is an 8 × 8 transpose. A last group of 4 rows (the 12-row
+    /// AVX-512 tile) is a 4 × 8 one: 8 shuffles instead of 24 over four rows of zeros, the
+    /// upper halves stored straight from the register. Any other last group is an 8 × 8 over
+    /// rows of zeros, whose stores write 8 − MR mod 8 floats past their column (the next
+    /// column's stores overwrite them; past the last one, the caller leaves room). Returns
+    /// how many columns it wrote.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn pack_rows<const MR: usize>(
         src: *const f32,
@@ -452,48 +456,13 @@ mod transpose {
         out: *mut f32,
     ) -> usize {
         let k8 = k / 8 * 8;
-        if MR > 8 && MR % 8 == 4 {
-            return pack_rows_8_and_4::<MR>(src, ld, k8, rows, out);
-        }
-        let groups = MR.div_ceil(8);
-        for p0 in (0..k8).step_by(8) {
-            // Every group's transposed block first, then the stores in increasing address
-            // order: each 8-lane store spills into the next column's slots, which the next
-            // store then writes.
-            let mut cols = [[_mm256_setzero_ps(); 8]; 2];
-            for (g, col) in cols.iter_mut().enumerate().take(groups) {
-                let r: [__m256; 8] = std::array::from_fn(|i| {
-                    let row = g * 8 + i;
-                    if row < rows {
-                        _mm256_loadu_ps(src.offset(row as isize * ld).add(p0))
-                    } else {
-                        _mm256_setzero_ps()
-                    }
-                });
-                *col = transpose8(r);
-            }
-            for t in 0..8 {
-                for (g, col) in cols.iter().enumerate().take(groups) {
-                    _mm256_storeu_ps(out.add((p0 + t) * MR + g * 8), col[t]);
-                }
-            }
-        }
-        k8
-    }
-
-    /// [`pack_rows`] for an `MR` of 8·g + 4 (the 12-row AVX-512 tile): the last four rows
-    /// with a 4 × 8 transpose (eight shuffles, and the upper halves stored straight from the
-    /// register) instead of an 8 × 8 one over four rows of zeros (24 shuffles). Writes only
-    /// the panel.
-    #[target_feature(enable = "avx2")]
-    unsafe fn pack_rows_8_and_4<const MR: usize>(
-        src: *const f32,
-        ld: isize,
-        k8: usize,
-        rows: usize,
-        out: *mut f32,
-    ) -> usize {
-        let full = MR / 8;
+        let (full, tail) = (MR / 8, MR % 8);
+        // Groups done by 8 × 8 transposes (at most 2: MR ≤ 16).
+        let groups = if tail == 0 || tail == 4 {
+            full
+        } else {
+            full + 1
+        };
         let load = |row: usize, p0: usize| {
             if row < rows {
                 _mm256_loadu_ps(src.offset(row as isize * ld).add(p0))
@@ -502,30 +471,37 @@ mod transpose {
             }
         };
         for p0 in (0..k8).step_by(8) {
-            for g in 0..full {
-                let r: [__m256; 8] = std::array::from_fn(|i| load(g * 8 + i, p0));
-                for (t, v) in transpose8(r).into_iter().enumerate() {
-                    _mm256_storeu_ps(out.add((p0 + t) * MR + g * 8), v);
+            // Every group's transposed block first, then the stores in increasing address
+            // order, so that a short last group's spill is overwritten by the next column.
+            let mut cols = [[_mm256_setzero_ps(); 8]; 2];
+            for (g, col) in cols.iter_mut().enumerate().take(groups) {
+                *col = transpose8(std::array::from_fn(|i| load(g * 8 + i, p0)));
+            }
+            for t in 0..8 {
+                for (g, col) in cols.iter().enumerate().take(groups) {
+                    _mm256_storeu_ps(out.add((p0 + t) * MR + g * 8), col[t]);
                 }
             }
-            // Rows 8·full .. 8·full + 4: u[t] holds column t in its lower half and column t + 4
-            // in its upper half, four floats each.
-            let r: [__m256; 4] = std::array::from_fn(|i| load(full * 8 + i, p0));
-            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-            let u = [
-                _mm256_shuffle_ps::<0x44>(t0, t2),
-                _mm256_shuffle_ps::<0xEE>(t0, t2),
-                _mm256_shuffle_ps::<0x44>(t1, t3),
-                _mm256_shuffle_ps::<0xEE>(t1, t3),
-            ];
-            for (t, v) in u.into_iter().enumerate() {
-                let lo = out.add((p0 + t) * MR + full * 8);
-                let hi = out.add((p0 + t + 4) * MR + full * 8);
-                _mm_storeu_ps(lo, _mm256_castps256_ps128(v));
-                _mm_storeu_ps(hi, _mm256_extractf128_ps::<1>(v));
+            if tail == 4 {
+                // Rows 8·full .. 8·full + 4: u[t] holds column t in its lower half and column
+                // t + 4 in its upper half, four floats each.
+                let r: [__m256; 4] = std::array::from_fn(|i| load(full * 8 + i, p0));
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let u = [
+                    _mm256_shuffle_ps::<0x44>(t0, t2),
+                    _mm256_shuffle_ps::<0xEE>(t0, t2),
+                    _mm256_shuffle_ps::<0x44>(t1, t3),
+                    _mm256_shuffle_ps::<0xEE>(t1, t3),
+                ];
+                for (t, v) in u.into_iter().enumerate() {
+                    let lo = out.add((p0 + t) * MR + full * 8);
+                    let hi = out.add((p0 + t + 4) * MR + full * 8);
+                    _mm_storeu_ps(lo, _mm256_castps256_ps128(v));
+                    _mm_storeu_ps(hi, _mm256_extractf128_ps::<1>(v));
+                }
             }
         }
         k8
@@ -733,8 +709,8 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                     for ir in (0..mc).step_by(MR) {
                         let rows = MR.min(mc - ir);
                         if let Some(nb) = next {
-                            let first = (ir / MR) * per_tile;
-                            for l in first..(first + per_tile).min(lines) {
+                            let from = (ir / MR) * per_tile;
+                            for l in from..(from + per_tile).min(lines) {
                                 prefetch_l2(nb.add(l * 16));
                             }
                         }
