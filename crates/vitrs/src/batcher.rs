@@ -252,14 +252,20 @@ fn run(
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
-        let n = group.len();
-        forward_group(&model, &mut ws, group, images);
-        depth.fetch_sub(n, Ordering::SeqCst);
+        forward_group(&model, &mut ws, group, images, &depth);
     }
 }
 
 /// Runs `group` (together `images` images) as one forward pass and replies to each request.
-fn forward_group(model: &ViT, ws: &mut Workspace, group: Vec<Queued>, images: usize) {
+/// Each request leaves `depth` just before its reply, so a client that has its answer never
+/// sees itself still counted (a metrics scrape right after the reply reads the true depth).
+fn forward_group(
+    model: &ViT,
+    ws: &mut Workspace,
+    group: Vec<Queued>,
+    images: usize,
+    depth: &AtomicUsize,
+) {
     let start = Instant::now();
     let cfg = model.config();
     let per_image = cfg.channels * cfg.image_height * cfg.image_width;
@@ -282,6 +288,7 @@ fn forward_group(model: &ViT, ws: &mut Workspace, group: Vec<Queued>, images: us
         Err(e) => {
             let msg = e.to_string();
             for q in group {
+                depth.fetch_sub(1, Ordering::SeqCst);
                 (q.req.reply)(Err(Error::BadInput(format!("the batch failed: {msg}"))));
             }
             return;
@@ -302,6 +309,7 @@ fn forward_group(model: &ViT, ws: &mut Workspace, group: Vec<Queued>, images: us
             .flatten()
             .map(|a| slice_images(a, offset, b));
         let reply = q.req.reply;
+        depth.fetch_sub(1, Ordering::SeqCst);
         reply(outputs.map(|outputs| Response {
             outputs,
             attentions: attentions.and_then(|a| a.ok()),
@@ -401,6 +409,29 @@ mod tests {
         }
         let a = got[1].1.attentions.as_ref().unwrap();
         assert_eq!(a.shape(), &[1, 2, 2, 5, 5]);
+        b.close();
+    }
+
+    /// A request has left the queue depth by the time its reply runs: the reply below holds
+    /// the compute thread until the test has read the depth, so a decrement after the reply
+    /// would be seen as 1 every time (the server's metrics were read as 1 after the answer).
+    #[test]
+    fn an_answered_request_is_no_longer_counted() {
+        let mut b = Batcher::new(model(), BatcherConfig::default());
+        let (tx, rx) = channel();
+        let (go, wait) = channel::<()>();
+        let req = Request {
+            images: image(0, 1),
+            attention: false,
+            reply: Box::new(move |r| {
+                tx.send(r.is_ok()).unwrap();
+                let _ = wait.recv();
+            }),
+        };
+        assert!(b.submit(req).is_ok());
+        assert!(rx.recv().unwrap());
+        assert_eq!(b.queue_depth(), 0);
+        go.send(()).unwrap();
         b.close();
     }
 
