@@ -141,7 +141,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
                 println!("{v}");
             } else {
                 println!(
-                    "gemm {:?} {}x{}x{} ({}, {} thread(s), {} kernels): {:.1} GFLOP/s, {:.3} ms (median of {}){}",
+                    "gemm {:?} {}x{}x{} ({}, {} thread(s), {} kernels, {} GEMM): {:.1} GFLOP/s, {:.3} ms (median of {}){}",
                     r.op,
                     r.m,
                     r.k,
@@ -153,6 +153,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
                     },
                     r.threads,
                     r.kernels,
+                    r.gemm,
                     r.gflops_per_sec,
                     r.median_seconds * 1e3,
                     r.iters,
@@ -199,10 +200,11 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
             "inference"
         };
         println!(
-            "{model} ({what}): batch {}, {} thread(s), {} kernels: {:.2} images/s, {:.1} ms per batch (median of {}), {:.1} GFLOP/s{}",
+            "{model} ({what}): batch {}, {} thread(s), {} kernels, {} GEMM: {:.2} images/s, {:.1} ms per batch (median of {}), {:.1} GFLOP/s{}",
             r.batch_size,
             r.threads,
             r.kernels,
+            r.gemm,
             r.images_per_sec,
             r.median_batch_seconds * 1e3,
             r.iters,

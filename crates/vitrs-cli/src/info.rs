@@ -41,6 +41,7 @@ pub(crate) fn run(a: InfoArgs) -> Result<u8> {
             "conversions": ck.report.conversions,
             "unexpected": ck.report.unexpected,
             "kernels": kernels,
+            "gemm": vitrs::kernels::gemm_engine(),
         });
         println!("{v}");
         return Ok(0);
@@ -79,6 +80,10 @@ pub(crate) fn run(a: InfoArgs) -> Result<u8> {
         println!("unused:        {u}");
     }
     println!("kernels:       {kernels} (this CPU's path; VITRS_KERNELS=portable forces the portable one)");
+    println!(
+        "gemm:          {} (VITRS_AMX=0 keeps AMX CPUs on the FMA kernel)",
+        vitrs::kernels::gemm_engine()
+    );
     Ok(0)
 }
 
@@ -94,6 +99,7 @@ fn resnet(ck: &Checkpoint<Net>, m: &ResNet, json: bool) -> Result<u8> {
             "arch": "resnet",
             "config": cfg,
             "kernels": vitrs::kernels::isa().name(),
+            "gemm": vitrs::kernels::gemm_engine(),
             "parameters": params,
             "gflops_per_image": gflops,
             "preprocess": ck.preprocess,
@@ -120,6 +126,7 @@ fn resnet(ck: &Checkpoint<Net>, m: &ResNet, json: bool) -> Result<u8> {
     println!("cost:          {gflops:.3} GFLOP per image");
     print_preprocess(&ck.preprocess, ck.labels.as_deref());
     println!("kernels:       {}", vitrs::kernels::isa().name());
+    println!("gemm:          {}", vitrs::kernels::gemm_engine());
     Ok(0)
 }
 

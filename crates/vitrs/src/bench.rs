@@ -67,6 +67,8 @@ pub struct BenchReport {
     pub train: bool,
     /// The kernels' rung of the instruction-set ladder ([`crate::kernels::isa`]).
     pub kernels: &'static str,
+    /// What ran the matrix products ([`crate::kernels::gemm_engine`]).
+    pub gemm: &'static str,
 }
 
 /// Which product of a linear layer `y = x·Wᵀ` (`x (m, k)`, `W (n, k)`) [`gemm`] times.
@@ -107,6 +109,8 @@ pub struct GemmReport {
     pub iters: usize,
     pub threads: usize,
     pub kernels: &'static str,
+    /// What ran the product ([`crate::kernels::gemm_engine`]).
+    pub gemm: &'static str,
 }
 
 /// Times one product of the linear layer `x (m, k)`, `W (n, k)` — the forward (with bias),
@@ -160,6 +164,7 @@ pub fn gemm(
         iters: times.len(),
         threads: rayon::current_num_threads(),
         kernels: crate::kernels::isa().name(),
+        gemm: crate::kernels::gemm_engine(),
     }
 }
 
@@ -229,6 +234,7 @@ pub fn run(
         iters: times.len(),
         train,
         kernels: crate::kernels::isa().name(),
+        gemm: crate::kernels::gemm_engine(),
     })
 }
 

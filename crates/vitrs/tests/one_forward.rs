@@ -169,10 +169,18 @@ fn training_and_inference_forwards_give_the_same_logits_on_every_configuration()
         let mut packed_model = model.clone();
         packed_model.pack_weights();
         let packed = packed_model.logits(&x).unwrap();
+        // Equal to f32 rounding: on a CPU with AMX the packed products run on the tile unit
+        // (f32 accuracy, another order of summation), the unpacked ones of this small model
+        // on the FMA kernel.
         let d = max_abs_diff(packed.data(), inferred.logits.data());
+        let scale = inferred
+            .logits
+            .data()
+            .iter()
+            .fold(1f32, |s, v| s.max(v.abs()));
         assert!(
-            d <= 1e-6,
-            "{name}: packed weights changed the logits by {d}"
+            d <= 1e-6 * scale,
+            "{name}: packed weights changed the logits by {d} (largest logit {scale})"
         );
         let portable = vitrs::kernels::isa() == vitrs::kernels::Isa::Portable;
         assert!(

@@ -9,10 +9,15 @@
 //! - The matrix products ([`sgemm`]) have one register-tiled micro-kernel per rung, written
 //!   once over a small vector trait (`simd`): the blocking, packing and edge handling are
 //!   shared, so what only an AVX-512 CPU runs is a thin layer of intrinsics.
+//! - On CPUs with AMX (Intel Xeon since Sapphire Rapids) the AVX-512 rung runs its larger
+//!   products on the tile unit instead, at f32 accuracy (three bf16 pieces per operand, see
+//!   [`amx`]); `VITRS_AMX=0` keeps them on the FMA kernel. [`gemm_engine`] says which runs.
 //! - Element-wise kernels and reductions are plain loops that LLVM vectorises;
 //!   `simd_dispatch!` compiles each three times (baseline, AVX2 + FMA, AVX-512) and picks
 //!   the copy of the running rung.
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 pub mod attention;
 pub mod batchnorm;
 pub mod conv;
@@ -65,6 +70,18 @@ impl Isa {
             2 => Isa::Avx2,
             _ => Isa::Portable,
         }
+    }
+}
+
+/// What runs the matrix products: `"amx-bf16x6"` where the AVX-512 rung hands them to the
+/// tile unit ([`amx`], at f32 accuracy), `"fma"` for the rung's own FMA micro-kernel,
+/// `"matrixmultiply"` on the portable rung. `vit info` and `vit bench` report it.
+pub fn gemm_engine() -> &'static str {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if amx::enabled() => "amx-bf16x6",
+        Isa::Avx512 | Isa::Avx2 => "fma",
+        Isa::Portable => "matrixmultiply",
     }
 }
 

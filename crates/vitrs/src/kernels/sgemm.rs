@@ -209,6 +209,11 @@ pub struct PackedB {
     k: usize,
     n: usize,
     data: Aligned,
+    /// The tile unit's packing instead of `data`, where the AMX path was on.
+    #[cfg(target_arch = "x86_64")]
+    amx: Option<super::amx::PackedB>,
+    #[cfg(not(target_arch = "x86_64"))]
+    amx: Option<std::convert::Infallible>,
 }
 
 /// A zeroed f32 buffer whose first element is 64-byte aligned, so a micro-panel's vector
@@ -266,10 +271,28 @@ impl PackedB {
     /// # Safety
     /// `b` must address a `(k, n)` matrix with its strides.
     pub(crate) unsafe fn new(isa: Isa, b: MatRef, k: usize, n: usize) -> Option<Self> {
+        let amx = isa == Isa::Avx512 && amx_enabled();
+        Self::pack(isa, amx, b, k, n)
+    }
+
+    /// [`Self::new`] for the tile unit's kernel (`amx`) or the rung's FMA kernel.
+    unsafe fn pack(isa: Isa, amx: bool, b: MatRef, k: usize, n: usize) -> Option<Self> {
         if isa == Isa::Portable {
             return None;
         }
         let g = geometry(isa);
+        #[cfg(target_arch = "x86_64")]
+        if amx {
+            return Some(PackedB {
+                isa,
+                nr: super::amx::NR,
+                kc: g.kc,
+                k,
+                n,
+                data: Aligned::default(),
+                amx: Some(super::amx::PackedB::new(b, k, n)),
+            });
+        }
         let (nr, kc) = (g.nr, g.kc);
         let panels = n.div_ceil(nr);
         // Block by block of the inner dimension, as the kernel reads it: within a block the
@@ -291,12 +314,14 @@ impl PackedB {
             k,
             n,
             data,
+            amx: None,
         })
     }
 
-    /// Whether rung `isa`'s kernel reads this packing (a test may have switched rungs).
+    /// Whether rung `isa`'s kernel reads this packing (a test may have switched rungs, or
+    /// the AMX path on or off).
     pub(crate) fn usable(&self, isa: Isa) -> bool {
-        isa == self.isa
+        isa == self.isa && self.amx.is_some() == (isa == Isa::Avx512 && amx_enabled())
     }
 
     /// Panel width: column splits of a product over it must be multiples of it.
@@ -306,6 +331,10 @@ impl PackedB {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(p) = &self.amx {
+            return p.bytes();
+        }
         self.data.len * 4
     }
 
@@ -565,11 +594,45 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => gemm_avx512(m, n, k, a, b, c),
+        Isa::Avx512 => {
+            use super::amx;
+            if let ARef::Mat(am) = a {
+                match b {
+                    BRef::Packed(pb, c0) if pb.amx.is_some() => {
+                        let pa = pb.amx.as_ref().expect("checked");
+                        return amx::gemm(m, n, k, am, amx::B::Packed(pa, c0), c);
+                    }
+                    BRef::Mat(bm) if am.cs == 1 && amx_worth(m, n, k) && amx::enabled() => {
+                        return amx::gemm(m, n, k, am, amx::B::Mat(bm), c);
+                    }
+                    _ => {}
+                }
+            }
+            debug_assert!(!matches!(b, BRef::Packed(pb, _) if pb.amx.is_some()));
+            gemm_avx512(m, n, k, a, b, c)
+        }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => gemm_avx2(m, n, k, a, b, c),
         _ => gemm_portable(m, n, k, a, b, c),
     }
+}
+
+/// Whether the AVX-512 rung's products run on the tile unit ([`super::amx`]).
+fn amx_enabled() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return super::amx::enabled();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether a product is large enough for the tile unit's 32 × 32 × 32 steps to pay.
+///
+/// Measured on an AVX-512 Xeon with AMX: the attention's per-head products (197 × 64 × 197 at
+/// ViT-B/16, 50 × 64 × 50 in `configs/bench-train.toml`) ran no faster or slower there (their
+/// operands packed per product, the tiles padded); a transposed A (the weight gradient's
+/// `dYᵀ`, packed by gathering columns) lost in place though its product alone ran faster.
+fn amx_worth(m: usize, n: usize, k: usize) -> bool {
+    m >= 64 && n >= 64 && k >= 64 && m * n * k >= 1 << 22
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1075,7 +1138,7 @@ mod tests {
     /// `product` against f64 on every operand layout the engine uses, shapes with ragged
     /// edges in all three dimensions and across the cache blocks of `g`; elements of C
     /// outside the product keep their values. `packing` packs B for its `BRef::Packed` case.
-    fn check_products(name: &str, g: Geometry, product: Product, packing: Option<Isa>) {
+    fn check_products(name: &str, g: Geometry, product: Product, packing: Option<(Isa, bool)>) {
         for &(m, k, n) in &[
             (1, 1, 1),
             (7, 5, 3),
@@ -1124,7 +1187,8 @@ mod tests {
                         rs: brs as isize,
                         cs: bcs as isize,
                     };
-                    let packed = packing.and_then(|isa| unsafe { PackedB::new(isa, bmat, k, n) });
+                    let packed = packing
+                        .and_then(|(isa, amx)| unsafe { PackedB::pack(isa, amx, bmat, k, n) });
                     let bs: Vec<BRef> = match &packed {
                         Some(p) => vec![BRef::Mat(bmat), BRef::Packed(p, 0)],
                         None => vec![BRef::Mat(bmat)],
@@ -1153,8 +1217,51 @@ mod tests {
     fn every_rung_matches_the_reference_on_every_layout() {
         for isa in available_isas() {
             let p = product(|m, n, k, a, b, c| unsafe { gemm(isa, m, n, k, a, b, c) });
-            check_products(isa.name(), geometry(isa), &p, Some(isa));
+            let amx = isa == Isa::Avx512 && amx_enabled();
+            check_products(isa.name(), geometry(isa), &p, Some((isa, amx)));
         }
+    }
+
+    /// The AVX-512 FMA kernel itself, wherever the products would otherwise go to the tile
+    /// unit (the test above then runs the AMX path on most shapes).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_fma_kernel_matches_the_reference_on_every_layout() {
+        if !available_isas().contains(&Isa::Avx512) {
+            return;
+        }
+        let p = product(|m, n, k, a, b, c| unsafe { gemm_avx512(m, n, k, ARef::Mat(a), b, c) });
+        let g = geometry(Isa::Avx512);
+        check_products("avx512 fma", g, &p, Some((Isa::Avx512, false)));
+    }
+
+    /// The tile unit's product on every layout, ragged shapes across its blocks, B packed
+    /// once and per call; printed so a log shows whether this CPU ran it.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_amx_path_matches_the_reference_on_every_layout() {
+        use super::super::amx;
+        if !amx::supported() {
+            println!("AMX: not on this CPU (or not granted by the OS); skipped");
+            return;
+        }
+        println!("AMX: running the bf16x6 tile product");
+        let p = product(|m, n, k, a, b, c| unsafe {
+            let b = match b {
+                BRef::Mat(bm) => amx::B::Mat(bm),
+                BRef::Packed(pb, c0) => amx::B::Packed(pb.amx.as_ref().expect("AMX packing"), c0),
+            };
+            amx::gemm(m, n, k, a, b, c)
+        });
+        // Blocks: 256 rows of A, 8 steps of 32 along k; shapes cross both and end ragged.
+        let g = Geometry {
+            mr: amx::MR,
+            nr: amx::NR,
+            kc: 256,
+            mc: 256,
+            ..geometry(Isa::Avx512)
+        };
+        check_products("amx", g, &p, Some((Isa::Avx512, true)));
     }
 
     /// The AVX-512 rung's tiles — 12 and 8 rows, two vectors per row — instantiated with AVX2
@@ -1193,11 +1300,11 @@ mod tests {
             let g = at(MR512_WIDE, pack_a_rows);
             let p = product(|m, n, k, a, b, c| unsafe { wide::<MR512_WIDE>(m, n, k, a, b, c, g) });
             let name = format!("12 x (2 x 8) on AVX2, A packed above {pack_a_rows} rows");
-            check_products(&name, g, &p, Some(Isa::Avx2));
+            check_products(&name, g, &p, Some((Isa::Avx2, false)));
             let g = at(MR512, pack_a_rows);
             let p = product(|m, n, k, a, b, c| unsafe { wide::<MR512>(m, n, k, a, b, c, g) });
             let name = format!("8 x (2 x 8) on AVX2, A packed above {pack_a_rows} rows");
-            check_products(&name, g, &p, Some(Isa::Avx2));
+            check_products(&name, g, &p, Some((Isa::Avx2, false)));
         }
     }
 

@@ -1,0 +1,727 @@
+//! The SGEMM on Intel's AMX tiles, at fp32 accuracy: each f32 operand is split into three
+//! bf16 pieces, `x = h + m + l` (`h` the nearest bf16 to `x`, `m` the nearest to `x − h`, `l`
+//! to `x − h − m`: 24 significant bits in all, as many as f32 has), and
+//! `A·B = Σ Aᵢ·Bⱼ` over the six piece products down to the `2⁻¹⁶` terms (`hh, hm, hl, mh, mm,
+//! lh`; the three dropped ones are below `2⁻²⁴` of the result, f32's own rounding). Each
+//! piece product is exact in f32 and the tile unit accumulates in f32, so the result carries
+//! f32's error, not bf16's — the way GPUs emulate FP32 GEMMs on bf16 tensor cores.
+//!
+//! One `TDPBF16PS` multiplies a 16 × 32 bf16 tile of A by a 32 × 16 one of B into 16 × 16 f32:
+//! 8192 multiply-adds, one every 16 cycles per core on Sapphire Rapids — 512 per cycle, 16 times
+//! the 32 of two AVX-512 FMA units. Six of them per f32 product leave 2.7 times the AVX-512
+//! peak for a kernel that keeps the tile unit busy.
+//!
+//! # Layout
+//! The register tile is 32 × 32 of C in four tile registers (`tmm0..3`, C rows 0–15 and
+//! 16–31 × columns 0–15 and 16–31), with two A tiles (`tmm4, 5`) and two B tiles (`tmm6, 7`).
+//! Operands are packed per **step** of 32 along the inner dimension, into six 1 KiB tiles each
+//! (piece-major, then half): A's micro-panel `[step][piece h,m,l][rows 0–15, 16–31][16][32
+//! bf16]`, B's `[step][piece][columns 0–15, 16–31][16 pairs of rows][16 × 2 bf16]` (the pair
+//! interleaving `TDPBF16PS` reads: row `r` of a B tile holds `B(2r, j), B(2r+1, j)` for its
+//! 16 columns `j`). Shapes are zero-padded to whole tiles and steps.
+//!
+//! # Enabling
+//! Linux hands out the tile registers only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM,
+//! XTILEDATA)`), made once per process by [`enabled`]; each product loads the tile
+//! configuration on its thread and releases the tiles at the end. `VITRS_AMX=0` (or
+//! [`set_enabled`]) keeps the AVX-512 FMA kernel.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+
+use super::sgemm::{MatRef, Out};
+
+/// Rows and columns of the register tile (2 × 2 tiles of 16 × 16 f32).
+pub(crate) const MR: usize = 32;
+pub(crate) const NR: usize = 32;
+/// Steps of the inner dimension per tile product.
+const KS: usize = 32;
+/// bf16 elements of one tile (16 rows × 64 bytes).
+const TILE: usize = 512;
+/// bf16 elements of one step of a micro-panel: three pieces × two halves.
+const STEP: usize = 6 * TILE;
+
+/// 0 not decided, 1 off, 2 on.
+static STATE: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the products take the AMX path: the CPU has AMX-TILE and AMX-BF16 (and AVX-512 F +
+/// BW, for the packing), Linux granted the tile data, and neither `VITRS_AMX=0` nor
+/// [`set_enabled`]`(false)` turned it off. Decided once.
+pub fn enabled() -> bool {
+    match STATE.load(Relaxed) {
+        0 => {
+            let off = std::env::var("VITRS_AMX").is_ok_and(|v| v == "0" || v == "off");
+            let on = !off && supported();
+            let _ = STATE.compare_exchange(0, if on { 2 } else { 1 }, Relaxed, Relaxed);
+            STATE.load(Relaxed) == 2
+        }
+        s => s == 2,
+    }
+}
+
+/// Turns the AMX path on (where the CPU and OS allow it) or off, for the whole process;
+/// returns whether it is on now. The tests run both paths with it.
+pub fn set_enabled(on: bool) -> bool {
+    let on = on && supported();
+    STATE.store(if on { 2 } else { 1 }, Relaxed);
+    on
+}
+
+/// The CPU has the tile unit with bf16 and the OS lets this process use it (asked once).
+pub fn supported() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        {
+            use std::arch::x86_64::__cpuid_count;
+            use std::is_x86_feature_detected as has;
+            if !(has!("avx512f") && has!("avx512bw") && has!("xsave")) {
+                return false;
+            }
+            // SAFETY: CPUID leaf 7 exists on every CPU with AVX-512.
+            #[allow(unused_unsafe)]
+            let edx = unsafe { __cpuid_count(7, 0) }.edx;
+            let (tile, bf16) = (edx >> 24 & 1 == 1, edx >> 22 & 1 == 1);
+            if !(tile && bf16) {
+                return false;
+            }
+            // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18) only
+            // changes this process's permission; it returns 0 or a negative errno.
+            let r: i64;
+            unsafe {
+                std::arch::asm!(
+                    "syscall",
+                    inlateout("rax") 158i64 => r,
+                    in("rdi") 0x1023i64,
+                    in("rsi") 18i64,
+                    lateout("rcx") _,
+                    lateout("r11") _,
+                    options(nostack)
+                );
+            }
+            r == 0
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        false
+    })
+}
+
+/// A u16 buffer whose first element is 64-byte aligned (a tile row is one cache line).
+#[derive(Default)]
+pub(crate) struct Buf {
+    buf: Vec<u16>,
+    off: usize,
+    len: usize,
+}
+
+impl Buf {
+    fn ensure(&mut self, len: usize) {
+        if self.len >= len {
+            return;
+        }
+        self.buf = vec![0; len + 31];
+        self.off = self.buf.as_ptr().align_offset(64).min(31);
+        self.len = len;
+    }
+
+    fn ptr(&self) -> *const u16 {
+        self.buf[self.off..].as_ptr()
+    }
+
+    fn ptr_mut(&mut self) -> *mut u16 {
+        self.buf[self.off..].as_mut_ptr()
+    }
+}
+
+/// `B (k, n)` packed once into the micro-panels of [`gemm`]: `[panel][step][6 tiles]`, a
+/// model's weight for inference.
+pub(crate) struct PackedB {
+    steps: usize,
+    data: Buf,
+}
+
+impl PackedB {
+    /// Packs `b`, a `(k, n)` matrix with its strides.
+    ///
+    /// # Safety
+    /// `b` must address a `(k, n)` matrix with its strides; [`supported`] must be true.
+    pub(crate) unsafe fn new(b: MatRef, k: usize, n: usize) -> Self {
+        let steps = k.div_ceil(KS);
+        let panels = n.div_ceil(NR);
+        let mut data = Buf::default();
+        data.ensure(panels * steps * STEP);
+        pack_b(b, k, n, steps, data.ptr_mut());
+        PackedB { steps, data }
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.data.len * 2
+    }
+}
+
+thread_local! {
+    /// Per-thread packing buffers (A block, B block), grown on demand and reused.
+    static BUFFERS: RefCell<(Buf, Buf)> = RefCell::new(Default::default());
+}
+
+/// The `B` operand of [`gemm`].
+#[derive(Clone, Copy)]
+pub(crate) enum B<'a> {
+    Mat(MatRef),
+    /// Columns `c0..` of a packed matrix (`c0` a multiple of [`NR`]).
+    Packed(&'a PackedB, usize),
+}
+
+/// Steps of the inner dimension per block (768 floats): a ViT-B/16 product's whole inner
+/// dimension (768) or a quarter of it (3072), so C is read and written once or four times.
+/// On an AVX-512 Xeon (2 MiB L2), 768 ran the ViT-B/16 forward products 5–10 % faster than
+/// 512, and 256 or 384 lost 15–25 % at batch 16 (more passes over C).
+const KB: usize = 24;
+
+/// Rows of A per packed block (`MC · 768 · 6` bytes, 864 KiB, in L2 while the panels of B
+/// pass). On the same Xeon, 128–256 rows ran the ViT-B/16 batch-16 forward within noise of
+/// each other (13.4–14.7 images/s), 512 and 1024 at 9.7–10.1 (the block out of L2's reach).
+const MC: usize = 192;
+
+/// `C (m, n) = A (m, k) · B (k, n)` (+ bias, + C) on the calling thread, on the tile unit.
+///
+/// # Safety
+/// As [`super::sgemm::gemm`], and [`enabled`] must be true; `m, n, k > 0`.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: MatRef, b: B, c: Out) {
+    if c.accumulate {
+        if let Some(bias) = c.bias {
+            // C + bias: add the bias first, then accumulate onto it (a rare combination).
+            for i in 0..m {
+                let row = std::slice::from_raw_parts_mut(c.ptr.offset(i as isize * c.rs), n);
+                let bias = std::slice::from_raw_parts(bias, n);
+                row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
+            }
+            let c = Out { bias: None, ..c };
+            return gemm(m, n, k, a, b, c);
+        }
+    }
+    let (mut abuf, mut bbuf) = BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    config();
+    let steps_total = k.div_ceil(KS);
+    let kb = KB;
+    let panels = n.div_ceil(NR);
+    let mc_max = MC.min(m.div_ceil(MR) * MR);
+    abuf.ensure(mc_max.div_ceil(MR) * kb.min(steps_total) * STEP);
+    for s0 in (0..steps_total).step_by(kb) {
+        let steps = kb.min(steps_total - s0);
+        let p0 = s0 * KS;
+        let kc = (steps * KS).min(k - p0);
+        // Panel jp of this block: `steps` steps from `bp + jp · pstride`.
+        let (bp, pstride): (*const u16, usize) = match b {
+            B::Packed(pb, c0) => {
+                debug_assert!(c0 % NR == 0);
+                let first = pb.data.ptr().add((c0 / NR) * pb.steps * STEP + s0 * STEP);
+                (first, pb.steps * STEP)
+            }
+            B::Mat(bm) => {
+                bbuf.ensure(panels * steps * STEP);
+                let part = MatRef {
+                    ptr: bm.ptr.offset(p0 as isize * bm.rs),
+                    ..bm
+                };
+                pack_b(part, kc, n, steps, bbuf.ptr_mut());
+                (bbuf.ptr(), steps * STEP)
+            }
+        };
+        let first = s0 == 0;
+        for ic in (0..m).step_by(mc_max) {
+            let mc = mc_max.min(m - ic);
+            let part = MatRef {
+                ptr: a.ptr.offset(ic as isize * a.rs + p0 as isize * a.cs),
+                ..a
+            };
+            pack_a(part, mc, kc, steps, abuf.ptr_mut());
+            for jp in 0..panels {
+                let j0 = jp * NR;
+                let cols = NR.min(n - j0);
+                let bpanel = bp.add(jp * pstride);
+                for ir in (0..mc).step_by(MR) {
+                    let rows = MR.min(mc - ir);
+                    let apanel = abuf.ptr().add((ir / MR) * steps * STEP);
+                    let cptr = c.ptr.offset((ic + ir) as isize * c.rs + j0 as isize);
+                    let init = if c.accumulate || !first {
+                        Init::Load
+                    } else if let Some(bias) = c.bias {
+                        Init::Bias(bias.add(j0))
+                    } else {
+                        Init::Zero
+                    };
+                    tile(apanel, bpanel, steps, cptr, c.rs, rows, cols, init);
+                }
+            }
+        }
+    }
+    release();
+    BUFFERS.with(|b| *b.borrow_mut() = (abuf, bbuf));
+}
+
+/// How a tile's accumulators start.
+#[derive(Clone, Copy)]
+enum Init {
+    Zero,
+    /// From C.
+    Load,
+    /// Every row the `(cols)` bias.
+    Bias(*const f32),
+}
+
+/// Loads the tile configuration: palette 1, eight registers of 16 rows × 64 bytes.
+unsafe fn config() {
+    #[repr(C, align(64))]
+    struct Cfg([u8; 64]);
+    let mut cfg = Cfg([0; 64]);
+    cfg.0[0] = 1;
+    for t in 0..8 {
+        cfg.0[16 + 2 * t] = 64;
+        cfg.0[48 + t] = 16;
+    }
+    std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+}
+
+unsafe fn release() {
+    std::arch::asm!("tilerelease", options(nostack, nomem));
+}
+
+/// One 32 × 32 tile of C (`rows × cols` of it valid) over `steps` steps of packed A and B.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+unsafe fn tile(
+    a: *const u16,
+    b: *const u16,
+    steps: usize,
+    c: *mut f32,
+    ldc: isize,
+    rows: usize,
+    cols: usize,
+    init: Init,
+) {
+    if rows == MR && cols == NR {
+        let stride = ldc as usize * 4;
+        start(c, stride, init);
+        run(a, b, steps);
+        finish(c, stride);
+        return;
+    }
+    // An edge tile, through a whole one in a buffer.
+    #[repr(C, align(64))]
+    struct Whole([f32; MR * NR]);
+    let mut buf = Whole([0.0; MR * NR]);
+    for i in 0..rows {
+        let dst = &mut buf.0[i * NR..i * NR + cols];
+        match init {
+            Init::Zero => {}
+            Init::Load => {
+                dst.copy_from_slice(std::slice::from_raw_parts(c.offset(i as isize * ldc), cols))
+            }
+            Init::Bias(bias) => dst.copy_from_slice(std::slice::from_raw_parts(bias, cols)),
+        }
+    }
+    let p = buf.0.as_mut_ptr();
+    start(p, NR * 4, Init::Load);
+    run(a, b, steps);
+    finish(p, NR * 4);
+    for i in 0..rows {
+        std::slice::from_raw_parts_mut(c.offset(i as isize * ldc), cols)
+            .copy_from_slice(&buf.0[i * NR..i * NR + cols]);
+    }
+}
+
+/// Sets the four accumulator tiles from `c` (row stride `stride` bytes), a bias or zero.
+#[inline(always)]
+unsafe fn start(c: *mut f32, stride: usize, init: Init) {
+    use std::arch::asm;
+    match init {
+        Init::Zero => asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        ),
+        Init::Load => asm!(
+            "tileloadd tmm0, [{c} + {s}*1]",
+            "tileloadd tmm1, [{c} + {s}*1 + 64]",
+            "tileloadd tmm2, [{d} + {s}*1]",
+            "tileloadd tmm3, [{d} + {s}*1 + 64]",
+            c = in(reg) c,
+            d = in(reg) c.cast::<u8>().add(16 * stride),
+            s = in(reg) stride,
+            options(nostack, readonly)
+        ),
+        // A row stride of 0: every row of the tile is the bias.
+        Init::Bias(bias) => asm!(
+            "tileloadd tmm0, [{c} + {s}*1]",
+            "tileloadd tmm1, [{c} + {s}*1 + 64]",
+            "tileloadd tmm2, [{c} + {s}*1]",
+            "tileloadd tmm3, [{c} + {s}*1 + 64]",
+            c = in(reg) bias,
+            s = in(reg) 0usize,
+            options(nostack, readonly)
+        ),
+    }
+}
+
+/// Stores the accumulator tiles to `c` (row stride `stride` bytes).
+#[inline(always)]
+unsafe fn finish(c: *mut f32, stride: usize) {
+    std::arch::asm!(
+        "tilestored [{c} + {s}*1], tmm0",
+        "tilestored [{c} + {s}*1 + 64], tmm1",
+        "tilestored [{d} + {s}*1], tmm2",
+        "tilestored [{d} + {s}*1 + 64], tmm3",
+        c = in(reg) c,
+        d = in(reg) c.cast::<u8>().add(16 * stride),
+        s = in(reg) stride,
+        options(nostack)
+    );
+}
+
+/// The six piece products of every step: A tiles at `a + step · STEP`, piece `p`, half `h`
+/// at `(2p + h) · TILE`; B likewise. Tiles are loaded so that each A or B piece serves as
+/// many products as it can before it is replaced (16 loads per 24 products).
+#[inline(always)]
+unsafe fn run(a: *const u16, b: *const u16, steps: usize) {
+    for s in 0..steps {
+        std::arch::asm!(
+            // h·h
+            "tileloadd tmm4, [{a} + {s}*1]",
+            "tileloadd tmm5, [{a} + {s}*1 + 1024]",
+            "tileloadd tmm6, [{b} + {s}*1]",
+            "tileloadd tmm7, [{b} + {s}*1 + 1024]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            // h·m
+            "tileloadd tmm6, [{b} + {s}*1 + 2048]",
+            "tileloadd tmm7, [{b} + {s}*1 + 3072]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            // h·l
+            "tileloadd tmm6, [{b} + {s}*1 + 4096]",
+            "tileloadd tmm7, [{b} + {s}*1 + 5120]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            // m·m
+            "tileloadd tmm4, [{a} + {s}*1 + 2048]",
+            "tileloadd tmm5, [{a} + {s}*1 + 3072]",
+            "tileloadd tmm6, [{b} + {s}*1 + 2048]",
+            "tileloadd tmm7, [{b} + {s}*1 + 3072]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            // m·h
+            "tileloadd tmm6, [{b} + {s}*1]",
+            "tileloadd tmm7, [{b} + {s}*1 + 1024]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            // l·h
+            "tileloadd tmm4, [{a} + {s}*1 + 4096]",
+            "tileloadd tmm5, [{a} + {s}*1 + 5120]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a = in(reg) a.add(s * STEP),
+            b = in(reg) b.add(s * STEP),
+            s = in(reg) 64usize,
+            options(nostack, readonly)
+        );
+    }
+}
+
+/// The three bf16 pieces of `x` (see the module doc), reference version: round to nearest
+/// even on the bits, as `vcvtneps2bf16` does for finite values.
+#[cfg(test)]
+pub(crate) fn split_ref(x: f32) -> [u16; 3] {
+    let rne = |v: f32| -> u32 {
+        let b = v.to_bits();
+        (b.wrapping_add(0x7fff + ((b >> 16) & 1))) & 0xffff_0000
+    };
+    let h = rne(x);
+    let r1 = x - f32::from_bits(h);
+    let m = rne(r1);
+    let r2 = r1 - f32::from_bits(m);
+    let l = rne(r2);
+    [(h >> 16) as u16, (m >> 16) as u16, (l >> 16) as u16]
+}
+
+use std::arch::x86_64::*;
+
+/// `v` rounded to the nearest bf16 (ties to even), as f32 bits with the low half zero.
+#[inline(always)]
+unsafe fn rne(v: __m512) -> __m512i {
+    let b = _mm512_castps_si512(v);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+    let r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    _mm512_and_si512(r, _mm512_set1_epi32(0xffff_0000u32 as i32))
+}
+
+/// The pieces of 16 floats, each still in the upper half of a 32-bit lane (low half zero).
+#[inline(always)]
+unsafe fn split16(x: __m512) -> [__m512i; 3] {
+    let h = rne(x);
+    let r1 = _mm512_sub_ps(x, _mm512_castsi512_ps(h));
+    let m = rne(r1);
+    let r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(m));
+    [h, m, rne(r2)]
+}
+
+/// Loads 16 floats from `p`, masked to the `valid` first of them (zeros past).
+#[inline(always)]
+unsafe fn load16(p: *const f32, valid: usize) -> __m512 {
+    if valid == 0 {
+        _mm512_setzero_ps()
+    } else if valid >= 16 {
+        _mm512_loadu_ps(p)
+    } else {
+        _mm512_maskz_loadu_ps(((1u32 << valid) - 1) as u16, p)
+    }
+}
+
+/// Packs `A (mc, kc)` (with its strides) into micro-panels of [`MR`] rows,
+/// `[panel][step][piece][half][16][32]`, zero-padded to `steps` steps and whole panels.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+#[inline(never)]
+unsafe fn pack_a(a: MatRef, mc: usize, kc: usize, steps: usize, out: *mut u16) {
+    let panels = mc.div_ceil(MR);
+    if a.rs == 1 && a.cs != 1 {
+        // Columns contiguous (dYᵀ of a weight gradient): per pair of columns, 16 rows at a
+        // time, each row's two pieces one 32-bit word of its tile row.
+        let rows = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(16),
+        );
+        for g in 0..panels {
+            for s in 0..steps {
+                let step = out.add((g * steps + s) * STEP);
+                for half in 0..2 {
+                    let i0 = g * MR + half * 16;
+                    let valid = mc.saturating_sub(i0).min(16);
+                    for pp in 0..16 {
+                        let p = s * KS + 2 * pp;
+                        let col = |p: usize| {
+                            if p < kc && valid > 0 {
+                                load16(a.ptr.offset(i0 as isize + p as isize * a.cs), valid)
+                            } else {
+                                _mm512_setzero_ps()
+                            }
+                        };
+                        let (s0, s1) = (split16(col(p)), split16(col(p + 1)));
+                        for piece in 0..3 {
+                            let v = _mm512_or_si512(_mm512_srli_epi32::<16>(s0[piece]), s1[piece]);
+                            let tile = step.add((piece * 2 + half) * TILE).cast::<i32>();
+                            _mm512_i32scatter_epi32::<4>(tile.add(pp), rows, v);
+                        }
+                    }
+                }
+            }
+        }
+        return;
+    }
+    for g in 0..panels {
+        let panel = out.add(g * steps * STEP);
+        for rr in 0..MR {
+            let i = g * MR + rr;
+            let (half, r) = (rr / 16, rr % 16);
+            for s in 0..steps {
+                let dst = panel.add(s * STEP + half * TILE + r * 32);
+                let p0 = s * KS;
+                let mut pieces = [[_mm512_setzero_si512(); 3]; 2];
+                if i < mc {
+                    for (q, pc) in pieces.iter_mut().enumerate() {
+                        let p = p0 + q * 16;
+                        let valid = kc.saturating_sub(p).min(16);
+                        let x = if valid == 0 {
+                            _mm512_setzero_ps()
+                        } else if a.cs == 1 {
+                            load16(a.ptr.offset(i as isize * a.rs + p as isize), valid)
+                        } else {
+                            let mut v = [0.0f32; 16];
+                            for (t, e) in v.iter_mut().enumerate().take(valid) {
+                                *e = *a.ptr.offset(i as isize * a.rs + (p + t) as isize * a.cs);
+                            }
+                            _mm512_loadu_ps(v.as_ptr())
+                        };
+                        *pc = split16(x);
+                    }
+                }
+                for piece in 0..3 {
+                    for (q, pc) in pieces.iter().enumerate() {
+                        let v = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(pc[piece]));
+                        _mm256_storeu_si256(
+                            dst.add(piece * 2 * TILE + q * 16).cast::<__m256i>(),
+                            v,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs `B (kc, n)` (with its strides) into panels of [`NR`] columns,
+/// `[panel][step][piece][half][16 row pairs][16 × 2]`, zero-padded.
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn pack_b(b: MatRef, kc: usize, n: usize, steps: usize, out: *mut u16) {
+    let panels = n.div_ceil(NR);
+    let at = |p: usize, j: usize| -> f32 {
+        if p < kc && j < n {
+            *b.ptr.offset(p as isize * b.rs + j as isize * b.cs)
+        } else {
+            0.0
+        }
+    };
+    if b.rs == 1 && b.cs != 1 {
+        // Columns contiguous (Wᵀ: a weight's rows): per column, its 32 steps' pieces are the
+        // 16 words of one tile column.
+        let rows = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(16),
+        );
+        for jp in 0..panels {
+            for s in 0..steps {
+                let step = out.add((jp * steps + s) * STEP);
+                let p0 = s * KS;
+                let valid = kc - p0.min(kc);
+                for jj in 0..NR {
+                    let j = jp * NR + jj;
+                    let (x0, x1) = if j < n {
+                        let col = b.ptr.offset(j as isize * b.cs + p0 as isize);
+                        (
+                            load16(col, valid.min(16)),
+                            load16(col.add(16), valid.saturating_sub(16).min(16)),
+                        )
+                    } else {
+                        (_mm512_setzero_ps(), _mm512_setzero_ps())
+                    };
+                    let (s0, s1) = (split16(x0), split16(x1));
+                    let (half, c) = (jj / 16, jj % 16);
+                    for piece in 0..3 {
+                        let lo = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(s0[piece]));
+                        let hi = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(s1[piece]));
+                        let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                        let tile = step.add((piece * 2 + half) * TILE).cast::<i32>();
+                        _mm512_i32scatter_epi32::<4>(tile.add(c), rows, v);
+                    }
+                }
+            }
+        }
+        return;
+    }
+    for jp in 0..panels {
+        let panel = out.add(jp * steps * STEP);
+        for s in 0..steps {
+            let step = panel.add(s * STEP);
+            for half in 0..2 {
+                let j0 = jp * NR + half * 16;
+                for r in 0..16 {
+                    // Row pair (p, p + 1) of the 16 columns j0.., as two 16-lane vectors.
+                    let p = s * KS + 2 * r;
+                    let (lo, hi) = if b.cs == 1 && p + 1 < kc && j0 + 16 <= n {
+                        let row = b.ptr.offset(p as isize * b.rs + j0 as isize);
+                        (_mm512_loadu_ps(row), _mm512_loadu_ps(row.offset(b.rs)))
+                    } else {
+                        let mut v = [[0.0f32; 16]; 2];
+                        for (t, e) in v.iter_mut().enumerate() {
+                            for (jj, x) in e.iter_mut().enumerate() {
+                                *x = at(p + t, j0 + jj);
+                            }
+                        }
+                        (
+                            _mm512_loadu_ps(v[0].as_ptr()),
+                            _mm512_loadu_ps(v[1].as_ptr()),
+                        )
+                    };
+                    let (sl, sh) = (split16(lo), split16(hi));
+                    for piece in 0..3 {
+                        // Lane j: B(p, j) in the low half, B(p + 1, j) in the high half.
+                        let v = _mm512_or_si512(_mm512_srli_epi32::<16>(sl[piece]), sh[piece]);
+                        _mm512_storeu_si512(step.add((piece * 2 + half) * TILE + r * 32).cast(), v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Floats over many magnitudes and both signs (normal range).
+    fn samples() -> Vec<f32> {
+        let mut x = 0x1234_5678u32;
+        (0..4096usize)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let mant = 1.0 + (x >> 8) as f32 / (1u32 << 24) as f32;
+                let exp = (i % 61) as i32 - 30;
+                let v = mant * 2f32.powi(exp);
+                if i % 2 == 0 {
+                    v
+                } else {
+                    -v
+                }
+            })
+            .collect()
+    }
+
+    /// The three pieces hold a float to better than f32's own rounding: `|h + m + l − x|
+    /// ≤ 2⁻²⁶ |x|`, each piece a bf16 (low half of its f32 bits zero by construction).
+    #[test]
+    fn three_pieces_hold_an_f32() {
+        for x in samples() {
+            let [h, m, l] = split_ref(x);
+            let f = |b: u16| f32::from_bits((b as u32) << 16) as f64;
+            let sum = f(h) + f(m) + f(l);
+            let err = (sum - x as f64).abs();
+            assert!(
+                err <= (x as f64).abs() * 2f64.powi(-26),
+                "{x}: {h:04x} {m:04x} {l:04x}"
+            );
+        }
+    }
+
+    /// The packing's vector split is the reference split, bit for bit (checked through a
+    /// packed A panel: row 0's first 32 values of each piece).
+    #[test]
+    fn the_vector_split_is_the_reference() {
+        if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw"))
+        {
+            return;
+        }
+        let xs = samples();
+        for chunk in xs.chunks_exact(32) {
+            let a = MatRef {
+                ptr: chunk.as_ptr(),
+                rs: 32,
+                cs: 1,
+            };
+            let mut out = vec![0u16; STEP];
+            // SAFETY: one row of 32 floats, packed into one panel's single step.
+            unsafe { pack_a(a, 1, 32, 1, out.as_mut_ptr()) };
+            for (p, &x) in chunk.iter().enumerate() {
+                let want = split_ref(x);
+                for (piece, &w) in want.iter().enumerate() {
+                    assert_eq!(out[piece * 2 * TILE + p], w, "{x} piece {piece}");
+                }
+            }
+        }
+    }
+}
