@@ -480,6 +480,53 @@ unsafe fn split16(x: __m512) -> [__m512i; 3] {
     [h, m, rne(r2)]
 }
 
+/// The transpose of a 16 × 16 block of f32 (row `i` in `r[i]`).
+#[inline(always)]
+unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    // Pairs of rows interleaved by 32 bits, then by 64, then 128-bit lanes gathered across
+    // four rows' worth and eight.
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let base = i / 4 * 4;
+        let (a, b) = match i % 4 {
+            0 | 1 => (t[base], t[base + 2]),
+            _ => (t[base + 1], t[base + 3]),
+        };
+        let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
+        _mm512_castpd_ps(if i % 2 == 0 {
+            _mm512_unpacklo_pd(a, b)
+        } else {
+            _mm512_unpackhi_pd(a, b)
+        })
+    });
+    let v: [__m512; 16] = std::array::from_fn(|i| {
+        let base = i / 8 * 8;
+        let j = i % 4;
+        let (a, b) = (u[base + j], u[base + 4 + j]);
+        if i % 8 < 4 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(a, b)
+        }
+    });
+    std::array::from_fn(|i| {
+        let j = i % 8;
+        let (a, b) = (v[j], v[8 + j]);
+        if i < 8 {
+            _mm512_shuffle_f32x4::<0x88>(a, b)
+        } else {
+            _mm512_shuffle_f32x4::<0xdd>(a, b)
+        }
+    })
+}
+
 /// Loads 16 floats from `p`, masked to the `valid` first of them (zeros past).
 #[inline(always)]
 unsafe fn load16(p: *const f32, valid: usize) -> __m512 {
@@ -499,32 +546,38 @@ unsafe fn load16(p: *const f32, valid: usize) -> __m512 {
 unsafe fn pack_a(a: MatRef, mc: usize, kc: usize, steps: usize, out: *mut u16) {
     let panels = mc.div_ceil(MR);
     if a.rs == 1 && a.cs != 1 {
-        // Columns contiguous (dYᵀ of a weight gradient): per pair of columns, 16 rows at a
-        // time, each row's two pieces one 32-bit word of its tile row.
-        let rows = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(16),
-        );
-        for g in 0..panels {
-            for s in 0..steps {
-                let step = out.add((g * steps + s) * STEP);
-                for half in 0..2 {
+        // Columns contiguous (dYᵀ of a weight gradient): 16 × 16 blocks transposed in
+        // registers, so each of a tile row's halves is one vector of 16 steps.
+        // Blocks in the order of A's memory: 16 columns at a time, down their length (16
+        // sequential streams), the block two ahead asked for while this one is transposed.
+        for s in 0..steps {
+            for q in 0..2 {
+                let p0 = s * KS + q * 16;
+                let ps = 16.min(kc.saturating_sub(p0));
+                for (g, half) in (0..panels).flat_map(|g| [(g, 0), (g, 1)]) {
+                    let step = out.add((g * steps + s) * STEP);
                     let i0 = g * MR + half * 16;
                     let valid = mc.saturating_sub(i0).min(16);
-                    for pp in 0..16 {
-                        let p = s * KS + 2 * pp;
-                        let col = |p: usize| {
-                            if p < kc && valid > 0 {
-                                load16(a.ptr.offset(i0 as isize + p as isize * a.cs), valid)
-                            } else {
-                                _mm512_setzero_ps()
+                    if i0 + 32 < mc {
+                        for t in 0..ps {
+                            let at = a.ptr.offset((i0 + 32) as isize + (p0 + t) as isize * a.cs);
+                            _mm_prefetch::<_MM_HINT_T0>(at.cast());
+                        }
+                    }
+                    {
+                        let mut block = [_mm512_setzero_ps(); 16];
+                        for (t, v) in block.iter_mut().enumerate().take(ps) {
+                            let p = p0 + t;
+                            *v = load16(a.ptr.offset(i0 as isize + p as isize * a.cs), valid);
+                        }
+                        // Row r of the block: A(i0 + r, p0..p0 + 16).
+                        for (r, row) in transpose16(block).into_iter().enumerate() {
+                            let pieces = split16(row);
+                            for (piece, pc) in pieces.iter().enumerate() {
+                                let v = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(*pc));
+                                let dst = step.add((piece * 2 + half) * TILE + r * 32 + q * 16);
+                                _mm256_storeu_si256(dst.cast::<__m256i>(), v);
                             }
-                        };
-                        let (s0, s1) = (split16(col(p)), split16(col(p + 1)));
-                        for piece in 0..3 {
-                            let v = _mm512_or_si512(_mm512_srli_epi32::<16>(s0[piece]), s1[piece]);
-                            let tile = step.add((piece * 2 + half) * TILE).cast::<i32>();
-                            _mm512_i32scatter_epi32::<4>(tile.add(pp), rows, v);
                         }
                     }
                 }
@@ -586,36 +639,34 @@ unsafe fn pack_b(b: MatRef, kc: usize, n: usize, steps: usize, out: *mut u16) {
         }
     };
     if b.rs == 1 && b.cs != 1 {
-        // Columns contiguous (Wᵀ: a weight's rows): per column, its 32 steps' pieces are the
-        // 16 words of one tile column.
-        let rows = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(16),
-        );
+        // Columns contiguous (Wᵀ: a weight's rows): 16 columns × 16 steps transposed in
+        // registers, each pair of steps then one tile row of pieces.
         for jp in 0..panels {
             for s in 0..steps {
                 let step = out.add((jp * steps + s) * STEP);
                 let p0 = s * KS;
                 let valid = kc - p0.min(kc);
-                for jj in 0..NR {
-                    let j = jp * NR + jj;
-                    let (x0, x1) = if j < n {
-                        let col = b.ptr.offset(j as isize * b.cs + p0 as isize);
-                        (
-                            load16(col, valid.min(16)),
-                            load16(col.add(16), valid.saturating_sub(16).min(16)),
-                        )
-                    } else {
-                        (_mm512_setzero_ps(), _mm512_setzero_ps())
-                    };
-                    let (s0, s1) = (split16(x0), split16(x1));
-                    let (half, c) = (jj / 16, jj % 16);
-                    for piece in 0..3 {
-                        let lo = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(s0[piece]));
-                        let hi = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(s1[piece]));
-                        let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-                        let tile = step.add((piece * 2 + half) * TILE).cast::<i32>();
-                        _mm512_i32scatter_epi32::<4>(tile.add(c), rows, v);
+                for half in 0..2 {
+                    let j0 = jp * NR + half * 16;
+                    let mut lo = [_mm512_setzero_ps(); 16];
+                    let mut hi = [_mm512_setzero_ps(); 16];
+                    for c in 0..16.min(n.saturating_sub(j0)) {
+                        let col = b.ptr.offset((j0 + c) as isize * b.cs + p0 as isize);
+                        lo[c] = load16(col, valid.min(16));
+                        hi[c] = load16(col.add(16), valid.saturating_sub(16).min(16));
+                    }
+                    // Row t: B(p0 + t, j0..j0 + 16), then B(p0 + 16 + t, ..).
+                    let (lo, hi) = (transpose16(lo), transpose16(hi));
+                    for r in 0..16 {
+                        let rows = if r < 8 { &lo } else { &hi };
+                        let t = 2 * (r % 8);
+                        let (s0, s1) = (split16(rows[t]), split16(rows[t + 1]));
+                        for piece in 0..3 {
+                            // Lane j: B(p, j) in the low half, B(p + 1, j) in the high half.
+                            let v = _mm512_or_si512(_mm512_srli_epi32::<16>(s0[piece]), s1[piece]);
+                            let dst = step.add((piece * 2 + half) * TILE + r * 32);
+                            _mm512_storeu_si512(dst.cast(), v);
+                        }
                     }
                 }
             }

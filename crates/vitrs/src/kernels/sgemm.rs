@@ -602,7 +602,7 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
                         let pa = pb.amx.as_ref().expect("checked");
                         return amx::gemm(m, n, k, am, amx::B::Packed(pa, c0), c);
                     }
-                    BRef::Mat(bm) if am.cs == 1 && amx_worth(m, n, k) && amx::enabled() => {
+                    BRef::Mat(bm) if amx_worth(m, n, k) && amx::enabled() => {
                         return amx::gemm(m, n, k, am, amx::B::Mat(bm), c);
                     }
                     _ => {}
