@@ -128,11 +128,14 @@ pub fn linear_packed(
         }
     };
     // Few rows (small batch): split the columns in whole panels; each thread reads only its
-    // panels of W.
+    // panels of W. Not on the tile unit: there each thread would split all of x into its
+    // pieces, and halves of the rows (both threads streaming the same panels of W) ran the
+    // batch-1 forwards of S/16 and B/16 4–8 % faster on an AVX-512 Xeon.
+    let by_cols = n >= m && !packed.is_some_and(|p| p.on_tiles());
     for_blocks(
         (m, n),
         threads == 1 || m * n * k < PARALLEL_MIN_MACS,
-        n >= m,
+        by_cols,
         super::sgemm::geometry(isa),
         run,
     );

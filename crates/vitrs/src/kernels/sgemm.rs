@@ -326,6 +326,11 @@ impl PackedB {
         isa == self.isa && self.amx.is_some() == (isa == Isa::Avx512 && amx_enabled())
     }
 
+    /// Whether this packing is for the tile unit ([`super::amx`]).
+    pub(crate) fn on_tiles(&self) -> bool {
+        self.amx.is_some()
+    }
+
     /// Panel width: column splits of a product over it must be multiples of it.
     pub fn panel(&self) -> usize {
         self.nr
