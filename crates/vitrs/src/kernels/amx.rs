@@ -344,27 +344,25 @@ unsafe fn start(c: *mut f32, stride: usize, init: Init) {
             "tilezero tmm3",
             options(nostack, nomem)
         ),
-        Init::Load => asm!(
-            "tileloadd tmm0, [{c} + {s}*1]",
-            "tileloadd tmm1, [{c} + {s}*1 + 64]",
-            "tileloadd tmm2, [{d} + {s}*1]",
-            "tileloadd tmm3, [{d} + {s}*1 + 64]",
-            c = in(reg) c,
-            d = in(reg) c.cast::<u8>().add(16 * stride),
-            s = in(reg) stride,
-            options(nostack, readonly)
-        ),
-        // A row stride of 0: every row of the tile is the bias.
-        Init::Bias(bias) => asm!(
-            "tileloadd tmm0, [{c} + {s}*1]",
-            "tileloadd tmm1, [{c} + {s}*1 + 64]",
-            "tileloadd tmm2, [{c} + {s}*1]",
-            "tileloadd tmm3, [{c} + {s}*1 + 64]",
-            c = in(reg) bias,
-            s = in(reg) 0usize,
-            options(nostack, readonly)
-        ),
+        Init::Load => load_c(c, stride),
+        // A row stride of 0: every row of the tiles is the bias.
+        Init::Bias(bias) => load_c(bias, 0),
     }
+}
+
+/// Loads the accumulator tiles from `c` (row stride `stride` bytes).
+#[inline(always)]
+unsafe fn load_c(c: *const f32, stride: usize) {
+    std::arch::asm!(
+        "tileloadd tmm0, [{c} + {s}*1]",
+        "tileloadd tmm1, [{c} + {s}*1 + 64]",
+        "tileloadd tmm2, [{d} + {s}*1]",
+        "tileloadd tmm3, [{d} + {s}*1 + 64]",
+        c = in(reg) c,
+        d = in(reg) c.cast::<u8>().add(16 * stride),
+        s = in(reg) stride,
+        options(nostack, readonly)
+    );
 }
 
 /// Stores the accumulator tiles to `c` (row stride `stride` bytes).
@@ -382,6 +380,19 @@ unsafe fn finish(c: *mut f32, stride: usize) {
     );
 }
 
+/// The four products of the A tiles in `tmm4, 5` and the B tiles in `tmm6, 7` into the
+/// accumulators, as one asm template line each.
+macro_rules! four_products {
+    () => {
+        concat!(
+            "tdpbf16ps tmm0, tmm4, tmm6\n",
+            "tdpbf16ps tmm1, tmm4, tmm7\n",
+            "tdpbf16ps tmm2, tmm5, tmm6\n",
+            "tdpbf16ps tmm3, tmm5, tmm7\n",
+        )
+    };
+}
+
 /// The six piece products of every step: A tiles at `a + step · STEP`, piece `p`, half `h`
 /// at `(2p + h) · TILE`; B likewise. Tiles are loaded so that each A or B piece serves as
 /// many products as it can before it is replaced (16 loads per 24 products).
@@ -394,47 +405,29 @@ unsafe fn run(a: *const u16, b: *const u16, steps: usize) {
             "tileloadd tmm5, [{a} + {s}*1 + 1024]",
             "tileloadd tmm6, [{b} + {s}*1]",
             "tileloadd tmm7, [{b} + {s}*1 + 1024]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
+            four_products!(),
             // h·m
             "tileloadd tmm6, [{b} + {s}*1 + 2048]",
             "tileloadd tmm7, [{b} + {s}*1 + 3072]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
+            four_products!(),
             // h·l
             "tileloadd tmm6, [{b} + {s}*1 + 4096]",
             "tileloadd tmm7, [{b} + {s}*1 + 5120]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
+            four_products!(),
             // m·m
             "tileloadd tmm4, [{a} + {s}*1 + 2048]",
             "tileloadd tmm5, [{a} + {s}*1 + 3072]",
             "tileloadd tmm6, [{b} + {s}*1 + 2048]",
             "tileloadd tmm7, [{b} + {s}*1 + 3072]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
+            four_products!(),
             // m·h
             "tileloadd tmm6, [{b} + {s}*1]",
             "tileloadd tmm7, [{b} + {s}*1 + 1024]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
+            four_products!(),
             // l·h
             "tileloadd tmm4, [{a} + {s}*1 + 4096]",
             "tileloadd tmm5, [{a} + {s}*1 + 5120]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
+            four_products!(),
             a = in(reg) a.add(s * STEP),
             b = in(reg) b.add(s * STEP),
             s = in(reg) 64usize,
