@@ -729,13 +729,15 @@ unsafe fn pack_b(b: MatRef, kc: usize, n: usize, steps: usize, out: *mut u16) {
         }
         return;
     }
-    for jp in 0..panels {
-        let panel = out.add(jp * steps * STEP);
-        for s in 0..steps {
-            let step = panel.add(s * STEP);
-            for half in 0..2 {
-                let j0 = jp * NR + half * 16;
-                for r in 0..16 {
+    // Row pairs in memory order: each pair of B's rows read along its length, across the
+    // panels (a weight gradient's x, thousands of rows: read a panel at a time, each row
+    // was 64 bytes here and there).
+    for s in 0..steps {
+        for r in 0..16 {
+            for jp in 0..panels {
+                let step = out.add((jp * steps + s) * STEP);
+                for half in 0..2 {
+                    let j0 = jp * NR + half * 16;
                     // Row pair (p, p + 1) of the 16 columns j0.., as two 16-lane vectors.
                     let p = s * KS + 2 * r;
                     let (lo, hi) = if b.cs == 1 && p + 1 < kc && j0 + 16 <= n {
