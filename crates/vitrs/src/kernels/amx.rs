@@ -32,7 +32,7 @@
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 
-use super::sgemm::{MatRef, Out};
+use super::sgemm::{Aligned, MatRef, Out};
 
 /// Rows and columns of the register tile (2 × 2 tiles of 16 × 16 f32).
 pub(crate) const MR: usize = 32;
@@ -110,38 +110,11 @@ pub fn supported() -> bool {
     })
 }
 
-/// A u16 buffer whose first element is 64-byte aligned (a tile row is one cache line).
-#[derive(Default)]
-pub(crate) struct Buf {
-    buf: Vec<u16>,
-    off: usize,
-    len: usize,
-}
-
-impl Buf {
-    fn ensure(&mut self, len: usize) {
-        if self.len >= len {
-            return;
-        }
-        self.buf = vec![0; len + 31];
-        self.off = self.buf.as_ptr().align_offset(64).min(31);
-        self.len = len;
-    }
-
-    fn ptr(&self) -> *const u16 {
-        self.buf[self.off..].as_ptr()
-    }
-
-    fn ptr_mut(&mut self) -> *mut u16 {
-        self.buf[self.off..].as_mut_ptr()
-    }
-}
-
 /// `B (k, n)` packed once into the micro-panels of [`gemm`]: `[panel][step][6 tiles]`, a
 /// model's weight for inference.
 pub(crate) struct PackedB {
     steps: usize,
-    data: Buf,
+    data: Aligned<u16>,
 }
 
 impl PackedB {
@@ -152,20 +125,20 @@ impl PackedB {
     pub(crate) unsafe fn new(b: MatRef, k: usize, n: usize) -> Self {
         let steps = k.div_ceil(KS);
         let panels = n.div_ceil(NR);
-        let mut data = Buf::default();
+        let mut data = Aligned::<u16>::default();
         data.ensure(panels * steps * STEP);
-        pack_b(b, k, n, steps, data.ptr_mut());
+        pack_b(b, k, n, steps, data.slice_mut().as_mut_ptr());
         PackedB { steps, data }
     }
 
     pub(crate) fn bytes(&self) -> usize {
-        self.data.len * 2
+        self.data.slice().len() * 2
     }
 }
 
 thread_local! {
     /// Per-thread packing buffers (A block, B block), grown on demand and reused.
-    static BUFFERS: RefCell<(Buf, Buf)> = RefCell::new(Default::default());
+    static BUFFERS: RefCell<(Aligned<u16>, Aligned<u16>)> = RefCell::new(Default::default());
 }
 
 /// The `B` operand of [`gemm`].
@@ -220,7 +193,11 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: MatRef, b: B, c: Out)
         let (bp, pstride): (*const u16, usize) = match b {
             B::Packed(pb, c0) => {
                 debug_assert!(c0 % NR == 0);
-                let first = pb.data.ptr().add((c0 / NR) * pb.steps * STEP + s0 * STEP);
+                let first = pb
+                    .data
+                    .slice()
+                    .as_ptr()
+                    .add((c0 / NR) * pb.steps * STEP + s0 * STEP);
                 (first, pb.steps * STEP)
             }
             B::Mat(bm) => {
@@ -229,8 +206,8 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: MatRef, b: B, c: Out)
                     ptr: bm.ptr.offset(p0 as isize * bm.rs),
                     ..bm
                 };
-                pack_b(part, kc, n, steps, bbuf.ptr_mut());
-                (bbuf.ptr(), steps * STEP)
+                pack_b(part, kc, n, steps, bbuf.slice_mut().as_mut_ptr());
+                (bbuf.slice().as_ptr(), steps * STEP)
             }
         };
         let first = s0 == 0;
@@ -240,14 +217,14 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: MatRef, b: B, c: Out)
                 ptr: a.ptr.offset(ic as isize * a.rs + p0 as isize * a.cs),
                 ..a
             };
-            pack_a(part, mc, kc, steps, abuf.ptr_mut());
+            pack_a(part, mc, kc, steps, abuf.slice_mut().as_mut_ptr());
             for jp in 0..panels {
                 let j0 = jp * NR;
                 let cols = NR.min(n - j0);
                 let bpanel = bp.add(jp * pstride);
                 for ir in (0..mc).step_by(MR) {
                     let rows = MR.min(mc - ir);
-                    let apanel = abuf.ptr().add((ir / MR) * steps * STEP);
+                    let apanel = abuf.slice().as_ptr().add((ir / MR) * steps * STEP);
                     let cptr = c.ptr.offset((ic + ir) as isize * c.rs + j0 as isize);
                     let init = if c.accumulate || !first {
                         Init::Load

@@ -216,37 +216,43 @@ pub struct PackedB {
     amx: Option<std::convert::Infallible>,
 }
 
-/// A zeroed f32 buffer whose first element is 64-byte aligned, so a micro-panel's vector
-/// loads never straddle cache lines (an allocator's large blocks start 16 bytes past one).
+/// A zeroed buffer whose first element is 64-byte aligned, so a micro-panel's vector loads
+/// (or the tile unit's rows, [`super::amx`]) never straddle cache lines (an allocator's large
+/// blocks start 16 bytes past one).
 #[derive(Default)]
-struct Aligned {
-    buf: Vec<f32>,
+pub(crate) struct Aligned<T = f32> {
+    buf: Vec<T>,
     off: usize,
     len: usize,
 }
 
-impl Aligned {
-    fn zeros(len: usize) -> Self {
-        let mut a = Aligned::default();
+impl<T: Copy + Default> Aligned<T> {
+    pub(crate) fn zeros(len: usize) -> Self {
+        let mut a = Aligned {
+            buf: Vec::new(),
+            off: 0,
+            len: 0,
+        };
         a.ensure(len);
         a
     }
 
-    /// Makes room for `len` floats (keeping none of the old contents).
-    fn ensure(&mut self, len: usize) {
+    /// Makes room for `len` elements (keeping none of the old contents).
+    pub(crate) fn ensure(&mut self, len: usize) {
         if self.len >= len {
             return;
         }
-        self.buf = vec![0.0; len + 15];
-        self.off = self.buf.as_ptr().align_offset(64).min(15);
+        let pad = 64 / std::mem::size_of::<T>() - 1;
+        self.buf = vec![T::default(); len + pad];
+        self.off = self.buf.as_ptr().align_offset(64).min(pad);
         self.len = len;
     }
 
-    fn slice(&self) -> &[f32] {
+    pub(crate) fn slice(&self) -> &[T] {
         &self.buf[self.off..self.off + self.len]
     }
 
-    fn slice_mut(&mut self) -> &mut [f32] {
+    pub(crate) fn slice_mut(&mut self) -> &mut [T] {
         &mut self.buf[self.off..self.off + self.len]
     }
 }
