@@ -166,27 +166,19 @@ const MC: usize = 192;
 /// As [`super::sgemm::gemm`], and [`enabled`] must be true; `m, n, k > 0`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
 pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: MatRef, b: B, c: Out) {
-    if c.accumulate {
-        if let Some(bias) = c.bias {
-            // C + bias: add the bias first, then accumulate onto it (a rare combination).
-            for i in 0..m {
-                let row = std::slice::from_raw_parts_mut(c.ptr.offset(i as isize * c.rs), n);
-                let bias = std::slice::from_raw_parts(bias, n);
-                row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
-            }
-            let c = Out { bias: None, ..c };
-            return gemm(m, n, k, a, b, c);
-        }
+    if c.accumulate && c.bias.is_some() {
+        // C + bias: add the bias first, then accumulate onto it (a rare combination).
+        super::sgemm::bias_into(m, n, c);
+        return gemm(m, n, k, a, b, Out { bias: None, ..c });
     }
     let (mut abuf, mut bbuf) = BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
     config();
     let steps_total = k.div_ceil(KS);
-    let kb = KB;
     let panels = n.div_ceil(NR);
     let mc_max = MC.min(m.div_ceil(MR) * MR);
-    abuf.ensure(mc_max.div_ceil(MR) * kb.min(steps_total) * STEP);
-    for s0 in (0..steps_total).step_by(kb) {
-        let steps = kb.min(steps_total - s0);
+    abuf.ensure(mc_max.div_ceil(MR) * KB.min(steps_total) * STEP);
+    for s0 in (0..steps_total).step_by(KB) {
+        let steps = KB.min(steps_total - s0);
         let p0 = s0 * KS;
         let kc = (steps * KS).min(k - p0);
         // Panel jp of this block: `steps` steps from `bp + jp · pstride`.
@@ -513,6 +505,28 @@ unsafe fn split16(x: __m512) -> [__m512i; 3] {
     [h, m, rne(r2)]
 }
 
+/// Splits 16 floats of one A tile row and stores their three pieces, 16 bf16 each, at `dst`
+/// (the first piece's place; the others `2 · TILE` apart, past the other half's tile).
+#[inline(always)]
+unsafe fn store_pieces(dst: *mut u16, x: __m512) {
+    for (piece, pc) in split16(x).iter().enumerate() {
+        let v = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(*pc));
+        _mm256_storeu_si256(dst.add(piece * 2 * TILE).cast::<__m256i>(), v);
+    }
+}
+
+/// Splits rows `p` (`lo`) and `p + 1` (`hi`) of 16 columns of B and stores their pieces as
+/// one B tile row each at `dst` (the first piece's place; the others `2 · TILE` apart): lane
+/// `j` holds `B(p, j)` in its low half and `B(p + 1, j)` in its high half.
+#[inline(always)]
+unsafe fn store_row_pair(dst: *mut u16, lo: __m512, hi: __m512) {
+    let (sl, sh) = (split16(lo), split16(hi));
+    for piece in 0..3 {
+        let v = _mm512_or_si512(_mm512_srli_epi32::<16>(sl[piece]), sh[piece]);
+        _mm512_storeu_si512(dst.add(piece * 2 * TILE).cast(), v);
+    }
+}
+
 /// The transpose of a 16 × 16 block of f32 (row `i` in `r[i]`).
 #[inline(always)]
 unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
@@ -599,18 +613,19 @@ unsafe fn pack_a(a: MatRef, mc: usize, kc: usize, steps: usize, out: *mut u16) {
                     }
                     {
                         let mut block = [_mm512_setzero_ps(); 16];
-                        for (t, v) in block.iter_mut().enumerate().take(ps) {
+                        // Rows past the end (`valid` 0) stay zero, never addressed.
+                        for (t, v) in
+                            block
+                                .iter_mut()
+                                .enumerate()
+                                .take(if valid > 0 { ps } else { 0 })
+                        {
                             let p = p0 + t;
                             *v = load16(a.ptr.offset(i0 as isize + p as isize * a.cs), valid);
                         }
                         // Row r of the block: A(i0 + r, p0..p0 + 16).
                         for (r, row) in transpose16(block).into_iter().enumerate() {
-                            let pieces = split16(row);
-                            for (piece, pc) in pieces.iter().enumerate() {
-                                let v = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(*pc));
-                                let dst = step.add((piece * 2 + half) * TILE + r * 32 + q * 16);
-                                _mm256_storeu_si256(dst.cast::<__m256i>(), v);
-                            }
+                            store_pieces(step.add(half * TILE + r * 32 + q * 16), row);
                         }
                     }
                 }
@@ -625,34 +640,25 @@ unsafe fn pack_a(a: MatRef, mc: usize, kc: usize, steps: usize, out: *mut u16) {
             let (half, r) = (rr / 16, rr % 16);
             for s in 0..steps {
                 let dst = panel.add(s * STEP + half * TILE + r * 32);
-                let p0 = s * KS;
-                let mut pieces = [[_mm512_setzero_si512(); 3]; 2];
-                if i < mc {
-                    for (q, pc) in pieces.iter_mut().enumerate() {
-                        let p = p0 + q * 16;
-                        let valid = kc.saturating_sub(p).min(16);
-                        let x = if valid == 0 {
-                            _mm512_setzero_ps()
-                        } else if a.cs == 1 {
-                            load16(a.ptr.offset(i as isize * a.rs + p as isize), valid)
-                        } else {
-                            let mut v = [0.0f32; 16];
-                            for (t, e) in v.iter_mut().enumerate().take(valid) {
-                                *e = *a.ptr.offset(i as isize * a.rs + (p + t) as isize * a.cs);
-                            }
-                            _mm512_loadu_ps(v.as_ptr())
-                        };
-                        *pc = split16(x);
-                    }
-                }
-                for piece in 0..3 {
-                    for (q, pc) in pieces.iter().enumerate() {
-                        let v = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(pc[piece]));
-                        _mm256_storeu_si256(
-                            dst.add(piece * 2 * TILE + q * 16).cast::<__m256i>(),
-                            v,
-                        );
-                    }
+                for q in 0..2 {
+                    let p = s * KS + q * 16;
+                    let valid = if i < mc {
+                        kc.saturating_sub(p).min(16)
+                    } else {
+                        0
+                    };
+                    let x = if valid == 0 {
+                        _mm512_setzero_ps()
+                    } else if a.cs == 1 {
+                        load16(a.ptr.offset(i as isize * a.rs + p as isize), valid)
+                    } else {
+                        let mut v = [0.0f32; 16];
+                        for (t, e) in v.iter_mut().enumerate().take(valid) {
+                            *e = *a.ptr.offset(i as isize * a.rs + (p + t) as isize * a.cs);
+                        }
+                        _mm512_loadu_ps(v.as_ptr())
+                    };
+                    store_pieces(dst.add(q * 16), x);
                 }
             }
         }
@@ -693,13 +699,7 @@ unsafe fn pack_b(b: MatRef, kc: usize, n: usize, steps: usize, out: *mut u16) {
                     for r in 0..16 {
                         let rows = if r < 8 { &lo } else { &hi };
                         let t = 2 * (r % 8);
-                        let (s0, s1) = (split16(rows[t]), split16(rows[t + 1]));
-                        for piece in 0..3 {
-                            // Lane j: B(p, j) in the low half, B(p + 1, j) in the high half.
-                            let v = _mm512_or_si512(_mm512_srli_epi32::<16>(s0[piece]), s1[piece]);
-                            let dst = step.add((piece * 2 + half) * TILE + r * 32);
-                            _mm512_storeu_si512(dst.cast(), v);
-                        }
+                        store_row_pair(step.add(half * TILE + r * 32), rows[t], rows[t + 1]);
                     }
                 }
             }
@@ -732,12 +732,7 @@ unsafe fn pack_b(b: MatRef, kc: usize, n: usize, steps: usize, out: *mut u16) {
                             _mm512_loadu_ps(v[1].as_ptr()),
                         )
                     };
-                    let (sl, sh) = (split16(lo), split16(hi));
-                    for piece in 0..3 {
-                        // Lane j: B(p, j) in the low half, B(p + 1, j) in the high half.
-                        let v = _mm512_or_si512(_mm512_srli_epi32::<16>(sl[piece]), sh[piece]);
-                        _mm512_storeu_si512(step.add((piece * 2 + half) * TILE + r * 32).cast(), v);
-                    }
+                    store_row_pair(step.add(half * TILE + r * 32), lo, hi);
                 }
             }
         }

@@ -228,11 +228,7 @@ pub(crate) struct Aligned<T = f32> {
 
 impl<T: Copy + Default> Aligned<T> {
     pub(crate) fn zeros(len: usize) -> Self {
-        let mut a = Aligned {
-            buf: Vec::new(),
-            off: 0,
-            len: 0,
-        };
+        let mut a = Self::default();
         a.ensure(len);
         a
     }
@@ -591,18 +587,8 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
         return;
     }
     if k == 0 {
-        // No products: C = bias (+ C).
-        for i in 0..m {
-            let row = std::slice::from_raw_parts_mut(c.ptr.offset(i as isize * c.rs), n);
-            if !c.accumulate {
-                row.fill(0.0);
-            }
-            if let Some(bias) = c.bias {
-                row.iter_mut()
-                    .zip(std::slice::from_raw_parts(bias, n))
-                    .for_each(|(o, b)| *o += b);
-            }
-        }
+        // No products.
+        bias_into(m, n, c);
         return;
     }
     match isa {
@@ -627,6 +613,25 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => gemm_avx2(m, n, k, a, b, c),
         _ => gemm_portable(m, n, k, a, b, c),
+    }
+}
+
+/// `C (m, n) = bias (+ C)`: the epilogue alone, for a product with no inner dimension, or
+/// applied before an engine that cannot add a bias itself.
+///
+/// # Safety
+/// As [`gemm`] for `C` and the bias.
+pub(crate) unsafe fn bias_into(m: usize, n: usize, c: Out) {
+    for i in 0..m {
+        let row = std::slice::from_raw_parts_mut(c.ptr.offset(i as isize * c.rs), n);
+        if !c.accumulate {
+            row.fill(0.0);
+        }
+        if let Some(bias) = c.bias {
+            row.iter_mut()
+                .zip(std::slice::from_raw_parts(bias, n))
+                .for_each(|(o, b)| *o += b);
+        }
     }
 }
 
@@ -678,16 +683,8 @@ unsafe fn gemm_portable(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out) 
         unreachable!("a packed B on the portable rung")
     };
     let mut beta = if c.accumulate { 1.0 } else { 0.0 };
-    if let Some(bias) = c.bias {
-        for i in 0..m {
-            let row = std::slice::from_raw_parts_mut(c.ptr.offset(i as isize * c.rs), n);
-            let bias = std::slice::from_raw_parts(bias, n);
-            if c.accumulate {
-                row.iter_mut().zip(bias).for_each(|(o, b)| *o += b);
-            } else {
-                row.copy_from_slice(bias);
-            }
-        }
+    if c.bias.is_some() {
+        bias_into(m, n, c);
         beta = 1.0;
     }
     matrixmultiply::sgemm(
