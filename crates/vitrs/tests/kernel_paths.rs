@@ -16,7 +16,7 @@ use vitrs::kernels::conv::{conv2d, conv2d_ref, Conv2d, Layout};
 use vitrs::kernels::gemm::{linear, linear_backward, linear_backward_ref, linear_ref, Epilogue};
 use vitrs::kernels::layernorm::{layernorm, layernorm_ref};
 use vitrs::kernels::math::{
-    gelu_backward_inplace, gelu_grad_ref, gelu_inplace, gelu_ref, softmax_inplace, softmax_ref,
+    gelu_backward_par, gelu_grad_ref, gelu_with_grad, gelu_inplace, gelu_ref, softmax_inplace, softmax_ref,
 };
 use vitrs::kernels::{available_isas, cpu_isa, isa, set_isa, Isa};
 use vitrs::npy::read_npy;
@@ -122,7 +122,10 @@ fn check_kernels(path: &str) {
             .zip(&dy)
             .map(|(&v, &g)| g * gelu_grad_ref(v, kind))
             .collect();
-        gelu_backward_inplace(&xs, &mut dy, kind);
+        let (mut grad, mut value) = (xs.clone(), vec![0.0; xs.len()]);
+        gelu_with_grad(&mut grad, &mut value, kind);
+        assert_close(&format!("{path}: gelu with grad {kind:?}"), &value, &y, 0.0);
+        gelu_backward_par(&grad, &mut dy);
         assert_close(&format!("{path}: gelu backward {kind:?}"), &dy, &want, 1e-5);
     }
     for len in [1, 7, 50, 197] {

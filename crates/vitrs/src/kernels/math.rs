@@ -224,62 +224,81 @@ simd_dispatch! {
 /// the task, small enough to balance two threads).
 const PAR_CHUNK: usize = 1 << 14;
 
-/// `out ← GELU(x)` over a whole activation buffer, split across threads (the training forward
-/// keeps `x` for the backward pass, so this is a copy and not in place).
-pub fn gelu_into_par(x: &[f32], out: &mut [f32], kind: Gelu) {
-    let n = x.len().min(out.len());
+/// The training forward's GELU over a whole activation buffer, split across threads:
+/// `out ← GELU(h)` and `h ← GELU'(h)` — the derivative the backward needs, from the same `erf`
+/// and `exp` (or `tanh`) as the value, in place of the pre-activation (which nothing else reads).
+///
+/// # Shapes
+/// `h`, `out` `(n)`; only the first `min` of the two lengths are touched.
+pub fn gelu_train_par(h: &mut [f32], out: &mut [f32], kind: Gelu) {
+    let n = h.len().min(out.len());
+    let hp = super::SyncPtr(h.as_mut_ptr());
     team::for_chunks_mut(&mut out[..n], PAR_CHUNK, |c, o| {
-        o.copy_from_slice(&x[c * PAR_CHUNK..c * PAR_CHUNK + o.len()]);
-        gelu_inplace(o, kind);
+        // SAFETY: chunk `c` of `h` lies inside `h[..n]` (as `o` does in `out`), and the
+        // chunks are disjoint, so no two tasks touch the same elements.
+        let hc = unsafe { std::slice::from_raw_parts_mut(hp.get().add(c * PAR_CHUNK), o.len()) };
+        gelu_with_grad(hc, o, kind);
     });
 }
 
-/// [`gelu_backward_inplace`] over a whole buffer, split across threads.
-pub fn gelu_backward_par(x: &[f32], dy: &mut [f32], kind: Gelu) {
-    let n = x.len().min(dy.len());
+/// `dy ← dy ⊙ GELU'(x)` over a whole buffer, split across threads, given `grad = GELU'(x)`
+/// from [`gelu_train_par`].
+pub fn gelu_backward_par(grad: &[f32], dy: &mut [f32]) {
+    let n = grad.len().min(dy.len());
     team::for_chunks_mut(&mut dy[..n], PAR_CHUNK, |c, g| {
-        gelu_backward_inplace(&x[c * PAR_CHUNK..c * PAR_CHUNK + g.len()], g, kind)
+        mul_assign(g, &grad[c * PAR_CHUNK..c * PAR_CHUNK + g.len()])
     });
+}
+
+simd_dispatch! {
+    /// `a ← a ⊙ b` element-wise.
+    pub fn mul_assign(a: &mut [f32], b: &[f32]) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x *= *y;
+        }
+    }
 }
 
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
-/// d GELU(x) / dx, exact form: `Φ(x) + x·φ(x)`, one `exp` shared by both terms.
+/// `(GELU(x), d GELU(x) / dx)`, tanh form, sharing one `tanh`.
 #[inline(always)]
-fn gelu_exact_grad<const F: bool>(x: f32) -> f32 {
-    let (erf, gauss) = erf_and_gauss::<F>(x * FRAC_1_SQRT_2);
-    fma::<F>(x * FRAC_1_SQRT_2PI, gauss, 0.5 * (1.0 + erf))
-}
-
-/// d GELU(x) / dx, tanh form.
-#[inline(always)]
-fn gelu_tanh_grad<const F: bool>(x: f32) -> f32 {
-    let u = SQRT_2_OVER_PI * fma::<F>(0.044_715 * x, x * x, x);
-    let t = tanh_f::<F>(u);
-    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x)
+fn gelu_tanh_and_grad<const F: bool>(x: f32) -> (f32, f32) {
+    let t = tanh_f::<F>(SQRT_2_OVER_PI * fma::<F>(0.044_715 * x, x * x, x));
+    let grad =
+        0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x);
+    (0.5 * x * (1.0 + t), grad)
 }
 
 simd_dispatch! {
-    fn gelu_exact_backward(x: &[f32], dy: &mut [f32]) {
-        for (g, &v) in dy.iter_mut().zip(x) {
-            *g *= gelu_exact_grad::<FMA>(v);
+    fn gelu_exact_with_grad(x: &mut [f32], out: &mut [f32]) {
+        for (v, o) in x.iter_mut().zip(out.iter_mut()) {
+            let (erf, gauss) = erf_and_gauss::<FMA>(*v * FRAC_1_SQRT_2);
+            *o = 0.5 * *v * (1.0 + erf);
+            *v = fma::<FMA>(*v * FRAC_1_SQRT_2PI, gauss, 0.5 * (1.0 + erf));
         }
     }
 }
 
 simd_dispatch! {
-    fn gelu_tanh_backward(x: &[f32], dy: &mut [f32]) {
-        for (g, &v) in dy.iter_mut().zip(x) {
-            *g *= gelu_tanh_grad::<FMA>(v);
+    fn gelu_tanh_with_grad(x: &mut [f32], out: &mut [f32]) {
+        for (v, o) in x.iter_mut().zip(out.iter_mut()) {
+            let (g, d) = gelu_tanh_and_grad::<FMA>(*v);
+            *o = g;
+            *v = d;
         }
     }
 }
 
-/// `dy ← dy · GELU'(x)` in place, where `x` is the GELU's input.
-pub fn gelu_backward_inplace(x: &[f32], dy: &mut [f32], kind: Gelu) {
+/// `out ← GELU(x)` and `x ← GELU'(x)`: the value and its derivative from one `erf` and `exp`
+/// (or one `tanh`), bit for bit what [`gelu_inplace`] and the derivative alone give.
+///
+/// # Shapes
+/// `x`, `out` `(n)`; only the first `min` of the two lengths are touched.
+pub fn gelu_with_grad(x: &mut [f32], out: &mut [f32], kind: Gelu) {
     match kind {
-        Gelu::Exact => gelu_exact_backward(x, dy),
-        Gelu::Tanh => gelu_tanh_backward(x, dy),
+        Gelu::Exact => gelu_exact_with_grad(x, out),
+        Gelu::Tanh => gelu_tanh_with_grad(x, out),
     }
 }
 
@@ -408,10 +427,26 @@ mod tests {
     fn gelu_backward_matches_reference_and_finite_differences() {
         for kind in [Gelu::Exact, Gelu::Tanh] {
             let x: Vec<f32> = rand_vec(1001, 21).iter().map(|v| v * 6.0).collect();
-            let mut g = vec![1.0; x.len()];
-            gelu_backward_inplace(&x, &mut g, kind);
+            let (mut g, mut y) = (x.clone(), vec![0.0; x.len()]);
+            gelu_with_grad(&mut g, &mut y, kind);
             let want: Vec<f32> = x.iter().map(|&v| gelu_grad_ref(v, kind)).collect();
             assert!(max_abs_diff(&g, &want) < 3e-6, "{kind:?}");
+            // The value is the plain GELU's, bit for bit.
+            let mut plain = x.clone();
+            gelu_inplace(&mut plain, kind);
+            assert_eq!(y, plain, "{kind:?}");
+            // The parallel pair over a buffer of many chunks: the same, and the backward
+            // multiplies by the kept derivative.
+            let big: Vec<f32> = rand_vec(100_003, 22).iter().map(|v| v * 6.0).collect();
+            let (mut gp, mut yp) = (big.clone(), vec![0.0; big.len()]);
+            gelu_train_par(&mut gp, &mut yp, kind);
+            let (mut gs, mut ys) = (big.clone(), vec![0.0; big.len()]);
+            gelu_with_grad(&mut gs, &mut ys, kind);
+            assert_eq!((&gp, &yp), (&gs, &ys), "{kind:?}");
+            let mut dy = rand_vec(big.len(), 23);
+            let want: Vec<f32> = dy.iter().zip(&gs).map(|(d, g)| d * g).collect();
+            gelu_backward_par(&gp, &mut dy);
+            assert_eq!(dy, want, "{kind:?}");
             // The closed form agrees with a central difference of the reference GELU.
             for &v in &[-2.5f32, -0.3, 0.0, 0.7, 3.1] {
                 let h = 1e-3f64;

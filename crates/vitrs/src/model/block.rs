@@ -359,7 +359,7 @@ impl ViT {
             Branch::Mlp => {
                 let mlp = &acts.mlp;
                 self.linear_grad(&blk.fc2, dy, &mlp.h_act, Some(bufs.dh), bufs.grads, rows);
-                gelu_backward_par(&mlp.h_pre, bufs.dh, self.config.gelu);
+                gelu_backward_par(&mlp.h_grad, bufs.dh);
                 self.linear_grad(&blk.fc1, bufs.dh, input, Some(dinput), bufs.grads, rows);
             }
             Branch::Attn => {

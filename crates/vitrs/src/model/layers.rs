@@ -8,7 +8,7 @@ use super::params::{LinearView, NormView};
 use super::ViT;
 use crate::kernels::gemm::{linear_backward, linear_packed, Epilogue};
 use crate::kernels::layernorm::{layernorm, layernorm_backward, layernorm_train};
-use crate::kernels::math::gelu_into_par;
+use crate::kernels::math::gelu_train_par;
 
 /// Sizes one activation buffer: `f(buffer, floats)`. The workspaces pass a closure that
 /// resizes, the memory estimates one that only counts, so both read the same list.
@@ -37,19 +37,20 @@ impl NormActs {
     }
 }
 
-/// The MLP hidden layer `GELU(x·W1ᵀ + b1)` `(rows, M)`: the pre-activation `h_pre` and the
-/// activation `h_act`. Inference fuses the GELU into the product and keeps only `h_act`.
+/// The MLP hidden layer `GELU(x·W1ᵀ + b1)` `(rows, M)`: the activation `h_act` and, when
+/// training, the GELU's derivative at the pre-activation `h_grad` (all its backward needs).
+/// Inference fuses the GELU into the product and keeps only `h_act`.
 #[derive(Debug, Default)]
 pub(crate) struct MlpActs {
-    /// `(rows, M)`, training only.
-    pub h_pre: Vec<f32>,
+    /// `(rows, M)`, training only: the pre-activation, then (after the GELU) its derivative.
+    pub h_grad: Vec<f32>,
     /// `(rows, M)`.
     pub h_act: Vec<f32>,
 }
 
 impl MlpActs {
     pub(crate) fn size(&mut self, rows: usize, m: usize, train: bool, f: &mut Sizer) {
-        f(&mut self.h_pre, if train { rows * m } else { 0 });
+        f(&mut self.h_grad, if train { rows * m } else { 0 });
         f(&mut self.h_act, rows * m);
     }
 }
@@ -118,8 +119,9 @@ impl ViT {
         }
     }
 
-    /// The MLP hidden layer `GELU(x·W1ᵀ + b1)` into `acts`: fused when inferring, the
-    /// pre-activation kept when training (`keep`).
+    /// The MLP hidden layer `GELU(x·W1ᵀ + b1)` into `acts`: fused when inferring; when
+    /// training (`keep`) the pre-activation goes to `h_grad` and the GELU pass leaves its
+    /// derivative there.
     ///
     /// # Shapes
     /// `x (rows, D)` -> `acts.h_act (rows, M)`.
@@ -133,8 +135,8 @@ impl ViT {
     ) {
         let gelu = self.config.gelu;
         if keep {
-            self.linear(fc1, x, &mut acts.h_pre, rows, Epilogue::None);
-            gelu_into_par(&acts.h_pre, &mut acts.h_act, gelu);
+            self.linear(fc1, x, &mut acts.h_grad, rows, Epilogue::None);
+            gelu_train_par(&mut acts.h_grad, &mut acts.h_act, gelu);
         } else {
             self.linear(fc1, x, &mut acts.h_act, rows, Epilogue::Gelu(gelu));
         }

@@ -251,7 +251,7 @@ impl ViT {
         // out = z + fc2(GELU(fc1(LN(z)))).
         dz.copy_from_slice(&dout[..batch * d]);
         self.linear_grad(&mv.fc2, dout, &mlp.h_act, Some(dh), grads, batch);
-        gelu_backward_par(&mlp.h_pre, dh, cfg.gelu);
+        gelu_backward_par(&mlp.h_grad, dh);
         self.linear_grad(&mv.fc1, dh, &ln.output, Some(dy), grads, batch);
         self.norm_grad(&mv.norm, dy, ln, dz, grads, partials);
         self.linear_grad(&mv.proj, dz, attn, Some(dattn), grads, batch);
