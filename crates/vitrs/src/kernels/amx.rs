@@ -48,7 +48,7 @@ const STEP: usize = 6 * TILE;
 static STATE: AtomicU8 = AtomicU8::new(0);
 
 /// Whether the products take the AMX path: the CPU has AMX-TILE and AMX-BF16 (and AVX-512 F +
-/// BW, for the packing), Linux granted the tile data, and neither `VITRS_AMX=0` nor
+/// BW + BF16, for the packing), Linux granted the tile data, and neither `VITRS_AMX=0` nor
 /// [`set_enabled`]`(false)` turned it off. Decided once.
 pub fn enabled() -> bool {
     match STATE.load(Relaxed) {
@@ -79,7 +79,7 @@ pub fn supported() -> bool {
         {
             use std::arch::x86_64::__cpuid_count;
             use std::is_x86_feature_detected as has;
-            if !(has!("avx512f") && has!("avx512bw") && has!("xsave")) {
+            if !(has!("avx512f") && has!("avx512bw") && has!("avx512bf16") && has!("xsave")) {
                 return false;
             }
             // SAFETY: CPUID leaf 7 exists on every CPU with AVX-512.
@@ -164,7 +164,7 @@ const MC: usize = 192;
 ///
 /// # Safety
 /// As [`super::sgemm::gemm`], and [`enabled`] must be true; `m, n, k > 0`.
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
 pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: MatRef, b: B, c: Out) {
     if c.accumulate && c.bias.is_some() {
         // C + bias: add the bias first, then accumulate onto it (a rare combination).
@@ -486,32 +486,34 @@ pub(crate) fn split_ref(x: f32) -> [u16; 3] {
 
 use std::arch::x86_64::*;
 
-/// `v` rounded to the nearest bf16 (ties to even), as f32 bits with the low half zero.
+/// bf16 (in the low half of each 32-bit lane) back to f32.
 #[inline(always)]
-unsafe fn rne(v: __m512) -> __m512i {
-    let b = _mm512_castps_si512(v);
-    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-    let r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    _mm512_and_si512(r, _mm512_set1_epi32(0xffff_0000u32 as i32))
+unsafe fn widen(v: __m256i) -> (__m512i, __m512) {
+    let z = _mm512_cvtepu16_epi32(v);
+    (z, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(z)))
 }
 
-/// The pieces of 16 floats, each still in the upper half of a 32-bit lane (low half zero).
+/// The three pieces of 16 floats, 16 bf16 each: `VCVTNEPS2BF16` rounds to nearest even (as
+/// [`split_ref`]; it reads and writes subnormals as zero, as the tile unit does), each
+/// remainder exact in f32. Also returns the pieces zero-extended to 32-bit lanes.
 #[inline(always)]
-unsafe fn split16(x: __m512) -> [__m512i; 3] {
-    let h = rne(x);
-    let r1 = _mm512_sub_ps(x, _mm512_castsi512_ps(h));
-    let m = rne(r1);
-    let r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(m));
-    [h, m, rne(r2)]
+unsafe fn split16(x: __m512) -> ([__m256i; 3], [__m512i; 3]) {
+    let bf = |v: __m512| -> __m256i { std::mem::transmute(_mm512_cvtneps_pbh(v)) };
+    let h = bf(x);
+    let (hz, hf) = widen(h);
+    let r1 = _mm512_sub_ps(x, hf);
+    let m = bf(r1);
+    let (mz, mf) = widen(m);
+    let l = bf(_mm512_sub_ps(r1, mf));
+    ([h, m, l], [hz, mz, _mm512_cvtepu16_epi32(l)])
 }
 
 /// Splits 16 floats of one A tile row and stores their three pieces, 16 bf16 each, at `dst`
 /// (the first piece's place; the others `2 · TILE` apart, past the other half's tile).
 #[inline(always)]
 unsafe fn store_pieces(dst: *mut u16, x: __m512) {
-    for (piece, pc) in split16(x).iter().enumerate() {
-        let v = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(*pc));
-        _mm256_storeu_si256(dst.add(piece * 2 * TILE).cast::<__m256i>(), v);
+    for (piece, v) in split16(x).0.iter().enumerate() {
+        _mm256_storeu_si256(dst.add(piece * 2 * TILE).cast::<__m256i>(), *v);
     }
 }
 
@@ -520,9 +522,9 @@ unsafe fn store_pieces(dst: *mut u16, x: __m512) {
 /// `j` holds `B(p, j)` in its low half and `B(p + 1, j)` in its high half.
 #[inline(always)]
 unsafe fn store_row_pair(dst: *mut u16, lo: __m512, hi: __m512) {
-    let (sl, sh) = (split16(lo), split16(hi));
+    let (sl, sh) = (split16(lo).1, split16(hi).1);
     for piece in 0..3 {
-        let v = _mm512_or_si512(_mm512_srli_epi32::<16>(sl[piece]), sh[piece]);
+        let v = _mm512_or_si512(sl[piece], _mm512_slli_epi32::<16>(sh[piece]));
         _mm512_storeu_si512(dst.add(piece * 2 * TILE).cast(), v);
     }
 }
@@ -588,7 +590,7 @@ unsafe fn load16(p: *const f32, valid: usize) -> __m512 {
 
 /// Packs `A (mc, kc)` (with its strides) into micro-panels of [`MR`] rows,
 /// `[panel][step][piece][half][16][32]`, zero-padded to `steps` steps and whole panels.
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
 #[inline(never)]
 unsafe fn pack_a(a: MatRef, mc: usize, kc: usize, steps: usize, out: *mut u16) {
     let panels = mc.div_ceil(MR);
@@ -667,7 +669,7 @@ unsafe fn pack_a(a: MatRef, mc: usize, kc: usize, steps: usize, out: *mut u16) {
 
 /// Packs `B (kc, n)` (with its strides) into panels of [`NR`] columns,
 /// `[panel][step][piece][half][16 row pairs][16 × 2]`, zero-padded.
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
 unsafe fn pack_b(b: MatRef, kc: usize, n: usize, steps: usize, out: *mut u16) {
     let panels = n.div_ceil(NR);
     let at = |p: usize, j: usize| -> f32 {
@@ -783,8 +785,7 @@ mod tests {
     /// packed A panel: row 0's first 32 values of each piece).
     #[test]
     fn the_vector_split_is_the_reference() {
-        if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw"))
-        {
+        if !supported() {
             return;
         }
         let xs = samples();
