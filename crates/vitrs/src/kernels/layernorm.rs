@@ -14,11 +14,22 @@ pub fn layernorm(x: &[f32], out: &mut [f32], gamma: &[f32], beta: &[f32], d: usi
     layernorm_impl(x, out, gamma, beta, d, eps, None);
 }
 
-/// [`layernorm`] that also records each row's mean and 1/std for the backward pass.
+/// What [`layernorm_train`] keeps for the backward pass.
 ///
 /// # Shapes
-/// as [`layernorm`], plus `mean (rows)`, `rstd (rows)`.
-#[allow(clippy::too_many_arguments)]
+/// `input (rows, d)`, `mean (rows)`, `rstd (rows)`.
+pub struct LnSaved<'a> {
+    /// A copy of the input (the residual stream it came from changes afterwards).
+    pub input: &'a mut [f32],
+    pub mean: &'a mut [f32],
+    pub rstd: &'a mut [f32],
+}
+
+/// [`layernorm`] that also keeps what the backward needs: a copy of the input (made by the
+/// same parallel pass, each row while it is in cache), each row's mean and 1/std.
+///
+/// # Shapes
+/// as [`layernorm`], plus [`LnSaved`]'s.
 pub fn layernorm_train(
     x: &[f32],
     out: &mut [f32],
@@ -26,10 +37,9 @@ pub fn layernorm_train(
     beta: &[f32],
     d: usize,
     eps: f32,
-    mean: &mut [f32],
-    rstd: &mut [f32],
+    saved: LnSaved,
 ) {
-    layernorm_impl(x, out, gamma, beta, d, eps, Some((mean, rstd)));
+    layernorm_impl(x, out, gamma, beta, d, eps, Some(saved));
 }
 
 fn layernorm_impl(
@@ -39,7 +49,7 @@ fn layernorm_impl(
     beta: &[f32],
     d: usize,
     eps: f32,
-    stats: Option<(&mut [f32], &mut [f32])>,
+    saved: Option<LnSaved>,
 ) {
     assert!(
         d > 0 && x.len().is_multiple_of(d),
@@ -49,21 +59,31 @@ fn layernorm_impl(
     super::check_len("layernorm: out", out.len(), x.len());
     super::check_len("layernorm: gamma", gamma.len(), d);
     super::check_len("layernorm: beta", beta.len(), d);
-    if let Some((m, r)) = stats.as_ref() {
-        super::check_len("layernorm: mean", m.len(), x.len() / d);
-        super::check_len("layernorm: rstd", r.len(), x.len() / d);
+    if let Some(s) = saved.as_ref() {
+        super::check_len("layernorm: saved input", s.input.len(), x.len());
+        super::check_len("layernorm: mean", s.mean.len(), x.len() / d);
+        super::check_len("layernorm: rstd", s.rstd.len(), x.len() / d);
     }
-    let stats = stats.map(|(m, r)| (SyncPtr(m.as_mut_ptr()), SyncPtr(r.as_mut_ptr())));
+    let saved = saved.map(|s| {
+        (
+            SyncPtr(s.input.as_mut_ptr()),
+            SyncPtr(s.mean.as_mut_ptr()),
+            SyncPtr(s.rstd.as_mut_ptr()),
+        )
+    });
     let chunk = d * ROWS_PER_TASK;
     team::for_chunks_mut(&mut out[..x.len()], chunk, |c, o| {
         let xi = &x[c * chunk..c * chunk + o.len()];
         for (r, (orow, xrow)) in o.chunks_exact_mut(d).zip(xi.chunks_exact(d)).enumerate() {
             let (mean, rstd) = layernorm_row(xrow, orow, gamma, beta, eps);
-            if let Some((mp, rp)) = stats {
-                // SAFETY: row c·ROWS_PER_TASK + r belongs to this task alone.
+            if let Some((ip, mp, rp)) = saved {
+                let row = c * ROWS_PER_TASK + r;
+                // SAFETY: row `row` (of the input copy, mean and rstd, all checked to hold
+                // every row above) belongs to this task alone.
                 unsafe {
-                    *mp.get().add(c * ROWS_PER_TASK + r) = mean;
-                    *rp.get().add(c * ROWS_PER_TASK + r) = rstd;
+                    std::ptr::copy_nonoverlapping(xrow.as_ptr(), ip.get().add(row * d), d);
+                    *mp.get().add(row) = mean;
+                    *rp.get().add(row) = rstd;
                 }
             }
         }
@@ -308,8 +328,15 @@ mod tests {
             let b = rand_vec(d, 7);
             let (mut out, mut mean, mut rstd) =
                 (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
-            pool.install(|| layernorm_train(&x, &mut out, &g, &b, d, 1e-5, &mut mean, &mut rstd));
+            let mut kept = vec![0.0; rows * d];
+            let saved = LnSaved {
+                input: &mut kept,
+                mean: &mut mean,
+                rstd: &mut rstd,
+            };
+            pool.install(|| layernorm_train(&x, &mut out, &g, &b, d, 1e-5, saved));
             assert!(max_abs_diff(&out, &layernorm_ref(&x, &g, &b, d, 1e-5)) < 2e-5);
+            assert_eq!(kept, x);
             let (mut dx, mut dg, mut db, mut part) =
                 (vec![0.0; rows * d], vec![0.0; d], vec![0.0; d], vec![]);
             pool.install(|| {

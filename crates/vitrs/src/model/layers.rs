@@ -7,7 +7,7 @@ use std::ops::Range;
 use super::params::{LinearView, NormView};
 use super::ViT;
 use crate::kernels::gemm::{linear_backward, linear_packed, Epilogue};
-use crate::kernels::layernorm::{layernorm, layernorm_backward, layernorm_train};
+use crate::kernels::layernorm::{layernorm, layernorm_backward, layernorm_train, LnSaved};
 use crate::kernels::math::gelu_train_par;
 
 /// Sizes one activation buffer: `f(buffer, floats)`. The workspaces pass a closure that
@@ -151,17 +151,12 @@ impl ViT {
         let (d, eps) = (self.config.width, self.config.layer_norm_eps);
         let (w, b) = (self.params.slice(&nv.w), self.params.slice(&nv.b));
         if keep {
-            acts.input.copy_from_slice(x);
-            layernorm_train(
-                &acts.input,
-                &mut acts.output,
-                w,
-                b,
-                d,
-                eps,
-                &mut acts.mean,
-                &mut acts.rstd,
-            );
+            let saved = LnSaved {
+                input: &mut acts.input,
+                mean: &mut acts.mean,
+                rstd: &mut acts.rstd,
+            };
+            layernorm_train(x, &mut acts.output, w, b, d, eps, saved);
         } else {
             layernorm(x, &mut acts.output, w, b, d, eps);
         }
