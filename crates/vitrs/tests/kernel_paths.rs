@@ -16,7 +16,8 @@ use vitrs::kernels::conv::{conv2d, conv2d_ref, Conv2d, Layout};
 use vitrs::kernels::gemm::{linear, linear_backward, linear_backward_ref, linear_ref, Epilogue};
 use vitrs::kernels::layernorm::{layernorm, layernorm_ref};
 use vitrs::kernels::math::{
-    gelu_backward_par, gelu_grad_ref, gelu_with_grad, gelu_inplace, gelu_ref, softmax_inplace, softmax_ref,
+    gelu_backward_par, gelu_grad_ref, gelu_inplace, gelu_ref, gelu_with_grad, softmax_inplace,
+    softmax_ref,
 };
 use vitrs::kernels::{available_isas, cpu_isa, isa, set_isa, Isa};
 use vitrs::npy::read_npy;

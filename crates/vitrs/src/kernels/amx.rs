@@ -161,16 +161,35 @@ const KB: usize = 24;
 const MC: usize = 192;
 
 /// `C (m, n) = A (m, k) · B (k, n)` (+ bias, + C) on the calling thread, on the tile unit.
+/// With `sums`, also `sums[i] += Σ_p A(i, p)` for every row of A, added up as the packing
+/// reads A when A's columns are contiguous (a weight gradient's `dYᵀ`, whose row sums are the
+/// bias gradient), in a pass of their own otherwise.
 ///
 /// # Safety
-/// As [`super::sgemm::gemm`], and [`enabled`] must be true; `m, n, k > 0`.
+/// As [`super::sgemm::gemm`], and [`enabled`] must be true; `m, n, k > 0`; `sums` addresses
+/// `m` floats no other thread touches.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
-pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: MatRef, b: B, c: Out) {
+pub(crate) unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: B,
+    c: Out,
+    sums: Option<*mut f32>,
+) {
     if c.accumulate && c.bias.is_some() {
         // C + bias: add the bias first, then accumulate onto it (a rare combination).
         super::sgemm::bias_into(m, n, c);
-        return gemm(m, n, k, a, b, Out { bias: None, ..c });
+        return gemm(m, n, k, a, b, Out { bias: None, ..c }, sums);
     }
+    let sums = match sums {
+        Some(out) if !(a.rs == 1 && a.cs != 1) => {
+            super::sgemm::row_sums_into(a, m, k, out);
+            None
+        }
+        s => s,
+    };
     let (mut abuf, mut bbuf) = BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
     config();
     let steps_total = k.div_ceil(KS);
@@ -209,7 +228,15 @@ pub(crate) unsafe fn gemm(m: usize, n: usize, k: usize, a: MatRef, b: B, c: Out)
                 ptr: a.ptr.offset(ic as isize * a.rs + p0 as isize * a.cs),
                 ..a
             };
-            pack_a(part, mc, kc, steps, abuf.slice_mut().as_mut_ptr());
+            let part_sums = sums.map(|p| p.add(ic));
+            pack_a(
+                part,
+                mc,
+                kc,
+                steps,
+                abuf.slice_mut().as_mut_ptr(),
+                part_sums,
+            );
             for jp in 0..panels {
                 let j0 = jp * NR;
                 let cols = NR.min(n - j0);
@@ -589,11 +616,20 @@ unsafe fn load16(p: *const f32, valid: usize) -> __m512 {
 }
 
 /// Packs `A (mc, kc)` (with its strides) into micro-panels of [`MR`] rows,
-/// `[panel][step][piece][half][16][32]`, zero-padded to `steps` steps and whole panels.
+/// `[panel][step][piece][half][16][32]`, zero-padded to `steps` steps and whole panels. With
+/// `sums` (only for A with contiguous columns), `sums[i] += Σ_p A(i, p)` for its `mc` rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
 #[inline(never)]
-unsafe fn pack_a(a: MatRef, mc: usize, kc: usize, steps: usize, out: *mut u16) {
+unsafe fn pack_a(
+    a: MatRef,
+    mc: usize,
+    kc: usize,
+    steps: usize,
+    out: *mut u16,
+    sums: Option<*mut f32>,
+) {
     let panels = mc.div_ceil(MR);
+    debug_assert!(sums.is_none() || (a.rs == 1 && a.cs != 1));
     if a.rs == 1 && a.cs != 1 {
         // Columns contiguous (dYᵀ of a weight gradient): 16 × 16 blocks transposed in
         // registers, so each of a tile row's halves is one vector of 16 steps.
@@ -624,6 +660,16 @@ unsafe fn pack_a(a: MatRef, mc: usize, kc: usize, steps: usize, out: *mut u16) {
                         {
                             let p = p0 + t;
                             *v = load16(a.ptr.offset(i0 as isize + p as isize * a.cs), valid);
+                        }
+                        if let Some(sp) = sums.filter(|_| valid > 0) {
+                            // Lane r of block[t] is A(i0 + r, p0 + t).
+                            let total = block
+                                .iter()
+                                .fold(_mm512_setzero_ps(), |acc, v| _mm512_add_ps(acc, *v));
+                            let mask = ((1u32 << valid) - 1) as u16;
+                            let at = sp.add(i0);
+                            let old = _mm512_maskz_loadu_ps(mask, at);
+                            _mm512_mask_storeu_ps(at, mask, _mm512_add_ps(old, total));
                         }
                         // Row r of the block: A(i0 + r, p0..p0 + 16).
                         for (r, row) in transpose16(block).into_iter().enumerate() {
@@ -797,7 +843,7 @@ mod tests {
             };
             let mut out = vec![0u16; STEP];
             // SAFETY: one row of 32 floats, packed into one panel's single step.
-            unsafe { pack_a(a, 1, 32, 1, out.as_mut_ptr()) };
+            unsafe { pack_a(a, 1, 32, 1, out.as_mut_ptr(), None) };
             for (p, &x) in chunk.iter().enumerate() {
                 let want = split_ref(x);
                 for (piece, &w) in want.iter().enumerate() {

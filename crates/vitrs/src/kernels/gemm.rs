@@ -12,7 +12,7 @@
 //! once into the micro-kernel's panels (inference packs a model's weights once).
 
 use super::math::{gelu_inplace, tanh_inplace};
-use super::sgemm::{gemm, gemm_gather, BRef, Gather, MatRef, Out, PackedB};
+use super::sgemm::{gemm, gemm_gather, gemm_row_sums, BRef, Gather, MatRef, Out, PackedB};
 use super::{team, Isa, Split, SyncPtr};
 use crate::config::Gelu;
 
@@ -366,10 +366,31 @@ pub fn linear_backward(
     if let Some(dx) = dx {
         linear_dx(dy, w, dx, (m, k, n));
     }
-    linear_dw(dy, x, dw, (m, k, n));
-    if let Some(db) = db {
-        for row in dy.chunks_exact(n).take(m) {
-            add_assign(&mut db[..n], row);
+    linear_dw_db(dy, x, dw, db, (m, k, n));
+}
+
+/// `db (n) += Σ_rows dy (m, n)`: the threads take a share of the columns each, down all the
+/// rows (with a large m, one thread summing alone left the others waiting).
+fn bias_grad(dy: &[f32], db: &mut [f32], m: usize, n: usize) {
+    let threads = rayon::current_num_threads();
+    let chunk = if threads == 1 || m * n < PARALLEL_MIN_MACS {
+        n
+    } else {
+        n.div_ceil(threads).next_multiple_of(16)
+    };
+    team::for_chunks_mut(db, chunk, |c, part| {
+        sum_rows_into(part, &dy[..m * n], n, c * chunk)
+    });
+}
+
+super::simd_dispatch! {
+    /// `acc += Σ_rows row[c0..c0 + acc.len()]` over the `n`-long rows of `rows`.
+    fn sum_rows_into(acc: &mut [f32], rows: &[f32], n: usize, c0: usize) {
+        let w = acc.len();
+        for row in rows.chunks_exact(n) {
+            for (a, x) in acc.iter_mut().zip(&row[c0..c0 + w]) {
+                *a += *x;
+            }
         }
     }
 }
@@ -422,6 +443,17 @@ pub fn linear_dw(dy: &[f32], x: &[f32], dw: &mut [f32], (m, k, n): (usize, usize
     super::check_len("linear_dw: dy", dy.len(), m * n);
     super::check_len("linear_dw: x", x.len(), m * k);
     super::check_len("linear_dw: dw", dw.len(), n * k);
+    linear_dw_db(dy, x, dw, None, (m, k, n));
+}
+
+/// [`linear_dw`], and `db (n) += Σ_rows dy` when asked (shapes checked by the callers).
+fn linear_dw_db(
+    dy: &[f32],
+    x: &[f32],
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    (m, k, n): (usize, usize, usize),
+) {
     if m == 0 || n == 0 || k == 0 {
         return;
     }
@@ -435,14 +467,23 @@ pub fn linear_dw(dy: &[f32], x: &[f32], dw: &mut [f32], (m, k, n): (usize, usize
     // rows, each packing only its own, the first summing into dW and the others into scratch
     // added to it afterwards. (Split along dW instead, every thread would pack all of x or
     // all of dY.)
+    //
+    // The bias gradient (Σ_rows dy) comes with each part's product (the tile unit's packing
+    // adds it up as it reads dyᵀ; see `gemm_row_sums`): the first part's into db, the others'
+    // into scratch after their dW parts. A pass of its own read all of dy again (3 % of the
+    // bench-train step, bound by memory).
     if !small && m >= threads * DW_MIN_ROWS_PER_THREAD {
         let s = Split::new(m, threads, 1);
         let mut scratch = DW_SCRATCH.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        scratch.resize((s.count - 1) * n * k, 0.0);
+        // The parts after the first: their dW (n·k each), then their db (n each).
+        let dw_len = (s.count - 1) * n * k;
+        scratch.resize(dw_len + (s.count - 1) * n, 0.0);
         let dwp = SyncPtr(dw.as_mut_ptr());
         let sp = SyncPtr(scratch.as_mut_ptr());
+        let mut db = db;
+        let dbp = db.as_deref_mut().map(|d| SyncPtr(d.as_mut_ptr()));
         team::for_each(s.count, |i| unsafe {
-            // SAFETY: part 0 alone writes dw, part i > 0 alone its scratch slot.
+            // SAFETY: part 0 alone writes dw and db, part i > 0 alone its scratch slot.
             let (p0, p1) = s.get(i);
             let a = MatRef {
                 ptr: dy.as_ptr().add(p0 * n),
@@ -464,14 +505,31 @@ pub fn linear_dw(dy: &[f32], x: &[f32], dw: &mut [f32], (m, k, n): (usize, usize
                 accumulate: i == 0,
                 bias: None,
             };
-            gemm(isa, n, k, p1 - p0, a, BRef::Mat(b), o);
+            let sums = match dbp {
+                None => None,
+                Some(d) if i == 0 => Some(d.get()),
+                Some(_) => {
+                    let p = sp.get().add(dw_len + (i - 1) * n);
+                    std::slice::from_raw_parts_mut(p, n).fill(0.0);
+                    Some(p)
+                }
+            };
+            match sums {
+                Some(p) => gemm_row_sums(isa, n, k, p1 - p0, a, BRef::Mat(b), o, p),
+                None => gemm(isa, n, k, p1 - p0, a, BRef::Mat(b), o),
+            }
         });
-        let parts = &scratch[..];
+        let (parts, db_parts) = scratch.split_at(dw_len);
         team::for_chunks_mut(&mut dw[..n * k], 1 << 14, |c, chunk| {
             for part in parts.chunks_exact(n * k) {
                 add_assign(chunk, &part[c << 14..(c << 14) + chunk.len()]);
             }
         });
+        if let Some(db) = db {
+            for part in db_parts.chunks_exact(n) {
+                add_assign(&mut db[..n], part);
+            }
+        }
         DW_SCRATCH.with(|b| *b.borrow_mut() = scratch);
         return;
     }
@@ -499,6 +557,9 @@ pub fn linear_dw(dy: &[f32], x: &[f32], dw: &mut [f32], (m, k, n): (usize, usize
         gemm(isa, r1 - r0, c1 - c0, m, a, BRef::Mat(b), o);
     };
     for_blocks((n, k), small, k > n, g, run_w);
+    if let Some(db) = db {
+        bias_grad(dy, &mut db[..n], m, n);
+    }
 }
 
 /// Reference twin of [`linear_backward`] in f64.
@@ -582,6 +643,9 @@ mod tests {
             // Enough rows for the weight gradient to split its sum among the threads.
             (1000, 24, 40),
             (2000, 16, 8),
+            // Parts large enough for the tile unit (where the CPU has one), whose packing then
+            // sums db: ragged in every dimension.
+            (1100, 200, 70),
         ] {
             let dy = rand_vec(m * n, 1);
             let x = rand_vec(m * k, 2);

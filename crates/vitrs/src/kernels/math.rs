@@ -265,8 +265,8 @@ const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 #[inline(always)]
 fn gelu_tanh_and_grad<const F: bool>(x: f32) -> (f32, f32) {
     let t = tanh_f::<F>(SQRT_2_OVER_PI * fma::<F>(0.044_715 * x, x * x, x));
-    let grad =
-        0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x);
+    let grad = 0.5 * (1.0 + t)
+        + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044_715 * x * x);
     (0.5 * x * (1.0 + t), grad)
 }
 

@@ -599,10 +599,10 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
                 match b {
                     BRef::Packed(pb, c0) if pb.amx.is_some() => {
                         let pa = pb.amx.as_ref().expect("checked");
-                        return amx::gemm(m, n, k, am, amx::B::Packed(pa, c0), c);
+                        return amx::gemm(m, n, k, am, amx::B::Packed(pa, c0), c, None);
                     }
                     BRef::Mat(bm) if amx_worth(m, n, k) && amx::enabled() => {
-                        return amx::gemm(m, n, k, am, amx::B::Mat(bm), c);
+                        return amx::gemm(m, n, k, am, amx::B::Mat(bm), c, None);
                     }
                     _ => {}
                 }
@@ -613,6 +613,55 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => gemm_avx2(m, n, k, a, b, c),
         _ => gemm_portable(m, n, k, a, b, c),
+    }
+}
+
+/// [`gemm`] that also adds the sums of A's rows, `sums[i] += Σ_p A(i, p)` (`sums (m)`): a
+/// linear layer's bias gradient beside its weight gradient (`A = dYᵀ`), added up while the
+/// tile unit's packing reads A where that path runs, in a pass of its own otherwise.
+///
+/// # Safety
+/// As [`gemm`]; `sums` addresses `m` floats no other thread touches.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_row_sums(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: BRef,
+    c: Out,
+    sums: *mut f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && m > 0 && n > 0 && k > 0 {
+        if let BRef::Mat(bm) = b {
+            if amx_worth(m, n, k) && super::amx::enabled() {
+                return super::amx::gemm(m, n, k, a, super::amx::B::Mat(bm), c, Some(sums));
+            }
+        }
+    }
+    gemm(isa, m, n, k, a, b, c);
+    row_sums_into(a, m, k, sums);
+}
+
+/// `sums[i] += Σ_p A(i, p)` over the `m` rows and `k` columns of `A`.
+///
+/// # Safety
+/// `a` addresses an `(m, k)` matrix with its strides, `sums` `m` floats.
+pub(crate) unsafe fn row_sums_into(a: MatRef, m: usize, k: usize, sums: *mut f32) {
+    let out = std::slice::from_raw_parts_mut(sums, m);
+    if a.rs == 1 {
+        // Rows adjacent (`dYᵀ`): add A column by column, each a contiguous run of `m`.
+        for p in 0..k {
+            let col = std::slice::from_raw_parts(a.ptr.offset(p as isize * a.cs), m);
+            super::gemm::add_assign(out, col);
+        }
+    } else {
+        for (i, o) in out.iter_mut().enumerate() {
+            let row = a.ptr.offset(i as isize * a.rs);
+            *o += (0..k).map(|p| *row.offset(p as isize * a.cs)).sum::<f32>();
+        }
     }
 }
 
@@ -1262,7 +1311,7 @@ mod tests {
                 BRef::Mat(bm) => amx::B::Mat(bm),
                 BRef::Packed(pb, c0) => amx::B::Packed(pb.amx.as_ref().expect("AMX packing"), c0),
             };
-            amx::gemm(m, n, k, a, b, c)
+            amx::gemm(m, n, k, a, b, c, None)
         });
         // Blocks: 256 rows of A, 8 steps of 32 along k; shapes cross both and end ragged.
         let g = Geometry {
@@ -1368,7 +1417,7 @@ mod tests {
             (max, d.iter().sum::<f64>() / d.len() as f64)
         };
         let fma = errors(&|o| unsafe { gemm_avx512(m, n, k, ARef::Mat(amat), BRef::Mat(bmat), o) });
-        let tiles = errors(&|o| unsafe { amx::gemm(m, n, k, amat, amx::B::Mat(bmat), o) });
+        let tiles = errors(&|o| unsafe { amx::gemm(m, n, k, amat, amx::B::Mat(bmat), o, None) });
         println!(
             "max / mean error against f64: FMA {:.2e} / {:.2e}, AMX bf16x6 {:.2e} / {:.2e}",
             fma.0, fma.1, tiles.0, tiles.1
