@@ -839,6 +839,18 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                         }
                         let cptr = c.ptr.offset((ic + ir) as isize * c.rs + j0 as isize);
                         let first = pc == 0;
+                        // The next tile's C (the next rows of this panel, or the next panel's
+                        // first ones): its lines are asked for during this tile's steps.
+                        let next_c = if ir + MR < mc {
+                            (cptr.offset(MR as isize * c.rs), MR.min(mc - ir - MR))
+                        } else if jp + 1 < panels {
+                            (
+                                c.ptr.offset(ic as isize * c.rs + (j0 + nr) as isize),
+                                MR.min(mc),
+                            )
+                        } else {
+                            (cptr, 0)
+                        };
                         let tile = Tile {
                             k: kc,
                             a: (),
@@ -846,6 +858,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                             ldb,
                             c: cptr,
                             ldc: c.rs,
+                            next_c,
                             rows,
                             cols,
                             load_c: c.accumulate || !first,
@@ -1018,6 +1031,8 @@ struct Tile<A> {
     ldb: isize,
     c: *mut f32,
     ldc: isize,
+    /// The next tile's C and its rows (0: none), prefetched during this one.
+    next_c: (*mut f32, usize),
     rows: usize,
     cols: usize,
     /// Add the tile to what C holds.
@@ -1037,6 +1052,7 @@ impl<A> Tile<A> {
             ldb: self.ldb,
             c: self.c,
             ldc: self.ldc,
+            next_c: self.next_c,
             rows: self.rows,
             cols: self.cols,
             load_c: self.load_c,
@@ -1048,12 +1064,6 @@ impl<A> Tile<A> {
 impl<A: AccessA> Tile<A> {
     #[inline(always)]
     unsafe fn run<S: Simd, const MR: usize, const NV: usize>(&self) {
-        // Ask for C's rows now: the loop over the inner dimension hides the misses.
-        for i in 0..MR.min(self.rows) {
-            let cr = self.c.offset(i as isize * self.ldc);
-            prefetch(cr);
-            prefetch(cr.add(NV * S::LANES - 1));
-        }
         let mut acc = [[S::zero(); NV]; MR];
         let mut b = self.b;
         let mut p = 0;
@@ -1075,7 +1085,17 @@ impl<A: AccessA> Tile<A> {
                 p += 1;
             }};
         }
+        // One row of the next tile's C asked for every four steps (all at once, its 24 lines
+        // would overrun the L1's fill buffers).
+        let (next, next_rows) = self.next_c;
+        let mut q = 0;
         while p + 4 <= self.k {
+            if q < next_rows {
+                let cr = next.offset(q as isize * self.ldc);
+                prefetch(cr);
+                prefetch(cr.add(NV * S::LANES - 1));
+                q += 1;
+            }
             step!();
             step!();
             step!();
