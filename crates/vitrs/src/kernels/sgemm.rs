@@ -725,7 +725,8 @@ unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out) {
         // A row-major A times a B of at most four panels, in one block of the inner dimension
         // (fashion-mnist's products, 64–192 wide): each element of A takes part in only 2n
         // FLOPs, and copying it into panels cost as much as a sixth of the product. Its rows
-        // are read in place, 8 at a time (12 row pointers spilled): +12-17 % on those with
+        // are read in place by the 8-row tile (the one whose row pointers fit in registers,
+        // see `MR512`): +12-17 % on those with
         // 64 columns, +5 % on 6400 x 128 x 128, the fashion-mnist training step +5 % (2
         // threads, an AVX-512 Xeon).
         ARef::Mat(am) if g.mr == MR512_WIDE && am.cs == 1 && n <= 4 * NR512 && k <= g.kc => {
