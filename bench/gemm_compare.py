@@ -53,9 +53,14 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
+# Untimed calls before the timed ones, on both sides: vitrs runs each product in a fresh
+# process (its first calls fault in its buffers and wake its threads), PyTorch in this one.
+WARMUP = 3
+
+
 def vit_gemm(vit, op, m, k, n, threads, iters, packed):
     args = [vit, "bench", "--gemm", f"{op}:{m}x{k}x{n}", "--threads", str(threads),
-            "--iters", str(iters), "--warmup", "1", "--json"]
+            "--iters", str(iters), "--warmup", str(WARMUP), "--json"]
     if packed:
         args.append("--packed")
     out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
@@ -76,7 +81,8 @@ def torch_gemm(torch, op, m, k, n, iters):
     else:
         f = lambda: dy.t() @ x  # noqa: E731
     with torch.inference_mode():
-        f()
+        for _ in range(WARMUP):
+            f()
         times = []
         for _ in range(iters):
             t = time.perf_counter()

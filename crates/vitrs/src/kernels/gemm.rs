@@ -645,7 +645,7 @@ mod tests {
             (2000, 16, 8),
             // Parts large enough for the tile unit (where the CPU has one), whose packing then
             // sums db: ragged in every dimension.
-            (1100, 200, 70),
+            (1100, 200, 130),
             // Parts of more than 512 rows, x whole 32-column panels wide: on the AVX-512 rung's
             // FMA kernel, x is read in place.
             (2000, 64, 24),

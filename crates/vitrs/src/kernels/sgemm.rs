@@ -698,9 +698,12 @@ fn amx_enabled() -> bool {
 /// Measured on an AVX-512 Xeon with AMX: the attention's per-head products (197 × 64 × 197 at
 /// ViT-B/16, 50 × 64 × 50 in `configs/bench-train.toml`) ran no faster there, and the
 /// `configs/fashion-mnist.toml` training step (products with 64 columns or a 64-long inner
-/// dimension) ran 3–5 % faster with those left on the FMA kernel.
+/// dimension) ran 3–5 % faster with those left on the FMA kernel. Nor did a weight gradient
+/// of 64 rows (its B, x, is split per product and each piece serves only 2 × 64 FLOPs):
+/// `dw:6400x128x64` 270 GFLOP/s on the tiles, 285–305 on the FMA kernel; from 128 rows the
+/// tiles win (`dw:6400x128x128` 356–362 against 295–327).
 fn amx_worth(m: usize, n: usize, k: usize) -> bool {
-    m >= 64 && n >= 128 && k >= 128 && m * n * k >= 1 << 22
+    m >= 128 && n >= 128 && k >= 128 && m * n * k >= 1 << 22
 }
 
 /// Whether `m` rows waste at least 5 % fewer padded rows in 8-row tiles than in 12-row
