@@ -856,31 +856,43 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 // Cache lines (16 floats) per panel, and lines asked for per tile.
                 let lines = (kc * nr).div_ceil(16);
                 let per_tile = lines.div_ceil(tiles);
-                for jp in 0..panels {
+                // With all of B's panels in L1 (at most 64 KiB), each row tile runs across
+                // every panel before the next: A's rows (read in place from memory, or packed)
+                // come into L1 once instead of once per panel. Otherwise panel by panel, each
+                // read from L2 by every row tile.
+                let rows_outer = panels * kc * nr * 4 <= 64 << 10;
+                // Tile `t`'s (row tile, panel).
+                let at = |t: usize| {
+                    if rows_outer {
+                        (t / panels, t % panels)
+                    } else {
+                        (t % tiles, t / tiles)
+                    }
+                };
+                for t in 0..tiles * panels {
+                    let (it, jp) = at(t);
+                    let ir = it * MR;
                     let j0 = jp * nr;
                     let cols = nr.min(n - j0);
                     let bp = bbase.offset(jp as isize * pstride);
-                    let next = (jp + 1 < panels && ldb == nr as isize)
-                        .then(|| bbase.offset((jp + 1) as isize * pstride));
-                    for ir in (0..mc).step_by(MR) {
-                        let rows = MR.min(mc - ir);
-                        if let Some(nb) = next {
-                            let from = (ir / MR) * per_tile;
-                            for l in from..(from + per_tile).min(lines) {
-                                prefetch_l2(nb.add(l * 16));
-                            }
+                    // Panel by panel, the next panel asked into L2 while this one runs.
+                    if !rows_outer && jp + 1 < panels && ldb == nr as isize {
+                        let nb = bbase.offset((jp + 1) as isize * pstride);
+                        let from = it * per_tile;
+                        for l in from..(from + per_tile).min(lines) {
+                            prefetch_l2(nb.add(l * 16));
                         }
+                    }
+                    {
+                        let rows = MR.min(mc - ir);
                         let cptr = c.ptr.offset((ic + ir) as isize * c.rs + j0 as isize);
                         let first = pc == 0;
-                        // The next tile's C (the next rows of this panel, or the next panel's
-                        // first ones): its lines are asked for during this tile's steps.
-                        let next_c = if ir + MR < mc {
-                            (cptr.offset(MR as isize * c.rs), MR.min(mc - ir - MR))
-                        } else if jp + 1 < panels {
-                            (
-                                c.ptr.offset(ic as isize * c.rs + (j0 + nr) as isize),
-                                MR.min(mc),
-                            )
+                        // The next tile's C: its lines are asked for during this tile's steps.
+                        let next_c = if t + 1 < tiles * panels {
+                            let (nt, np) = at(t + 1);
+                            let r = nt * MR;
+                            let ptr = c.ptr.offset((ic + r) as isize * c.rs + (np * nr) as isize);
+                            (ptr, MR.min(mc - r))
                         } else {
                             (cptr, 0)
                         };
