@@ -171,6 +171,9 @@ const NR256: usize = 16;
 // rows on an AVX-512 Xeon (one shape −1 %). A gathered A (a convolution's) is read through one
 // pointer per row, so that product keeps 8 rows everywhere.
 const MR512: usize = 8;
+/// Rows of the AVX-512 6 × 64 tile (two panels' width), for narrow products reading A in
+/// place (see `gemm_avx512`).
+const MR512_NARROW: usize = 6;
 const MR512_WIDE: usize = 12;
 const NV512: usize = 2;
 const NR512: usize = 32;
@@ -706,6 +709,13 @@ fn amx_worth(m: usize, n: usize, k: usize) -> bool {
     m >= 128 && n >= 128 && k >= 128 && m * n * k >= 1 << 22
 }
 
+/// Whether a narrow product with A read in place takes the 6 × 64 tile (see `gemm_avx512`):
+/// many rows, whole 64-column panels, and a B it packs itself (a packed weight has 32-column
+/// panels).
+fn wide_b(m: usize, n: usize, b: BRef) -> bool {
+    m >= 256 && n.is_multiple_of(2 * NR512) && matches!(b, BRef::Mat(_))
+}
+
 /// Whether `m` rows waste at least 5 % fewer padded rows in 8-row tiles than in 12-row
 /// ones (64 rows: 64 against 72): the wide tile's edge was a sixth of a 64-row weight
 /// gradient's work.
@@ -725,19 +735,30 @@ unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out) {
     use super::simd::Avx512;
     let g = geometry(Isa::Avx512);
     match a {
-        // A row-major A times a B of at most four panels, in one block of the inner dimension
-        // (fashion-mnist's products, 64–192 wide): each element of A takes part in only 2n
-        // FLOPs, and copying it into panels cost as much as a sixth of the product. Its rows
-        // are read in place by the 8-row tile (the one whose row pointers fit in registers,
-        // see `MR512`): +12-17 % on those with
-        // 64 columns, +5 % on 6400 x 128 x 128, the fashion-mnist training step +5 % (2
-        // threads, an AVX-512 Xeon).
-        ARef::Mat(am) if g.mr == MR512_WIDE && am.cs == 1 && n <= 4 * NR512 && k <= g.kc => {
+        // A row-major A times a narrow B (at most 192 columns) in one block of the inner
+        // dimension (fashion-mnist's products, 64–192 wide): each element of A takes part in
+        // only 2n FLOPs, and copying it into panels cost as much as a sixth of the product.
+        // Its rows are read in place, by a tile with few enough rows for their pointers to
+        // stay in registers (see `MR512`): 6 × 64 (24 accumulators, 10 loads per 24 FMAs)
+        // where B is whole 64-column panels, 8 × 32 otherwise. Against the packed 12 × 32
+        // tile (2 threads, an AVX-512 Xeon): 8 × 32 +12-17 % on the 64-column products; 6 ×
+        // 64 a further +3-10 % on 64-192 columns; the fashion-mnist training step +5 % and
+        // +4-10 %. Not for the attention's few hundred rows (ViT-B/16 batch 1 -1.5 % with it).
+        ARef::Mat(am)
+            if g.mr == MR512_WIDE
+                && am.cs == 1
+                && k <= g.kc
+                && (n <= 4 * NR512 || (n <= 6 * NR512 && wide_b(m, n, b))) =>
+        {
             let g = Geometry {
                 pack_a_rows: usize::MAX,
                 ..g
             };
-            blocked::<Avx512, MR512, NV512>(m, n, k, a, b, c, g)
+            if wide_b(m, n, b) {
+                blocked::<Avx512, MR512_NARROW, { 2 * NV512 }>(m, n, k, a, b, c, g)
+            } else {
+                blocked::<Avx512, MR512, NV512>(m, n, k, a, b, c, g)
+            }
         }
         ARef::Mat(_) if g.mr == MR512_WIDE && !pads_less_in_eights(m) => {
             blocked::<Avx512, MR512_WIDE, NV512>(m, n, k, a, b, c, g)
@@ -1271,6 +1292,11 @@ mod tests {
             (g.mr + 1, g.kc + 3, g.nr * 2 + 5),
             (g.mc + 7, 2 * g.kc + 1, 3 * g.nr),
             (50, 64, 192),
+            // Narrow products, A read in place on the AVX-512 rung of two-FMA-unit CPUs: the
+            // 6 × 64 tile (many rows, 64-column multiples), the 8 × 32 one (few columns).
+            (301, 70, 128),
+            (300, 64, 192),
+            (40, 64, 96),
         ] {
             let a = rand_vec(m * k, 1);
             let bt = rand_vec(n * k, 2); // B stored transposed, (n, k): a weight
