@@ -830,15 +830,18 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 // A convolution's weight gradient (gathered A) multiplies `dy`, row-major and a
                 // few whole panels wide: its rows are read in place, no copy. So does a linear
                 // layer's weight gradient (A = dyᵀ, a sum over thousands of rows) on the
-                // AVX-512 rung: x's rows, read by dW's few row tiles from L2, cost less than
-                // copying them first (the fashion-mnist dW products +3-13 %, bench-train's
-                // +1-7 % on an AVX-512 Xeon; on the AVX2 rung, 16 columns a panel, -4 to +2 %).
+                // AVX-512 rung of two-FMA-unit CPUs: x's rows, read by dW's few row tiles from
+                // L2, cost less than copying them first (the fashion-mnist dW products +3-13 %,
+                // bench-train's +1-7 % on an AVX-512 Xeon; on the AVX2 rung, 16 columns a
+                // panel, -4 to +2 %; not measured on AMD's AVX-512, which keeps packing).
                 BRef::Mat(bm)
                     if bm.cs == 1
                         && n.is_multiple_of(nr)
                         && match a {
                             ARef::Gather(_) => true,
-                            ARef::Mat(am) => nr == NR512 && am.rs == 1 && am.cs != 1 && k >= 512,
+                            ARef::Mat(am) => {
+                                g.mr == MR512_WIDE && am.rs == 1 && am.cs != 1 && k >= 512
+                            }
                         } =>
                 {
                     (bm.ptr.offset(pc as isize * bm.rs), bm.rs, nr as isize)
