@@ -384,10 +384,11 @@ fn bias_grad(dy: &[f32], db: &mut [f32], m: usize, n: usize) {
 }
 
 super::simd_dispatch! {
-    /// `acc += Σ_rows row[c0..c0 + acc.len()]` over the `n`-long rows of `rows`.
-    fn sum_rows_into(acc: &mut [f32], rows: &[f32], n: usize, c0: usize) {
+    /// `acc += Σ_rows row[c0..c0 + acc.len()]` over the rows of `rows`, `n` apart (the last
+    /// may be cut short after its `c0 + acc.len()` floats).
+    pub(crate) fn sum_rows_into(acc: &mut [f32], rows: &[f32], n: usize, c0: usize) {
         let w = acc.len();
-        for row in rows.chunks_exact(n) {
+        for row in rows.chunks(n) {
             for (a, x) in acc.iter_mut().zip(&row[c0..c0 + w]) {
                 *a += *x;
             }

@@ -653,13 +653,16 @@ pub(crate) unsafe fn gemm_row_sums(
 /// # Safety
 /// `a` addresses an `(m, k)` matrix with its strides, `sums` `m` floats.
 pub(crate) unsafe fn row_sums_into(a: MatRef, m: usize, k: usize, sums: *mut f32) {
+    if m == 0 || k == 0 {
+        return;
+    }
     let out = std::slice::from_raw_parts_mut(sums, m);
-    if a.rs == 1 {
-        // Rows adjacent (`dYᵀ`): add A column by column, each a contiguous run of `m`.
-        for p in 0..k {
-            let col = std::slice::from_raw_parts(a.ptr.offset(p as isize * a.cs), m);
-            super::gemm::add_assign(out, col);
-        }
+    if a.rs == 1 && a.cs >= m as isize {
+        // Rows adjacent (`dYᵀ`): A's columns are contiguous runs of `m`, `cs` apart, added in
+        // one vectorised pass (a call per column cost more than the adds at m = 64).
+        let cs = a.cs as usize;
+        let span = std::slice::from_raw_parts(a.ptr, (k - 1) * cs + m);
+        super::gemm::sum_rows_into(out, span, cs, 0);
     } else {
         for (i, o) in out.iter_mut().enumerate() {
             let row = a.ptr.offset(i as isize * a.rs);
