@@ -650,6 +650,8 @@ mod tests {
             // Parts of more than 512 rows, x whole 32-column panels wide: on the AVX-512 rung's
             // FMA kernel, x is read in place.
             (2000, 64, 24),
+            // A last partial panel of dYᵀ (30 rows: three of 8 and 6), summed by the packing.
+            (1000, 24, 30),
         ] {
             let dy = rand_vec(m * n, 1);
             let x = rand_vec(m * k, 2);

@@ -67,6 +67,11 @@ pub(crate) struct Out {
     pub bias: Option<*const f32>,
 }
 
+/// Where a product also adds the sums of A's rows (`Σ_p A(i, p)` into element `i`), if
+/// anywhere: only for a transposed A (`rs == 1`), which the SIMD rungs always pack (see
+/// [`gemm_row_sums`]).
+type Sums = Option<*mut f32>;
+
 /// The `B` operand.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum BRef<'a> {
@@ -456,26 +461,44 @@ mod transpose {
     /// `src + p·ld`, `MR` floats) into the micro-panel `out[p·MR + i]`, with 8-lane loads and
     /// stores in increasing address order (each spills into the next column's slots, which
     /// the next store writes; up to 8·⌈MR/8⌉ − MR floats past the panel). Returns `k`.
+    ///
+    /// With `sums` (`MR` floats), also adds each row's sum over the `k` columns into it.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn pack_columns_contiguous<const MR: usize>(
         src: *const f32,
         ld: isize,
         k: usize,
         out: *mut f32,
+        sums: Option<*mut f32>,
     ) -> usize {
         let groups = MR.div_ceil(8);
+        debug_assert!(groups <= 2);
         let tail = MR - (groups - 1) * 8;
         let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         // The last group's lanes past MR are masked off: never read past the column's end.
         let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail as i32), idx);
+        let mut acc = [_mm256_setzero_ps(); 2];
         for p in 0..k {
             let col = src.offset(p as isize * ld);
             let dst = out.add(p * MR);
-            for g in 0..groups - 1 {
-                _mm256_storeu_ps(dst.add(g * 8), _mm256_loadu_ps(col.add(g * 8)));
+            for (g, a) in acc.iter_mut().enumerate().take(groups - 1) {
+                let v = _mm256_loadu_ps(col.add(g * 8));
+                _mm256_storeu_ps(dst.add(g * 8), v);
+                *a = _mm256_add_ps(*a, v);
             }
             let g = groups - 1;
-            _mm256_storeu_ps(dst.add(g * 8), _mm256_maskload_ps(col.add(g * 8), mask));
+            let v = _mm256_maskload_ps(col.add(g * 8), mask);
+            _mm256_storeu_ps(dst.add(g * 8), v);
+            acc[g] = _mm256_add_ps(acc[g], v);
+        }
+        if let Some(sp) = sums {
+            for (g, a) in acc.iter().enumerate().take(groups - 1) {
+                let at = sp.add(g * 8);
+                _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), *a));
+            }
+            let at = sp.add((groups - 1) * 8);
+            let old = _mm256_maskload_ps(at, mask);
+            _mm256_maskstore_ps(at, mask, _mm256_add_ps(old, acc[groups - 1]));
         }
         k
     }
@@ -611,10 +634,10 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
                 }
             }
             debug_assert!(!matches!(b, BRef::Packed(pb, _) if pb.amx.is_some()));
-            gemm_avx512(m, n, k, a, b, c)
+            gemm_avx512(m, n, k, a, b, c, None)
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => gemm_avx2(m, n, k, a, b, c),
+        Isa::Avx2 => gemm_avx2(m, n, k, a, b, c, None),
         _ => gemm_portable(m, n, k, a, b, c),
     }
 }
@@ -642,6 +665,22 @@ pub(crate) unsafe fn gemm_row_sums(
             if amx_worth(m, n, k) && super::amx::enabled() {
                 return super::amx::gemm(m, n, k, a, super::amx::B::Mat(bm), c, Some(sums));
             }
+        }
+    }
+    // The SIMD rungs always pack a transposed A: its packing adds up the sums.
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx512 | Isa::Avx2) && a.rs == 1 && a.cs != 1 && m > 0 && n > 0 && k > 0 {
+        let b = match b {
+            BRef::Packed(pb, _) if pb.amx.is_some() => None,
+            b => Some(b),
+        };
+        if let Some(b) = b {
+            let am = ARef::Mat(a);
+            let s = Some(sums);
+            return match isa {
+                Isa::Avx512 => gemm_avx512(m, n, k, am, b, c, s),
+                _ => gemm_avx2(m, n, k, am, b, c, s),
+            };
         }
     }
     gemm(isa, m, n, k, a, b, c);
@@ -728,13 +767,14 @@ fn pads_less_in_eights(m: usize) -> bool {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gemm_avx2(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out) {
-    blocked::<super::simd::Avx2, MR256, NV256>(m, n, k, a, b, c, geometry(Isa::Avx2));
+unsafe fn gemm_avx2(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out, sums: Sums) {
+    let g = geometry(Isa::Avx2);
+    blocked::<super::simd::Avx2, MR256, NV256>(m, n, k, a, b, c, g, sums);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out) {
+unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out, sums: Sums) {
     use super::simd::Avx512;
     let g = geometry(Isa::Avx512);
     match a {
@@ -758,15 +798,15 @@ unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out) {
                 ..g
             };
             if wide_b(m, n, b) {
-                blocked::<Avx512, MR512_NARROW, { 2 * NV512 }>(m, n, k, a, b, c, g)
+                blocked::<Avx512, MR512_NARROW, { 2 * NV512 }>(m, n, k, a, b, c, g, sums)
             } else {
-                blocked::<Avx512, MR512, NV512>(m, n, k, a, b, c, g)
+                blocked::<Avx512, MR512, NV512>(m, n, k, a, b, c, g, sums)
             }
         }
         ARef::Mat(_) if g.mr == MR512_WIDE && !pads_less_in_eights(m) => {
-            blocked::<Avx512, MR512_WIDE, NV512>(m, n, k, a, b, c, g)
+            blocked::<Avx512, MR512_WIDE, NV512>(m, n, k, a, b, c, g, sums)
         }
-        _ => blocked::<Avx512, MR512, NV512>(m, n, k, a, b, c, g),
+        _ => blocked::<Avx512, MR512, NV512>(m, n, k, a, b, c, g, sums),
     }
 }
 
@@ -800,6 +840,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
     b: BRef,
     c: Out,
     g: Geometry,
+    sums: Sums,
 ) {
     let nr = NV * S::LANES;
     let kc_max = g.kc;
@@ -870,7 +911,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 let apack = &mut abuf.slice_mut()[..mc.div_ceil(MR) * MR * kc + PACK_SLACK];
                 let packed_a = match a {
                     ARef::Mat(am) if am.cs != 1 || m > g.pack_a_rows => {
-                        pack_a::<MR>(am, ic, mc, pc, kc, apack);
+                        pack_a::<MR>(am, ic, mc, pc, kc, apack, sums.map(|p| p.add(ic)));
                         true
                     }
                     _ => false,
@@ -972,6 +1013,10 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
 /// `[kc][MR]`, the last one zero-padded. `out` has [`PACK_SLACK`] floats of room past the
 /// last panel.
 #[inline(always)]
+///
+/// With `sums` (a transposed A only, `rs == 1`), also `sums[i] += Σ_p A(i0 + i, p0 + p)` for
+/// the block's `mc` rows, added up from what the packing loads.
+#[allow(clippy::too_many_arguments)]
 unsafe fn pack_a<const MR: usize>(
     a: MatRef,
     i0: usize,
@@ -979,13 +1024,16 @@ unsafe fn pack_a<const MR: usize>(
     p0: usize,
     kc: usize,
     out: &mut [f32],
+    sums: Sums,
 ) {
+    debug_assert!(sums.is_none() || a.rs == 1);
     let panels = mc.div_ceil(MR);
     for pi in 0..panels {
         let r0 = i0 + pi * MR;
         let rows = MR.min(i0 + mc - r0);
         let base = a.ptr.offset(r0 as isize * a.rs + p0 as isize * a.cs);
         let panel = out.as_mut_ptr().add(pi * MR * kc);
+        let panel_sums = sums.map(|p| p.add(pi * MR));
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
         if MR <= 16 && std::is_x86_feature_detected!("avx2") {
@@ -994,18 +1042,22 @@ unsafe fn pack_a<const MR: usize>(
                 done = transpose::pack_rows::<MR>(base, a.rs, kc, rows, panel);
             } else if a.rs == 1 && rows == MR {
                 // Transposed A (dYᵀ in the weight gradient): each column is MR contiguous
-                // floats, copied with 8-lane loads and stores.
-                done = transpose::pack_columns_contiguous::<MR>(base, a.cs, kc, panel);
+                // floats, copied with 8-lane loads and stores (and summed).
+                done = transpose::pack_columns_contiguous::<MR>(base, a.cs, kc, panel, panel_sums);
             }
         }
         for p in done..kc {
             let col = base.offset(p as isize * a.cs);
             for i in 0..MR {
-                *panel.add(p * MR + i) = if i < rows {
+                let v = if i < rows {
                     *col.offset(i as isize * a.rs)
                 } else {
                     0.0
                 };
+                *panel.add(p * MR + i) = v;
+                if let (Some(sp), true) = (panel_sums, i < rows) {
+                    *sp.add(i) += v;
+                }
             }
         }
     }
@@ -1387,7 +1439,8 @@ mod tests {
         if !available_isas().contains(&Isa::Avx512) {
             return;
         }
-        let p = product(|m, n, k, a, b, c| unsafe { gemm_avx512(m, n, k, ARef::Mat(a), b, c) });
+        let p =
+            product(|m, n, k, a, b, c| unsafe { gemm_avx512(m, n, k, ARef::Mat(a), b, c, None) });
         let g = geometry(Isa::Avx512);
         check_products("avx512 fma", g, &p, Some((Isa::Avx512, false)));
     }
@@ -1449,7 +1502,7 @@ mod tests {
             c: Out,
             g: Geometry,
         ) {
-            blocked::<Avx2, MR, NV512>(m, n, k, ARef::Mat(a), b, c, g);
+            blocked::<Avx2, MR, NV512>(m, n, k, ARef::Mat(a), b, c, g, None);
         }
         // Both tile heights, with A read in place up to 256 rows and with A always packed.
         // B packed for AVX2 has the panel width (16) and blocking these instantiations read.
@@ -1513,7 +1566,8 @@ mod tests {
             let max = d.iter().cloned().fold(0.0, f64::max);
             (max, d.iter().sum::<f64>() / d.len() as f64)
         };
-        let fma = errors(&|o| unsafe { gemm_avx512(m, n, k, ARef::Mat(amat), BRef::Mat(bmat), o) });
+        let fma =
+            errors(&|o| unsafe { gemm_avx512(m, n, k, ARef::Mat(amat), BRef::Mat(bmat), o, None) });
         let tiles = errors(&|o| unsafe { amx::gemm(m, n, k, amat, amx::B::Mat(bmat), o, None) });
         println!(
             "max / mean error against f64: FMA {:.2e} / {:.2e}, AMX bf16x6 {:.2e} / {:.2e}",
