@@ -644,7 +644,8 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
 
 /// [`gemm`] that also adds the sums of A's rows, `sums[i] += Σ_p A(i, p)` (`sums (m)`): a
 /// linear layer's bias gradient beside its weight gradient (`A = dYᵀ`), added up while the
-/// tile unit's packing reads A where that path runs, in a pass of its own otherwise.
+/// packing reads A (the tile unit's, or on the SIMD rungs the FMA kernel's, for a transposed
+/// A), in a pass of its own otherwise (the portable rung, a row-major A).
 ///
 /// # Safety
 /// As [`gemm`]; `sums` addresses `m` floats no other thread touches.
