@@ -162,12 +162,12 @@ const MC: usize = 192;
 
 /// `C (m, n) = A (m, k) · B (k, n)` (+ bias, + C) on the calling thread, on the tile unit.
 /// With `sums`, also `sums[i] += Σ_p A(i, p)` for every row of A, added up as the packing
-/// reads A when A's columns are contiguous (a weight gradient's `dYᵀ`, whose row sums are the
-/// bias gradient), in a pass of their own otherwise.
+/// reads A (a weight gradient's `dYᵀ`, whose row sums are the bias gradient).
 ///
 /// # Safety
-/// As [`super::sgemm::gemm`], and [`enabled`] must be true; `m, n, k > 0`; `sums` addresses
-/// `m` floats no other thread touches.
+/// As [`super::sgemm::gemm`], and [`enabled`] must be true; `m, n, k > 0`; `sums` only with
+/// A's columns contiguous (`rs == 1, cs != 1`), addressing `m` floats no other thread
+/// touches.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
 pub(crate) unsafe fn gemm(
     m: usize,
@@ -183,13 +183,6 @@ pub(crate) unsafe fn gemm(
         super::sgemm::bias_into(m, n, c);
         return gemm(m, n, k, a, b, Out { bias: None, ..c }, sums);
     }
-    let sums = match sums {
-        Some(out) if !(a.rs == 1 && a.cs != 1) => {
-            super::sgemm::row_sums_into(a, m, k, out);
-            None
-        }
-        s => s,
-    };
     let (mut abuf, mut bbuf) = BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
     config();
     let steps_total = k.div_ceil(KS);

@@ -68,8 +68,8 @@ pub(crate) struct Out {
 }
 
 /// Where a product also adds the sums of A's rows (`Σ_p A(i, p)` into element `i`), if
-/// anywhere: only for a transposed A (`rs == 1`), which the SIMD rungs always pack (see
-/// [`gemm_row_sums`]).
+/// anywhere: only for a transposed A (`rs == 1, cs != 1`), which every engine but the portable
+/// one packs, adding the sums as it goes (see [`gemm_row_sums`]).
 type Sums = Option<*mut f32>;
 
 /// The `B` operand.
@@ -587,7 +587,7 @@ thread_local! {
 /// the CPU's, and a packed `B` must be [`PackedB::usable`] by it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(isa: Isa, m: usize, n: usize, k: usize, a: MatRef, b: BRef, c: Out) {
-    gemm_a(isa, m, n, k, ARef::Mat(a), b, c)
+    gemm_a(isa, m, n, k, ARef::Mat(a), b, c, None)
 }
 
 /// [`gemm`] with `A` gathered through offset tables (see [`Gather`]).
@@ -605,15 +605,19 @@ pub(crate) unsafe fn gemm_gather(
     c: Out,
 ) {
     assert!(isa != Isa::Portable, "gathered A on the portable rung");
-    gemm_a(isa, m, n, k, ARef::Gather(a), b, c)
+    gemm_a(isa, m, n, k, ARef::Gather(a), b, c, None)
 }
 
-unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out) {
+/// The dispatch of [`gemm`], [`gemm_gather`] and [`gemm_row_sums`]: `sums` only with a
+/// transposed A (see [`Sums`]), whose packing adds them up on every engine but the portable
+/// one, which sums in a pass of its own.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out, sums: Sums) {
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        // No products.
+        // No products (and sums of nothing).
         bias_into(m, n, c);
         return;
     }
@@ -625,27 +629,32 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
                 match b {
                     BRef::Packed(pb, c0) if pb.amx.is_some() => {
                         let pa = pb.amx.as_ref().expect("checked");
-                        return amx::gemm(m, n, k, am, amx::B::Packed(pa, c0), c, None);
+                        return amx::gemm(m, n, k, am, amx::B::Packed(pa, c0), c, sums);
                     }
                     BRef::Mat(bm) if amx_worth(m, n, k) && amx::enabled() => {
-                        return amx::gemm(m, n, k, am, amx::B::Mat(bm), c, None);
+                        return amx::gemm(m, n, k, am, amx::B::Mat(bm), c, sums);
                     }
                     _ => {}
                 }
             }
             debug_assert!(!matches!(b, BRef::Packed(pb, _) if pb.amx.is_some()));
-            gemm_avx512(m, n, k, a, b, c, None)
+            gemm_avx512(m, n, k, a, b, c, sums)
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => gemm_avx2(m, n, k, a, b, c, None),
-        _ => gemm_portable(m, n, k, a, b, c),
+        Isa::Avx2 => gemm_avx2(m, n, k, a, b, c, sums),
+        _ => {
+            gemm_portable(m, n, k, a, b, c);
+            if let (Some(s), ARef::Mat(am)) = (sums, a) {
+                row_sums_into(am, m, k, s);
+            }
+        }
     }
 }
 
 /// [`gemm`] that also adds the sums of A's rows, `sums[i] += Σ_p A(i, p)` (`sums (m)`): a
 /// linear layer's bias gradient beside its weight gradient (`A = dYᵀ`), added up while the
-/// packing reads A (the tile unit's, or on the SIMD rungs the FMA kernel's, for a transposed
-/// A), in a pass of its own otherwise (the portable rung, a row-major A).
+/// packing reads A (the tile unit's or the FMA kernel's, for a transposed A), in a pass of its
+/// own otherwise (the portable rung, a row-major A).
 ///
 /// # Safety
 /// As [`gemm`]; `sums` addresses `m` floats no other thread touches.
@@ -660,32 +669,12 @@ pub(crate) unsafe fn gemm_row_sums(
     c: Out,
     sums: *mut f32,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && m > 0 && n > 0 && k > 0 {
-        if let BRef::Mat(bm) = b {
-            if amx_worth(m, n, k) && super::amx::enabled() {
-                return super::amx::gemm(m, n, k, a, super::amx::B::Mat(bm), c, Some(sums));
-            }
-        }
+    if a.rs == 1 && a.cs != 1 {
+        gemm_a(isa, m, n, k, ARef::Mat(a), b, c, Some(sums));
+    } else {
+        gemm(isa, m, n, k, a, b, c);
+        row_sums_into(a, m, k, sums);
     }
-    // The SIMD rungs always pack a transposed A: its packing adds up the sums.
-    #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx512 | Isa::Avx2) && a.rs == 1 && a.cs != 1 && m > 0 && n > 0 && k > 0 {
-        let b = match b {
-            BRef::Packed(pb, _) if pb.amx.is_some() => None,
-            b => Some(b),
-        };
-        if let Some(b) = b {
-            let am = ARef::Mat(a);
-            let s = Some(sums);
-            return match isa {
-                Isa::Avx512 => gemm_avx512(m, n, k, am, b, c, s),
-                _ => gemm_avx2(m, n, k, am, b, c, s),
-            };
-        }
-    }
-    gemm(isa, m, n, k, a, b, c);
-    row_sums_into(a, m, k, sums);
 }
 
 /// `sums[i] += Σ_p A(i, p)` over the `m` rows and `k` columns of `A`.
@@ -1013,10 +1002,10 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
 /// Packs rows `i0..i0+mc`, columns `p0..p0+kc` of `A` into `MR`-row micro-panels
 /// `[kc][MR]`, the last one zero-padded. `out` has [`PACK_SLACK`] floats of room past the
 /// last panel.
-#[inline(always)]
 ///
 /// With `sums` (a transposed A only, `rs == 1`), also `sums[i] += Σ_p A(i0 + i, p0 + p)` for
 /// the block's `mc` rows, added up from what the packing loads.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack_a<const MR: usize>(
     a: MatRef,
