@@ -89,14 +89,17 @@ fn tanh_f<const F: bool>(x: f32) -> f32 {
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 
+/// GELU, exact form: the value of [`gelu_exact_and_grad`] (the derivative's work is dropped
+/// by the compiler), so the training forward's value is this one, bit for bit.
 #[inline(always)]
 fn gelu_exact<const F: bool>(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf_and_gauss::<F>(x * FRAC_1_SQRT_2).0)
+    gelu_exact_and_grad::<F>(x).0
 }
 
+/// GELU, tanh form: the value of [`gelu_tanh_and_grad`], as for [`gelu_exact`].
 #[inline(always)]
 fn gelu_tanh<const F: bool>(x: f32) -> f32 {
-    0.5 * x * (1.0 + tanh_f::<F>(SQRT_2_OVER_PI * fma::<F>(0.044_715 * x, x * x, x)))
+    gelu_tanh_and_grad::<F>(x).0
 }
 
 simd_dispatch! {
@@ -261,6 +264,18 @@ simd_dispatch! {
 
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
+/// `(GELU(x), d GELU(x) / dx)`, exact form: `x·Φ(x)` and `Φ(x) + x·φ(x)`, sharing one `erf`
+/// and its `exp`.
+#[inline(always)]
+fn gelu_exact_and_grad<const F: bool>(x: f32) -> (f32, f32) {
+    let (erf, gauss) = erf_and_gauss::<F>(x * FRAC_1_SQRT_2);
+    let value = 0.5 * x * (1.0 + erf);
+    (
+        value,
+        fma::<F>(x * FRAC_1_SQRT_2PI, gauss, 0.5 * (1.0 + erf)),
+    )
+}
+
 /// `(GELU(x), d GELU(x) / dx)`, tanh form, sharing one `tanh`.
 #[inline(always)]
 fn gelu_tanh_and_grad<const F: bool>(x: f32) -> (f32, f32) {
@@ -273,9 +288,7 @@ fn gelu_tanh_and_grad<const F: bool>(x: f32) -> (f32, f32) {
 simd_dispatch! {
     fn gelu_exact_with_grad(x: &mut [f32], out: &mut [f32]) {
         for (v, o) in x.iter_mut().zip(out.iter_mut()) {
-            let (erf, gauss) = erf_and_gauss::<FMA>(*v * FRAC_1_SQRT_2);
-            *o = 0.5 * *v * (1.0 + erf);
-            *v = fma::<FMA>(*v * FRAC_1_SQRT_2PI, gauss, 0.5 * (1.0 + erf));
+            (*o, *v) = gelu_exact_and_grad::<FMA>(*v);
         }
     }
 }
@@ -283,9 +296,7 @@ simd_dispatch! {
 simd_dispatch! {
     fn gelu_tanh_with_grad(x: &mut [f32], out: &mut [f32]) {
         for (v, o) in x.iter_mut().zip(out.iter_mut()) {
-            let (g, d) = gelu_tanh_and_grad::<FMA>(*v);
-            *o = g;
-            *v = d;
+            (*o, *v) = gelu_tanh_and_grad::<FMA>(*v);
         }
     }
 }
