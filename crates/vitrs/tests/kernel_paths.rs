@@ -17,7 +17,7 @@ use vitrs::kernels::gemm::{linear, linear_backward, linear_backward_ref, linear_
 use vitrs::kernels::layernorm::{layernorm, layernorm_ref};
 use vitrs::kernels::math::{
     gelu_backward_par, gelu_grad_ref, gelu_inplace, gelu_ref, gelu_with_grad, softmax_inplace,
-    softmax_ref,
+    softmax_padded, softmax_ref, SOFTMAX_CHUNK,
 };
 use vitrs::kernels::{available_isas, cpu_isa, isa, set_isa, Isa};
 use vitrs::npy::read_npy;
@@ -77,31 +77,42 @@ fn check_kernels(path: &str) {
         assert_close(&format!("{path}: linear db {m}x{k}x{n}"), &db, &db_r, tol);
     }
 
-    // Attention, forward (with probabilities) and backward.
-    let dims = AttnDims {
-        batch: 2,
-        tokens: 17,
-        heads: 3,
-        head_dim: 8,
-    };
-    let (b, n, d) = (2, 17, 24);
-    let qkv = rand_vec(b * n * 3 * d, 7);
-    let (mut out, mut probs, mut scratch) =
-        (vec![0.0; b * n * d], vec![0.0; b * 3 * n * n], vec![]);
-    attention(&qkv, &mut out, Some(&mut probs), &mut scratch, dims);
-    let (want_out, want_probs) = attention_ref(&qkv, dims);
-    assert_close(&format!("{path}: attention out"), &out, &want_out, 1e-5);
-    assert_close(
-        &format!("{path}: attention probs"),
-        &probs,
-        &want_probs,
-        1e-5,
-    );
-    let dout = rand_vec(b * n * d, 8);
-    let mut dqkv = vec![0.0; qkv.len()];
-    attention_backward(&qkv, &probs, &dout, &mut dqkv, &mut scratch, dims);
-    let want = attention_backward_ref(&qkv, &dout, dims);
-    assert_close(&format!("{path}: attention backward"), &dqkv, &want, 1e-4);
+    // Attention, forward (with probabilities and without) and backward: head dims of whole
+    // AVX2 vectors (8) and of whole AVX-512 ones (32, 64, 80), which the SIMD rungs run fused
+    // per tile of query rows, token counts off the tile and panel sizes (ViT-B/16's 197).
+    for (batch, tokens, heads, head_dim) in [
+        (2, 17, 3, 8),
+        (2, 50, 2, 32),
+        (1, 197, 2, 64),
+        (1, 9, 1, 80),
+    ] {
+        let dims = AttnDims {
+            batch,
+            tokens,
+            heads,
+            head_dim,
+        };
+        let (b, n, d) = (batch, tokens, heads * head_dim);
+        let what = format!("{path}: attention {dims:?}");
+        let qkv = rand_vec(b * n * 3 * d, 7);
+        let (mut out, mut probs, mut scratch) =
+            (vec![0.0; b * n * d], vec![0.0; b * heads * n * n], vec![]);
+        attention(&qkv, &mut out, Some(&mut probs), &mut scratch, dims);
+        let (want_out, want_probs) = attention_ref(&qkv, dims);
+        assert_close(&format!("{what} out"), &out, &want_out, 1e-5);
+        assert_close(&format!("{what} probs"), &probs, &want_probs, 1e-5);
+        let mut out2 = vec![0.0; out.len()];
+        attention(&qkv, &mut out2, None, &mut scratch, dims);
+        assert_eq!(
+            out, out2,
+            "{what}: the same output with and without the maps"
+        );
+        let dout = rand_vec(b * n * d, 8);
+        let mut dqkv = vec![0.0; qkv.len()];
+        attention_backward(&qkv, &probs, &dout, &mut dqkv, &mut scratch, dims);
+        let want = attention_backward_ref(&qkv, &dout, dims);
+        assert_close(&format!("{what} backward"), &dqkv, &want, 1e-4);
+    }
 
     // LayerNorm, GELU (value and gradient), softmax.
     let (rows, width) = (9, 70);
@@ -135,6 +146,8 @@ fn check_kernels(path: &str) {
             let mut row: Vec<f32> = rand_vec(len, 13).iter().map(|v| v * 10.0).collect();
             let scaled: Vec<f32> = row.iter().map(|v| v * scale).collect();
             let want = softmax_ref(&scaled);
+            let mut padded = row.clone();
+            padded.resize(len.div_ceil(SOFTMAX_CHUNK) * SOFTMAX_CHUNK, f32::NAN);
             softmax_inplace(&mut row, scale);
             assert_close(
                 &format!("{path}: softmax {len} x{scale}"),
@@ -142,6 +155,14 @@ fn check_kernels(path: &str) {
                 &want,
                 1e-6,
             );
+            softmax_padded(&mut padded, len, scale);
+            assert_close(
+                &format!("{path}: softmax padded {len} x{scale}"),
+                &padded[..len],
+                &want,
+                1e-6,
+            );
+            assert!(padded[len..].iter().all(|&v| v == 0.0), "{path}: padding");
         }
     }
     // Convolutions: gathered in place on the SIMD rungs, lowered on the portable one; strided,

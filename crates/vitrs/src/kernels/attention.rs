@@ -1,15 +1,21 @@
 //! Multi-head scaled dot-product attention over a fused qkv buffer.
 //!
-//! Per (image, head, block of query rows): `S = q·kᵀ` and `O = softmax(S / sqrt(hd))·v`, as two
-//! products on the engine's SGEMM ([`super::sgemm`], the running rung's register tile) reading
-//! strided views of the qkv buffer in place (`kᵀ` and `v` are packed into micro-panels by the
-//! product itself), with the scaled softmax in between. The scores live in a per-thread
-//! scratch tile of `rows × N`, or, when attention maps are captured, directly in the caller's
-//! probability buffer: the same code path either way, so captured maps are exactly the ones
-//! used.
+//! Per (image, head, block of query rows): `S = q·kᵀ` and `O = softmax(S / sqrt(hd))·v`.
+//!
+//! On the SIMD rungs (head dims a multiple of the vector width) the three steps are fused per
+//! register tile of query rows: `kᵀ` is packed once per head into the micro-kernel's panels,
+//! then each tile of rows runs `S` tile by tile into a small scratch block that stays in L1,
+//! the scaled softmax over its rows, and `O = P·v` reading `v`'s rows in place, straight into
+//! the output. Attention maps, when captured (or kept for the backward), are copied out of
+//! that block after the softmax: the maps are exactly the ones used.
+//!
+//! Elsewhere (the portable rung, odd head dims) the two products run whole per block of rows
+//! on the engine's SGEMM ([`super::sgemm`]), reading strided views of the qkv buffer in place,
+//! with the scores in a per-thread scratch tile of `rows × N` (or in the caller's probability
+//! buffer when maps are captured).
 
-use super::math::{dot_lanes, softmax_inplace, softmax_ref};
-use super::sgemm::{gemm, BRef, MatRef, Out};
+use super::math::{dot_lanes, softmax_inplace, softmax_padded, softmax_ref, SOFTMAX_CHUNK};
+use super::sgemm::{gemm, pack_panels, prefetch_l2, row_tile, row_tile_shape, BRef, MatRef, Out};
 use super::{team, Isa, Split, Strided, SyncPtr};
 
 /// `C (m, n) = A (m, k) · B (k, n)` on this thread, on the running rung's SGEMM; `C` has unit
@@ -69,13 +75,30 @@ impl AttnDims {
     /// Scratch floats needed by [`attention`] with `threads` threads.
     pub fn scratch_len(&self, threads: usize) -> usize {
         let (_, rows) = self.plan(threads);
-        threads.max(1) * self.tile_len(rows)
+        threads.max(1) * self.tile_len(rows, fused_tile(super::isa(), self.head_dim))
     }
 
-    /// Per-task scratch of the forward pass: a `rows × N` score tile.
-    fn tile_len(&self, rows: usize) -> usize {
-        rows * self.tokens
+    /// Per-thread scratch of the forward pass: with the fused kernel's tile `(rows, cols)`,
+    /// `kᵀ` in panels `[⌈N / cols⌉][hd][cols]` and a `rows × ⌈N / cols⌉·cols` score block;
+    /// otherwise a `rows × N` score tile.
+    fn tile_len(&self, rows: usize, fused: Option<(usize, usize)>) -> usize {
+        match fused {
+            Some((mr, nr)) => {
+                let padded = self.tokens.div_ceil(nr) * nr;
+                padded * self.head_dim + mr * padded
+            }
+            None => rows * self.tokens,
+        }
     }
+}
+
+/// The register tile `(rows, cols)` of the fused kernel on rung `isa` for head dim `hd`: the
+/// SIMD rungs, where `hd` is whole vectors (its `v` rows are read in place a vector at a time);
+/// score rows are padded to whole panels, whole chunks of the softmax.
+fn fused_tile(isa: Isa, hd: usize) -> Option<(usize, usize)> {
+    row_tile_shape(isa)
+        .filter(|&(_, nr, lanes)| hd.is_multiple_of(lanes) && nr.is_multiple_of(SOFTMAX_CHUNK))
+        .map(|(mr, nr, _)| (mr, nr))
 }
 
 /// Attention for all images and heads.
@@ -113,7 +136,9 @@ pub fn attention(
     let groups = Split::new(tasks, threads, 1);
     // One scratch tile per group; its score part is unused (but still handed out) when
     // probabilities are captured.
-    let tile_len = dims.tile_len(rows);
+    let isa = super::isa();
+    let fused = fused_tile(isa, hd);
+    let tile_len = dims.tile_len(rows, fused);
     let need = groups.count * tile_len;
     if scratch.len() < need {
         scratch.resize(need, 0.0);
@@ -121,10 +146,11 @@ pub fn attention(
     let outp = SyncPtr(out.as_mut_ptr());
     let probp = probs.map(|p| SyncPtr(p.as_mut_ptr()));
     let scale = 1.0 / (hd as f32).sqrt();
-    let isa = super::isa();
     let ld3 = (3 * d) as isize;
     team::for_chunks_mut(&mut scratch[..need], tile_len, |g, tile| {
         let (t0, t1) = groups.get(g);
+        // The (image, head) whose kᵀ the fused kernel last packed into this group's scratch.
+        let mut packed = None;
         for t in t0..t1 {
             // task t -> (image b, head h, query block qb)
             let (bh, qb) = (t / blocks, t % blocks);
@@ -137,6 +163,31 @@ pub fn attention(
             let nr = r1 - r0;
             // Head h of image b: q, k and v rows N apart by 3D, columns h·hd.. of each third.
             let base = b * n * 3 * d + h * hd;
+            if let Some((mr, nr)) = fused {
+                let head = Head {
+                    q: qkv[base..].as_ptr(),
+                    ld: ld3,
+                    tokens: n,
+                    dim: hd,
+                };
+                let pack = packed != Some(bh);
+                packed = Some(bh);
+                // The next task's head, when it is another one: its rows are asked into L2
+                // while this one runs.
+                let next = (t + 1 < t1 && (t + 1) / blocks != bh).then(|| {
+                    let nbh = (t + 1) / blocks;
+                    qkv[(nbh / heads) * n * 3 * d + (nbh % heads) * hd..].as_ptr()
+                });
+                // SAFETY: as below; `head` addresses image b's q, k and v rows of head h, and
+                // `next` another head's (only prefetched).
+                unsafe {
+                    let o = outp.get().add((b * n + r0) * d + h * hd);
+                    let p = probp.map(|p| p.get().add(((b * heads + h) * n + r0) * n));
+                    let to = (o, d, p);
+                    fused_rows(isa, (mr, nr), &head, pack, next, r0..r1, scale, to, tile);
+                }
+                continue;
+            }
             // SAFETY: each task owns rows r0..r1 of head h of image b, in both `out`
             // (columns h·hd..) and `probs` (plane (b, h)); tasks are disjoint, and the
             // products read `qkv` only inside image b.
@@ -173,6 +224,115 @@ pub fn attention(
             }
         }
     });
+}
+
+/// One head of one image in the fused qkv buffer: q's row `i` at `q + i·ld`, k's at `q + D +
+/// i·ld` and v's at `q + 2D + i·ld` (`ld = 3D`), `dim` floats each.
+struct Head {
+    q: *const f32,
+    ld: isize,
+    tokens: usize,
+    dim: usize,
+}
+
+/// The fused kernel for query rows `rows` of one head, on the calling thread, register tile
+/// `(mr, nr)` of rung `isa`: `out` row `i` (row `rows.start + i`, at `out + i·ldo`) gets
+/// `softmax(scale · q_i·kᵀ)·v`, and `probs` (when given, row `i` at `probs + i·N`) the
+/// probabilities. `scratch` holds `kᵀ`'s panels (packed here when `pack`, else left from the
+/// previous call for this head), then the score block. `next`, another head's q (same
+/// strides), is prefetched into L2 a share per tile of rows.
+///
+/// # Safety
+/// `head` addresses `tokens` rows of q, k and v; `out` and `probs` address the block's rows,
+/// written by no one else; `scratch` holds [`AttnDims::tile_len`]'s fused floats; `isa` is
+/// the CPU's or below and [`fused_tile`] gave the tile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn fused_rows(
+    isa: Isa,
+    (mr, nr): (usize, usize),
+    head: &Head,
+    pack: bool,
+    next: Option<*const f32>,
+    rows: std::ops::Range<usize>,
+    scale: f32,
+    (out, ldo, probs): (*mut f32, usize, Option<*mut f32>),
+    scratch: &mut [f32],
+) {
+    let (n, hd, ld) = (head.tokens, head.dim, head.ld);
+    let d = ld / 3;
+    let (k, v) = (head.q.offset(d), head.q.offset(2 * d));
+    let panels = n.div_ceil(nr);
+    let padded = panels * nr;
+    let (kt, block) = scratch.split_at_mut(padded * hd);
+    if pack {
+        // kᵀ (hd, N): k's rows read as columns.
+        let kt_ref = MatRef {
+            ptr: k,
+            rs: 1,
+            cs: ld,
+        };
+        pack_panels(kt_ref, hd, n, nr, kt);
+    }
+    let block = &mut block[..mr * padded];
+    // Tokens of the next head prefetched per tile of rows.
+    let per_tile = n.div_ceil(rows.len().div_ceil(mr));
+    for (ti, i0) in rows.clone().step_by(mr).enumerate() {
+        let tr = mr.min(rows.end - i0);
+        if let Some(nq) = next {
+            for t in (ti * per_tile).min(n)..((ti + 1) * per_tile).min(n) {
+                for part in 0..3 {
+                    let row = nq.offset(t as isize * ld + part * d);
+                    for c in (0..hd).step_by(16) {
+                        prefetch_l2(row.add(c));
+                    }
+                }
+            }
+        }
+        let mut a = [std::ptr::null::<f32>(); 16];
+        // S (tr, N) = q (tr, hd) · kᵀ (hd, N), panel by panel, into the block (row stride
+        // `padded`).
+        for (i, p) in a[..tr].iter_mut().enumerate() {
+            *p = head.q.offset((i0 + i) as isize * ld);
+        }
+        for jp in 0..panels {
+            let j0 = jp * nr;
+            let c = block.as_mut_ptr().add(j0);
+            let b = kt.as_ptr().add(jp * hd * nr);
+            row_tile(
+                isa,
+                hd,
+                &a[..tr],
+                b,
+                nr as isize,
+                (c, padded as isize),
+                nr.min(n - j0),
+            );
+        }
+        // P = softmax(scale · S), row by row, in the block.
+        for (i, row) in block.chunks_exact_mut(padded).take(tr).enumerate() {
+            softmax_padded(row, n, scale);
+            if let Some(p) = probs {
+                let dst = std::slice::from_raw_parts_mut(p.add((i0 - rows.start + i) * n), n);
+                dst.copy_from_slice(&row[..n]);
+            }
+        }
+        // O (tr, hd) = P (tr, N) · v (N, hd): v's rows read in place, whole vectors (hd is).
+        for (i, p) in a[..tr].iter_mut().enumerate() {
+            *p = block.as_ptr().add(i * padded);
+        }
+        let o = out.add((i0 - rows.start) * ldo);
+        for c0 in (0..hd).step_by(nr) {
+            row_tile(
+                isa,
+                n,
+                &a[..tr],
+                v.add(c0),
+                ld,
+                (o.add(c0), ldo as isize),
+                nr.min(hd - c0),
+            );
+        }
+    }
 }
 
 /// Backward of [`attention`], from the probabilities it saved.
@@ -402,8 +562,14 @@ mod tests {
             .num_threads(2)
             .build()
             .unwrap();
-        for &(batch, n, heads, hd) in &[(1, 5, 1, 4), (2, 17, 3, 8), (1, 65, 2, 16), (3, 40, 4, 6)]
-        {
+        for &(batch, n, heads, hd) in &[
+            (1, 5, 1, 4),
+            (2, 17, 3, 8),
+            (1, 65, 2, 16),
+            (3, 40, 4, 6),
+            (1, 30, 3, 48),
+            (2, 197, 2, 64),
+        ] {
             let dims = AttnDims {
                 batch,
                 tokens: n,

@@ -1263,9 +1263,91 @@ impl<A: AccessA> Tile<A> {
     }
 }
 
+/// The register tile [`row_tile`] runs on rung `isa`: `(rows, columns, lanes)`; `None` on the
+/// portable rung. Its columns are two vectors; an edge of at most one vector runs a one-vector
+/// tile.
+pub(crate) fn row_tile_shape(isa: Isa) -> Option<(usize, usize, usize)> {
+    match isa {
+        Isa::Avx512 => Some((MR512, NR512, 16)),
+        Isa::Avx2 => Some((MR256, NR256, 8)),
+        Isa::Portable => None,
+    }
+}
+
+/// One register tile `C (rows, cols) = A (rows, k) · B (k, cols)` on rung `isa`, for kernels
+/// that drive the tiles themselves (the fused attention, [`super::attention`]): row `i` of A
+/// read in place at `a[i]` (its `k` steps contiguous), B row `p` at `b + p·ldb`, C row `i` at
+/// `c + i·ldc`. `a.len()` is the tile's rows, at most [`row_tile_shape`]'s; `cols` at most its
+/// columns.
+///
+/// # Safety
+/// The rung must be the CPU's or below, and not portable. Every `a[i]` addresses `k` floats;
+/// B's rows address whole vectors: `cols` rounded up to the rung's lanes, or up to its tile
+/// width when `cols` exceeds one vector (a packed panel's padding, say); `C` addresses its
+/// `rows × cols` elements, aliasing neither operand.
+pub(crate) unsafe fn row_tile(
+    isa: Isa,
+    k: usize,
+    a: &[*const f32],
+    b: *const f32,
+    ldb: isize,
+    (c, ldc): (*mut f32, isize),
+    cols: usize,
+) {
+    #[inline(always)]
+    unsafe fn run<S: Simd, const MR: usize, const NV: usize>(
+        k: usize,
+        a: &[*const f32],
+        b: *const f32,
+        ldb: isize,
+        (c, ldc): (*mut f32, isize),
+        cols: usize,
+    ) {
+        let rows = a.len();
+        debug_assert!((1..=MR).contains(&rows) && (1..=NV * S::LANES).contains(&cols));
+        // Rows past the edge read the last real one (never stored).
+        let rows_a: [*const f32; MR] = std::array::from_fn(|i| a[i.min(rows - 1)]);
+        let tile = Tile {
+            k,
+            a: RowsA(rows_a),
+            b,
+            ldb,
+            c,
+            ldc,
+            next_c: (c, 0),
+            rows,
+            cols,
+            load_c: false,
+            bias: None,
+        };
+        if cols <= S::LANES {
+            run_tile::<S, _, MR, 1>(&tile)
+        } else {
+            run_tile::<S, _, MR, NV>(&tile)
+        }
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => run::<super::simd::Avx512, MR512, NV512>(k, a, b, ldb, (c, ldc), cols),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => run::<super::simd::Avx2, MR256, NV256>(k, a, b, ldb, (c, ldc), cols),
+        _ => unreachable!("row_tile on the portable rung"),
+    }
+}
+
+/// Packs `B (k, n)` into `ceil(n / nr)` panels `[k][nr]` (the layout [`row_tile`] reads with
+/// `ldb = nr`), panel after panel in `out`; the padding columns of the last panel are left as
+/// they were.
+///
+/// # Safety
+/// `b` addresses a `(k, n)` matrix with its strides; `out` holds the panels.
+pub(crate) unsafe fn pack_panels(b: MatRef, k: usize, n: usize, nr: usize, out: &mut [f32]) {
+    pack_b(b, k, n, nr, &mut out[..n.div_ceil(nr) * k * nr]);
+}
+
 /// Brings the cache line of `p` into L2 (a hint: never faults).
 #[inline(always)]
-unsafe fn prefetch_l2(p: *const f32) {
+pub(crate) unsafe fn prefetch_l2(p: *const f32) {
     #[cfg(target_arch = "x86_64")]
     std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p.cast());
     #[cfg(not(target_arch = "x86_64"))]
