@@ -84,8 +84,8 @@ impl AttnDims {
     fn tile_len(&self, rows: usize, fused: Option<(usize, usize)>) -> usize {
         match fused {
             Some((mr, nr)) => {
-                let padded = self.tokens.div_ceil(nr) * nr;
-                padded * self.head_dim + mr * padded
+                let panels = self.tokens.div_ceil(nr) * nr;
+                panels * self.head_dim + mr * self.tokens.next_multiple_of(SOFTMAX_CHUNK)
             }
             None => rows * self.tokens,
         }
@@ -94,10 +94,10 @@ impl AttnDims {
 
 /// The register tile `(rows, cols)` of the fused kernel on rung `isa` for head dim `hd`: the
 /// SIMD rungs, where `hd` is whole vectors (its `v` rows are read in place a vector at a time);
-/// score rows are padded to whole panels, whole chunks of the softmax.
+/// score rows are padded to whole chunks of the softmax, which must be whole vectors.
 fn fused_tile(isa: Isa, hd: usize) -> Option<(usize, usize)> {
     row_tile_shape(isa)
-        .filter(|&(_, nr, lanes)| hd.is_multiple_of(lanes) && nr.is_multiple_of(SOFTMAX_CHUNK))
+        .filter(|&(_, _, lanes)| hd.is_multiple_of(lanes) && SOFTMAX_CHUNK.is_multiple_of(lanes))
         .map(|(mr, nr, _)| (mr, nr))
 }
 
@@ -262,8 +262,10 @@ unsafe fn fused_rows(
     let d = ld / 3;
     let (k, v) = (head.q.offset(d), head.q.offset(2 * d));
     let panels = n.div_ceil(nr);
-    let padded = panels * nr;
-    let (kt, block) = scratch.split_at_mut(padded * hd);
+    // The score block's row stride: whole chunks of the softmax (the tile of the last panel
+    // stores only its real columns).
+    let padded = n.next_multiple_of(SOFTMAX_CHUNK);
+    let (kt, block) = scratch.split_at_mut(panels * nr * hd);
     if pack {
         // kᵀ (hd, N): k's rows read as columns.
         let kt_ref = MatRef {
