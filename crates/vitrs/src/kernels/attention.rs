@@ -79,13 +79,13 @@ impl AttnDims {
     }
 
     /// Per-thread scratch of the forward pass: with the fused kernel's tile `(rows, cols)`,
-    /// `kᵀ` in panels `[⌈N / cols⌉][hd][cols]` and a `rows × ⌈N / cols⌉·cols` score block;
-    /// otherwise a `rows × N` score tile.
+    /// `kᵀ` in panels `[⌈N / cols⌉][hd][cols]` and a `rows × N` score block (N rounded up to
+    /// whole chunks of the softmax); otherwise a `rows × N` score tile.
     fn tile_len(&self, rows: usize, fused: Option<(usize, usize)>) -> usize {
         match fused {
             Some((mr, nr)) => {
-                let panels = self.tokens.div_ceil(nr) * nr;
-                panels * self.head_dim + mr * self.tokens.next_multiple_of(SOFTMAX_CHUNK)
+                let kt_width = self.tokens.div_ceil(nr) * nr;
+                kt_width * self.head_dim + mr * self.tokens.next_multiple_of(SOFTMAX_CHUNK)
             }
             None => rows * self.tokens,
         }
@@ -163,7 +163,7 @@ pub fn attention(
             let nr = r1 - r0;
             // Head h of image b: q, k and v rows N apart by 3D, columns h·hd.. of each third.
             let base = b * n * 3 * d + h * hd;
-            if let Some((mr, nr)) = fused {
+            if let Some(shape) = fused {
                 let head = Head {
                     q: qkv[base..].as_ptr(),
                     ld: ld3,
@@ -184,7 +184,7 @@ pub fn attention(
                     let o = outp.get().add((b * n + r0) * d + h * hd);
                     let p = probp.map(|p| p.get().add(((b * heads + h) * n + r0) * n));
                     let to = (o, d, p);
-                    fused_rows(isa, (mr, nr), &head, pack, next, r0..r1, scale, to, tile);
+                    fused_rows(isa, shape, &head, pack, next, r0..r1, scale, to, tile);
                 }
                 continue;
             }

@@ -212,14 +212,22 @@ simd_dispatch! {
     /// folded in here rather than into the scores' product), in place. The exponentials are
     /// one vectorised pass, the sum and the maximum lane-parallel reductions.
     pub fn softmax_inplace(row: &mut [f32], scale: f32) {
-        let max = max_lanes(row);
-        for v in row.iter_mut() {
-            *v = exp_f::<FMA>(scale * (*v - max));
-        }
-        let inv = 1.0 / sum_lanes(row);
-        for v in row.iter_mut() {
-            *v *= inv;
-        }
+        softmax_row::<FMA>(row, scale, row.len());
+    }
+}
+
+/// The softmax of both entry points: the maximum, the exponentials, then `row[valid..]` zeroed
+/// before the sum (a padded row's tail), the sum and the normalisation.
+#[inline(always)]
+fn softmax_row<const F: bool>(row: &mut [f32], scale: f32, valid: usize) {
+    let max = max_lanes(row);
+    for v in row.iter_mut() {
+        *v = exp_f::<F>(scale * (*v - max));
+    }
+    row[valid..].fill(0.0);
+    let inv = 1.0 / sum_lanes(row);
+    for v in row.iter_mut() {
+        *v *= inv;
     }
 }
 
@@ -238,15 +246,7 @@ simd_dispatch! {
         assert!(row.len().is_multiple_of(SOFTMAX_CHUNK) && n > 0 && n <= row.len());
         // −∞ never wins the maximum; after the exponentials the padding is zeroed.
         row[n..].fill(f32::NEG_INFINITY);
-        let max = max_lanes(row);
-        for v in row.iter_mut() {
-            *v = exp_f::<FMA>(scale * (*v - max));
-        }
-        row[n..].fill(0.0);
-        let inv = 1.0 / sum_lanes(row);
-        for v in row.iter_mut() {
-            *v *= inv;
-        }
+        softmax_row::<FMA>(row, scale, n);
     }
 }
 
