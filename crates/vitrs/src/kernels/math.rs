@@ -49,26 +49,54 @@ pub(crate) fn exp_f<const F: bool>(x: f32) -> f32 {
     e * f32::from_bits(((ni + 127) << 23) as u32)
 }
 
-/// `erf(x)`, absolute error below 6e-7 (Abramowitz & Stegun 7.1.26, 1.5e-7, plus f32 rounding).
+/// `erf(x)`, absolute error below 4e-7 (the f32 rounding of the fit; 1.8e-8 in f64).
 #[inline(always)]
 pub fn erf_fast(x: f32) -> f32 {
-    erf_and_gauss::<false>(x).0
+    erf_f::<false>(x)
 }
 
-/// `(erf(x), exp(−x²))`: A&S 7.1.26 needs the Gaussian factor anyway, and GELU's gradient
-/// needs it too (`φ(x) = exp(−x²/2)/√(2π)` is `exp(−z²)` at `z = x/√2`), so it is returned.
+/// The argument from which `erf` is ±1 in f32 (`1 − erf(3.92) = 3e-8`).
+const ERF_CLAMP: f32 = 3.92;
+/// `erf(x) ≈ x·P(x²)/Q(x²)` on `|x| ≤ 3.92`, lowest degree first: a rational fit of degrees 5
+/// and 5 (absolute error 1.8e-8 in f64; `P(0)` is erf's slope at 0, `2/√π`), made by
+/// `tools/fit_erf.py`.
+const ERF_P: [f32; 6] = [
+    std::f32::consts::FRAC_2_SQRT_PI,
+    0.19129732,
+    0.052865997,
+    0.0038037018,
+    0.000285698,
+    2.0426614e-06,
+];
+const ERF_Q: [f32; 6] = [
+    1.0,
+    0.5028655,
+    0.11447679,
+    0.015045501,
+    0.0011716955,
+    3.805751e-05,
+];
+
+/// [`erf_fast`], with fused multiply-adds when `F`: one division and ten multiply-adds, no
+/// `exp` (Abramowitz & Stegun 7.1.26, the form used before, needs both, and cost GELU about
+/// twice as much on a Zen 4 EPYC).
 #[inline(always)]
-fn erf_and_gauss<const F: bool>(x: f32) -> (f32, f32) {
-    let a = x.abs();
-    let t = 1.0 / fma::<F>(0.327_591_1, a, 1.0);
-    let mut poly = 1.061_405_4;
-    poly = fma::<F>(poly, t, -1.453_152_1);
-    poly = fma::<F>(poly, t, 1.421_413_7);
-    poly = fma::<F>(poly, t, -0.284_496_74);
-    poly = fma::<F>(poly, t, 0.254_829_6);
-    poly *= t;
-    let g = exp_f::<F>(-a * a);
-    (fma::<F>(-poly, g, 1.0).copysign(x), g)
+fn erf_f<const F: bool>(x: f32) -> f32 {
+    let t = x * x;
+    let mut p = ERF_P[5];
+    let mut q = ERF_Q[5];
+    for i in (0..5).rev() {
+        p = fma::<F>(p, t, ERF_P[i]);
+        q = fma::<F>(q, t, ERF_Q[i]);
+    }
+    // Near the end of the fit, rounding may put the ratio an ulp either side of ±1; past it,
+    // exactly ±1 (so GELU's far negative tail is exactly 0). A NaN stays NaN.
+    let y = (x * p / q).clamp(-1.0, 1.0);
+    if x.abs() >= ERF_CLAMP {
+        1.0f32.copysign(x)
+    } else {
+        y
+    }
 }
 
 /// `tanh(x)`, absolute error below 3e-7.
@@ -102,11 +130,26 @@ fn gelu_tanh<const F: bool>(x: f32) -> f32 {
     gelu_tanh_and_grad::<F>(x).0
 }
 
+/// `x[i] ← f(x[i])`, in blocks of 64 floats: four AVX-512 vectors' (eight AVX2) independent
+/// chains side by side, so the division's latency overlaps. One vector at a time left the FMA
+/// pipes idle: the exact GELU took 0.57 ns per element, 0.37 in blocks, on a Zen 4 EPYC (the
+/// tanh forms, whose chains are shorter, ran no faster in blocks: they keep plain loops).
+#[inline(always)]
+fn map_inplace(x: &mut [f32], f: impl Fn(f32) -> f32) {
+    let mut blocks = x.chunks_exact_mut(64);
+    for b in &mut blocks {
+        for v in b.iter_mut() {
+            *v = f(*v);
+        }
+    }
+    for v in blocks.into_remainder() {
+        *v = f(*v);
+    }
+}
+
 simd_dispatch! {
     fn gelu_exact_inplace(x: &mut [f32]) {
-        for v in x.iter_mut() {
-            *v = gelu_exact::<FMA>(*v);
-        }
+        map_inplace(x, gelu_exact::<FMA>);
     }
 }
 
@@ -292,15 +335,12 @@ simd_dispatch! {
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 /// `(GELU(x), d GELU(x) / dx)`, exact form: `x·Φ(x)` and `Φ(x) + x·φ(x)`, sharing one `erf`
-/// and its `exp`.
+/// (the `exp` of `φ` is dropped by the compiler where only the value is used).
 #[inline(always)]
 fn gelu_exact_and_grad<const F: bool>(x: f32) -> (f32, f32) {
-    let (erf, gauss) = erf_and_gauss::<F>(x * FRAC_1_SQRT_2);
-    let value = 0.5 * x * (1.0 + erf);
-    (
-        value,
-        fma::<F>(x * FRAC_1_SQRT_2PI, gauss, 0.5 * (1.0 + erf)),
-    )
+    let phi = 0.5 * (1.0 + erf_f::<F>(x * FRAC_1_SQRT_2));
+    let gauss = exp_f::<F>(-0.5 * x * x);
+    (x * phi, fma::<F>(x * FRAC_1_SQRT_2PI, gauss, phi))
 }
 
 /// `(GELU(x), d GELU(x) / dx)`, tanh form, sharing one `tanh`.
@@ -435,15 +475,26 @@ mod tests {
 
     #[test]
     fn erf_and_tanh_are_accurate() {
-        let (mut e_erf, mut e_tanh) = (0.0f64, 0.0f64);
+        let (mut e_erf, mut e_erf_fma, mut e_tanh) = (0.0f64, 0.0f64, 0.0f64);
         for i in -8000..8000 {
             let x = i as f32 * 1e-3;
-            e_erf = e_erf.max((erf_fast(x) as f64 - erf_ref(x as f64)).abs());
+            let want = erf_ref(x as f64);
+            e_erf = e_erf.max((erf_fast(x) as f64 - want).abs());
+            e_erf_fma = e_erf_fma.max((erf_f::<true>(x) as f64 - want).abs());
             e_tanh = e_tanh.max((tanh_fast(x) as f64 - (x as f64).tanh()).abs());
         }
-        eprintln!("max abs error: erf {e_erf:e}, tanh {e_tanh:e}");
-        assert!(e_erf < 6e-7, "erf {e_erf}");
+        eprintln!("max abs error: erf {e_erf:e} (fused {e_erf_fma:e}), tanh {e_tanh:e}");
+        assert!(e_erf < 4e-7, "erf {e_erf}");
+        assert!(e_erf_fma < 4e-7, "erf, fused {e_erf_fma}");
         assert!(e_tanh < 3e-7, "tanh {e_tanh}");
+        // Odd, ±1 beyond the fit's range (and never past it), NaN kept.
+        for x in [0.5f32, 2.0, 3.91, 3.93, 10.0, f32::INFINITY] {
+            assert_eq!(erf_fast(-x), -erf_fast(x), "{x}");
+            assert!(erf_fast(x) <= 1.0, "{x}");
+        }
+        assert_eq!(erf_fast(10.0), 1.0);
+        assert_eq!(erf_fast(f32::NEG_INFINITY), -1.0);
+        assert!(erf_fast(f32::NAN).is_nan());
     }
 
     #[test]
