@@ -131,12 +131,13 @@ pub fn linear_packed(
     // panels of W. Not on the tile unit: there each thread would split all of x into its
     // pieces, and halves of the rows (both threads streaming the same panels of W) ran the
     // batch-1 forwards of S/16 and B/16 4–8 % faster on an AVX-512 Xeon.
+    // Column parts start on the packing's panels (`product_geometry` gives its width).
     let by_cols = n >= m && !packed.is_some_and(|p| p.on_tiles());
     for_blocks(
         (m, n),
         threads == 1 || m * n * k < PARALLEL_MIN_MACS,
         by_cols,
-        super::sgemm::geometry(isa),
+        super::sgemm::product_geometry(isa, n),
         run,
     );
 }
@@ -237,7 +238,7 @@ fn gathered(
         gemm_gather(isa, r1 - r0, c1 - c0, k, a, BRef::Mat(b), o);
     };
     let threads = rayon::current_num_threads();
-    let g = super::sgemm::geometry(isa);
+    let g = super::sgemm::product_geometry(isa, n);
     for_blocks(
         (m, n),
         threads == 1 || m * n * k < PARALLEL_MIN_MACS,
@@ -408,7 +409,7 @@ pub fn linear_dx(dy: &[f32], w: &[f32], dx: &mut [f32], (m, k, n): (usize, usize
         return;
     }
     let isa = super::isa();
-    let g = super::sgemm::geometry(isa);
+    let g = super::sgemm::product_geometry(isa, k);
     let threads = rayon::current_num_threads();
     let small = threads == 1 || m * n * k < PARALLEL_MIN_MACS;
     // dx (m, k) = dy (m, n) · W (n, k): W is B with contiguous rows.
@@ -459,7 +460,7 @@ fn linear_dw_db(
         return;
     }
     let isa = super::isa();
-    let g = super::sgemm::geometry(isa);
+    let g = super::sgemm::product_geometry(isa, k);
     let threads = rayon::current_num_threads();
     let small = threads == 1 || m * n * k < PARALLEL_MIN_MACS;
     // dW (n, k) += dyᵀ (n, m) · x (m, k): a sum over the m rows (images × tokens, thousands in
