@@ -37,6 +37,7 @@ unsafe fn product(
         rs: c.1,
         accumulate: false,
         bias: None,
+        gelu: None,
     };
     gemm(isa, m, n, k, mat(a), BRef::Mat(mat(b)), out);
 }

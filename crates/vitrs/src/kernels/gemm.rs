@@ -11,7 +11,7 @@
 //! Weights are kept in PyTorch's `(out, in)` layout; [`PackedLinear`] holds a weight packed
 //! once into the micro-kernel's panels (inference packs a model's weights once).
 
-use super::math::{gelu_inplace, tanh_inplace};
+use super::math::tanh_inplace;
 use super::sgemm::{gemm, gemm_gather, gemm_row_sums, BRef, Gather, MatRef, Out, PackedB};
 use super::{team, Isa, Split, SyncPtr};
 use crate::config::Gelu;
@@ -234,6 +234,7 @@ fn gathered(
             rs: n as isize,
             accumulate: b_kn,
             bias: bias.map(|b| b.as_ptr().add(c0)),
+            gelu: None,
         };
         gemm_gather(isa, r1 - r0, c1 - c0, k, a, BRef::Mat(b), o);
     };
@@ -311,13 +312,16 @@ unsafe fn block(
         rs: n as isize,
         accumulate: epilogue == Epilogue::Accumulate,
         bias: bias.map(|b| b.as_ptr().add(c0)),
+        gelu: match epilogue {
+            Epilogue::Gelu(kind) => Some(kind),
+            _ => None,
+        },
     };
     gemm(isa, bm, bn, k, a, b, o);
-    let row = |r: usize| std::slice::from_raw_parts_mut(c.add(r * n), bn);
-    match epilogue {
-        Epilogue::None | Epilogue::Accumulate => {}
-        Epilogue::Gelu(kind) => (0..bm).for_each(|r| gelu_inplace(row(r), kind)),
-        Epilogue::Tanh => (0..bm).for_each(|r| tanh_inplace(row(r))),
+    if epilogue == Epilogue::Tanh {
+        for r in 0..bm {
+            tanh_inplace(std::slice::from_raw_parts_mut(c.add(r * n), bn));
+        }
     }
 }
 
@@ -431,6 +435,7 @@ pub fn linear_dx(dy: &[f32], w: &[f32], dx: &mut [f32], (m, k, n): (usize, usize
             rs: k as isize,
             accumulate: false,
             bias: None,
+            gelu: None,
         };
         gemm(isa, r1 - r0, c1 - c0, n, a, BRef::Mat(b), o);
     };
@@ -506,6 +511,7 @@ fn linear_dw_db(
                 rs: k as isize,
                 accumulate: i == 0,
                 bias: None,
+                gelu: None,
             };
             let sums = match dbp {
                 None => None,
@@ -555,6 +561,7 @@ fn linear_dw_db(
             rs: k as isize,
             accumulate: true,
             bias: None,
+            gelu: None,
         };
         gemm(isa, r1 - r0, c1 - c0, m, a, BRef::Mat(b), o);
     };

@@ -170,6 +170,16 @@ simd_dispatch! {
     }
 }
 
+/// `x ← GELU(x)` in place, inlined into the caller (which runs it with fused multiply-adds
+/// when `F`, compiled for a SIMD rung): the GEMM's tile epilogue.
+#[inline(always)]
+pub(crate) fn gelu_slice<const F: bool>(x: &mut [f32], kind: Gelu) {
+    match kind {
+        Gelu::Exact => x.iter_mut().for_each(|v| *v = gelu_exact::<F>(*v)),
+        Gelu::Tanh => x.iter_mut().for_each(|v| *v = gelu_tanh::<F>(*v)),
+    }
+}
+
 /// `x ← GELU(x)` in place, exact (erf) or tanh form. Max abs error vs [`gelu_ref`]: about 3e-7·|x|.
 pub fn gelu_inplace(x: &mut [f32], kind: Gelu) {
     match kind {

@@ -29,6 +29,7 @@ use std::cell::RefCell;
 
 use super::simd::Simd;
 use super::Isa;
+use crate::config::Gelu;
 
 /// A read-only matrix operand: pointer, row stride, column stride (elements).
 #[derive(Clone, Copy, Debug)]
@@ -67,6 +68,9 @@ pub(crate) struct Out {
     pub accumulate: bool,
     /// Added to every row: `(n)` values, for the columns of this product.
     pub bias: Option<*const f32>,
+    /// GELU applied to the finished elements: by the FMA kernels to each register tile as it
+    /// is written (still in L1), by the other engines to the block afterwards.
+    pub gelu: Option<Gelu>,
 }
 
 /// Where a product also adds the sums of A's rows (`Σ_p A(i, p)` into element `i`), if
@@ -651,6 +655,7 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
     if k == 0 {
         // No products (and sums of nothing).
         bias_into(m, n, c);
+        gelu_after(m, n, c);
         return;
     }
     match isa {
@@ -661,10 +666,14 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
                 match b {
                     BRef::Packed(pb, c0) if pb.amx.is_some() => {
                         let pa = pb.amx.as_ref().expect("checked");
-                        return amx::gemm(m, n, k, am, amx::B::Packed(pa, c0), c, sums);
+                        let plain = Out { gelu: None, ..c };
+                        amx::gemm(m, n, k, am, amx::B::Packed(pa, c0), plain, sums);
+                        return gelu_after(m, n, c);
                     }
                     BRef::Mat(bm) if amx_worth(m, n, k) && amx::enabled() => {
-                        return amx::gemm(m, n, k, am, amx::B::Mat(bm), c, sums);
+                        let plain = Out { gelu: None, ..c };
+                        amx::gemm(m, n, k, am, amx::B::Mat(bm), plain, sums);
+                        return gelu_after(m, n, c);
                     }
                     _ => {}
                 }
@@ -676,9 +685,23 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
         Isa::Avx2 => gemm_avx2(m, n, k, a, b, c, sums),
         _ => {
             gemm_portable(m, n, k, a, b, c);
+            gelu_after(m, n, c);
             if let (Some(s), ARef::Mat(am)) = (sums, a) {
                 row_sums_into(am, m, k, s);
             }
+        }
+    }
+}
+
+/// `c.gelu` over the finished block `C (m, n)`, for the engines without it in their tiles.
+///
+/// # Safety
+/// `c` addresses an `(m, n)` block no other thread touches.
+unsafe fn gelu_after(m: usize, n: usize, c: Out) {
+    if let Some(kind) = c.gelu {
+        for r in 0..m {
+            let row = std::slice::from_raw_parts_mut(c.ptr.offset(r as isize * c.rs), n);
+            super::math::gelu_inplace(row, kind);
         }
     }
 }
@@ -1012,6 +1035,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                             } else {
                                 None
                             },
+                            gelu: if pc + kc == k { c.gelu } else { None },
                         };
                         // Rows past the edge read the last real one (never stored).
                         let row = |i: usize| ic + ir + i.min(rows - 1);
@@ -1195,6 +1219,8 @@ struct Tile<A> {
     load_c: bool,
     /// Add this `(cols)` vector to every row.
     bias: Option<*const f32>,
+    /// Apply GELU to the tile once written (its last block of the inner dimension).
+    gelu: Option<Gelu>,
 }
 
 impl<A> Tile<A> {
@@ -1213,6 +1239,7 @@ impl<A> Tile<A> {
             cols: self.cols,
             load_c: self.load_c,
             bias: self.bias,
+            gelu: self.gelu,
         }
     }
 }
@@ -1302,6 +1329,17 @@ impl<A: AccessA> Tile<A> {
                 }
             }
         }
+        // GELU on the tile just written, in L1 (applied to the block afterwards, the hidden
+        // layer made a round trip through L3 at batch 16).
+        if let Some(kind) = self.gelu {
+            for i in 0..self.rows {
+                let cr = self.c.offset(i as isize * self.ldc);
+                super::math::gelu_slice::<true>(
+                    std::slice::from_raw_parts_mut(cr, self.cols),
+                    kind,
+                );
+            }
+        }
     }
 }
 
@@ -1364,6 +1402,7 @@ pub(crate) unsafe fn row_tile(
             cols,
             load_c: false,
             bias: None,
+            gelu: None,
         };
         // As many whole vectors as the columns need (B is read no further).
         match cols.div_ceil(S::LANES) {
@@ -1496,7 +1535,14 @@ mod tests {
                 (&a, (1, m), &bn, (n, 1)),
             ];
             for (ci, &(av, (ars, acs), bv, (brs, bcs))) in cases.iter().enumerate() {
-                for (accumulate, with_bias) in [(false, true), (true, false), (true, true)] {
+                // The GELU epilogue too: in the FMA kernels' tiles, after the other engines.
+                for (accumulate, with_bias, gelu) in [
+                    (false, true, None),
+                    (true, false, None),
+                    (true, true, None),
+                    (false, true, Some(Gelu::Exact)),
+                    (true, false, Some(Gelu::Tanh)),
+                ] {
                     let bias = with_bias.then_some(&bias[..]);
                     let mut want = c0.clone();
                     reference(
@@ -1512,6 +1558,13 @@ mod tests {
                         ldc,
                         accumulate,
                     );
+                    if let Some(kind) = gelu {
+                        for row in want.chunks_exact_mut(ldc) {
+                            for v in &mut row[..n] {
+                                *v = super::super::math::gelu_ref(*v, kind);
+                            }
+                        }
+                    }
                     let amat = MatRef {
                         ptr: av.as_ptr(),
                         rs: ars as isize,
@@ -1535,12 +1588,13 @@ mod tests {
                             rs: ldc as isize,
                             accumulate,
                             bias: bias.map(|b| b.as_ptr()),
+                            gelu,
                         };
                         product(m, n, k, amat, bref, out);
                         let d = max_abs_diff(&got, &want);
                         assert!(
                             d < 2e-6 * (k as f32).sqrt() * 4.0,
-                            "{name} {m}x{k}x{n} case {ci} {bref:?} acc {accumulate} bias {with_bias}: {d}"
+                            "{name} {m}x{k}x{n} case {ci} {bref:?} acc {accumulate} bias {with_bias} gelu {gelu:?}: {d}"
                         );
                     }
                 }
@@ -1683,6 +1737,7 @@ mod tests {
                 rs: n as isize,
                 accumulate: false,
                 bias: None,
+                gelu: None,
             });
             let d: Vec<f64> = c
                 .iter()
