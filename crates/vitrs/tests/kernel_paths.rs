@@ -141,23 +141,24 @@ fn check_kernels(path: &str) {
         assert_close(&format!("{path}: gelu backward {kind:?}"), &dy, &want, 1e-5);
     }
     for len in [1, 7, 50, 197] {
-        // Scales that are powers of two, so the reference sees exactly the scaled scores.
-        for scale in [1.0, 0.125] {
-            let mut row: Vec<f32> = rand_vec(len, 13).iter().map(|v| v * 10.0).collect();
+        // Scales that are powers of two, so the reference sees exactly the scaled scores; a
+        // spread of 100 underflows most exponentials.
+        for (scale, spread) in [(1.0, 10.0), (0.125, 10.0), (1.0, 100.0)] {
+            let mut row: Vec<f32> = rand_vec(len, 13).iter().map(|v| v * spread).collect();
             let scaled: Vec<f32> = row.iter().map(|v| v * scale).collect();
             let want = softmax_ref(&scaled);
             let mut padded = row.clone();
             padded.resize(len.div_ceil(SOFTMAX_CHUNK) * SOFTMAX_CHUNK, f32::NAN);
             softmax_inplace(&mut row, scale);
             assert_close(
-                &format!("{path}: softmax {len} x{scale}"),
+                &format!("{path}: softmax {len} x{scale} ±{spread}"),
                 &row,
                 &want,
                 1e-6,
             );
             softmax_padded(&mut padded, len, scale);
             assert_close(
-                &format!("{path}: softmax padded {len} x{scale}"),
+                &format!("{path}: softmax padded {len} x{scale} ±{spread}"),
                 &padded[..len],
                 &want,
                 1e-6,
