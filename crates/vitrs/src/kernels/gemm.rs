@@ -142,6 +142,75 @@ pub fn linear_packed(
     );
 }
 
+/// A residual branch and the LayerNorm after it: `out += x·Wᵀ + bias`, then `normed =
+/// LayerNorm(out)` with `(gamma, beta, eps)` (a pre-norm block's attention output and its
+/// second norm, in inference). When the threads split the rows (many rows: batch > 1), each
+/// normalises its own rows as soon as its product has written them, still in its cache and
+/// in the same parallel region; otherwise the LayerNorm runs after the product.
+///
+/// # Shapes
+/// As [`linear`] with `out (m, n)`, plus `normed (m, n)`, `gamma`, `beta` `(n)`.
+///
+/// # Panics
+/// When a slice is shorter than its shape.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_add_norm(
+    x: &[f32],
+    w: &[f32],
+    packed: Option<&PackedLinear>,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    (normed, gamma, beta, eps): (&mut [f32], &[f32], &[f32], f32),
+    (m, k, n): (usize, usize, usize),
+) {
+    super::check_len("linear_add_norm: normed", normed.len(), m * n);
+    super::check_len("linear_add_norm: gamma", gamma.len(), n);
+    super::check_len("linear_add_norm: beta", beta.len(), n);
+    let threads = rayon::current_num_threads();
+    let isa = super::isa();
+    let usable = packed.filter(|p| p.0.usable(isa) && p.0.shape() == (k, n));
+    // The split `linear_packed` would choose: rows unless few (see there).
+    let on_tiles = usable.is_some_and(|p| p.0.on_tiles());
+    let by_rows = threads > 1 && m * n * k >= PARALLEL_MIN_MACS && (n < m || on_tiles);
+    if !by_rows || m == 0 || n == 0 {
+        linear_packed(x, w, packed, bias, out, (m, k, n), Epilogue::Accumulate);
+        super::layernorm::layernorm(&out[..m * n], &mut normed[..m * n], gamma, beta, n, eps);
+        return;
+    }
+    super::check_len("linear: x", x.len(), m * k);
+    super::check_len("linear: w", w.len(), n * k);
+    super::check_len("linear: out", out.len(), m * n);
+    if let Some(b) = bias {
+        super::check_len("linear: bias", b.len(), n);
+    }
+    let g = super::sgemm::product_geometry(isa, n);
+    let s = Split::new(m, threads, g.mr);
+    let (outp, normp) = (SyncPtr(out.as_mut_ptr()), SyncPtr(normed.as_mut_ptr()));
+    let packed = usable.map(|p| &p.0);
+    team::for_each(s.count, |i| {
+        let (r0, r1) = s.get(i);
+        // SAFETY: the parts of a `Split` are disjoint row ranges, whole rows of `out` and of
+        // `normed`; `x`, `w` and `packed` are only read.
+        unsafe {
+            block(
+                isa,
+                x,
+                w,
+                packed,
+                bias,
+                outp,
+                (m, k, n),
+                (r0, r1),
+                (0, n),
+                Epilogue::Accumulate,
+            );
+            let rows = std::slice::from_raw_parts(outp.get().add(r0 * n), (r1 - r0) * n);
+            let dst = std::slice::from_raw_parts_mut(normp.get().add(r0 * n), (r1 - r0) * n);
+            super::layernorm::layernorm_here(rows, dst, gamma, beta, eps);
+        }
+    });
+}
+
 /// `out (m, n) = A·Wᵀ + bias` with `A (m, k)` gathered from `base`: `A(i, p) =
 /// base[rows[i] + cols[p]]` — a convolution's product without its lowered matrix (see
 /// `kernels::conv`). `None` on the portable rung, which cannot gather: lower the input there.
@@ -731,6 +800,47 @@ mod tests {
                         "{m}x{k}x{n} {epi:?} bias={}: {d}",
                         bias.is_some()
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_fused_residual_and_layernorm_are_the_separate_ones_bit_for_bit() {
+        use crate::kernels::layernorm::layernorm;
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            // Rows split among the threads (fused), columns split (not), and too small to split.
+            for &(m, k, n) in &[(300, 33, 64), (394, 64, 192), (20, 64, 192), (7, 5, 3)] {
+                let x = rand_vec(m * k, 11);
+                let w = rand_vec(n * k, 12);
+                let b = rand_vec(n, 13);
+                let (g, beta) = (rand_vec(n, 14), rand_vec(n, 15));
+                let packed = PackedLinear::new(&w, (n, k));
+                for p in [None, packed.as_ref()] {
+                    let init = rand_vec(m * n, 16);
+                    let (mut got, mut got_norm) = (init.clone(), vec![0.0; m * n]);
+                    let (mut want, mut want_norm) = (init.clone(), vec![0.0; m * n]);
+                    pool.install(|| {
+                        linear_add_norm(
+                            &x,
+                            &w,
+                            p,
+                            Some(&b),
+                            &mut got,
+                            (&mut got_norm, &g, &beta, 1e-6),
+                            (m, k, n),
+                        );
+                        let epi = Epilogue::Accumulate;
+                        linear_packed(&x, &w, p, Some(&b), &mut want, (m, k, n), epi);
+                        layernorm(&want, &mut want_norm, &g, &beta, n, 1e-6);
+                    });
+                    let what = format!("{m}x{k}x{n}, {threads} threads, packed {}", p.is_some());
+                    assert_eq!(got, want, "{what}: residual");
+                    assert_eq!(got_norm, want_norm, "{what}: norm");
                 }
             }
         }

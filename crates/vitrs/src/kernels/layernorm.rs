@@ -92,6 +92,22 @@ fn layernorm_impl(
     });
 }
 
+/// [`layernorm`] of `x`'s rows into `out`, on the calling thread: the part of a parallel task
+/// that has just written those rows (see `gemm::linear_add_norm`).
+///
+/// # Shapes
+/// `x (rows, d)`, `out (rows, d)`, `gamma (d)`, `beta (d)`.
+pub(crate) fn layernorm_here(x: &[f32], out: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let d = gamma.len();
+    let mut stats = [(0.0, 0.0); ROWS_PER_TASK];
+    for (xc, oc) in x
+        .chunks(d * ROWS_PER_TASK)
+        .zip(out.chunks_mut(d * ROWS_PER_TASK))
+    {
+        layernorm_rows(xc, oc, gamma, beta, eps, &mut stats);
+    }
+}
+
 simd_dispatch! {
     /// The rows of `x` (`gamma.len()` wide) normalised into `out`, each row's `(mean, 1/std)`
     /// into `stats`: one call per task, the passes of every row inlined into it (a call per

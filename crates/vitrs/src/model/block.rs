@@ -220,8 +220,14 @@ impl ViT {
                     Epilogue::None,
                 );
                 attention(&acts.qkv, &mut acts.attn, probs, attn_scratch, dims);
-                self.add_branch(&blk.proj, &acts.attn, x, branch, mask_attn, ls1, rows);
-                self.norm(&blk.norm2, x, &mut acts.ln2, keep);
+                if keep || mask_attn.is_some() || ls1.is_some() {
+                    self.add_branch(&blk.proj, &acts.attn, x, branch, mask_attn, ls1, rows);
+                    self.norm(&blk.norm2, x, &mut acts.ln2, keep);
+                } else {
+                    // Inference: the residual add and LN2 in one parallel region.
+                    let normed = &mut acts.ln2.output;
+                    self.linear_then_norm(&blk.proj, &acts.attn, x, &blk.norm2, normed, rows);
+                }
                 self.mlp_hidden(&blk.fc1, &acts.ln2.output, &mut acts.mlp, rows, keep);
                 self.add_branch(&blk.fc2, &acts.mlp.h_act, x, branch, mask_mlp, ls2, rows);
             }

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use super::params::{LinearView, NormView};
 use super::ViT;
-use crate::kernels::gemm::{linear_backward, linear_packed, Epilogue};
+use crate::kernels::gemm::{linear_add_norm, linear_backward, linear_packed, Epilogue};
 use crate::kernels::layernorm::{layernorm, layernorm_backward, layernorm_train, LnSaved};
 use crate::kernels::math::gelu_train_par;
 
@@ -89,6 +89,37 @@ impl ViT {
             &mut out[..rows * l.out],
             (rows, l.inp, l.out),
             epi,
+        );
+    }
+
+    /// `x += linear(input)` (a residual branch), then `normed = LayerNorm(x)` with `nv`'s
+    /// parameters, fused where the threads split the rows (inference; see
+    /// [`linear_add_norm`]).
+    ///
+    /// # Shapes
+    /// `input (rows, in)`, `x (rows, out)`, `normed (rows, out)`.
+    pub(crate) fn linear_then_norm(
+        &self,
+        l: &LinearView,
+        input: &[f32],
+        x: &mut [f32],
+        nv: &NormView,
+        normed: &mut [f32],
+        rows: usize,
+    ) {
+        let w = self.params.slice(&l.w);
+        let b = l.b.as_ref().map(|r| self.params.slice(r));
+        let packed = self.packed.as_ref().and_then(|p| p.get(&l.w.start));
+        let (g, beta) = (self.params.slice(&nv.w), self.params.slice(&nv.b));
+        let eps = self.config.layer_norm_eps;
+        linear_add_norm(
+            &input[..rows * l.inp],
+            w,
+            packed,
+            b,
+            &mut x[..rows * l.out],
+            (&mut normed[..rows * l.out], g, beta, eps),
+            (rows, l.inp, l.out),
         );
     }
 
