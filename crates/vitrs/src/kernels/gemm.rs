@@ -91,9 +91,30 @@ pub fn linear_packed(
     packed: Option<&PackedLinear>,
     bias: Option<&[f32]>,
     out: &mut [f32],
-    (m, k, n): (usize, usize, usize),
+    dims: (usize, usize, usize),
     epilogue: Epilogue,
 ) {
+    linear_parts(x, w, packed, bias, out, dims, epilogue, None);
+}
+
+/// Called with a part of a product's rows, `(r0, r1)`, and those rows of `out` (`(r1 − r0, n)`),
+/// by the task that has just written them whole.
+type RowsDone<'a> = &'a (dyn Fn((usize, usize), &[f32]) + Sync);
+
+/// [`linear_packed`], calling `rows_done` on each task's rows right after its product when
+/// the tasks hold whole rows (the rows split among the threads, or one task for all);
+/// returns whether it did (a split by columns does not).
+#[allow(clippy::too_many_arguments)]
+fn linear_parts(
+    x: &[f32],
+    w: &[f32],
+    packed: Option<&PackedLinear>,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    (m, k, n): (usize, usize, usize),
+    epilogue: Epilogue,
+    rows_done: Option<RowsDone>,
+) -> bool {
     super::check_len("linear: x", x.len(), m * k);
     super::check_len("linear: w", w.len(), n * k);
     super::check_len("linear: out", out.len(), m * n);
@@ -101,7 +122,7 @@ pub fn linear_packed(
         super::check_len("linear: bias", b.len(), n);
     }
     if m == 0 || n == 0 {
-        return;
+        return true;
     }
     let isa = super::isa();
     let packed = packed
@@ -126,20 +147,31 @@ pub fn linear_packed(
                 epilogue,
             )
         }
+        if let (Some(done), (0, c1)) = (rows_done, cols) {
+            if c1 == n {
+                let (r0, r1) = rows;
+                // SAFETY: this task's rows of `out`, written above and owned by it alone.
+                done(rows, unsafe {
+                    std::slice::from_raw_parts(outp.get().add(r0 * n), (r1 - r0) * n)
+                });
+            }
+        }
     };
     // Few rows (small batch): split the columns in whole panels; each thread reads only its
     // panels of W. Not on the tile unit: there each thread would split all of x into its
     // pieces, and halves of the rows (both threads streaming the same panels of W) ran the
     // batch-1 forwards of S/16 and B/16 4–8 % faster on an AVX-512 Xeon.
     // Column parts start on the packing's panels (`product_geometry` gives its width).
+    let alone = threads == 1 || m * n * k < PARALLEL_MIN_MACS;
     let by_cols = n >= m && !packed.is_some_and(|p| p.on_tiles());
     for_blocks(
         (m, n),
-        threads == 1 || m * n * k < PARALLEL_MIN_MACS,
+        alone,
         by_cols,
         super::sgemm::product_geometry(isa, n),
         run,
     );
+    alone || !by_cols
 }
 
 /// A residual branch and the LayerNorm after it: `out += x·Wᵀ + bias`, then `normed =
@@ -166,49 +198,16 @@ pub fn linear_add_norm(
     super::check_len("linear_add_norm: normed", normed.len(), m * n);
     super::check_len("linear_add_norm: gamma", gamma.len(), n);
     super::check_len("linear_add_norm: beta", beta.len(), n);
-    let threads = rayon::current_num_threads();
-    let isa = super::isa();
-    let usable = packed.filter(|p| p.0.usable(isa) && p.0.shape() == (k, n));
-    // The split `linear_packed` would choose: rows unless few (see there).
-    let on_tiles = usable.is_some_and(|p| p.0.on_tiles());
-    let by_rows = threads > 1 && m * n * k >= PARALLEL_MIN_MACS && (n < m || on_tiles);
-    if !by_rows || m == 0 || n == 0 {
-        linear_packed(x, w, packed, bias, out, (m, k, n), Epilogue::Accumulate);
+    let normp = SyncPtr(normed.as_mut_ptr());
+    let norm_rows = |(r0, r1): (usize, usize), rows: &[f32]| {
+        // SAFETY: rows r0..r1 of `normed` belong to the task that wrote those of `out`.
+        let dst = unsafe { std::slice::from_raw_parts_mut(normp.get().add(r0 * n), (r1 - r0) * n) };
+        super::layernorm::layernorm_here(rows, dst, gamma, beta, eps);
+    };
+    let epi = Epilogue::Accumulate;
+    if !linear_parts(x, w, packed, bias, out, (m, k, n), epi, Some(&norm_rows)) {
         super::layernorm::layernorm(&out[..m * n], &mut normed[..m * n], gamma, beta, n, eps);
-        return;
     }
-    super::check_len("linear: x", x.len(), m * k);
-    super::check_len("linear: w", w.len(), n * k);
-    super::check_len("linear: out", out.len(), m * n);
-    if let Some(b) = bias {
-        super::check_len("linear: bias", b.len(), n);
-    }
-    let g = super::sgemm::product_geometry(isa, n);
-    let s = Split::new(m, threads, g.mr);
-    let (outp, normp) = (SyncPtr(out.as_mut_ptr()), SyncPtr(normed.as_mut_ptr()));
-    let packed = usable.map(|p| &p.0);
-    team::for_each(s.count, |i| {
-        let (r0, r1) = s.get(i);
-        // SAFETY: the parts of a `Split` are disjoint row ranges, whole rows of `out` and of
-        // `normed`; `x`, `w` and `packed` are only read.
-        unsafe {
-            block(
-                isa,
-                x,
-                w,
-                packed,
-                bias,
-                outp,
-                (m, k, n),
-                (r0, r1),
-                (0, n),
-                Epilogue::Accumulate,
-            );
-            let rows = std::slice::from_raw_parts(outp.get().add(r0 * n), (r1 - r0) * n);
-            let dst = std::slice::from_raw_parts_mut(normp.get().add(r0 * n), (r1 - r0) * n);
-            super::layernorm::layernorm_here(rows, dst, gamma, beta, eps);
-        }
-    });
 }
 
 /// `out (m, n) = A·Wᵀ + bias` with `A (m, k)` gathered from `base`: `A(i, p) =
