@@ -98,20 +98,14 @@ fn layernorm_impl(
 /// # Shapes
 /// `x (rows, d)`, `out (rows, d)`, `gamma (d)`, `beta (d)`.
 pub(crate) fn layernorm_here(x: &[f32], out: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
-    let d = gamma.len();
-    let mut stats = [(0.0, 0.0); ROWS_PER_TASK];
-    for (xc, oc) in x
-        .chunks(d * ROWS_PER_TASK)
-        .zip(out.chunks_mut(d * ROWS_PER_TASK))
-    {
-        layernorm_rows(xc, oc, gamma, beta, eps, &mut stats);
-    }
+    layernorm_rows(x, out, gamma, beta, eps, &mut []);
 }
 
 simd_dispatch! {
-    /// The rows of `x` (`gamma.len()` wide) normalised into `out`, each row's `(mean, 1/std)`
-    /// into `stats`: one call per task, the passes of every row inlined into it (a call per
-    /// pass and row cost a LayerNorm of 192-float rows about half its time).
+    /// The rows of `x` (`gamma.len()` wide) normalised into `out`, row `r`'s `(mean, 1/std)`
+    /// into `stats[r]` where `stats` has one: one call per task, the passes of every row
+    /// inlined into it (a call per pass and row cost a LayerNorm of 192-float rows about half
+    /// its time).
     fn layernorm_rows(
         x: &[f32],
         out: &mut [f32],
@@ -121,8 +115,11 @@ simd_dispatch! {
         stats: &mut [(f32, f32)],
     ) {
         let d = gamma.len();
-        for ((orow, xrow), st) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(stats) {
-            *st = layernorm_row(xrow, orow, gamma, beta, eps);
+        for (r, (orow, xrow)) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)).enumerate() {
+            let st = layernorm_row(xrow, orow, gamma, beta, eps);
+            if let Some(slot) = stats.get_mut(r) {
+                *slot = st;
+            }
         }
     }
 }

@@ -148,16 +148,8 @@ fn map_inplace(x: &mut [f32], f: impl Fn(f32) -> f32) {
 }
 
 simd_dispatch! {
-    fn gelu_exact_inplace(x: &mut [f32]) {
-        map_inplace(x, gelu_exact::<FMA>);
-    }
-}
-
-simd_dispatch! {
-    fn gelu_tanh_inplace(x: &mut [f32]) {
-        for v in x.iter_mut() {
-            *v = gelu_tanh::<FMA>(*v);
-        }
+    fn gelu_rung(x: &mut [f32], kind: Gelu) {
+        gelu_slice::<FMA>(x, kind);
     }
 }
 
@@ -171,21 +163,18 @@ simd_dispatch! {
 }
 
 /// `x ← GELU(x)` in place, inlined into the caller (which runs it with fused multiply-adds
-/// when `F`, compiled for a SIMD rung): the GEMM's tile epilogue.
+/// when `F`, compiled for a SIMD rung): [`gelu_inplace`]'s body, and the GEMM's tile epilogue.
 #[inline(always)]
 pub(crate) fn gelu_slice<const F: bool>(x: &mut [f32], kind: Gelu) {
     match kind {
-        Gelu::Exact => x.iter_mut().for_each(|v| *v = gelu_exact::<F>(*v)),
+        Gelu::Exact => map_inplace(x, gelu_exact::<F>),
         Gelu::Tanh => x.iter_mut().for_each(|v| *v = gelu_tanh::<F>(*v)),
     }
 }
 
 /// `x ← GELU(x)` in place, exact (erf) or tanh form. Max abs error vs [`gelu_ref`]: about 3e-7·|x|.
 pub fn gelu_inplace(x: &mut [f32], kind: Gelu) {
-    match kind {
-        Gelu::Exact => gelu_exact_inplace(x),
-        Gelu::Tanh => gelu_tanh_inplace(x),
-    }
+    gelu_rung(x, kind);
 }
 
 /// Lanes of the partial sums in the reductions below: one AVX register of f32.

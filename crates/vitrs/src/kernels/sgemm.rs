@@ -166,34 +166,29 @@ pub fn geometry(isa: Isa) -> Geometry {
     }
 }
 
-/// The blocking of a product with `n` columns on rung `isa`: [`geometry`], with the 6 × 64
-/// tile where [`panel_width`] gives 64-column panels.
+/// The blocking of a product with `n` columns on rung `isa`: [`geometry`], except on AVX-512
+/// CPUs with one 512-bit FMA per cycle (AMD Zen 4), where a product at least 256 wide in whole
+/// 64-column panels takes the 6 × 64 tile (24 accumulators, 10 loads per 24 FMAs against 8 ×
+/// 32's 10 per 16, and half as many tiles to set up and store). Against 8 × 32 there (Zen 4
+/// EPYC, 2 threads, 6 interleaved rounds): the ViT-B/16 batch-1 products +2 to +7 %, ViT-B/16
+/// batch 1 +5 % and S/16 +2.5 % whole; on the narrow products of the fashion-mnist training
+/// step (64–192 columns) it lost 8 %, so they keep 8 × 32.
 pub fn product_geometry(isa: Isa, n: usize) -> Geometry {
     let g = geometry(isa);
-    if panel_width(isa, n) == 2 * NR512 {
-        Geometry {
+    match isa {
+        Isa::Avx512 if !two_512_bit_fmas() && n >= 256 && n.is_multiple_of(2 * NR512) => Geometry {
             mr: MR512_NARROW,
             nr: 2 * NR512,
             ..g
-        }
-    } else {
-        g
+        },
+        _ => g,
     }
 }
 
-/// Columns per panel of `B` (packed or read in place) in a product with `n` columns: the
-/// rung's `nr`, except on AVX-512 CPUs with one 512-bit FMA per cycle (AMD Zen 4), where a
-/// product at least 256 wide in whole 64-column panels takes the 6 × 64 tile (24
-/// accumulators, 10 loads per 24 FMAs against 8 × 32's 10 per 16, and half as many tiles to
-/// set up and store). Against 8 × 32 there (Zen 4 EPYC, 2 threads, 6 interleaved rounds): the
-/// ViT-B/16 batch-1 products +2 to +7 %, ViT-B/16 batch 1 +5 % and S/16 +2.5 % whole; on the
-/// narrow products of the fashion-mnist training step (64–192 columns) it lost 8 %, so they
-/// keep 8 × 32.
+/// Columns per panel of `B` (packed or read in place) in a product with `n` columns (see
+/// [`product_geometry`]).
 pub fn panel_width(isa: Isa, n: usize) -> usize {
-    match isa {
-        Isa::Avx512 if !two_512_bit_fmas() && n >= 256 && n.is_multiple_of(2 * NR512) => 2 * NR512,
-        _ => geometry(isa).nr,
-    }
+    product_geometry(isa, n).nr
 }
 
 /// Steps of the inner dimension per block, where the L2 allows (see [`geometry`]).
@@ -663,19 +658,14 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
         Isa::Avx512 => {
             use super::amx;
             if let ARef::Mat(am) = a {
-                match b {
-                    BRef::Packed(pb, c0) if pb.amx.is_some() => {
-                        let pa = pb.amx.as_ref().expect("checked");
-                        let plain = Out { gelu: None, ..c };
-                        amx::gemm(m, n, k, am, amx::B::Packed(pa, c0), plain, sums);
-                        return gelu_after(m, n, c);
-                    }
-                    BRef::Mat(bm) if amx_worth(m, n, k) && amx::enabled() => {
-                        let plain = Out { gelu: None, ..c };
-                        amx::gemm(m, n, k, am, amx::B::Mat(bm), plain, sums);
-                        return gelu_after(m, n, c);
-                    }
-                    _ => {}
+                let on_tiles = match b {
+                    BRef::Packed(pb, c0) => pb.amx.as_ref().map(|pa| amx::B::Packed(pa, c0)),
+                    BRef::Mat(bm) if amx_worth(m, n, k) && amx::enabled() => Some(amx::B::Mat(bm)),
+                    BRef::Mat(_) => None,
+                };
+                if let Some(bt) = on_tiles {
+                    amx::gemm(m, n, k, am, bt, Out { gelu: None, ..c }, sums);
+                    return gelu_after(m, n, c);
                 }
             }
             debug_assert!(!matches!(b, BRef::Packed(pb, _) if pb.amx.is_some()));

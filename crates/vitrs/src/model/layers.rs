@@ -6,7 +6,9 @@ use std::ops::Range;
 
 use super::params::{LinearView, NormView};
 use super::ViT;
-use crate::kernels::gemm::{linear_add_norm, linear_backward, linear_packed, Epilogue};
+use crate::kernels::gemm::{
+    linear_add_norm, linear_backward, linear_packed, Epilogue, PackedLinear,
+};
 use crate::kernels::layernorm::{layernorm, layernorm_backward, layernorm_train, LnSaved};
 use crate::kernels::math::gelu_train_par;
 
@@ -78,9 +80,7 @@ impl ViT {
         rows: usize,
         epi: Epilogue,
     ) {
-        let w = self.params.slice(&l.w);
-        let b = l.b.as_ref().map(|r| self.params.slice(r));
-        let packed = self.packed.as_ref().and_then(|p| p.get(&l.w.start));
+        let (w, b, packed) = self.linear_operands(l);
         linear_packed(
             &x[..rows * l.inp],
             w,
@@ -90,6 +90,13 @@ impl ViT {
             (rows, l.inp, l.out),
             epi,
         );
+    }
+
+    /// A linear layer's weight, bias and packed weight (when inference packed it).
+    fn linear_operands(&self, l: &LinearView) -> (&[f32], Option<&[f32]>, Option<&PackedLinear>) {
+        let w = self.params.slice(&l.w);
+        let b = l.b.as_ref().map(|r| self.params.slice(r));
+        (w, b, self.packed.as_ref().and_then(|p| p.get(&l.w.start)))
     }
 
     /// `x += linear(input)` (a residual branch), then `normed = LayerNorm(x)` with `nv`'s
@@ -107,9 +114,7 @@ impl ViT {
         normed: &mut [f32],
         rows: usize,
     ) {
-        let w = self.params.slice(&l.w);
-        let b = l.b.as_ref().map(|r| self.params.slice(r));
-        let packed = self.packed.as_ref().and_then(|p| p.get(&l.w.start));
+        let (w, b, packed) = self.linear_operands(l);
         let (g, beta) = (self.params.slice(&nv.w), self.params.slice(&nv.b));
         let eps = self.config.layer_norm_eps;
         linear_add_norm(
