@@ -7,7 +7,8 @@
 //!   packed `A` block fits in half of L2), both from the CPU's L2 size read at run time;
 //! - `A` is packed per block into `MR`-row micro-panels (`[k][MR]`, zero-padded), so the
 //!   micro-kernel reads it sequentially whatever its strides (a transposed `dY` in the weight
-//!   gradient, say); a short row-major `A` (a batch-1 forward) is read in place;
+//!   gradient, say); a short row-major `A` (a batch-1 forward) is read in place, and so is a
+//!   tall one where all of `B` stays in L2 (one row tile across every panel, see `b_resident`);
 //! - `B` is read as `NR`-column micro-panels (`[k][NR]`): pre-packed once ([`PackedB`]: the
 //!   weights of a model, packed once per model) or packed per block of the inner dimension
 //!   (a copy of contiguous rows, or 8 × 8 transposes), so a micro-panel is one contiguous,
@@ -99,6 +100,8 @@ pub struct Geometry {
     pub l2: usize,
     /// A row-major A with more rows than this is packed; one with fewer is read in place.
     pub pack_a_rows: usize,
+    /// Whether a B that fits in L2 is kept there for the whole product (see [`b_resident`]).
+    pub resident_b: bool,
 }
 
 /// Bytes of one core's L2, from sysfs (Linux), else 512 KiB.
@@ -163,6 +166,31 @@ pub fn geometry(isa: Isa) -> Geometry {
         mc,
         l2,
         pack_a_rows,
+        // Not measured on the two-FMA-unit CPUs, whose 12-row tile spills with A read in
+        // place (see `MR512`) and whose larger L2 already gives 768-step blocks.
+        resident_b: !wide,
+    }
+}
+
+/// Whether all of `B (k, n)` in `nr`-wide panels stays in L2 for the whole product, as one
+/// block of the inner dimension (up to twice [`Geometry::kc`]) in at most three quarters of
+/// it: then each row tile of A runs across every panel before the next, reading its rows into
+/// L1 once and where they are, however tall A is (no packed copy of A), and C is written in
+/// one pass. ViT-Ti/16's products at batch 16 on a Zen 4 EPYC (one thread, A/B interleaved):
+/// the 768-deep MLP output `3152x768x192` +7–9 % on both rungs (+3.5 % of it from the single
+/// pass alone), `3152x192x192` +1–3 %, the 192-deep `x576`/`x768` within ±1 %; the whole
+/// ViT-Ti/16 batch-16 forward +0.4–4.7 % (2 threads).
+fn b_resident(g: &Geometry, k: usize, n: usize, nr: usize) -> bool {
+    g.resident_b && k <= 2 * g.kc && 4 * k * n.div_ceil(nr) * nr <= g.l2 / 4 * 3
+}
+
+/// Steps of the inner dimension per block of a product `B (k, n)` in `nr`-wide panels: all
+/// of them where B stays in L2 ([`b_resident`]), else [`Geometry::kc`].
+fn inner_block(g: &Geometry, k: usize, n: usize, nr: usize) -> usize {
+    if b_resident(g, k, n, nr) {
+        k
+    } else {
+        g.kc
     }
 }
 
@@ -336,7 +364,8 @@ impl PackedB {
                 amx: Some(super::amx::PackedB::new(b, k, n)),
             });
         }
-        let (nr, kc) = (panel_width(isa, n), g.kc);
+        let nr = panel_width(isa, n);
+        let kc = inner_block(&g, k, n, nr);
         let panels = n.div_ceil(nr);
         // Block by block of the inner dimension, as the kernel reads it: within a block the
         // panels follow each other, so the hardware prefetcher streams from one to the next.
@@ -888,9 +917,16 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
     sums: Sums,
 ) {
     let nr = NV * S::LANES;
-    let kc_max = g.kc;
-    // Whole tiles of this instantiation (`g.mr` may be another tile's height).
-    let mut mc_max = (g.mc / MR * MR).max(MR);
+    // A packed B was blocked when it was packed, by the same rule.
+    let kc_max = match b {
+        BRef::Packed(pb, _) => pb.kc,
+        BRef::Mat(_) => inner_block(&g, k, n, nr),
+    };
+    // All of B in L2, one block: A's row tiles read in place, each across every panel.
+    let resident = kc_max >= k && b_resident(&g, k, n, nr);
+    // Whole tiles of this instantiation (`g.mr` may be another tile's height); a longer block
+    // of the inner dimension than `g.kc`, fewer rows in a packed block of A.
+    let mut mc_max = (g.mc * g.kc.min(kc_max) / kc_max / MR * MR).max(MR);
     // A long inner dimension and a small C (the weight gradient: thousands of rows summed
     // into a weight-sized C) passes over C once per block of the inner dimension: keep all of
     // C in L2 beside the packed A block, with smaller A blocks.
@@ -910,7 +946,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
             // Where panel `jp` of B's rows pc..pc+kc is, and its row stride.
             let (bbase, ldb, pstride): (*const f32, isize, isize) = match b {
                 BRef::Packed(pb, c0) => {
-                    debug_assert!(pb.nr == nr && pb.kc == kc_max);
+                    debug_assert!(pb.nr == nr);
                     // Block pc: every panel's kc rows, panel after panel.
                     let block = pc * pb.n.div_ceil(nr) * nr;
                     let first = pb.data.slice().as_ptr().add(block + (c0 / nr) * kc * nr);
@@ -950,12 +986,13 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
             for ic in (0..m).step_by(mc_max) {
                 let mc = mc_max.min(m - ic);
                 // Gathered A, and row-major A (activations) of at most `g.pack_a_rows` rows
-                // (a batch-1 forward), are read where they are; any other layout, and taller
-                // row-major A, is packed: one sequential stream per tile instead of MR rows
-                // `k` apart, packed once per block and read by every panel of B.
+                // (a batch-1 forward) or over a resident B, are read where they are; any
+                // other layout, and taller row-major A, is packed: one sequential stream per
+                // tile instead of MR rows `k` apart, packed once per block and read by every
+                // panel of B.
                 let apack = &mut abuf.slice_mut()[..mc.div_ceil(MR) * MR * kc + PACK_SLACK];
                 let packed_a = match a {
-                    ARef::Mat(am) if am.cs != 1 || m > g.pack_a_rows => {
+                    ARef::Mat(am) if am.cs != 1 || (m > g.pack_a_rows && !resident) => {
                         pack_a::<MR>(am, ic, mc, pc, kc, apack, sums.map(|p| p.add(ic)));
                         true
                     }
@@ -969,11 +1006,11 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 // Cache lines (16 floats) per panel, and lines asked for per tile.
                 let lines = (kc * nr).div_ceil(16);
                 let per_tile = lines.div_ceil(tiles);
-                // With all of B's panels in L1 (at most 64 KiB), each row tile runs across
-                // every panel before the next: A's rows (read in place from memory, or packed)
-                // come into L1 once instead of once per panel. Otherwise panel by panel, each
-                // read from L2 by every row tile.
-                let rows_outer = panels * kc * nr * 4 <= 64 << 10;
+                // With all of B's panels in L1 (at most 64 KiB), or all of B resident in L2,
+                // each row tile runs across every panel before the next: A's rows (read in
+                // place from memory, or packed) come into L1 once instead of once per panel.
+                // Otherwise panel by panel, each read from L2 by every row tile.
+                let rows_outer = panels * kc * nr * 4 <= 64 << 10 || resident;
                 // Tile `t`'s (row tile, panel).
                 let at = |t: usize| {
                     if rows_outer {
@@ -1510,6 +1547,9 @@ mod tests {
             // tile, B packed or not; see `panel_width`).
             (13, 37, 256),
             (g.mc + 5, g.kc + 9, 320),
+            // B resident in L2 (see `b_resident`): a tall A read in place over one block of
+            // the inner dimension longer than `kc`, ragged columns.
+            (300, 2 * g.kc - 5, 2 * g.nr + 7),
         ] {
             let a = rand_vec(m * k, 1);
             let bt = rand_vec(n * k, 2); // B stored transposed, (n, k): a weight
