@@ -131,7 +131,7 @@ pub fn attention(
     if let Some(p) = probs.as_deref() {
         super::check_len("attention: probs", p.len(), batch * heads * n * n);
     }
-    let threads = rayon::current_num_threads();
+    let threads = team::threads();
     let (blocks, rows) = dims.plan(threads);
     let tasks = batch * heads * blocks;
     let groups = Split::new(tasks, threads, 1);
@@ -373,7 +373,7 @@ pub fn attention_backward(
     );
     super::check_len("attention_backward: dout", dout.len(), batch * n * d);
     super::check_len("attention_backward: dqkv", dqkv.len(), batch * n * 3 * d);
-    let groups = Split::new(batch * heads, rayon::current_num_threads(), 1);
+    let groups = Split::new(batch * heads, team::threads(), 1);
     // Per group: dS (N, N).
     let tile_len = n * n;
     let need = groups.count * tile_len;

@@ -128,7 +128,7 @@ fn linear_parts(
     let packed = packed
         .map(|p| &p.0)
         .filter(|p| p.usable(isa) && p.shape() == (k, n));
-    let threads = rayon::current_num_threads();
+    let threads = team::threads();
     let outp = SyncPtr(out.as_mut_ptr());
     let run = |rows: (usize, usize), cols: (usize, usize)| {
         // SAFETY: the ranges of a `Split` are disjoint, so each task writes its own
@@ -306,7 +306,7 @@ fn gathered(
         };
         gemm_gather(isa, r1 - r0, c1 - c0, k, a, BRef::Mat(b), o);
     };
-    let threads = rayon::current_num_threads();
+    let threads = team::threads();
     let g = super::sgemm::product_geometry(isa, n);
     for_blocks(
         (m, n),
@@ -329,7 +329,7 @@ fn for_blocks(
     g: super::sgemm::Geometry,
     run: impl Fn((usize, usize), (usize, usize)) + Sync,
 ) {
-    let threads = rayon::current_num_threads();
+    let threads = team::threads();
     if alone {
         run((0, rows), (0, cols));
     } else if by_cols {
@@ -445,7 +445,7 @@ pub fn linear_backward(
 /// `db (n) += Σ_rows dy (m, n)`: the threads take a share of the columns each, down all the
 /// rows (with a large m, one thread summing alone left the others waiting).
 fn bias_grad(dy: &[f32], db: &mut [f32], m: usize, n: usize) {
-    let threads = rayon::current_num_threads();
+    let threads = team::threads();
     let chunk = if threads == 1 || m * n < PARALLEL_MIN_MACS {
         n
     } else {
@@ -482,7 +482,7 @@ pub fn linear_dx(dy: &[f32], w: &[f32], dx: &mut [f32], (m, k, n): (usize, usize
     }
     let isa = super::isa();
     let g = super::sgemm::product_geometry(isa, k);
-    let threads = rayon::current_num_threads();
+    let threads = team::threads();
     let small = threads == 1 || m * n * k < PARALLEL_MIN_MACS;
     // dx (m, k) = dy (m, n) · W (n, k): W is B with contiguous rows.
     let dxp = SyncPtr(dx.as_mut_ptr());
@@ -534,7 +534,7 @@ fn linear_dw_db(
     }
     let isa = super::isa();
     let g = super::sgemm::product_geometry(isa, k);
-    let threads = rayon::current_num_threads();
+    let threads = team::threads();
     let small = threads == 1 || m * n * k < PARALLEL_MIN_MACS;
     // dW (n, k) += dyᵀ (n, m) · x (m, k): a sum over the m rows (images × tokens, thousands in
     // training) into a weight-sized result. Every element of dY and x takes part in only 2k

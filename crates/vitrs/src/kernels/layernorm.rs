@@ -173,7 +173,7 @@ pub fn layernorm_backward(
     ] {
         super::check_len(what, len, need);
     }
-    let split = Split::new(rows, rayon::current_num_threads(), ROWS_PER_TASK);
+    let split = Split::new(rows, team::threads(), ROWS_PER_TASK);
     if partials.len() < split.count * 2 * d {
         partials.resize(split.count * 2 * d, 0.0);
     }

@@ -32,8 +32,20 @@ const SPIN: Duration = Duration::from_millis(2);
 const SPIN_HOT: Duration = Duration::from_micros(100);
 
 thread_local! {
-    /// Set on the team's own workers (a nested [`for_each`] there runs inline).
+    /// Set while this thread runs tasks of a [`for_each`]: always on the team's own workers,
+    /// and on a caller while it claims its operation's tasks. A nested [`for_each`] there
+    /// runs inline.
     static ON_TEAM: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The threads a kernel called here may split its work over: 1 inside a task of
+/// [`for_each`] (a nested one runs inline, on that thread), rayon's pool's otherwise.
+pub fn threads() -> usize {
+    if ON_TEAM.with(Cell::get) {
+        1
+    } else {
+        rayon::current_num_threads()
+    }
 }
 
 /// Runs `f(i)` for every `i` in `0..count`, each exactly once, on the compute threads (the
@@ -167,7 +179,10 @@ impl Team {
             let _g = s.park.lock().unwrap_or_else(|p| p.into_inner());
             s.wake.notify_all();
         }
+        // The caller's tasks run as the workers' do: anything they split runs inline.
+        let was = ON_TEAM.with(|t| t.replace(true));
         s.claim_all(epoch);
+        ON_TEAM.with(|t| t.set(was));
         // Every index claimed; wait for the workers' ones to finish (they read `f`, which
         // lives on this stack frame).
         let mut spins = 0u32;
@@ -329,6 +344,17 @@ mod tests {
             })
         });
         assert_eq!(total.load(Relaxed), 4 * 3);
+    }
+
+    #[test]
+    fn inside_a_task_kernels_plan_for_one_thread() {
+        // The caller and the worker alike: what a task splits runs on its own thread.
+        let team = Team::new(1);
+        let seen = Mutex::new(Vec::new());
+        team.try_run(8, &|_| seen.lock().unwrap().push(threads()))
+            .unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![1; 8]);
+        assert_eq!(threads(), rayon::current_num_threads());
     }
 
     #[test]

@@ -53,8 +53,19 @@ impl Activations {
         f(&mut self.branch, if train { rows * d } else { 0 });
     }
 
-    /// Sizes the buffers for `cfg`, `batch` and the mode; a no-op when they already fit.
+    /// Sizes the buffers for `cfg`, `batch` and the mode, run by the kernels' threads; a no-op
+    /// when they already fit.
     pub(crate) fn prepare(&mut self, cfg: &ViTConfig, batch: usize, train: bool) {
+        self.prepare_for(cfg, batch, train, crate::kernels::team::threads());
+    }
+
+    /// [`Self::prepare`] for a pass run on one thread alone (an image of a batch run image by
+    /// image): the attention kernel's tiles for one thread.
+    pub(crate) fn prepare_alone(&mut self, cfg: &ViTConfig, batch: usize, train: bool) {
+        self.prepare_for(cfg, batch, train, 1);
+    }
+
+    fn prepare_for(&mut self, cfg: &ViTConfig, batch: usize, train: bool, threads: usize) {
         if self
             .key
             .as_ref()
@@ -72,7 +83,7 @@ impl Activations {
             heads: cfg.heads,
             head_dim: cfg.head_dim(),
         };
-        let need = dims.scratch_len(rayon::current_num_threads());
+        let need = dims.scratch_len(threads);
         if self.attn_scratch.len() < need {
             self.attn_scratch.resize(need, 0.0);
         }
@@ -101,6 +112,8 @@ impl Activations {
 #[derive(Debug, Default)]
 pub struct Workspace {
     pub(crate) acts: Activations,
+    /// One set per image, where a batch runs image by image (see [`super::forward`]).
+    pub(crate) images: Vec<Activations>,
 }
 
 impl Workspace {
