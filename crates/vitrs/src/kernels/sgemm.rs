@@ -100,7 +100,7 @@ pub struct Geometry {
     pub l2: usize,
     /// A row-major A with more rows than this is packed; one with fewer is read in place.
     pub pack_a_rows: usize,
-    /// Whether a B that fits in L2 is kept there for the whole product (see [`b_resident`]).
+    /// Whether a B that fits in L2 is kept there for the whole product (see `b_resident`).
     pub resident_b: bool,
 }
 

@@ -12,9 +12,11 @@
 //! OpenMP runtime does with its block time.
 //!
 //! One caller at a time holds the team. A caller that finds it taken (another thread's model,
-//! tests running side by side), a call from inside a rayon pool (`ThreadPool::install`, whose
-//! thread count the kernels then plan for), and a call nested in a team task all fall back to
-//! rayon or to running inline, so the result never depends on which threads ran it.
+//! tests running side by side) and a call from inside a rayon pool (`ThreadPool::install`, whose
+//! thread count the kernels then plan for) fall back to rayon; a call nested in a team task
+//! (on a worker, or on the caller among its tasks) runs inline, and [`threads`] tells the
+//! kernels so (inference image by image runs a whole forward pass per task). The result never
+//! depends on which threads ran it.
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};

@@ -72,7 +72,8 @@ impl Pass<'_> {
 /// (their `(L, B, …)` layout) are captured by one pass over the batch.
 ///
 /// Against that pass (2 threads, the same Zen 4, A/B interleaved in one process): ViT-Ti/16
-/// at batch 16 +5–7 %, batch 2 +29 %; S/16 and B/16 at batch 16 level within the noise (±2 %).
+/// at batch 16 +5–7 %, batch 2 +29 %; S/16 at batch 16 +1–6 %; B/16 at batch 16 level in one
+/// A/B and 4–5 % behind in another (each image streams all of its 340 MB of weights).
 fn image_by_image(batch: usize, capture: Capture) -> bool {
     let threads = crate::kernels::team::threads();
     threads > 1 && batch.is_multiple_of(threads) && !capture.attentions
