@@ -14,7 +14,10 @@
 //! with the scores in a per-thread scratch tile of `rows × N` (or in the caller's probability
 //! buffer when maps are captured).
 
-use super::math::{dot_lanes, softmax_inplace, softmax_padded, softmax_ref, SOFTMAX_CHUNK};
+use super::math::{
+    dot_lanes, scale_inplace, scale_into, softmax_inplace, softmax_padded_unnormalized,
+    softmax_ref, SOFTMAX_CHUNK,
+};
 use super::sgemm::{gemm, pack_panels, prefetch_l2, row_tile, row_tile_shape, BRef, MatRef, Out};
 use super::{team, Isa, Split, Strided, SyncPtr};
 
@@ -311,12 +314,15 @@ unsafe fn fused_rows(
                 nr.min(n - j0),
             );
         }
-        // P = softmax(scale · S), row by row, in the block.
+        // P = softmax(scale · S), row by row: the block keeps the exponentials and `inv` the
+        // rows' normalisations, applied to the output rows after `P·v` (`hd` floats each
+        // instead of `N`); captured probabilities are the normalised rows.
+        let mut inv = [1.0f32; 16];
         for (i, row) in block.chunks_exact_mut(padded).take(tr).enumerate() {
-            softmax_padded(row, n, scale);
+            softmax_padded_unnormalized(row, n, scale, &mut inv[i]);
             if let Some(p) = probs {
-                let dst = std::slice::from_raw_parts_mut(p.add((i0 - rows.start + i) * n), n);
-                dst.copy_from_slice(&row[..n]);
+                let at = p.add((i0 - rows.start + i) * n);
+                scale_into(std::slice::from_raw_parts_mut(at, n), &row[..n], inv[i]);
             }
         }
         // O (tr, hd) = P (tr, N) · v (N, hd): v's rows read in place, whole vectors (hd is).
@@ -334,6 +340,11 @@ unsafe fn fused_rows(
                 (o.add(c0), ldo as isize),
                 nr.min(hd - c0),
             );
+        }
+        // The softmax's normalisation, on the output rows (in L1).
+        for (i, &s) in inv[..tr].iter().enumerate() {
+            let row = std::slice::from_raw_parts_mut(o.add(i * ldo), hd);
+            scale_inplace(row, s);
         }
     }
 }

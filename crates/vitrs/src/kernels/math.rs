@@ -262,15 +262,22 @@ simd_dispatch! {
 /// before the sum (a padded row's tail), the sum and the normalisation.
 #[inline(always)]
 fn softmax_row<const F: bool>(row: &mut [f32], scale: f32, valid: usize) {
+    let inv = softmax_exp_row::<F>(row, scale, valid);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// [`softmax_row`] but the normalisation: leaves `exp(scale·(row − max))` in the row (zeros
+/// from `valid`) and returns the factor that would normalise it, `1 / Σ`.
+#[inline(always)]
+fn softmax_exp_row<const F: bool>(row: &mut [f32], scale: f32, valid: usize) -> f32 {
     let max = max_lanes(row);
     for v in row.iter_mut() {
         *v = exp_f::<F>(scale * (*v - max));
     }
     row[valid..].fill(0.0);
-    let inv = 1.0 / sum_lanes(row);
-    for v in row.iter_mut() {
-        *v *= inv;
-    }
+    1.0 / sum_lanes(row)
 }
 
 /// Floats per chunk of [`softmax_padded`]: one AVX-512 register, two AVX2 ones.
@@ -289,6 +296,21 @@ simd_dispatch! {
         // −∞ never wins the maximum; after the exponentials the padding is zeroed.
         row[n..].fill(f32::NEG_INFINITY);
         softmax_row::<FMA>(row, scale, n);
+    }
+}
+
+simd_dispatch! {
+    /// [`softmax_padded`] without its last pass: the row is left holding the unnormalised
+    /// exponentials (zeros in the padding) and `inv` gets the factor that normalises them,
+    /// `1 / Σ`, for a caller that applies it to a smaller result (the attention scales its
+    /// output rows, `hd` floats, instead of the `N` probabilities).
+    ///
+    /// # Panics
+    /// As [`softmax_padded`].
+    pub fn softmax_padded_unnormalized(row: &mut [f32], n: usize, scale: f32, inv: &mut f32) {
+        assert!(row.len().is_multiple_of(SOFTMAX_CHUNK) && n > 0 && n <= row.len());
+        row[n..].fill(f32::NEG_INFINITY);
+        *inv = softmax_exp_row::<FMA>(row, scale, n);
     }
 }
 
@@ -320,6 +342,24 @@ pub fn gelu_backward_par(grad: &[f32], dy: &mut [f32]) {
     team::for_chunks_mut(&mut dy[..n], PAR_CHUNK, |c, g| {
         mul_assign(g, &grad[c * PAR_CHUNK..c * PAR_CHUNK + g.len()])
     });
+}
+
+simd_dispatch! {
+    /// `x ← s · x` element-wise.
+    pub fn scale_inplace(x: &mut [f32], s: f32) {
+        for v in x.iter_mut() {
+            *v *= s;
+        }
+    }
+}
+
+simd_dispatch! {
+    /// `dst ← s · src` element-wise (the same products as `*v *= s` in place).
+    pub fn scale_into(dst: &mut [f32], src: &[f32], s: f32) {
+        for (d, v) in dst.iter_mut().zip(src) {
+            *d = *v * s;
+        }
+    }
 }
 
 simd_dispatch! {
