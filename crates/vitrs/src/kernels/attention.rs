@@ -5,9 +5,11 @@
 //! On the SIMD rungs (head dims a multiple of the vector width) the three steps are fused per
 //! register tile of query rows: `kᵀ` is packed once per head into the micro-kernel's panels,
 //! then each tile of rows runs `S` tile by tile into a small scratch block that stays in L1,
-//! the scaled softmax over its rows, and `O = P·v` reading `v`'s rows in place, straight into
-//! the output. Attention maps, when captured (or kept for the backward), are copied out of
-//! that block after the softmax: the maps are exactly the ones used.
+//! the scaled softmax's exponentials over its rows, and `O = P·v` reading `v`'s rows in place,
+//! straight into the output, whose rows then take the softmax's normalisation (`hd` floats a
+//! row instead of `N`). Attention maps, when captured (or kept for the backward), are the
+//! block's rows normalised as they are copied out, the same products as a normalised softmax:
+//! the output is the same with and without them.
 //!
 //! Elsewhere (the portable rung, odd head dims) the two products run whole per block of rows
 //! on the engine's SGEMM ([`super::sgemm`]), reading strided views of the qkv buffer in place,
