@@ -280,35 +280,23 @@ fn softmax_exp_row<const F: bool>(row: &mut [f32], scale: f32, valid: usize) -> 
     1.0 / sum_lanes(row)
 }
 
-/// Floats per chunk of [`softmax_padded`]: one AVX-512 register, two AVX2 ones.
+/// Floats per chunk of [`softmax_padded_unnormalized`]: one AVX-512 register, two AVX2 ones.
 pub const SOFTMAX_CHUNK: usize = 16;
 
 simd_dispatch! {
-    /// [`softmax_inplace`] of `row[..n]` in a row padded to whole chunks of [`SOFTMAX_CHUNK`]
-    /// floats: every pass runs on whole vectors, with no scalar remainder (a 197-token row
-    /// spent a sixth of its time in the five-element tail of `exp`). The padding `row[n..]`
-    /// is overwritten, with zeros at the end.
+    /// The exponentials of [`softmax_inplace`] of `row[..n]`, in a row padded to whole chunks
+    /// of [`SOFTMAX_CHUNK`] floats, without the normalisation: `row[..n]` gets
+    /// `exp(scale·(row − max))`, the padding `row[n..]` zeros, and `inv` the factor that
+    /// normalises them, `1 / Σ`. Every pass runs on whole vectors, with no scalar remainder (a
+    /// 197-token row spent a sixth of its time in the five-element tail of `exp`); the caller
+    /// applies `inv` to a smaller result (the attention scales its output rows, `hd` floats,
+    /// instead of the `N` probabilities), or normalises the row with [`scale_into`].
     ///
     /// # Panics
     /// Unless `row.len()` is a multiple of the chunk and `0 < n ≤ row.len()`.
-    pub fn softmax_padded(row: &mut [f32], n: usize, scale: f32) {
-        assert!(row.len().is_multiple_of(SOFTMAX_CHUNK) && n > 0 && n <= row.len());
-        // −∞ never wins the maximum; after the exponentials the padding is zeroed.
-        row[n..].fill(f32::NEG_INFINITY);
-        softmax_row::<FMA>(row, scale, n);
-    }
-}
-
-simd_dispatch! {
-    /// [`softmax_padded`] without its last pass: the row is left holding the unnormalised
-    /// exponentials (zeros in the padding) and `inv` gets the factor that normalises them,
-    /// `1 / Σ`, for a caller that applies it to a smaller result (the attention scales its
-    /// output rows, `hd` floats, instead of the `N` probabilities).
-    ///
-    /// # Panics
-    /// As [`softmax_padded`].
     pub fn softmax_padded_unnormalized(row: &mut [f32], n: usize, scale: f32, inv: &mut f32) {
         assert!(row.len().is_multiple_of(SOFTMAX_CHUNK) && n > 0 && n <= row.len());
+        // −∞ never wins the maximum; after the exponentials the padding is zeroed.
         row[n..].fill(f32::NEG_INFINITY);
         *inv = softmax_exp_row::<FMA>(row, scale, n);
     }
