@@ -95,8 +95,9 @@ impl ViT {
         let batch = self.batch_size_of(images, "input images (B, C, H, W)")?;
         let (f, k) = (cfg.feature_dim(), cfg.num_classes);
         // The logits `(B, K)` and, where needed, the features `(B, F)`.
+        let want_feats = k == 0 || capture.pre_logits;
         let (logits, feats, attentions) = if image_by_image(batch, capture) {
-            let (logits, feats) = self.forward_images(images.data(), batch, ws);
+            let (logits, feats) = self.forward_images(images.data(), batch, want_feats, ws);
             (logits, feats, None)
         } else {
             ws.acts.prepare(cfg, batch, false);
@@ -109,7 +110,7 @@ impl ViT {
             };
             self.forward_pass(images.data(), batch, &mut ws.acts, pass);
             let a = &ws.acts;
-            let feats = if k == 0 || capture.pre_logits {
+            let feats = if want_feats {
                 self.features(batch, &a.pool, &a.head)
             } else {
                 Vec::new()
@@ -133,12 +134,13 @@ impl ViT {
 
     /// Inference image by image (see [`image_by_image`]): a task per image, each running the
     /// whole forward pass in the image's own activations (`ws.images`), on whichever thread
-    /// claims it, its kernels on that thread alone. Returns the logits `(B, K)` and the
-    /// features `(B, F)`.
+    /// claims it, its kernels on that thread alone. Returns the logits `(B, K)` and, with
+    /// `want_feats`, the features `(B, F)` (else nothing).
     fn forward_images(
         &self,
         images: &[f32],
         batch: usize,
+        want_feats: bool,
         ws: &mut Workspace,
     ) -> (Vec<f32>, Vec<f32>) {
         let cfg = &self.config;
@@ -153,10 +155,12 @@ impl ViT {
             self.forward_pass(&images[i * image..(i + 1) * image], 1, &mut acts[0], pass);
         });
         let mut logits = Vec::with_capacity(batch * k);
-        let mut feats = Vec::with_capacity(batch * f);
+        let mut feats = Vec::with_capacity(if want_feats { batch * f } else { 0 });
         for a in &ws.images[..batch] {
             logits.extend_from_slice(&a.head.logits[..k]);
-            feats.extend(self.features(1, &a.pool, &a.head));
+            if want_feats {
+                feats.extend(self.features(1, &a.pool, &a.head));
+            }
         }
         (logits, feats)
     }
