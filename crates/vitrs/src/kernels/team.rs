@@ -40,6 +40,22 @@ thread_local! {
     static ON_TEAM: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Marks the calling thread as running tasks of a [`for_each`] until dropped (also when a
+/// task panics), then restores what it was.
+struct InTask(bool);
+
+impl InTask {
+    fn enter() -> Self {
+        InTask(ON_TEAM.with(|t| t.replace(true)))
+    }
+}
+
+impl Drop for InTask {
+    fn drop(&mut self) {
+        ON_TEAM.with(|t| t.set(self.0));
+    }
+}
+
 /// The threads a kernel called here may split its work over: 1 inside a task of
 /// [`for_each`] (a nested one runs inline, on that thread), rayon's pool's otherwise.
 pub fn threads() -> usize {
@@ -164,6 +180,7 @@ impl Team {
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
         };
         if self.workers == 0 || count > u32::MAX as usize {
+            let _task = InTask::enter();
             (0..count).for_each(f);
             return Ok(());
         }
@@ -182,9 +199,9 @@ impl Team {
             s.wake.notify_all();
         }
         // The caller's tasks run as the workers' do: anything they split runs inline.
-        let was = ON_TEAM.with(|t| t.replace(true));
+        let task = InTask::enter();
         s.claim_all(epoch);
-        ON_TEAM.with(|t| t.set(was));
+        drop(task);
         // Every index claimed; wait for the workers' ones to finish (they read `f`, which
         // lives on this stack frame).
         let mut spins = 0u32;
@@ -350,13 +367,16 @@ mod tests {
 
     #[test]
     fn inside_a_task_kernels_plan_for_one_thread() {
-        // The caller and the worker alike: what a task splits runs on its own thread.
-        let team = Team::new(1);
-        let seen = Mutex::new(Vec::new());
-        team.try_run(8, &|_| seen.lock().unwrap().push(threads()))
-            .unwrap();
-        assert_eq!(*seen.lock().unwrap(), vec![1; 8]);
-        assert_eq!(threads(), rayon::current_num_threads());
+        // The caller and the worker alike, and a team without workers (the caller runs every
+        // task): what a task splits runs on its own thread.
+        for workers in [1, 0] {
+            let team = Team::new(workers);
+            let seen = Mutex::new(Vec::new());
+            team.try_run(8, &|_| seen.lock().unwrap().push(threads()))
+                .unwrap();
+            assert_eq!(*seen.lock().unwrap(), vec![1; 8], "{workers} workers");
+            assert_eq!(threads(), rayon::current_num_threads());
+        }
     }
 
     #[test]
