@@ -1018,6 +1018,19 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                     (dst.as_ptr(), nr as isize, (kc * nr) as isize)
                 }
             };
+            // A packed B's first panel of the next block (of this product's columns), and
+            // its steps.
+            let next_block = match b {
+                BRef::Packed(pb, c0) if pc + kc < k => {
+                    let (p1, kc1) = (pc + kc, kc_max.min(k - pc - kc));
+                    let block = p1 * pb.n.div_ceil(nr) * nr;
+                    Some((
+                        pb.data.slice().as_ptr().add(block + (c0 / nr) * kc1 * nr),
+                        kc1,
+                    ))
+                }
+                _ => None,
+            };
             for ic in (0..m).step_by(mc_max) {
                 let mc = mc_max.min(m - ic);
                 // Gathered A, and row-major A (activations) of at most `g.pack_a_rows` rows
@@ -1038,9 +1051,8 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 // otherwise wait on L3 for every line, the hardware prefetcher restarting at
                 // each 4 KiB page (+2–4 % on the ViT-B/16 products on an AVX-512 Xeon).
                 let tiles = mc.div_ceil(MR);
-                // Cache lines (16 floats) per panel, and lines asked for per tile.
+                // Cache lines (16 floats) per panel.
                 let lines = (kc * nr).div_ceil(16);
-                let per_tile = lines.div_ceil(tiles);
                 // With all of B's panels in L1 (at most 64 KiB), or all of B resident in L2,
                 // each row tile runs across every panel before the next: A's rows (read in
                 // place from memory, or packed) come into L1 once instead of once per panel.
@@ -1061,13 +1073,23 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                     let cols = nr.min(n - j0);
                     let bp = bbase.offset(jp as isize * pstride);
                     // Panel by panel, this tile's share of the next panel, asked into L2
-                    // during its steps.
-                    let next_b = if !rows_outer && jp + 1 < panels && ldb == nr as isize {
+                    // during its steps: the next one of this block, or after the last, a
+                    // packed B's first in the next block (a tenth of ViT-B/16's panels at
+                    // batch 1 start a block).
+                    let share = |nb: *const f32, lines: usize| {
+                        let per_tile = lines.div_ceil(tiles);
                         let from = (it * per_tile).min(lines);
-                        let nb = bbase.offset((jp + 1) as isize * pstride);
                         (nb.add(from * 16), (from + per_tile).min(lines) - from)
-                    } else {
+                    };
+                    let next_b = if rows_outer || ldb != nr as isize {
                         (bp, 0)
+                    } else if jp + 1 < panels {
+                        share(bbase.offset((jp + 1) as isize * pstride), lines)
+                    } else {
+                        match next_block {
+                            Some((nb, kc_next)) if ic + mc >= m => share(nb, kc_next * nr / 16),
+                            _ => (bp, 0),
+                        }
                     };
                     {
                         let rows = MR.min(mc - ir);
