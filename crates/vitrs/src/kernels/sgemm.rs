@@ -1369,7 +1369,10 @@ impl<A: AccessA> Tile<A> {
         while p + 4 <= self.k {
             if q < next_rows {
                 let cr = next.offset(q as isize * self.ldc);
-                prefetch(cr);
+                // Every line of the row: a 64-float row spans four or five.
+                for j in (0..NV * S::LANES).step_by(16) {
+                    prefetch(cr.add(j));
+                }
                 prefetch(cr.add(NV * S::LANES - 1));
                 q += 1;
             }
