@@ -1358,8 +1358,10 @@ impl<A: AccessA> Tile<A> {
                 p += 1;
             }};
         }
-        // One row of the next tile's C asked for every four steps (all at once, its 24 lines
-        // would overrun the L1's fill buffers).
+        // One row of the next tile's C asked for every four steps, every line of it (all rows
+        // at once, the 6 × 64 tile's 24–30 lines would overrun the L1's fill buffers; the
+        // first and last float of a row alone left half of a 64-float row to the stores: the
+        // S/16 batch-1 products ran 1–15 % slower on a Zen 4 EPYC).
         // And one line of the next B panel every four steps: asked all at once, before the
         // tile, they waited on memory together (2.5 % of ViT-B/16's batch-1 samples on a Zen 4
         // EPYC).
@@ -1369,7 +1371,7 @@ impl<A: AccessA> Tile<A> {
         while p + 4 <= self.k {
             if q < next_rows {
                 let cr = next.offset(q as isize * self.ldc);
-                // Every line of the row: a 64-float row spans four or five.
+                // A 64-float row spans four lines, five where it is not aligned.
                 for j in (0..NV * S::LANES).step_by(16) {
                     prefetch(cr.add(j));
                 }
