@@ -331,13 +331,13 @@ impl<T: Copy + Default> Aligned<T> {
 /// when they fault in. Only advice: where it is refused (the setting `never`, no Linux) nothing
 /// changes.
 fn advise_huge_pages<T>(buf: &[T]) {
+    let bytes = std::mem::size_of_val(buf);
+    if bytes < HUGE_MIN {
+        return;
+    }
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
-        let bytes = std::mem::size_of_val(buf);
-        if bytes < HUGE_MIN {
-            return;
-        }
         let p = buf.as_ptr() as usize;
         let (start, end) = (p.div_ceil(HUGE) * HUGE, (p + bytes) / HUGE * HUGE);
         if end > start {
@@ -348,8 +348,6 @@ fn advise_huge_pages<T>(buf: &[T]) {
             }
         }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = buf;
 }
 
 /// Buffers smaller than this keep the allocator's pages (see [`advise_huge_pages`]).
