@@ -264,9 +264,10 @@ fn a_time_budget_fits_the_epochs_and_trains_as_that_many_epochs_would() {
     fixed.train.epochs = fitted;
     let (b, _) = run_to_end(fixed, &root.join("b"));
     // The same to the last few ulps of the updates, not bit for bit: once in about fifteen
-    // runs of the whole file (11 tests at once, on a loaded 2-core host) the two runs differed
-    // by up to 4.7e-6 on most parameters, presumably a summation order that depends on scheduling
-    // somewhere in the step (not yet found). A run one epoch longer differs by 2.9e-4.
+    // runs of the whole file (11 tests at once, on a loaded 2-core host) the two runs
+    // differed by up to 4.7e-6 on most parameters, presumably a summation order that depends
+    // on scheduling somewhere in the step (not yet found). A run one epoch longer differs by
+    // 2.9e-4.
     let (pa, pb) = (a.model.params().flat(), b.model.params().flat());
     assert_eq!(pa.len(), pb.len());
     let worst = pa
