@@ -423,6 +423,20 @@ impl PackedB {
         })
     }
 
+    /// Where the block of the inner dimension starting at step `pc` (`kc` steps long) has the
+    /// panel of column `c0` (a multiple of the panel width): in block `pc`, every panel's `kc`
+    /// rows, panel after panel.
+    ///
+    /// # Safety
+    /// `pc` starts a block of this packing, `kc` is its length and `c0 < n`.
+    unsafe fn panel_at(&self, pc: usize, kc: usize, c0: usize) -> *const f32 {
+        let block = pc * self.n.div_ceil(self.nr) * self.nr;
+        self.data
+            .slice()
+            .as_ptr()
+            .add(block + (c0 / self.nr) * kc * self.nr)
+    }
+
     /// Whether rung `isa`'s kernel reads this packing (a test may have switched rungs, or
     /// the AMX path on or off).
     pub(crate) fn usable(&self, isa: Isa) -> bool {
@@ -980,10 +994,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
             let (bbase, ldb, pstride): (*const f32, isize, isize) = match b {
                 BRef::Packed(pb, c0) => {
                     debug_assert!(pb.nr == nr);
-                    // Block pc: every panel's kc rows, panel after panel.
-                    let block = pc * pb.n.div_ceil(nr) * nr;
-                    let first = pb.data.slice().as_ptr().add(block + (c0 / nr) * kc * nr);
-                    (first, nr as isize, (kc * nr) as isize)
+                    (pb.panel_at(pc, kc, c0), nr as isize, (kc * nr) as isize)
                 }
                 // A convolution's weight gradient (gathered A) multiplies `dy`, row-major and a
                 // few whole panels wide: its rows are read in place, no copy. So does a linear
@@ -1021,11 +1032,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
             let next_block = match b {
                 BRef::Packed(pb, c0) if pc + kc < k => {
                     let (p1, kc1) = (pc + kc, kc_max.min(k - pc - kc));
-                    let block = p1 * pb.n.div_ceil(nr) * nr;
-                    Some((
-                        pb.data.slice().as_ptr().add(block + (c0 / nr) * kc1 * nr),
-                        kc1,
-                    ))
+                    Some((pb.panel_at(p1, kc1, c0), kc1))
                 }
                 _ => None,
             };
