@@ -17,7 +17,7 @@ use vitrs::kernels::gemm::{linear, linear_backward, linear_backward_ref, linear_
 use vitrs::kernels::layernorm::{layernorm, layernorm_ref};
 use vitrs::kernels::math::{
     gelu_backward_par, gelu_grad_ref, gelu_inplace, gelu_ref, gelu_with_grad, scale_into,
-    softmax_inplace, softmax_padded_unnormalized, softmax_ref, SOFTMAX_CHUNK,
+    softmax_inplace, softmax_padded_rows, softmax_ref, SOFTMAX_CHUNK,
 };
 use vitrs::kernels::{available_isas, cpu_isa, isa, set_isa, Isa};
 use vitrs::npy::read_npy;
@@ -147,8 +147,6 @@ fn check_kernels(path: &str) {
             let mut row: Vec<f32> = rand_vec(len, 13).iter().map(|v| v * spread).collect();
             let scaled: Vec<f32> = row.iter().map(|v| v * scale).collect();
             let want = softmax_ref(&scaled);
-            let mut padded = row.clone();
-            padded.resize(len.div_ceil(SOFTMAX_CHUNK) * SOFTMAX_CHUNK, f32::NAN);
             softmax_inplace(&mut row, scale);
             assert_close(
                 &format!("{path}: softmax {len} x{scale} ±{spread}"),
@@ -156,19 +154,43 @@ fn check_kernels(path: &str) {
                 &want,
                 1e-6,
             );
-            // The padded rows' exponentials (the attention normalises its output rows
-            // instead), normalised by the factor returned.
-            let mut inv = 0.0;
-            softmax_padded_unnormalized(&mut padded, len, scale, &mut inv);
-            let mut normed = vec![0.0; padded.len()];
-            scale_into(&mut normed, &padded, inv);
-            assert_close(
-                &format!("{path}: softmax padded {len} x{scale} ±{spread}"),
-                &normed[..len],
-                &want,
-                1e-6,
-            );
-            assert!(padded[len..].iter().all(|&v| v == 0.0), "{path}: padding");
+        }
+        // The padded rows' exponentials (the attention normalises its output rows instead),
+        // a block of rows at a time, normalised by the factors returned: each row of 1, 5 and
+        // 16 has its own scores (and so its own maximum and sum).
+        let padded = len.div_ceil(SOFTMAX_CHUNK) * SOFTMAX_CHUNK;
+        for rows in [1, 5, 16] {
+            for (scale, spread) in [(0.125, 10.0), (1.0, 100.0)] {
+                let scores: Vec<Vec<f32>> = (0..rows)
+                    .map(|r| {
+                        rand_vec(len, 40 + r as u64)
+                            .iter()
+                            .map(|v| v * spread)
+                            .collect()
+                    })
+                    .collect();
+                let mut block = vec![f32::NAN; rows * padded];
+                for (dst, src) in block.chunks_exact_mut(padded).zip(&scores) {
+                    dst[..len].copy_from_slice(src);
+                }
+                let mut inv = vec![0.0; rows];
+                softmax_padded_rows(&mut block, padded, len, scale, &mut inv);
+                for (r, src) in scores.iter().enumerate() {
+                    let got = &block[r * padded..(r + 1) * padded];
+                    let scaled: Vec<f32> = src.iter().map(|v| v * scale).collect();
+                    let mut normed = vec![0.0; len];
+                    scale_into(&mut normed, &got[..len], inv[r]);
+                    assert_close(
+                        &format!(
+                            "{path}: softmax padded {len}, row {r} of {rows}, x{scale} ±{spread}"
+                        ),
+                        &normed,
+                        &softmax_ref(&scaled),
+                        1e-6,
+                    );
+                    assert!(got[len..].iter().all(|&v| v == 0.0), "{path}: padding");
+                }
+            }
         }
     }
     // Convolutions: gathered in place on the SIMD rungs, lowered on the portable one; strided,

@@ -17,8 +17,8 @@
 //! buffer when maps are captured).
 
 use super::math::{
-    dot_lanes, scale_inplace, scale_into, softmax_inplace, softmax_padded_unnormalized,
-    softmax_ref, SOFTMAX_CHUNK,
+    dot_lanes, scale_inplace, scale_into, softmax_inplace, softmax_padded_rows, softmax_ref,
+    SOFTMAX_CHUNK,
 };
 use super::sgemm::{gemm, pack_panels, prefetch_l2, row_tile, row_tile_shape, BRef, MatRef, Out};
 use super::{team, Isa, Split, Strided, SyncPtr};
@@ -320,9 +320,9 @@ unsafe fn fused_rows(
         // rows' normalisations, applied to the output rows after `P·v` (`hd` floats each
         // instead of `N`); captured probabilities are the normalised rows.
         let mut inv = [1.0f32; 16];
-        for (i, row) in block.chunks_exact_mut(padded).take(tr).enumerate() {
-            softmax_padded_unnormalized(row, n, scale, &mut inv[i]);
-            if let Some(p) = probs {
+        softmax_padded_rows(block, padded, n, scale, &mut inv[..tr]);
+        if let Some(p) = probs {
+            for (i, row) in block.chunks_exact(padded).take(tr).enumerate() {
                 let at = p.add((i0 - rows.start + i) * n);
                 scale_into(std::slice::from_raw_parts_mut(at, n), &row[..n], inv[i]);
             }

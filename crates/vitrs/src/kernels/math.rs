@@ -49,6 +49,38 @@ pub(crate) fn exp_f<const F: bool>(x: f32) -> f32 {
     e * f32::from_bits(((ni + 127) << 23) as u32)
 }
 
+/// `2^f ≈ P(f)` on `|f| ≤ 1/2`, lowest degree first: degree 5, fitted for relative error
+/// (Lawson's re-weighted least squares towards minimax, 7.6e-8 in f64, 2.2e-7 in f32), with
+/// `P(0)` exactly 1.
+const EXP2_P: [f32; 6] = [
+    1.0,
+    0.693_146_94,
+    0.240_221_22,
+    0.055_507_13,
+    0.009_675_471,
+    0.001_327_626_8,
+];
+
+/// `2^t` for `t ≤ 0` (the softmax's scores less their maximum, in base 2), relative error
+/// below 2.5e-7; the smallest normal float below −126 (and for −∞). Six fewer operations than
+/// [`exp_f`]: the base-2 argument needs no two-part range reduction (`f = t − round(t)` is
+/// exact) and no upper clamp. Positive `t` is the caller's error (the result is garbage
+/// beyond 127).
+#[inline(always)]
+fn exp2_nonpos<const F: bool>(t: f32) -> f32 {
+    let t = t.max(-126.0);
+    let m = t + ROUND_MAGIC;
+    let n = m - ROUND_MAGIC;
+    // The low mantissa bits of m hold the integer n.
+    let ni = (m.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let f = t - n;
+    let mut p = EXP2_P[5];
+    for c in EXP2_P[..5].iter().rev() {
+        p = fma::<F>(p, f, *c);
+    }
+    p * f32::from_bits(((ni + 127) << 23) as u32)
+}
+
 /// `erf(x)`, absolute error below 4e-7 (the f32 rounding of the fit; 1.8e-8 in f64).
 #[inline(always)]
 pub fn erf_fast(x: f32) -> f32 {
@@ -254,52 +286,99 @@ simd_dispatch! {
     /// folded in here rather than into the scores' product), in place. The exponentials are
     /// one vectorised pass, the sum and the maximum lane-parallel reductions.
     pub fn softmax_inplace(row: &mut [f32], scale: f32) {
-        softmax_row::<FMA>(row, scale, row.len());
+        let max = max_lanes(row);
+        for v in row.iter_mut() {
+            *v = exp_f::<FMA>(scale * (*v - max));
+        }
+        let inv = 1.0 / sum_lanes(row);
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
     }
 }
 
-/// The softmax of both entry points: the maximum, the exponentials, then `row[valid..]` zeroed
-/// before the sum (a padded row's tail), the sum and the normalisation.
-#[inline(always)]
-fn softmax_row<const F: bool>(row: &mut [f32], scale: f32, valid: usize) {
-    let inv = softmax_exp_row::<F>(row, scale, valid);
-    for v in row.iter_mut() {
-        *v *= inv;
-    }
-}
-
-/// [`softmax_row`] but the normalisation: leaves `exp(scale·(row − max))` in the row (zeros
-/// from `valid`) and returns the factor that would normalise it, `1 / Σ`.
-#[inline(always)]
-fn softmax_exp_row<const F: bool>(row: &mut [f32], scale: f32, valid: usize) -> f32 {
-    let max = max_lanes(row);
-    for v in row.iter_mut() {
-        *v = exp_f::<F>(scale * (*v - max));
-    }
-    row[valid..].fill(0.0);
-    1.0 / sum_lanes(row)
-}
-
-/// Floats per chunk of [`softmax_padded_unnormalized`]: one AVX-512 register, two AVX2 ones.
+/// Floats per chunk of [`softmax_padded_rows`]: one AVX-512 register, two AVX2 ones.
 pub const SOFTMAX_CHUNK: usize = 16;
 
 simd_dispatch! {
-    /// The exponentials of [`softmax_inplace`] of `row[..n]`, in a row padded to whole chunks
-    /// of [`SOFTMAX_CHUNK`] floats, without the normalisation: `row[..n]` gets
-    /// `exp(scale·(row − max))`, the padding `row[n..]` zeros, and `inv` the factor that
-    /// normalises them, `1 / Σ`. Every pass runs on whole vectors, with no scalar remainder (a
-    /// 197-token row spent a sixth of its time in the five-element tail of `exp`); the caller
-    /// applies `inv` to a smaller result (the attention scales its output rows, `hd` floats,
-    /// instead of the `N` probabilities), or normalises the row with [`scale_into`].
+    /// The exponentials of [`softmax_inplace`] of the first `inv.len()` rows of `block`, each
+    /// padded to whole chunks of [`SOFTMAX_CHUNK`] floats, without the normalisation: rows
+    /// `padded` floats apart, `row[..n]` of each real. Row `i`'s `row[..n]` gets
+    /// `exp(scale·(row − max))`, its padding `row[n..]` zeros, and `inv[i]` the factor that
+    /// normalises it, `1 / Σ`. Every pass runs on whole vectors, with no scalar remainder (a
+    /// 197-token row spent a sixth of its time in the five-element tail of `exp`), and the
+    /// rows go through each pass together (the maxima, then the exponentials with their sums
+    /// gathered as they are written), so one row's reductions overlap the next row's work. The
+    /// caller applies `inv` to a smaller result (the attention scales its output rows, `hd`
+    /// floats, instead of the `N` probabilities), or normalises the rows with [`scale_into`].
     ///
     /// # Panics
-    /// Unless `row.len()` is a multiple of the chunk and `0 < n ≤ row.len()`.
-    pub fn softmax_padded_unnormalized(row: &mut [f32], n: usize, scale: f32, inv: &mut f32) {
-        assert!(row.len().is_multiple_of(SOFTMAX_CHUNK) && n > 0 && n <= row.len());
-        // −∞ never wins the maximum; after the exponentials the padding is zeroed.
-        row[n..].fill(f32::NEG_INFINITY);
-        *inv = softmax_exp_row::<FMA>(row, scale, n);
+    /// Unless `padded` is a multiple of the chunk, `0 < n ≤ padded`, `block` holds the rows,
+    /// and there are at most 16 of them.
+    pub fn softmax_padded_rows(block: &mut [f32], padded: usize, n: usize, scale: f32, inv: &mut [f32]) {
+        const C: usize = SOFTMAX_CHUNK;
+        assert!(padded.is_multiple_of(C) && n > 0 && n <= padded);
+        let block = &mut block[..inv.len() * padded];
+        let mut maxes = [0.0f32; 16];
+        assert!(inv.len() <= maxes.len(), "softmax_padded_rows: at most 16 rows");
+        for (row, max) in block.chunks_exact_mut(padded).zip(&mut maxes) {
+            // −∞ never wins the maximum; after the exponentials the padding is zeroed.
+            row[n..].fill(f32::NEG_INFINITY);
+            *max = max_chunks(row);
+        }
+        for ((row, max), inv) in block.chunks_exact_mut(padded).zip(&maxes).zip(inv.iter_mut()) {
+            *inv = 1.0 / exp_sum_chunks::<FMA>(row, scale, *max);
+            row[n..].fill(0.0);
+        }
     }
+}
+
+/// The maximum of a row of whole chunks: a chunk's lanes at a time (compare-and-selects, as
+/// in `max_lanes`), the lanes then folded in halves (a tree of shuffles, not a serial chain).
+#[inline(always)]
+fn max_chunks(row: &[f32]) -> f32 {
+    const C: usize = SOFTMAX_CHUNK;
+    let mut m = [f32::NEG_INFINITY; C];
+    for c in row.chunks_exact(C) {
+        for l in 0..C {
+            m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+        }
+    }
+    let mut w = C / 2;
+    while w > 0 {
+        for l in 0..w {
+            m[l] = if m[w + l] > m[l] { m[w + l] } else { m[l] };
+        }
+        w /= 2;
+    }
+    m[0]
+}
+
+/// `row ← exp(scale·(row − max))` over whole chunks, returning the sum of what it wrote
+/// (gathered as it is written; lanes folded in halves), in base 2 ([`exp2_nonpos`]). A −∞
+/// padding comes out as the smallest normal float, below an ulp of the sum, whose maximum's
+/// term is exactly 1.
+#[inline(always)]
+fn exp_sum_chunks<const F: bool>(row: &mut [f32], scale: f32, max: f32) -> f32 {
+    const C: usize = SOFTMAX_CHUNK;
+    // e^(scale·d) = 2^(scale·log₂e·d)
+    let scale2 = scale * LOG2E;
+    let mut acc = [0.0f32; C];
+    for c in row.chunks_exact_mut(C) {
+        for l in 0..C {
+            let e = exp2_nonpos::<F>(scale2 * (c[l] - max));
+            c[l] = e;
+            acc[l] += e;
+        }
+    }
+    let mut w = C / 2;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] += acc[w + l];
+        }
+        w /= 2;
+    }
+    acc[0]
 }
 
 /// Elements per task of the whole-buffer passes below (64 KiB of f32: enough work to pay for
@@ -497,6 +576,27 @@ mod tests {
             assert!(worst < 2e-7, "{name}: worst relative error {worst}");
             assert!(f(-1000.0) < 1e-37, "{name}");
             assert!(f(f32::NEG_INFINITY) < 1e-37, "{name}");
+        }
+    }
+
+    #[test]
+    fn exp2_is_accurate() {
+        for (name, f) in [
+            ("mul + add", exp2_nonpos::<false> as fn(f32) -> f32),
+            ("fused", exp2_nonpos::<true>),
+        ] {
+            let mut worst = 0.0f64;
+            let mut t = -126.0f32;
+            while t <= 0.0 {
+                let r = (t as f64).exp2();
+                worst = worst.max(((f(t) as f64 - r) / r).abs());
+                t += 0.0037;
+            }
+            assert!(worst < 2.5e-7, "{name}: worst relative error {worst}");
+            assert_eq!(f(0.0), 1.0, "{name}");
+            assert_eq!(f(-3.0), 0.125, "{name}");
+            assert_eq!(f(-1000.0), f32::MIN_POSITIVE, "{name}");
+            assert_eq!(f(f32::NEG_INFINITY), f32::MIN_POSITIVE, "{name}");
         }
     }
 
