@@ -62,8 +62,8 @@ const EXP2_P: [f32; 6] = [
 ];
 
 /// `2^t` for `t ≤ 0` (the softmax's scores less their maximum, in base 2), relative error
-/// below 2.5e-7; the smallest normal float below −126 (and for −∞). Six fewer operations than
-/// [`exp_f`]: the base-2 argument needs no two-part range reduction (`f = t − round(t)` is
+/// below 2.5e-7; the smallest normal float below −126 (and for −∞). About five fewer
+/// operations than [`exp_f`]: the base-2 argument needs no two-part range reduction (`f = t − round(t)` is
 /// exact) and no upper clamp. Positive `t` is the caller's error (the result is garbage
 /// beyond 127).
 #[inline(always)]
@@ -301,9 +301,9 @@ simd_dispatch! {
 pub const SOFTMAX_CHUNK: usize = 16;
 
 simd_dispatch! {
-    /// The exponentials of [`softmax_inplace`] of the first `inv.len()` rows of `block`, each
-    /// padded to whole chunks of [`SOFTMAX_CHUNK`] floats, without the normalisation: rows
-    /// `padded` floats apart, `row[..n]` of each real. Row `i`'s `row[..n]` gets
+    /// The softmax's exponentials of the first `inv.len()` rows of `block`, without the
+    /// normalisation: rows `padded` floats apart (whole chunks of [`SOFTMAX_CHUNK`] floats), of
+    /// which `row[..n]` holds the scores and `row[n..]` is padding. Row `i`'s `row[..n]` gets
     /// `exp(scale·(row − max))`, its padding `row[n..]` zeros, and `inv[i]` the factor that
     /// normalises it, `1 / Σ`. Every pass runs on whole vectors, with no scalar remainder (a
     /// 197-token row spent a sixth of its time in the five-element tail of `exp`), and the
