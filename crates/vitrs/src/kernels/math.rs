@@ -63,9 +63,9 @@ const EXP2_P: [f32; 6] = [
 
 /// `2^t` for `t ≤ 0` (the softmax's scores less their maximum, in base 2), relative error
 /// below 2.5e-7; the smallest normal float below −126 (and for −∞). About five fewer
-/// operations than [`exp_f`]: the base-2 argument needs no two-part range reduction (`f = t − round(t)` is
-/// exact) and no upper clamp. Positive `t` is the caller's error (the result is garbage
-/// beyond 127).
+/// operations than [`exp_f`]: the base-2 argument needs no two-part range reduction
+/// (`f = t − round(t)` is exact) and no upper clamp. Positive `t` is the caller's error (the
+/// result is garbage beyond 127).
 #[inline(always)]
 fn exp2_nonpos<const F: bool>(t: f32) -> f32 {
     let t = t.max(-126.0);
