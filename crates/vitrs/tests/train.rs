@@ -270,11 +270,7 @@ fn a_time_budget_fits_the_epochs_and_trains_as_that_many_epochs_would() {
     // 2.9e-4.
     let (pa, pb) = (a.model.params().flat(), b.model.params().flat());
     assert_eq!(pa.len(), pb.len());
-    let worst = pa
-        .iter()
-        .zip(pb)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let worst = max_abs_diff(pa, pb);
     assert!(worst <= 5e-5, "the runs' parameters differ by {worst}");
     // A resumed run keeps its epochs.
     let r = Trainer::resume(&root.join("a"), None).unwrap();
