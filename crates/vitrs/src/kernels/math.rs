@@ -34,10 +34,7 @@ pub fn exp_fast(x: f32) -> f32 {
 #[inline(always)]
 pub(crate) fn exp_f<const F: bool>(x: f32) -> f32 {
     let x = x.clamp(-87.336_54, 88.376_26);
-    let t = fma::<F>(x, LOG2E, ROUND_MAGIC);
-    let n = t - ROUND_MAGIC;
-    // The low mantissa bits of t hold the integer n.
-    let ni = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let (n, pow2n) = round_pow2(fma::<F>(x, LOG2E, ROUND_MAGIC));
     let r = fma::<F>(-n, LN2_LO, fma::<F>(-n, LN2_HI, x));
     let mut p = 1.987_569_1e-4_f32;
     p = fma::<F>(p, r, 1.398_199_9e-3);
@@ -46,7 +43,16 @@ pub(crate) fn exp_f<const F: bool>(x: f32) -> f32 {
     p = fma::<F>(p, r, 1.666_666_5e-1);
     p = fma::<F>(p, r, 0.5); // Cephes: 5.0000001201e-1, which rounds to 0.5 in f32
     let e = fma::<F>(p, r * r, r) + 1.0;
-    e * f32::from_bits(((ni + 127) << 23) as u32)
+    e * pow2n
+}
+
+/// From `m = y + ROUND_MAGIC` (`y` the argument in base 2, `|y| < 2^22`): `n = round(y)` as
+/// a float, and `2^n` (built from its exponent bits; `n` within −126..=127). The low
+/// mantissa bits of `m` hold the integer `n`.
+#[inline(always)]
+fn round_pow2(m: f32) -> (f32, f32) {
+    let ni = (m.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    (m - ROUND_MAGIC, f32::from_bits(((ni + 127) << 23) as u32))
 }
 
 /// `2^f ≈ P(f)` on `|f| ≤ 1/2`, lowest degree first: degree 5, fitted for relative error
@@ -69,16 +75,13 @@ const EXP2_P: [f32; 6] = [
 #[inline(always)]
 fn exp2_nonpos<const F: bool>(t: f32) -> f32 {
     let t = t.max(-126.0);
-    let m = t + ROUND_MAGIC;
-    let n = m - ROUND_MAGIC;
-    // The low mantissa bits of m hold the integer n.
-    let ni = (m.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let (n, pow2n) = round_pow2(t + ROUND_MAGIC);
     let f = t - n;
     let mut p = EXP2_P[5];
     for c in EXP2_P[..5].iter().rev() {
         p = fma::<F>(p, f, *c);
     }
-    p * f32::from_bits(((ni + 127) << 23) as u32)
+    p * pow2n
 }
 
 /// `erf(x)`, absolute error below 4e-7 (the f32 rounding of the fit; 1.8e-8 in f64).
