@@ -141,7 +141,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
                 println!("{v}");
             } else {
                 println!(
-                    "gemm {:?} {}x{}x{} ({}, {} thread(s), {} kernels, {} GEMM): {:.1} GFLOP/s, {:.3} ms (median of {}){}",
+                    "gemm {:?} {}x{}x{} ({}, {} thread(s), {} kernels, {} GEMM): {:.1} GFLOP/s, {:.3} ms (median of {}; best {:.3}){}",
                     r.op,
                     r.m,
                     r.k,
@@ -157,6 +157,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
                     r.gflops_per_sec,
                     r.median_seconds * 1e3,
                     r.iters,
+                    r.best_seconds * 1e3,
                     eff.map(|e| format!(", {:.0} % of the FMA peak", 100.0 * e))
                         .unwrap_or_default()
                 );
@@ -200,7 +201,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
             "inference"
         };
         println!(
-            "{model} ({what}): batch {}, {} thread(s), {} kernels, {} GEMM: {:.2} images/s, {:.1} ms per batch (median of {}), {:.1} GFLOP/s{}",
+            "{model} ({what}): batch {}, {} thread(s), {} kernels, {} GEMM: {:.2} images/s, {:.1} ms per batch (median of {}; best {:.1}), {:.1} GFLOP/s{}",
             r.batch_size,
             r.threads,
             r.kernels,
@@ -208,6 +209,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
             r.images_per_sec,
             r.median_batch_seconds * 1e3,
             r.iters,
+            r.best_batch_seconds * 1e3,
             r.gflops_per_sec,
             eff.map(|e| format!(" ({:.0} % of the FMA peak)", 100.0 * e))
                 .unwrap_or_default()
