@@ -72,7 +72,16 @@ fn parse_shape(s: &str) -> Result<(GemmOp, (usize, usize, usize))> {
         .collect::<Result<_, _>>()
         .with_context(|| format!("--gemm `{s}`: expected MxKxN, e.g. 197x768x2304"))?;
     match v[..] {
-        [m, k, n] if m > 0 && k > 0 && n > 0 && m * k * n <= 1 << 36 => Ok((op, (m, k, n))),
+        [m, k, n]
+            if m > 0
+                && k > 0
+                && n > 0
+                && m.checked_mul(k)
+                    .and_then(|mk| mk.checked_mul(n))
+                    .is_some_and(|v| v <= 1 << 36) =>
+        {
+            Ok((op, (m, k, n)))
+        }
         _ => bail!("--gemm `{s}`: expected three positive sizes MxKxN, e.g. 197x768x2304"),
     }
 }

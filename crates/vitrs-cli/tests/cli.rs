@@ -307,9 +307,61 @@ fn bench_reports_json() {
     let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert!(v["gflops_per_sec"].as_f64().unwrap() > 0.0);
     assert_eq!(v["train"], true);
+    // The fastest repetition beside the median: one of the two timed, so no slower.
+    let (best, median) = (
+        v["best_batch_seconds"].as_f64(),
+        v["median_batch_seconds"].as_f64(),
+    );
+    assert!(
+        matches!((best, median), (Some(b), Some(m)) if b > 0.0 && b <= m),
+        "{v}"
+    );
     let o = vit(&["bench", "--model", "resnet21"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("6n + 2"), "{}", stderr(&o));
+
+    // The matrix products alone: a JSON object per product, in the order given.
+    let o = vit(&[
+        "bench",
+        "--gemm",
+        "13x37x33,dx:13x37x33,dw:13x37x33",
+        "--iters",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let rows: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ops: Vec<&str> = rows.iter().map(|v| v["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["fwd", "dx", "dw"], "{out}");
+    for v in &rows {
+        assert_eq!(
+            (v["m"].as_u64(), v["k"].as_u64(), v["n"].as_u64()),
+            (Some(13), Some(37), Some(33))
+        );
+        assert!(v["gflops_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+        let (best, median) = (v["best_seconds"].as_f64(), v["median_seconds"].as_f64());
+        assert!(
+            matches!((best, median), (Some(b), Some(m)) if b > 0.0 && b <= m),
+            "{v}"
+        );
+    }
+    // Malformed and oversized shapes are refused with the expected form, not a panic.
+    for bad in [
+        "13x37",
+        "up:13x37x33",
+        "0x37x33",
+        "99999999999x99999999999x99999999999",
+    ] {
+        let o = vit(&["bench", "--gemm", bad]);
+        assert_eq!(o.status.code(), Some(1), "{bad}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--gemm"), "{bad}: {}", stderr(&o));
+    }
 }
 
 /// Peak resident memory (kB) of `vit` run with `args`, polled from /proc while it runs;

@@ -120,8 +120,8 @@ pub struct GemmReport {
 
 /// Times one product of the linear layer `x (m, k)`, `W (n, k)` — the forward (with bias),
 /// or the backward to the input or to the weight — as the engine runs it on the current
-/// thread pool, `iters` times after `warmup` untimed runs; the median and the best. 2·m·k·n FLOPs
-/// each.
+/// thread pool, `iters` times after `warmup` untimed runs; the median and the best.
+/// 2·m·k·n FLOPs each.
 pub fn gemm(
     op: GemmOp,
     (m, k, n): (usize, usize, usize),
