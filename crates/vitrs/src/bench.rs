@@ -157,8 +157,7 @@ pub fn gemm(
         once();
     }
     let mut times: Vec<f64> = (0..iters.max(1)).map(|_| once()).collect();
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let (median, best) = median_and_best(&mut times);
     GemmReport {
         op,
         m,
@@ -167,12 +166,18 @@ pub fn gemm(
         packed: pw.is_some(),
         gflops_per_sec: 2.0 * (m * k * n) as f64 / median / 1e9,
         median_seconds: median,
-        best_seconds: times[0],
+        best_seconds: best,
         iters: times.len(),
         threads: rayon::current_num_threads(),
         kernels: crate::kernels::isa().name(),
         gemm: crate::kernels::gemm_engine(),
     }
+}
+
+/// The median and the fastest of timed repetitions (seconds; at least one), sorting them.
+fn median_and_best(times: &mut [f64]) -> (f64, f64) {
+    times.sort_by(f64::total_cmp);
+    (times[times.len() / 2], times[0])
 }
 
 /// Times `iters` repetitions (after `warmup` untimed ones) of inference, or with `train` of a
@@ -228,8 +233,7 @@ pub fn run(
         once(model)?;
         times.push(t.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let (median, best) = median_and_best(&mut times);
     let ips = batch as f64 / median;
     Ok(BenchReport {
         images_per_sec: ips,
@@ -238,7 +242,7 @@ pub fn run(
         batch_size: batch,
         threads: rayon::current_num_threads(),
         median_batch_seconds: median,
-        best_batch_seconds: times[0],
+        best_batch_seconds: best,
         iters: times.len(),
         train,
         kernels: crate::kernels::isa().name(),
