@@ -45,7 +45,7 @@ pub(crate) struct BenchArgs {
     /// and on all; with --model or --gemm, report efficiency against the running one's.
     #[arg(long)]
     peak: bool,
-    /// Timed repetitions (the median is reported).
+    /// Timed repetitions (the median is reported, and the fastest beside it).
     #[arg(long, default_value_t = 10)]
     iters: usize,
     /// Untimed warm-up repetitions.
