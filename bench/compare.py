@@ -8,6 +8,9 @@ Usage (from the repository root, after `cargo build --release`):
     python bench/compare.py [--threads 2] [--reps 5] [--models Ti/16,S/16,B/16] [--batches 1,16]
                             [--peers torch,ort] [--write docs/perf.md] [--json FILE]
 `bench/compare.sh` makes a virtual environment with the pinned packages and runs this.
+Each vitrs repetition also reads the FMA peak of the instruction set it runs (`vit bench
+--peak`, half a second in the same process), so the table gives vitrs' share of the peak the
+host offered at that moment and whether the row meets the speed issue's bar.
 Prints a Markdown table; `--write FILE` also puts it into FILE between the lines
 `<!-- compare.py:begin -->` and `<!-- compare.py:end -->`; `--json FILE` saves the raw timings.
 """
@@ -35,13 +38,22 @@ def cpu_model():
 
 
 def vit_once(vit, model, batch, threads):
-    """One vit process: one warm-up forward, one timed; returns seconds per batch."""
-    out = subprocess.run(
+    """One vit process: one warm-up forward, one timed, and the FMA peak of the instruction set
+    it ran read in the same process (`--peak`); returns (seconds per batch, GFLOP/s of that
+    forward, the peak's GFLOP/s, the instruction set)."""
+    out = json.loads(subprocess.run(
         [vit, "bench", "--model", model, "--batch-size", str(batch), "--threads", str(threads),
-         "--iters", "1", "--warmup", "1", "--json"],
+         "--iters", "1", "--warmup", "1", "--json", "--peak"],
         check=True, capture_output=True, text=True,
-    ).stdout
-    return json.loads(out)["median_batch_seconds"]
+    ).stdout)
+    return (out["median_batch_seconds"], out["gflops_per_sec"], out["peak_gflops_per_sec"],
+            out["kernels"])
+
+
+def verdict(ratio, efficiency):
+    """The speed issue's bar for a row: at least min(1.3 × the best peer, 85 % of the FMA peak),
+    and never under 1.0 × the best peer."""
+    return "yes" if ratio >= 1.0 and (ratio >= 1.3 or efficiency >= 0.85) else "**no**"
 
 
 def ort_session(tm, batch, threads, tmp, name):
@@ -120,12 +132,17 @@ def main():
             x = torch.randn(batch, 3, 224, 224)
             sess = ort_session(tm, batch, a.threads, tmp, name) if "ort" in peers else None
             times = {"vit": [], "torch": [], "ort": []}
+            # Beside each vitrs repetition: its GFLOP/s and the FMA peak read in its process.
+            gflops, peaks = [], []
             with torch.inference_mode():
                 tm(x)  # warm-up
                 if sess:
                     sess.run(None, {"x": x.numpy()})
                 for _ in range(a.reps):
-                    times["vit"].append(vit_once(a.vit, name, batch, a.threads))
+                    t, g, p, kernels = vit_once(a.vit, name, batch, a.threads)
+                    times["vit"].append(t)
+                    gflops.append(g)
+                    peaks.append(p)
                     if "torch" in peers:
                         t0 = time.perf_counter()
                         tm(x)
@@ -137,23 +154,38 @@ def main():
                         times["ort"].append(time.perf_counter() - t0)
             med = {k: statistics.median(v) for k, v in times.items() if v}
             best = min(v for k, v in med.items() if k != "vit")
-            row = {"model": name, "batch": batch, "ratio": best / med["vit"], "times": times}
+            # Efficiency: the median repetition's GFLOP/s over the median peak read beside them
+            # (the host's speed moves over minutes, and both readings move with it).
+            peak = statistics.median(peaks)
+            eff = statistics.median(gflops) / peak
+            row = {"model": name, "batch": batch, "ratio": best / med["vit"], "times": times,
+                   "gflops": gflops, "peaks": peaks, "peak": peak, "efficiency": eff,
+                   "kernels": kernels}
             for k, v in med.items():
                 row[f"{k}_s"], row[f"{k}_ips"] = v, batch / v
             rows.append(row)
             print(f"{name} b{batch}: " + ", ".join(f"{k} {batch / v:.2f} img/s" for k, v in med.items())
-                  + f", vitrs / best peer {row['ratio']:.2f}", file=sys.stderr, flush=True)
+                  + f", vitrs / best peer {row['ratio']:.2f}, {100 * eff:.0f} % of the {kernels} FMA"
+                  f" peak ({peak:.1f} GFLOP/s)", file=sys.stderr, flush=True)
 
     cols = [("torch", "PyTorch"), ("ort", "ONNX Runtime")]
     cols = [(k, label) for k, label in cols if k in peers]
-    lines = [f"CPU: {cpu_model()}; threads: {a.threads}; {versions}; "
-             f"{time.strftime('%Y-%m-%d')}; median of {a.reps} interleaved repetitions\n",
+    all_peaks = [p for r in rows for p in r["peaks"]]
+    lines = [f"CPU: {cpu_model()}; threads: {a.threads}; vitrs kernels: {rows[0]['kernels']}; "
+             f"{versions}; {time.strftime('%Y-%m-%d')}; median of {a.reps} interleaved repetitions; "
+             f"FMA peak read beside each vitrs repetition {min(all_peaks):.1f}–{max(all_peaks):.1f}"
+             " GFLOP/s\n",
              "| model | batch | vitrs img/s | " + " | ".join(f"{l} img/s" for _, l in cols)
-             + " | vitrs / best peer |",
-             "|---|---|---|" + "---|" * len(cols) + "---|"]
+             + " | vitrs / best peer | vitrs, % of FMA peak | bar met |",
+             "|---|---|---|" + "---|" * len(cols) + "---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} @224 | {r['batch']} | {r['vit_ips']:.2f} | "
-                     + " | ".join(f"{r[k + '_ips']:.2f}" for k, _ in cols) + f" | {r['ratio']:.2f} |")
+                     + " | ".join(f"{r[k + '_ips']:.2f}" for k, _ in cols)
+                     + f" | {r['ratio']:.2f} | {100 * r['efficiency']:.0f} % | "
+                     + f"{verdict(r['ratio'], r['efficiency'])} |")
+    lines.append("\nBar met: at least min(1.3 × the best peer, 85 % of the FMA peak) and never under"
+                 " 1.0 × (the speed issue's); the % is the median repetition's GFLOP/s over the"
+                 " median of the peaks read beside them.")
     table = "\n".join(lines) + "\n"
     print(table)
     if a.write:
