@@ -10,7 +10,7 @@ use vitrs::kernels::attention::{attention, AttnDims};
 use vitrs::kernels::gemm::Epilogue;
 use vitrs::kernels::layernorm::layernorm;
 use vitrs::kernels::loss::Targets;
-use vitrs::kernels::math::gelu_inplace;
+use vitrs::kernels::math::{gelu_inplace, gelu_with_grad};
 use vitrs::model::{Net, NetWorkspace, Regularization};
 use vitrs::train::optim::{Optimizer, OptimizerKind};
 use vitrs::train::RunConfig;
@@ -121,6 +121,16 @@ fn elementwise(c: &mut Criterion) {
     g.throughput(Throughput::Elements((rows * m) as u64));
     g.bench_function("gelu_exact_3152x3072", |b| {
         b.iter(|| gelu_inplace(&mut h, Gelu::Exact))
+    });
+    // The training forward's GELU with its derivative, one task's 16384 floats (in L2); the
+    // pre-activations are copied back in each time, as the derivative overwrites them.
+    let (pre, mut hg, mut act) = (data(1 << 14), vec![0.0; 1 << 14], vec![0.0; 1 << 14]);
+    g.throughput(Throughput::Elements(1 << 14));
+    g.bench_function("gelu_exact_with_grad_16384", |b| {
+        b.iter(|| {
+            hg.copy_from_slice(&pre);
+            gelu_with_grad(&mut hg, &mut act, Gelu::Exact)
+        })
     });
     g.finish();
 }
