@@ -50,10 +50,37 @@ def vit_once(vit, model, batch, threads):
             out["kernels"])
 
 
+BAR = ("Bar met: at least min(1.3 × the best peer, 85 % of the FMA peak) and never under 1.0 ×"
+       " (the speed issue's); the % is the median repetition's GFLOP/s over the median of the"
+       " peaks read beside them (\"?\": under 1.3 × with no peak to judge by, on the portable"
+       " kernels).")
+
+
+def efficiency(gflops, peaks):
+    """vitrs' share of the FMA peak: the median repetition's GFLOP/s over the median of the peaks
+    read beside them (the host's speed moves over minutes, and both readings move with it);
+    None when no peak was read (the portable rung has none)."""
+    if not peaks or None in peaks:
+        return None
+    return statistics.median(gflops) / statistics.median(peaks)
+
+
 def verdict(ratio, efficiency):
     """The speed issue's bar for a row: at least min(1.3 × the best peer, 85 % of the FMA peak),
-    and never under 1.0 × the best peer."""
-    return "yes" if ratio >= 1.0 and (ratio >= 1.3 or efficiency >= 0.85) else "**no**"
+    and never under 1.0 × the best peer ("?" when it hangs on an unknown peak)."""
+    if ratio >= 1.0 and (ratio >= 1.3 or (efficiency or 0) >= 0.85):
+        return "yes"
+    return "?" if efficiency is None and ratio >= 1.0 else "**no**"
+
+
+def peak_range(peaks):
+    """The lowest and highest peak read, as text."""
+    known = [p for p in peaks if p is not None]
+    return f"{min(known):.1f}–{max(known):.1f} GFLOP/s" if known else "none (portable kernels)"
+
+
+def percent(efficiency):
+    return "—" if efficiency is None else f"{100 * efficiency:.0f} %"
 
 
 def ort_session(tm, batch, threads, tmp, name):
@@ -154,38 +181,31 @@ def main():
                         times["ort"].append(time.perf_counter() - t0)
             med = {k: statistics.median(v) for k, v in times.items() if v}
             best = min(v for k, v in med.items() if k != "vit")
-            # Efficiency: the median repetition's GFLOP/s over the median peak read beside them
-            # (the host's speed moves over minutes, and both readings move with it).
-            peak = statistics.median(peaks)
-            eff = statistics.median(gflops) / peak
+            eff = efficiency(gflops, peaks)
             row = {"model": name, "batch": batch, "ratio": best / med["vit"], "times": times,
-                   "gflops": gflops, "peaks": peaks, "peak": peak, "efficiency": eff,
-                   "kernels": kernels}
+                   "gflops": gflops, "peaks": peaks, "efficiency": eff, "kernels": kernels}
             for k, v in med.items():
                 row[f"{k}_s"], row[f"{k}_ips"] = v, batch / v
             rows.append(row)
             print(f"{name} b{batch}: " + ", ".join(f"{k} {batch / v:.2f} img/s" for k, v in med.items())
-                  + f", vitrs / best peer {row['ratio']:.2f}, {100 * eff:.0f} % of the {kernels} FMA"
-                  f" peak ({peak:.1f} GFLOP/s)", file=sys.stderr, flush=True)
+                  + f", vitrs / best peer {row['ratio']:.2f}, {percent(eff)} of the {kernels} FMA"
+                  " peak", file=sys.stderr, flush=True)
 
     cols = [("torch", "PyTorch"), ("ort", "ONNX Runtime")]
     cols = [(k, label) for k, label in cols if k in peers]
-    all_peaks = [p for r in rows for p in r["peaks"]]
     lines = [f"CPU: {cpu_model()}; threads: {a.threads}; vitrs kernels: {rows[0]['kernels']}; "
              f"{versions}; {time.strftime('%Y-%m-%d')}; median of {a.reps} interleaved repetitions; "
-             f"FMA peak read beside each vitrs repetition {min(all_peaks):.1f}–{max(all_peaks):.1f}"
-             " GFLOP/s\n",
+             f"FMA peak read beside each vitrs repetition "
+             f"{peak_range([p for r in rows for p in r['peaks']])}\n",
              "| model | batch | vitrs img/s | " + " | ".join(f"{l} img/s" for _, l in cols)
              + " | vitrs / best peer | vitrs, % of FMA peak | bar met |",
              "|---|---|---|" + "---|" * len(cols) + "---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} @224 | {r['batch']} | {r['vit_ips']:.2f} | "
                      + " | ".join(f"{r[k + '_ips']:.2f}" for k, _ in cols)
-                     + f" | {r['ratio']:.2f} | {100 * r['efficiency']:.0f} % | "
+                     + f" | {r['ratio']:.2f} | {percent(r['efficiency'])} | "
                      + f"{verdict(r['ratio'], r['efficiency'])} |")
-    lines.append("\nBar met: at least min(1.3 × the best peer, 85 % of the FMA peak) and never under"
-                 " 1.0 × (the speed issue's); the % is the median repetition's GFLOP/s over the"
-                 " median of the peaks read beside them.")
+    lines.append("\n" + BAR)
     table = "\n".join(lines) + "\n"
     print(table)
     if a.write:
