@@ -775,8 +775,7 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
                     BRef::Mat(_) => None,
                 };
                 if let Some(bt) = on_tiles {
-                    amx::gemm(m, n, k, am, bt, Out { gelu: None, ..c }, sums);
-                    return gelu_after(m, n, c);
+                    return gemm_amx(m, n, k, am, bt, c, sums);
                 }
             }
             debug_assert!(!matches!(b, BRef::Packed(pb, _) if pb.amx.is_some()));
@@ -792,6 +791,17 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
             }
         }
     }
+}
+
+/// A product on the tile unit ([`super::amx::gemm`]), `c.gelu` applied to the block after
+/// it: the tile unit has no GELU epilogue.
+///
+/// # Safety
+/// As [`super::amx::gemm`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn gemm_amx(m: usize, n: usize, k: usize, a: MatRef, b: super::amx::B, c: Out, sums: Sums) {
+    super::amx::gemm(m, n, k, a, b, Out { gelu: None, ..c }, sums);
+    gelu_after(m, n, c);
 }
 
 /// `c.gelu` over the finished block `C (m, n)`, for the engines without it in their tiles.
@@ -1807,9 +1817,7 @@ mod tests {
                 BRef::Mat(bm) => amx::B::Mat(bm),
                 BRef::Packed(pb, c0) => amx::B::Packed(pb.amx.as_ref().expect("AMX packing"), c0),
             };
-            // The tile unit leaves GELU to the caller, as `gemm_a` does after it.
-            amx::gemm(m, n, k, a, b, Out { gelu: None, ..c }, None);
-            gelu_after(m, n, c);
+            gemm_amx(m, n, k, a, b, c, None)
         });
         // Blocks: 256 rows of A, 8 steps of 32 along k; shapes cross both and end ragged.
         let g = Geometry {
