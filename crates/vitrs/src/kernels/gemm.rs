@@ -728,6 +728,11 @@ mod tests {
             (2000, 64, 24),
             // A last partial panel of dYᵀ (30 rows: three of 8 and 6), summed by the packing.
             (1000, 24, 30),
+            // Parts of more than 512 rows summed into at most 192: on the AVX-512 rung of
+            // two-FMA-unit CPUs, dYᵀ is read in place and db summed block by block; the last
+            // row tile partial, 64 columns (6 × 64 tiles) and 128 (8 × 32).
+            (1600, 64, 70),
+            (2000, 128, 50),
         ] {
             let dy = rand_vec(m * n, 1);
             let x = rand_vec(m * k, 2);

@@ -914,6 +914,23 @@ fn wide_b(m: usize, n: usize, b: BRef) -> bool {
     m >= 256 && n.is_multiple_of(2 * NR512) && matches!(b, BRef::Mat(_))
 }
 
+/// Whether a transposed A (`dYᵀ` in a linear layer's weight gradient: each step of the inner
+/// dimension is a row of `dY`, `m` contiguous floats) is read where it is instead of packed:
+/// on the 12-row AVX-512 geometry (two-FMA-unit CPUs), for a long sum (`k ≥ 512`) into at
+/// most 192 rows. Its packing was a fifth of the fashion-mnist weight gradients' time (one
+/// dependent load and store per step, the rows `m` floats apart), more than the tiles lose to
+/// reading a line of `dY` per step from L2. An AVX-512 Xeon, 2 threads, interleaved, against
+/// the packed A: `dw:6400x64x192` and `dw:6400x64x128` +22 %, `dw:6400x128x64` +14 %,
+/// `dw:6400x768x192` +24 % (on the FMA kernel, `VITRS_AMX=0`); with 576 and 768 rows (the
+/// rows of a step several pages of L2 apart) it lost 8–14 %, hence the limit. Not measured on
+/// AMD's AVX-512 or on the AVX2 rung, which keep packing.
+fn transposed_in_place(g: &Geometry, m: usize, k: usize, a: ARef) -> bool {
+    matches!(a, ARef::Mat(am) if am.rs == 1 && am.cs != 1)
+        && g.mr == MR512_WIDE
+        && k >= 512
+        && m <= 192
+}
+
 /// Whether `m` rows waste at least 5 % fewer padded rows in 8-row tiles than in 12-row
 /// ones (64 rows: 64 against 72): the wide tile's edge was a sixth of a 64-row weight
 /// gradient's work.
@@ -958,6 +975,16 @@ unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out, su
             } else {
                 blocked::<Avx512, MR512, NV512>(m, n, k, a, b, c, g, sums)
             }
+        }
+        // A weight gradient into at most 192 rows with A read in place (see
+        // `transposed_in_place`) and 64 columns: the 6 × 64 tile, B's panel x's whole rows
+        // (read in place, one sequential stream) — +7–11 % over 12 × 32 on `dw:6400x64x192`
+        // and `dw:6400x64x128`. With 128 columns (two panels, x's rows halved) 12 or 8 × 32
+        // over a packed B measured 3 % better.
+        ARef::Mat(_)
+            if n == 2 * NR512 && matches!(b, BRef::Mat(_)) && transposed_in_place(&g, m, k, a) =>
+        {
+            blocked::<Avx512, MR512_NARROW, { 2 * NV512 }>(m, n, k, a, b, c, g, sums)
         }
         ARef::Mat(_) if g.mr == MR512_WIDE && !pads_less_in_eights(m) => {
             blocked::<Avx512, MR512_WIDE, NV512>(m, n, k, a, b, c, g, sums)
@@ -1014,6 +1041,8 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
         BRef::Packed(pb, _) => pb.kc,
         BRef::Mat(_) => inner_block(&g, k, n, nr),
     };
+    // A transposed A read in place, step by step (see `transposed_in_place`).
+    let strided_a = transposed_in_place(&g, m, k, a);
     // All of B in L2, one block: A's row tiles read in place, each across every panel.
     let resident = kc_max >= k && b_resident(&g, k, n, nr);
     // Whole tiles of this instantiation (`g.mr` may be another tile's height); a longer block
@@ -1044,15 +1073,19 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 // A convolution's weight gradient (gathered A) multiplies `dy`, row-major and a
                 // few whole panels wide: its rows are read in place, no copy. So does a linear
                 // layer's weight gradient (A = dyᵀ, a sum over thousands of rows) on the
-                // AVX-512 rung of two-FMA-unit CPUs: x's rows, read by dW's few row tiles from
-                // L2, cost less than copying them first (the fashion-mnist dW products +3-13 %,
-                // bench-train's +1-7 % on an AVX-512 Xeon; on the AVX2 rung, 16 columns a
-                // panel, -4 to +2 %; not measured on AMD's AVX-512, which keeps packing).
+                // AVX-512 rung of two-FMA-unit CPUs, with dYᵀ packed: x's rows, read by dW's
+                // few row tiles from L2, cost less than copying them first (the fashion-mnist
+                // dW products +3-13 %, bench-train's +1-7 % on an AVX-512 Xeon; on the AVX2
+                // rung, 16 columns a panel, -4 to +2 %; not measured on AMD's AVX-512, which
+                // keeps packing). With dYᵀ read in place too, x is packed (+3-5 %: the two
+                // strided streams shared a sixteenth of L1's sets), unless its rows are one
+                // panel, contiguous.
                 BRef::Mat(bm)
                     if bm.cs == 1
                         && n.is_multiple_of(nr)
                         && match a {
                             ARef::Gather(_) => true,
+                            ARef::Mat(_) if strided_a => n == nr,
                             ARef::Mat(am) => {
                                 g.mr == MR512_WIDE && am.rs == 1 && am.cs != 1 && k >= 512
                             }
@@ -1090,6 +1123,19 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 // panel of B.
                 let apack = &mut abuf.slice_mut()[..mc.div_ceil(MR) * MR * kc + PACK_SLACK];
                 let packed_a = match a {
+                    // Read step by step where it is; its rows' sums (the bias gradient) in a
+                    // pass over the block before the tiles, which also brings it into L2
+                    // in order.
+                    ARef::Mat(am) if strided_a => {
+                        if let Some(s) = sums {
+                            let block = MatRef {
+                                ptr: am.ptr.offset(ic as isize + pc as isize * am.cs),
+                                ..am
+                            };
+                            row_sums_into(block, mc, kc, s.add(ic));
+                        }
+                        false
+                    }
                     ARef::Mat(am) if am.cs != 1 || (m > g.pack_a_rows && !resident) => {
                         pack_a::<MR>(am, ic, mc, pc, kc, apack, sums.map(|p| p.add(ic)));
                         true
@@ -1181,6 +1227,19 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                                     std::array::from_fn(|i| g.base.offset(*g.rows.add(row(i))));
                                 let access = GatherA(rows_a, g.cols.add(pc));
                                 run_tile::<S, _, MR, NV>(&tile.with_a(access));
+                            }
+                            // A transposed A: a whole tile reads its `MR` contiguous floats per
+                            // step in place; the edge tile is packed (reading past the last
+                            // row could run off the end of the matrix).
+                            ARef::Mat(am) if strided_a && rows == MR => {
+                                let at = (ic + ir) as isize + pc as isize * am.cs;
+                                let access = StridedA(am.ptr.offset(at), am.cs);
+                                run_tile::<S, _, MR, NV>(&tile.with_a(access));
+                            }
+                            ARef::Mat(am) if strided_a => {
+                                pack_a::<MR>(am, ic + ir, rows, pc, kc, apack, None);
+                                let panel = PackedA::<MR>(apack.as_ptr());
+                                run_tile::<S, _, MR, NV>(&tile.with_a(panel));
                             }
                             ARef::Mat(am) if !packed_a => {
                                 let rows_a: [*const f32; MR] = std::array::from_fn(|i| {
@@ -1279,6 +1338,18 @@ impl<const MR: usize> AccessA for PackedA<MR> {
     #[inline(always)]
     unsafe fn at(&self, i: usize, p: usize) -> *const f32 {
         self.0.add(p * MR + i)
+    }
+}
+
+/// A transposed A read where it is (`rs == 1`): row `i` at `base + i`, step `p` at
+/// `base + p·cs + i`.
+#[derive(Clone, Copy)]
+struct StridedA(*const f32, isize);
+
+impl AccessA for StridedA {
+    #[inline(always)]
+    unsafe fn at(&self, i: usize, p: usize) -> *const f32 {
+        self.0.offset(p as isize * self.1 + i as isize)
     }
 }
 
@@ -1696,6 +1767,12 @@ mod tests {
             // B resident in L2 (see `b_resident`): a tall A read in place over one block of
             // the inner dimension longer than `kc`, ragged columns.
             (300, 2 * g.kc - 5, 2 * g.nr + 7),
+            // A transposed A read in place (see `transposed_in_place`): a long sum into few
+            // rows, the last row tile partial; 64 columns (the 6 × 64 tile over x's rows in
+            // place), 96 and 128 (12 and 8 × 32 over a packed B), across blocks.
+            (70, 600, 64),
+            (190, 1000, 96),
+            (50, g.kc + 300, 128),
         ] {
             let a = rand_vec(m * k, 1);
             let bt = rand_vec(n * k, 2); // B stored transposed, (n, k): a weight
