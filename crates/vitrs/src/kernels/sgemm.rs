@@ -919,11 +919,12 @@ fn wide_b(m: usize, n: usize, b: BRef) -> bool {
 /// on the 12-row AVX-512 geometry (two-FMA-unit CPUs), for a long sum (`k ≥ 512`) into at
 /// most 192 rows. Its packing was a fifth of the fashion-mnist weight gradients' time (one
 /// dependent load and store per step, the rows `m` floats apart), more than the tiles lose to
-/// reading a line of `dY` per step from L2. An AVX-512 Xeon, 2 threads, interleaved, against
-/// the packed A: `dw:6400x64x192` and `dw:6400x64x128` +22 %, `dw:6400x128x64` +14 %,
-/// `dw:6400x768x192` +24 % (on the FMA kernel, `VITRS_AMX=0`); with 576 and 768 rows (the
-/// rows of a step several pages of L2 apart) it lost 8–14 %, hence the limit. Not measured on
-/// AMD's AVX-512 or on the AVX2 rung, which keep packing.
+/// reading a line of `dY` per step from L2. An AVX-512 Xeon, 2 threads, against the build that
+/// packed it (11 interleaved rounds): `dw:6400x64x192` +13 %, `dw:6400x64x128` +14 %,
+/// `dw:6400x128x64` +2.5 % (+11 to +22 % in the trial's rounds); `dw:6400x768x192` +24 % on
+/// the FMA kernel (`VITRS_AMX=0`). With 576 and 768 rows (a step's floats several pages
+/// apart) it lost 8–14 %, hence the limit. Not measured on AMD's AVX-512 or on the AVX2 rung,
+/// which keep packing.
 fn transposed_in_place(g: &Geometry, m: usize, k: usize, a: ARef) -> bool {
     matches!(a, ARef::Mat(am) if am.rs == 1 && am.cs != 1)
         && g.mr == MR512_WIDE
@@ -979,8 +980,9 @@ unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out, su
         // A weight gradient into at most 192 rows with A read in place (see
         // `transposed_in_place`) and 64 columns: the 6 × 64 tile, B's panel x's whole rows
         // (read in place, one sequential stream) — +7–11 % over 12 × 32 on `dw:6400x64x192`
-        // and `dw:6400x64x128`. With 128 columns (two panels, x's rows halved) 12 or 8 × 32
-        // over a packed B measured 3 % better.
+        // and `dw:6400x64x128`. With 128 columns (two panels, x's rows halved) 8 × 32 over a
+        // packed B was as fast as 6 × 64 over a packed B and 1–4 % faster than over x in
+        // place; 12 × 32 17 % slower.
         ARef::Mat(_)
             if n == 2 * NR512 && matches!(b, BRef::Mat(_)) && transposed_in_place(&g, m, k, a) =>
         {
@@ -1077,9 +1079,9 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 // few row tiles from L2, cost less than copying them first (the fashion-mnist
                 // dW products +3-13 %, bench-train's +1-7 % on an AVX-512 Xeon; on the AVX2
                 // rung, 16 columns a panel, -4 to +2 %; not measured on AMD's AVX-512, which
-                // keeps packing). With dYᵀ read in place too, x is packed (+3-5 %: the two
-                // strided streams shared a sixteenth of L1's sets), unless its rows are one
-                // panel, contiguous.
+                // keeps packing). With dYᵀ read in place too, x is packed (+3-5 %: with rows
+                // 256 or 768 bytes apart, the two strided streams fell into a quarter of L1's
+                // 64 sets), unless its rows are one panel, contiguous.
                 BRef::Mat(bm)
                     if bm.cs == 1
                         && n.is_multiple_of(nr)
