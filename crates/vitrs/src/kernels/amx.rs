@@ -789,27 +789,22 @@ unsafe fn pack_b(b: MatRef, kc: usize, n: usize, steps: usize, out: *mut u16) {
                 let step = out.add((jp * steps + s) * STEP);
                 for half in 0..2 {
                     let j0 = jp * NR + half * 16;
-                    // Row pair (p, p + 1) of the 16 columns j0.., as two 16-lane vectors.
+                    // Row pair (p, p + 1) of the 16 columns j0.., element by element: the
+                    // rest (a partial last half, an odd last row, strided columns, padding).
                     let p = s * KS + 2 * r;
-                    // The rest: a partial last half, an odd last row, strided columns.
                     if p + 1 < kc && j0 / 16 < whole {
                         continue;
                     }
-                    let (lo, hi) = if b.cs == 1 && p + 1 < kc && j0 + 16 <= n {
-                        let row = b.ptr.offset(p as isize * b.rs + j0 as isize);
-                        (_mm512_loadu_ps(row), _mm512_loadu_ps(row.offset(b.rs)))
-                    } else {
-                        let mut v = [[0.0f32; 16]; 2];
-                        for (t, e) in v.iter_mut().enumerate() {
-                            for (jj, x) in e.iter_mut().enumerate() {
-                                *x = at(p + t, j0 + jj);
-                            }
+                    let mut v = [[0.0f32; 16]; 2];
+                    for (t, e) in v.iter_mut().enumerate() {
+                        for (jj, x) in e.iter_mut().enumerate() {
+                            *x = at(p + t, j0 + jj);
                         }
-                        (
-                            _mm512_loadu_ps(v[0].as_ptr()),
-                            _mm512_loadu_ps(v[1].as_ptr()),
-                        )
-                    };
+                    }
+                    let (lo, hi) = (
+                        _mm512_loadu_ps(v[0].as_ptr()),
+                        _mm512_loadu_ps(v[1].as_ptr()),
+                    );
                     store_row_pair(step.add(half * TILE + r * 32), lo, hi);
                 }
             }
