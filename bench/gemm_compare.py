@@ -11,7 +11,8 @@ once, as `vit` runs repeated inference, and packed per call), and the training p
 `configs/bench-train.toml` and `configs/fashion-mnist.toml` at batch 128. PyTorch runs
 `F.linear(x, W, b)`, `dy @ W` and `dy.T @ x`. Also measures the FMA peak of the instruction
 set vitrs runs (`vit bench --peak`, before and after the products, the higher reading) so
-every figure has its efficiency.
+every figure has its efficiency, and where the products run on AMX tiles, the tile unit's
+peak beside it.
 
 Usage (from the repository root, after `cargo build --release`; torch from
 tools/requirements.txt):
@@ -157,10 +158,13 @@ def main():
     peak = peaks.get(kern, {}).get("peak_gflops_per_sec")
     engine = rows[0].get("gemm") if rows else None
     # On the tile unit (AMX) the engine is not held to the FMA peak: "% of peak" is then
-    # the FMA peak of the rung, exceeded by design.
+    # the FMA peak of the rung, exceeded by design; the tile unit's own peak (`vit bench
+    # --peak`: its bf16 rate over the six products each f32 one takes) is given beside it.
+    amx = peaks.get(engine, {}).get("peak_gflops_per_sec") if engine else None
     head = (f"CPU: {cpu_model()}; threads: {a.threads}; vitrs kernels: {kern}, GEMM "
             f"{engine or 'fma'}, FMA peak {peak:.1f} GFLOP/s"
-            + (" (the AMX products are not bound by it)" if engine and engine.startswith("amx") else "")
+            + (" (the AMX products are not bound by it" + (f"; the tile unit's f32 peak: {amx:.1f} GFLOP/s)" if amx else ")")
+               if engine and engine.startswith("amx") else "")
             + f"; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; "
             f"median of {a.reps} interleaved repetitions of {a.iters} products")
     lines = [head, "",

@@ -5,7 +5,7 @@
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use vitrs::bench::{run as measure, GemmOp, Workload};
-use vitrs::kernels::peak::fma_peak;
+use vitrs::kernels::peak::{amx_peak, fma_peak};
 use vitrs::kernels::{available_isas, isa, Isa};
 
 #[derive(clap::Args)]
@@ -42,7 +42,8 @@ pub(crate) struct BenchArgs {
     #[arg(long, requires = "gemm")]
     packed: bool,
     /// Measure the FMA peak (GFLOP/s) of every instruction set this CPU has, on one thread
-    /// and on all; with --model or --gemm, report efficiency against the running one's.
+    /// and on all, and the AMX tile unit's where the products run there; with --model or
+    /// --gemm, report efficiency against the running rung's FMA peak.
     #[arg(long)]
     peak: bool,
     /// Timed repetitions (the median is reported, and the fastest beside it).
@@ -175,7 +176,8 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
         return Ok(0);
     }
     let Some(model) = &a.model else {
-        // --peak alone: every rung, one thread and all.
+        // --peak alone: every rung, one thread and all, then the tile unit's where it runs
+        // the products.
         for rung in available_isas().into_iter().filter(|&r| r != Isa::Portable) {
             let one = fma_peak(rung, 1, 0.5);
             let all = fma_peak(rung, threads, 0.5);
@@ -190,6 +192,21 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
                     rung.name(),
                     one.unwrap_or(f64::NAN),
                     all.unwrap_or(f64::NAN)
+                );
+            }
+        }
+        if let (Some((one, one_bf16)), Some((all, all_bf16))) =
+            (amx_peak(1, 0.5), amx_peak(threads, 0.5))
+        {
+            let engine = vitrs::kernels::gemm_engine();
+            if a.json {
+                println!(
+                    "{}",
+                    json!({"kernels": engine, "threads": threads, "peak_gflops_per_sec_1_thread": one, "peak_gflops_per_sec": all, "bf16_gflops_per_sec_1_thread": one_bf16, "bf16_gflops_per_sec": all_bf16})
+                );
+            } else {
+                println!(
+                    "{engine} peak (the AMX tiles, six bf16 products per f32 one): {one:.1} GFLOP/s on 1 thread, {all:.1} on {threads} (bf16: {one_bf16:.1}, {all_bf16:.1})"
                 );
             }
         }

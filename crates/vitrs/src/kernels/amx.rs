@@ -437,6 +437,54 @@ unsafe fn run(a: *const u16, b: *const u16, steps: usize) {
     }
 }
 
+/// Runs `trips` trips of eight `TDPBF16PS` (four independent accumulators, `tmm0..3`, each
+/// taking two products a trip) on the calling thread, with nothing else in the loop: the
+/// tile unit's peak, for [`super::peak::amx_peak`]. The operand tiles are loaded once with
+/// ordinary values (A's in `[1, 2)`, B's in `[2⁻³⁰, 2⁻²⁹)`), as the unit runs slower on
+/// real data than on zeros; each accumulator grows by less than `2⁻²²` a trip.
+///
+/// # Safety
+/// [`enabled`] must be true.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+pub(crate) unsafe fn peak_loop(trips: u64) {
+    #[repr(C, align(64))]
+    struct Tiles([u16; 4 * TILE]);
+    let mut t = Tiles([0; 4 * TILE]);
+    for (i, e) in t.0.iter_mut().enumerate() {
+        let v = if i < 2 * TILE {
+            1.0 + (i % 97) as f32 / 97.0
+        } else {
+            (1.0 + (i % 89) as f32 / 89.0) * (-30f32).exp2()
+        };
+        *e = (v.to_bits() >> 16) as u16;
+    }
+    config();
+    std::arch::asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        "tileloadd tmm4, [{p} + {s}*1]",
+        "tileloadd tmm5, [{p} + {s}*1 + 1024]",
+        "tileloadd tmm6, [{p} + {s}*1 + 2048]",
+        "tileloadd tmm7, [{p} + {s}*1 + 3072]",
+        p = in(reg) t.0.as_ptr(),
+        s = in(reg) 64usize,
+        options(nostack, readonly)
+    );
+    for _ in 0..trips {
+        std::arch::asm!(four_products!(), four_products!(), options(nostack, nomem));
+    }
+    release();
+}
+
+/// `TDPBF16PS` a trip of [`peak_loop`].
+pub(crate) const PEAK_PRODUCTS: u64 = 8;
+/// bf16 FLOPs of one `TDPBF16PS`: 16 × 16 outputs, 32 multiply-adds each.
+pub(crate) const PRODUCT_FLOPS: u64 = 16 * 16 * 32 * 2;
+/// Tile products per f32 product on this engine (see the module doc).
+pub(crate) const PIECE_PRODUCTS: u64 = 6;
+
 /// Half a tile, C rows 0–15 at `c` (row stride `stride` bytes; loaded and stored in place),
 /// for the last rows of a product when 16 or fewer are left (the last 5 of a batch-1
 /// forward's 197): two accumulators and A's first half, with B's three pieces held in

@@ -6,6 +6,10 @@
 //! last decade (latency 4–5 cycles, 2 FMA ports: 8–10 chains): 12 ymm chains for AVX2, 24 zmm
 //! chains for AVX-512. Each chain adds a constant product to itself, so no value grows large,
 //! denormal or NaN. The result is GFLOP/s: 2 FLOPs per lane per FMA.
+//!
+//! Where the products run on Intel's AMX tiles ([`super::amx`]), their ceiling is the tile
+//! unit's instead: [`amx_peak`], the rate of its bf16 products in a loop of nothing else,
+//! divided by the six tile products each f32 product takes there.
 
 use rayon::prelude::*;
 
@@ -183,32 +187,64 @@ pub fn fma_peak(isa: Isa, threads: usize, seconds: f64) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
         let (fmas, lanes) = shape(isa);
-        // Calibrate the trips to the time asked for on one thread.
-        let probe = 1u64 << 16;
-        let t = std::time::Instant::now();
         // SAFETY: the CPU has `isa` (checked above).
-        unsafe { fma_loop(isa, probe) };
-        let per_trip = t.elapsed().as_secs_f64() / probe as f64;
-        let trips = ((seconds / per_trip.max(1e-12)) as u64).clamp(probe, 1 << 34);
-        let threads = threads.max(1);
-        let mut best = 0.0f64;
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            // SAFETY: as above.
-            (0..threads)
-                .into_par_iter()
-                .for_each(|_| unsafe { fma_loop(isa, trips) });
-            let secs = t.elapsed().as_secs_f64();
-            let flops = (2 * lanes * fmas * trips) as f64 * threads as f64;
-            best = best.max(flops / secs / 1e9);
-        }
-        Some(best)
+        let run = |trips| unsafe { fma_loop(isa, trips) };
+        Some(best_rate(&run, 2 * lanes * fmas, threads, seconds))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (threads, seconds);
         None
     }
+}
+
+/// The peak of the AMX engine in f32 GFLOP/s (its bf16 tile products' rate over the six each
+/// f32 product takes), with `threads` threads each running [`super::amx`]'s product loop for
+/// about `seconds`: the best of three rounds. `None` where the products do not run on the
+/// tiles (no AMX, or `VITRS_AMX=0`). Also returns the bf16 rate itself.
+pub fn amx_peak(threads: usize, seconds: f64) -> Option<(f64, f64)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::amx;
+        if !amx::enabled() {
+            return None;
+        }
+        // SAFETY: the tile unit is enabled (checked above).
+        let run = |trips| unsafe { amx::peak_loop(trips) };
+        let bf16 = best_rate(
+            &run,
+            amx::PEAK_PRODUCTS * amx::PRODUCT_FLOPS,
+            threads,
+            seconds,
+        );
+        Some((bf16 / amx::PIECE_PRODUCTS as f64, bf16))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (threads, seconds);
+        None
+    }
+}
+
+/// GFLOP/s of `run(trips)` (`flops_per_trip` each) on `threads` threads of the current pool
+/// at once, the trips calibrated to about `seconds` on one thread: the best of three rounds.
+#[cfg(target_arch = "x86_64")]
+fn best_rate(run: &(dyn Fn(u64) + Sync), flops_per_trip: u64, threads: usize, seconds: f64) -> f64 {
+    let probe = 1u64 << 16;
+    let t = std::time::Instant::now();
+    run(probe);
+    let per_trip = t.elapsed().as_secs_f64() / probe as f64;
+    let trips = ((seconds / per_trip.max(1e-12)) as u64).clamp(probe, 1 << 34);
+    let threads = threads.max(1);
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        (0..threads).into_par_iter().for_each(|_| run(trips));
+        let secs = t.elapsed().as_secs_f64();
+        let flops = (flops_per_trip * trips) as f64 * threads as f64;
+        best = best.max(flops / secs / 1e9);
+    }
+    best
 }
 
 #[cfg(test)]
@@ -226,6 +262,24 @@ mod tests {
                 let p = p.unwrap();
                 assert!(p.is_finite() && p > 1.0, "{isa:?}: {p}");
             }
+        }
+    }
+
+    #[test]
+    fn the_tile_peak_is_measured_where_the_tiles_run() {
+        #[cfg(target_arch = "x86_64")]
+        let on_tiles = crate::kernels::amx::enabled();
+        #[cfg(not(target_arch = "x86_64"))]
+        let on_tiles = false;
+        match amx_peak(1, 0.01) {
+            Some((f32_rate, bf16)) => {
+                assert!(on_tiles);
+                // Six bf16 products per f32 one; any tile unit far above a GFLOP/s.
+                assert!((bf16 / f32_rate - 6.0).abs() < 1e-9, "{bf16} / {f32_rate}");
+                assert!(f32_rate.is_finite() && f32_rate > 10.0, "{f32_rate}");
+                println!("tile unit: {f32_rate:.1} f32 GFLOP/s ({bf16:.1} bf16) on one thread");
+            }
+            None => assert!(!on_tiles),
         }
     }
 }
