@@ -164,14 +164,33 @@ const KB: usize = 24;
 /// each other (13.4–14.7 images/s), 512 and 1024 at 9.7–10.1 (the block out of L2's reach).
 const MC: usize = 192;
 
+/// A few more rows of a product (fewer than a tile's), computed for some of its columns
+/// only, in the same pass over B as the product's other rows: the partial last tile of rows
+/// of a product whose threads share its whole tiles' rows, and these rows by columns (a
+/// partial tile costs more than half a whole one, so leaving one in each thread's part of the
+/// rows cost time; computing them in a pass of their own read B twice).
+#[derive(Clone, Copy)]
+pub(crate) struct Edge {
+    /// The rows of A, `(rows, k)`.
+    pub a: MatRef,
+    pub rows: usize,
+    /// Their row 0 of C, column 0 of the product (row stride as the product's).
+    pub c: *mut f32,
+    /// The columns computed, `(c0, c1)`: `c0` a multiple of [`NR`].
+    pub cols: (usize, usize),
+}
+
 /// `C (m, n) = A (m, k) · B (k, n)` (+ bias, + C) on the calling thread, on the tile unit.
 /// With `sums`, also `sums[i] += Σ_p A(i, p)` for every row of A, added up as the packing
-/// reads A (a weight gradient's `dYᵀ`, whose row sums are the bias gradient).
+/// reads A (a weight gradient's `dYᵀ`, whose row sums are the bias gradient). With `edge`,
+/// also its rows and columns, in the same pass over B.
 ///
 /// # Safety
 /// As [`super::sgemm::gemm`], and [`enabled`] must be true; `m, n, k > 0`; `sums` only with
 /// A's columns contiguous (`rs == 1, cs != 1`), addressing `m` floats no other thread
-/// touches.
+/// touches; `edge` only without `sums`, with fewer than [`MR`] rows, its `c` addressing its
+/// rows and columns of C, which no other thread touches.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
 pub(crate) unsafe fn gemm(
     m: usize,
@@ -181,18 +200,38 @@ pub(crate) unsafe fn gemm(
     b: B,
     c: Out,
     sums: Option<*mut f32>,
+    edge: Option<Edge>,
 ) {
+    debug_assert!(edge.is_none_or(|e| sums.is_none() && e.rows < MR && e.cols.0 % NR == 0));
     if c.accumulate && c.bias.is_some() {
         // C + bias: add the bias first, then accumulate onto it (a rare combination).
         super::sgemm::bias_into(m, n, c);
-        return gemm(m, n, k, a, b, Out { bias: None, ..c }, sums);
+        if let (Some(e), Some(bias)) = (edge, c.bias) {
+            let (c0, c1) = e.cols;
+            let at = Out {
+                ptr: e.c.add(c0),
+                bias: Some(bias.add(c0)),
+                ..c
+            };
+            super::sgemm::bias_into(e.rows, c1 - c0, at);
+        }
+        return gemm(m, n, k, a, b, Out { bias: None, ..c }, sums, edge);
     }
     let (mut abuf, mut bbuf) = BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
     config();
     let steps_total = k.div_ceil(KS);
     let panels = n.div_ceil(NR);
     let mc_max = MC.min(m.div_ceil(MR) * MR);
-    abuf.ensure(mc_max.div_ceil(MR) * KB.min(steps_total) * STEP);
+    // The edge's micro-panel after the largest block of A's.
+    let edge_at = mc_max.div_ceil(MR) * KB.min(steps_total) * STEP;
+    abuf.ensure(
+        edge_at
+            + if edge.is_some() {
+                KB.min(steps_total) * STEP
+            } else {
+                0
+            },
+    );
     for s0 in (0..steps_total).step_by(KB) {
         let steps = KB.min(steps_total - s0);
         let p0 = s0 * KS;
@@ -219,6 +258,29 @@ pub(crate) unsafe fn gemm(
             }
         };
         let first = s0 == 0;
+        let init_at = |j0: usize| {
+            if c.accumulate || !first {
+                Init::Load
+            } else if let Some(bias) = c.bias {
+                Init::Bias(bias.add(j0))
+            } else {
+                Init::Zero
+            }
+        };
+        if let Some(e) = edge {
+            let part = MatRef {
+                ptr: e.a.ptr.offset(p0 as isize * e.a.cs),
+                ..e.a
+            };
+            pack_a(
+                part,
+                e.rows,
+                kc,
+                steps,
+                abuf.slice_mut().as_mut_ptr().add(edge_at),
+                None,
+            );
+        }
         for ic in (0..m).step_by(mc_max) {
             let mc = mc_max.min(m - ic);
             let part = MatRef {
@@ -242,14 +304,16 @@ pub(crate) unsafe fn gemm(
                     let rows = MR.min(mc - ir);
                     let apanel = abuf.slice().as_ptr().add((ir / MR) * steps * STEP);
                     let cptr = c.ptr.offset((ic + ir) as isize * c.rs + j0 as isize);
-                    let init = if c.accumulate || !first {
-                        Init::Load
-                    } else if let Some(bias) = c.bias {
-                        Init::Bias(bias.add(j0))
-                    } else {
-                        Init::Zero
-                    };
-                    tile(apanel, bpanel, steps, cptr, c.rs, rows, cols, init);
+                    tile(apanel, bpanel, steps, cptr, c.rs, rows, cols, init_at(j0));
+                }
+                match edge {
+                    Some(e) if ic + mc == m && j0 >= e.cols.0 && j0 < e.cols.1 => {
+                        let apanel = abuf.slice().as_ptr().add(edge_at);
+                        let cols = NR.min(e.cols.1 - j0);
+                        let cptr = e.c.add(j0);
+                        tile(apanel, bpanel, steps, cptr, c.rs, e.rows, cols, init_at(j0));
+                    }
+                    _ => {}
                 }
             }
         }

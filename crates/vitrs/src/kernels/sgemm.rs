@@ -800,8 +800,43 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
 /// As [`super::amx::gemm`].
 #[cfg(target_arch = "x86_64")]
 unsafe fn gemm_amx(m: usize, n: usize, k: usize, a: MatRef, b: super::amx::B, c: Out, sums: Sums) {
-    super::amx::gemm(m, n, k, a, b, Out { gelu: None, ..c }, sums);
+    super::amx::gemm(m, n, k, a, b, Out { gelu: None, ..c }, sums, None);
     gelu_after(m, n, c);
+}
+
+/// `C (m, n) = A (m, k) · B` with `B` columns `c0..c0 + n` of a weight packed for the tile
+/// unit, and `edge`'s rows for its columns in the same pass over the weight
+/// ([`super::amx::Edge`]); `c.gelu` over both.
+///
+/// # Safety
+/// As [`super::amx::gemm`] with `edge`; `b` was packed on the tile unit's rung ([`PackedB::on_tiles`]).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_tiles_edge(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: &PackedB,
+    c0: usize,
+    c: Out,
+    edge: super::amx::Edge,
+) {
+    let Some(pa) = b.amx.as_ref() else {
+        unreachable!("gemm_tiles_edge: a weight not packed for the tile unit");
+    };
+    let bt = super::amx::B::Packed(pa, c0);
+    super::amx::gemm(m, n, k, a, bt, Out { gelu: None, ..c }, None, Some(edge));
+    gelu_after(m, n, c);
+    let (e0, e1) = edge.cols;
+    gelu_after(
+        edge.rows,
+        e1 - e0,
+        Out {
+            ptr: edge.c.add(e0),
+            ..c
+        },
+    );
 }
 
 /// `c.gelu` over the finished block `C (m, n)`, for the engines without it in their tiles.
@@ -2004,7 +2039,8 @@ mod tests {
         };
         let fma =
             errors(&|o| unsafe { gemm_avx512(m, n, k, ARef::Mat(amat), BRef::Mat(bmat), o, None) });
-        let tiles = errors(&|o| unsafe { amx::gemm(m, n, k, amat, amx::B::Mat(bmat), o, None) });
+        let tiles =
+            errors(&|o| unsafe { amx::gemm(m, n, k, amat, amx::B::Mat(bmat), o, None, None) });
         println!(
             "max / mean error against f64: FMA {:.2e} / {:.2e}, AMX bf16x6 {:.2e} / {:.2e}",
             fma.0, fma.1, tiles.0, tiles.1
