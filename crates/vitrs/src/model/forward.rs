@@ -80,15 +80,19 @@ fn image_by_image(batch: usize, capture: Capture) -> bool {
     threads > 1 && batch.is_multiple_of(threads) && !capture.attentions
 }
 
-/// Images per task of a batch run image by image ([`image_by_image`]): 4, 2 or 1, the most
-/// that still gives every thread as many tasks as the others. A task of several images runs
-/// their pass together on its thread: fewer partial tiles of rows in the products (one per
-/// task, not per image) and fewer passes over the weights. AVX-512 + AMX Xeon, 2 threads,
-/// batch 16, against one image a task: ViT-Ti/16 +9–12 %, S/16 +11–15 %, B/16 +5–6 % with 4
-/// (and with 8, one task a thread: Ti/16 as 4, S/16 5 % behind it, B/16 4 % ahead).
-fn images_per_task(batch: usize, threads: usize) -> usize {
+/// Images per task of a batch run image by image ([`image_by_image`]) when the products run
+/// on the tile unit (`tiles`): 4, 2 or 1, the most that still gives every thread as many
+/// tasks as the others; one elsewhere. A task of several images runs their pass together on
+/// its thread: fewer partial tiles of rows in the products (one per task, not per image) and
+/// fewer passes over the weights. AVX-512 + AMX Xeon, 2 threads, batch 16, against one image
+/// a task: ViT-Ti/16 +9–12 %, S/16 +11–15 %, B/16 +5–9 % with 4 (with 8, one task a thread:
+/// Ti/16 as 4, S/16 5 % behind it, B/16 4 % ahead). On the same Xeon's FMA kernels, 4 images
+/// a task measured S/16 +4.5 % but Ti/16 −12 % (AVX-512, `VITRS_AMX=0`) and Ti/16 +5 %, S/16
+/// +3 % (AVX2), not measured on AMD's cores, where one image a task was chosen: left at one.
+fn images_per_task(batch: usize, threads: usize, tiles: bool) -> usize {
     [4, 2, 1]
         .into_iter()
+        .filter(|&g| tiles || g == 1)
         .find(|g| batch.is_multiple_of(g * threads))
         .unwrap_or(1)
 }
@@ -161,7 +165,8 @@ impl ViT {
         let cfg = &self.config;
         let (f, k) = (cfg.feature_dim(), cfg.num_classes);
         let image = cfg.channels * cfg.image_height * cfg.image_width;
-        let g = images_per_task(batch, crate::kernels::team::threads());
+        let tiles = crate::kernels::gemm_engine() == "amx-bf16x6";
+        let g = images_per_task(batch, crate::kernels::team::threads(), tiles);
         let tasks = batch / g;
         ws.images.resize_with(tasks, Activations::default);
         for acts in &mut ws.images {
@@ -309,9 +314,13 @@ mod tests {
                     );
                     let mut ws = Workspace::new();
                     let each = model.forward(&x, plain, &mut ws).unwrap();
-                    // A task a thread here: 1, 2 and 4 images each.
-                    assert_eq!(images_per_task(batch, 2), batch / 2);
-                    assert_eq!(ws.images.len(), 2, "not run image by image");
+                    // On the tile unit a task a thread here, of 1, 2 and 4 images; one
+                    // image a task elsewhere.
+                    let tiles = crate::kernels::gemm_engine() == "amx-bf16x6";
+                    assert_eq!(images_per_task(batch, 2, true), batch / 2);
+                    assert_eq!(images_per_task(batch, 2, false), 1);
+                    let tasks = batch / images_per_task(batch, 2, tiles);
+                    assert_eq!(ws.images.len(), tasks, "not run image by image");
                     let all = Capture {
                         attentions: true,
                         pre_logits: true,
