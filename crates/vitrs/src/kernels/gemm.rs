@@ -871,41 +871,54 @@ mod tests {
 
     #[test]
     fn linear_matches_reference_on_odd_shapes_and_every_epilogue() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
-        // Covers: single-thread path, column split (n >= m), row split (m > n), ragged edges.
-        for &(m, k, n) in &[
-            (1, 1, 1),
-            (5, 7, 3),
-            (17, 64, 100),
-            (197, 48, 40),
-            (300, 33, 129),
-        ] {
-            let x = rand_vec(m * k, 1);
-            let w = rand_vec(n * k, 2);
-            let b = rand_vec(n, 3);
-            for epi in [
-                Epilogue::None,
-                Epilogue::Gelu(Gelu::Exact),
-                Epilogue::Gelu(Gelu::Tanh),
-                Epilogue::Tanh,
-                Epilogue::Accumulate,
+        // Covers: single-thread path, column split (n >= m), row split (m > n), ragged edges;
+        // with the weight packed too, where on the tile unit (AMX hosts) rows that end in a
+        // partial tile take the edge split (197, 300 and 394 rows on 2 and 3 threads).
+        for threads in [2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for &(m, k, n) in &[
+                (1, 1, 1),
+                (5, 7, 3),
+                (17, 64, 100),
+                (197, 48, 40),
+                (300, 33, 129),
+                (197, 48, 96),
+                (300, 200, 192),
+                (394, 64, 160),
             ] {
-                for bias in [Some(&b[..]), None] {
-                    let init = rand_vec(m * n, 4);
-                    let mut got = init.clone();
-                    let mut want = init.clone();
-                    pool.install(|| linear(&x, &w, bias, &mut got, (m, k, n), epi));
-                    linear_ref(&x, &w, bias, &mut want, (m, k, n), epi);
-                    let d = max_abs_diff(&got, &want);
-                    // f32 accumulation over k terms of magnitude ≤ 1.
-                    assert!(
-                        d < 1e-6 * (k as f32).sqrt() * 4.0,
-                        "{m}x{k}x{n} {epi:?} bias={}: {d}",
-                        bias.is_some()
-                    );
+                let x = rand_vec(m * k, 1);
+                let w = rand_vec(n * k, 2);
+                let b = rand_vec(n, 3);
+                let packed = PackedLinear::new(&w, (n, k));
+                for epi in [
+                    Epilogue::None,
+                    Epilogue::Gelu(Gelu::Exact),
+                    Epilogue::Gelu(Gelu::Tanh),
+                    Epilogue::Tanh,
+                    Epilogue::Accumulate,
+                ] {
+                    for (bias, p) in [None, Some(&b[..])]
+                        .into_iter()
+                        .flat_map(|bias| [(bias, None), (bias, packed.as_ref())])
+                    {
+                        let init = rand_vec(m * n, 4);
+                        let mut got = init.clone();
+                        let mut want = init.clone();
+                        let dims = (m, k, n);
+                        pool.install(|| linear_packed(&x, &w, p, bias, &mut got, dims, epi));
+                        linear_ref(&x, &w, bias, &mut want, dims, epi);
+                        let d = max_abs_diff(&got, &want);
+                        // f32 accumulation over k terms of magnitude ≤ 1.
+                        assert!(
+                            d < 1e-6 * (k as f32).sqrt() * 4.0,
+                            "{m}x{k}x{n} {epi:?} bias={} packed={} {threads} threads: {d}",
+                            bias.is_some(),
+                            p.is_some()
+                        );
+                    }
                 }
             }
         }
@@ -923,53 +936,6 @@ mod tests {
         assert!(edge_split(40, 768, 2).is_none());
         assert!(edge_split(197, 32, 2).is_none());
         assert!(edge_split(197, 64, 3).is_none());
-    }
-
-    #[test]
-    fn packed_products_match_the_reference_whatever_the_split_of_their_rows() {
-        // With a weight packed for the tile unit (AMX hosts), rows that end in a partial tile
-        // take the edge split on 2 and 3 threads (197, 300 and 394 rows); elsewhere the same
-        // shapes check the packed FMA path.
-        for threads in [2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            for &(m, k, n) in &[
-                (197, 48, 96),
-                (300, 200, 192),
-                (394, 64, 160),
-                (197, 96, 64),
-            ] {
-                let x = rand_vec(m * k, 21);
-                let w = rand_vec(n * k, 22);
-                let b = rand_vec(n, 23);
-                let packed = PackedLinear::new(&w, (n, k));
-                for epi in [
-                    Epilogue::None,
-                    Epilogue::Gelu(Gelu::Exact),
-                    Epilogue::Tanh,
-                    Epilogue::Accumulate,
-                ] {
-                    for bias in [Some(&b[..]), None] {
-                        let init = rand_vec(m * n, 24);
-                        let mut got = init.clone();
-                        let mut want = init.clone();
-                        let dims = (m, k, n);
-                        pool.install(|| {
-                            linear_packed(&x, &w, packed.as_ref(), bias, &mut got, dims, epi)
-                        });
-                        linear_ref(&x, &w, bias, &mut want, dims, epi);
-                        let d = max_abs_diff(&got, &want);
-                        assert!(
-                            d < 1e-6 * (k as f32).sqrt() * 4.0,
-                            "{m}x{k}x{n} {epi:?} bias={} {threads} threads: {d}",
-                            bias.is_some()
-                        );
-                    }
-                }
-            }
-        }
     }
 
     #[test]
