@@ -132,9 +132,10 @@ fn linear_parts(
         .filter(|p| p.usable(isa) && p.shape() == (k, n));
     let threads = team::threads();
     let outp = SyncPtr(out.as_mut_ptr());
-    let run = |rows: (usize, usize), cols: (usize, usize)| {
+    let run = |rows: (usize, usize), cols: (usize, usize), edge: Option<Edge>| {
         // SAFETY: the ranges of a `Split` are disjoint, so each task writes its own
-        // sub-matrix of `out`; `x`, `w` and `packed` are only read.
+        // sub-matrix of `out` (and its own columns of an `EdgeSplit`'s rows); `x`, `w` and
+        // `packed` are only read.
         unsafe {
             block(
                 isa,
@@ -146,6 +147,7 @@ fn linear_parts(
                 (m, k, n),
                 rows,
                 cols,
+                edge,
                 epilogue,
             )
         }
@@ -168,20 +170,10 @@ fn linear_parts(
     let on_tiles = packed.is_some_and(|p| p.on_tiles());
     let by_cols = n >= m && !on_tiles;
     #[cfg(target_arch = "x86_64")]
-    if let (Some(p), false, true) = (packed, alone, on_tiles && epilogue != Epilogue::Tanh) {
+    if let (false, true) = (alone, on_tiles && epilogue != Epilogue::Tanh) {
         if let Some(e) = edge_split(m, n, threads) {
             team::for_each(threads, |i| {
-                let rows = e.rows.get(i);
-                // SAFETY: each task writes its own rows `rows` of `out` and its own columns
-                // of the rows `e.full..m`; `x`, `p` and `bias` are only read.
-                unsafe { block_with_edge(x, p, bias, outp, (m, k, n), rows, e, i, epilogue) };
-                if let Some(done) = rows_done {
-                    let (r0, r1) = rows;
-                    // SAFETY: this task's rows of `out`, written above and owned by it alone.
-                    done(rows, unsafe {
-                        std::slice::from_raw_parts(outp.get().add(r0 * n), (r1 - r0) * n)
-                    });
-                }
+                run(e.rows.get(i), (0, n), Some(((e.full, m), e.cols.get(i))));
             });
             return (e.full, m);
         }
@@ -191,7 +183,7 @@ fn linear_parts(
         alone,
         by_cols,
         super::sgemm::product_geometry(isa, n),
-        run,
+        |rows, cols| run(rows, cols, None),
     );
     if alone || !by_cols {
         (m, m)
@@ -200,12 +192,15 @@ fn linear_parts(
     }
 }
 
+/// Rows `(r0, r1)` of a product and columns `(c0, c1)` of them that a task computes beside
+/// its block, in the same pass over the weight (see [`EdgeSplit`]).
+type Edge = ((usize, usize), (usize, usize));
+
 /// How the threads share a product on the tile unit whose rows end in a partial tile: the
 /// whole tiles' rows `0..full` split among them (`rows`), the rows left (`full..m`, fewer
 /// than a tile's) split by columns (`cols`), each thread computing its part of them in the
 /// same pass over the weight as its rows.
-#[derive(Clone, Copy)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg(target_arch = "x86_64")]
 struct EdgeSplit {
     full: usize,
     rows: Split,
@@ -218,60 +213,17 @@ struct EdgeSplit {
 /// one for more), so splitting the rows alone left one in a thread's part or both: ViT-B/16
 /// at batch 1 (197 rows: 6 whole tiles and 5 rows) took 3.56 tiles' time per thread where
 /// 3.28 are needed.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg(target_arch = "x86_64")]
 fn edge_split(m: usize, n: usize, threads: usize) -> Option<EdgeSplit> {
-    const TILE: usize = 32;
-    let full = m / TILE * TILE;
-    let rows = Split::new(full, threads, TILE);
-    let cols = Split::new(n, threads, TILE);
+    use super::amx::{MR, NR};
+    let full = m / MR * MR;
+    let rows = Split::new(full, threads, MR);
+    let cols = Split::new(n, threads, NR);
     (full < m && full > 0 && rows.count == threads && cols.count == threads).then_some(EdgeSplit {
         full,
         rows,
         cols,
     })
-}
-
-/// Rows `r0..r1` of a product on the tile unit, and task `task`'s columns of the partial last
-/// tile's rows ([`EdgeSplit`]), in one pass over the packed weight.
-///
-/// # Safety
-/// As [`block`]; `p` is packed for the tile unit; no other thread touches these rows and
-/// columns of `out`.
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_with_edge(
-    x: &[f32],
-    p: &PackedB,
-    bias: Option<&[f32]>,
-    out: SyncPtr,
-    (m, k, n): (usize, usize, usize),
-    (r0, r1): (usize, usize),
-    e: EdgeSplit,
-    task: usize,
-    epilogue: Epilogue,
-) {
-    let rows = |r: usize| MatRef {
-        ptr: x.as_ptr().add(r * k),
-        rs: k as isize,
-        cs: 1,
-    };
-    let o = Out {
-        ptr: out.get().add(r0 * n),
-        rs: n as isize,
-        accumulate: epilogue == Epilogue::Accumulate,
-        bias: bias.map(|b| b.as_ptr()),
-        gelu: match epilogue {
-            Epilogue::Gelu(kind) => Some(kind),
-            _ => None,
-        },
-    };
-    let edge = super::amx::Edge {
-        a: rows(e.full),
-        rows: m - e.full,
-        c: out.get().add(e.full * n),
-        cols: e.cols.get(task),
-    };
-    super::sgemm::gemm_tiles_edge(r1 - r0, n, k, rows(r0), p, 0, o, edge);
 }
 
 /// A residual branch and the LayerNorm after it: `out += x·Wᵀ + bias`, then `normed =
@@ -443,11 +395,12 @@ fn for_blocks(
     }
 }
 
-/// Computes the block `out[r0..r1, c0..c1]`.
+/// Computes the block `out[r0..r1, c0..c1]`, and with `edge` (a weight packed for the tile
+/// unit, not [`Epilogue::Tanh`]) those rows and columns too, in the same pass over the weight.
 ///
 /// # Safety
-/// `out` must point to an `(m, n)` buffer, and no other thread may touch this block; `c0` must
-/// be a multiple of the packing's panel width.
+/// `out` must point to an `(m, n)` buffer, and no other thread may touch this block or the
+/// edge's part; `c0` must be a multiple of the packing's panel width.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block(
     isa: Isa,
@@ -459,15 +412,17 @@ unsafe fn block(
     (_m, k, n): (usize, usize, usize),
     (r0, r1): (usize, usize),
     (c0, c1): (usize, usize),
+    edge: Option<Edge>,
     epilogue: Epilogue,
 ) {
     let (bm, bn) = (r1 - r0, c1 - c0);
     let c = out.get().add(r0 * n + c0);
-    let a = MatRef {
-        ptr: x.as_ptr().add(r0 * k),
+    let rows_of = |r: usize| MatRef {
+        ptr: x.as_ptr().add(r * k),
         rs: k as isize,
         cs: 1,
     };
+    let a = rows_of(r0);
     // B = Wᵀ restricted to columns c0..c1: B[kk][j] = W[c0 + j][kk].
     let b = match packed {
         Some(p) => BRef::Packed(p, c0),
@@ -487,7 +442,20 @@ unsafe fn block(
             _ => None,
         },
     };
-    gemm(isa, bm, bn, k, a, b, o);
+    match (edge, packed) {
+        #[cfg(target_arch = "x86_64")]
+        (Some(((e0, e1), cols)), Some(p)) => {
+            let edge = super::amx::Edge {
+                a: rows_of(e0),
+                rows: e1 - e0,
+                c: out.get().add(e0 * n + c0),
+                cols,
+            };
+            super::sgemm::gemm_tiles_edge(bm, bn, k, a, p, c0, o, edge);
+        }
+        (Some(e), _) => unreachable!("an edge {e:?} without a weight packed for the tile unit"),
+        (None, _) => gemm(isa, bm, bn, k, a, b, o),
+    }
     if epilogue == Epilogue::Tanh {
         for r in 0..bm {
             tanh_inplace(std::slice::from_raw_parts_mut(c.add(r * n), bn));
@@ -924,6 +892,7 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn a_partial_last_tile_is_split_by_columns_among_the_threads() {
         // ViT-B/16 at batch 1: 6 whole tiles of rows and 5 rows, on 2 threads.

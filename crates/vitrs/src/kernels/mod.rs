@@ -78,11 +78,19 @@ impl Isa {
 /// `"matrixmultiply"` on the portable rung. `vit info` and `vit bench` report it.
 pub fn gemm_engine() -> &'static str {
     match isa() {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if amx::enabled() => "amx-bf16x6",
+        _ if products_on_tiles() => "amx-bf16x6",
         Isa::Avx512 | Isa::Avx2 => "fma",
         Isa::Portable => "matrixmultiply",
     }
+}
+
+/// Whether the matrix products run on the AMX tile unit: the AVX-512 rung with the tiles
+/// enabled ([`amx::enabled`]).
+pub fn products_on_tiles() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return isa() == Isa::Avx512 && amx::enabled();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// The highest rung this CPU has (detected once by std, cached).

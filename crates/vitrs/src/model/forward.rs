@@ -165,7 +165,7 @@ impl ViT {
         let cfg = &self.config;
         let (f, k) = (cfg.feature_dim(), cfg.num_classes);
         let image = cfg.channels * cfg.image_height * cfg.image_width;
-        let tiles = crate::kernels::gemm_engine() == "amx-bf16x6";
+        let tiles = crate::kernels::products_on_tiles();
         let g = images_per_task(batch, crate::kernels::team::threads(), tiles);
         let tasks = batch / g;
         ws.images.resize_with(tasks, Activations::default);
@@ -316,7 +316,7 @@ mod tests {
                     let each = model.forward(&x, plain, &mut ws).unwrap();
                     // On the tile unit a task a thread here, of 1, 2 and 4 images; one
                     // image a task elsewhere.
-                    let tiles = crate::kernels::gemm_engine() == "amx-bf16x6";
+                    let tiles = crate::kernels::products_on_tiles();
                     assert_eq!(images_per_task(batch, 2, true), batch / 2);
                     assert_eq!(images_per_task(batch, 2, false), 1);
                     let tasks = batch / images_per_task(batch, 2, tiles);
