@@ -32,6 +32,19 @@ pub enum Epilogue {
 /// Below this many multiply-adds a product runs on one thread.
 const PARALLEL_MIN_MACS: usize = 1 << 16;
 
+/// Weights of at least this many elements (`k · n`), packed for the tile unit, are split
+/// among the threads by columns when the rows are few (batch 1), as on the FMA kernels; the
+/// smaller ones by rows. By columns each thread packs all of x's rows into its pieces, but
+/// streams only its own panels of W (6 bytes an element, from L3 or memory, not from cache)
+/// and runs each over all the rows (7 tiles at 197 rows, not 3), long enough for
+/// [`super::amx`] to fetch the next panel meanwhile. On an AVX-512 Xeon, ViT-B/16 at batch 1
+/// (its qkv, fc1 and fc2 weights are 1.8–2.4 M elements): those products 5–13 %, 4–8 % and
+/// 0–6 % faster in the model (four interleaved rounds), the forward +3 % (ten); by columns,
+/// ViT-S/16 and Ti/16 (weights ≤ 0.6 M, where packing x twice costs more than the stream
+/// saves) ran 3–7 % slower, and keep the rows, as does ViT-B/16's projection (0.6 M), whose
+/// row split also fuses the residual's LayerNorm.
+const TILE_COLUMNS_MIN: usize = 1 << 20;
+
 /// The weight gradient splits its sum over rows among the threads from this many rows each.
 const DW_MIN_ROWS_PER_THREAD: usize = 256;
 
@@ -162,15 +175,13 @@ fn linear_parts(
         }
     };
     // Few rows (small batch): split the columns in whole panels; each thread reads only its
-    // panels of W. Not on the tile unit: there each thread would split all of x into its
-    // pieces, and halves of the rows (both threads streaming the same panels of W) ran the
-    // batch-1 forwards of S/16 and B/16 4–8 % faster on an AVX-512 Xeon.
+    // panels of W. On the tile unit only for a large weight (see `TILE_COLUMNS_MIN`).
     // Column parts start on the packing's panels (`product_geometry` gives its width).
     let alone = threads == 1 || m * n * k < PARALLEL_MIN_MACS;
     let on_tiles = packed.is_some_and(|p| p.on_tiles());
-    let by_cols = n >= m && !on_tiles;
+    let by_cols = n >= m && (!on_tiles || k * n >= TILE_COLUMNS_MIN);
     #[cfg(target_arch = "x86_64")]
-    if let (false, true) = (alone, on_tiles && epilogue != Epilogue::Tanh) {
+    if let (false, true, false) = (alone, on_tiles && epilogue != Epilogue::Tanh, by_cols) {
         if let Some(e) = edge_split(m, n, threads) {
             team::for_each(threads, |i| {
                 run(e.rows.get(i), (0, n), Some(((e.full, m), e.cols.get(i))));
@@ -888,6 +899,39 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_large_packed_weight_at_batch_one_matches_the_reference() {
+        // k · n ≥ TILE_COLUMNS_MIN with few rows: on the tile unit the threads split the
+        // columns (33 panels: uneven parts), and with one block of 7 tiles of rows each
+        // fetches its next panel while the tiles run (AMX hosts; elsewhere the FMA kernels'
+        // column split).
+        let (m, k, n) = (197, 1024, 1056);
+        assert!(k * n >= TILE_COLUMNS_MIN && n >= m);
+        let (x, w, b) = (rand_vec(m * k, 1), rand_vec(n * k, 2), rand_vec(n, 3));
+        let packed = PackedLinear::new(&w, (n, k));
+        for threads in [2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for (epi, bias) in [
+                (Epilogue::Gelu(Gelu::Exact), Some(&b[..])),
+                (Epilogue::Accumulate, None),
+            ] {
+                let mut got = rand_vec(m * n, 4);
+                let mut want = got.clone();
+                let dims = (m, k, n);
+                pool.install(|| linear_packed(&x, &w, packed.as_ref(), bias, &mut got, dims, epi));
+                linear_ref(&x, &w, bias, &mut want, dims, epi);
+                let d = max_abs_diff(&got, &want);
+                assert!(
+                    d < 1e-6 * (k as f32).sqrt() * 4.0,
+                    "{epi:?} {threads} threads: {d}"
+                );
             }
         }
     }
