@@ -145,6 +145,55 @@ thread_local! {
     static BUFFERS: RefCell<(Aligned<u16>, Aligned<u16>)> = RefCell::new(Default::default());
 }
 
+/// The `A` operand of [`gemm`].
+#[derive(Clone, Copy)]
+pub(crate) enum A {
+    /// Packed by [`gemm`], block by block.
+    Mat(MatRef),
+    /// All of its rows already in pieces, by [`pack_rows`] (a product with one block of rows,
+    /// [`one_block`]): A packed once for the threads that split the product's columns.
+    Pieces(*const u16),
+}
+
+/// Whether a product with `m` rows runs as one block of rows (and can take [`A::Pieces`]).
+pub(crate) fn one_block(m: usize) -> bool {
+    RowBlocks::new(m).count == 1
+}
+
+/// Elements (`u16`) of [`pack_rows`]' output for an `(m, k)` A.
+pub(crate) fn pieces_len(m: usize, k: usize) -> usize {
+    m.div_ceil(MR) * k.div_ceil(KS) * STEP
+}
+
+/// Packs the row tiles `g0..g1` of the `(m, k)` matrix `a` (tiles of [`MR`] rows) into `out`,
+/// which holds all of A's pieces as [`gemm`] reads them ([`A::Pieces`]): the block of steps
+/// starting at step `s0` at `s0 · tiles · STEP`, its tile `g` at `g · steps · STEP` — the
+/// layout `gemm` packs one block into. Threads packing disjoint tiles fill it together.
+///
+/// # Safety
+/// `a` addresses an `(m, k)` matrix; `out` holds [`pieces_len`]`(m, k)` elements, of which no
+/// other thread writes these tiles'; `g0 < g1 ≤ ⌈m / MR⌉`; [`enabled`] must be true.
+pub(crate) unsafe fn pack_rows(
+    a: MatRef,
+    m: usize,
+    k: usize,
+    (g0, g1): (usize, usize),
+    out: *mut u16,
+) {
+    let (total, tiles) = (k.div_ceil(KS), m.div_ceil(MR));
+    let (r0, r1) = (g0 * MR, (g1 * MR).min(m));
+    for s0 in (0..total).step_by(KB) {
+        let steps = KB.min(total - s0);
+        let p0 = s0 * KS;
+        let part = MatRef {
+            ptr: a.ptr.offset(r0 as isize * a.rs + p0 as isize * a.cs),
+            ..a
+        };
+        let at = out.add(s0 * tiles * STEP + g0 * steps * STEP);
+        pack_a(part, r1 - r0, (steps * KS).min(k - p0), steps, at, None);
+    }
+}
+
 /// The `B` operand of [`gemm`].
 #[derive(Clone, Copy)]
 pub(crate) enum B<'a> {
@@ -229,13 +278,14 @@ pub(crate) unsafe fn gemm(
     m: usize,
     n: usize,
     k: usize,
-    a: MatRef,
+    a: A,
     b: B,
     c: Out,
     sums: Option<*mut f32>,
     edge: Option<Edge>,
 ) {
     debug_assert!(edge.is_none_or(|e| sums.is_none() && e.rows < MR && e.cols.0 % NR == 0));
+    debug_assert!(matches!(a, A::Mat(_)) || (one_block(m) && sums.is_none()));
     if c.accumulate && c.bias.is_some() {
         // C + bias: add the bias first, then accumulate onto it (a rare combination).
         super::sgemm::bias_into(m, n, c);
@@ -318,22 +368,23 @@ pub(crate) unsafe fn gemm(
         for bi in 0..blocks.count {
             let (ic, end) = blocks.get(bi, m);
             let mc = end - ic;
-            let part = MatRef {
-                ptr: a.ptr.offset(ic as isize * a.rs + p0 as isize * a.cs),
-                ..a
-            };
-            let part_sums = sums.map(|p| p.add(ic));
             let tiles = mc.div_ceil(MR);
             let prefetch =
                 matches!(b, B::Packed(..)) && blocks.count == 1 && tiles >= PREFETCH_TILES;
-            pack_a(
-                part,
-                mc,
-                kc,
-                steps,
-                abuf.slice_mut().as_mut_ptr(),
-                part_sums,
-            );
+            // This block's micro-panels of A, `steps · STEP` apart.
+            let ap = match a {
+                A::Mat(a) => {
+                    let part = MatRef {
+                        ptr: a.ptr.offset(ic as isize * a.rs + p0 as isize * a.cs),
+                        ..a
+                    };
+                    let out = abuf.slice_mut().as_mut_ptr();
+                    pack_a(part, mc, kc, steps, out, sums.map(|p| p.add(ic)));
+                    abuf.slice().as_ptr()
+                }
+                // One block: all of A's tiles, block of steps `s0` (see `pack_rows`).
+                A::Pieces(p) => p.add(s0 * tiles * STEP),
+            };
             for jp in 0..panels {
                 let j0 = jp * NR;
                 let cols = NR.min(n - j0);
@@ -349,7 +400,7 @@ pub(crate) unsafe fn gemm(
                         _ => Prefetch::NONE,
                     };
                     let rows = MR.min(mc - ir);
-                    let apanel = abuf.slice().as_ptr().add((ir / MR) * steps * STEP);
+                    let apanel = ap.add((ir / MR) * steps * STEP);
                     let cptr = c.ptr.offset((ic + ir) as isize * c.rs + j0 as isize);
                     let init = init_at(j0);
                     tile(apanel, bpanel, steps, cptr, c.rs, rows, cols, init, pf);

@@ -32,18 +32,22 @@ pub enum Epilogue {
 /// Below this many multiply-adds a product runs on one thread.
 const PARALLEL_MIN_MACS: usize = 1 << 16;
 
-/// Weights of at least this many elements (`k · n`), packed for the tile unit, are split
-/// among the threads by columns when the rows are few (batch 1), as on the FMA kernels; the
-/// smaller ones by rows. By columns each thread packs all of x's rows into its pieces, but
-/// streams only its own panels of W (6 bytes an element, from L3 or memory, not from cache)
-/// and runs each over all the rows (7 tiles at 197 rows, not 3), long enough for
-/// [`super::amx`] to fetch the next panel meanwhile. On an AVX-512 Xeon, ViT-B/16 at batch 1
-/// (its qkv, fc1 and fc2 weights are 1.8–2.4 M elements): those products 5–13 %, 4–8 % and
-/// 0–6 % faster in the model (four interleaved rounds), the forward +3 % (ten); by columns,
-/// ViT-S/16 and Ti/16 (weights ≤ 0.6 M, where packing x twice costs more than the stream
-/// saves) ran 3–7 % slower, and keep the rows, as does ViT-B/16's projection (0.6 M), whose
-/// row split also fuses the residual's LayerNorm.
-const TILE_COLUMNS_MIN: usize = 1 << 20;
+/// A weight packed for the tile unit of at least this many elements (`k · n`), and at most
+/// [`TILE_COLUMNS_MAX_K`] inputs, is split among the threads by columns when the rows are few
+/// (batch 1), as on the FMA kernels; other products split the rows. By columns, x is packed
+/// into its pieces once, the threads sharing its tiles of rows, and each thread then streams
+/// only its own panels of W (6 bytes an element, from L3 or memory) and runs each over all
+/// the rows (7 tiles at 197 rows, not 3) — long enough for [`super::amx`] to fetch the next
+/// panel meanwhile. On an AVX-512 Xeon at batch 1: ViT-B/16's qkv 9 % and fc1 7 % faster in
+/// the model, its forward +4–6 %; ViT-S/16's forward +4 % (qkv and fc1, 0.44 and 0.59 M
+/// elements). Not taken where the caller fuses work on each thread's rows after the product
+/// (`rows_done`: the residual's LayerNorm after the attention projection).
+const TILE_COLUMNS_MIN: usize = 1 << 18;
+
+/// Products with a longer inner dimension (several blocks of steps on the tile unit: MLP fc2)
+/// keep the row split: ViT-B/16's fc2 (3072 inputs) ran no faster by columns, even with x
+/// packed once, and 9 % slower with its weight in cache.
+const TILE_COLUMNS_MAX_K: usize = 768;
 
 /// The weight gradient splits its sum over rows among the threads from this many rows each.
 const DW_MIN_ROWS_PER_THREAD: usize = 256;
@@ -145,7 +149,7 @@ fn linear_parts(
         .filter(|p| p.usable(isa) && p.shape() == (k, n));
     let threads = team::threads();
     let outp = SyncPtr(out.as_mut_ptr());
-    let run = |rows: (usize, usize), cols: (usize, usize), edge: Option<Edge>| {
+    let run = |rows: (usize, usize), cols: (usize, usize), edge: Option<Edge>, pieces: Pieces| {
         // SAFETY: the ranges of a `Split` are disjoint, so each task writes its own
         // sub-matrix of `out` (and its own columns of an `EdgeSplit`'s rows); `x`, `w` and
         // `packed` are only read.
@@ -161,6 +165,7 @@ fn linear_parts(
                 rows,
                 cols,
                 edge,
+                pieces,
                 epilogue,
             )
         }
@@ -179,28 +184,67 @@ fn linear_parts(
     // Column parts start on the packing's panels (`product_geometry` gives its width).
     let alone = threads == 1 || m * n * k < PARALLEL_MIN_MACS;
     let on_tiles = packed.is_some_and(|p| p.on_tiles());
-    let by_cols = n >= m && (!on_tiles || k * n >= TILE_COLUMNS_MIN);
+    let tiles_by_cols = k * n >= TILE_COLUMNS_MIN && k <= TILE_COLUMNS_MAX_K && rows_done.is_none();
+    let by_cols = n >= m && (!on_tiles || tiles_by_cols);
     #[cfg(target_arch = "x86_64")]
     if let (false, true, false) = (alone, on_tiles && epilogue != Epilogue::Tanh, by_cols) {
         if let Some(e) = edge_split(m, n, threads) {
             team::for_each(threads, |i| {
-                run(e.rows.get(i), (0, n), Some(((e.full, m), e.cols.get(i))));
+                run(
+                    e.rows.get(i),
+                    (0, n),
+                    Some(((e.full, m), e.cols.get(i))),
+                    None,
+                );
             });
             return (e.full, m);
         }
     }
-    for_blocks(
-        (m, n),
-        alone,
-        by_cols,
-        super::sgemm::product_geometry(isa, n),
-        |rows, cols| run(rows, cols, None),
-    );
+    let geometry = super::sgemm::product_geometry(isa, n);
+    // Split by columns on the tile unit: x's pieces packed once, the threads sharing its
+    // tiles of rows, instead of all of them by every thread (ViT-B/16's qkv at batch 1: 3 %
+    // faster than packing x twice, and S/16's products then gain from the split too).
+    #[cfg(target_arch = "x86_64")]
+    if !alone && by_cols && on_tiles && super::amx::one_block(m) {
+        PIECES.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.ensure(super::amx::pieces_len(m, k));
+            let out = SyncPtr(buf.slice_mut().as_mut_ptr());
+            let tiles = Split::new(m.div_ceil(super::amx::MR), threads, 1);
+            team::for_each(tiles.count, |i| {
+                let a = MatRef {
+                    ptr: x.as_ptr(),
+                    rs: k as isize,
+                    cs: 1,
+                };
+                // SAFETY: `x` is `(m, k)`, `out` holds `pieces_len(m, k)`, the parts' tiles
+                // of rows are disjoint, and the tile unit is in use (`on_tiles`).
+                unsafe { super::amx::pack_rows(a, m, k, tiles.get(i), out.get()) }
+            });
+            for_blocks((m, n), false, true, geometry, |rows, cols| {
+                run(rows, cols, None, Some(out))
+            });
+        });
+        return (0, m);
+    }
+    for_blocks((m, n), alone, by_cols, geometry, |rows, cols| {
+        run(rows, cols, None, None)
+    });
     if alone || !by_cols {
         (m, m)
     } else {
         (0, m)
     }
+}
+
+/// All of a product's x in the tile unit's pieces, packed by the threads together
+/// ([`super::amx::pack_rows`]), for a product whose threads split the columns.
+type Pieces = Option<SyncPtr<u16>>;
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// The caller's buffer for [`Pieces`], grown on demand and reused.
+    static PIECES: std::cell::RefCell<super::sgemm::Aligned<u16>> = Default::default();
 }
 
 /// Rows `(r0, r1)` of a product and columns `(c0, c1)` of them that a task computes beside
@@ -424,6 +468,7 @@ unsafe fn block(
     (r0, r1): (usize, usize),
     (c0, c1): (usize, usize),
     edge: Option<Edge>,
+    pieces: Pieces,
     epilogue: Epilogue,
 ) {
     let (bm, bn) = (r1 - r0, c1 - c0);
@@ -453,9 +498,9 @@ unsafe fn block(
             _ => None,
         },
     };
-    match (edge, packed) {
+    match (edge, packed, pieces) {
         #[cfg(target_arch = "x86_64")]
-        (Some(((e0, e1), cols)), Some(p)) => {
+        (Some(((e0, e1), cols)), Some(p), None) => {
             let edge = super::amx::Edge {
                 a: rows_of(e0),
                 rows: e1 - e0,
@@ -464,8 +509,15 @@ unsafe fn block(
             };
             super::sgemm::gemm_tiles_edge(bm, bn, k, a, p, c0, o, edge);
         }
-        (Some(e), _) => unreachable!("an edge {e:?} without a weight packed for the tile unit"),
-        (None, _) => gemm(isa, bm, bn, k, a, b, o),
+        #[cfg(target_arch = "x86_64")]
+        (None, Some(p), Some(pieces)) if r0 == 0 => {
+            super::sgemm::gemm_tiles_pieces(bm, bn, k, pieces.get(), p, c0, o);
+        }
+        (None, _, None) => gemm(isa, bm, bn, k, a, b, o),
+        (e, _, pieces) => unreachable!(
+            "edge {e:?}, pieces {}: only with a weight packed for the tile unit",
+            pieces.is_some()
+        ),
     }
     if epilogue == Epilogue::Tanh {
         for r in 0..bm {
@@ -905,12 +957,12 @@ mod tests {
 
     #[test]
     fn a_large_packed_weight_at_batch_one_matches_the_reference() {
-        // k · n ≥ TILE_COLUMNS_MIN with few rows: on the tile unit the threads split the
-        // columns (33 panels: uneven parts), and with one block of 7 tiles of rows each
-        // fetches its next panel while the tiles run (AMX hosts; elsewhere the FMA kernels'
-        // column split).
-        let (m, k, n) = (197, 1024, 1056);
-        assert!(k * n >= TILE_COLUMNS_MIN && n >= m);
+        // A weight split by columns on the tile unit (AMX hosts; elsewhere the FMA kernels'
+        // column split): x packed once by the threads together (7 tiles of rows: 4/3 on 2
+        // threads, 3/2/2 on 3), 19 panels of columns (uneven parts), a partial last step, and
+        // the next panel fetched while a panel's 7 tiles run.
+        let (m, k, n) = (197, 500, 608);
+        assert!(k * n >= TILE_COLUMNS_MIN && k <= TILE_COLUMNS_MAX_K && n >= m);
         let (x, w, b) = (rand_vec(m * k, 1), rand_vec(n * k, 2), rand_vec(n, 3));
         let packed = PackedLinear::new(&w, (n, k));
         for threads in [2, 3] {

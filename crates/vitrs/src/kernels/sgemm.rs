@@ -800,7 +800,16 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
 /// As [`super::amx::gemm`].
 #[cfg(target_arch = "x86_64")]
 unsafe fn gemm_amx(m: usize, n: usize, k: usize, a: MatRef, b: super::amx::B, c: Out, sums: Sums) {
-    super::amx::gemm(m, n, k, a, b, Out { gelu: None, ..c }, sums, None);
+    super::amx::gemm(
+        m,
+        n,
+        k,
+        super::amx::A::Mat(a),
+        b,
+        Out { gelu: None, ..c },
+        sums,
+        None,
+    );
     gelu_after(m, n, c);
 }
 
@@ -825,8 +834,8 @@ pub(crate) unsafe fn gemm_tiles_edge(
     let Some(pa) = b.amx.as_ref() else {
         unreachable!("gemm_tiles_edge: a weight not packed for the tile unit");
     };
-    let bt = super::amx::B::Packed(pa, c0);
-    super::amx::gemm(m, n, k, a, bt, Out { gelu: None, ..c }, None, Some(edge));
+    let (at, bt) = (super::amx::A::Mat(a), super::amx::B::Packed(pa, c0));
+    super::amx::gemm(m, n, k, at, bt, Out { gelu: None, ..c }, None, Some(edge));
     gelu_after(m, n, c);
     let (e0, e1) = edge.cols;
     gelu_after(
@@ -837,6 +846,32 @@ pub(crate) unsafe fn gemm_tiles_edge(
             ..c
         },
     );
+}
+
+/// `C (m, n) = A · B` with A's pieces packed beforehand by the threads together
+/// ([`super::amx::pack_rows`], all of A's `m` rows) and `B` columns `c0..c0 + n` of a weight
+/// packed for the tile unit; `c.gelu` after.
+///
+/// # Safety
+/// As [`super::amx::gemm`] with [`super::amx::A::Pieces`]; `b` was packed on the tile unit's
+/// rung ([`PackedB::on_tiles`]).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_tiles_pieces(
+    m: usize,
+    n: usize,
+    k: usize,
+    pieces: *const u16,
+    b: &PackedB,
+    c0: usize,
+    c: Out,
+) {
+    let Some(pb) = b.amx.as_ref() else {
+        unreachable!("gemm_tiles_pieces: a weight not packed for the tile unit");
+    };
+    let (at, bt) = (super::amx::A::Pieces(pieces), super::amx::B::Packed(pb, c0));
+    super::amx::gemm(m, n, k, at, bt, Out { gelu: None, ..c }, None, None);
+    gelu_after(m, n, c);
 }
 
 /// `c.gelu` over the finished block `C (m, n)`, for the engines without it in their tiles.
@@ -2039,8 +2074,8 @@ mod tests {
         };
         let fma =
             errors(&|o| unsafe { gemm_avx512(m, n, k, ARef::Mat(amat), BRef::Mat(bmat), o, None) });
-        let tiles =
-            errors(&|o| unsafe { amx::gemm(m, n, k, amat, amx::B::Mat(bmat), o, None, None) });
+        let (at, bt) = (amx::A::Mat(amat), amx::B::Mat(bmat));
+        let tiles = errors(&|o| unsafe { amx::gemm(m, n, k, at, bt, o, None, None) });
         println!(
             "max / mean error against f64: FMA {:.2e} / {:.2e}, AMX bf16x6 {:.2e} / {:.2e}",
             fma.0, fma.1, tiles.0, tiles.1
