@@ -43,7 +43,8 @@ pub(crate) struct BenchArgs {
     packed: bool,
     /// Measure the FMA peak (GFLOP/s) of every instruction set this CPU has, on one thread
     /// and on all, and the AMX tile unit's where the products run there; with --model or
-    /// --gemm, report efficiency against the running rung's FMA peak.
+    /// --gemm, report efficiency against the running rung's FMA peak (and the tile unit's
+    /// where the products run there).
     #[arg(long)]
     peak: bool,
     /// Timed repetitions (the median is reported, and the fastest beside it).
@@ -139,6 +140,16 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
     let threads = rayon::current_num_threads();
     // The peak of the rung that runs, for efficiency figures.
     let peak = a.peak.then(|| fma_peak(isa(), threads, 0.5)).flatten();
+    // And the tile unit's f32 peak where the products run there (they run past the FMA peak).
+    let tiles = (a.peak && vitrs::kernels::products_on_tiles())
+        .then(|| amx_peak(threads, 0.5))
+        .flatten()
+        .map(|(f32_peak, _)| f32_peak);
+    let shares = |gflops: f64| -> String {
+        let fma = peak.map(|p| format!("{:.0} % of the FMA peak", 100.0 * gflops / p));
+        let tile = tiles.map(|p| format!("{:.0} % of the tile unit's", 100.0 * gflops / p));
+        fma.into_iter().chain(tile).collect::<Vec<_>>().join(", ")
+    };
     if let Some(spec) = &a.gemm {
         for s in spec.split(',') {
             let (op, dims) = parse_shape(s)?;
@@ -148,6 +159,8 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
                 let mut v = serde_json::to_value(&r)?;
                 v["peak_gflops_per_sec"] = json!(peak);
                 v["efficiency"] = json!(eff);
+                v["tile_peak_gflops_per_sec"] = json!(tiles);
+                v["tile_efficiency"] = json!(tiles.map(|p| r.gflops_per_sec / p));
                 println!("{v}");
             } else {
                 println!(
@@ -168,7 +181,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
                     r.median_seconds * 1e3,
                     r.iters,
                     r.best_seconds * 1e3,
-                    eff.map(|e| format!(", {:.0} % of the FMA peak", 100.0 * e))
+                    eff.map(|_| format!(", {}", shares(r.gflops_per_sec)))
                         .unwrap_or_default()
                 );
             }
@@ -219,6 +232,8 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
         let mut v = serde_json::to_value(&r)?;
         v["peak_gflops_per_sec"] = json!(peak);
         v["efficiency"] = json!(eff);
+        v["tile_peak_gflops_per_sec"] = json!(tiles);
+        v["tile_efficiency"] = json!(tiles.map(|p| r.gflops_per_sec / p));
         println!("{v}");
     } else {
         let what = if a.train {
@@ -237,7 +252,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
             r.iters,
             r.best_batch_seconds * 1e3,
             r.gflops_per_sec,
-            eff.map(|e| format!(" ({:.0} % of the FMA peak)", 100.0 * e))
+            eff.map(|_| format!(" ({})", shares(r.gflops_per_sec)))
                 .unwrap_or_default()
         );
     }

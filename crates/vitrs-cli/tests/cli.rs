@@ -291,6 +291,37 @@ fn bench_reports_json() {
     assert_eq!(v["threads"], 1);
     assert_eq!(v["batch_size"], 1);
 
+    // A product against the peaks: the running rung's FMA peak (none on the portable rung),
+    // and the tile unit's exactly where the products run on it.
+    let args = [
+        "bench",
+        "--gemm",
+        "128x128x128",
+        "--peak",
+        "--iters",
+        "2",
+        "--json",
+    ];
+    let o = vit(&[&args[..], &["--threads", "1"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let gflops = v["gflops_per_sec"].as_f64().unwrap();
+    let share = |peak: &str, eff: &str| match (v[peak].as_f64(), v[eff].as_f64()) {
+        (Some(p), Some(e)) if p > 0.0 && (e - gflops / p).abs() < 1e-9 => true,
+        (None, None) => false,
+        _ => panic!("{peak} and {eff} disagree: {v}"),
+    };
+    assert_eq!(
+        share("peak_gflops_per_sec", "efficiency"),
+        v["kernels"] != "portable",
+        "{v}"
+    );
+    assert_eq!(
+        share("tile_peak_gflops_per_sec", "tile_efficiency"),
+        v["gemm"] == "amx-bf16x6",
+        "{v}"
+    );
+
     // The ResNet baseline by preset, a training step; a depth that is no ResNet's refused.
     let o = vit(&[
         "bench",
