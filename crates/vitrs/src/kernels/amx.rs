@@ -369,8 +369,7 @@ pub(crate) unsafe fn gemm(
             let (ic, end) = blocks.get(bi, m);
             let mc = end - ic;
             let tiles = mc.div_ceil(MR);
-            let prefetch =
-                matches!(b, B::Packed(..)) && blocks.count == 1 && tiles >= PREFETCH_TILES;
+            let prefetch = matches!(b, B::Packed(..)) && tiles >= PREFETCH_TILES;
             // This block's micro-panels of A, `steps · STEP` apart.
             let ap = match a {
                 A::Mat(a) => {
@@ -423,15 +422,22 @@ pub(crate) unsafe fn gemm(
 }
 
 /// Tiles of rows a packed weight's panel must run over for the next panel to be fetched
-/// meanwhile (into L2, a share of its lines before each step of the tiles after the first).
-/// A product with one block of rows streams each panel of a packed weight once, from L3 or
-/// memory (the first tile), then reads it from L2 (the others). With 7 tiles (197 rows, one
-/// image whose weight the threads split by columns: `gemm::TILE_COLUMNS_MIN`), the next
-/// panel's 2304 lines (ViT-B/16, 24 steps) take 16 prefetches a step: ViT-B/16's batch-1 qkv
-/// and fc1, weights out of cache, 5–7 % faster with them on an AVX-512 Xeon; with 3 tiles (a
-/// thread's half of the rows), 48 a step ran the same products 4–8 % slower (the prefetches
-/// competing with the tiles' own loads from L2), as fetching ahead did earlier at every size.
-const PREFETCH_TILES: usize = 6;
+/// meanwhile, into L2, by the tiles after the first: [`PREFETCH_PER_STEP`] lines before each
+/// of their steps, from the panel's start. A product with one block of rows streams each
+/// panel of a packed weight once, from L3 or memory (the first tile), then reads it from L2
+/// (the others); the prefetches give the next panel's first tile a head start. With 7 tiles
+/// (197 rows, a weight the threads split by columns: `gemm::TILE_COLUMNS_MIN`) they fetch all
+/// of a ViT-B/16 panel (2304 lines, 24 steps): its batch-1 qkv and fc1, weights out of cache,
+/// 5–7 % faster on an AVX-512 Xeon. With 3 (a thread's half of 197 rows, split by rows) they
+/// fetch two thirds of it: ViT-Ti/16 at batch 1 +3 to +11 %, B/16 0 to +3 % (four A/Bs of
+/// 6–10 interleaved rounds), S/16 level. Not with several blocks of rows (batch 16 image by
+/// image, each block streaming the weight): B/16 −3 %, Ti/16 −2 %.
+const PREFETCH_TILES: usize = 3;
+
+/// The most prefetches before a tile's step: 8, 16 or 24 ran alike; 48 (all of a panel over
+/// 2 tiles) ran ViT-B/16's batch-1 products 4–8 % slower, the prefetches competing with the
+/// tiles' own loads from L2.
+const PREFETCH_PER_STEP: usize = 16;
 
 /// Lines of the next panel a tile asks into L2: `per_step` of them before each of its steps,
 /// from `from` on.
@@ -447,14 +453,16 @@ impl Prefetch {
         per_step: 0,
     };
 
-    /// Share `part` of `parts` of the panel at `next` (`steps` steps of [`STEP`] pieces).
+    /// Share `part` of `parts` of the panel at `next` (`steps` steps of [`STEP`] pieces):
+    /// the panel's lines from its start, as many a step as it takes to cover it over the
+    /// parts, at most [`PREFETCH_PER_STEP`].
     fn share(next: *const u16, steps: usize, part: usize, parts: usize) -> Prefetch {
         let lines = steps * STEP * 2 / 64;
-        let each = lines.div_ceil(parts);
-        let first = (part * each).min(lines);
+        let per_step = lines.div_ceil(parts * steps).min(PREFETCH_PER_STEP);
+        let first = (part * per_step * steps).min(lines);
         Prefetch {
             from: next.cast::<u8>().wrapping_add(first * 64),
-            per_step: each.min(lines - first).div_ceil(steps),
+            per_step: per_step.min((lines - first).div_ceil(steps)),
         }
     }
 }
