@@ -369,7 +369,8 @@ pub(crate) unsafe fn gemm(
             let (ic, end) = blocks.get(bi, m);
             let mc = end - ic;
             let tiles = mc.div_ceil(MR);
-            let prefetch = matches!(b, B::Packed(..)) && tiles >= PREFETCH_TILES;
+            let prefetch =
+                matches!(b, B::Packed(..)) && blocks.count == 1 && tiles >= PREFETCH_TILES;
             // This block's micro-panels of A, `steps · STEP` apart.
             let ap = match a {
                 A::Mat(a) => {
@@ -431,7 +432,8 @@ pub(crate) unsafe fn gemm(
 /// 5–7 % faster on an AVX-512 Xeon. With 3 (a thread's half of 197 rows, split by rows) they
 /// fetch two thirds of it: ViT-Ti/16 at batch 1 +3 to +11 %, B/16 0 to +3 % (four A/Bs of
 /// 6–10 interleaved rounds), S/16 level. Not with several blocks of rows (batch 16 image by
-/// image, each block streaming the weight): B/16 −3 %, Ti/16 −2 %.
+/// image, each block streaming the weight): two A/Bs there gave B/16 −3 % and +3 %, Ti/16
+/// −2 % and −1.5 % — no gain for the prefetches' cost.
 const PREFETCH_TILES: usize = 3;
 
 /// The most prefetches before a tile's step: 8, 16 or 24 ran alike; 48 (all of a panel over
