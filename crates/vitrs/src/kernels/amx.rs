@@ -211,7 +211,7 @@ const KB: usize = 24;
 /// Rows of A per packed block, about (`MC · 768 · 6` bytes, 864 KiB, in L2 while the panels
 /// of B pass). On the same Xeon, 128–256 rows ran the ViT-B/16 batch-16 forward within noise
 /// of each other (13.4–14.7 images/s), 512 and 1024 at 9.7–10.1 (the block out of L2's
-/// reach). A product's rows are cut into blocks of about this many ([`block_rows`]).
+/// reach). A product's rows are cut into blocks of about this many ([`RowBlocks`]).
 const MC: usize = 192;
 
 /// The blocks of rows of a product with `m` rows: `m / MC` of them rounded to the nearest (at

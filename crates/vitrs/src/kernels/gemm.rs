@@ -507,11 +507,13 @@ unsafe fn block(
                 c: out.get().add(e0 * n + c0),
                 cols,
             };
-            super::sgemm::gemm_tiles_edge(bm, bn, k, a, p, c0, o, edge);
+            let a = super::amx::A::Mat(a);
+            super::sgemm::gemm_tiles_packed(bm, bn, k, a, p, c0, o, Some(edge));
         }
         #[cfg(target_arch = "x86_64")]
         (None, Some(p), Some(pieces)) if r0 == 0 => {
-            super::sgemm::gemm_tiles_pieces(bm, bn, k, pieces.get(), p, c0, o);
+            let a = super::amx::A::Pieces(pieces.get());
+            super::sgemm::gemm_tiles_packed(bm, bn, k, a, p, c0, o, None);
         }
         (None, _, None) => gemm(isa, bm, bn, k, a, b, o),
         (e, _, pieces) => unreachable!(
@@ -904,7 +906,11 @@ mod tests {
     fn linear_matches_reference_on_odd_shapes_and_every_epilogue() {
         // Covers: single-thread path, column split (n >= m), row split (m > n), ragged edges;
         // with the weight packed too, where on the tile unit (AMX hosts) rows that end in a
-        // partial tile take the edge split (197, 300 and 394 rows on 2 and 3 threads).
+        // partial tile take the edge split (197, 300 and 394 rows on 2 and 3 threads), and a
+        // large weight at few rows the column split with x packed once by the threads
+        // together (197 × 500 × 608: 7 tiles of rows, 4/3 or 3/2/2; 19 panels, uneven parts;
+        // a partial last step; the next panel fetched while a panel's 7 tiles run).
+        const { assert!(500 * 608 >= TILE_COLUMNS_MIN && 500 <= TILE_COLUMNS_MAX_K) };
         for threads in [2, 3] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -919,6 +925,7 @@ mod tests {
                 (197, 48, 96),
                 (300, 200, 192),
                 (394, 64, 160),
+                (197, 500, 608),
             ] {
                 let x = rand_vec(m * k, 1);
                 let w = rand_vec(n * k, 2);
@@ -951,39 +958,6 @@ mod tests {
                         );
                     }
                 }
-            }
-        }
-    }
-
-    #[test]
-    fn a_large_packed_weight_at_batch_one_matches_the_reference() {
-        // A weight split by columns on the tile unit (AMX hosts; elsewhere the FMA kernels'
-        // column split): x packed once by the threads together (7 tiles of rows: 4/3 on 2
-        // threads, 3/2/2 on 3), 19 panels of columns (uneven parts), a partial last step, and
-        // the next panel fetched while a panel's 7 tiles run.
-        let (m, k, n) = (197, 500, 608);
-        assert!(k * n >= TILE_COLUMNS_MIN && k <= TILE_COLUMNS_MAX_K && n >= m);
-        let (x, w, b) = (rand_vec(m * k, 1), rand_vec(n * k, 2), rand_vec(n, 3));
-        let packed = PackedLinear::new(&w, (n, k));
-        for threads in [2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            for (epi, bias) in [
-                (Epilogue::Gelu(Gelu::Exact), Some(&b[..])),
-                (Epilogue::Accumulate, None),
-            ] {
-                let mut got = rand_vec(m * n, 4);
-                let mut want = got.clone();
-                let dims = (m, k, n);
-                pool.install(|| linear_packed(&x, &w, packed.as_ref(), bias, &mut got, dims, epi));
-                linear_ref(&x, &w, bias, &mut want, dims, epi);
-                let d = max_abs_diff(&got, &want);
-                assert!(
-                    d < 1e-6 * (k as f32).sqrt() * 4.0,
-                    "{epi:?} {threads} threads: {d}"
-                );
             }
         }
     }

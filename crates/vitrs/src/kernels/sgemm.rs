@@ -813,65 +813,39 @@ unsafe fn gemm_amx(m: usize, n: usize, k: usize, a: MatRef, b: super::amx::B, c:
     gelu_after(m, n, c);
 }
 
-/// `C (m, n) = A (m, k) · B` with `B` columns `c0..c0 + n` of a weight packed for the tile
-/// unit, and `edge`'s rows for its columns in the same pass over the weight
-/// ([`super::amx::Edge`]); `c.gelu` over both.
+/// `C (m, n) = A · B` with `B` columns `c0..c0 + n` of a weight packed for the tile unit: A
+/// packed here ([`super::amx::A::Mat`]) or beforehand by the threads together
+/// ([`super::amx::A::Pieces`]), and with `edge` its rows for its columns in the same pass over
+/// the weight ([`super::amx::Edge`]); `c.gelu` over all of it after.
 ///
 /// # Safety
-/// As [`super::amx::gemm`] with `edge`; `b` was packed on the tile unit's rung ([`PackedB::on_tiles`]).
+/// As [`super::amx::gemm`]; `b` was packed on the tile unit's rung ([`PackedB::on_tiles`]).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_tiles_edge(
+pub(crate) unsafe fn gemm_tiles_packed(
     m: usize,
     n: usize,
     k: usize,
-    a: MatRef,
+    a: super::amx::A,
     b: &PackedB,
     c0: usize,
     c: Out,
-    edge: super::amx::Edge,
-) {
-    let Some(pa) = b.amx.as_ref() else {
-        unreachable!("gemm_tiles_edge: a weight not packed for the tile unit");
-    };
-    let (at, bt) = (super::amx::A::Mat(a), super::amx::B::Packed(pa, c0));
-    super::amx::gemm(m, n, k, at, bt, Out { gelu: None, ..c }, None, Some(edge));
-    gelu_after(m, n, c);
-    let (e0, e1) = edge.cols;
-    gelu_after(
-        edge.rows,
-        e1 - e0,
-        Out {
-            ptr: edge.c.add(e0),
-            ..c
-        },
-    );
-}
-
-/// `C (m, n) = A · B` with A's pieces packed beforehand by the threads together
-/// ([`super::amx::pack_rows`], all of A's `m` rows) and `B` columns `c0..c0 + n` of a weight
-/// packed for the tile unit; `c.gelu` after.
-///
-/// # Safety
-/// As [`super::amx::gemm`] with [`super::amx::A::Pieces`]; `b` was packed on the tile unit's
-/// rung ([`PackedB::on_tiles`]).
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_tiles_pieces(
-    m: usize,
-    n: usize,
-    k: usize,
-    pieces: *const u16,
-    b: &PackedB,
-    c0: usize,
-    c: Out,
+    edge: Option<super::amx::Edge>,
 ) {
     let Some(pb) = b.amx.as_ref() else {
-        unreachable!("gemm_tiles_pieces: a weight not packed for the tile unit");
+        unreachable!("gemm_tiles_packed: a weight not packed for the tile unit");
     };
-    let (at, bt) = (super::amx::A::Pieces(pieces), super::amx::B::Packed(pb, c0));
-    super::amx::gemm(m, n, k, at, bt, Out { gelu: None, ..c }, None, None);
+    let bt = super::amx::B::Packed(pb, c0);
+    super::amx::gemm(m, n, k, a, bt, Out { gelu: None, ..c }, None, edge);
     gelu_after(m, n, c);
+    if let Some(e) = edge {
+        let (e0, e1) = e.cols;
+        let at = Out {
+            ptr: e.c.add(e0),
+            ..c
+        };
+        gelu_after(e.rows, e1 - e0, at);
+    }
 }
 
 /// `c.gelu` over the finished block `C (m, n)`, for the engines without it in their tiles.
