@@ -38,13 +38,7 @@ fn check_kernels(path: &str) {
     // Products: every epilogue; shapes for the single-thread, column- and row-split paths.
     for &(m, k, n) in &[(5, 7, 3), (17, 64, 100), (300, 33, 129)] {
         let (x, w, b) = (rand_vec(m * k, 1), rand_vec(n * k, 2), rand_vec(n, 3));
-        for epi in [
-            Epilogue::None,
-            Epilogue::Gelu(Gelu::Exact),
-            Epilogue::Gelu(Gelu::Tanh),
-            Epilogue::Tanh,
-            Epilogue::Accumulate,
-        ] {
+        for epi in Epilogue::ALL {
             let init = rand_vec(m * n, 4);
             let (mut got, mut want) = (init.clone(), init);
             linear(&x, &w, Some(&b), &mut got, (m, k, n), epi);

@@ -29,6 +29,17 @@ pub enum Epilogue {
     Accumulate,
 }
 
+impl Epilogue {
+    /// Every epilogue, both GELU forms: what a check of the products covers.
+    pub const ALL: [Epilogue; 5] = [
+        Epilogue::None,
+        Epilogue::Gelu(Gelu::Exact),
+        Epilogue::Gelu(Gelu::Tanh),
+        Epilogue::Tanh,
+        Epilogue::Accumulate,
+    ];
+}
+
 /// Below this many multiply-adds a product runs on one thread.
 const PARALLEL_MIN_MACS: usize = 1 << 16;
 
@@ -931,13 +942,7 @@ mod tests {
                 let w = rand_vec(n * k, 2);
                 let b = rand_vec(n, 3);
                 let packed = PackedLinear::new(&w, (n, k));
-                for epi in [
-                    Epilogue::None,
-                    Epilogue::Gelu(Gelu::Exact),
-                    Epilogue::Gelu(Gelu::Tanh),
-                    Epilogue::Tanh,
-                    Epilogue::Accumulate,
-                ] {
+                for epi in Epilogue::ALL {
                     for (bias, p) in [None, Some(&b[..])]
                         .into_iter()
                         .flat_map(|bias| [(bias, None), (bias, packed.as_ref())])
