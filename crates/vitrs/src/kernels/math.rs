@@ -84,14 +84,12 @@ fn exp2_nonpos<const F: bool>(t: f32) -> f32 {
     p * pow2n
 }
 
-/// `erf(x)`, absolute error below 4e-7 (the f32 rounding of the fit; 1.8e-8 in f64).
-#[inline(always)]
-pub fn erf_fast(x: f32) -> f32 {
-    erf_f::<false>(x)
-}
-
-/// The argument from which `erf` is ±1 in f32 (`1 − erf(3.92) = 3e-8`).
-const ERF_CLAMP: f32 = 3.92;
+/// Where the rational `erf` below is clamped: its argument is clamped to `±ERF_CLAMP` and its
+/// value to ±1. The fit runs to 3.92 (where `1 − erf` is 3e-8, below half an f32 ulp of 1);
+/// past it the fitted ratio rises through 1 (at 3.93), and at 4.05 it is 2.6 ulps above 1 in
+/// f64, so any argument beyond comes out exactly ±1 (GELU's far negative tail exactly 0)
+/// without a comparison and blend per vector.
+const ERF_CLAMP: f32 = 4.05;
 /// `erf(x) ≈ x·P(x²)/Q(x²)` on `|x| ≤ 3.92`, lowest degree first: a rational fit of degrees 5
 /// and 5 (absolute error 1.8e-8 in f64; `P(0)` is erf's slope at 0, `2/√π`), made by
 /// `tools/fit_erf.py`.
@@ -112,26 +110,62 @@ const ERF_Q: [f32; 6] = [
     3.805751e-05,
 ];
 
+/// The fit with its argument scaled by `s`: `erf(s·x) = x·P_s(x²)/Q_s(x²)`, `P_s[i] = s·P[i]·s²ⁱ`
+/// and `Q_s[i] = Q[i]·s²ⁱ`, so that GELU's `erf(x/√2)` needs no multiply for the scaling.
+const fn erf_fit_scaled(s: f32) -> ([f32; 6], [f32; 6]) {
+    let (mut p, mut q) = (ERF_P, ERF_Q);
+    let mut pow = 1.0f32;
+    let mut i = 0;
+    while i < 6 {
+        p[i] *= s * pow;
+        q[i] *= pow;
+        pow *= s * s;
+        i += 1;
+    }
+    (p, q)
+}
+
+/// [`erf_fit_scaled`] for `s = 1/√2`: `erf(x/√2)`, the normal CDF's.
+const ERF_HALF: ([f32; 6], [f32; 6]) = erf_fit_scaled(FRAC_1_SQRT_2);
+
+/// `erf(x)`, absolute error below 4e-7 (the f32 rounding of the fit; 1.8e-8 in f64).
+#[inline(always)]
+pub fn erf_fast(x: f32) -> f32 {
+    erf_f::<false>(x)
+}
+
 /// [`erf_fast`], with fused multiply-adds when `F`: one division and ten multiply-adds, no
 /// `exp` (Abramowitz & Stegun 7.1.26, the form used before, needs both, and cost GELU about
 /// twice as much on a Zen 4 EPYC).
 #[inline(always)]
 fn erf_f<const F: bool>(x: f32) -> f32 {
+    erf_fit::<F>(x, ERF_CLAMP, &ERF_P, &ERF_Q)
+}
+
+/// `erf(x/√2)`, as [`erf_f`] of `x/√2` without the multiply.
+#[inline(always)]
+fn erf_half<const F: bool>(x: f32) -> f32 {
+    erf_fit::<F>(
+        x,
+        ERF_CLAMP * std::f32::consts::SQRT_2,
+        &ERF_HALF.0,
+        &ERF_HALF.1,
+    )
+}
+
+/// `x·P(x²)/Q(x²)` with `x` clamped to `±clamp` and the value to ±1: two min/max pairs
+/// instead of a comparison, a sign and a blend (GELU 25 → 19 instructions a vector). A NaN
+/// stays NaN (`clamp` keeps it, and so do the min and max LLVM makes of it).
+#[inline(always)]
+fn erf_fit<const F: bool>(x: f32, clamp: f32, p: &[f32; 6], q: &[f32; 6]) -> f32 {
+    let x = x.clamp(-clamp, clamp);
     let t = x * x;
-    let mut p = ERF_P[5];
-    let mut q = ERF_Q[5];
+    let (mut num, mut den) = (p[5], q[5]);
     for i in (0..5).rev() {
-        p = fma::<F>(p, t, ERF_P[i]);
-        q = fma::<F>(q, t, ERF_Q[i]);
+        num = fma::<F>(num, t, p[i]);
+        den = fma::<F>(den, t, q[i]);
     }
-    // Near the end of the fit, rounding may put the ratio an ulp either side of ±1; past it,
-    // exactly ±1 (so GELU's far negative tail is exactly 0). A NaN stays NaN.
-    let y = (x * p / q).clamp(-1.0, 1.0);
-    if x.abs() >= ERF_CLAMP {
-        1.0f32.copysign(x)
-    } else {
-        y
-    }
+    (x * num / den).clamp(-1.0, 1.0)
 }
 
 /// `tanh(x)`, absolute error below 3e-7.
@@ -447,9 +481,12 @@ const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 /// (the `exp` of `φ` is dropped by the compiler where only the value is used).
 #[inline(always)]
 fn gelu_exact_and_grad<const F: bool>(x: f32) -> (f32, f32) {
-    let phi = 0.5 * (1.0 + erf_f::<F>(x * FRAC_1_SQRT_2));
+    // x·Φ(x) = h + h·erf(x/√2) with h = x/2: one multiply-add for the value.
+    let e = erf_half::<F>(x);
+    let h = 0.5 * x;
+    let phi = fma::<F>(0.5, e, 0.5);
     let gauss = exp_f::<F>(-0.5 * x * x);
-    (x * phi, fma::<F>(x * FRAC_1_SQRT_2PI, gauss, phi))
+    (fma::<F>(h, e, h), fma::<F>(x * FRAC_1_SQRT_2PI, gauss, phi))
 }
 
 /// `(GELU(x), d GELU(x) / dx)`, tanh form, sharing one `tanh`.
@@ -629,9 +666,40 @@ mod tests {
             e_erf_fma = worse(e_erf_fma, (erf_f::<true>(x) as f64 - want).abs());
             e_tanh = worse(e_tanh, (tanh_fast(x) as f64 - (x as f64).tanh()).abs());
         }
-        eprintln!("max abs error: erf {e_erf:e} (fused {e_erf_fma:e}), tanh {e_tanh:e}");
+        // GELU's erf(x/√2), the fit's coefficients scaled instead of the argument.
+        let mut e_half = 0.0f64;
+        for i in -11_400..11_400 {
+            let x = i as f32 * 1e-3 / FRAC_1_SQRT_2;
+            let want = erf_ref(x as f64 * std::f64::consts::FRAC_1_SQRT_2);
+            e_half = worse(e_half, (erf_half::<true>(x) as f64 - want).abs());
+            e_half = worse(e_half, (erf_half::<false>(x) as f64 - want).abs());
+        }
+        eprintln!("max abs error: erf {e_erf:e} (fused {e_erf_fma:e}), erf(x/√2) {e_half:e}, tanh {e_tanh:e}");
         assert!(e_erf < 4e-7, "erf {e_erf}");
         assert!(e_erf_fma < 4e-7, "erf, fused {e_erf_fma}");
+        assert!(e_half < 4e-7, "erf(x/√2) {e_half}");
+        // From 3.9 on, where the clamps take over: exactly ±1, both forms.
+        for i in 0..2000 {
+            let x = 3.9f32 + i as f32 * 1e-3;
+            for f in [erf_f::<true>, erf_f::<false>] {
+                assert!(f(x) <= 1.0 && 1.0 - f(x) < 4e-7, "{x}");
+            }
+            for f in [erf_half::<true>, erf_half::<false>] {
+                let xh = x / FRAC_1_SQRT_2;
+                assert!(f(xh) <= 1.0 && 1.0 - f(xh) < 4e-7, "{xh}");
+            }
+        }
+        for x in [4.05f32, 4.2, 5.0, 1e3, f32::MAX] {
+            for f in [erf_f::<true>, erf_f::<false>] {
+                assert_eq!((f(x), f(-x)), (1.0, -1.0), "{x}");
+            }
+            // x/√2 past the clamp: 4.05·√2 = 5.728 on.
+            let xh = (x / FRAC_1_SQRT_2).min(f32::MAX);
+            for f in [erf_half::<true>, erf_half::<false>] {
+                assert_eq!((f(xh), f(-xh)), (1.0, -1.0), "{xh}");
+            }
+        }
+        assert!(erf_half::<true>(f32::NAN).is_nan());
         assert!(e_tanh < 3e-7, "tanh {e_tanh}");
         // Odd, ±1 beyond the fit's range (and never past it), NaN kept.
         for x in [0.5f32, 2.0, 3.91, 3.93, 10.0, f32::INFINITY] {
@@ -656,6 +724,18 @@ mod tests {
         let mut x = vec![-100.0, 100.0, 0.0];
         gelu_inplace(&mut x, Gelu::Exact);
         assert_eq!(x, vec![0.0, 100.0, 0.0]);
+        // Past the clamp of erf's argument (4.05·√2 = 5.73): exactly 0 and x, on this rung
+        // and the scalar form.
+        let far: Vec<f32> = (0..400).map(|i| 5.73 + i as f32 * 0.37).collect();
+        let mut neg: Vec<f32> = far.iter().map(|v| -v).collect();
+        let mut pos = far.clone();
+        gelu_inplace(&mut neg, Gelu::Exact);
+        gelu_inplace(&mut pos, Gelu::Exact);
+        assert!(neg.iter().all(|&v| v == 0.0), "{neg:?}");
+        assert_eq!(pos, far);
+        assert!(far
+            .iter()
+            .all(|&v| gelu_exact::<false>(-v) == 0.0 && gelu_exact::<false>(v) == v));
     }
 
     #[test]

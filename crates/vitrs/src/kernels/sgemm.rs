@@ -1595,6 +1595,15 @@ impl<A: AccessA> Tile<A> {
                 (None, true) => put!(None::<*const f32>, true),
                 (None, false) => put!(None::<*const f32>, false),
             }
+            // GELU on the tile just written, in L1, over whole rows of a length known here:
+            // the rows' vectors unrolled side by side, their chains overlapping.
+            if let Some(kind) = self.gelu {
+                for i in 0..MR {
+                    let cr = self.c.offset(i as isize * self.ldc);
+                    let row = std::slice::from_raw_parts_mut(cr, NV * S::LANES);
+                    super::math::gelu_slice::<true>(row, kind);
+                }
+            }
         } else {
             let nr = NV * S::LANES;
             let mut buf = [0.0f32; EDGE_BUF];
@@ -1617,16 +1626,14 @@ impl<A: AccessA> Tile<A> {
                     *cr.add(j) = y;
                 }
             }
-        }
-        // GELU on the tile just written, in L1 (applied to the block afterwards, the hidden
-        // layer made a round trip through L3 at batch 16).
-        if let Some(kind) = self.gelu {
-            for i in 0..self.rows {
-                let cr = self.c.offset(i as isize * self.ldc);
-                super::math::gelu_slice::<true>(
-                    std::slice::from_raw_parts_mut(cr, self.cols),
-                    kind,
-                );
+            // GELU on the tile just written, in L1 (applied to the block afterwards, the
+            // hidden layer made a round trip through L3 at batch 16).
+            if let Some(kind) = self.gelu {
+                for i in 0..self.rows {
+                    let cr = self.c.offset(i as isize * self.ldc);
+                    let row = std::slice::from_raw_parts_mut(cr, self.cols);
+                    super::math::gelu_slice::<true>(row, kind);
+                }
             }
         }
     }
