@@ -43,6 +43,7 @@ unsafe fn product(
         accumulate: false,
         bias: None,
         gelu: None,
+        gelu_values: None,
     };
     gemm(isa, m, n, k, mat(a), BRef::Mat(mat(b)), out);
 }

@@ -122,7 +122,35 @@ pub fn linear_packed(
     dims: (usize, usize, usize),
     epilogue: Epilogue,
 ) {
-    linear_parts(x, w, packed, bias, out, dims, epilogue, None);
+    linear_parts(x, w, packed, bias, out, dims, epilogue, None, None);
+}
+
+/// A training forward's GELU layer: `values = GELU(x·Wᵀ + bias)`, and `grad` GELU's
+/// derivative at `x·Wᵀ + bias` (the factor its backward multiplies by), as [`linear`] into
+/// `grad` followed by [`super::math::gelu_with_grad`]`(grad, values)` — bit for bit — but
+/// evaluated by the FMA kernels on each register tile as it is written, still in L1, instead
+/// of in a pass that reads the pre-activations back from memory.
+///
+/// # Shapes
+/// As [`linear`], with `grad` and `values` both `(m, n)`.
+///
+/// # Panics
+/// When a slice is shorter than its shape.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_gelu_with_grad(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    grad: &mut [f32],
+    values: &mut [f32],
+    dims: (usize, usize, usize),
+    kind: Gelu,
+) {
+    let (m, _, n) = dims;
+    super::check_len("linear_gelu_with_grad: values", values.len(), m * n);
+    let values = SyncPtr(values.as_mut_ptr());
+    let epi = Epilogue::Gelu(kind);
+    linear_parts(x, w, None, bias, grad, dims, epi, None, Some(values));
 }
 
 /// Called with a part of a product's rows, `(r0, r1)`, and those rows of `out` (`(r1 − r0, n)`),
@@ -144,6 +172,7 @@ fn linear_parts(
     (m, k, n): (usize, usize, usize),
     epilogue: Epilogue,
     rows_done: Option<RowsDone>,
+    gelu_values: Option<SyncPtr>,
 ) -> (usize, usize) {
     super::check_len("linear: x", x.len(), m * k);
     super::check_len("linear: w", w.len(), n * k);
@@ -178,6 +207,7 @@ fn linear_parts(
                 edge,
                 pieces,
                 epilogue,
+                gelu_values,
             )
         }
         if let (Some(done), (0, c1)) = (rows_done, cols) {
@@ -323,7 +353,17 @@ pub fn linear_add_norm(
         super::layernorm::layernorm_here(rows, dst, gamma, beta, eps);
     };
     let epi = Epilogue::Accumulate;
-    let (r0, r1) = linear_parts(x, w, packed, bias, out, (m, k, n), epi, Some(&norm_rows));
+    let (r0, r1) = linear_parts(
+        x,
+        w,
+        packed,
+        bias,
+        out,
+        (m, k, n),
+        epi,
+        Some(&norm_rows),
+        None,
+    );
     if r0 < r1 {
         let rows = r0 * n..r1 * n;
         super::layernorm::layernorm(&out[rows.clone()], &mut normed[rows], gamma, beta, n, eps);
@@ -423,6 +463,7 @@ fn gathered(
             accumulate: b_kn,
             bias: bias.map(|b| b.as_ptr().add(c0)),
             gelu: None,
+            gelu_values: None,
         };
         gemm_gather(isa, r1 - r0, c1 - c0, k, a, BRef::Mat(b), o);
     };
@@ -481,6 +522,7 @@ unsafe fn block(
     edge: Option<Edge>,
     pieces: Pieces,
     epilogue: Epilogue,
+    gelu_values: Option<SyncPtr>,
 ) {
     let (bm, bn) = (r1 - r0, c1 - c0);
     let c = out.get().add(r0 * n + c0);
@@ -508,6 +550,7 @@ unsafe fn block(
             Epilogue::Gelu(kind) => Some(kind),
             _ => None,
         },
+        gelu_values: gelu_values.map(|v| v.get().add(r0 * n + c0)),
     };
     match (edge, packed, pieces) {
         #[cfg(target_arch = "x86_64")]
@@ -650,6 +693,7 @@ pub fn linear_dx(dy: &[f32], w: &[f32], dx: &mut [f32], (m, k, n): (usize, usize
             accumulate: false,
             bias: None,
             gelu: None,
+            gelu_values: None,
         };
         gemm(isa, r1 - r0, c1 - c0, n, a, BRef::Mat(b), o);
     };
@@ -726,6 +770,7 @@ fn linear_dw_db(
                 accumulate: i == 0,
                 bias: None,
                 gelu: None,
+                gelu_values: None,
             };
             let sums = match dbp {
                 None => None,
@@ -776,6 +821,7 @@ fn linear_dw_db(
             accumulate: true,
             bias: None,
             gelu: None,
+            gelu_values: None,
         };
         gemm(isa, r1 - r0, c1 - c0, m, a, BRef::Mat(b), o);
     };
@@ -910,6 +956,47 @@ mod tests {
             assert!(max_abs_diff(&dx, &dx_r) < tol, "dx {m}x{k}x{n}");
             assert!(max_abs_diff(&dw, &dw_r) < tol, "dw {m}x{k}x{n}");
             assert!(max_abs_diff(&db, &db_r) < tol, "db {m}x{k}x{n}");
+        }
+    }
+
+    #[test]
+    fn gelu_with_grad_in_the_tiles_is_the_product_then_the_gelu_pass() {
+        // Bit for bit what the product into `grad` followed by `gelu_with_grad` gives, on one
+        // thread, split by columns (n >= m) and by rows, with partial tiles of rows and
+        // columns, several blocks of the inner dimension (k = 500, so GELU only after the
+        // last), and products big enough for the tile unit on AMX hosts (gelu after there).
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for &(m, k, n) in &[(5, 7, 3), (197, 48, 200), (300, 500, 129), (400, 192, 768)] {
+                let x: Vec<f32> = rand_vec(m * k, 31).iter().map(|v| v * 0.3).collect();
+                let w = rand_vec(n * k, 32);
+                let b = rand_vec(n, 33);
+                for (kind, bias) in [(Gelu::Exact, Some(&b[..])), (Gelu::Tanh, None)] {
+                    let dims = (m, k, n);
+                    let (mut grad, mut values) = (rand_vec(m * n, 34), rand_vec(m * n, 35));
+                    pool.install(|| {
+                        linear_gelu_with_grad(&x, &w, bias, &mut grad, &mut values, dims, kind)
+                    });
+                    let (mut want_grad, mut want_values) = (vec![0.0; m * n], vec![0.0; m * n]);
+                    pool.install(|| {
+                        linear(&x, &w, bias, &mut want_grad, dims, Epilogue::None);
+                        super::super::math::gelu_with_grad(&mut want_grad, &mut want_values, kind);
+                    });
+                    let case = format!("{m}x{k}x{n} {kind:?} {threads} threads");
+                    assert!(values == want_values, "values, {case}");
+                    assert!(grad == want_grad, "derivatives, {case}");
+                    // And against the f64 reference, for values spread over GELU's curve.
+                    let mut reference = vec![0.0; m * n];
+                    linear_ref(&x, &w, bias, &mut reference, dims, Epilogue::Gelu(kind));
+                    assert!(
+                        max_abs_diff(&values, &reference) < 1e-4,
+                        "reference, {case}"
+                    );
+                }
+            }
         }
     }
 

@@ -499,17 +499,25 @@ fn gelu_tanh_and_grad<const F: bool>(x: f32) -> (f32, f32) {
 }
 
 simd_dispatch! {
-    fn gelu_exact_with_grad(x: &mut [f32], out: &mut [f32]) {
-        for (v, o) in x.iter_mut().zip(out.iter_mut()) {
-            (*o, *v) = gelu_exact_and_grad::<FMA>(*v);
-        }
+    fn gelu_with_grad_rung(x: &mut [f32], out: &mut [f32], kind: Gelu) {
+        gelu_with_grad_slice::<FMA>(x, out, kind);
     }
 }
 
-simd_dispatch! {
-    fn gelu_tanh_with_grad(x: &mut [f32], out: &mut [f32]) {
-        for (v, o) in x.iter_mut().zip(out.iter_mut()) {
-            (*o, *v) = gelu_tanh_and_grad::<FMA>(*v);
+/// [`gelu_with_grad`]'s body, inlined into the caller (with fused multiply-adds when `F`,
+/// compiled for a SIMD rung): also the GEMM's tile epilogue in training.
+#[inline(always)]
+pub(crate) fn gelu_with_grad_slice<const F: bool>(x: &mut [f32], out: &mut [f32], kind: Gelu) {
+    match kind {
+        Gelu::Exact => {
+            for (v, o) in x.iter_mut().zip(out.iter_mut()) {
+                (*o, *v) = gelu_exact_and_grad::<F>(*v);
+            }
+        }
+        Gelu::Tanh => {
+            for (v, o) in x.iter_mut().zip(out.iter_mut()) {
+                (*o, *v) = gelu_tanh_and_grad::<F>(*v);
+            }
         }
     }
 }
@@ -520,10 +528,7 @@ simd_dispatch! {
 /// # Shapes
 /// `x`, `out` `(n)`; only the first `min` of the two lengths are touched.
 pub fn gelu_with_grad(x: &mut [f32], out: &mut [f32], kind: Gelu) {
-    match kind {
-        Gelu::Exact => gelu_exact_with_grad(x, out),
-        Gelu::Tanh => gelu_tanh_with_grad(x, out),
-    }
+    gelu_with_grad_rung(x, out, kind);
 }
 
 simd_dispatch! {

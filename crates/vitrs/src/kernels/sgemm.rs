@@ -72,6 +72,11 @@ pub(crate) struct Out {
     /// GELU applied to the finished elements: by the FMA kernels to each register tile as it
     /// is written (still in L1), by the other engines to the block afterwards.
     pub gelu: Option<Gelu>,
+    /// With `gelu`, when training: GELU's values go here (C's row stride, the same rows and
+    /// columns) and C keeps its derivative at the pre-activation, the backward's factor, as
+    /// [`super::math::gelu_with_grad`] leaves them — one evaluation while the tile is in L1
+    /// instead of a pass that reads the pre-activations back from memory.
+    pub gelu_values: Option<*mut f32>,
 }
 
 /// Where a product also adds the sums of A's rows (`Σ_p A(i, p)` into element `i`), if
@@ -806,7 +811,11 @@ unsafe fn gemm_amx(m: usize, n: usize, k: usize, a: MatRef, b: super::amx::B, c:
         k,
         super::amx::A::Mat(a),
         b,
-        Out { gelu: None, ..c },
+        Out {
+            gelu: None,
+            gelu_values: None,
+            ..c
+        },
         sums,
         None,
     );
@@ -836,12 +845,29 @@ pub(crate) unsafe fn gemm_tiles_packed(
         unreachable!("gemm_tiles_packed: a weight not packed for the tile unit");
     };
     let bt = super::amx::B::Packed(pb, c0);
-    super::amx::gemm(m, n, k, a, bt, Out { gelu: None, ..c }, None, edge);
+    super::amx::gemm(
+        m,
+        n,
+        k,
+        a,
+        bt,
+        Out {
+            gelu: None,
+            gelu_values: None,
+            ..c
+        },
+        None,
+        edge,
+    );
     gelu_after(m, n, c);
     if let Some(e) = edge {
         let (e0, e1) = e.cols;
+        // The edge's rows lie in the same matrix as the block (C's layout), and so do their
+        // values.
+        let ptr = e.c.add(e0);
         let at = Out {
-            ptr: e.c.add(e0),
+            ptr,
+            gelu_values: c.gelu_values.map(|v| v.offset(ptr.offset_from(c.ptr))),
             ..c
         };
         gelu_after(e.rows, e1 - e0, at);
@@ -855,8 +881,15 @@ pub(crate) unsafe fn gemm_tiles_packed(
 unsafe fn gelu_after(m: usize, n: usize, c: Out) {
     if let Some(kind) = c.gelu {
         for r in 0..m {
-            let row = std::slice::from_raw_parts_mut(c.ptr.offset(r as isize * c.rs), n);
-            super::math::gelu_inplace(row, kind);
+            let at = r as isize * c.rs;
+            let row = std::slice::from_raw_parts_mut(c.ptr.offset(at), n);
+            match c.gelu_values {
+                None => super::math::gelu_inplace(row, kind),
+                Some(v) => {
+                    let values = std::slice::from_raw_parts_mut(v.offset(at), n);
+                    super::math::gelu_with_grad(row, values, kind);
+                }
+            }
         }
     }
 }
@@ -1264,6 +1297,9 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                                 None
                             },
                             gelu: if pc + kc == k { c.gelu } else { None },
+                            gelu_values: c
+                                .gelu_values
+                                .map(|v| v.offset((ic + ir) as isize * c.rs + j0 as isize)),
                         };
                         // Rows past the edge read the last real one (never stored).
                         let row = |i: usize| ic + ir + i.min(rows - 1);
@@ -1477,6 +1513,8 @@ struct Tile<A> {
     bias: Option<*const f32>,
     /// Apply GELU to the tile once written (its last block of the inner dimension).
     gelu: Option<Gelu>,
+    /// With `gelu`: the tile's place in [`Out::gelu_values`] (C's row stride).
+    gelu_values: Option<*mut f32>,
 }
 
 impl<A> Tile<A> {
@@ -1497,6 +1535,7 @@ impl<A> Tile<A> {
             load_c: self.load_c,
             bias: self.bias,
             gelu: self.gelu,
+            gelu_values: self.gelu_values,
         }
     }
 }
@@ -1598,11 +1637,7 @@ impl<A: AccessA> Tile<A> {
             // GELU on the tile just written, in L1, over whole rows of a length known here:
             // the rows' vectors unrolled side by side, their chains overlapping.
             if let Some(kind) = self.gelu {
-                for i in 0..MR {
-                    let cr = self.c.offset(i as isize * self.ldc);
-                    let row = std::slice::from_raw_parts_mut(cr, NV * S::LANES);
-                    super::math::gelu_slice::<true>(row, kind);
-                }
+                self.gelu_rows(MR, NV * S::LANES, kind);
             }
         } else {
             let nr = NV * S::LANES;
@@ -1629,10 +1664,23 @@ impl<A: AccessA> Tile<A> {
             // GELU on the tile just written, in L1 (applied to the block afterwards, the
             // hidden layer made a round trip through L3 at batch 16).
             if let Some(kind) = self.gelu {
-                for i in 0..self.rows {
-                    let cr = self.c.offset(i as isize * self.ldc);
-                    let row = std::slice::from_raw_parts_mut(cr, self.cols);
-                    super::math::gelu_slice::<true>(row, kind);
+                self.gelu_rows(self.rows, self.cols, kind);
+            }
+        }
+    }
+
+    /// GELU over the tile's first `rows × cols` elements of C, just written: in place, or with
+    /// [`Self::gelu_values`] the values there and the derivative in C.
+    #[inline(always)]
+    unsafe fn gelu_rows(&self, rows: usize, cols: usize, kind: Gelu) {
+        for i in 0..rows {
+            let at = i as isize * self.ldc;
+            let row = std::slice::from_raw_parts_mut(self.c.offset(at), cols);
+            match self.gelu_values {
+                None => super::math::gelu_slice::<true>(row, kind),
+                Some(v) => {
+                    let values = std::slice::from_raw_parts_mut(v.offset(at), cols);
+                    super::math::gelu_with_grad_slice::<true>(row, values, kind);
                 }
             }
         }
@@ -1700,6 +1748,7 @@ pub(crate) unsafe fn row_tile(
             load_c: false,
             bias: None,
             gelu: None,
+            gelu_values: None,
         };
         // As many whole vectors as the columns need (B is read no further).
         match cols.div_ceil(S::LANES) {
@@ -1895,6 +1944,7 @@ mod tests {
                             accumulate,
                             bias: bias.map(|b| b.as_ptr()),
                             gelu,
+                            gelu_values: None,
                         };
                         product(m, n, k, amat, bref, out);
                         let d = max_abs_diff(&got, &want);
@@ -2044,6 +2094,7 @@ mod tests {
                 accumulate: false,
                 bias: None,
                 gelu: None,
+                gelu_values: None,
             });
             let d: Vec<f64> = c
                 .iter()

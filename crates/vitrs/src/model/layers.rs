@@ -7,10 +7,9 @@ use std::ops::Range;
 use super::params::{LinearView, NormView};
 use super::ViT;
 use crate::kernels::gemm::{
-    linear_add_norm, linear_backward, linear_packed, Epilogue, PackedLinear,
+    linear_add_norm, linear_backward, linear_gelu_with_grad, linear_packed, Epilogue, PackedLinear,
 };
 use crate::kernels::layernorm::{layernorm, layernorm_backward, layernorm_train, LnSaved};
-use crate::kernels::math::gelu_train_par;
 
 /// Sizes one activation buffer: `f(buffer, floats)`. The workspaces pass a closure that
 /// resizes, the memory estimates one that only counts, so both read the same list.
@@ -155,9 +154,9 @@ impl ViT {
         }
     }
 
-    /// The MLP hidden layer `GELU(x·W1ᵀ + b1)` into `acts`: fused when inferring; when
-    /// training (`keep`) the pre-activation goes to `h_grad` and the GELU pass leaves its
-    /// derivative there.
+    /// The MLP hidden layer `GELU(x·W1ᵀ + b1)` into `acts.h_act`, fused into the product's
+    /// tiles; when training (`keep`) GELU's derivative at the pre-activation goes to
+    /// `acts.h_grad` from the same evaluation, for the backward.
     ///
     /// # Shapes
     /// `x (rows, D)` -> `acts.h_act (rows, M)`.
@@ -171,8 +170,18 @@ impl ViT {
     ) {
         let gelu = self.config.gelu;
         if keep {
-            self.linear(fc1, x, &mut acts.h_grad, rows, Epilogue::None);
-            gelu_train_par(&mut acts.h_grad, &mut acts.h_act, gelu);
+            // The derivative left in `h_grad` for the backward, from the same evaluation.
+            let (w, b, _) = self.linear_operands(fc1);
+            let (h_grad, h_act) = (&mut acts.h_grad, &mut acts.h_act);
+            linear_gelu_with_grad(
+                &x[..rows * fc1.inp],
+                w,
+                b,
+                &mut h_grad[..rows * fc1.out],
+                &mut h_act[..rows * fc1.out],
+                (rows, fc1.inp, fc1.out),
+                gelu,
+            );
         } else {
             self.linear(fc1, x, &mut acts.h_act, rows, Epilogue::Gelu(gelu));
         }
