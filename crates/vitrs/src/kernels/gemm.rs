@@ -963,14 +963,14 @@ mod tests {
     fn gelu_with_grad_in_the_tiles_is_the_product_then_the_gelu_pass() {
         // Bit for bit what the product into `grad` followed by `gelu_with_grad` gives, on one
         // thread, split by columns (n >= m) and by rows, with partial tiles of rows and
-        // columns, several blocks of the inner dimension (k = 500, so GELU only after the
+        // columns, several blocks of the inner dimension (k = 1200, so GELU only after the
         // last), and products big enough for the tile unit on AMX hosts (gelu after there).
         for threads in [1, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            for &(m, k, n) in &[(5, 7, 3), (197, 48, 200), (300, 500, 129), (400, 192, 768)] {
+            for &(m, k, n) in &[(5, 7, 3), (197, 48, 200), (300, 1200, 129), (400, 192, 768)] {
                 let x: Vec<f32> = rand_vec(m * k, 31).iter().map(|v| v * 0.3).collect();
                 let w = rand_vec(n * k, 32);
                 let b = rand_vec(n, 33);
