@@ -418,29 +418,12 @@ fn exp_sum_chunks<const F: bool>(row: &mut [f32], scale: f32, max: f32) -> f32 {
     acc[0]
 }
 
-/// Elements per task of the whole-buffer passes below (64 KiB of f32: enough work to pay for
+/// Elements per task of the whole-buffer pass below (64 KiB of f32: enough work to pay for
 /// the task, small enough to balance two threads).
 const PAR_CHUNK: usize = 1 << 14;
 
-/// The training forward's GELU over a whole activation buffer, split across threads:
-/// `out ← GELU(h)` and `h ← GELU'(h)` — the derivative the backward needs, from the same `erf`
-/// and `exp` (or `tanh`) as the value, in place of the pre-activation (which nothing else reads).
-///
-/// # Shapes
-/// `h`, `out` `(n)`; only the first `min` of the two lengths are touched.
-pub fn gelu_train_par(h: &mut [f32], out: &mut [f32], kind: Gelu) {
-    let n = h.len().min(out.len());
-    let hp = super::SyncPtr(h.as_mut_ptr());
-    team::for_chunks_mut(&mut out[..n], PAR_CHUNK, |c, o| {
-        // SAFETY: chunk `c` of `h` lies inside `h[..n]` (as `o` does in `out`), and the
-        // chunks are disjoint, so no two tasks touch the same elements.
-        let hc = unsafe { std::slice::from_raw_parts_mut(hp.get().add(c * PAR_CHUNK), o.len()) };
-        gelu_with_grad(hc, o, kind);
-    });
-}
-
 /// `dy ← dy ⊙ GELU'(x)` over a whole buffer, split across threads, given `grad = GELU'(x)`
-/// from [`gelu_train_par`].
+/// (kept by [`super::gemm::linear_gelu_with_grad`] or [`gelu_with_grad`]).
 pub fn gelu_backward_par(grad: &[f32], dy: &mut [f32]) {
     let n = grad.len().min(dy.len());
     team::for_chunks_mut(&mut dy[..n], PAR_CHUNK, |c, g| {
@@ -755,17 +738,14 @@ mod tests {
             let mut plain = x.clone();
             gelu_inplace(&mut plain, kind);
             assert_eq!(y, plain, "{kind:?}");
-            // The parallel pair over a buffer of many chunks: the same, and the backward
-            // multiplies by the kept derivative.
+            // The parallel backward over a buffer of many chunks multiplies by the kept
+            // derivative.
             let big: Vec<f32> = rand_vec(100_003, 22).iter().map(|v| v * 6.0).collect();
-            let (mut gp, mut yp) = (big.clone(), vec![0.0; big.len()]);
-            gelu_train_par(&mut gp, &mut yp, kind);
             let (mut gs, mut ys) = (big.clone(), vec![0.0; big.len()]);
             gelu_with_grad(&mut gs, &mut ys, kind);
-            assert_eq!((&gp, &yp), (&gs, &ys), "{kind:?}");
             let mut dy = rand_vec(big.len(), 23);
             let want: Vec<f32> = dy.iter().zip(&gs).map(|(d, g)| d * g).collect();
-            gelu_backward_par(&gp, &mut dy);
+            gelu_backward_par(&gs, &mut dy);
             assert_eq!(dy, want, "{kind:?}");
             // The closed form agrees with a central difference of the reference GELU.
             for &v in &[-2.5f32, -0.3, 0.0, 0.7, 3.1] {
