@@ -483,35 +483,54 @@ impl PackedB {
 /// of eight products), level on its AVX-512 rung.
 #[inline(always)]
 unsafe fn pack_b(b: MatRef, k: usize, n: usize, nr: usize, out: &mut [f32]) {
-    /// Copies `k` rows of `W` floats, `rs` apart from `src`, into `dst` back to back.
+    /// Copies `count` runs of `W` floats, `from` apart from `src`, into `dst`, `to` apart.
     #[inline(always)]
-    unsafe fn rows<const W: usize>(src: *const f32, rs: isize, k: usize, dst: *mut f32) {
-        for p in 0..k {
-            std::ptr::copy_nonoverlapping(src.offset(p as isize * rs), dst.add(p * W), W);
+    unsafe fn rows<const W: usize>(
+        src: *const f32,
+        from: usize,
+        count: usize,
+        dst: *mut f32,
+        to: usize,
+    ) {
+        for i in 0..count {
+            std::ptr::copy_nonoverlapping(src.add(i * from), dst.add(i * to), W);
         }
+    }
+    if b.cs == 1 {
+        // Rows of B are contiguous (x in a weight gradient, W in an input gradient): row by
+        // row, each split among the panels, so the reads are one sequential stream and each
+        // panel's writes another. Panel by panel, each step read one line `rs` floats past the
+        // last, waiting on memory: 11 % of the blocked product's samples in bench-train's
+        // step on the AVX2 rung of an AVX-512 Xeon; row by row, one thread, the weight
+        // gradients `dw:6400x768x192` +12 %, `dw:6400x192x192` +4 % (level on the AVX-512
+        // rung). Whole panels with a copy of constant length, the rung's panel width.
+        let whole = n / nr;
+        let cols = n - whole * nr;
+        let panel_len = k * nr;
+        let dst = out.as_mut_ptr();
+        for p in 0..k {
+            let src = b.ptr.offset(p as isize * b.rs);
+            let d = dst.add(p * nr);
+            match nr {
+                16 => rows::<16>(src, 16, whole, d, panel_len),
+                32 => rows::<32>(src, 32, whole, d, panel_len),
+                64 => rows::<64>(src, 64, whole, d, panel_len),
+                _ => {
+                    for jp in 0..whole {
+                        std::ptr::copy_nonoverlapping(src.add(jp * nr), d.add(jp * panel_len), nr);
+                    }
+                }
+            }
+            if cols > 0 {
+                let at = whole * nr;
+                std::ptr::copy_nonoverlapping(src.add(at), d.add(whole * panel_len), cols);
+            }
+        }
+        return;
     }
     for (jp, panel) in out.chunks_exact_mut(k * nr).enumerate() {
         let j0 = jp * nr;
         let cols = nr.min(n - j0);
-        if b.cs == 1 {
-            // Rows of B are contiguous: copy `cols` floats per step of the inner dimension, a
-            // whole panel's width (every rung's) with a copy of constant length.
-            let (src, dst) = (b.ptr.add(j0), panel.as_mut_ptr());
-            let whole = cols == nr;
-            match nr {
-                16 if whole => rows::<16>(src, b.rs, k, dst),
-                32 if whole => rows::<32>(src, b.rs, k, dst),
-                64 if whole => rows::<64>(src, b.rs, k, dst),
-                _ => {
-                    for p in 0..k {
-                        let src = src.offset(p as isize * b.rs);
-                        let dst = &mut panel[p * nr..p * nr + cols];
-                        dst.copy_from_slice(std::slice::from_raw_parts(src, cols));
-                    }
-                }
-            }
-            continue;
-        }
         // Columns of B contiguous along the inner dimension (B = Wᵀ: rows of W): 8 × 8 blocks
         // transposed in registers where the CPU has AVX2, the rest element by element.
         let mut done = 0;
@@ -593,61 +612,103 @@ mod transpose {
         k8
     }
 
-    /// Columns `0..k` of an `MR`-row block whose columns are contiguous (column `p` at
-    /// `src + p·ld`, `MR` floats, `ld ≥ MR`) into the micro-panel `out[p·MR + i]`, with 8-lane
-    /// loads (reading up to 8·⌈MR/8⌉ − MR floats into the next column, masked on the last) and
-    /// stores in increasing address order (each spills into the next column's slots, which
-    /// the next store writes; up to 8·⌈MR/8⌉ − MR floats past the panel). Returns `k`.
+    /// A transposed block of `A` — `mc` rows, `kc` columns, column `p` the `mc` contiguous
+    /// floats at `src + p·ld` (a row of `dY` in a weight gradient) — into its `⌈mc/MR⌉`
+    /// micro-panels `out[pi·MR·kc + p·MR + i]`, the last one's rows past `mc` zeros. Column
+    /// by column (`p` outer): each step reads `mc` contiguous floats, a stream the hardware
+    /// prefetcher follows. Panel by panel, each step read `MR` floats of one line, a new 4 KiB
+    /// page every step when `ld ≥ 1024`: its loads, waiting on memory, were a fifth of the
+    /// samples of `dw:6400x192x768` on the AVX2 rung of an AVX-512 Xeon (one thread); column
+    /// by column, four columns a pass over the panels, that product and `dw:6400x192x576` run
+    /// +8–14 % (level on the AVX-512 rung's 12-row tile).
     ///
-    /// With `sums` (`MR` floats), also adds each row's sum over the `k` columns into it.
+    /// Stores are 8 lanes wide: a group's lanes past `MR` spill into the slots of the panel's
+    /// next column, written at the next step; the last column's are masked. Loads past a
+    /// panel's `MR` floats read the next column (`p + 1 < kc`) or are masked.
+    ///
+    /// With `sums` (`mc` floats), also `sums[i] += Σ_p A(i, p)`.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn pack_columns_contiguous<const MR: usize>(
+    pub(super) unsafe fn pack_transposed<const MR: usize>(
         src: *const f32,
         ld: isize,
-        k: usize,
+        mc: usize,
+        kc: usize,
         out: *mut f32,
         sums: Option<*mut f32>,
-    ) -> usize {
+    ) {
         let groups = MR.div_ceil(8);
-        debug_assert!(groups <= 2 && ld >= MR as isize);
+        debug_assert!(groups <= 2 && ld >= mc as isize);
         let tail = MR - (groups - 1) * 8;
         let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        // The last group's lanes past MR, masked off on the last column: never read past the
-        // block's end.
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail as i32), idx);
-        let mut acc = [_mm256_setzero_ps(); 2];
-        for p in 0..k {
-            let col = src.offset(p as isize * ld);
-            let dst = out.add(p * MR);
-            for (g, a) in acc.iter_mut().enumerate().take(groups - 1) {
-                let v = _mm256_loadu_ps(col.add(g * 8));
-                _mm256_storeu_ps(dst.add(g * 8), v);
-                *a = _mm256_add_ps(*a, v);
+        let lanes = |n: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), idx);
+        let tail_mask = lanes(tail);
+        let full = mc / MR;
+        // Real rows of the last panel when it is partial (0: none), and its groups' lanes.
+        let part = mc - full * MR;
+        let part_masks = [lanes(part.min(8)), lanes(part.saturating_sub(8).min(8))];
+        // Full panels, `U` columns at a time (never the last, whose stores are masked): each
+        // panel's `U·MR` floats written in one run.
+        const U: usize = 4;
+        let mut p = 0;
+        while p + U < kc {
+            let row = src.offset(p as isize * ld);
+            for pi in 0..full {
+                let s = row.add(pi * MR);
+                let d = out.add(pi * MR * kc + p * MR);
+                for u in 0..U {
+                    let (s, d) = (s.offset(u as isize * ld), d.add(u * MR));
+                    for g in 0..groups {
+                        _mm256_storeu_ps(d.add(g * 8), _mm256_loadu_ps(s.add(g * 8)));
+                    }
+                }
             }
-            let g = groups - 1;
-            // Past the column's end lies the next column's start (`ld ≥ MR`), in the same
-            // matrix, up to the last column: only that one needs the masked load, whose
-            // lanes past MR are never stored into the sums and spill where the next column
-            // is written. (With a masked load on every column, the 192- and 576-row weight
-            // gradients of bench-train ran 4–7 % slower on an AVX2-only EPYC.)
-            let v = if p + 1 < k {
-                _mm256_loadu_ps(col.add(g * 8))
-            } else {
-                _mm256_maskload_ps(col.add(g * 8), mask)
-            };
-            _mm256_storeu_ps(dst.add(g * 8), v);
-            acc[g] = _mm256_add_ps(acc[g], v);
+            p += U;
         }
-        if let Some(sp) = sums {
-            for (g, a) in acc.iter().enumerate().take(groups - 1) {
-                let at = sp.add(g * 8);
-                _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), *a));
+        let unrolled = p;
+        for p in 0..kc {
+            let row = src.offset(p as isize * ld);
+            let last = p + 1 == kc;
+            for pi in 0..if p < unrolled { 0 } else { full } {
+                let s = row.add(pi * MR);
+                let d = out.add(pi * MR * kc + p * MR);
+                for g in 0..groups - 1 {
+                    _mm256_storeu_ps(d.add(g * 8), _mm256_loadu_ps(s.add(g * 8)));
+                }
+                let g = (groups - 1) * 8;
+                if last {
+                    let v = _mm256_maskload_ps(s.add(g), tail_mask);
+                    _mm256_maskstore_ps(d.add(g), tail_mask, v);
+                } else {
+                    _mm256_storeu_ps(d.add(g), _mm256_loadu_ps(s.add(g)));
+                }
             }
-            let at = sp.add((groups - 1) * 8);
-            let old = _mm256_maskload_ps(at, mask);
-            _mm256_maskstore_ps(at, mask, _mm256_add_ps(old, acc[groups - 1]));
+            if part > 0 {
+                let s = row.add(full * MR);
+                let d = out.add(full * MR * kc + p * MR);
+                for (g, &mask) in part_masks.iter().enumerate().take(groups) {
+                    let v = _mm256_maskload_ps(s.add(g * 8), mask);
+                    if last && g + 1 == groups {
+                        _mm256_maskstore_ps(d.add(g * 8), tail_mask, v);
+                    } else {
+                        _mm256_storeu_ps(d.add(g * 8), v);
+                    }
+                }
+            }
+            if let Some(sp) = sums {
+                let mut i = 0;
+                while i + 8 <= mc {
+                    let at = sp.add(i);
+                    _mm256_storeu_ps(
+                        at,
+                        _mm256_add_ps(_mm256_loadu_ps(at), _mm256_loadu_ps(row.add(i))),
+                    );
+                    i += 8;
+                }
+                for i in i..mc {
+                    *sp.add(i) += *row.add(i);
+                }
+            }
         }
-        k
     }
 
     /// `MR` rows of A (`rows ≤ MR` of them real, row `i` at `src + i·ld`) into the
@@ -1360,6 +1421,13 @@ unsafe fn pack_a<const MR: usize>(
     sums: Sums,
 ) {
     debug_assert!(sums.is_none() || a.rs == 1);
+    #[cfg(target_arch = "x86_64")]
+    if MR <= 16 && a.rs == 1 && a.cs != 1 && std::is_x86_feature_detected!("avx2") {
+        // Transposed A (dYᵀ in the weight gradient): the whole block, column by column.
+        let base = a.ptr.offset(i0 as isize + p0 as isize * a.cs);
+        transpose::pack_transposed::<MR>(base, a.cs, mc, kc, out.as_mut_ptr(), sums);
+        return;
+    }
     let panels = mc.div_ceil(MR);
     for pi in 0..panels {
         let r0 = i0 + pi * MR;
@@ -1373,10 +1441,6 @@ unsafe fn pack_a<const MR: usize>(
             if a.cs == 1 {
                 // Row-major A (activations): 8 × 8 transposes.
                 done = transpose::pack_rows::<MR>(base, a.rs, kc, rows, panel);
-            } else if a.rs == 1 && rows == MR {
-                // Transposed A (dYᵀ in the weight gradient): each column is MR contiguous
-                // floats, copied with 8-lane loads and stores (and summed).
-                done = transpose::pack_columns_contiguous::<MR>(base, a.cs, kc, panel, panel_sums);
             }
         }
         for p in done..kc {
