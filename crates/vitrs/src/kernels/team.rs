@@ -124,9 +124,12 @@ struct Shared {
     /// epoch `e` by moving `(e, i)` to `(e, i + 1)`, so it can never claim an index of an
     /// operation other than the one whose job it then reads.
     state: AtomicU64,
-    /// The operation: `count`, and the address of `f: &(dyn Fn(usize) + Sync)` on the
-    /// caller's stack. Written before the epoch is published, read after a successful claim.
-    count: AtomicUsize,
+    /// The operation: its epoch (high 32 bits) and `count` (low 32), and the address of
+    /// `f: &(dyn Fn(usize) + Sync)` on the caller's stack. Written before the epoch is
+    /// published; `count` is read before a claim, `data` after a successful one. The epoch
+    /// beside the count lets a worker still looking at a finished operation tell its count
+    /// from the next operation's, being written (see `claim_all`).
+    count: AtomicU64,
     data: AtomicUsize,
     /// Indices finished in this epoch.
     done: AtomicUsize,
@@ -143,7 +146,7 @@ impl Team {
     pub(crate) fn new(workers: usize) -> Self {
         let shared = Arc::new(Shared {
             state: AtomicU64::new(0),
-            count: AtomicUsize::new(0),
+            count: AtomicU64::new(0),
             data: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
@@ -186,11 +189,11 @@ impl Team {
         }
         let s = &*self.shared;
         let fref: &&(dyn Fn(usize) + Sync) = &f;
-        s.count.store(count, Relaxed);
+        let epoch = (s.state.load(Relaxed) >> 32).wrapping_add(1) & 0xFFFF_FFFF;
+        s.count.store((epoch << 32) | count as u64, Relaxed);
         s.data.store(fref as *const _ as usize, Relaxed);
         s.done.store(0, Relaxed);
         s.panicked.store(false, Relaxed);
-        let epoch = (s.state.load(Relaxed) >> 32).wrapping_add(1) & 0xFFFF_FFFF;
         // Publishes the job above (Release; SeqCst also orders it before reading `sleepers`,
         // against a worker that checks the epoch and then parks).
         s.state.store(epoch << 32, SeqCst);
@@ -228,8 +231,15 @@ impl Shared {
             if cur >> 32 != epoch {
                 return;
             }
+            // The count of this epoch's operation. Once its last index is claimed, its caller
+            // may return and the next operation's be written here before its epoch is: read
+            // as this one's, a larger count let a late worker claim index `count` (the state
+            // still this epoch's) and run the next operation's task before it was published,
+            // or this one's past its end on a stack frame gone. The epoch beside it says whose
+            // count it is (an operation with unclaimed indices is still this epoch's).
             let i = (cur & 0xFFFF_FFFF) as usize;
-            if i >= self.count.load(Relaxed) {
+            let c = self.count.load(Relaxed);
+            if c >> 32 != epoch || i >= (c & 0xFFFF_FFFF) as usize {
                 return;
             }
             match self
@@ -331,6 +341,30 @@ mod tests {
             .unwrap();
         }
         assert_eq!(total.load(Relaxed), 2000 * 10);
+    }
+
+    #[test]
+    fn a_late_worker_never_claims_past_the_end_of_a_finished_operation() {
+        // A short operation and then a longer one, over and over: a worker still looking at
+        // the finished short one (its last index claimed) must not read the longer one's count
+        // as the short one's and claim "index `count`" of it: that ran the new operation's
+        // task before it was published (so twice) or the old one's past its end, on a stack
+        // frame already gone (a crash in the training tests, once in a few runs). Each task
+        // checks its index and counts its runs.
+        let team = Team::new(2);
+        for round in 0..300_000 {
+            let count = if round % 2 == 0 { 2 } else { 40 };
+            let hits: Vec<AtomicUsize> = (0..count).map(|_| AtomicUsize::new(0)).collect();
+            team.try_run(count, &|i| {
+                assert!(i < count, "index {i} of an operation of {count}");
+                hits[i].fetch_add(1, Relaxed);
+            })
+            .unwrap();
+            assert!(
+                hits.iter().all(|h| h.load(Relaxed) == 1),
+                "round {round}: every index once"
+            );
+        }
     }
 
     #[test]
