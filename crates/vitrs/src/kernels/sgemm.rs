@@ -1437,11 +1437,9 @@ unsafe fn pack_a<const MR: usize>(
         let panel_sums = sums.map(|p| p.add(pi * MR));
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if MR <= 16 && std::is_x86_feature_detected!("avx2") {
-            if a.cs == 1 {
-                // Row-major A (activations): 8 × 8 transposes.
-                done = transpose::pack_rows::<MR>(base, a.rs, kc, rows, panel);
-            }
+        if MR <= 16 && a.cs == 1 && std::is_x86_feature_detected!("avx2") {
+            // Row-major A (activations): 8 × 8 transposes.
+            done = transpose::pack_rows::<MR>(base, a.rs, kc, rows, panel);
         }
         for p in done..kc {
             let col = base.offset(p as isize * a.cs);
