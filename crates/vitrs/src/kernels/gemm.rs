@@ -55,6 +55,10 @@ const PARALLEL_MIN_MACS: usize = 1 << 16;
 /// (`rows_done`: the residual's LayerNorm after the attention projection).
 const TILE_COLUMNS_MIN: usize = 1 << 18;
 
+/// On the FMA kernels, a product whose rows give each thread at least this many row tiles is
+/// split by rows, fewer by columns (see `linear_parts`).
+const FMA_ROW_TILES_MIN: usize = 4;
+
 /// Products with a longer inner dimension (several blocks of steps on the tile unit: MLP fc2)
 /// keep the row split: ViT-B/16's fc2 (3072 inputs) ran no faster by columns, even with x
 /// packed once, and 9 % slower with its weight in cache.
@@ -220,13 +224,21 @@ fn linear_parts(
             }
         }
     };
-    // Few rows (small batch): split the columns in whole panels; each thread reads only its
-    // panels of W. On the tile unit only for a large weight (see `TILE_COLUMNS_MIN`).
-    // Column parts start on the packing's panels (`product_geometry` gives its width).
+    // Few rows: split the columns in whole panels; each thread reads only its panels of W.
+    // On the tile unit for a large weight at a small batch (see `TILE_COLUMNS_MIN`); on the
+    // FMA kernels only when the rows would give a thread fewer than `FMA_ROW_TILES_MIN` tiles
+    // (the classifier at a small batch). Split by rows at batch 1 (197 rows) on the FMA
+    // kernels, against by columns (AVX2 and AVX-512 FMA rungs of an AVX-512 Xeon, 2 threads,
+    // 4 interleaved rounds, after `WARM_TILES`): ViT-S/16 +2.3 % and +5.3 %, Ti/16 +1.1 % and
+    // +1.0 %, B/16 +1.0 % and +3.2 %; each thread streams the whole weight, the two reading
+    // the same panels about together, and the projection's rows are then final in its task,
+    // which runs LayerNorm on them. Column parts start on the packing's panels
+    // (`product_geometry` gives its width).
     let alone = threads == 1 || m * n * k < PARALLEL_MIN_MACS;
     let on_tiles = packed.is_some_and(|p| p.on_tiles());
     let tiles_by_cols = k * n >= TILE_COLUMNS_MIN && k <= TILE_COLUMNS_MAX_K && rows_done.is_none();
-    let by_cols = n >= m && (!on_tiles || tiles_by_cols);
+    let few_rows = m < threads * FMA_ROW_TILES_MIN * super::sgemm::product_geometry(isa, n).mr;
+    let by_cols = n >= m && if on_tiles { tiles_by_cols } else { few_rows };
     #[cfg(target_arch = "x86_64")]
     if let (false, true, false) = (alone, on_tiles && epilogue != Epilogue::Tanh, by_cols) {
         if let Some(e) = edge_split(m, n, threads) {
