@@ -237,7 +237,8 @@ fn linear_parts(
     let alone = threads == 1 || m * n * k < PARALLEL_MIN_MACS;
     let on_tiles = packed.is_some_and(|p| p.on_tiles());
     let tiles_by_cols = k * n >= TILE_COLUMNS_MIN && k <= TILE_COLUMNS_MAX_K && rows_done.is_none();
-    let few_rows = m < threads * FMA_ROW_TILES_MIN * super::sgemm::product_geometry(isa, n).mr;
+    let geometry = super::sgemm::product_geometry(isa, n);
+    let few_rows = m < threads * FMA_ROW_TILES_MIN * geometry.mr;
     let by_cols = n >= m && if on_tiles { tiles_by_cols } else { few_rows };
     #[cfg(target_arch = "x86_64")]
     if let (false, true, false) = (alone, on_tiles && epilogue != Epilogue::Tanh, by_cols) {
@@ -253,7 +254,6 @@ fn linear_parts(
             return (e.full, m);
         }
     }
-    let geometry = super::sgemm::product_geometry(isa, n);
     // Split by columns on the tile unit: x's pieces packed once, the threads sharing its
     // tiles of rows, instead of all of them by every thread (ViT-B/16's qkv at batch 1: 3 %
     // faster than packing x twice, and S/16's products then gain from the split too).

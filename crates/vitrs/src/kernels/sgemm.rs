@@ -79,6 +79,18 @@ pub(crate) struct Out {
     pub gelu_values: Option<*mut f32>,
 }
 
+impl Out {
+    /// The same C without the GELU epilogue, for an engine that applies it to the block
+    /// afterwards ([`gelu_after`]).
+    fn without_gelu(self) -> Self {
+        Out {
+            gelu: None,
+            gelu_values: None,
+            ..self
+        }
+    }
+}
+
 /// Where a product also adds the sums of A's rows (`Σ_p A(i, p)` into element `i`), if
 /// anywhere: only for a transposed A (`rs == 1, cs != 1`), which every engine but the portable
 /// one packs, adding the sums as it goes (see [`gemm_row_sums`]).
@@ -668,7 +680,9 @@ mod transpose {
         for p in 0..kc {
             let row = src.offset(p as isize * ld);
             let last = p + 1 == kc;
-            for pi in 0..if p < unrolled { 0 } else { full } {
+            // The full panels of the columns the unrolled loop did not copy.
+            let full_left = if p < unrolled { 0 } else { full };
+            for pi in 0..full_left {
                 let s = row.add(pi * MR);
                 let d = out.add(pi * MR * kc + p * MR);
                 for g in 0..groups - 1 {
@@ -872,11 +886,7 @@ unsafe fn gemm_amx(m: usize, n: usize, k: usize, a: MatRef, b: super::amx::B, c:
         k,
         super::amx::A::Mat(a),
         b,
-        Out {
-            gelu: None,
-            gelu_values: None,
-            ..c
-        },
+        c.without_gelu(),
         sums,
         None,
     );
@@ -906,20 +916,7 @@ pub(crate) unsafe fn gemm_tiles_packed(
         unreachable!("gemm_tiles_packed: a weight not packed for the tile unit");
     };
     let bt = super::amx::B::Packed(pb, c0);
-    super::amx::gemm(
-        m,
-        n,
-        k,
-        a,
-        bt,
-        Out {
-            gelu: None,
-            gelu_values: None,
-            ..c
-        },
-        None,
-        edge,
-    );
+    super::amx::gemm(m, n, k, a, bt, c.without_gelu(), None, edge);
     gelu_after(m, n, c);
     if let Some(e) = edge {
         let (e0, e1) = e.cols;
