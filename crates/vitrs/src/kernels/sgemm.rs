@@ -1788,20 +1788,45 @@ pub(crate) fn row_tile_shape(isa: Isa) -> Option<(usize, usize, usize)> {
     }
 }
 
+/// How [`row_tile`] reads its tile of `A (rows, k)`, in place.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TileA<'a> {
+    /// Row `i` at `a[i]`, its `k` steps contiguous; `a.len()` is the tile's rows.
+    Rows(&'a [*const f32]),
+    /// A transposed (the columns of a row-major matrix): `A(i, p)` at `ptr + p·ld + i`, for
+    /// `rows` rows. Every step reads the full tile's height ([`row_tile_shape`]'s rows), so
+    /// `ptr + p·ld` must address that many floats even when `rows` is fewer.
+    Transposed {
+        ptr: *const f32,
+        ld: isize,
+        rows: usize,
+    },
+}
+
+impl TileA<'_> {
+    fn rows(&self) -> usize {
+        match *self {
+            TileA::Rows(a) => a.len(),
+            TileA::Transposed { rows, .. } => rows,
+        }
+    }
+}
+
 /// One register tile `C (rows, cols) = A (rows, k) · B (k, cols)` on rung `isa`, for kernels
-/// that drive the tiles themselves (the fused attention, [`super::attention`]): row `i` of A
-/// read in place at `a[i]` (its `k` steps contiguous), B row `p` at `b + p·ldb`, C row `i` at
-/// `c + i·ldc`. `a.len()` is the tile's rows, at most [`row_tile_shape`]'s; `cols` at most its
+/// that drive the tiles themselves (the fused attention and its backward,
+/// [`super::attention`]): A read in place as [`TileA`] says, B row `p` at `b + p·ldb`, C row
+/// `i` at `c + i·ldc`. The tile's rows are at most [`row_tile_shape`]'s; `cols` at most its
 /// columns.
 ///
 /// # Safety
-/// The rung must be the CPU's or below, and not portable. Every `a[i]` addresses `k` floats;
-/// B's rows address `cols` rounded up to whole vectors of the rung; `C` addresses its
-/// `rows × cols` elements, aliasing neither operand.
+/// The rung must be the CPU's or below, and not portable. A's reads (see [`TileA`]) address
+/// `k` steps; B's rows address `cols` rounded up to whole vectors of the rung; `C` addresses
+/// its `rows × cols` elements, aliasing neither operand.
+#[inline(always)]
 pub(crate) unsafe fn row_tile(
     isa: Isa,
     k: usize,
-    a: &[*const f32],
+    a: TileA,
     b: *const f32,
     ldb: isize,
     (c, ldc): (*mut f32, isize),
@@ -1810,19 +1835,17 @@ pub(crate) unsafe fn row_tile(
     #[inline(always)]
     unsafe fn run<S: Simd, const MR: usize, const NV: usize>(
         k: usize,
-        a: &[*const f32],
+        a: TileA,
         b: *const f32,
         ldb: isize,
         (c, ldc): (*mut f32, isize),
         cols: usize,
     ) {
-        let rows = a.len();
+        let rows = a.rows();
         debug_assert!((1..=MR).contains(&rows) && (1..=NV * S::LANES).contains(&cols));
-        // Rows past the edge read the last real one (never stored).
-        let rows_a: [*const f32; MR] = std::array::from_fn(|i| a[i.min(rows - 1)]);
         let tile = Tile {
             k,
-            a: RowsA(rows_a),
+            a: (),
             b,
             ldb,
             c,
@@ -1836,12 +1859,28 @@ pub(crate) unsafe fn row_tile(
             gelu: None,
             gelu_values: None,
         };
-        // As many whole vectors as the columns need (B is read no further).
-        match cols.div_ceil(S::LANES) {
-            1 => run_tile::<S, _, MR, 1>(&tile),
-            2 if NV >= 2 => run_tile::<S, _, MR, 2>(&tile),
-            3 if NV >= 3 => run_tile::<S, _, MR, 3>(&tile),
-            _ => run_tile::<S, _, MR, NV>(&tile),
+        #[inline(always)]
+        unsafe fn go<S: Simd, A: AccessA, const MR: usize, const NV: usize>(
+            t: &Tile<A>,
+            cols: usize,
+        ) {
+            // As many whole vectors as the columns need (B is read no further).
+            match cols.div_ceil(S::LANES) {
+                1 => run_tile::<S, _, MR, 1>(t),
+                2 if NV >= 2 => run_tile::<S, _, MR, 2>(t),
+                3 if NV >= 3 => run_tile::<S, _, MR, 3>(t),
+                _ => run_tile::<S, _, MR, NV>(t),
+            }
+        }
+        match a {
+            TileA::Rows(a) => {
+                // Rows past the edge read the last real one (never stored).
+                let rows_a: [*const f32; MR] = std::array::from_fn(|i| a[i.min(rows - 1)]);
+                go::<S, _, MR, NV>(&tile.with_a(RowsA(rows_a)), cols)
+            }
+            TileA::Transposed { ptr, ld, .. } => {
+                go::<S, _, MR, NV>(&tile.with_a(StridedA(ptr, ld)), cols)
+            }
         }
     }
     match isa {
