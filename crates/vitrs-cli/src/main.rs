@@ -27,6 +27,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use vitrs::{Checkpoint, ErrorKind};
 
+/// Large blocks (activations, gradients) start on a cache line: see `vitrs::alloc`.
+#[global_allocator]
+static ALLOC: vitrs::alloc::CacheAligned = vitrs::alloc::CacheAligned;
+
 /// Exit codes, distinct per failure kind (2, a bad command line, is clap's).
 const EXIT_FAILURE: u8 = 1;
 const EXIT_MODEL: u8 = 3;

@@ -8,6 +8,7 @@
 //! norm → pool → head) → logits; [`checkpoint::load`] builds a model from a file.
 //! The shape legend is in the [`model`] module docs.
 
+pub mod alloc;
 pub mod attnmap;
 pub mod batcher;
 pub mod bench;
