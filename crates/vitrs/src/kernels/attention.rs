@@ -39,15 +39,15 @@ unsafe fn product(
     c: (*mut f32, isize),
 ) {
     let mat = |(ptr, rs, cs): Strided<*const f32>| MatRef { ptr, rs, cs };
-    let out = Out {
-        ptr: c.0,
-        rs: c.1,
-        accumulate: false,
-        bias: None,
-        gelu: None,
-        gelu_values: None,
-    };
-    gemm(isa, m, n, k, mat(a), BRef::Mat(mat(b)), out);
+    gemm(
+        isa,
+        m,
+        n,
+        k,
+        mat(a),
+        BRef::Mat(mat(b)),
+        Out::plain(c.0, c.1),
+    );
 }
 
 /// Query rows per task are never split below this.

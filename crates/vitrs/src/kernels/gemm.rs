@@ -476,6 +476,7 @@ fn gathered(
             bias: bias.map(|b| b.as_ptr().add(c0)),
             gelu: None,
             gelu_values: None,
+            times: None,
         };
         gemm_gather(isa, r1 - r0, c1 - c0, k, a, BRef::Mat(b), o);
     };
@@ -563,6 +564,7 @@ unsafe fn block(
             _ => None,
         },
         gelu_values: gelu_values.map(|v| v.get().add(r0 * n + c0)),
+        times: None,
     };
     match (edge, packed, pieces) {
         #[cfg(target_arch = "x86_64")]
@@ -622,14 +624,55 @@ pub fn linear_backward(
     dx: Option<&mut [f32]>,
     dw: &mut [f32],
     db: Option<&mut [f32]>,
+    dims: (usize, usize, usize),
+) {
+    backward(dy, x, w, dx.map(|d| (d, None)), dw, db, dims);
+}
+
+/// [`linear_backward`] through an element-wise function of the layer's input: the input
+/// gradient multiplied by `times` as it is written, `dx = (dy·W) ⊙ times` — the MLP's fc2
+/// backward given GELU's derivative (kept by [`linear_gelu_with_grad`]), in the product's
+/// tiles instead of a pass that reads `dx` back from memory.
+///
+/// # Shapes
+/// As [`linear_backward`], and `times (m, k)`.
+///
+/// # Panics
+/// As [`linear_backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_times(
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    times: &[f32],
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+    dims: (usize, usize, usize),
+) {
+    backward(dy, x, w, Some((dx, Some(times))), dw, db, dims);
+}
+
+/// [`linear_backward`] and [`linear_backward_times`].
+#[allow(clippy::type_complexity)]
+fn backward(
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    dx: Option<(&mut [f32], Option<&[f32]>)>,
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
     (m, k, n): (usize, usize, usize),
 ) {
     super::check_len("linear_backward: dy", dy.len(), m * n);
     super::check_len("linear_backward: x", x.len(), m * k);
     super::check_len("linear_backward: w", w.len(), n * k);
     super::check_len("linear_backward: dw", dw.len(), n * k);
-    if let Some(dx) = dx.as_deref() {
+    if let Some((dx, times)) = &dx {
         super::check_len("linear_backward: dx", dx.len(), m * k);
+        if let Some(t) = times {
+            super::check_len("linear_backward: times", t.len(), m * k);
+        }
     }
     if let Some(db) = db.as_deref() {
         super::check_len("linear_backward: db", db.len(), n);
@@ -637,8 +680,8 @@ pub fn linear_backward(
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    if let Some(dx) = dx {
-        linear_dx(dy, w, dx, (m, k, n));
+    if let Some((dx, times)) = dx {
+        dx_times(dy, w, dx, times, (m, k, n));
     }
     linear_dw_db(dy, x, dw, db, (m, k, n));
 }
@@ -674,7 +717,18 @@ super::simd_dispatch! {
 ///
 /// # Panics
 /// When a slice is shorter than its shape.
-pub fn linear_dx(dy: &[f32], w: &[f32], dx: &mut [f32], (m, k, n): (usize, usize, usize)) {
+pub fn linear_dx(dy: &[f32], w: &[f32], dx: &mut [f32], dims: (usize, usize, usize)) {
+    dx_times(dy, w, dx, None, dims)
+}
+
+/// [`linear_dx`], multiplied element-wise by `times (m, k)` when given.
+fn dx_times(
+    dy: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+    times: Option<&[f32]>,
+    (m, k, n): (usize, usize, usize),
+) {
     super::check_len("linear_dx: dy", dy.len(), m * n);
     super::check_len("linear_dx: w", w.len(), n * k);
     super::check_len("linear_dx: dx", dx.len(), m * k);
@@ -700,12 +754,8 @@ pub fn linear_dx(dy: &[f32], w: &[f32], dx: &mut [f32], (m, k, n): (usize, usize
             cs: 1,
         };
         let o = Out {
-            ptr: dxp.get().add(r0 * k + c0),
-            rs: k as isize,
-            accumulate: false,
-            bias: None,
-            gelu: None,
-            gelu_values: None,
+            times: times.map(|t| t.as_ptr().add(r0 * k + c0)),
+            ..Out::plain(dxp.get().add(r0 * k + c0), k as isize)
         };
         gemm(isa, r1 - r0, c1 - c0, n, a, BRef::Mat(b), o);
     };
@@ -783,6 +833,7 @@ fn linear_dw_db(
                 bias: None,
                 gelu: None,
                 gelu_values: None,
+                times: None,
             };
             let sums = match dbp {
                 None => None,
@@ -834,6 +885,7 @@ fn linear_dw_db(
             bias: None,
             gelu: None,
             gelu_values: None,
+            times: None,
         };
         gemm(isa, r1 - r0, c1 - c0, m, a, BRef::Mat(b), o);
     };
@@ -968,6 +1020,46 @@ mod tests {
             assert!(max_abs_diff(&dx, &dx_r) < tol, "dx {m}x{k}x{n}");
             assert!(max_abs_diff(&dw, &dw_r) < tol, "dw {m}x{k}x{n}");
             assert!(max_abs_diff(&db, &db_r) < tol, "db {m}x{k}x{n}");
+        }
+    }
+
+    #[test]
+    fn the_input_gradient_times_a_factor_is_the_product_then_the_multiply() {
+        // Bit for bit `linear_backward` then `mul_assign`, on one thread and split among
+        // several: partial tiles, an inner dimension of several blocks (n = 1200, the factor
+        // only after the last), and products big enough for the tile unit on AMX hosts (the
+        // factor applied to the block after it there).
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for &(m, k, n) in &[
+                (5, 7, 3),
+                (197, 48, 200),
+                (300, 33, 1200),
+                (1000, 24, 40),
+                (1100, 200, 130),
+            ] {
+                let dims = (m, k, n);
+                let dy = rand_vec(m * n, 41);
+                let x = rand_vec(m * k, 42);
+                let w = rand_vec(n * k, 43);
+                let times = rand_vec(m * k, 44);
+                let (mut dx, mut want_dx) = (vec![9.0; m * k], vec![9.0; m * k]);
+                let (mut dw, mut want_dw) = (rand_vec(n * k, 45), rand_vec(n * k, 45));
+                let (mut db, mut want_db) = (rand_vec(n, 46), rand_vec(n, 46));
+                pool.install(|| {
+                    let db = Some(&mut db[..]);
+                    linear_backward_times(&dy, &x, &w, &mut dx, &times, &mut dw, db, dims);
+                    let (dx, db) = (Some(&mut want_dx[..]), Some(&mut want_db[..]));
+                    linear_backward(&dy, &x, &w, dx, &mut want_dw, db, dims);
+                    super::super::math::mul_assign(&mut want_dx, &times);
+                });
+                let case = format!("{m}x{k}x{n}, {threads} threads");
+                assert!(dx == want_dx, "dx, {case}");
+                assert!(dw == want_dw && db == want_db, "dw, db, {case}");
+            }
         }
     }
 

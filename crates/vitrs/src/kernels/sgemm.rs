@@ -77,15 +77,35 @@ pub(crate) struct Out {
     /// [`super::math::gelu_with_grad`] leaves them — one evaluation while the tile is in L1
     /// instead of a pass that reads the pre-activations back from memory.
     pub gelu_values: Option<*mut f32>,
+    /// The finished elements multiplied by these (C's row stride, the same rows and columns),
+    /// after any GELU: a backward's element-wise factor (GELU's derivative, in the MLP's
+    /// input gradient), by the FMA kernels on each register tile once written (in L1), by the
+    /// other engines on the block afterwards — instead of a pass that reads the product back
+    /// from memory.
+    pub times: Option<*const f32>,
 }
 
 impl Out {
-    /// The same C without the GELU epilogue, for an engine that applies it to the block
-    /// afterwards ([`gelu_after`]).
-    fn without_gelu(self) -> Self {
+    /// `C (m, n)` at `ptr`, rows `rs` apart: `C = A·B`, no epilogue.
+    pub(crate) fn plain(ptr: *mut f32, rs: isize) -> Self {
+        Out {
+            ptr,
+            rs,
+            accumulate: false,
+            bias: None,
+            gelu: None,
+            gelu_values: None,
+            times: None,
+        }
+    }
+
+    /// The same C without the epilogues applied after the product (GELU, the factor), for an
+    /// engine that applies them to the block afterwards ([`after`]).
+    fn without_after(self) -> Self {
         Out {
             gelu: None,
             gelu_values: None,
+            times: None,
             ..self
         }
     }
@@ -841,7 +861,7 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
     if k == 0 {
         // No products (and sums of nothing).
         bias_into(m, n, c);
-        gelu_after(m, n, c);
+        after(m, n, c);
         return;
     }
     match isa {
@@ -865,7 +885,7 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
         Isa::Avx2 => gemm_avx2(m, n, k, a, b, c, sums),
         _ => {
             gemm_portable(m, n, k, a, b, c);
-            gelu_after(m, n, c);
+            after(m, n, c);
             if let (Some(s), ARef::Mat(am)) = (sums, a) {
                 row_sums_into(am, m, k, s);
             }
@@ -886,11 +906,11 @@ unsafe fn gemm_amx(m: usize, n: usize, k: usize, a: MatRef, b: super::amx::B, c:
         k,
         super::amx::A::Mat(a),
         b,
-        c.without_gelu(),
+        c.without_after(),
         sums,
         None,
     );
-    gelu_after(m, n, c);
+    after(m, n, c);
 }
 
 /// `C (m, n) = A · B` with `B` columns `c0..c0 + n` of a weight packed for the tile unit: A
@@ -916,26 +936,44 @@ pub(crate) unsafe fn gemm_tiles_packed(
         unreachable!("gemm_tiles_packed: a weight not packed for the tile unit");
     };
     let bt = super::amx::B::Packed(pb, c0);
-    super::amx::gemm(m, n, k, a, bt, c.without_gelu(), None, edge);
-    gelu_after(m, n, c);
+    super::amx::gemm(m, n, k, a, bt, c.without_after(), None, edge);
+    after(m, n, c);
     if let Some(e) = edge {
         let (e0, e1) = e.cols;
         // The edge's rows lie in the same matrix as the block (C's layout), and so do their
         // values.
         let ptr = e.c.add(e0);
+        let shift = ptr.offset_from(c.ptr);
         let at = Out {
             ptr,
-            gelu_values: c.gelu_values.map(|v| v.offset(ptr.offset_from(c.ptr))),
+            gelu_values: c.gelu_values.map(|v| v.offset(shift)),
+            times: c.times.map(|t| t.offset(shift)),
             ..c
         };
-        gelu_after(e.rows, e1 - e0, at);
+        after(e.rows, e1 - e0, at);
     }
 }
 
-/// `c.gelu` over the finished block `C (m, n)`, for the engines without it in their tiles.
+/// `c.gelu`, then `c.times`, over the finished block `C (m, n)`, for the engines without them
+/// in their tiles.
 ///
 /// # Safety
-/// `c` addresses an `(m, n)` block no other thread touches.
+/// `c` addresses an `(m, n)` block no other thread touches, and its factor `(m, n)` floats.
+unsafe fn after(m: usize, n: usize, c: Out) {
+    gelu_after(m, n, c);
+    if let Some(t) = c.times {
+        for r in 0..m {
+            let at = r as isize * c.rs;
+            let row = std::slice::from_raw_parts_mut(c.ptr.offset(at), n);
+            super::math::mul_assign(row, std::slice::from_raw_parts(t.offset(at), n));
+        }
+    }
+}
+
+/// `c.gelu` over the finished block `C (m, n)` (see [`after`]).
+///
+/// # Safety
+/// As [`after`].
 unsafe fn gelu_after(m: usize, n: usize, c: Out) {
     if let Some(kind) = c.gelu {
         for r in 0..m {
@@ -1381,6 +1419,12 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                             gelu_values: c
                                 .gelu_values
                                 .map(|v| v.offset((ic + ir) as isize * c.rs + j0 as isize)),
+                            times: match c.times {
+                                Some(t) if pc + kc == k => {
+                                    Some(t.offset((ic + ir) as isize * c.rs + j0 as isize))
+                                }
+                                _ => None,
+                            },
                         };
                         // Rows past the edge read the last real one (never stored).
                         let row = |i: usize| ic + ir + i.min(rows - 1);
@@ -1601,6 +1645,9 @@ struct Tile<A> {
     gelu: Option<Gelu>,
     /// With `gelu`: the tile's place in [`Out::gelu_values`] (C's row stride).
     gelu_values: Option<*mut f32>,
+    /// Multiply the tile once written by these (its place in [`Out::times`]; its last block
+    /// of the inner dimension).
+    times: Option<*const f32>,
 }
 
 impl<A> Tile<A> {
@@ -1622,6 +1669,7 @@ impl<A> Tile<A> {
             bias: self.bias,
             gelu: self.gelu,
             gelu_values: self.gelu_values,
+            times: self.times,
         }
     }
 }
@@ -1725,6 +1773,17 @@ impl<A: AccessA> Tile<A> {
             if let Some(kind) = self.gelu {
                 self.gelu_rows(MR, NV * S::LANES, kind);
             }
+            if let Some(t) = self.times {
+                #[allow(clippy::needless_range_loop)]
+                for i in 0..MR {
+                    let cr = self.c.offset(i as isize * self.ldc);
+                    let tr = t.offset(i as isize * self.ldc);
+                    for v in 0..NV {
+                        let at = v * S::LANES;
+                        S::store(cr.add(at), S::mul(S::load(cr.add(at)), S::load(tr.add(at))));
+                    }
+                }
+            }
         } else {
             let nr = NV * S::LANES;
             let mut buf = [0.0f32; EDGE_BUF];
@@ -1751,6 +1810,15 @@ impl<A: AccessA> Tile<A> {
             // hidden layer made a round trip through L3 at batch 16).
             if let Some(kind) = self.gelu {
                 self.gelu_rows(self.rows, self.cols, kind);
+            }
+            if let Some(t) = self.times {
+                for i in 0..self.rows {
+                    let cr = self.c.offset(i as isize * self.ldc);
+                    let tr = t.offset(i as isize * self.ldc);
+                    for j in 0..self.cols {
+                        *cr.add(j) *= *tr.add(j);
+                    }
+                }
             }
         }
     }
@@ -1858,6 +1926,7 @@ pub(crate) unsafe fn row_tile(
             bias: None,
             gelu: None,
             gelu_values: None,
+            times: None,
         };
         #[inline(always)]
         unsafe fn go<S: Simd, A: AccessA, const MR: usize, const NV: usize>(
@@ -2070,6 +2139,7 @@ mod tests {
                             bias: bias.map(|b| b.as_ptr()),
                             gelu,
                             gelu_values: None,
+                            times: None,
                         };
                         product(m, n, k, amat, bref, out);
                         let d = max_abs_diff(&got, &want);
@@ -2213,14 +2283,7 @@ mod tests {
             .collect();
         let errors = |run: &dyn Fn(Out)| {
             let mut c = vec![0.0f32; m * n];
-            run(Out {
-                ptr: c.as_mut_ptr(),
-                rs: n as isize,
-                accumulate: false,
-                bias: None,
-                gelu: None,
-                gelu_values: None,
-            });
+            run(Out::plain(c.as_mut_ptr(), n as isize));
             let d: Vec<f64> = c
                 .iter()
                 .zip(&exact)

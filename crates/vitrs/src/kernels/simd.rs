@@ -1,7 +1,7 @@
 //! The vector layer of the instruction-set ladder: the few operations a micro-kernel needs,
 //! implemented once per rung. Everything above it (blocking, packing, edges, threading) is
 //! generic code shared by the rungs, so the part only an AVX-512 CPU runs is this file's
-//! `Avx512` impl — a dozen one-line intrinsics, each the 512-bit twin of an `Avx2` one.
+//! `Avx512` impl — seven one-line intrinsics, each the 512-bit twin of an `Avx2` one.
 //!
 //! Every method is `unsafe`: the caller must run on a CPU with the rung's features, inside a
 //! function compiled for them (`#[target_feature]`), with every pointer valid for the lanes it
@@ -21,6 +21,7 @@ pub(crate) trait Simd: Copy {
     /// `a · b + c`, one rounding.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -62,6 +63,10 @@ mod x86 {
         unsafe fn add(a: __m256, b: __m256) -> __m256 {
             _mm256_add_ps(a, b)
         }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            _mm256_mul_ps(a, b)
+        }
     }
 
     /// 16 × f32 in a zmm register (AVX-512 F).
@@ -94,6 +99,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn add(a: __m512, b: __m512) -> __m512 {
             _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
         }
     }
 }

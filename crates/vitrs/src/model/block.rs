@@ -12,7 +12,6 @@ use super::ViT;
 use crate::config::{NormPlacement, ViTConfig};
 use crate::kernels::attention::{attention, attention_backward, AttnDims};
 use crate::kernels::gemm::{add_assign, Epilogue};
-use crate::kernels::math::gelu_backward_par;
 
 /// One block's activations. Shapes `(B, N, D)` unless noted. Inference keeps one of these for
 /// every block in turn and sizes only what it reads; training keeps one per block.
@@ -364,8 +363,9 @@ impl ViT {
         match which {
             Branch::Mlp => {
                 let mlp = &acts.mlp;
-                self.linear_grad(&blk.fc2, dy, &mlp.h_act, Some(bufs.dh), bufs.grads, rows);
-                gelu_backward_par(&mlp.h_grad, bufs.dh);
+                // dh = (dy·W2) ⊙ GELU'(pre-activation), the derivative kept by the forward.
+                let (h, dh) = (&mlp.h_act, &mut *bufs.dh);
+                self.linear_grad_times(&blk.fc2, dy, h, dh, &mlp.h_grad, bufs.grads, rows);
                 self.linear_grad(&blk.fc1, bufs.dh, input, Some(dinput), bufs.grads, rows);
             }
             Branch::Attn => {

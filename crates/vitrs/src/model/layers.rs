@@ -7,7 +7,8 @@ use std::ops::Range;
 use super::params::{LinearView, NormView};
 use super::ViT;
 use crate::kernels::gemm::{
-    linear_add_norm, linear_backward, linear_gelu_with_grad, linear_packed, Epilogue, PackedLinear,
+    linear_add_norm, linear_backward, linear_backward_times, linear_gelu_with_grad, linear_packed,
+    Epilogue, PackedLinear,
 };
 use crate::kernels::layernorm::{layernorm, layernorm_backward, layernorm_train, LnSaved};
 
@@ -141,16 +142,52 @@ impl ViT {
         grads: &mut [f32],
         rows: usize,
     ) {
+        self.linear_grad_impl(l, dy, x, dx.map(|d| (d, None)), grads, rows);
+    }
+
+    /// [`Self::linear_grad`] with `dx` multiplied element-wise by `times (rows, in)` as it is
+    /// written (see [`linear_backward_times`]): the MLP's fc2 backward through GELU, given its
+    /// derivative.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn linear_grad_times(
+        &self,
+        l: &LinearView,
+        dy: &[f32],
+        x: &[f32],
+        dx: &mut [f32],
+        times: &[f32],
+        grads: &mut [f32],
+        rows: usize,
+    ) {
+        self.linear_grad_impl(l, dy, x, Some((dx, Some(times))), grads, rows);
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn linear_grad_impl(
+        &self,
+        l: &LinearView,
+        dy: &[f32],
+        x: &[f32],
+        dx: Option<(&mut [f32], Option<&[f32]>)>,
+        grads: &mut [f32],
+        rows: usize,
+    ) {
         let w = self.params.slice(&l.w);
         let dims = (rows, l.inp, l.out);
         let (dy, x) = (&dy[..rows * l.out], &x[..rows * l.inp]);
-        let dx = dx.map(|d| &mut d[..rows * l.inp]);
-        match &l.b {
+        let n = rows * l.inp;
+        let (dw, db) = match &l.b {
             Some(br) => {
                 let (dw, db) = two_mut(grads, &l.w, br);
-                linear_backward(dy, x, w, dx, dw, Some(db), dims);
+                (dw, Some(db))
             }
-            None => linear_backward(dy, x, w, dx, &mut grads[l.w.clone()], None, dims),
+            None => (&mut grads[l.w.clone()], None),
+        };
+        match dx {
+            Some((dx, Some(t))) => {
+                linear_backward_times(dy, x, w, &mut dx[..n], &t[..n], dw, db, dims)
+            }
+            dx => linear_backward(dy, x, w, dx.map(|(d, _)| &mut d[..n]), dw, db, dims),
         }
     }
 

@@ -8,7 +8,7 @@ use super::params::MapView;
 use super::ViT;
 use crate::config::{Pool, ViTConfig};
 use crate::kernels::gemm::{add_assign, Epilogue};
-use crate::kernels::math::{gelu_backward_par, softmax_inplace};
+use crate::kernels::math::softmax_inplace;
 
 /// Pooling's activations: the pooled vectors, and attention pooling's intermediates.
 #[derive(Debug, Default)]
@@ -250,8 +250,7 @@ impl ViT {
         } = acts;
         // out = z + fc2(GELU(fc1(LN(z)))).
         dz.copy_from_slice(&dout[..batch * d]);
-        self.linear_grad(&mv.fc2, dout, &mlp.h_act, Some(dh), grads, batch);
-        gelu_backward_par(&mlp.h_grad, dh);
+        self.linear_grad_times(&mv.fc2, dout, &mlp.h_act, dh, &mlp.h_grad, grads, batch);
         self.linear_grad(&mv.fc1, dh, &ln.output, Some(dy), grads, batch);
         self.norm_grad(&mv.norm, dy, ln, dz, grads, partials);
         self.linear_grad(&mv.proj, dz, attn, Some(dattn), grads, batch);
