@@ -180,17 +180,46 @@ pub fn layernorm_backward(
     let dxp = SyncPtr(dx.as_mut_ptr());
     team::for_chunks_mut(&mut partials[..split.count * 2 * d], 2 * d, |g, part| {
         part.fill(0.0);
-        let (pg, pb) = part.split_at_mut(d);
         let (r0, r1) = split.get(g);
-        for r in r0..r1 {
-            let xr = &x[r * d..(r + 1) * d];
-            let dyr = &dy[r * d..(r + 1) * d];
-            // SAFETY: row r belongs to group g alone.
-            let dxr = unsafe { std::slice::from_raw_parts_mut(dxp.get().add(r * d), d) };
-            layernorm_backward_row(dyr, xr, mean[r], rstd[r], gamma, dxr, pg, pb);
-        }
+        let rows = r0 * d..r1 * d;
+        // SAFETY: rows r0..r1 belong to group g alone.
+        let dxr = unsafe { std::slice::from_raw_parts_mut(dxp.get().add(r0 * d), rows.len()) };
+        let stats = (&mean[r0..r1], &rstd[r0..r1]);
+        layernorm_backward_rows(&dy[rows.clone()], &x[rows], stats, gamma, dxr, part);
     });
-    for part in partials[..split.count * 2 * d].chunks_exact(2 * d) {
+    add_partials(&partials[..split.count * 2 * d], dgamma, dbeta);
+}
+
+/// [`layernorm_backward`] of a block of rows on the calling thread: `dx += ∂L/∂x` for those
+/// rows, their γ and β gradients added into `partial` (`[dγ (d) | dβ (d)]`, a thread's sums,
+/// see [`add_partials`]).
+///
+/// # Shapes
+/// `dy, x, dx (rows, d)`; `stats`: `mean, rstd (rows)`; `gamma (d)`; `partial (2·d)`.
+pub(crate) fn layernorm_backward_rows(
+    dy: &[f32],
+    x: &[f32],
+    (mean, rstd): (&[f32], &[f32]),
+    gamma: &[f32],
+    dx: &mut [f32],
+    partial: &mut [f32],
+) {
+    let d = gamma.len();
+    let (pg, pb) = partial[..2 * d].split_at_mut(d);
+    let rows = dy
+        .chunks_exact(d)
+        .zip(x.chunks_exact(d))
+        .zip(dx.chunks_exact_mut(d));
+    for (r, ((dyr, xr), dxr)) in rows.enumerate() {
+        layernorm_backward_row(dyr, xr, mean[r], rstd[r], gamma, dxr, pg, pb);
+    }
+}
+
+/// `dgamma += Σ dγ`, `dbeta += Σ dβ` over the threads' partial sums (`[dγ | dβ]` each, see
+/// [`layernorm_backward_rows`]).
+pub(crate) fn add_partials(partials: &[f32], dgamma: &mut [f32], dbeta: &mut [f32]) {
+    let d = dgamma.len();
+    for part in partials.chunks_exact(2 * d) {
         for j in 0..d {
             dgamma[j] += part[j];
             dbeta[j] += part[d + j];

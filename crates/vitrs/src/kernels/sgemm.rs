@@ -331,12 +331,6 @@ pub(crate) struct Aligned<T = f32> {
 }
 
 impl<T: Copy + Default> Aligned<T> {
-    pub(crate) fn zeros(len: usize) -> Self {
-        let mut a = Self::default();
-        a.ensure(len);
-        a
-    }
-
     /// Makes room for `len` elements (keeping none of the old contents).
     pub(crate) fn ensure(&mut self, len: usize) {
         if self.len >= len {
@@ -411,11 +405,42 @@ impl PackedB {
     /// `b` must address a `(k, n)` matrix with its strides.
     pub(crate) unsafe fn new(isa: Isa, b: MatRef, k: usize, n: usize) -> Option<Self> {
         let amx = isa == Isa::Avx512 && amx_enabled();
-        Self::pack(isa, amx, b, k, n)
+        Self::pack(isa, amx, b, k, n, Aligned::default())
     }
 
-    /// [`Self::new`] for the tile unit's kernel (`amx`) or the rung's FMA kernel.
-    unsafe fn pack(isa: Isa, amx: bool, b: MatRef, k: usize, n: usize) -> Option<Self> {
+    /// [`Self::new`] into the buffer of `old` where it has one (the FMA kernels' packing):
+    /// a product that packs its B once per call (the backward's input gradient, a block of
+    /// rows at a time), without allocating and zeroing a fresh buffer each time. For the tile
+    /// unit only where a product of `rows` rows would run there ([`amx_worth`]), as it would
+    /// have unpacked.
+    ///
+    /// # Safety
+    /// As [`Self::new`].
+    pub(crate) unsafe fn repack(
+        old: Option<Self>,
+        isa: Isa,
+        b: MatRef,
+        (k, n): (usize, usize),
+        rows: usize,
+    ) -> Option<Self> {
+        let amx = isa == Isa::Avx512 && amx_enabled() && amx_worth(rows, n, k);
+        let buf = match old {
+            Some(p) if p.amx.is_none() => p.data,
+            _ => Aligned::default(),
+        };
+        Self::pack(isa, amx, b, k, n, buf)
+    }
+
+    /// [`Self::new`] for the tile unit's kernel (`amx`) or the rung's FMA kernel, into `data`
+    /// (grown as needed).
+    unsafe fn pack(
+        isa: Isa,
+        amx: bool,
+        b: MatRef,
+        k: usize,
+        n: usize,
+        mut data: Aligned,
+    ) -> Option<Self> {
         if isa == Isa::Portable {
             return None;
         }
@@ -439,16 +464,28 @@ impl PackedB {
         let panels = n.div_ceil(nr);
         // Block by block of the inner dimension, as the kernel reads it: within a block the
         // panels follow each other, so the hardware prefetcher streams from one to the next.
-        let mut data = Aligned::zeros(panels * k * nr);
-        for pc in (0..k).step_by(kc) {
-            let kcb = kc.min(k - pc);
-            let part = MatRef {
-                ptr: b.ptr.offset(pc as isize * b.rs),
-                ..b
-            };
-            let block = &mut data.slice_mut()[pc * panels * nr..(pc + kcb) * panels * nr];
-            pack_b(part, kcb, n, nr, block);
+        data.ensure(panels * k * nr);
+        /// The blocks, copied with the rung's vectors (`pack_b` is inlined here).
+        #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+        unsafe fn blocks(b: MatRef, (k, n, nr, kc): (usize, usize, usize, usize), out: &mut [f32]) {
+            let panels = n.div_ceil(nr);
+            for pc in (0..k).step_by(kc) {
+                let kcb = kc.min(k - pc);
+                let part = MatRef {
+                    ptr: b.ptr.offset(pc as isize * b.rs),
+                    ..b
+                };
+                pack_b(
+                    part,
+                    kcb,
+                    n,
+                    nr,
+                    &mut out[pc * panels * nr..(pc + kcb) * panels * nr],
+                );
+            }
         }
+        // SAFETY: a SIMD rung (checked above) has AVX2 and FMA.
+        blocks(b, (k, n, nr, kc), data.slice_mut());
         Some(PackedB {
             isa,
             nr,
@@ -2124,8 +2161,9 @@ mod tests {
                         rs: brs as isize,
                         cs: bcs as isize,
                     };
-                    let packed = packing
-                        .and_then(|(isa, amx)| unsafe { PackedB::pack(isa, amx, bmat, k, n) });
+                    let packed = packing.and_then(|(isa, amx)| unsafe {
+                        PackedB::pack(isa, amx, bmat, k, n, Aligned::default())
+                    });
                     let bs: Vec<BRef> = match &packed {
                         Some(p) => vec![BRef::Mat(bmat), BRef::Packed(p, 0)],
                         None => vec![BRef::Mat(bmat)],
@@ -2310,7 +2348,8 @@ mod tests {
     fn a_buffer_advised_into_huge_pages_is_zeroed_aligned_and_whole() {
         // Large enough for whole 2 MiB pages inside it, whatever the allocator's offset.
         let len = 3 * HUGE_MIN / 4;
-        let mut a = Aligned::<f32>::zeros(len);
+        let mut a = Aligned::<f32>::default();
+        a.ensure(len);
         assert_eq!(a.slice().as_ptr() as usize % 64, 0);
         assert!(a.slice().iter().all(|&x| x == 0.0));
         for (i, x) in a.slice_mut().iter_mut().enumerate() {

@@ -307,9 +307,16 @@ impl ViT {
         for (which, norm, ln) in halves {
             match self.config.norm {
                 NormPlacement::Pre => {
-                    // x_out = x + Branch(LN(x))
-                    self.branch_backward(blk, acts, which, &ln.output, dx, dtmp, bufs);
-                    self.norm_grad(norm, dtmp, ln, dx, bufs.grads, bufs.ln_partials);
+                    // x_out = x + Branch(LN(x)): the branch's gradients but its first product's
+                    // input gradient, which goes through LN straight into dx.
+                    self.branch_backward(blk, acts, which, &ln.output, dx, None, bufs);
+                    let (first, dfirst) = match which {
+                        Branch::Mlp => (&blk.fc1, &*bufs.dh),
+                        Branch::Attn => (&blk.qkv, &*bufs.dqkv),
+                    };
+                    let (grads, partials) = (&mut *bufs.grads, &mut *bufs.ln_partials);
+                    let rows = bufs.batch * self.config.num_tokens();
+                    self.linear_norm_grad(first, dfirst, norm, ln, dx, grads, partials, rows);
                 }
                 NormPlacement::Post => {
                     // x_out = LN(s), s = x + Branch(x); the MLP's x is the middle state
@@ -321,7 +328,7 @@ impl ViT {
                         Branch::Mlp => &acts.ln1.output,
                         Branch::Attn => &acts.x_in,
                     };
-                    self.branch_backward(blk, acts, which, input, dx, dtmp, bufs);
+                    self.branch_backward(blk, acts, which, input, dx, Some(dtmp), bufs);
                     add_assign(dx, dtmp);
                 }
             }
@@ -330,8 +337,9 @@ impl ViT {
 
     /// One residual branch of a block, backwards — the MLP `γ2 ⊙ mask ⊙ fc2(GELU(fc1(input)))`
     /// or the attention `γ1 ⊙ mask ⊙ proj(attn(qkv(input)))`: from `dx = ∂loss/∂(residual sum)`
-    /// `(B·N, D)` to `∂loss/∂input` `(B·N, D)`, written to `dinput`; the branch's parameter
-    /// gradients are added to `bufs.grads`. `input` is what the branch's first product saw:
+    /// `(B·N, D)` to `∂loss/∂input` `(B·N, D)`, written to `dinput` when given (otherwise the
+    /// caller takes the first product's input gradient from `bufs.dh` or `bufs.dqkv`, its
+    /// output gradient); the branch's parameter gradients are added to `bufs.grads`. `input` is what the branch's first product saw:
     /// the norm's output (pre-norm), or for post-norm the block's middle state (kept as LN1's
     /// output) for the MLP and the block's input for attention.
     #[allow(clippy::too_many_arguments)]
@@ -342,7 +350,7 @@ impl ViT {
         which: Branch,
         input: &[f32],
         dx: &[f32],
-        dinput: &mut [f32],
+        dinput: Option<&mut [f32]>,
         bufs: &mut BranchBufs,
     ) {
         let (mask, scale) = match which {
@@ -366,7 +374,7 @@ impl ViT {
                 // dh = (dy·W2) ⊙ GELU'(pre-activation), the derivative kept by the forward.
                 let (h, dh) = (&mlp.h_act, &mut *bufs.dh);
                 self.linear_grad_times(&blk.fc2, dy, h, dh, &mlp.h_grad, bufs.grads, rows);
-                self.linear_grad(&blk.fc1, bufs.dh, input, Some(dinput), bufs.grads, rows);
+                self.linear_grad(&blk.fc1, bufs.dh, input, dinput, bufs.grads, rows);
             }
             Branch::Attn => {
                 self.linear_grad(
@@ -385,7 +393,7 @@ impl ViT {
                     bufs.attn_scratch,
                     self.attn_dims(bufs.batch),
                 );
-                self.linear_grad(&blk.qkv, bufs.dqkv, input, Some(dinput), bufs.grads, rows);
+                self.linear_grad(&blk.qkv, bufs.dqkv, input, dinput, bufs.grads, rows);
             }
         }
     }

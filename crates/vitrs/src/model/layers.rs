@@ -7,10 +7,13 @@ use std::ops::Range;
 use super::params::{LinearView, NormView};
 use super::ViT;
 use crate::kernels::gemm::{
-    linear_add_norm, linear_backward, linear_backward_times, linear_gelu_with_grad, linear_packed,
-    Epilogue, PackedLinear,
+    linear_add_norm, linear_backward, linear_backward_times, linear_dx_blocks,
+    linear_gelu_with_grad, linear_packed, Epilogue, PackedLinear,
 };
-use crate::kernels::layernorm::{layernorm, layernorm_backward, layernorm_train, LnSaved};
+use crate::kernels::layernorm::{
+    add_partials, layernorm, layernorm_backward, layernorm_backward_rows, layernorm_train, LnSaved,
+};
+use crate::kernels::{team, SyncPtr};
 
 /// Sizes one activation buffer: `f(buffer, floats)`. The workspaces pass a closure that
 /// resizes, the memory estimates one that only counts, so both read the same list.
@@ -242,6 +245,52 @@ impl ViT {
         } else {
             layernorm(x, &mut acts.output, w, b, d, eps);
         }
+    }
+
+    /// `dx += ∂loss/∂(norm input)` through linear layer `l` and the LayerNorm before it, given
+    /// the layer's output gradient `dy (rows, out)`; the norm's γ/β gradients added to `grads`
+    /// (the layer's own come from [`Self::linear_grad`] without `dx`). The product's rows go
+    /// to the norm's backward a block at a time while in cache ([`linear_dx_blocks`]) instead
+    /// of being written out and read back: the pre-norm block's qkv and fc1.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn linear_norm_grad(
+        &self,
+        l: &LinearView,
+        dy: &[f32],
+        nv: &NormView,
+        acts: &NormActs,
+        dx: &mut [f32],
+        grads: &mut [f32],
+        partials: &mut Vec<f32>,
+        rows: usize,
+    ) {
+        let d = l.inp;
+        let gamma = self.params.slice(&nv.w);
+        // One `[dγ | dβ]` per thread's share of the rows.
+        let len = team::threads() * 2 * d;
+        partials.clear();
+        partials.resize(len, 0.0);
+        super::super::kernels::check_len("linear_norm_grad: dx", dx.len(), rows * d);
+        let (dxp, pp) = (SyncPtr(dx.as_mut_ptr()), SyncPtr(partials.as_mut_ptr()));
+        let dims = (rows, d, l.out);
+        let w = self.params.slice(&l.w);
+        linear_dx_blocks(&dy[..rows * l.out], w, dims, |part, r0, block| {
+            let n = block.len() / d;
+            let (at, stats) = (r0 * d..(r0 + n) * d, r0..r0 + n);
+            // SAFETY: the blocks are disjoint rows of dx (checked to hold every row), and
+            // share `part` (< team::threads()) is one thread's alone.
+            let (dxr, partial) = unsafe {
+                let dxr = std::slice::from_raw_parts_mut(dxp.get().add(r0 * d), n * d);
+                (
+                    dxr,
+                    std::slice::from_raw_parts_mut(pp.get().add(part * 2 * d), 2 * d),
+                )
+            };
+            let stats = (&acts.mean[stats.clone()], &acts.rstd[stats]);
+            layernorm_backward_rows(block, &acts.input[at], stats, gamma, dxr, partial);
+        });
+        let (dg, db) = two_mut(grads, &nv.w, &nv.b);
+        add_partials(partials, dg, db);
     }
 
     /// `dx += ∂loss/∂input` of a LayerNorm given `dy = ∂loss/∂output`, accumulating its γ/β
