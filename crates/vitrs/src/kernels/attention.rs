@@ -315,20 +315,8 @@ unsafe fn fused_rows(
         for (i, p) in a[..tr].iter_mut().enumerate() {
             *p = head.q.offset((i0 + i) as isize * ld);
         }
-        for jp in 0..panels {
-            let j0 = jp * nr;
-            let c = block.as_mut_ptr().add(j0);
-            let b = kt.as_ptr().add(jp * hd * nr);
-            row_tile(
-                isa,
-                hd,
-                TileA::Rows(&a[..tr]),
-                b,
-                nr as isize,
-                (c, padded as isize),
-                nr.min(n - j0),
-            );
-        }
+        let c = (block.as_mut_ptr(), padded as isize);
+        times_panels(isa, nr, &a[..tr], kt, (hd, n), c);
         // P = softmax(scale · S), row by row: the block keeps the exponentials and `inv` the
         // rows' normalisations, applied to the output rows after `P·v` (`hd` floats each
         // instead of `N`); captured probabilities are the normalised rows.
@@ -372,7 +360,7 @@ unsafe fn fused_rows(
 ///
 /// # Shapes
 /// `qkv, dqkv (B, N, 3D)`, `probs (B, nh, N, N)`, `dout (B, N, D)`; `scratch` grows to
-/// what [`backward_head`] needs per thread (`N · N` on the portable rung).
+/// what the per-head kernel needs per thread (`N · N` on the portable rung).
 ///
 /// # Panics
 /// When a slice is shorter than its shape (checked in every build).
@@ -486,6 +474,36 @@ pub fn attention_backward(
     });
 }
 
+/// `C (rows, N) = A (rows, hd) · B (hd, N)` for one tile of rows, B in the panels
+/// [`pack_panels`] made (`[N / nr][hd][nr]`), panel by panel: A's row `i` at `a[i]`, C's at
+/// `c + i·ldc` (only the `N` real columns of the last panel written).
+///
+/// # Safety
+/// As [`row_tile`]: `a` has at most the tile's rows, each addressing `hd` floats; `panels`
+/// holds B's panels; C addresses `rows × N` elements apart from both.
+unsafe fn times_panels(
+    isa: Isa,
+    nr: usize,
+    a: &[*const f32],
+    panels: &[f32],
+    (hd, n): (usize, usize),
+    (c, ldc): (*mut f32, isize),
+) {
+    for jp in 0..n.div_ceil(nr) {
+        let j0 = jp * nr;
+        let (b, cols) = (panels.as_ptr().add(jp * hd * nr), nr.min(n - j0));
+        row_tile(
+            isa,
+            hd,
+            TileA::Rows(a),
+            b,
+            nr as isize,
+            (c.add(j0), ldc),
+            cols,
+        );
+    }
+}
+
 /// The backward of one head of one image with the fused kernel's register tile `(mr, nr)`
 /// (the tiles driven here, as in [`fused_rows`], instead of four generic products per head,
 /// whose packing and set-up were half of a 50-token product's time: the bench-train
@@ -552,20 +570,8 @@ unsafe fn backward_head(
         for (i, r) in a[..tr].iter_mut().enumerate() {
             *r = dout.offset((i0 + i) as isize * d);
         }
-        for jp in 0..panels {
-            let j0 = jp * nr;
-            let c = (ds.add(i0 * padded + j0), padded as isize);
-            let b = vt.as_ptr().add(jp * hd * nr);
-            row_tile(
-                isa,
-                hd,
-                TileA::Rows(&a[..tr]),
-                b,
-                nr as isize,
-                c,
-                nr.min(n - j0),
-            );
-        }
+        let c = (ds.add(i0 * padded), padded as isize);
+        times_panels(isa, nr, &a[..tr], vt, (hd, n), c);
         // dS = scale · P ⊙ (dP − Σ dP ⊙ P), row by row.
         for (i, slot) in a[..tr].iter_mut().enumerate() {
             let r = i0 + i;
