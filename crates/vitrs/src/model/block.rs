@@ -339,9 +339,10 @@ impl ViT {
     /// or the attention `γ1 ⊙ mask ⊙ proj(attn(qkv(input)))`: from `dx = ∂loss/∂(residual sum)`
     /// `(B·N, D)` to `∂loss/∂input` `(B·N, D)`, written to `dinput` when given (otherwise the
     /// caller takes the first product's input gradient from `bufs.dh` or `bufs.dqkv`, its
-    /// output gradient); the branch's parameter gradients are added to `bufs.grads`. `input` is what the branch's first product saw:
-    /// the norm's output (pre-norm), or for post-norm the block's middle state (kept as LN1's
-    /// output) for the MLP and the block's input for attention.
+    /// output gradient); the branch's parameter gradients are added to `bufs.grads`. `input`
+    /// is what the branch's first product saw: the norm's output (pre-norm), or for post-norm
+    /// the block's middle state (kept as LN1's output) for the MLP and the block's input for
+    /// attention.
     #[allow(clippy::too_many_arguments)]
     fn branch_backward(
         &self,
