@@ -183,12 +183,7 @@ pub fn attention(
             // Head h of image b: q, k and v rows N apart by 3D, columns h·hd.. of each third.
             let base = b * n * 3 * d + h * hd;
             if let Some(shape) = fused {
-                let head = Head {
-                    q: qkv[base..].as_ptr(),
-                    ld: ld3,
-                    tokens: n,
-                    dim: hd,
-                };
+                let head = Head::at(qkv, base, dims);
                 let pack = packed != Some(bh);
                 packed = Some(bh);
                 // The next task's head, when it is another one: its rows are asked into L2
@@ -252,6 +247,18 @@ struct Head {
     ld: isize,
     tokens: usize,
     dim: usize,
+}
+
+impl Head {
+    /// The head whose q row 0 starts at `qkv[base]` (image `b`, head `h`: `base = b·N·3D + h·hd`).
+    fn at(qkv: &[f32], base: usize, dims: AttnDims) -> Self {
+        Head {
+            q: qkv[base..].as_ptr(),
+            ld: (3 * dims.width()) as isize,
+            tokens: dims.tokens,
+            dim: dims.head_dim,
+        }
+    }
 }
 
 /// The fused kernel for query rows `rows` of one head, on the calling thread, register tile
@@ -405,12 +412,7 @@ pub fn attention_backward(
             let p = &probs[t * n * n..(t + 1) * n * n];
             let base = b * n * 3 * d + h * hd;
             if let Some(shape) = fused {
-                let head = Head {
-                    q: qkv[base..].as_ptr(),
-                    ld: ld3,
-                    tokens: n,
-                    dim: hd,
-                };
+                let head = Head::at(qkv, base, dims);
                 // SAFETY: as below; `head` addresses image b's q, k and v rows of head h.
                 // The next task's head: its rows are asked into L2 while this one runs.
                 let next = (t + 1 < t1).then(|| {
