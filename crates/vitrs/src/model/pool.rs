@@ -55,7 +55,6 @@ pub(crate) struct MapActs {
     dattn: Vec<f32>,
     dz: Vec<f32>,
     dh: Vec<f32>,
-    dy: Vec<f32>,
 }
 
 impl MapActs {
@@ -77,7 +76,6 @@ impl MapActs {
         f(&mut self.dattn, g(batch * d));
         f(&mut self.dz, g(batch * d));
         f(&mut self.dh, g(batch * m));
-        f(&mut self.dy, g(batch * d));
     }
 }
 
@@ -245,14 +243,14 @@ impl ViT {
             dattn,
             dz,
             dh,
-            dy,
             ..
         } = acts;
         // out = z + fc2(GELU(fc1(LN(z)))).
         dz.copy_from_slice(&dout[..batch * d]);
         self.linear_grad_times(&mv.fc2, dout, &mlp.h_act, dh, &mlp.h_grad, grads, batch);
-        self.linear_grad(&mv.fc1, dh, &ln.output, Some(dy), grads, batch);
-        self.norm_grad(&mv.norm, dy, ln, dz, grads, partials);
+        // fc1's input gradient through the norm straight into dz, as in the blocks.
+        self.linear_grad(&mv.fc1, dh, &ln.output, None, grads, batch);
+        self.linear_norm_grad(&mv.fc1, dh, &mv.norm, ln, dz, grads, partials, batch);
         self.linear_grad(&mv.proj, dz, attn, Some(dattn), grads, batch);
         // o = Σ_j p_j v_j, p = softmax(scale · q·k_j).
         let scale = 1.0 / (hd as f32).sqrt();
