@@ -71,6 +71,15 @@ impl AttnDims {
         self.heads * self.head_dim
     }
 
+    /// Where head `h` of image `b` (`bh = b·nh + h`) starts: its q columns' first row in the
+    /// fused qkv buffer `(B, N, 3D)`, and its columns' first row in an output or output
+    /// gradient `(B, N, D)`.
+    fn head_offsets(&self, bh: usize) -> (usize, usize) {
+        let (b, h, d) = (bh / self.heads, bh % self.heads, self.width());
+        let col = h * self.head_dim;
+        (b * self.tokens * 3 * d + col, b * self.tokens * d + col)
+    }
+
     /// How the work is cut: (query blocks per head, rows per block).
     fn plan(&self, threads: usize) -> (usize, usize) {
         let units = self.batch * self.heads;
@@ -181,21 +190,19 @@ pub fn attention(
             }
             let nr = r1 - r0;
             // Head h of image b: q, k and v rows N apart by 3D, columns h·hd.. of each third.
-            let base = b * n * 3 * d + h * hd;
+            let (base, out_at) = dims.head_offsets(bh);
             if let Some(shape) = fused {
                 let head = Head::at(qkv, base, dims);
                 let pack = packed != Some(bh);
                 packed = Some(bh);
                 // The next task's head, when it is another one: its rows are asked into L2
                 // while this one runs.
-                let next = (t + 1 < t1 && (t + 1) / blocks != bh).then(|| {
-                    let nbh = (t + 1) / blocks;
-                    qkv[(nbh / heads) * n * 3 * d + (nbh % heads) * hd..].as_ptr()
-                });
+                let next = (t + 1 < t1 && (t + 1) / blocks != bh)
+                    .then(|| qkv[dims.head_offsets((t + 1) / blocks).0..].as_ptr());
                 // SAFETY: as below; `head` addresses image b's q, k and v rows of head h, and
                 // `next` another head's (only prefetched).
                 unsafe {
-                    let o = outp.get().add((b * n + r0) * d + h * hd);
+                    let o = outp.get().add(out_at + r0 * d);
                     let p = probp.map(|p| p.get().add(((b * heads + h) * n + r0) * n));
                     let to = (o, d, p);
                     fused_rows(isa, shape, &head, pack, next, r0..r1, scale, to, tile);
@@ -250,7 +257,7 @@ struct Head {
 }
 
 impl Head {
-    /// The head whose q row 0 starts at `qkv[base]` (image `b`, head `h`: `base = b·N·3D + h·hd`).
+    /// The head whose q row 0 starts at `qkv[base]` (see [`AttnDims::head_offsets`]).
     fn at(qkv: &[f32], base: usize, dims: AttnDims) -> Self {
         Head {
             q: qkv[base..].as_ptr(),
@@ -408,23 +415,21 @@ pub fn attention_backward(
     team::for_chunks_mut(&mut scratch[..need], tile_len, |g, ds| {
         let (t0, t1) = groups.get(g);
         for t in t0..t1 {
-            let (b, h) = (t / heads, t % heads);
             let p = &probs[t * n * n..(t + 1) * n * n];
-            let base = b * n * 3 * d + h * hd;
+            // Task t is head t % nh of image t / nh.
+            let (base, dout_at) = dims.head_offsets(t);
             if let Some(shape) = fused {
                 let head = Head::at(qkv, base, dims);
-                // SAFETY: as below; `head` addresses image b's q, k and v rows of head h.
                 // The next task's head: its rows are asked into L2 while this one runs.
                 let next = (t + 1 < t1).then(|| {
-                    let (nb, nh) = ((t + 1) / heads, (t + 1) % heads);
-                    (
-                        qkv[nb * n * 3 * d + nh * hd..].as_ptr(),
-                        dout[nb * n * d + nh * hd..].as_ptr(),
-                        probs[(t + 1) * n * n..].as_ptr(),
-                    )
+                    let (nq, ndo) = dims.head_offsets(t + 1);
+                    let np = &probs[(t + 1) * n * n..];
+                    (qkv[nq..].as_ptr(), dout[ndo..].as_ptr(), np.as_ptr())
                 });
+                // SAFETY: as below; `head` addresses image b's q, k and v rows of head h, and
+                // `next` another head's (only prefetched).
                 unsafe {
-                    let grads = (dp.get().add(base), dout.as_ptr().add(b * n * d + h * hd));
+                    let grads = (dp.get().add(base), dout.as_ptr().add(dout_at));
                     backward_head(isa, shape, &head, p, grads, next, scale, ds);
                 }
                 continue;
@@ -436,7 +441,7 @@ pub fn attention_backward(
                 let (k, v) = (q.add(d), q.add(2 * d));
                 let dbase = dp.get().add(base);
                 let (dq, dk, dv) = (dbase, dbase.add(d), dbase.add(2 * d));
-                let dob = dout.as_ptr().add(b * n * d + h * hd);
+                let dob = dout.as_ptr().add(dout_at);
                 // dV (N, hd) = Pᵀ (N, N) · dO (N, hd)
                 product(
                     isa,
@@ -601,7 +606,7 @@ unsafe fn backward_head(
         let dst = i0 as isize * ld3;
         for c0 in (0..hd).step_by(nr) {
             let cols = nr.min(hd - c0);
-            let dst_t = TileA::Transposed {
+            let ds_t = TileA::Transposed {
                 ptr: ds.add(i0),
                 ld: padded as isize,
                 rows: mr,
@@ -609,7 +614,7 @@ unsafe fn backward_head(
             row_tile(
                 isa,
                 n,
-                dst_t,
+                ds_t,
                 q.add(c0),
                 ld3,
                 (dk.offset(dst).add(c0), ld3),
