@@ -470,13 +470,9 @@ fn gathered(
             }
         };
         let o = Out {
-            ptr: outp.get().add(r0 * n + c0),
-            rs: n as isize,
             accumulate: b_kn,
             bias: bias.map(|b| b.as_ptr().add(c0)),
-            gelu: None,
-            gelu_values: None,
-            times: None,
+            ..Out::plain(outp.get().add(r0 * n + c0), n as isize)
         };
         gemm_gather(isa, r1 - r0, c1 - c0, k, a, BRef::Mat(b), o);
     };
@@ -555,8 +551,6 @@ unsafe fn block(
         }),
     };
     let o = Out {
-        ptr: c,
-        rs: n as isize,
         accumulate: epilogue == Epilogue::Accumulate,
         bias: bias.map(|b| b.as_ptr().add(c0)),
         gelu: match epilogue {
@@ -564,7 +558,7 @@ unsafe fn block(
             _ => None,
         },
         gelu_values: gelu_values.map(|v| v.get().add(r0 * n + c0)),
-        times: None,
+        ..Out::plain(c, n as isize)
     };
     match (edge, packed, pieces) {
         #[cfg(target_arch = "x86_64")]
@@ -800,10 +794,10 @@ pub(crate) fn linear_dx_blocks(
         rs: k as isize,
         cs: 1,
     };
-    // SAFETY: `wm` addresses W (n, k), read as B (n, k) with contiguous rows.
     let s = Split::new(m, team::threads(), DX_BLOCK_ROWS);
     let old = DX_PACKED.with(|p| p.borrow_mut().take());
     // On the tile unit where a thread's share of the rows, unblocked, would run there.
+    // SAFETY: `wm` addresses W (n, k), read as B (n, k) with contiguous rows.
     let packed = unsafe { PackedB::repack(old, isa, wm, (n, k), s.get(0).1) };
     let packed_ref = packed.as_ref();
     team::for_each(s.count, |part| {
@@ -812,20 +806,21 @@ pub(crate) fn linear_dx_blocks(
             block.resize(DX_BLOCK_ROWS * k, 0.0);
         }
         let (p0, p1) = s.get(part);
+        // W packed, or in place (the portable rung); `wm` itself is not shared with the team.
+        let b = match packed_ref {
+            Some(p) => BRef::Packed(p, 0),
+            None => BRef::Mat(MatRef {
+                ptr: w.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            }),
+        };
         for r0 in (p0..p1).step_by(DX_BLOCK_ROWS) {
             let rows = DX_BLOCK_ROWS.min(p1 - r0);
             let a = MatRef {
                 ptr: dy[r0 * n..].as_ptr(),
                 rs: n as isize,
                 cs: 1,
-            };
-            let b = match packed_ref {
-                Some(p) => BRef::Packed(p, 0),
-                None => BRef::Mat(MatRef {
-                    ptr: w.as_ptr(),
-                    rs: k as isize,
-                    cs: 1,
-                }),
             };
             // SAFETY: A is rows r0.. of dy, B W (packed or in place), C this thread's block.
             unsafe {
@@ -906,18 +901,14 @@ fn linear_dw_db(
                 rs: k as isize,
                 cs: 1,
             };
+            let part = if i == 0 {
+                dwp.get()
+            } else {
+                sp.get().add((i - 1) * n * k)
+            };
             let o = Out {
-                ptr: if i == 0 {
-                    dwp.get()
-                } else {
-                    sp.get().add((i - 1) * n * k)
-                },
-                rs: k as isize,
                 accumulate: i == 0,
-                bias: None,
-                gelu: None,
-                gelu_values: None,
-                times: None,
+                ..Out::plain(part, k as isize)
             };
             let sums = match dbp {
                 None => None,
@@ -963,13 +954,8 @@ fn linear_dw_db(
             cs: 1,
         };
         let o = Out {
-            ptr: dwp.get().add(r0 * k + c0),
-            rs: k as isize,
             accumulate: true,
-            bias: None,
-            gelu: None,
-            gelu_values: None,
-            times: None,
+            ..Out::plain(dwp.get().add(r0 * k + c0), k as isize)
         };
         gemm(isa, r1 - r0, c1 - c0, m, a, BRef::Mat(b), o);
     };

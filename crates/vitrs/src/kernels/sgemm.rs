@@ -2171,13 +2171,10 @@ mod tests {
                     for bref in bs {
                         let mut got = c0.clone();
                         let out = Out {
-                            ptr: got.as_mut_ptr(),
-                            rs: ldc as isize,
                             accumulate,
                             bias: bias.map(|b| b.as_ptr()),
                             gelu,
-                            gelu_values: None,
-                            times: None,
+                            ..Out::plain(got.as_mut_ptr(), ldc as isize)
                         };
                         product(m, n, k, amat, bref, out);
                         let d = max_abs_diff(&got, &want);

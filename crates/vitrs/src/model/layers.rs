@@ -270,7 +270,7 @@ impl ViT {
         let len = team::threads() * 2 * d;
         partials.clear();
         partials.resize(len, 0.0);
-        super::super::kernels::check_len("linear_norm_grad: dx", dx.len(), rows * d);
+        crate::kernels::check_len("linear_norm_grad: dx", dx.len(), rows * d);
         let (dxp, pp) = (SyncPtr(dx.as_mut_ptr()), SyncPtr(partials.as_mut_ptr()));
         let dims = (rows, d, l.out);
         let w = self.params.slice(&l.w);
