@@ -71,6 +71,21 @@ unsafe fn raw_of(p: *mut u8) -> *mut u8 {
     (p as *mut usize).sub(1).read() as *mut u8
 }
 
+/// A new block for `layout` from the system's `get` (`alloc` or `alloc_zeroed`): a small one as
+/// it is, a large one [`PAD`] bytes longer with its start moved to a line ([`place`]).
+///
+/// # Safety
+/// As [`GlobalAlloc::alloc`].
+unsafe fn new_block(layout: Layout, get: unsafe fn(&System, Layout) -> *mut u8) -> *mut u8 {
+    if !large(layout) {
+        return get(&System, layout);
+    }
+    match system(layout.size()) {
+        Some(l) => place(get(&System, l)),
+        None => std::ptr::null_mut(),
+    }
+}
+
 // SAFETY: small blocks go to `System` as they are. A large block (the same test on the layout
 // at allocation, reallocation and release, which the contract makes the block's) is a system
 // block of `size + PAD` bytes, 16-byte aligned, the caller's start moved up to a line inside it
@@ -79,25 +94,13 @@ unsafe fn raw_of(p: *mut u8) -> *mut u8 {
 // the old one).
 unsafe impl GlobalAlloc for CacheAligned {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !large(layout) {
-            return System.alloc(layout);
-        }
-        match system(layout.size()) {
-            Some(l) => place(System.alloc(l)),
-            None => std::ptr::null_mut(),
-        }
+        new_block(layout, <System as GlobalAlloc>::alloc)
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !large(layout) {
-            return System.alloc_zeroed(layout);
-        }
-        match system(layout.size()) {
-            // The word before the start is written, inside the padding: the block the caller
-            // sees stays zero.
-            Some(l) => place(System.alloc_zeroed(l)),
-            None => std::ptr::null_mut(),
-        }
+        // The word before the start is written, inside the padding: the block the caller sees
+        // stays zero.
+        new_block(layout, <System as GlobalAlloc>::alloc_zeroed)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
