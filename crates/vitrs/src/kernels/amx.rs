@@ -246,21 +246,7 @@ impl RowBlocks {
     }
 }
 
-/// A few more rows of a product (fewer than a tile's), computed for some of its columns
-/// only, in the same pass over B as the product's other rows: the partial last tile of rows
-/// of a product whose threads share its whole tiles' rows, and these rows by columns (a
-/// partial tile costs more than half a whole one, so leaving one in each thread's part of the
-/// rows cost time; computing them in a pass of their own read B twice).
-#[derive(Clone, Copy)]
-pub(crate) struct Edge {
-    /// The rows of A, `(rows, k)`.
-    pub a: MatRef,
-    pub rows: usize,
-    /// Their row 0 of C, column 0 of the product (row stride as the product's).
-    pub c: *mut f32,
-    /// The columns computed, `(c0, c1)`: `c0` a multiple of [`NR`].
-    pub cols: (usize, usize),
-}
+pub(crate) use super::sgemm::Edge;
 
 /// `C (m, n) = A (m, k) · B (k, n)` (+ bias, + C) on the calling thread, on the tile unit.
 /// With `sums`, also `sums[i] += Σ_p A(i, p)` for every row of A, added up as the packing

@@ -240,9 +240,21 @@ fn linear_parts(
     let geometry = super::sgemm::product_geometry(isa, n);
     let few_rows = m < threads * FMA_ROW_TILES_MIN * geometry.mr;
     let by_cols = n >= m && if on_tiles { tiles_by_cols } else { few_rows };
+    // The rows split among the threads and a partial last tile: its rows split by columns, in
+    // the same pass over the weight (see `EdgeSplit`), on the tile unit and on the FMA
+    // kernels with a packed weight. On the FMA kernels at batch 1 (197 rows: 32 whole 6-row
+    // tiles and 5 rows), splitting the rows alone gave one thread 17 tiles and the other 16.
     #[cfg(target_arch = "x86_64")]
-    if let (false, true, false) = (alone, on_tiles && epilogue != Epilogue::Tanh, by_cols) {
-        if let Some(e) = edge_split(m, n, threads) {
+    let tile = match packed {
+        Some(_) if on_tiles => Some((super::amx::MR, super::amx::NR)),
+        Some(_) => Some((geometry.mr, geometry.nr)),
+        None => None,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if let (false, Some((mr, nr)), false) = (alone, tile, by_cols) {
+        if let Some(e) =
+            edge_split(m, n, threads, (mr, nr)).filter(|_| k > 0 && epilogue != Epilogue::Tanh)
+        {
             team::for_each(threads, |i| {
                 run(
                     e.rows.get(i),
@@ -304,7 +316,8 @@ thread_local! {
 /// its block, in the same pass over the weight (see [`EdgeSplit`]).
 type Edge = ((usize, usize), (usize, usize));
 
-/// How the threads share a product on the tile unit whose rows end in a partial tile: the
+/// How the threads share a product (on the tile unit, or on the FMA kernels with a packed
+/// weight) whose rows end in a partial tile of `mr` rows: the
 /// whole tiles' rows `0..full` split among them (`rows`), the rows left (`full..m`, fewer
 /// than a tile's) split by columns (`cols`), each thread computing its part of them in the
 /// same pass over the weight as its rows.
@@ -315,18 +328,18 @@ struct EdgeSplit {
     cols: Split,
 }
 
-/// The [`EdgeSplit`] of an `(m, n)` product for `threads` threads, or `None` where its rows
-/// are whole tiles, or the whole tiles' rows or the columns do not make one part per thread.
-/// A partial tile costs more than half a whole one (a half tile for up to 16 rows, a whole
-/// one for more), so splitting the rows alone left one in a thread's part or both: ViT-B/16
-/// at batch 1 (197 rows: 6 whole tiles and 5 rows) took 3.56 tiles' time per thread where
-/// 3.28 are needed.
+/// The [`EdgeSplit`] of an `(m, n)` product for `threads` threads and an `mr × nr` tile (the
+/// columns split in whole `nr`-wide panels), or `None` where its rows are whole tiles, or the
+/// whole tiles' rows or the columns do not make one part per thread. A partial tile costs
+/// about as much as a whole one (on the tile unit a half tile for up to 16 rows), so
+/// splitting the rows alone left one in a thread's part: ViT-B/16 at batch 1 (197 rows) took
+/// 3.56 tiles' time per thread on the tile unit where 3.28 are needed, 17 on the AVX2 kernel
+/// where 16.4 are.
 #[cfg(target_arch = "x86_64")]
-fn edge_split(m: usize, n: usize, threads: usize) -> Option<EdgeSplit> {
-    use super::amx::{MR, NR};
-    let full = m / MR * MR;
-    let rows = Split::new(full, threads, MR);
-    let cols = Split::new(n, threads, NR);
+fn edge_split(m: usize, n: usize, threads: usize, (mr, nr): (usize, usize)) -> Option<EdgeSplit> {
+    let full = m / mr * mr;
+    let rows = Split::new(full, threads, mr);
+    let cols = Split::new(n, threads, nr);
     (full < m && full > 0 && rows.count == threads && cols.count == threads).then_some(EdgeSplit {
         full,
         rows,
@@ -511,8 +524,8 @@ fn for_blocks(
     }
 }
 
-/// Computes the block `out[r0..r1, c0..c1]`, and with `edge` (a weight packed for the tile
-/// unit, not [`Epilogue::Tanh`]) those rows and columns too, in the same pass over the weight.
+/// Computes the block `out[r0..r1, c0..c1]`, and with `edge` (a packed weight, not
+/// [`Epilogue::Tanh`]) those rows and columns too, in the same pass over the weight.
 ///
 /// # Safety
 /// `out` must point to an `(m, n)` buffer, and no other thread may touch this block or the
@@ -563,14 +576,18 @@ unsafe fn block(
     match (edge, packed, pieces) {
         #[cfg(target_arch = "x86_64")]
         (Some(((e0, e1), cols)), Some(p), None) => {
-            let edge = super::amx::Edge {
+            let edge = super::sgemm::Edge {
                 a: rows_of(e0),
                 rows: e1 - e0,
                 c: out.get().add(e0 * n + c0),
                 cols,
             };
-            let a = super::amx::A::Mat(a);
-            super::sgemm::gemm_tiles_packed(bm, bn, k, a, p, c0, o, Some(edge));
+            if p.on_tiles() {
+                let a = super::amx::A::Mat(a);
+                super::sgemm::gemm_tiles_packed(bm, bn, k, a, p, c0, o, Some(edge));
+            } else {
+                super::sgemm::gemm_edge(isa, bm, bn, k, a, p, o, edge);
+            }
         }
         #[cfg(target_arch = "x86_64")]
         (None, Some(p), Some(pieces)) if r0 == 0 => {
@@ -579,7 +596,7 @@ unsafe fn block(
         }
         (None, _, None) => gemm(isa, bm, bn, k, a, b, o),
         (e, _, pieces) => unreachable!(
-            "edge {e:?}, pieces {}: only with a weight packed for the tile unit",
+            "edge {e:?}, pieces {}: only with a packed weight (pieces: for the tile unit)",
             pieces.is_some()
         ),
     }
@@ -1224,8 +1241,8 @@ mod tests {
     #[test]
     fn linear_matches_reference_on_odd_shapes_and_every_epilogue() {
         // Covers: single-thread path, column split (n >= m), row split (m > n), ragged edges;
-        // with the weight packed too, where on the tile unit (AMX hosts) rows that end in a
-        // partial tile take the edge split (197, 300 and 394 rows on 2 and 3 threads), and a
+        // with the weight packed too, where rows that end in a partial tile take the edge
+        // split (197 and 394 rows, and 300 on the tile unit, on 2 and 3 threads), and a
         // large weight at few rows the column split with x packed once by the threads
         // together (197 × 500 × 608: 7 tiles of rows, 4/3 or 3/2/2; 19 panels, uneven parts;
         // a partial last step; the next panel fetched while a panel's 7 tiles run).
@@ -1279,15 +1296,16 @@ mod tests {
     #[test]
     fn a_partial_last_tile_is_split_by_columns_among_the_threads() {
         // ViT-B/16 at batch 1: 6 whole tiles of rows and 5 rows, on 2 threads.
-        let e = edge_split(197, 768, 2).unwrap();
+        const AMX: (usize, usize) = (crate::kernels::amx::MR, crate::kernels::amx::NR);
+        let e = edge_split(197, 768, 2, AMX).unwrap();
         assert_eq!(e.full, 192);
         assert_eq!((e.rows.get(0), e.rows.get(1)), ((0, 96), (96, 192)));
         assert_eq!((e.cols.get(0), e.cols.get(1)), ((0, 384), (384, 768)));
         // Whole tiles; too few whole tiles or columns for a part each.
-        assert!(edge_split(192, 768, 2).is_none());
-        assert!(edge_split(40, 768, 2).is_none());
-        assert!(edge_split(197, 32, 2).is_none());
-        assert!(edge_split(197, 64, 3).is_none());
+        assert!(edge_split(192, 768, 2, AMX).is_none());
+        assert!(edge_split(40, 768, 2, AMX).is_none());
+        assert!(edge_split(197, 32, 2, AMX).is_none());
+        assert!(edge_split(197, 64, 3, AMX).is_none());
     }
 
     #[test]

@@ -124,6 +124,24 @@ pub(crate) enum BRef<'a> {
     Packed(&'a PackedB, usize),
 }
 
+/// A few more rows of a product (fewer than a tile's), computed for some of its columns
+/// only, in the same pass over B as the product's other rows: the partial last tile of rows
+/// of a product whose threads share its whole tiles' rows, and these rows by columns (a
+/// partial tile costs more than half a whole one, so leaving one in each thread's part of the
+/// rows cost time; computing them in a pass of their own read B twice). Taken by the tile
+/// unit ([`super::amx::gemm`]) and the FMA kernels ([`gemm_edge`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Edge {
+    /// The rows of A, `(rows, k)`.
+    pub a: MatRef,
+    pub rows: usize,
+    /// Their row 0 of C, column 0 of the product (row stride as the product's).
+    pub c: *mut f32,
+    /// The columns computed, `(c0, c1)`, of the product (whose block spans all its columns):
+    /// `c0` a multiple of the panel width.
+    pub cols: (usize, usize),
+}
+
 /// Register-tile and cache-block sizes of one rung.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Geometry {
@@ -916,10 +934,10 @@ unsafe fn gemm_a(isa: Isa, m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Ou
                 }
             }
             debug_assert!(!matches!(b, BRef::Packed(pb, _) if pb.amx.is_some()));
-            gemm_avx512(m, n, k, a, b, c, sums)
+            gemm_avx512(m, n, k, a, b, c, sums, None)
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => gemm_avx2(m, n, k, a, b, c, sums),
+        Isa::Avx2 => gemm_avx2(m, n, k, a, b, c, sums, None),
         _ => {
             gemm_portable(m, n, k, a, b, c);
             after(m, n, c);
@@ -988,6 +1006,37 @@ pub(crate) unsafe fn gemm_tiles_packed(
             ..c
         };
         after(e.rows, e1 - e0, at);
+    }
+}
+
+/// [`gemm`] on an FMA rung (AVX2, or AVX-512 without the tile unit) with all of a packed B,
+/// plus `edge`: its rows for its columns of the product, in the same pass over B as A's rows
+/// (see [`Edge`]). `C (m, n)` is the block of A's rows over all of B's `n` columns.
+///
+/// # Safety
+/// As [`gemm`]; `isa` is [`Isa::Avx2`] or [`Isa::Avx512`], `b` packed for its FMA kernel
+/// ([`PackedB::usable`], not [`PackedB::on_tiles`]); `m, n, k > 0`; the edge's first column
+/// a multiple of [`PackedB::panel`], its `c` addressing its rows and columns of C (the same
+/// row stride), which no other thread touches.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_edge(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: &PackedB,
+    c: Out,
+    edge: Edge,
+) {
+    debug_assert!(m > 0 && n > 0 && k > 0 && b.amx.is_none() && b.shape() == (k, n));
+    debug_assert!(edge.cols.0.is_multiple_of(b.nr));
+    let b = BRef::Packed(b, 0);
+    match isa {
+        Isa::Avx512 => gemm_avx512(m, n, k, ARef::Mat(a), b, c, None, Some(edge)),
+        Isa::Avx2 => gemm_avx2(m, n, k, ARef::Mat(a), b, c, None, Some(edge)),
+        Isa::Portable => unreachable!("gemm_edge: no FMA kernel on the portable rung"),
     }
 }
 
@@ -1151,14 +1200,34 @@ fn pads_less_in_eights(m: usize) -> bool {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gemm_avx2(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out, sums: Sums) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_avx2(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: ARef,
+    b: BRef,
+    c: Out,
+    sums: Sums,
+    edge: Option<Edge>,
+) {
     let g = geometry(Isa::Avx2);
-    blocked::<super::simd::Avx2, MR256, NV256>(m, n, k, a, b, c, g, sums);
+    blocked::<super::simd::Avx2, MR256, NV256>(m, n, k, a, b, c, g, sums, edge);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out, sums: Sums) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_avx512(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: ARef,
+    b: BRef,
+    c: Out,
+    sums: Sums,
+    edge: Option<Edge>,
+) {
     use super::simd::Avx512;
     let g = geometry(Isa::Avx512);
     match a {
@@ -1182,9 +1251,9 @@ unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out, su
                 ..g
             };
             if wide_b(m, n, b) {
-                blocked::<Avx512, MR512_NARROW, { 2 * NV512 }>(m, n, k, a, b, c, g, sums)
+                blocked::<Avx512, MR512_NARROW, { 2 * NV512 }>(m, n, k, a, b, c, g, sums, edge)
             } else {
-                blocked::<Avx512, MR512, NV512>(m, n, k, a, b, c, g, sums)
+                blocked::<Avx512, MR512, NV512>(m, n, k, a, b, c, g, sums, edge)
             }
         }
         // A weight gradient into at most 192 rows with A read in place (see
@@ -1196,10 +1265,10 @@ unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out, su
         ARef::Mat(_)
             if n == 2 * NR512 && matches!(b, BRef::Mat(_)) && transposed_in_place(&g, m, k, a) =>
         {
-            blocked::<Avx512, MR512_NARROW, { 2 * NV512 }>(m, n, k, a, b, c, g, sums)
+            blocked::<Avx512, MR512_NARROW, { 2 * NV512 }>(m, n, k, a, b, c, g, sums, edge)
         }
         ARef::Mat(_) if g.mr == MR512_WIDE && !pads_less_in_eights(m) => {
-            blocked::<Avx512, MR512_WIDE, NV512>(m, n, k, a, b, c, g, sums)
+            blocked::<Avx512, MR512_WIDE, NV512>(m, n, k, a, b, c, g, sums, edge)
         }
         // One 512-bit FMA per cycle (AMD): the 6 × 64 tile where B has (or is given) 64-column
         // panels (see `panel_width`).
@@ -1209,9 +1278,9 @@ unsafe fn gemm_avx512(m: usize, n: usize, k: usize, a: ARef, b: BRef, c: Out, su
                 BRef::Mat(_) => panel_width(Isa::Avx512, n) == 2 * NR512,
             } =>
         {
-            blocked::<Avx512, MR512_NARROW, { 2 * NV512 }>(m, n, k, a, b, c, g, sums)
+            blocked::<Avx512, MR512_NARROW, { 2 * NV512 }>(m, n, k, a, b, c, g, sums, edge)
         }
-        _ => blocked::<Avx512, MR512, NV512>(m, n, k, a, b, c, g, sums),
+        _ => blocked::<Avx512, MR512, NV512>(m, n, k, a, b, c, g, sums, edge),
     }
 }
 
@@ -1246,6 +1315,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
     c: Out,
     g: Geometry,
     sums: Sums,
+    edge: Option<Edge>,
 ) {
     let nr = NV * S::LANES;
     // A packed B was blocked when it was packed, by the same rule.
@@ -1272,7 +1342,12 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
     // not run inside a closure, which would not be compiled with this rung's features.
     let (mut abuf, mut bbuf) = BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
     {
-        abuf.ensure(mc_max.min(m.div_ceil(MR) * MR) * kc_max.min(k) + PACK_SLACK);
+        debug_assert!(edge.is_none_or(|e| sums.is_none() && e.cols.0 % nr == 0 && e.cols.1 <= n));
+        // The edge's rows, packed once per block of the inner dimension, after A's block.
+        let edge_at = mc_max.min(m.div_ceil(MR) * MR) * kc_max.min(k) + PACK_SLACK;
+        let edge_rows = edge.map_or(0, |e| e.rows.div_ceil(MR) * MR);
+        abuf.ensure(edge_at + edge_rows * kc_max.min(k) + PACK_SLACK);
+        let (abuf_main, edge_buf) = abuf.slice_mut().split_at_mut(edge_at);
         let panels = n.div_ceil(nr);
         for pc in (0..k).step_by(kc_max) {
             let kc = kc_max.min(k - pc);
@@ -1317,6 +1392,50 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                     (dst.as_ptr(), nr as isize, (kc * nr) as isize)
                 }
             };
+            // The edge's tiles on panel `jp`, where its columns reach: `MR` of its rows at a
+            // time, packed (a few rows, read by half of B's panels).
+            if let Some(e) = edge {
+                pack_a::<MR>(e.a, 0, e.rows, pc, kc, edge_buf, None);
+            }
+            let edge_panel = edge_buf.as_ptr();
+            let run_edge = |jp: usize| {
+                let Some(e) = edge else { return };
+                let j0 = jp * nr;
+                if j0 < e.cols.0 || j0 >= e.cols.1 {
+                    return;
+                }
+                for r in (0..e.rows).step_by(MR) {
+                    let cptr = e.c.offset(r as isize * c.rs + j0 as isize);
+                    // The edge lies in C's matrix, and so do its GELU values and factors.
+                    let shift = cptr.offset_from(c.ptr);
+                    let last = pc + kc == k;
+                    let tile = Tile {
+                        k: kc,
+                        a: PackedA::<MR>(edge_panel.add(r * kc)),
+                        b: bbase.offset(jp as isize * pstride),
+                        ldb,
+                        c: cptr,
+                        ldc: c.rs,
+                        next_c: (cptr, 0),
+                        next_b: (bbase, 0),
+                        rows: MR.min(e.rows - r),
+                        cols: nr.min(e.cols.1 - j0),
+                        load_c: c.accumulate || pc > 0,
+                        bias: if pc == 0 {
+                            c.bias.map(|p| p.add(j0))
+                        } else {
+                            None
+                        },
+                        gelu: if last { c.gelu } else { None },
+                        gelu_values: c.gelu_values.map(|v| v.offset(shift)),
+                        times: match c.times {
+                            Some(t) if last => Some(t.offset(shift)),
+                            _ => None,
+                        },
+                    };
+                    run_tile::<S, _, MR, NV>(&tile);
+                }
+            };
             // A packed B's first panel of the next block (of this product's columns), and
             // its steps.
             let next_block = match b {
@@ -1333,7 +1452,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 // other layout, and taller row-major A, is packed: one sequential stream per
                 // tile instead of MR rows `k` apart, packed once per block and read by every
                 // panel of B.
-                let apack = &mut abuf.slice_mut()[..mc.div_ceil(MR) * MR * kc + PACK_SLACK];
+                let apack = &mut abuf_main[..mc.div_ceil(MR) * MR * kc + PACK_SLACK];
                 let packed_a = match a {
                     // Read step by step where it is; its rows' sums (the bias gradient) in a
                     // pass over the block before the tiles, which also brings it into L2
@@ -1397,6 +1516,10 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 };
                 // Row tiles that run a panel together, and share the next one's lines.
                 let sharing = if warm > 0 { warm } else { tiles };
+                // Whether every row tile runs panel by panel: then the edge's tiles run on a
+                // panel after its last row tile, still in L1; otherwise after all of them.
+                let last_block = ic + mc >= m;
+                let by_panel = !rows_outer || warm == tiles;
                 for t in 0..tiles * panels {
                     let (it, jp) = at(t);
                     let ir = it * MR;
@@ -1497,6 +1620,12 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                             }
                         }
                     }
+                    if last_block && by_panel && it + 1 == tiles {
+                        run_edge(jp);
+                    }
+                }
+                if last_block && !by_panel {
+                    (0..panels).for_each(run_edge);
                 }
             }
         }
@@ -2205,10 +2334,143 @@ mod tests {
         if !available_isas().contains(&Isa::Avx512) {
             return;
         }
-        let p =
-            product(|m, n, k, a, b, c| unsafe { gemm_avx512(m, n, k, ARef::Mat(a), b, c, None) });
+        let p = product(|m, n, k, a, b, c| unsafe {
+            gemm_avx512(m, n, k, ARef::Mat(a), b, c, None, None)
+        });
         let g = geometry(Isa::Avx512);
         check_products("avx512 fma", g, &p, Some((Isa::Avx512, false)));
+    }
+
+    /// A block of rows with an edge (a few more rows, some of the columns; see [`Edge`]) on
+    /// each FMA rung the CPU has, against f64: one and several blocks of the inner dimension
+    /// and of the rows, the edge's tiles run panel by panel and after all the row tiles,
+    /// ragged columns, edges of 1 to `MR − 1` rows and of more than one tile (the narrower
+    /// tiles of AVX-512), with every epilogue. The edge's other
+    /// columns and every element outside the product keep their values.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn an_edge_is_computed_with_its_block() {
+        use super::super::math::gelu_with_grad;
+        for isa in available_isas().into_iter().filter(|&i| i != Isa::Portable) {
+            let g = geometry(isa);
+            let (mr, nr, kc) = (g.mr, g.nr, g.kc);
+            // (block rows, k, n, edge rows, edge columns)
+            for &(m, k, n, er, (e0, e1)) in &[
+                // ViT-B/16's batch-1 projection on a thread: two blocks of the inner dimension.
+                (96, 768, 768, 5, (384, 768)),
+                (16 * mr, 2 * kc + 5, 3 * nr + 5, 1, (nr, 3 * nr + 5)),
+                (g.mc + 7, kc + 9, 5 * nr, mr - 1, (0, 2 * nr)),
+                // A small B: each row tile across every panel, the first 64 panel by panel.
+                (500, 64, 2 * nr, 3, (nr, 2 * nr)),
+                (40, 64, 256, 11, (64, 256)),
+                (40, 64, 96, 11, (32, 96)),
+            ] {
+                let rows = m + er;
+                let a = rand_vec(rows * k, 1);
+                let bt = rand_vec(n * k, 2); // B transposed, (n, k): a weight
+                let bias = rand_vec(n, 4);
+                let factor = rand_vec(rows * n, 6);
+                let ldc = n + 3;
+                let c0 = rand_vec(rows * ldc, 5);
+                let amat = MatRef {
+                    ptr: a.as_ptr(),
+                    rs: k as isize,
+                    cs: 1,
+                };
+                let bmat = MatRef {
+                    ptr: bt.as_ptr(),
+                    rs: 1,
+                    cs: k as isize,
+                };
+                let packed = unsafe { PackedB::pack(isa, false, bmat, k, n, Aligned::default()) };
+                let packed = packed.expect("an FMA rung packs B");
+                if !e0.is_multiple_of(packed.panel()) {
+                    // The 6 × 64 tile's panels on one-FMA-unit AVX-512 CPUs.
+                    continue;
+                }
+                // (accumulate, bias, GELU with its values, the factor)
+                for (accumulate, with_bias, gelu, times) in [
+                    (false, true, None, false),
+                    (true, false, None, false),
+                    (true, true, None, true),
+                    (false, true, Some(Gelu::Exact), false),
+                    (false, false, Some(Gelu::Tanh), true),
+                ] {
+                    let bias = with_bias.then_some(&bias[..]);
+                    let mut want = c0.clone();
+                    let mut want_values = vec![0.0; rows * ldc];
+                    reference(
+                        rows,
+                        n,
+                        k,
+                        &a,
+                        (k, 1),
+                        &bt,
+                        (1, k),
+                        bias,
+                        &mut want,
+                        ldc,
+                        accumulate,
+                    );
+                    for i in 0..rows {
+                        let row = &mut want[i * ldc..i * ldc + n];
+                        if let Some(kind) = gelu {
+                            gelu_with_grad(row, &mut want_values[i * ldc..i * ldc + n], kind);
+                        }
+                        if times {
+                            for (v, f) in row.iter_mut().zip(&factor[i * n..]) {
+                                *v *= f;
+                            }
+                        }
+                        // Outside the edge's columns its rows keep what they held.
+                        if i >= m {
+                            for j in (0..e0).chain(e1..n) {
+                                want[i * ldc + j] = c0[i * ldc + j];
+                                want_values[i * ldc + j] = 0.0;
+                            }
+                        }
+                    }
+                    // The factor in C's layout.
+                    let mut factor_c = vec![0.0; rows * ldc];
+                    for i in 0..rows {
+                        factor_c[i * ldc..i * ldc + n].copy_from_slice(&factor[i * n..(i + 1) * n]);
+                    }
+                    {
+                        let mut got = c0.clone();
+                        let mut values = vec![0.0; rows * ldc];
+                        let out = Out {
+                            accumulate,
+                            bias: bias.map(|b| b.as_ptr()),
+                            gelu,
+                            gelu_values: gelu.map(|_| values.as_mut_ptr()),
+                            times: times.then_some(factor_c.as_ptr()),
+                            ..Out::plain(got.as_mut_ptr(), ldc as isize)
+                        };
+                        let edge = Edge {
+                            a: MatRef {
+                                ptr: a[m * k..].as_ptr(),
+                                ..amat
+                            },
+                            rows: er,
+                            c: got[m * ldc..].as_mut_ptr(),
+                            cols: (e0, e1),
+                        };
+                        unsafe { gemm_edge(isa, m, n, k, amat, &packed, out, edge) };
+                        let case = format!(
+                            "{isa:?} {m}+{er}x{k}x{n} cols {e0}..{e1} acc {accumulate} \
+                             bias {with_bias} gelu {gelu:?} times {times}"
+                        );
+                        let d = max_abs_diff(&got, &want);
+                        assert!(d < 2e-6 * (k as f32).sqrt() * 8.0, "{case}: {d}");
+                        if gelu.is_some() {
+                            let d = max_abs_diff(&values, &want_values);
+                            assert!(d < 2e-6 * (k as f32).sqrt() * 8.0, "{case}, values: {d}");
+                        }
+                    }
+                }
+            }
+            eprintln!("an edge with its block: {isa:?} ran");
+        }
     }
 
     /// The tile unit's product on every layout, ragged shapes across its blocks, B packed
@@ -2268,7 +2530,7 @@ mod tests {
             c: Out,
             g: Geometry,
         ) {
-            blocked::<Avx2, MR, NV512>(m, n, k, ARef::Mat(a), b, c, g, None);
+            blocked::<Avx2, MR, NV512>(m, n, k, ARef::Mat(a), b, c, g, None, None);
         }
         // Both tile heights, with A read in place up to 256 rows and with A always packed.
         // B packed for AVX2 has the panel width (16) and blocking these instantiations read.
@@ -2327,8 +2589,9 @@ mod tests {
             let max = d.iter().cloned().fold(0.0, f64::max);
             (max, d.iter().sum::<f64>() / d.len() as f64)
         };
-        let fma =
-            errors(&|o| unsafe { gemm_avx512(m, n, k, ARef::Mat(amat), BRef::Mat(bmat), o, None) });
+        let fma = errors(&|o| unsafe {
+            gemm_avx512(m, n, k, ARef::Mat(amat), BRef::Mat(bmat), o, None, None)
+        });
         let (at, bt) = (amx::A::Mat(amat), amx::B::Mat(bmat));
         let tiles = errors(&|o| unsafe { amx::gemm(m, n, k, at, bt, o, None, None) });
         println!(
