@@ -1555,7 +1555,33 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                         let from = (it * per_tile).min(lines);
                         (nb.add(from * 16), (from + per_tile).min(lines) - from)
                     };
-                    let next_b = if (rows_outer && it >= warm) || ldb != nr as isize {
+                    let next_b = if rows_outer && it >= warm {
+                        // Row by row, each row tile across every panel: its share of the next
+                        // row tile's rows of A, where they are read in place and lie one after
+                        // the other (a whole row per block: `dY` in an input gradient), asked
+                        // into L2 — the hardware's stream had the first tile on each row wait
+                        // for them. AVX2 rung, 2 threads, products alone: `dx:6400x64x128`
+                        // +5 %, `dx:6400x64x192` +3 %, `dx:6400x192x576` +4 %; the forwards
+                        // and `dx:6400x768x192` (48 panels a row tile) level.
+                        match a {
+                            ARef::Mat(am)
+                                if !packed_a
+                                    && am.cs == 1
+                                    && am.rs == kc as isize
+                                    && it + 1 < tiles =>
+                            {
+                                let first = ic + ir + MR;
+                                let rows = MR.min(mc - (ir + MR));
+                                // Whole lines: the pointers stay within A.
+                                let lines = rows * kc / 16;
+                                let per = lines.div_ceil(panels);
+                                let from = (jp * per).min(lines);
+                                let start = am.ptr.offset(first as isize * am.rs);
+                                (start.add(from * 16), (from + per).min(lines) - from)
+                            }
+                            _ => (bp, 0),
+                        }
+                    } else if ldb != nr as isize {
                         (bp, 0)
                     } else if jp + 1 < panels {
                         share(bbase.offset((jp + 1) as isize * pstride), lines, per_tile)
@@ -1819,7 +1845,7 @@ struct Tile<A> {
     /// The next tile's C and its rows (0: none), prefetched during this one.
     next_c: (*mut f32, usize),
     /// Cache lines (16 floats apart) asked into L2 during this tile, and how many: its share
-    /// of the next B panel.
+    /// of the next B panel, or of the next row tile's rows of A.
     next_b: (*const f32, usize),
     rows: usize,
     cols: usize,
