@@ -246,7 +246,7 @@ impl RowBlocks {
     }
 }
 
-pub(crate) use super::sgemm::Edge;
+use super::sgemm::Edge;
 
 /// `C (m, n) = A (m, k) · B (k, n)` (+ bias, + C) on the calling thread, on the tile unit.
 /// With `sums`, also `sums[i] += Σ_p A(i, p)` for every row of A, added up as the packing

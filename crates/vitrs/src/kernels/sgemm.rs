@@ -99,6 +99,20 @@ impl Out {
         }
     }
 
+    /// The same product's C and epilogue `by` elements further on in C's layout: its GELU
+    /// values and factors, which share that layout, move with it (a tile's or an edge's place).
+    ///
+    /// # Safety
+    /// The moved pointers must stay within their matrices.
+    unsafe fn moved(self, by: isize) -> Self {
+        Out {
+            ptr: self.ptr.offset(by),
+            gelu_values: self.gelu_values.map(|v| v.offset(by)),
+            times: self.times.map(|t| t.offset(by)),
+            ..self
+        }
+    }
+
     /// The same C without the epilogues applied after the product (GELU, the factor), for an
     /// engine that applies them to the block afterwards ([`after`]).
     fn without_after(self) -> Self {
@@ -971,7 +985,7 @@ unsafe fn gemm_amx(m: usize, n: usize, k: usize, a: MatRef, b: super::amx::B, c:
 /// `C (m, n) = A · B` with `B` columns `c0..c0 + n` of a weight packed for the tile unit: A
 /// packed here ([`super::amx::A::Mat`]) or beforehand by the threads together
 /// ([`super::amx::A::Pieces`]), and with `edge` its rows for its columns in the same pass over
-/// the weight ([`super::amx::Edge`]); `c.gelu` over all of it after.
+/// the weight ([`Edge`]); `c.gelu` over all of it after.
 ///
 /// # Safety
 /// As [`super::amx::gemm`]; `b` was packed on the tile unit's rung ([`PackedB::on_tiles`]).
@@ -985,7 +999,7 @@ pub(crate) unsafe fn gemm_tiles_packed(
     b: &PackedB,
     c0: usize,
     c: Out,
-    edge: Option<super::amx::Edge>,
+    edge: Option<Edge>,
 ) {
     let Some(pb) = b.amx.as_ref() else {
         unreachable!("gemm_tiles_packed: a weight not packed for the tile unit");
@@ -995,17 +1009,8 @@ pub(crate) unsafe fn gemm_tiles_packed(
     after(m, n, c);
     if let Some(e) = edge {
         let (e0, e1) = e.cols;
-        // The edge's rows lie in the same matrix as the block (C's layout), and so do their
-        // values.
-        let ptr = e.c.add(e0);
-        let shift = ptr.offset_from(c.ptr);
-        let at = Out {
-            ptr,
-            gelu_values: c.gelu_values.map(|v| v.offset(shift)),
-            times: c.times.map(|t| t.offset(shift)),
-            ..c
-        };
-        after(e.rows, e1 - e0, at);
+        // The edge's rows lie in the same matrix as the block (C's layout).
+        after(e.rows, e1 - e0, c.moved(e.c.add(e0).offset_from(c.ptr)));
     }
 }
 
@@ -1397,6 +1402,38 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
             if let Some(e) = edge {
                 pack_a::<MR>(e.a, 0, e.rows, pc, kc, edge_buf, None);
             }
+            // The tile of C `at` elements past its start (C's layout), over panel `jp` from
+            // column `j0`, with this block's share of the epilogue: the bias on the first block
+            // of the inner dimension, C reloaded after it, GELU and the factor on the last.
+            let tile_at = |at: isize,
+                           (jp, j0): (usize, usize),
+                           (rows, cols): (usize, usize),
+                           next_c: (*mut f32, usize),
+                           next_b: (*const f32, usize)| {
+                let o = c.moved(at);
+                let last = pc + kc == k;
+                Tile {
+                    k: kc,
+                    a: (),
+                    b: bbase.offset(jp as isize * pstride),
+                    ldb,
+                    c: o.ptr,
+                    ldc: c.rs,
+                    next_c,
+                    next_b,
+                    rows,
+                    cols,
+                    load_c: c.accumulate || pc > 0,
+                    bias: if pc == 0 {
+                        c.bias.map(|p| p.add(j0))
+                    } else {
+                        None
+                    },
+                    gelu: if last { c.gelu } else { None },
+                    gelu_values: o.gelu_values,
+                    times: if last { o.times } else { None },
+                }
+            };
             let edge_panel = edge_buf.as_ptr();
             let run_edge = |jp: usize| {
                 let Some(e) = edge else { return };
@@ -1405,35 +1442,13 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                     return;
                 }
                 for r in (0..e.rows).step_by(MR) {
-                    let cptr = e.c.offset(r as isize * c.rs + j0 as isize);
-                    // The edge lies in C's matrix, and so do its GELU values and factors.
-                    let shift = cptr.offset_from(c.ptr);
-                    let last = pc + kc == k;
-                    let tile = Tile {
-                        k: kc,
-                        a: PackedA::<MR>(edge_panel.add(r * kc)),
-                        b: bbase.offset(jp as isize * pstride),
-                        ldb,
-                        c: cptr,
-                        ldc: c.rs,
-                        next_c: (cptr, 0),
-                        next_b: (bbase, 0),
-                        rows: MR.min(e.rows - r),
-                        cols: nr.min(e.cols.1 - j0),
-                        load_c: c.accumulate || pc > 0,
-                        bias: if pc == 0 {
-                            c.bias.map(|p| p.add(j0))
-                        } else {
-                            None
-                        },
-                        gelu: if last { c.gelu } else { None },
-                        gelu_values: c.gelu_values.map(|v| v.offset(shift)),
-                        times: match c.times {
-                            Some(t) if last => Some(t.offset(shift)),
-                            _ => None,
-                        },
-                    };
-                    run_tile::<S, _, MR, NV>(&tile);
+                    // The edge lies in C's matrix.
+                    let at =
+                        e.c.offset(r as isize * c.rs + j0 as isize)
+                            .offset_from(c.ptr);
+                    let size = (MR.min(e.rows - r), nr.min(e.cols.1 - j0));
+                    let tile = tile_at(at, (jp, j0), size, (c.ptr, 0), (bbase, 0));
+                    run_tile::<S, _, MR, NV>(&tile.with_a(PackedA::<MR>(edge_panel.add(r * kc))));
                 }
             };
             // A packed B's first panel of the next block (of this product's columns), and
@@ -1508,7 +1523,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 // tiles panel by panel, then the others each across every panel (or all of
                 // them panel by panel). Compared, not divided: the divisions per tile took
                 // 0.45 % of ViT-B/16's batch-1 samples on the AVX2 rung.
-                let after = |(it, jp): (usize, usize)| {
+                let next_tile = |(it, jp): (usize, usize)| {
                     if it < warm {
                         if it + 1 < warm {
                             (it + 1, jp)
@@ -1542,7 +1557,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 let mut here = (0, 0);
                 for t in 0..tiles * panels {
                     let (it, jp) = here;
-                    here = after(here);
+                    here = next_tile(here);
                     let ir = it * MR;
                     let j0 = jp * nr;
                     let cols = nr.min(n - j0);
@@ -1560,9 +1575,9 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                         // row tile's rows of A, where they are read in place and lie one after
                         // the other (a whole row per block: `dY` in an input gradient), asked
                         // into L2 — the hardware's stream had the first tile on each row wait
-                        // for them. AVX2 rung, 2 threads, products alone: `dx:6400x64x128`
-                        // +5 %, `dx:6400x64x192` +3 %, `dx:6400x192x576` +4 %; the forwards
-                        // and `dx:6400x768x192` (48 panels a row tile) level.
+                        // for them. AVX2 rung, 2 threads, products alone: `dx:6400x64x192`
+                        // +8 %, `dx:6400x64x128` +3.4 %, `dx:6400x192x576` +1.5 %; the
+                        // forwards and `dx:6400x768x192` (48 panels a row tile) level.
                         match a {
                             ARef::Mat(am)
                                 if !packed_a
@@ -1593,8 +1608,8 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                     };
                     {
                         let rows = MR.min(mc - ir);
-                        let cptr = c.ptr.offset((ic + ir) as isize * c.rs + j0 as isize);
-                        let first = pc == 0;
+                        let at = (ic + ir) as isize * c.rs + j0 as isize;
+                        let cptr = c.ptr.offset(at);
                         // The next tile's C: its lines are asked for during this tile's steps.
                         let next_c = if t + 1 < tiles * panels {
                             let (nt, np) = here;
@@ -1604,34 +1619,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                         } else {
                             (cptr, 0)
                         };
-                        let tile = Tile {
-                            k: kc,
-                            a: (),
-                            b: bp,
-                            ldb,
-                            c: cptr,
-                            ldc: c.rs,
-                            next_c,
-                            next_b,
-                            rows,
-                            cols,
-                            load_c: c.accumulate || !first,
-                            bias: if first {
-                                c.bias.map(|p| p.add(j0))
-                            } else {
-                                None
-                            },
-                            gelu: if pc + kc == k { c.gelu } else { None },
-                            gelu_values: c
-                                .gelu_values
-                                .map(|v| v.offset((ic + ir) as isize * c.rs + j0 as isize)),
-                            times: match c.times {
-                                Some(t) if pc + kc == k => {
-                                    Some(t.offset((ic + ir) as isize * c.rs + j0 as isize))
-                                }
-                                _ => None,
-                            },
-                        };
+                        let tile = tile_at(at, (jp, j0), (rows, cols), next_c, next_b);
                         // Rows past the edge read the last real one (never stored).
                         let row = |i: usize| ic + ir + i.min(rows - 1);
                         match a {
@@ -2407,8 +2395,8 @@ mod tests {
     /// each FMA rung the CPU has, against f64: one and several blocks of the inner dimension
     /// and of the rows, the edge's tiles run panel by panel and after all the row tiles,
     /// ragged columns, edges of 1 to `MR − 1` rows and of more than one tile (the narrower
-    /// tiles of AVX-512), with every epilogue. The edge's other
-    /// columns and every element outside the product keep their values.
+    /// tiles of AVX-512), with every epilogue. The edge's other columns and every element
+    /// outside the product keep their values.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn an_edge_is_computed_with_its_block() {
@@ -2497,37 +2485,35 @@ mod tests {
                     for i in 0..rows {
                         factor_c[i * ldc..i * ldc + n].copy_from_slice(&factor[i * n..(i + 1) * n]);
                     }
-                    {
-                        let mut got = c0.clone();
-                        let mut values = vec![0.0; rows * ldc];
-                        let out = Out {
-                            accumulate,
-                            bias: bias.map(|b| b.as_ptr()),
-                            gelu,
-                            gelu_values: gelu.map(|_| values.as_mut_ptr()),
-                            times: times.then_some(factor_c.as_ptr()),
-                            ..Out::plain(got.as_mut_ptr(), ldc as isize)
-                        };
-                        let edge = Edge {
-                            a: MatRef {
-                                ptr: a[m * k..].as_ptr(),
-                                ..amat
-                            },
-                            rows: er,
-                            c: got[m * ldc..].as_mut_ptr(),
-                            cols: (e0, e1),
-                        };
-                        unsafe { gemm_edge(isa, m, n, k, amat, &packed, out, edge) };
-                        let case = format!(
-                            "{isa:?} {m}+{er}x{k}x{n} cols {e0}..{e1} acc {accumulate} \
-                             bias {with_bias} gelu {gelu:?} times {times}"
-                        );
-                        let d = max_abs_diff(&got, &want);
-                        assert!(d < 2e-6 * (k as f32).sqrt() * 8.0, "{case}: {d}");
-                        if gelu.is_some() {
-                            let d = max_abs_diff(&values, &want_values);
-                            assert!(d < 2e-6 * (k as f32).sqrt() * 8.0, "{case}, values: {d}");
-                        }
+                    let mut got = c0.clone();
+                    let mut values = vec![0.0; rows * ldc];
+                    let out = Out {
+                        accumulate,
+                        bias: bias.map(|b| b.as_ptr()),
+                        gelu,
+                        gelu_values: gelu.map(|_| values.as_mut_ptr()),
+                        times: times.then_some(factor_c.as_ptr()),
+                        ..Out::plain(got.as_mut_ptr(), ldc as isize)
+                    };
+                    let edge = Edge {
+                        a: MatRef {
+                            ptr: a[m * k..].as_ptr(),
+                            ..amat
+                        },
+                        rows: er,
+                        c: got[m * ldc..].as_mut_ptr(),
+                        cols: (e0, e1),
+                    };
+                    unsafe { gemm_edge(isa, m, n, k, amat, &packed, out, edge) };
+                    let case = format!(
+                        "{isa:?} {m}+{er}x{k}x{n} cols {e0}..{e1} acc {accumulate} \
+                         bias {with_bias} gelu {gelu:?} times {times}"
+                    );
+                    let d = max_abs_diff(&got, &want);
+                    assert!(d < 2e-6 * (k as f32).sqrt() * 8.0, "{case}: {d}");
+                    if gelu.is_some() {
+                        let d = max_abs_diff(&values, &want_values);
+                        assert!(d < 2e-6 * (k as f32).sqrt() * 8.0, "{case}, values: {d}");
                     }
                 }
             }
