@@ -140,12 +140,15 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
     let threads = rayon::current_num_threads();
     // The peak of the rung that runs, for efficiency figures.
     let peak = a.peak.then(|| fma_peak(isa(), threads, 0.5)).flatten();
-    // And the tile unit's f32 peak where the products run there (they run past the FMA peak).
-    let tiles = (a.peak && vitrs::kernels::products_on_tiles())
-        .then(|| amx_peak(threads, 0.5))
-        .flatten()
-        .map(|(f32_peak, _)| f32_peak);
-    let shares = |gflops: f64| -> String {
+    // And the tile unit's f32 peak where the products ran there (they run past the FMA
+    // peak), measured after them.
+    let tile_peak = |gemm: &str| {
+        (a.peak && gemm.starts_with("amx"))
+            .then(|| amx_peak(threads, 0.5))
+            .flatten()
+            .map(|(f32_peak, _)| f32_peak)
+    };
+    let shares = |gflops: f64, tiles: Option<f64>| -> String {
         let fma = peak.map(|p| format!("{:.0} % of the FMA peak", 100.0 * gflops / p));
         let tile = tiles.map(|p| format!("{:.0} % of the tile unit's", 100.0 * gflops / p));
         fma.into_iter().chain(tile).collect::<Vec<_>>().join(", ")
@@ -155,6 +158,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
             let (op, dims) = parse_shape(s)?;
             let r = vitrs::bench::gemm(op, dims, a.packed, a.iters, a.warmup);
             let eff = peak.map(|p| r.gflops_per_sec / p);
+            let tiles = tile_peak(r.gemm);
             if a.json {
                 let mut v = serde_json::to_value(&r)?;
                 v["peak_gflops_per_sec"] = json!(peak);
@@ -181,7 +185,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
                     r.median_seconds * 1e3,
                     r.iters,
                     r.best_seconds * 1e3,
-                    eff.map(|_| format!(", {}", shares(r.gflops_per_sec)))
+                    eff.map(|_| format!(", {}", shares(r.gflops_per_sec, tiles)))
                         .unwrap_or_default()
                 );
             }
@@ -228,6 +232,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
     let mut w = Workload::from_spec(model)?;
     let r = measure(&mut w, a.train, a.batch_size, a.iters, a.warmup)?;
     let eff = peak.map(|p| r.gflops_per_sec / p);
+    let tiles = tile_peak(r.gemm);
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["peak_gflops_per_sec"] = json!(peak);
@@ -252,7 +257,7 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
             r.iters,
             r.best_batch_seconds * 1e3,
             r.gflops_per_sec,
-            eff.map(|_| format!(" ({})", shares(r.gflops_per_sec)))
+            eff.map(|_| format!(" ({})", shares(r.gflops_per_sec, tiles)))
                 .unwrap_or_default()
         );
     }

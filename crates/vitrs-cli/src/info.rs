@@ -42,6 +42,7 @@ pub(crate) fn run(a: InfoArgs) -> Result<u8> {
             "unexpected": ck.report.unexpected,
             "kernels": kernels,
             "gemm": vitrs::kernels::gemm_engine(),
+            "gemm_adaptive": vitrs::kernels::gemm_adaptive(),
         });
         println!("{v}");
         return Ok(0);
@@ -80,10 +81,7 @@ pub(crate) fn run(a: InfoArgs) -> Result<u8> {
         println!("unused:        {u}");
     }
     println!("kernels:       {kernels} (this CPU's path; VITRS_KERNELS=portable forces the portable one)");
-    println!(
-        "gemm:          {} (VITRS_AMX=0 keeps AMX CPUs on the FMA kernel)",
-        vitrs::kernels::gemm_engine()
-    );
+    println!("gemm:          {}", gemm_line());
     Ok(0)
 }
 
@@ -100,6 +98,7 @@ fn resnet(ck: &Checkpoint<Net>, m: &ResNet, json: bool) -> Result<u8> {
             "config": cfg,
             "kernels": vitrs::kernels::isa().name(),
             "gemm": vitrs::kernels::gemm_engine(),
+            "gemm_adaptive": vitrs::kernels::gemm_adaptive(),
             "parameters": params,
             "gflops_per_image": gflops,
             "preprocess": ck.preprocess,
@@ -126,8 +125,20 @@ fn resnet(ck: &Checkpoint<Net>, m: &ResNet, json: bool) -> Result<u8> {
     println!("cost:          {gflops:.3} GFLOP per image");
     print_preprocess(&ck.preprocess, ck.labels.as_deref());
     println!("kernels:       {}", vitrs::kernels::isa().name());
-    println!("gemm:          {}", vitrs::kernels::gemm_engine());
+    println!("gemm:          {}", gemm_line());
     Ok(0)
+}
+
+/// What runs the matrix products, and how to pin it, for `vit info`.
+fn gemm_line() -> String {
+    let engine = vitrs::kernels::gemm_engine();
+    if vitrs::kernels::gemm_adaptive() {
+        format!(
+            "{engine}, moved to fma while the AMX tile unit runs slower than the FMA units (a busy neighbour on its core); VITRS_AMX=1 keeps the tiles, VITRS_AMX=0 the FMA kernel"
+        )
+    } else {
+        format!("{engine} (VITRS_AMX=0 keeps AMX CPUs on the FMA kernel)")
+    }
 }
 
 /// The preprocessing and the first labels, as both architectures print them.

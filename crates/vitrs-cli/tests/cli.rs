@@ -316,9 +316,10 @@ fn bench_reports_json() {
         v["kernels"] != "portable",
         "{v}"
     );
+    // "amx-bf16x6", or "amx-bf16x6+fma" where the engine moved between repetitions.
     assert_eq!(
         share("tile_peak_gflops_per_sec", "tile_efficiency"),
-        v["gemm"] == "amx-bf16x6",
+        v["gemm"].as_str().unwrap().starts_with("amx"),
         "{v}"
     );
 

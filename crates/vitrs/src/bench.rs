@@ -70,7 +70,8 @@ pub struct BenchReport {
     pub train: bool,
     /// The kernels' rung of the instruction-set ladder ([`crate::kernels::isa`]).
     pub kernels: &'static str,
-    /// What ran the matrix products ([`crate::kernels::gemm_engine`]).
+    /// What ran the matrix products ([`crate::kernels::gemm_engine`]; `"amx-bf16x6+fma"`
+    /// where [`crate::kernels::adapt_engine`] used both between repetitions).
     pub gemm: &'static str,
 }
 
@@ -142,6 +143,8 @@ pub fn gemm(
         .then(|| PackedLinear::new(&w, (n, k)))
         .flatten();
     let mut once = || {
+        // As a forward pass does (see `kernels::adapt_engine`), before the clock starts.
+        crate::kernels::adapt_engine();
         let t = Instant::now();
         match op {
             GemmOp::Fwd => {
@@ -156,7 +159,14 @@ pub fn gemm(
     for _ in 0..warmup {
         once();
     }
-    let mut times: Vec<f64> = (0..iters.max(1)).map(|_| once()).collect();
+    let mut on_tiles = 0;
+    let mut times: Vec<f64> = (0..iters.max(1))
+        .map(|_| {
+            let t = once();
+            on_tiles += usize::from(crate::kernels::products_on_tiles());
+            t
+        })
+        .collect();
     let (median, best) = median_and_best(&mut times);
     GemmReport {
         op,
@@ -170,7 +180,17 @@ pub fn gemm(
         iters: times.len(),
         threads: rayon::current_num_threads(),
         kernels: crate::kernels::isa().name(),
-        gemm: crate::kernels::gemm_engine(),
+        gemm: engines(on_tiles, times.len()),
+    }
+}
+
+/// What ran the products of `of` timed repetitions, `on_tiles` of them on the tile unit:
+/// [`crate::kernels::gemm_engine`], or both engines where [`crate::kernels::adapt_engine`]
+/// moved them from one to the other between repetitions.
+fn engines(on_tiles: usize, of: usize) -> &'static str {
+    match crate::kernels::gemm_engine() {
+        "amx-bf16x6" | "fma" if on_tiles > 0 && on_tiles < of => "amx-bf16x6+fma",
+        e => e,
     }
 }
 
@@ -228,10 +248,12 @@ pub fn run(
         once(model)?;
     }
     let mut times = Vec::with_capacity(iters.max(1));
+    let mut on_tiles = 0;
     for _ in 0..iters.max(1) {
         let t = Instant::now();
         once(model)?;
         times.push(t.elapsed().as_secs_f64());
+        on_tiles += usize::from(crate::kernels::products_on_tiles());
     }
     let (median, best) = median_and_best(&mut times);
     let ips = batch as f64 / median;
@@ -246,7 +268,7 @@ pub fn run(
         iters: times.len(),
         train,
         kernels: crate::kernels::isa().name(),
-        gemm: crate::kernels::gemm_engine(),
+        gemm: engines(on_tiles, times.len()),
     })
 }
 

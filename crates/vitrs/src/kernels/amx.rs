@@ -30,7 +30,7 @@
 //! [`set_enabled`]) keeps the AVX-512 FMA kernel.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
 
 use super::sgemm::{Aligned, MatRef, Out};
 
@@ -50,29 +50,119 @@ const PF: isize = 4;
 
 /// 0 not decided, 1 off, 2 on.
 static STATE: AtomicU8 = AtomicU8::new(0);
+/// The engine follows the tile unit's speed ([`adapt`]): set when `VITRS_AMX` is unset (or
+/// `auto`) on a CPU with the tiles, cleared by [`set_enabled`].
+static AUTO: AtomicBool = AtomicBool::new(false);
 
-/// Whether the products take the AMX path: the CPU has AMX-TILE and AMX-BF16 (and AVX-512 F +
-/// BW + BF16, for the packing), Linux granted the tile data, and neither `VITRS_AMX=0` nor
-/// [`set_enabled`]`(false)` turned it off. Decided once.
+/// Whether the products take the AMX path now: the CPU has AMX-TILE and AMX-BF16 (and
+/// AVX-512 F + BW + BF16, for the packing), Linux granted the tile data, `VITRS_AMX=0` (or
+/// [`set_enabled`]`(false)`) did not turn it off, and — unless `VITRS_AMX=1` (or
+/// [`set_enabled`]`(true)`) pinned it on — [`adapt`]'s last look at the tile unit found it
+/// faster than the FMA kernel.
 pub fn enabled() -> bool {
     match STATE.load(Relaxed) {
         0 => {
-            let off = std::env::var("VITRS_AMX").is_ok_and(|v| v == "0" || v == "off");
+            let var = std::env::var("VITRS_AMX").unwrap_or_default();
+            let off = var == "0" || var == "off";
             let on = !off && supported();
-            let _ = STATE.compare_exchange(0, if on { 2 } else { 1 }, Relaxed, Relaxed);
+            let auto = on && var != "1" && var != "on";
+            if STATE
+                .compare_exchange(0, if on { 2 } else { 1 }, Relaxed, Relaxed)
+                .is_ok()
+            {
+                AUTO.store(auto, Relaxed);
+            }
             STATE.load(Relaxed) == 2
         }
         s => s == 2,
     }
 }
 
+/// Whether the tile unit may run the products at all: [`supported`], and not turned off by
+/// `VITRS_AMX=0` or [`set_enabled`]`(false)` (it may be off for now, see [`adapt`]).
+pub fn available() -> bool {
+    enabled() || AUTO.load(Relaxed)
+}
+
+/// Whether the engine follows the tile unit's speed ([`adapt`]), as by default on a CPU with
+/// the tiles.
+pub fn adaptive() -> bool {
+    enabled();
+    AUTO.load(Relaxed)
+}
+
 /// Turns the AMX path on (where the CPU and OS allow it) or off, for the whole process, as
 /// [`super::set_isa`] does for the rung (weights packed under the other setting are then
-/// read unpacked); returns whether it is on now.
+/// read unpacked, or packed again for the FMA kernel, see [`super::gemm::PackedLinear`]);
+/// the choice stays until the next call ([`adapt`] no longer changes it). Returns whether it
+/// is on now.
 pub fn set_enabled(on: bool) -> bool {
     let on = on && supported();
+    enabled();
+    AUTO.store(false, Relaxed);
     STATE.store(if on { 2 } else { 1 }, Relaxed);
     on
+}
+
+/// The tile unit's speed over the FMA units' at which [`adapt`] turns it on (off, below
+/// [`TILES_OFF_BELOW`]), as [`super::peak::tile_advantage`] measures it: the tile unit's f32
+/// rate (its bf16 products' over the six each f32 product takes) over the AVX-512 FMA rate,
+/// in a fraction of a millisecond on each compute thread, the slowest thread's. The tile
+/// engine reaches a smaller share of its peak than the FMA kernel does of its own. On a Xeon
+/// whose tile unit swung between two speeds seconds at a time (2.2 and 0.9–1.0 times the FMA
+/// peak in one-second runs; 1.4–2.0 and 0.75–1.1 in this look), ViT-B/16 at batch 1 ran 1.6
+/// times faster on the tiles at the high one and 0.7 times at the low one (docs/perf.md,
+/// 2026-12-05).
+pub const TILES_ON_FROM: f64 = 1.4;
+/// See [`TILES_ON_FROM`]; the gap between the two keeps a ratio near the break-even point
+/// from switching engines at every look.
+pub const TILES_OFF_BELOW: f64 = 1.2;
+/// The shortest time between two looks of [`adapt`].
+const ADAPT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Whether the engine should run on the tiles, on now or not, given the tile unit's measured
+/// advantage (see [`TILES_ON_FROM`]).
+pub(crate) fn choose(on: bool, advantage: f64) -> bool {
+    if on {
+        advantage >= TILES_OFF_BELOW
+    } else {
+        advantage >= TILES_ON_FROM
+    }
+}
+
+/// Where the engine follows the tile unit's speed ([`adaptive`]), looks at it — at most every
+/// 100 ms, 0.1–0.25 ms on each compute thread ([`super::peak::tile_advantage`]) — and runs
+/// the products on it or on the AVX-512 FMA kernel, whichever is faster now. A tile unit
+/// shared with a busy neighbour (a hyperthread of another virtual machine), or throttled,
+/// can run at half its speed for seconds at a time, slower than the FMA kernel. Called at the
+/// start of a forward pass and of a training step, so that one runs on one engine; every
+/// product checks which engine its packed weights are for, so a call from elsewhere changes
+/// speed, never results' correctness. Returns whether the tiles are on now.
+pub fn adapt() -> bool {
+    if !adaptive() {
+        return enabled();
+    }
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    {
+        let Ok(mut last) = LAST.try_lock() else {
+            // Another thread is looking now.
+            return enabled();
+        };
+        if last.is_some_and(|t| t.elapsed() < ADAPT_EVERY) {
+            return enabled();
+        }
+        *last = Some(std::time::Instant::now());
+    }
+    let Some(advantage) = super::peak::tile_advantage() else {
+        return enabled();
+    };
+    let on = choose(enabled(), advantage);
+    // Not through `set_enabled`, which would pin the choice; a pinning call since the look
+    // above wins.
+    if AUTO.load(Relaxed) {
+        STATE.store(if on { 2 } else { 1 }, Relaxed);
+    }
+    enabled()
 }
 
 /// The CPU has the tile unit with bf16 and the OS lets this process use it (asked once).
@@ -1064,6 +1154,36 @@ unsafe fn pack_b(b: MatRef, kc: usize, n: usize, steps: usize, out: *mut u16) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_engine_moves_only_past_the_gap_between_the_thresholds() {
+        const { assert!(TILES_ON_FROM > TILES_OFF_BELOW && TILES_OFF_BELOW > 1.0) };
+        // On the tiles: kept down to the lower threshold, left below it.
+        assert!(choose(true, 2.2));
+        assert!(choose(true, TILES_ON_FROM - 0.05));
+        assert!(choose(true, TILES_OFF_BELOW));
+        assert!(!choose(true, TILES_OFF_BELOW - 0.01));
+        assert!(!choose(true, 0.8));
+        // On the FMA kernel: back on the tiles only from the upper one.
+        assert!(!choose(false, 0.8));
+        assert!(!choose(false, TILES_OFF_BELOW + 0.05));
+        assert!(!choose(false, TILES_ON_FROM - 0.01));
+        assert!(choose(false, TILES_ON_FROM));
+        assert!(choose(false, 2.2));
+    }
+
+    #[test]
+    fn the_tile_units_advantage_is_measured_where_it_may_run() {
+        match crate::kernels::peak::tile_advantage() {
+            Some(r) => {
+                assert!(available());
+                // Anywhere from a throttled unit's fraction to a few times the FMA units.
+                assert!(r.is_finite() && r > 0.05 && r < 20.0, "{r}");
+                println!("the tile unit runs {r:.2} times the FMA units' rate now");
+            }
+            None => assert!(!available()),
+        }
+    }
 
     /// Floats over many magnitudes and both signs (normal range).
     fn samples() -> Vec<f32> {

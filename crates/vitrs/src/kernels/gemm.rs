@@ -15,6 +15,7 @@ use super::math::tanh_inplace;
 use super::sgemm::{gemm, gemm_gather, gemm_row_sums, BRef, Gather, MatRef, Out, PackedB};
 use super::{team, Isa, Split, SyncPtr};
 use crate::config::Gelu;
+use std::sync::OnceLock;
 
 /// What happens to each output element after the product.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -74,26 +75,67 @@ thread_local! {
 
 /// A weight `W (n, k)` packed for the running rung's micro-kernel: `Bᵀ = W` read as `B (k, n)`
 /// panels. Made once per model for inference; a product given one that the running rung
-/// cannot read (a test switched rungs) uses the plain weight instead.
+/// cannot read (a test switched rungs) uses the plain weight instead. Packed for the tile
+/// unit, it is packed a second time for the AVX-512 FMA kernel the first time a product runs
+/// there instead ([`super::amx::adapt`]), and both are kept.
 #[derive(Debug)]
-pub struct PackedLinear(PackedB);
+pub struct PackedLinear {
+    packed: PackedB,
+    /// The FMA kernel's packing beside a packing for the tile unit, made on first need.
+    fma: OnceLock<Option<PackedB>>,
+}
 
 impl PackedLinear {
     /// Packs `w (n, k)` for the running rung; `None` on the portable rung.
     pub fn new(w: &[f32], (n, k): (usize, usize)) -> Option<Self> {
         super::check_len("PackedLinear: w", w.len(), n * k);
-        let b = MatRef {
-            ptr: w.as_ptr(),
-            rs: 1,
-            cs: k as isize,
-        };
         // SAFETY: `w` holds (n, k) row-major, so B (k, n) = Wᵀ has these strides.
-        unsafe { PackedB::new(super::isa(), b, k, n) }.map(PackedLinear)
+        let packed = unsafe { PackedB::new(super::isa(), transposed(w, k), k, n) }?;
+        Some(PackedLinear {
+            packed,
+            fma: OnceLock::new(),
+        })
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.0.bytes()
+        self.packed.bytes()
+            + self
+                .fma
+                .get()
+                .and_then(Option::as_ref)
+                .map_or(0, PackedB::bytes)
+    }
+
+    /// The packing the running engine reads for a product `B (k, n)` with this weight `w`: the
+    /// one made by [`Self::new`], or, where that one is for the tile unit and the products run
+    /// on the FMA kernel now, the FMA kernel's (made here the first time). `None` where neither
+    /// fits (another rung, another shape).
+    fn for_engine(&self, isa: Isa, w: &[f32], (k, n): (usize, usize)) -> Option<&PackedB> {
+        let p = &self.packed;
+        if p.shape() != (k, n) {
+            return None;
+        }
+        if p.usable(isa) {
+            return Some(p);
+        }
+        if isa != Isa::Avx512 || !p.on_tiles() || w.len() != n * k {
+            return None;
+        }
+        // SAFETY: `w` holds (n, k) row-major (checked above), read as B (k, n) = Wᵀ.
+        self.fma
+            .get_or_init(|| unsafe { PackedB::new_fma(isa, transposed(w, k), k, n) })
+            .as_ref()
+            .filter(|f| f.usable(isa))
+    }
+}
+
+/// `W (n, k)`, row-major, read as `B (k, n) = Wᵀ`.
+fn transposed(w: &[f32], k: usize) -> MatRef {
+    MatRef {
+        ptr: w.as_ptr(),
+        rs: 1,
+        cs: k as isize,
     }
 }
 
@@ -188,9 +230,7 @@ fn linear_parts(
         return (m, m);
     }
     let isa = super::isa();
-    let packed = packed
-        .map(|p| &p.0)
-        .filter(|p| p.usable(isa) && p.shape() == (k, n));
+    let packed = packed.and_then(|p| p.for_engine(isa, w, (k, n)));
     let threads = team::threads();
     let outp = SyncPtr(out.as_mut_ptr());
     let run = |rows: (usize, usize), cols: (usize, usize), edge: Option<Edge>, pieces: Pieces| {

@@ -84,8 +84,28 @@ pub fn gemm_engine() -> &'static str {
     }
 }
 
-/// Whether the matrix products run on the AMX tile unit: the AVX-512 rung with the tiles
-/// enabled ([`amx::enabled`]).
+/// Where the tile unit may run the products and follows its speed (the default on a CPU with
+/// AMX), picks the engine for the next products ([`amx::adapt`]): called at the start of a
+/// forward pass and of a training step. Does nothing elsewhere.
+pub fn adapt_engine() {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        amx::adapt();
+    }
+}
+
+/// Whether the engine moves the products between the tile unit and the FMA kernel as their
+/// speeds change ([`adapt_engine`]): the default on an AMX CPU, unless `VITRS_AMX=1` or `0`
+/// pins one.
+pub fn gemm_adaptive() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return isa() == Isa::Avx512 && amx::adaptive();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the matrix products run on the AMX tile unit now: the AVX-512 rung with the tiles
+/// enabled ([`amx::enabled`]; see [`adapt_engine`]).
 pub fn products_on_tiles() -> bool {
     #[cfg(target_arch = "x86_64")]
     return isa() == Isa::Avx512 && amx::enabled();

@@ -201,12 +201,13 @@ pub fn fma_peak(isa: Isa, threads: usize, seconds: f64) -> Option<f64> {
 /// The peak of the AMX engine in f32 GFLOP/s (its bf16 tile products' rate over the six each
 /// f32 product takes), with `threads` threads each running [`super::amx`]'s product loop for
 /// about `seconds`: the best of three rounds. `None` where the products do not run on the
-/// tiles (no AMX, or `VITRS_AMX=0`). Also returns the bf16 rate itself.
+/// tiles (no AMX, or `VITRS_AMX=0`; measured also while [`super::amx::adapt`] has the FMA
+/// kernel running them). Also returns the bf16 rate itself.
 pub fn amx_peak(threads: usize, seconds: f64) -> Option<(f64, f64)> {
     #[cfg(target_arch = "x86_64")]
     {
         use super::amx;
-        if !amx::enabled() {
+        if !amx::available() {
             return None;
         }
         // SAFETY: the tile unit is enabled (checked above).
@@ -224,6 +225,65 @@ pub fn amx_peak(threads: usize, seconds: f64) -> Option<(f64, f64)> {
         let _ = (threads, seconds);
         None
     }
+}
+
+/// How much faster the tile unit is than the AVX-512 FMA units right now: its f32 rate (see
+/// [`amx_peak`]) over the FMA peak, each the best of a few short runs (0.1–0.25 ms in all)
+/// on every compute thread, the slowest thread's ratio ([`super::amx::adapt`]'s measure: the
+/// threads split a product evenly, so the slowest sets its pace). `None` where the tiles
+/// cannot run the products.
+pub(crate) fn tile_advantage() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        if !super::amx::available() {
+            return None;
+        }
+        // Positive floats order as their bits do.
+        let worst = AtomicU64::new(f64::INFINITY.to_bits());
+        super::team::for_each(super::team::threads(), |_| {
+            // SAFETY: the tiles may run (checked above), on an AVX-512 CPU.
+            let r = unsafe { tile_advantage_here() };
+            worst.fetch_min(r.to_bits(), Relaxed);
+        });
+        let r = f64::from_bits(worst.into_inner());
+        r.is_finite().then_some(r)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// [`tile_advantage`] on the calling thread: the best of six runs of 2048 tile products
+/// (about 14 µs each at full speed) and of three of 24 K AVX-512 FMAs (about 5 µs). A tile
+/// unit that was idle comes up to speed over the first 50–150 µs of products (on a Xeon
+/// whose full speed was 2.35 bf16 TFLOP/s a core: 1.0–1.5, then 1.9, then 2.35 TFLOP/s, in
+/// runs of 30 µs), so the best run is taken; one held back (another virtual machine's
+/// hyperthread using it, or throttled) stays at 0.9–1.0 throughout.
+///
+/// # Safety
+/// The CPU has AVX-512 and the tile unit, which this process may use.
+#[cfg(target_arch = "x86_64")]
+unsafe fn tile_advantage_here() -> f64 {
+    use super::amx;
+    let best = |runs: usize, run: &dyn Fn()| {
+        (0..runs)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                run();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+            .max(1e-9)
+    };
+    const TILE_TRIPS: u64 = 256;
+    const FMA_TRIPS: u64 = 1024;
+    let tiles = best(6, &|| amx::peak_loop(TILE_TRIPS));
+    let fmas = best(3, &|| fma_loop(Isa::Avx512, FMA_TRIPS));
+    let (fmas_per_trip, lanes) = shape(Isa::Avx512);
+    let tile_f32_flops =
+        (TILE_TRIPS * amx::PEAK_PRODUCTS * amx::PRODUCT_FLOPS) as f64 / amx::PIECE_PRODUCTS as f64;
+    let fma_flops = (FMA_TRIPS * fmas_per_trip * lanes * 2) as f64;
+    (tile_f32_flops / tiles) / (fma_flops / fmas)
 }
 
 /// GFLOP/s of `run(trips)` (`flops_per_trip` each) on `threads` threads of the current pool
@@ -268,7 +328,7 @@ mod tests {
     #[test]
     fn the_tile_peak_is_measured_where_the_tiles_run() {
         #[cfg(target_arch = "x86_64")]
-        let on_tiles = crate::kernels::amx::enabled();
+        let on_tiles = crate::kernels::amx::available();
         #[cfg(not(target_arch = "x86_64"))]
         let on_tiles = false;
         match amx_peak(1, 0.01) {

@@ -54,6 +54,7 @@ impl ViT {
             ));
         }
         let batch = self.batch_size_of(images, "training images (B, C, H, W)")?;
+        crate::kernels::adapt_engine();
         tw.prepare(self, batch);
         let pass = Pass::Train { reg: tw.reg };
         self.forward_pass(images.data(), batch, &mut tw.acts, pass);

@@ -111,6 +111,7 @@ impl ViT {
     ) -> Result<ForwardOutput> {
         let cfg = &self.config;
         let batch = self.batch_size_of(images, "input images (B, C, H, W)")?;
+        crate::kernels::adapt_engine();
         let (f, k) = (cfg.feature_dim(), cfg.num_classes);
         // The logits `(B, K)` and, where needed, the features `(B, F)`.
         let want_feats = k == 0 || capture.pre_logits;
@@ -316,11 +317,17 @@ mod tests {
                     let each = model.forward(&x, plain, &mut ws).unwrap();
                     // On the tile unit a task a thread here, of 1, 2 and 4 images; one
                     // image a task elsewhere.
-                    let tiles = crate::kernels::products_on_tiles();
                     assert_eq!(images_per_task(batch, 2, true), batch / 2);
                     assert_eq!(images_per_task(batch, 2, false), 1);
-                    let tasks = batch / images_per_task(batch, 2, tiles);
-                    assert_eq!(ws.images.len(), tasks, "not run image by image");
+                    let tasks = |tiles| batch / images_per_task(batch, 2, tiles);
+                    // Where the engine follows the tile unit's speed, another test's forward
+                    // may have moved it since this one ran.
+                    let ran = if crate::kernels::gemm_adaptive() {
+                        [tasks(true), tasks(false)].contains(&ws.images.len())
+                    } else {
+                        ws.images.len() == tasks(crate::kernels::products_on_tiles())
+                    };
+                    assert!(ran, "not run image by image: {} tasks", ws.images.len());
                     let all = Capture {
                         attentions: true,
                         pre_logits: true,

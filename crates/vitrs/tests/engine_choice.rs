@@ -1,0 +1,125 @@
+//! The choice between the AMX tile unit and the AVX-512 FMA kernel (`kernels::adapt_engine`):
+//! by default on an AMX CPU the engine follows the tile unit's speed, a pinned choice
+//! (`VITRS_AMX=0|1`, `amx::set_enabled`) stays, and a weight packed for the tiles gives the
+//! same products when they run on the FMA kernel instead (it is packed a second time for it).
+//! The choice is a process-wide switch, so this file is its own test binary with one test.
+
+use vitrs::kernels::gemm::{linear_packed, linear_ref, Epilogue, PackedLinear};
+use vitrs::kernels::{gemm_adaptive, isa, max_abs_diff, products_on_tiles, Isa};
+use vitrs::{Capture, Gelu, Sizes, Tensor, ViT, ViTConfig, Workspace};
+
+fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = vitrs::model::Rng::new(seed);
+    (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) as f32).collect()
+}
+
+#[test]
+fn the_engine_follows_the_tile_unit_unless_pinned_and_packings_follow_the_engine() {
+    #[cfg(target_arch = "x86_64")]
+    use vitrs::kernels::amx;
+    #[cfg(target_arch = "x86_64")]
+    let tiles = isa() == Isa::Avx512 && amx::supported();
+    #[cfg(not(target_arch = "x86_64"))]
+    let tiles = false;
+    let pinned = std::env::var("VITRS_AMX").is_ok_and(|v| !v.is_empty() && v != "auto");
+    if !tiles {
+        println!(
+            "no tile unit on this rung ({}): the engine is fixed",
+            isa().name()
+        );
+        assert!(!gemm_adaptive() && !products_on_tiles());
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert_eq!(
+            gemm_adaptive(),
+            !pinned,
+            "VITRS_AMX pins the engine, else it adapts"
+        );
+        if !pinned {
+            // A look at the tile unit's speed picks an engine (either, on a shared host).
+            let on = amx::adapt();
+            assert_eq!(on, amx::enabled());
+            println!("the engine now: {}", vitrs::kernels::gemm_engine());
+        }
+
+        // A weight packed for the tiles, then read with the products on the FMA kernel.
+        assert!(amx::set_enabled(true));
+        assert!(!gemm_adaptive(), "set_enabled pins the choice");
+        let (m, k, n) = (197, 96, 160);
+        let (x, w, b) = (rand_vec(m * k, 1), rand_vec(n * k, 2), rand_vec(n, 3));
+        let packed = PackedLinear::new(&w, (n, k)).unwrap();
+        let on_tiles_bytes = packed.bytes();
+        let mut want = vec![0.0; m * n];
+        linear_ref(
+            &x,
+            &w,
+            Some(&b),
+            &mut want,
+            (m, k, n),
+            Epilogue::Gelu(Gelu::Exact),
+        );
+        let run = || {
+            let mut got = vec![0.0; m * n];
+            let epi = Epilogue::Gelu(Gelu::Exact);
+            linear_packed(&x, &w, Some(&packed), Some(&b), &mut got, (m, k, n), epi);
+            max_abs_diff(&got, &want)
+        };
+        let tol = 1e-5;
+        assert!(run() < tol, "on the tiles: {}", run());
+        assert_eq!(
+            packed.bytes(),
+            on_tiles_bytes,
+            "no second packing while on the tiles"
+        );
+        amx::set_enabled(false);
+        assert!(!products_on_tiles() && !gemm_adaptive());
+        assert!(run() < tol, "on the FMA kernel: {}", run());
+        let both = packed.bytes();
+        // f32 panels for the FMA kernel: 4 bytes an element (padded), beside 6 on the tiles.
+        assert!(
+            both >= on_tiles_bytes + 4 * n * k,
+            "{both} vs {on_tiles_bytes}"
+        );
+        assert!(run() < tol);
+        assert_eq!(packed.bytes(), both, "the FMA packing is made once");
+        amx::set_enabled(true);
+        assert!(run() < tol, "back on the tiles: {}", run());
+
+        // A model packed once for inference gives the same logits on either engine.
+        let cfg = ViTConfig::paper(Sizes {
+            image: (32, 32),
+            channels: 3,
+            patch: 8,
+            width: 64,
+            depth: 2,
+            heads: 4,
+            mlp: 128,
+            classes: 10,
+        });
+        let mut model = ViT::random(cfg, 7).unwrap();
+        // Every parameter random, the zero-initialised head too.
+        let params = model.params_mut().flat_mut();
+        let noise = rand_vec(params.len(), 8);
+        for (p, e) in params.iter_mut().zip(noise) {
+            *p += 0.1 * e;
+        }
+        model.pack_weights();
+        let x = Tensor::new(vec![2, 3, 32, 32], rand_vec(2 * 3 * 32 * 32, 4)).unwrap();
+        let mut ws = Workspace::new();
+        let mut logits = |on: bool| {
+            amx::set_enabled(on);
+            let out = model.forward(&x, Capture::default(), &mut ws).unwrap();
+            assert_eq!(products_on_tiles(), on, "forward kept the pinned engine");
+            out.logits.into_data()
+        };
+        let (a, b) = (logits(true), logits(false));
+        let d = max_abs_diff(&a, &b);
+        assert!(
+            d < 1e-4,
+            "logits on the tiles and on the FMA kernel differ by {d}"
+        );
+        assert!(a.iter().any(|v| *v != 0.0));
+    }
+}
