@@ -232,7 +232,7 @@ pub fn amx_peak(threads: usize, seconds: f64) -> Option<(f64, f64)> {
 /// on every compute thread, the slowest thread's ratio ([`super::amx::adapt`]'s measure: the
 /// threads split a product evenly, so the slowest sets its pace). `None` where the tiles
 /// cannot run the products.
-pub(crate) fn tile_advantage() -> Option<f64> {
+pub fn tile_advantage() -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -251,6 +251,16 @@ pub(crate) fn tile_advantage() -> Option<f64> {
     }
     #[cfg(not(target_arch = "x86_64"))]
     None
+}
+
+/// The [`tile_advantage`] from which the adaptive engine runs the products on the tile unit,
+/// and below which it moves them back to the FMA kernel (see [`super::amx::TILES_ON_FROM`]);
+/// infinite where there is no tile unit.
+pub fn tile_thresholds() -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    return (super::amx::TILES_ON_FROM, super::amx::TILES_OFF_BELOW);
+    #[cfg(not(target_arch = "x86_64"))]
+    (f64::INFINITY, f64::INFINITY)
 }
 
 /// [`tile_advantage`] on the calling thread: the best of six runs of 2048 tile products
