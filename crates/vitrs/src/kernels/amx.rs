@@ -30,7 +30,7 @@
 //! [`set_enabled`]) keeps the AVX-512 FMA kernel.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 
 use super::sgemm::{Aligned, MatRef, Out};
 
@@ -48,11 +48,35 @@ const STEP: usize = 6 * TILE;
 /// and 5 ahead ran `dw:6400x768x192` 9 % faster than none, 8 and 9 ahead 5 %).
 const PF: isize = 4;
 
-/// 0 not decided, 1 off, 2 on.
-static STATE: AtomicU8 = AtomicU8::new(0);
-/// The engine follows the tile unit's speed ([`adapt`]): set when `VITRS_AMX` is unset (or
-/// `auto`) on a CPU with the tiles, cleared by [`set_enabled`].
-static AUTO: AtomicBool = AtomicBool::new(false);
+/// The engine's state, one value so that a reader never sees half of a change: [`UNDECIDED`]
+/// until the first question; [`OFF`] or [`ON`] where pinned (`VITRS_AMX=0` or `1`,
+/// [`set_enabled`], or no tile unit); [`AUTO_OFF`] or [`AUTO_ON`] while it follows the tile
+/// unit's speed ([`adapt`]).
+static STATE: AtomicU8 = AtomicU8::new(UNDECIDED);
+const UNDECIDED: u8 = 0;
+const OFF: u8 = 1;
+const ON: u8 = 2;
+const AUTO_OFF: u8 = 3;
+const AUTO_ON: u8 = 4;
+
+/// [`STATE`], decided from `VITRS_AMX` and the CPU on the first call.
+fn state() -> u8 {
+    match STATE.load(Relaxed) {
+        UNDECIDED => {
+            let var = std::env::var("VITRS_AMX").unwrap_or_default();
+            let decided = if var == "0" || var == "off" || !supported() {
+                OFF
+            } else if var == "1" || var == "on" {
+                ON
+            } else {
+                AUTO_ON
+            };
+            let _ = STATE.compare_exchange(UNDECIDED, decided, Relaxed, Relaxed);
+            STATE.load(Relaxed)
+        }
+        s => s,
+    }
+}
 
 /// Whether the products take the AMX path now: the CPU has AMX-TILE and AMX-BF16 (and
 /// AVX-512 F + BW + BF16, for the packing), Linux granted the tile data, `VITRS_AMX=0` (or
@@ -60,35 +84,19 @@ static AUTO: AtomicBool = AtomicBool::new(false);
 /// [`set_enabled`]`(true)`) pinned it on — [`adapt`]'s last look at the tile unit found it
 /// faster than the FMA kernel.
 pub fn enabled() -> bool {
-    match STATE.load(Relaxed) {
-        0 => {
-            let var = std::env::var("VITRS_AMX").unwrap_or_default();
-            let off = var == "0" || var == "off";
-            let on = !off && supported();
-            let auto = on && var != "1" && var != "on";
-            if STATE
-                .compare_exchange(0, if on { 2 } else { 1 }, Relaxed, Relaxed)
-                .is_ok()
-            {
-                AUTO.store(auto, Relaxed);
-            }
-            STATE.load(Relaxed) == 2
-        }
-        s => s == 2,
-    }
+    matches!(state(), ON | AUTO_ON)
 }
 
 /// Whether the tile unit may run the products at all: [`supported`], and not turned off by
 /// `VITRS_AMX=0` or [`set_enabled`]`(false)` (it may be off for now, see [`adapt`]).
 pub fn available() -> bool {
-    enabled() || AUTO.load(Relaxed)
+    state() != OFF
 }
 
 /// Whether the engine follows the tile unit's speed ([`adapt`]), as by default on a CPU with
 /// the tiles.
 pub fn adaptive() -> bool {
-    enabled();
-    AUTO.load(Relaxed)
+    matches!(state(), AUTO_OFF | AUTO_ON)
 }
 
 /// Turns the AMX path on (where the CPU and OS allow it) or off, for the whole process, as
@@ -98,9 +106,7 @@ pub fn adaptive() -> bool {
 /// is on now.
 pub fn set_enabled(on: bool) -> bool {
     let on = on && supported();
-    enabled();
-    AUTO.store(false, Relaxed);
-    STATE.store(if on { 2 } else { 1 }, Relaxed);
+    STATE.store(if on { ON } else { OFF }, Relaxed);
     on
 }
 
@@ -156,11 +162,16 @@ pub fn adapt() -> bool {
     let Some(advantage) = super::peak::tile_advantage() else {
         return enabled();
     };
-    let on = choose(enabled(), advantage);
-    // Not through `set_enabled`, which would pin the choice; a pinning call since the look
+    let now = state();
+    let next = if choose(now == AUTO_ON, advantage) {
+        AUTO_ON
+    } else {
+        AUTO_OFF
+    };
+    // Only from a state that still follows the tile unit: a pinning call since the look
     // above wins.
-    if AUTO.load(Relaxed) {
-        STATE.store(if on { 2 } else { 1 }, Relaxed);
+    if matches!(now, AUTO_OFF | AUTO_ON) {
+        let _ = STATE.compare_exchange(now, next, Relaxed, Relaxed);
     }
     enabled()
 }

@@ -119,10 +119,12 @@ impl PackedLinear {
         if p.usable(isa) {
             return Some(p);
         }
-        if isa != Isa::Avx512 || !p.on_tiles() || w.len() != n * k {
+        if isa != Isa::Avx512 || !p.on_tiles() {
             return None;
         }
-        // SAFETY: `w` holds (n, k) row-major (checked above), read as B (k, n) = Wᵀ.
+        debug_assert!(w.len() >= n * k);
+        // SAFETY: `w` holds (n, k) row-major (its length checked by the caller, `linear_parts`),
+        // read as B (k, n) = Wᵀ.
         self.fma
             .get_or_init(|| unsafe { PackedB::new_fma(isa, transposed(w, k), k, n) })
             .as_ref()
