@@ -223,14 +223,14 @@ pub(crate) struct PackedB {
 }
 
 impl PackedB {
-    /// Packs `b`, a `(k, n)` matrix with its strides.
+    /// Packs `b`, a `(k, n)` matrix with its strides, into `data` (grown as needed; a buffer
+    /// reused from an earlier packing, or a new one).
     ///
     /// # Safety
     /// `b` must address a `(k, n)` matrix with its strides; [`supported`] must be true.
-    pub(crate) unsafe fn new(b: MatRef, k: usize, n: usize) -> Self {
+    pub(crate) unsafe fn new_in(b: MatRef, k: usize, n: usize, mut data: Aligned<u16>) -> Self {
         let steps = k.div_ceil(KS);
         let panels = n.div_ceil(NR);
-        let mut data = Aligned::<u16>::default();
         data.ensure(panels * steps * STEP);
         pack_b(b, k, n, steps, data.slice_mut().as_mut_ptr());
         PackedB { steps, data }
@@ -238,6 +238,11 @@ impl PackedB {
 
     pub(crate) fn bytes(&self) -> usize {
         self.data.slice().len() * 2
+    }
+
+    /// The packing's buffer, for [`Self::new_in`].
+    pub(crate) fn into_data(self) -> Aligned<u16> {
+        self.data
     }
 }
 

@@ -13,7 +13,7 @@
 
 use super::math::tanh_inplace;
 use super::sgemm::{gemm, gemm_gather, gemm_row_sums, BRef, Gather, MatRef, Out, PackedB};
-use super::{team, Isa, Split, SyncPtr};
+use super::{team, EvenSplit, Isa, Split, SyncPtr};
 use crate::config::Gelu;
 use std::sync::OnceLock;
 
@@ -67,6 +67,67 @@ const TILE_COLUMNS_MAX_K: usize = 768;
 
 /// The weight gradient splits its sum over rows among the threads from this many rows each.
 const DW_MIN_ROWS_PER_THREAD: usize = 256;
+
+/// Parts per thread of a product's rows where they are many (a training step's 6400), and
+/// the fewest rows a part keeps: the threads claim the parts as they finish, so a core that
+/// runs slower than the other for a while (a tile unit at half speed, a busy neighbour) does
+/// fewer of them instead of holding the others up at the end. Split in as many parts as
+/// threads, each waited for the slowest; on an AVX-512 Xeon whose two cores' tile units ran
+/// at different speeds for seconds at a time, the bench-train products ran up to 1.75× faster
+/// in four parts a thread (alternating within one process) and lost 0–4 % where the cores ran
+/// alike.
+const ROW_PARTS_PER_THREAD: usize = 4;
+const ROW_PART_MIN: usize = 256;
+
+/// Rows of the tile unit's register tile: the parts of a product that runs there are whole
+/// multiples of it, so that none but the last ends in a partial tile.
+const TILE_UNIT_ROWS: usize = 32;
+
+/// The parts of a product's `rows` for `threads` threads that split its rows, where there are
+/// more than threads (see [`ROW_PARTS_PER_THREAD`]): whole `align`-row tiles each, as even as
+/// they go.
+fn row_split(rows: usize, threads: usize, align: usize) -> Option<EvenSplit> {
+    let parts = threads * ROW_PARTS_PER_THREAD;
+    (threads > 1 && rows >= parts * ROW_PART_MIN).then(|| EvenSplit::new(rows, parts, align))
+}
+
+/// The row tile of an `(m, n, k)` product's kernel on rung `isa` (B unpacked, or packed by
+/// [`shared_packing`]): the tile unit's, or the FMA kernel's.
+fn tile_rows(isa: Isa, (m, n, k): (usize, usize, usize)) -> usize {
+    if super::sgemm::on_tiles_for(isa, m, n, k) {
+        TILE_UNIT_ROWS
+    } else {
+        super::sgemm::product_geometry(isa, n).mr
+    }
+}
+
+thread_local! {
+    /// The weight packed by the caller for the parts of one product that all read it
+    /// ([`shared_packing`]), its buffers reused by the next.
+    static SHARED_PACKED: std::cell::RefCell<Option<PackedB>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `f` with `B (k, n)` packed once on the calling thread for the tile unit, where the parts of
+/// a product of `rows` rows each would run there (each part would otherwise convert all of B
+/// to the tile unit's pieces itself), else with `None` (the FMA kernels pack their panels per
+/// part, a plain copy, and read some products' B in place).
+fn shared_packing<R>(
+    isa: Isa,
+    b: MatRef,
+    (k, n): (usize, usize),
+    rows: usize,
+    f: impl FnOnce(Option<&PackedB>) -> R,
+) -> R {
+    if !super::sgemm::on_tiles_for(isa, rows, n, k) {
+        return f(None);
+    }
+    let old = SHARED_PACKED.with(|p| p.borrow_mut().take());
+    // SAFETY: the caller's `b` addresses a `(k, n)` matrix with its strides.
+    let packed = unsafe { PackedB::repack(old, isa, b, (k, n), rows) };
+    let r = f(packed.as_ref());
+    SHARED_PACKED.with(|p| *p.borrow_mut() = packed);
+    r
+}
 
 thread_local! {
     /// The calling thread's partial weight gradients of the other threads, reused.
@@ -235,7 +296,11 @@ fn linear_parts(
     let packed = packed.and_then(|p| p.for_engine(isa, w, (k, n)));
     let threads = team::threads();
     let outp = SyncPtr(out.as_mut_ptr());
-    let run = |rows: (usize, usize), cols: (usize, usize), edge: Option<Edge>, pieces: Pieces| {
+    let run_with = |packed: Option<&PackedB>,
+                    rows: (usize, usize),
+                    cols: (usize, usize),
+                    edge: Option<Edge>,
+                    pieces: Pieces| {
         // SAFETY: the ranges of a `Split` are disjoint, so each task writes its own
         // sub-matrix of `out` (and its own columns of an `EdgeSplit`'s rows); `x`, `w` and
         // `packed` are only read.
@@ -266,6 +331,7 @@ fn linear_parts(
             }
         }
     };
+    let run = |rows, cols, edge, pieces| run_with(packed, rows, cols, edge, pieces);
     // Few rows: split the columns in whole panels; each thread reads only its panels of W.
     // On the tile unit for a large weight at a small batch (see `TILE_COLUMNS_MIN`); on the
     // FMA kernels only when the rows would give a thread fewer than `FMA_ROW_TILES_MIN` tiles
@@ -282,6 +348,24 @@ fn linear_parts(
     let geometry = super::sgemm::product_geometry(isa, n);
     let few_rows = m < threads * FMA_ROW_TILES_MIN * geometry.mr;
     let by_cols = n >= m && if on_tiles { tiles_by_cols } else { few_rows };
+    // Many rows: more parts than threads (see `ROW_PARTS_PER_THREAD`), all reading one packing
+    // of the weight.
+    let each = m / (threads * ROW_PARTS_PER_THREAD);
+    let align = match packed {
+        Some(p) if p.on_tiles() => TILE_UNIT_ROWS,
+        Some(_) => geometry.mr,
+        None => tile_rows(isa, (each, n, k)),
+    };
+    if let Some(s) = row_split(m, threads, align).filter(|_| !alone && !by_cols) {
+        let each = |packed: Option<&PackedB>| {
+            team::for_each(s.count, |i| run_with(packed, s.get(i), (0, n), None, None));
+        };
+        match packed {
+            Some(p) => each(Some(p)),
+            None => shared_packing(isa, transposed(w, k), (k, n), m / s.count, each),
+        }
+        return (m, m);
+    }
     // The rows split among the threads and a partial last tile: its rows split by columns, in
     // the same pass over the weight (see `EdgeSplit`), on the tile unit and on the FMA
     // kernels with a packed weight. On the FMA kernels at batch 1 (197 rows: 32 whole 6-row
@@ -794,24 +878,43 @@ fn dx_times(
     let small = threads == 1 || m * n * k < PARALLEL_MIN_MACS;
     // dx (m, k) = dy (m, n) · W (n, k): W is B with contiguous rows.
     let dxp = SyncPtr(dx.as_mut_ptr());
-    let run = |(r0, r1): (usize, usize), (c0, c1): (usize, usize)| unsafe {
-        // SAFETY: disjoint blocks of dx (ranges of one `Split`).
-        let a = MatRef {
-            ptr: dy.as_ptr().add(r0 * n),
-            rs: n as isize,
-            cs: 1,
+    let run_with =
+        |packed: Option<&PackedB>, (r0, r1): (usize, usize), (c0, c1): (usize, usize)| unsafe {
+            // SAFETY: disjoint blocks of dx (ranges of one `Split`).
+            let a = MatRef {
+                ptr: dy.as_ptr().add(r0 * n),
+                rs: n as isize,
+                cs: 1,
+            };
+            let b = match packed {
+                Some(p) => BRef::Packed(p, c0),
+                None => BRef::Mat(MatRef {
+                    ptr: w.as_ptr().add(c0),
+                    rs: k as isize,
+                    cs: 1,
+                }),
+            };
+            let o = Out {
+                times: times.map(|t| t.as_ptr().add(r0 * k + c0)),
+                ..Out::plain(dxp.get().add(r0 * k + c0), k as isize)
+            };
+            gemm(isa, r1 - r0, c1 - c0, n, a, b, o);
         };
-        let b = MatRef {
-            ptr: w.as_ptr().add(c0),
+    let run = |rows, cols| run_with(None, rows, cols);
+    // Many rows: more parts than threads (see `ROW_PARTS_PER_THREAD`), all reading one
+    // packing of W.
+    let align = tile_rows(isa, (m / (threads * ROW_PARTS_PER_THREAD), k, n));
+    if let Some(s) = row_split(m, threads, align).filter(|_| !small && k < m) {
+        let wm = MatRef {
+            ptr: w.as_ptr(),
             rs: k as isize,
             cs: 1,
         };
-        let o = Out {
-            times: times.map(|t| t.as_ptr().add(r0 * k + c0)),
-            ..Out::plain(dxp.get().add(r0 * k + c0), k as isize)
-        };
-        gemm(isa, r1 - r0, c1 - c0, n, a, BRef::Mat(b), o);
-    };
+        shared_packing(isa, wm, (n, k), m / s.count, |packed| {
+            team::for_each(s.count, |i| run_with(packed, s.get(i), (0, k)))
+        });
+        return;
+    }
     for_blocks((m, k), small, k >= m, g, run);
 }
 
@@ -826,11 +929,25 @@ thread_local! {
     static DX_PACKED: std::cell::RefCell<Option<PackedB>> = const { std::cell::RefCell::new(None) };
 }
 
-/// `dx (m, k) = dy (m, n) · W (n, k)` without writing `dx` anywhere: the threads split the
-/// rows, and each computes its share a block of [`DX_BLOCK_ROWS`] rows at a time into a
-/// scratch block that it hands to `then(part, r0, block)` — `block (rows, k)` holding rows
-/// `r0..r0 + rows`, `part < team::threads()` the thread's share (every block of a share goes
-/// to the same thread, in order) — while the block is in cache: the LayerNorm backward that
+/// How [`linear_dx_blocks`] splits `m` rows for `threads` threads: one part per thread in
+/// whole blocks, or where they are many more parts in whole tiles (see [`row_split`]; the
+/// tile unit's, a multiple of the FMA kernels' too).
+fn dx_block_parts(m: usize, threads: usize) -> EvenSplit {
+    row_split(m, threads, TILE_UNIT_ROWS)
+        .unwrap_or_else(|| EvenSplit::new(m, threads, DX_BLOCK_ROWS))
+}
+
+/// The parts [`linear_dx_blocks`] hands its blocks to (`part` below it): one per thread, or
+/// more where the rows are many (see [`row_split`]).
+pub(crate) fn linear_dx_parts(m: usize) -> usize {
+    dx_block_parts(m, team::threads()).count
+}
+
+/// `dx (m, k) = dy (m, n) · W (n, k)` without writing `dx` anywhere: the rows are split in
+/// parts the threads claim, and each part is computed a block of [`DX_BLOCK_ROWS`] rows at a
+/// time into a scratch block handed to `then(part, r0, block)` — `block (rows, k)` holding
+/// rows `r0..r0 + rows`, `part <` [`linear_dx_parts`]`(m)` (every block of a part goes to the
+/// same thread, in order) — while the block is in cache: the LayerNorm backward that
 /// consumes a linear layer's input gradient reads it from there instead of from memory. W is
 /// packed once for every block.
 ///
@@ -853,7 +970,7 @@ pub(crate) fn linear_dx_blocks(
         rs: k as isize,
         cs: 1,
     };
-    let s = Split::new(m, team::threads(), DX_BLOCK_ROWS);
+    let s = dx_block_parts(m, team::threads());
     let old = DX_PACKED.with(|p| p.borrow_mut().take());
     // On the tile unit where a thread's share of the rows, unblocked, would run there.
     // SAFETY: `wm` addresses W (n, k), read as B (n, k) with contiguous rows.
@@ -1118,6 +1235,9 @@ mod tests {
             // row tile partial, 64 columns (6 × 64 tiles) and 128 (8 × 32).
             (1600, 64, 70),
             (2000, 128, 50),
+            // Rows enough for four parts a thread (see `row_split`): the input gradient's parts
+            // share one packing of W (on the tile unit where the CPU has one), ragged.
+            (3300, 160, 130),
         ] {
             let dy = rand_vec(m * n, 1);
             let x = rand_vec(m * k, 2);
@@ -1162,7 +1282,15 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            for &(m, k, n) in &[(5, 7, 3), (1000, 64, 192), (700, 192, 576), (333, 40, 1200)] {
+            // The last two: four parts a thread on 2 and 3 threads (see `row_split`).
+            for &(m, k, n) in &[
+                (5, 7, 3),
+                (1000, 64, 192),
+                (700, 192, 576),
+                (333, 40, 1200),
+                (2300, 40, 64),
+                (3300, 160, 130),
+            ] {
                 let dy = rand_vec(m * n, 51);
                 let w = rand_vec(n * k, 52);
                 let mut want = vec![0.0; m * k];
@@ -1170,8 +1298,18 @@ mod tests {
                 let seen = std::sync::Mutex::new(vec![usize::MAX; m]);
                 pool.install(|| {
                     linear_dx(&dy, &w, &mut want, (m, k, n));
+                    let parts = linear_dx_parts(m);
+                    let many = threads > 1 && m >= threads * ROW_PARTS_PER_THREAD * ROW_PART_MIN;
+                    assert_eq!(
+                        parts,
+                        if many {
+                            4 * threads
+                        } else {
+                            threads.min(m.div_ceil(DX_BLOCK_ROWS))
+                        }
+                    );
                     linear_dx_blocks(&dy, &w, (m, k, n), |part, r0, block| {
-                        assert!(part < team::threads() && block.len().is_multiple_of(k));
+                        assert!(part < parts && block.len().is_multiple_of(k));
                         let rows = block.len() / k;
                         got.lock().unwrap()[r0 * k..(r0 + rows) * k].copy_from_slice(block);
                         let mut seen = seen.lock().unwrap();
@@ -1304,6 +1442,9 @@ mod tests {
                 (300, 200, 192),
                 (394, 64, 160),
                 (197, 500, 608),
+                // Four parts a thread (see `row_split`), their weight packed once for all (on
+                // the tile unit where the CPU has one) or packed beforehand.
+                (3300, 160, 130),
             ] {
                 let x = rand_vec(m * k, 1);
                 let w = rand_vec(n * k, 2);

@@ -284,6 +284,38 @@ pub fn relative_l2_diff(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// `0..len` in `count` ranges of whole `align` units (the last range may end short), their
+/// unit counts differing by one at most — unlike [`Split`], whose ranges are all as long as
+/// the first but the last (6400 rows in 8 parts of 96-row units: `Split` 7 × 864 + 352,
+/// this one 768 or 864 each). For parts that the threads claim as they finish.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EvenSplit {
+    len: usize,
+    align: usize,
+    units: usize,
+    pub count: usize,
+}
+
+impl EvenSplit {
+    pub fn new(len: usize, parts: usize, align: usize) -> Self {
+        let align = align.max(1);
+        let units = len.div_ceil(align);
+        // No ranges for nothing; else at least one, at most one per unit.
+        let count = if units == 0 { 0 } else { parts.clamp(1, units) };
+        EvenSplit {
+            len,
+            align,
+            units,
+            count,
+        }
+    }
+
+    pub fn get(&self, i: usize) -> (usize, usize) {
+        let at = |i: usize| (i * self.units / self.count * self.align).min(self.len);
+        (at(i), at(i + 1))
+    }
+}
+
 /// A strided matrix operand: pointer, row stride, column stride (in elements).
 pub(crate) type Strided<P> = (P, isize, isize);
 
@@ -368,6 +400,43 @@ mod tests {
         assert_eq!(relative_l2_diff(&a, &[f32::NAN, 4.0]), f32::INFINITY);
         assert_eq!(relative_l2_diff(&a, &[3.0]), f32::INFINITY);
         assert_eq!(relative_l2_diff(&[0.0], &[1.0]), f32::INFINITY);
+    }
+
+    #[test]
+    fn even_split_covers_everything_once_in_near_equal_whole_units() {
+        for (len, parts, align) in [
+            (6400, 8, 32),
+            (6400, 8, 96),
+            (2300, 12, 12),
+            (10, 4, 1),
+            (3, 8, 4),
+            (0, 2, 1),
+            (97, 3, 32),
+        ] {
+            let r = EvenSplit::new(len, parts, align);
+            let units: Vec<usize> = (0..r.count)
+                .map(|i| r.get(i))
+                .map(|(s, e)| (e - s).div_ceil(align))
+                .collect();
+            let mut next = 0;
+            for (i, (s, e)) in (0..r.count).map(|i| r.get(i)).enumerate() {
+                assert_eq!(s, next, "{len}/{parts}/{align}");
+                assert!(e > s, "{len}/{parts}/{align}");
+                assert!(
+                    s % align == 0 && (e == len || e % align == 0),
+                    "{len}/{parts}/{align}: part {i}"
+                );
+                next = e;
+            }
+            assert_eq!(next, len);
+            assert!(r.count <= parts && (len == 0 || r.count >= 1));
+            let (lo, hi) = (units.iter().min(), units.iter().max());
+            assert!(
+                hi.zip(lo).is_none_or(|(h, l)| h - l <= 1),
+                "{len}/{parts}/{align}: {units:?}"
+            );
+        }
+        assert_eq!(EvenSplit::new(6400, 8, 32).get(3), (2400, 3200));
     }
 
     #[test]

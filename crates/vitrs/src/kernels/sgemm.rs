@@ -440,11 +440,11 @@ impl PackedB {
         Self::pack(isa, amx, b, k, n, Aligned::default())
     }
 
-    /// [`Self::new`] into the buffer of `old` where it has one (the FMA kernels' packing):
-    /// a product that packs its B once per call (the backward's input gradient, a block of
-    /// rows at a time), without allocating and zeroing a fresh buffer each time. For the tile
-    /// unit only where a product of `rows` rows would run there ([`amx_worth`]), as it would
-    /// have unpacked.
+    /// [`Self::new`] into the buffers of `old`: a product that packs its B once per call for
+    /// its parts (the backward's input gradient, a block of rows at a time; a training
+    /// forward's row parts), without allocating and zeroing fresh buffers each time. For the
+    /// tile unit only where a product of `rows` rows would run there ([`amx_worth`]), as it
+    /// would have unpacked.
     ///
     /// # Safety
     /// As [`Self::new`].
@@ -455,12 +455,36 @@ impl PackedB {
         (k, n): (usize, usize),
         rows: usize,
     ) -> Option<Self> {
-        let amx = isa == Isa::Avx512 && amx_enabled() && amx_worth(rows, n, k);
-        let buf = match old {
-            Some(p) if p.amx.is_none() => p.data,
-            _ => Aligned::default(),
+        let amx = on_tiles_for(isa, rows, n, k);
+        let (data, tiles) = match old {
+            Some(p) => (p.data, p.amx),
+            None => (Aligned::default(), None),
         };
-        Self::pack(isa, amx, b, k, n, buf)
+        #[cfg(target_arch = "x86_64")]
+        if amx {
+            let tiles = tiles.map_or_else(Aligned::default, super::amx::PackedB::into_data);
+            return Some(Self::on_tiles_in(isa, b, k, n, tiles));
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = tiles;
+        Self::pack(isa, false, b, k, n, data)
+    }
+
+    /// A packing for the tile unit, into `tiles` (grown as needed).
+    ///
+    /// # Safety
+    /// As [`Self::new`], with the tile unit on.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn on_tiles_in(isa: Isa, b: MatRef, k: usize, n: usize, tiles: Aligned<u16>) -> Self {
+        PackedB {
+            isa,
+            nr: super::amx::NR,
+            kc: geometry(isa).kc,
+            k,
+            n,
+            data: Aligned::default(),
+            amx: Some(super::amx::PackedB::new_in(b, k, n, tiles)),
+        }
     }
 
     /// [`Self::new`] for the rung's FMA kernel, also where the tile unit is on.
@@ -489,15 +513,7 @@ impl PackedB {
         let _ = amx;
         #[cfg(target_arch = "x86_64")]
         if amx {
-            return Some(PackedB {
-                isa,
-                nr: super::amx::NR,
-                kc: g.kc,
-                k,
-                n,
-                data: Aligned::default(),
-                amx: Some(super::amx::PackedB::new(b, k, n)),
-            });
+            return Some(Self::on_tiles_in(isa, b, k, n, Aligned::default()));
         }
         let nr = panel_width(isa, n);
         let kc = inner_block(&g, k, n, nr);
@@ -1163,6 +1179,12 @@ fn amx_enabled() -> bool {
     return super::amx::enabled();
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// Whether a product of `(m, n, k)` on rung `isa` runs on the tile unit (with B unpacked, or
+/// packed by [`PackedB::repack`] for it).
+pub(crate) fn on_tiles_for(isa: Isa, m: usize, n: usize, k: usize) -> bool {
+    isa == Isa::Avx512 && amx_enabled() && amx_worth(m, n, k)
 }
 
 /// Whether a product is large enough for the tile unit's 32 × 32 × 32 steps to pay (both

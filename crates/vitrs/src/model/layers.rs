@@ -13,7 +13,7 @@ use crate::kernels::gemm::{
 use crate::kernels::layernorm::{
     add_partials, layernorm, layernorm_backward, layernorm_backward_rows, layernorm_train, LnSaved,
 };
-use crate::kernels::{team, SyncPtr};
+use crate::kernels::SyncPtr;
 
 /// Sizes one activation buffer: `f(buffer, floats)`. The workspaces pass a closure that
 /// resizes, the memory estimates one that only counts, so both read the same list.
@@ -266,8 +266,8 @@ impl ViT {
     ) {
         let d = l.inp;
         let gamma = self.params.slice(&nv.w);
-        // One `[dγ | dβ]` per thread's share of the rows.
-        let len = team::threads() * 2 * d;
+        // One `[dγ | dβ]` per part of the rows.
+        let len = crate::kernels::gemm::linear_dx_parts(rows) * 2 * d;
         partials.clear();
         partials.resize(len, 0.0);
         crate::kernels::check_len("linear_norm_grad: dx", dx.len(), rows * d);
@@ -278,7 +278,7 @@ impl ViT {
             let n = block.len() / d;
             let (at, stats) = (r0 * d..(r0 + n) * d, r0..r0 + n);
             // SAFETY: the blocks are disjoint rows of dx (checked to hold every row), and
-            // share `part` (< team::threads()) is one thread's alone.
+            // part `part` (< linear_dx_parts) is one thread's alone.
             let (dxr, partial) = unsafe {
                 let dxr = std::slice::from_raw_parts_mut(dxp.get().add(r0 * d), n * d);
                 (
