@@ -1235,6 +1235,9 @@ mod tests {
             // row tile partial, 64 columns (6 × 64 tiles) and 128 (8 × 32).
             (1600, 64, 70),
             (2000, 128, 50),
+            // Parts of 800 rows summed into 200 (dYᵀ packed): the sum in blocks of 384 steps
+            // and a partial one on the AVX-512 FMA kernel.
+            (2400, 40, 200),
             // Rows enough for four parts a thread (see `row_split`): the input gradient's parts
             // share one packing of W (on the tile unit where the CPU has one), ragged.
             (3300, 160, 130),
