@@ -1285,7 +1285,8 @@ mod tests {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            // The last two: four parts a thread on 2 and 3 threads (see `row_split`).
+            // The last two: four parts a thread on 2 threads, the last one on 3 too (see
+            // `row_split`).
             for &(m, k, n) in &[
                 (5, 7, 3),
                 (1000, 64, 192),
