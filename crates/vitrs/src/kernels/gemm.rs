@@ -84,11 +84,12 @@ const ROW_PART_MIN: usize = 256;
 const TILE_UNIT_ROWS: usize = 32;
 
 /// The parts of a product's `rows` for `threads` threads that split its rows, where there are
-/// more than threads (see [`ROW_PARTS_PER_THREAD`]): whole `align`-row tiles each, as even as
-/// they go.
-fn row_split(rows: usize, threads: usize, align: usize) -> Option<EvenSplit> {
+/// more than threads (see [`ROW_PARTS_PER_THREAD`]): whole tiles each, as even as they go, of
+/// `align(rows in a part)` rows.
+fn row_split(rows: usize, threads: usize, align: impl FnOnce(usize) -> usize) -> Option<EvenSplit> {
     let parts = threads * ROW_PARTS_PER_THREAD;
-    (threads > 1 && rows >= parts * ROW_PART_MIN).then(|| EvenSplit::new(rows, parts, align))
+    (threads > 1 && rows >= parts * ROW_PART_MIN)
+        .then(|| EvenSplit::new(rows, parts, align(rows / parts)))
 }
 
 /// The row tile of an `(m, n, k)` product's kernel on rung `isa` (B unpacked, or packed by
@@ -103,14 +104,34 @@ fn tile_rows(isa: Isa, (m, n, k): (usize, usize, usize)) -> usize {
 
 thread_local! {
     /// The weight packed by the caller for the parts of one product that all read it
-    /// ([`shared_packing`]), its buffers reused by the next.
-    static SHARED_PACKED: std::cell::RefCell<Option<PackedB>> = const { std::cell::RefCell::new(None) };
+    /// ([`with_packing`]), its buffers reused by the next.
+    static CALL_PACKED: std::cell::RefCell<Option<PackedB>> = const { std::cell::RefCell::new(None) };
 }
 
-/// `f` with `B (k, n)` packed once on the calling thread for the tile unit, where the parts of
-/// a product of `rows` rows each would run there (each part would otherwise convert all of B
-/// to the tile unit's pieces itself), else with `None` (the FMA kernels pack their panels per
-/// part, a plain copy, and read some products' B in place).
+/// `f` with `B (k, n)` packed once on the calling thread for the parts of one product (for the
+/// tile unit where a product of `rows` rows would run there; [`PackedB::repack`]), into the
+/// buffers the last call's packing left; `None` on the portable rung.
+///
+/// # Safety
+/// `b` must address a `(k, n)` matrix with its strides.
+unsafe fn with_packing<R>(
+    isa: Isa,
+    b: MatRef,
+    (k, n): (usize, usize),
+    rows: usize,
+    f: impl FnOnce(Option<&PackedB>) -> R,
+) -> R {
+    let old = CALL_PACKED.with(|p| p.borrow_mut().take());
+    let packed = PackedB::repack(old, isa, b, (k, n), rows);
+    let r = f(packed.as_ref());
+    CALL_PACKED.with(|p| *p.borrow_mut() = packed);
+    r
+}
+
+/// [`with_packing`] where the parts of a product of `rows` rows each would run on the tile unit
+/// (each part would otherwise convert all of B to the tile unit's pieces itself), else `f`
+/// with `None` (the FMA kernels pack their panels per part, a plain copy, and read some
+/// products' B in place).
 fn shared_packing<R>(
     isa: Isa,
     b: MatRef,
@@ -121,12 +142,8 @@ fn shared_packing<R>(
     if !super::sgemm::on_tiles_for(isa, rows, n, k) {
         return f(None);
     }
-    let old = SHARED_PACKED.with(|p| p.borrow_mut().take());
     // SAFETY: the caller's `b` addresses a `(k, n)` matrix with its strides.
-    let packed = unsafe { PackedB::repack(old, isa, b, (k, n), rows) };
-    let r = f(packed.as_ref());
-    SHARED_PACKED.with(|p| *p.borrow_mut() = packed);
-    r
+    unsafe { with_packing(isa, b, (k, n), rows, f) }
 }
 
 thread_local! {
@@ -350,11 +367,10 @@ fn linear_parts(
     let by_cols = n >= m && if on_tiles { tiles_by_cols } else { few_rows };
     // Many rows: more parts than threads (see `ROW_PARTS_PER_THREAD`), all reading one packing
     // of the weight.
-    let each = m / (threads * ROW_PARTS_PER_THREAD);
-    let align = match packed {
+    let align = |part_rows| match packed {
         Some(p) if p.on_tiles() => TILE_UNIT_ROWS,
         Some(_) => geometry.mr,
-        None => tile_rows(isa, (each, n, k)),
+        None => tile_rows(isa, (part_rows, n, k)),
     };
     if let Some(s) = row_split(m, threads, align).filter(|_| !alone && !by_cols) {
         let each = |packed: Option<&PackedB>| {
@@ -903,7 +919,7 @@ fn dx_times(
     let run = |rows, cols| run_with(None, rows, cols);
     // Many rows: more parts than threads (see `ROW_PARTS_PER_THREAD`), all reading one
     // packing of W.
-    let align = tile_rows(isa, (m / (threads * ROW_PARTS_PER_THREAD), k, n));
+    let align = |part_rows| tile_rows(isa, (part_rows, k, n));
     if let Some(s) = row_split(m, threads, align).filter(|_| !small && k < m) {
         let wm = MatRef {
             ptr: w.as_ptr(),
@@ -925,15 +941,13 @@ const DX_BLOCK_ROWS: usize = 96;
 thread_local! {
     /// The calling thread's block of [`linear_dx_blocks`], reused.
     static DX_BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// [`linear_dx_blocks`]'s packed weight, its buffer reused by the next call.
-    static DX_PACKED: std::cell::RefCell<Option<PackedB>> = const { std::cell::RefCell::new(None) };
 }
 
 /// How [`linear_dx_blocks`] splits `m` rows for `threads` threads: one part per thread in
 /// whole blocks, or where they are many more parts in whole tiles (see [`row_split`]; the
 /// tile unit's, a multiple of the FMA kernels' too).
 fn dx_block_parts(m: usize, threads: usize) -> EvenSplit {
-    row_split(m, threads, TILE_UNIT_ROWS)
+    row_split(m, threads, |_| TILE_UNIT_ROWS)
         .unwrap_or_else(|| EvenSplit::new(m, threads, DX_BLOCK_ROWS))
 }
 
@@ -971,50 +985,50 @@ pub(crate) fn linear_dx_blocks(
         cs: 1,
     };
     let s = dx_block_parts(m, team::threads());
-    let old = DX_PACKED.with(|p| p.borrow_mut().take());
-    // On the tile unit where a thread's share of the rows, unblocked, would run there.
+    let each = |packed_ref: Option<&PackedB>| {
+        team::for_each(s.count, |part| {
+            let mut block = DX_BLOCK.with(|b| std::mem::take(&mut *b.borrow_mut()));
+            if block.len() < DX_BLOCK_ROWS * k {
+                block.resize(DX_BLOCK_ROWS * k, 0.0);
+            }
+            let (p0, p1) = s.get(part);
+            // W packed, or in place (the portable rung); `wm` itself is not shared with the team.
+            let b = match packed_ref {
+                Some(p) => BRef::Packed(p, 0),
+                None => BRef::Mat(MatRef {
+                    ptr: w.as_ptr(),
+                    rs: k as isize,
+                    cs: 1,
+                }),
+            };
+            for r0 in (p0..p1).step_by(DX_BLOCK_ROWS) {
+                let rows = DX_BLOCK_ROWS.min(p1 - r0);
+                let a = MatRef {
+                    ptr: dy[r0 * n..].as_ptr(),
+                    rs: n as isize,
+                    cs: 1,
+                };
+                // SAFETY: A is rows r0.. of dy, B W (packed or in place), C this thread's block.
+                unsafe {
+                    gemm(
+                        isa,
+                        rows,
+                        k,
+                        n,
+                        a,
+                        b,
+                        Out::plain(block.as_mut_ptr(), k as isize),
+                    )
+                };
+                then(part, r0, &block[..rows * k]);
+            }
+            DX_BLOCK.with(|b| *b.borrow_mut() = block);
+        })
+    };
+    // W packed once for every block, on the tile unit where a part of the rows, unblocked,
+    // would run there.
     // SAFETY: `wm` addresses W (n, k), read as B (n, k) with contiguous rows.
-    let packed = unsafe { PackedB::repack(old, isa, wm, (n, k), s.get(0).1) };
-    let packed_ref = packed.as_ref();
-    team::for_each(s.count, |part| {
-        let mut block = DX_BLOCK.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        if block.len() < DX_BLOCK_ROWS * k {
-            block.resize(DX_BLOCK_ROWS * k, 0.0);
-        }
-        let (p0, p1) = s.get(part);
-        // W packed, or in place (the portable rung); `wm` itself is not shared with the team.
-        let b = match packed_ref {
-            Some(p) => BRef::Packed(p, 0),
-            None => BRef::Mat(MatRef {
-                ptr: w.as_ptr(),
-                rs: k as isize,
-                cs: 1,
-            }),
-        };
-        for r0 in (p0..p1).step_by(DX_BLOCK_ROWS) {
-            let rows = DX_BLOCK_ROWS.min(p1 - r0);
-            let a = MatRef {
-                ptr: dy[r0 * n..].as_ptr(),
-                rs: n as isize,
-                cs: 1,
-            };
-            // SAFETY: A is rows r0.. of dy, B W (packed or in place), C this thread's block.
-            unsafe {
-                gemm(
-                    isa,
-                    rows,
-                    k,
-                    n,
-                    a,
-                    b,
-                    Out::plain(block.as_mut_ptr(), k as isize),
-                )
-            };
-            then(part, r0, &block[..rows * k]);
-        }
-        DX_BLOCK.with(|b| *b.borrow_mut() = block);
-    });
-    DX_PACKED.with(|p| *p.borrow_mut() = packed);
+    unsafe { with_packing(isa, wm, (n, k), s.get(0).1, each) };
 }
 
 /// `dW (n, k) += dyᵀ (n, m) · x (m, k)`: the backward of a linear layer to its weight.

@@ -1353,25 +1353,23 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
     edge: Option<Edge>,
 ) {
     let nr = NV * S::LANES;
-    // A packed B was blocked when it was packed, by the same rule.
-    let kc_max = match b {
-        BRef::Packed(pb, _) => pb.kc,
-        BRef::Mat(_) => inner_block(&g, k, n, nr),
-    };
     // A transposed A read in place, step by step (see `transposed_in_place`).
     let strided_a = transposed_in_place(&g, m, k, a);
-    // A transposed A packed (a weight gradient's dYᵀ into more rows than `transposed_in_place`
-    // takes) and a B packed here: blocks of `KC_TARGET` steps, also where a larger L2 gives the forwards more (768
-    // on AVX-512 Xeons with 2 MiB). There, alternating within one process on the AVX-512 FMA
-    // kernel: bench-train's `dw:6400x192x576` and `dw:6400x192x768` +4 %, ViT-B/16's
-    // `dw:3152x768x768` +4 %, `dw:3152x768x2304` +4 %, `dw:3152x768x3072` +3 %,
-    // `dw:3152x3072x768` +12 % (192 and 256 steps alike; the forwards and input gradients at
-    // 384 moved −3 to +3.5 %, so they keep 768). Elsewhere the block is 384 already.
     let kc_max = match (a, b) {
+        // A packed B was blocked when it was packed, by the same rule.
+        (_, BRef::Packed(pb, _)) => pb.kc,
+        // A transposed A packed (a weight gradient's dYᵀ into more rows than
+        // `transposed_in_place` takes): blocks of `KC_TARGET` steps, also where a larger L2
+        // gives the forwards more (768 on AVX-512 Xeons with 2 MiB). There, alternating within
+        // one process on the AVX-512 FMA kernel: bench-train's `dw:6400x192x576` and
+        // `dw:6400x192x768` +4 %, ViT-B/16's `dw:3152x768x768` +4 %, `dw:3152x768x2304` +4 %,
+        // `dw:3152x768x3072` +3 %, `dw:3152x3072x768` +12 % (192 and 256 steps alike; the
+        // forwards and input gradients at 384 moved −3 to +3.5 %, so they keep 768).
+        // Elsewhere the block is 384 already.
         (ARef::Mat(am), BRef::Mat(_)) if am.rs == 1 && am.cs != 1 && !strided_a => {
-            kc_max.min(KC_TARGET)
+            inner_block(&g, k, n, nr).min(KC_TARGET)
         }
-        _ => kc_max,
+        (_, BRef::Mat(_)) => inner_block(&g, k, n, nr),
     };
     // All of B in L2, one block: A's row tiles read in place, each across every panel.
     let resident = kc_max >= k && b_resident(&g, k, n, nr);
