@@ -203,3 +203,38 @@ mod tests {
         }
     }
 }
+
+/// Asks Linux to back the whole 2 MiB pages inside `buf` with transparent huge pages, for
+/// buffers of at least [`HUGE_MIN`] bytes: a model's parameters and packed weights, which
+/// batch-1 inference streams from memory once per forward (ViT-B/16: 340 MB, 84 000 pages of
+/// 4 KiB), and which loading a checkpoint writes once, page fault by page fault. Most
+/// distributions leave transparent huge pages to `madvise` (`/sys/kernel/mm/
+/// transparent_hugepage/enabled`), so without the advice every page is 4 KiB. On a Zen 4 EPYC,
+/// ViT-B/16 at batch 1 (2 threads, 12 interleaved rounds): +2.5 % median; on an AVX-512
+/// Xeon, `vit predict` of one image with a ViT-B/16 file 0.444 → 0.339 s and `vit info` 0.165
+/// → 0.101 s (whole processes, 12 interleaved rounds: the 84 000 faults of the parameters'
+/// pages were a quarter of the load). Called before the buffer is first written (a fresh
+/// `vec!` of zeros is mapped lazily), so the pages are huge when they fault in. Only advice:
+/// where it is refused (the setting `never`, no Linux) nothing changes.
+pub(crate) fn advise_huge_pages<T>(buf: &[T]) {
+    let bytes = std::mem::size_of_val(buf);
+    if bytes < HUGE_MIN {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let p = buf.as_ptr() as usize;
+        let (start, end) = (p.div_ceil(HUGE) * HUGE, (p + bytes) / HUGE * HUGE);
+        if end > start {
+            // SAFETY: `start..end` lies inside `buf`'s allocation; MADV_HUGEPAGE changes how
+            // its pages are backed, never their contents. An error (an old kernel) is ignored.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+}
+
+/// Buffers smaller than this keep the allocator's pages (see [`advise_huge_pages`]).
+pub(crate) const HUGE_MIN: usize = 4 << 20;

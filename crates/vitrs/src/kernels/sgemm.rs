@@ -372,7 +372,7 @@ impl<T: Copy + Default> Aligned<T> {
         self.buf = vec![T::default(); len + pad];
         self.off = self.buf.as_ptr().align_offset(64).min(pad);
         self.len = len;
-        advise_huge_pages(&self.buf);
+        crate::alloc::advise_huge_pages(&self.buf);
     }
 
     pub(crate) fn slice(&self) -> &[T] {
@@ -383,38 +383,6 @@ impl<T: Copy + Default> Aligned<T> {
         &mut self.buf[self.off..self.off + self.len]
     }
 }
-
-/// Asks Linux to back the whole 2 MiB pages inside `buf` with transparent huge pages, for
-/// buffers of at least [`HUGE_MIN`] bytes: a model's packed weights, which batch-1 inference
-/// streams from memory once per forward (ViT-B/16: 340 MB, 84 000 pages of 4 KiB). Most
-/// distributions leave transparent huge pages to `madvise` (`/sys/kernel/mm/
-/// transparent_hugepage/enabled`), so without the advice every page is 4 KiB. On a Zen 4 EPYC,
-/// ViT-B/16 at batch 1 (2 threads, 12 interleaved rounds): +2.5 % median. Called before the
-/// buffer is first written (a fresh `vec!` of zeros is mapped lazily), so the pages are huge
-/// when they fault in. Only advice: where it is refused (the setting `never`, no Linux) nothing
-/// changes.
-fn advise_huge_pages<T>(buf: &[T]) {
-    let bytes = std::mem::size_of_val(buf);
-    if bytes < HUGE_MIN {
-        return;
-    }
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let p = buf.as_ptr() as usize;
-        let (start, end) = (p.div_ceil(HUGE) * HUGE, (p + bytes) / HUGE * HUGE);
-        if end > start {
-            // SAFETY: `start..end` lies inside `buf`'s allocation; MADV_HUGEPAGE changes how
-            // its pages are backed, never their contents. An error (an old kernel) is ignored.
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-}
-
-/// Buffers smaller than this keep the allocator's pages (see [`advise_huge_pages`]).
-const HUGE_MIN: usize = 4 << 20;
 
 impl std::fmt::Debug for PackedB {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -2696,7 +2664,7 @@ mod tests {
     #[test]
     fn a_buffer_advised_into_huge_pages_is_zeroed_aligned_and_whole() {
         // Large enough for whole 2 MiB pages inside it, whatever the allocator's offset.
-        let len = 3 * HUGE_MIN / 4;
+        let len = 3 * crate::alloc::HUGE_MIN / 4;
         let mut a = Aligned::<f32>::default();
         a.ensure(len);
         assert_eq!(a.slice().as_ptr() as usize % 64, 0);

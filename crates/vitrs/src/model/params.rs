@@ -259,8 +259,11 @@ impl Params {
             .enumerate()
             .map(|(i, e)| (e.name.clone(), i))
             .collect();
+        // Mapped lazily (zeroed pages), so the advice comes before any page is touched.
+        let data = vec![0.0; len];
+        crate::alloc::advise_huge_pages(&data);
         Params {
-            data: vec![0.0; len],
+            data,
             entries,
             index,
         }
