@@ -8,12 +8,13 @@
 //! two lines: two accesses for one load, and a third line touched by each stored tile row.
 //!
 //! Blocks of 4 MiB or more (activations, gradients and packings of a training step or a large
-//! batch, a model's parameters) are also advised into transparent huge pages before anything touches them: where Linux leaves huge pages to
-//! `madvise`, as most distributions do, they would otherwise be 4 KiB pages, a TLB miss every
-//! few rows of a product's operands. On an AVX-512 Xeon (2 threads, 8 interleaved rounds of
-//! whole processes): the bench-train step +2.5 % on the tile unit and +4.7 % on the FMA
-//! kernel, ViT-B/16 at batch 16 +10 %, ViT-Ti/16 at batch 16 +2.4 %, the fashion-mnist step
-//! +0.9 %; peak memory unchanged.
+//! batch, a model's parameters) are also advised into transparent huge pages as they are handed
+//! out, before anything touches them: where Linux leaves huge pages to `madvise`, as most
+//! distributions do, they would otherwise be 4 KiB pages, a TLB miss every few rows of a
+//! product's operands. On an AVX-512 Xeon (2 threads, 8 interleaved rounds of whole
+//! processes): the bench-train step +2.5 % on the tile unit and +4.7 % on the FMA kernel,
+//! ViT-B/16 at batch 16 +10 %, ViT-Ti/16 at batch 16 +2.4 %, the fashion-mnist step +0.9 %;
+//! peak memory unchanged. (A block grown past 4 MiB by reallocation keeps its pages.)
 //!
 //! The `vit` binary installs it; a program using the library opts in with
 //!

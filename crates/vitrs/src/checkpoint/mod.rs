@@ -570,9 +570,9 @@ const READ_CHUNK: usize = 1 << 20;
 /// returns their CRC-32 and whether every value is finite.
 ///
 /// On Unix the read is split into [`READ_CHUNK`] chunks that all threads read (`pread`),
-/// checksum and check while each is in cache: most of the cost of loading a large model is the kernel
-/// copying from the page cache and faulting in the destination pages, which is per-thread
-/// work (ViT-B, 330 MB: docs/perf.md). Elsewhere, one sequential read.
+/// checksum and check while each is in cache: most of the cost of loading a large model is
+/// the kernel copying from the page cache and faulting in the destination pages, which is
+/// per-thread work (ViT-B, 330 MB: docs/perf.md). Elsewhere, one sequential read.
 fn read_f32_section(
     path: &Path,
     offset: u64,
