@@ -640,14 +640,14 @@ fn finite_bytes(bytes: &[u8]) -> bool {
 
 /// Whether no value is NaN or ±Inf ([`finite_bytes`] of their bytes), over both cores for
 /// large tensors (a scalar early-exit loop was a fifth of loading ViT-B).
-fn all_finite(x: &[f32]) -> bool {
+pub(crate) fn all_finite(x: &[f32]) -> bool {
     use rayon::prelude::*;
-    // SAFETY: the bytes of `x`'s values, which outlive the view.
-    let bytes = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), x.len() * 4) };
     // The values' bytes are little-endian on a little-endian target; elsewhere test them.
     if cfg!(target_endian = "big") {
         return x.iter().all(|v| v.is_finite());
     }
+    // SAFETY: the bytes of `x`'s values, which outlive the view.
+    let bytes = unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), x.len() * 4) };
     if x.len() < 1 << 20 {
         return finite_bytes(bytes);
     }

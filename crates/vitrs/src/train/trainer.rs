@@ -428,11 +428,12 @@ impl Trainer {
     /// Writes the checkpoint atomically, keeping the one it replaces as [`PREV_CHECKPOINT`].
     fn save_checkpoint(&mut self) -> Result<()> {
         // Never replace a good checkpoint with a diverged model.
-        if let Some(e) = self.model.params().entries().iter().find(|e| {
-            self.model.params().flat()[e.range.clone()]
-                .iter()
-                .any(|v| !v.is_finite())
-        }) {
+        let params = self.model.params();
+        if let Some(e) = params
+            .entries()
+            .iter()
+            .find(|e| !crate::checkpoint::all_finite(&params.flat()[e.range.clone()]))
+        {
             return Err(self.diverged(&format!("parameter `{}` became NaN or Inf", e.name)));
         }
         if !self.writes() {
