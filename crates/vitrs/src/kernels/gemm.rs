@@ -1242,6 +1242,8 @@ mod tests {
             // Parts of more than 512 rows, x whole 32-column panels wide: on the AVX-512 rung's
             // FMA kernel, x is read in place.
             (2000, 64, 24),
+            // The same, x's rows longer than DW_X_IN_PLACE_MAX in sgemm (224 floats): packed.
+            (1200, 224, 200),
             // A last partial panel of dYᵀ (30 rows: three of 8 and 6), summed by the packing.
             (1000, 24, 30),
             // Parts of more than 512 rows summed into at most 192: on the AVX-512 rung of

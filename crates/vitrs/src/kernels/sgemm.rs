@@ -1194,6 +1194,17 @@ fn transposed_in_place(g: &Geometry, m: usize, k: usize, a: ARef) -> bool {
         && m <= 192
 }
 
+/// The longest rows (floats apart) of `x` that a linear layer's weight gradient on the
+/// AVX-512 rung of two-FMA-unit CPUs reads in place as its B (see `blocked`); longer ones are
+/// packed. A panel's steps are x's rows: 3 KiB apart (768 floats), a block of 384 of them
+/// fell into a sixteenth of L1's sets and, at 12 KiB (ViT-B/16's MLP output: 3072 inputs),
+/// into 32 of L2's 2048, more lines than their ways hold, so every step went to L3. Packed
+/// instead (alternating within one process, an AVX-512 Xeon, 2 threads, FMA kernel):
+/// `dw:3152x3072x768` 2.6–2.9× as fast, `dw:3152x1536x384` +35 %, `dw:3152x768x3072` +16 %,
+/// `dw:3152x768x768` +20 %, `dw:3152x384x1152` and `x1536` +14–15 %; 192-float rows
+/// (`configs/bench-train.toml`) and shorter keep the in-place read, which won there.
+const DW_X_IN_PLACE_MAX: usize = 192;
+
 /// Whether `m` rows waste at least 5 % fewer padded rows in 8-row tiles than in 12-row
 /// ones (64 rows: 64 against 72): the wide tile's edge was a sixth of a 64-row weight
 /// gradient's work.
@@ -1378,9 +1389,10 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 // few row tiles from L2, cost less than copying them first (the fashion-mnist
                 // dW products +3-13 %, bench-train's +1-7 % on an AVX-512 Xeon; on the AVX2
                 // rung, 16 columns a panel, -4 to +2 %; not measured on AMD's AVX-512, which
-                // keeps packing). With dYᵀ read in place too, x is packed (+3-5 %: with rows
-                // 256 or 768 bytes apart, the two strided streams fell into a quarter of L1's
-                // 64 sets), unless its rows are one panel, contiguous.
+                // keeps packing), where x's rows are short (see `DW_X_IN_PLACE_MAX`). With dYᵀ
+                // read in place too, x is packed (+3-5 %: with rows 256 or 768 bytes apart,
+                // the two strided streams fell into a quarter of L1's 64 sets), unless its
+                // rows are one panel, contiguous.
                 BRef::Mat(bm)
                     if bm.cs == 1
                         && n.is_multiple_of(nr)
@@ -1388,7 +1400,11 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                             ARef::Gather(_) => true,
                             ARef::Mat(_) if strided_a => n == nr,
                             ARef::Mat(am) => {
-                                g.mr == MR512_WIDE && am.rs == 1 && am.cs != 1 && k >= 512
+                                g.mr == MR512_WIDE
+                                    && am.rs == 1
+                                    && am.cs != 1
+                                    && k >= 512
+                                    && bm.rs <= DW_X_IN_PLACE_MAX as isize
                             }
                         } =>
                 {
