@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::ValueEnum;
 use serde_json::json;
 use vitrs::attnmap::{dataset_attention_distance, HeadFusion, Method, Query};
@@ -82,7 +82,7 @@ pub(crate) fn run(a: AttentionArgs) -> Result<u8> {
         return distance(&ck, &a);
     }
     if !(0.0..=1.0).contains(&a.alpha) {
-        bail!("--alpha {} must be between 0 and 1", a.alpha);
+        usage!("--alpha {} must be between 0 and 1", a.alpha);
     }
     let cfg = ck.model.config().clone();
     let fusion = match a.head_fusion {
@@ -197,7 +197,7 @@ fn fusion_name(f: Fusion) -> &'static str {
 
 fn distance(ck: &Checkpoint, a: &AttentionArgs) -> Result<u8> {
     let Some(dataset) = &a.dataset else {
-        bail!("--distance needs --dataset (a name such as fashion-mnist, or a directory)");
+        usage!("--distance needs --dataset (a name such as fashion-mnist, or a directory)");
     };
     let cfg = ck.model.config().clone();
     let input = (cfg.channels, cfg.image_height, cfg.image_width);

@@ -2,7 +2,7 @@
 //! the engine's matrix product alone (`--gemm`), and the FMA peak they are measured against
 //! (`--peak`).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::json;
 use vitrs::bench::{run as measure, GemmOp, Workload};
 use vitrs::kernels::peak::{amx_peak, fma_peak};
@@ -61,18 +61,19 @@ pub(crate) struct BenchArgs {
 /// `[fwd:|dx:|dw:]197x768x2304` as the product and (M, K, N).
 fn parse_shape(s: &str) -> Result<(GemmOp, (usize, usize, usize))> {
     let (op, dims) = match s.split_once(':') {
-        Some((op, dims)) => (
-            GemmOp::parse(op.trim())
-                .with_context(|| format!("--gemm `{s}`: `{op}` is not fwd, dx or dw"))?,
-            dims,
-        ),
+        Some((op, dims)) => match GemmOp::parse(op.trim()) {
+            Some(g) => (g, dims),
+            None => usage!("--gemm `{s}`: `{op}` is not fwd, dx or dw"),
+        },
         None => (GemmOp::Fwd, s),
     };
-    let v: Vec<usize> = dims
+    let Ok(v) = dims
         .split('x')
         .map(|t| t.trim().parse::<usize>())
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("--gemm `{s}`: expected MxKxN, e.g. 197x768x2304"))?;
+        .collect::<Result<Vec<_>, _>>()
+    else {
+        usage!("--gemm `{s}`: expected MxKxN, e.g. 197x768x2304")
+    };
     match v[..] {
         [m, k, n]
             if m > 0
@@ -84,7 +85,7 @@ fn parse_shape(s: &str) -> Result<(GemmOp, (usize, usize, usize))> {
         {
             Ok((op, (m, k, n)))
         }
-        _ => bail!("--gemm `{s}`: expected three positive sizes MxKxN, e.g. 197x768x2304"),
+        _ => usage!("--gemm `{s}`: expected three positive sizes MxKxN, e.g. 197x768x2304"),
     }
 }
 
@@ -99,7 +100,7 @@ fn loader(a: &BenchArgs, spec: &str) -> Result<u8> {
             let size = vitrs::data::known_shape(spec).map_or((c, s, s), |(k, _)| (k.0, s, s));
             (size, run.augment)
         }
-        Some(m) => bail!(
+        Some(m) => usage!(
             "--data takes a run config (.toml) as --model for its size and [augment], not `{m}`"
         ),
         None => (

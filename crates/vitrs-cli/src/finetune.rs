@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::ValueEnum;
 use vitrs::train::config::FinetuneSpec;
 use vitrs::train::transfer::FinetuneOptimizer;
@@ -136,7 +136,7 @@ pub(crate) fn run(a: FinetuneArgs) -> Result<u8> {
     }
     run.finetune = Some(ft);
     if run.train.epochs == 0 {
-        bail!("--epochs must be at least 1");
+        usage!("--epochs must be at least 1");
     }
     run.validate()?;
     let trainer = Trainer::new(run, &a.out).with_context(|| {

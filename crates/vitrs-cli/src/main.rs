@@ -6,6 +6,14 @@
 
 use std::process::ExitCode;
 
+/// Returns a [`Usage`] error (a bad command line: exit code 2) from the enclosing function,
+/// the message `format!`-style.
+macro_rules! usage {
+    ($($arg:tt)*) => {
+        return Err($crate::Usage(format!($($arg)*)).into())
+    };
+}
+
 mod attention;
 mod bench;
 mod convert;
@@ -31,8 +39,10 @@ use vitrs::{Checkpoint, ErrorKind};
 #[global_allocator]
 static ALLOC: vitrs::alloc::CacheAligned = vitrs::alloc::CacheAligned;
 
-/// Exit codes, distinct per failure kind (2, a bad command line, is clap's).
+/// Exit codes, distinct per failure kind: 2, a bad command line, is clap's, and also ours for
+/// one clap cannot see (see [`Usage`]).
 const EXIT_FAILURE: u8 = 1;
+const EXIT_USAGE: u8 = 2;
 const EXIT_MODEL: u8 = 3;
 const EXIT_INPUT: u8 = 4;
 
@@ -123,8 +133,25 @@ fn main() -> ExitCode {
     }
 }
 
-/// The exit code of a failure, from the kind of the library error behind it.
+/// A bad command line that parsing cannot see: a value out of its range, flags that do not go
+/// together. Reported like any error, with clap's exit code for a bad command line.
+#[derive(Debug)]
+pub(crate) struct Usage(pub(crate) String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// The exit code of a failure: a bad command line's, or from the kind of the library error
+/// behind it.
 fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<Usage>().is_some() {
+        return EXIT_USAGE;
+    }
     match e.downcast_ref::<vitrs::Error>().map(vitrs::Error::kind) {
         Some(ErrorKind::Input) => EXIT_INPUT,
         Some(ErrorKind::Model | ErrorKind::Io | ErrorKind::Serialize) => EXIT_MODEL,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use vitrs::train::trainer::{Outcome, CURVE, METRICS, MODEL};
 use vitrs::train::{RunConfig, Trainer};
 
@@ -108,7 +108,7 @@ pub(crate) fn run(a: TrainArgs) -> Result<u8> {
     let mut trainer = match (&a.resume, &a.config, &a.out) {
         (Some(dir), _, _) => {
             if a.recipe.time_budget.is_some() {
-                bail!(
+                usage!(
                     "--time-budget fits the epochs when a run starts; a resumed run keeps the \
                      ones it was started with (change them with --epochs N)"
                 );
@@ -127,7 +127,7 @@ pub(crate) fn run(a: TrainArgs) -> Result<u8> {
             run.validate()?;
             Trainer::new(run, out)?
         }
-        _ => bail!("give --config FILE --out RUN_DIR, or --resume RUN_DIR"),
+        _ => usage!("give --config FILE --out RUN_DIR, or --resume RUN_DIR"),
     };
     #[cfg(feature = "mpi")]
     if let Some(m) = ranks {

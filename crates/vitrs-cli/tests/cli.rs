@@ -383,7 +383,8 @@ fn bench_reports_json() {
             "{v}"
         );
     }
-    // Malformed and oversized shapes are refused with the expected form, not a panic.
+    // Malformed and oversized shapes are refused with the expected form, not a panic: a bad
+    // command line (exit code 2).
     for bad in [
         "13x37",
         "up:13x37x33",
@@ -391,7 +392,7 @@ fn bench_reports_json() {
         "99999999999x99999999999x99999999999",
     ] {
         let o = vit(&["bench", "--gemm", bad]);
-        assert_eq!(o.status.code(), Some(1), "{bad}: {}", stderr(&o));
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", stderr(&o));
         assert!(stderr(&o).contains("--gemm"), "{bad}: {}", stderr(&o));
     }
 }
