@@ -2,6 +2,8 @@
 //! by default on an AMX CPU the engine follows the tile unit's speed, a pinned choice
 //! (`VITRS_AMX=0|1`, `amx::set_enabled`) stays, and a weight packed for the tiles gives the
 //! same products when they run on the FMA kernel instead (it is packed a second time for it).
+//! Inference image by image lets each thread follow its own core's tile unit
+//! (`amx::follow_here`), with the same logits.
 //! The choice is a process-wide switch, so this file is its own test binary with one test.
 
 use vitrs::kernels::gemm::{linear_packed, linear_ref, Epilogue, PackedLinear};
@@ -37,16 +39,39 @@ fn the_engine_follows_the_tile_unit_unless_pinned_and_packings_follow_the_engine
             !pinned,
             "VITRS_AMX pins the engine, else it adapts"
         );
+        // A model, packed for whichever engine runs now, and its logits with each thread of an
+        // image-by-image pass on its own engine (where the engine adapts).
+        let (model, images) = small_model();
+        let mut ws = Workspace::new();
+        let mut adaptive_logits = None;
         if !pinned {
             // A look at the tile unit's speed picks an engine (either, on a shared host).
             let on = amx::adapt();
             assert_eq!(on, amx::enabled());
             println!("the engine now: {}", vitrs::kernels::gemm_engine());
+            // A thread's own engine: its products go where its guard says, another thread
+            // keeps the process's, and the process's comes back when the guard drops.
+            let global = amx::enabled();
+            {
+                let here = amx::follow_here().expect("the engine adapts");
+                assert_eq!(products_on_tiles(), here.on());
+                println!("this thread's own engine: tiles {}", here.on());
+                std::thread::scope(|s| {
+                    s.spawn(|| assert_eq!(products_on_tiles(), global));
+                });
+            }
+            assert_eq!(products_on_tiles(), global);
+            let out = model.forward(&images, Capture::default(), &mut ws).unwrap();
+            adaptive_logits = Some(out.logits.into_data());
         }
 
         // A weight packed for the tiles, then read with the products on the FMA kernel.
         assert!(amx::set_enabled(true));
         assert!(!gemm_adaptive(), "set_enabled pins the choice");
+        assert!(
+            amx::follow_here().is_none(),
+            "a pinned engine is every thread's"
+        );
         let (m, k, n) = (197, 96, 160);
         let (x, w, b) = (rand_vec(m * k, 1), rand_vec(n * k, 2), rand_vec(n, 3));
         let packed = PackedLinear::new(&w, (n, k)).unwrap();
@@ -87,30 +112,11 @@ fn the_engine_follows_the_tile_unit_unless_pinned_and_packings_follow_the_engine
         amx::set_enabled(true);
         assert!(run() < tol, "back on the tiles: {}", run());
 
-        // A model packed once for inference gives the same logits on either engine.
-        let cfg = ViTConfig::paper(Sizes {
-            image: (32, 32),
-            channels: 3,
-            patch: 8,
-            width: 64,
-            depth: 2,
-            heads: 4,
-            mlp: 128,
-            classes: 10,
-        });
-        let mut model = ViT::random(cfg, 7).unwrap();
-        // Every parameter random, the zero-initialised head too.
-        let params = model.params_mut().flat_mut();
-        let noise = rand_vec(params.len(), 8);
-        for (p, e) in params.iter_mut().zip(noise) {
-            *p += 0.1 * e;
-        }
-        model.pack_weights();
-        let x = Tensor::new(vec![2, 3, 32, 32], rand_vec(2 * 3 * 32 * 32, 4)).unwrap();
-        let mut ws = Workspace::new();
+        // The model packed once for inference gives the same logits on either engine, and
+        // as where each thread chose its own.
         let mut logits = |on: bool| {
             amx::set_enabled(on);
-            let out = model.forward(&x, Capture::default(), &mut ws).unwrap();
+            let out = model.forward(&images, Capture::default(), &mut ws).unwrap();
             assert_eq!(products_on_tiles(), on, "forward kept the pinned engine");
             out.logits.into_data()
         };
@@ -121,5 +127,37 @@ fn the_engine_follows_the_tile_unit_unless_pinned_and_packings_follow_the_engine
             "logits on the tiles and on the FMA kernel differ by {d}"
         );
         assert!(a.iter().any(|v| *v != 0.0));
+        if let Some(c) = adaptive_logits {
+            let d = max_abs_diff(&a, &c);
+            assert!(
+                d < 1e-4,
+                "logits with each thread's own engine differ by {d}"
+            );
+        }
     }
+}
+
+/// A small random model with every weight packed for inference, and a batch of 4 images
+/// (image by image on 2 or 4 threads).
+fn small_model() -> (ViT, Tensor) {
+    let cfg = ViTConfig::paper(Sizes {
+        image: (32, 32),
+        channels: 3,
+        patch: 8,
+        width: 64,
+        depth: 2,
+        heads: 4,
+        mlp: 128,
+        classes: 10,
+    });
+    let mut model = ViT::random(cfg, 7).unwrap();
+    // Every parameter random, the zero-initialised head too.
+    let params = model.params_mut().flat_mut();
+    let noise = rand_vec(params.len(), 8);
+    for (p, e) in params.iter_mut().zip(noise) {
+        *p += 0.1 * e;
+    }
+    model.pack_weights();
+    let images = Tensor::new(vec![4, 3, 32, 32], rand_vec(4 * 3 * 32 * 32, 4)).unwrap();
+    (model, images)
 }

@@ -84,6 +84,9 @@ fn state() -> u8 {
 /// [`set_enabled`]`(true)`) pinned it on — [`adapt`]'s last look at the tile unit found it
 /// faster than the FMA kernel.
 pub fn enabled() -> bool {
+    if let Some(on) = HERE.with(|h| h.get().map(|h| h.on)) {
+        return on;
+    }
     matches!(state(), ON | AUTO_ON)
 }
 
@@ -141,9 +144,10 @@ pub(crate) fn choose(on: bool, advantage: f64) -> bool {
 /// the products on it or on the AVX-512 FMA kernel, whichever is faster now. A tile unit
 /// shared with a busy neighbour (a hyperthread of another virtual machine), or throttled,
 /// can run at half its speed for seconds at a time, slower than the FMA kernel. Called at the
-/// start of a forward pass and of a training step, so that one runs on one engine; every
-/// product checks which engine its packed weights are for, so a call from elsewhere changes
-/// speed, never results' correctness. Returns whether the tiles are on now.
+/// start of a forward pass and of a training step, so that one runs on one engine (a pass
+/// image by image then lets each thread follow its own core's tile unit: [`follow_here`]);
+/// every product checks which engine its packed weights are for, so a call from elsewhere
+/// changes speed, never results' correctness. Returns whether the tiles are on now.
 pub fn adapt() -> bool {
     if !adaptive() {
         return enabled();
@@ -174,6 +178,68 @@ pub fn adapt() -> bool {
         let _ = STATE.compare_exchange(now, next, Relaxed, Relaxed);
     }
     enabled()
+}
+
+/// The calling thread's own engine while it runs a task alone ([`follow_here`]), and when it
+/// last looked at its core's tile unit.
+#[derive(Clone, Copy)]
+struct Here {
+    on: bool,
+    looked: std::time::Instant,
+}
+
+thread_local! {
+    /// Set while this thread runs a task on its own engine ([`follow_here`]): it overrides
+    /// the process's engine for the products this thread runs.
+    static HERE: std::cell::Cell<Option<Here>> = const { std::cell::Cell::new(None) };
+    /// This thread's last choice, kept between its tasks.
+    static LAST_HERE: std::cell::Cell<Option<Here>> = const { std::cell::Cell::new(None) };
+}
+
+/// The calling thread's own engine until dropped (see [`follow_here`]).
+pub struct FollowHere(Option<Here>);
+
+impl FollowHere {
+    /// Whether the products of the thread that holds the guard run on the tile unit.
+    pub fn on(&self) -> bool {
+        enabled()
+    }
+}
+
+impl Drop for FollowHere {
+    fn drop(&mut self) {
+        HERE.with(|h| h.set(self.0));
+    }
+}
+
+/// Where the engine follows the tile unit's speed ([`adaptive`]), picks the engine for the
+/// products the calling thread runs until the guard drops: for a task that runs a whole
+/// forward pass on one thread (inference image by image, see `model::forward`). Each core's
+/// tile unit can be held back on its own (a busy neighbour on its hyperthread), and [`adapt`]
+/// judges all the compute threads by the slowest, so one core's slow tile unit kept both on
+/// the FMA kernel. Looks at this core's tile unit at most every 100 ms
+/// (`peak::tile_advantage_here`, 0.1–0.25 ms), with [`adapt`]'s thresholds, and
+/// keeps its last choice between looks; `None` (nothing changed) where the engine is pinned
+/// or there are no tiles.
+pub fn follow_here() -> Option<FollowHere> {
+    if !adaptive() {
+        return None;
+    }
+    let now = std::time::Instant::now();
+    let last = LAST_HERE.with(std::cell::Cell::get);
+    let here = match last {
+        Some(l) if now.duration_since(l.looked) < ADAPT_EVERY => l,
+        _ => {
+            let was = last.map_or(state() == AUTO_ON, |l| l.on);
+            let advantage = super::peak::tile_advantage_here_checked()?;
+            Here {
+                on: choose(was, advantage),
+                looked: now,
+            }
+        }
+    };
+    LAST_HERE.with(|l| l.set(Some(here)));
+    Some(FollowHere(HERE.with(|h| h.replace(Some(here)))))
 }
 
 /// The CPU has the tile unit with bf16 and the OS lets this process use it (asked once).

@@ -94,6 +94,26 @@ pub fn adapt_engine() {
     }
 }
 
+/// The calling thread's own engine, held until the guard drops: where the engine follows the
+/// tile unit's speed, the products this thread runs go to its core's tile unit or to the FMA
+/// kernel, whichever is faster there now ([`amx::follow_here`]). For a task that runs a whole
+/// forward pass on one thread; the guard changes nothing where the engine is pinned, the rung
+/// is not AVX-512 or there is no tile unit.
+pub fn follow_engine_here() -> EngineHere {
+    #[cfg(target_arch = "x86_64")]
+    return EngineHere((isa() == Isa::Avx512).then(amx::follow_here).flatten());
+    #[cfg(not(target_arch = "x86_64"))]
+    EngineHere(())
+}
+
+/// The guard of [`follow_engine_here`]: the thread's own engine until dropped.
+pub struct EngineHere(
+    #[cfg(target_arch = "x86_64")]
+    #[allow(dead_code)]
+    Option<amx::FollowHere>,
+    #[cfg(not(target_arch = "x86_64"))] (),
+);
+
 /// Whether the engine moves the products between the tile unit and the FMA kernel as their
 /// speeds change ([`adapt_engine`]): the default on an AMX CPU, unless `VITRS_AMX=1` or `0`
 /// pins one.

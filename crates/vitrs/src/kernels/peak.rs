@@ -253,6 +253,22 @@ pub fn tile_advantage() -> Option<f64> {
     None
 }
 
+/// [`tile_advantage`] on the calling thread alone (see `tile_advantage_here`): `None`
+/// where the tile unit may not run.
+pub(crate) fn tile_advantage_here_checked() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !super::amx::available() {
+            return None;
+        }
+        // SAFETY: the tiles may run (checked above), on an AVX-512 CPU.
+        let r = unsafe { tile_advantage_here() };
+        r.is_finite().then_some(r)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
 /// The [`tile_advantage`] from which the adaptive engine runs the products on the tile unit,
 /// and below which it moves them back to the FMA kernel (see [`super::amx::TILES_ON_FROM`]);
 /// infinite where there is no tile unit.

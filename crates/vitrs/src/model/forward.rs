@@ -174,6 +174,9 @@ impl ViT {
             acts.prepare_alone(cfg, g, false);
         }
         crate::kernels::team::for_chunks_mut(&mut ws.images[..tasks], 1, |i, acts| {
+            // This thread's own engine for its images: its core's tile unit may be held back
+            // while the other's runs at full speed (see `amx::follow_here`).
+            let _engine = crate::kernels::follow_engine_here();
             let pass = Pass::Infer { attentions: None };
             self.forward_pass(
                 &images[i * g * image..(i + 1) * g * image],
