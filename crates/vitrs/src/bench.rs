@@ -71,7 +71,8 @@ pub struct BenchReport {
     /// The kernels' rung of the instruction-set ladder ([`crate::kernels::isa`]).
     pub kernels: &'static str,
     /// What ran the matrix products ([`crate::kernels::gemm_engine`]; `"amx-bf16x6+fma"`
-    /// where [`crate::kernels::adapt_engine`] used both between repetitions).
+    /// where [`crate::kernels::adapt_engine`] used both between repetitions, or the threads
+    /// of a pass image by image both, each on its own ([`crate::kernels::follow_engine_here`])).
     pub gemm: &'static str,
 }
 
@@ -180,16 +181,25 @@ pub fn gemm(
         iters: times.len(),
         threads: rayon::current_num_threads(),
         kernels: crate::kernels::isa().name(),
-        gemm: engines(on_tiles, times.len()),
+        gemm: engines(on_tiles, times.len(), (0, 0)),
     }
 }
 
-/// What ran the products of `of` timed repetitions, `on_tiles` of them on the tile unit:
-/// [`crate::kernels::gemm_engine`], or both engines where [`crate::kernels::adapt_engine`]
-/// moved them from one to the other between repetitions.
-fn engines(on_tiles: usize, of: usize) -> &'static str {
+/// What ran the products of `of` timed repetitions, `on_tiles` of them on the tile unit by
+/// the process's engine, and `own` tasks `(on the FMA kernel, on the tiles)` each on its
+/// thread's own ([`crate::kernels::own_engine_tasks`]: a pass image by image, where those
+/// decide): [`crate::kernels::gemm_engine`], or both engines where they ran the products of
+/// some repetitions or tasks each.
+fn engines(on_tiles: usize, of: usize, own: (u64, u64)) -> &'static str {
+    let (fma, tiles) = if own == (0, 0) {
+        (on_tiles < of, on_tiles > 0)
+    } else {
+        (own.0 > 0, own.1 > 0)
+    };
     match crate::kernels::gemm_engine() {
-        "amx-bf16x6" | "fma" if on_tiles > 0 && on_tiles < of => "amx-bf16x6+fma",
+        "amx-bf16x6" | "fma" if fma && tiles => "amx-bf16x6+fma",
+        "amx-bf16x6" | "fma" if tiles => "amx-bf16x6",
+        "amx-bf16x6" | "fma" => "fma",
         e => e,
     }
 }
@@ -249,12 +259,15 @@ pub fn run(
     }
     let mut times = Vec::with_capacity(iters.max(1));
     let mut on_tiles = 0;
+    let own_before = crate::kernels::own_engine_tasks();
     for _ in 0..iters.max(1) {
         let t = Instant::now();
         once(model)?;
         times.push(t.elapsed().as_secs_f64());
         on_tiles += usize::from(crate::kernels::products_on_tiles());
     }
+    let own_after = crate::kernels::own_engine_tasks();
+    let own = (own_after.0 - own_before.0, own_after.1 - own_before.1);
     let (median, best) = median_and_best(&mut times);
     let ips = batch as f64 / median;
     Ok(BenchReport {
@@ -268,7 +281,7 @@ pub fn run(
         iters: times.len(),
         train,
         kernels: crate::kernels::isa().name(),
-        gemm: engines(on_tiles, times.len()),
+        gemm: engines(on_tiles, times.len(), own),
     })
 }
 
@@ -334,4 +347,25 @@ pub fn loader(
         images_per_sec_per_worker: ips / workers.max(1) as f64,
         skipped: l.skipped().0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::engines;
+
+    #[test]
+    fn the_engine_reported_is_what_ran_the_products() {
+        if crate::kernels::gemm_engine() == "matrixmultiply" {
+            assert_eq!(engines(0, 5, (0, 0)), "matrixmultiply");
+            return;
+        }
+        // The process's engine, repetition by repetition.
+        assert_eq!(engines(0, 5, (0, 0)), "fma");
+        assert_eq!(engines(5, 5, (0, 0)), "amx-bf16x6");
+        assert_eq!(engines(2, 5, (0, 0)), "amx-bf16x6+fma");
+        // Image by image, the threads' own engines decide, whatever the process's was.
+        assert_eq!(engines(5, 5, (3, 0)), "fma");
+        assert_eq!(engines(0, 5, (0, 4)), "amx-bf16x6");
+        assert_eq!(engines(0, 5, (3, 1)), "amx-bf16x6+fma");
+    }
 }

@@ -196,6 +196,18 @@ thread_local! {
     static LAST_HERE: std::cell::Cell<Option<Here>> = const { std::cell::Cell::new(None) };
 }
 
+/// Tasks that ran on their thread's own engine ([`follow_here`]): on the FMA kernel, on the
+/// tiles.
+static OWN_ENGINE_TASKS: [std::sync::atomic::AtomicU64; 2] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 2];
+
+/// How many tasks have run on their thread's own engine ([`follow_here`]) so far: `(on the
+/// FMA kernel, on the tiles)`, for a report of what ran the products.
+pub fn own_engine_tasks() -> (u64, u64) {
+    let [fma, tiles] = &OWN_ENGINE_TASKS;
+    (fma.load(Relaxed), tiles.load(Relaxed))
+}
+
 /// The calling thread's own engine until dropped (see [`follow_here`]).
 pub struct FollowHere(Option<Here>);
 
@@ -239,6 +251,7 @@ pub fn follow_here() -> Option<FollowHere> {
         }
     };
     LAST_HERE.with(|l| l.set(Some(here)));
+    OWN_ENGINE_TASKS[usize::from(here.on)].fetch_add(1, Relaxed);
     Some(FollowHere(HERE.with(|h| h.replace(Some(here)))))
 }
 

@@ -106,6 +106,15 @@ pub fn follow_engine_here() -> EngineHere {
     EngineHere(())
 }
 
+/// How many tasks have run on their thread's own engine ([`follow_engine_here`]) so far: `(on
+/// the FMA kernel, on the tile unit)`.
+pub fn own_engine_tasks() -> (u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    return amx::own_engine_tasks();
+    #[cfg(not(target_arch = "x86_64"))]
+    (0, 0)
+}
+
 /// The guard of [`follow_engine_here`]: the thread's own engine until dropped.
 pub struct EngineHere(
     #[cfg(target_arch = "x86_64")]
