@@ -1,7 +1,8 @@
 //! The choice between the AMX tile unit and the AVX-512 FMA kernel (`kernels::adapt_engine`):
 //! by default on an AMX CPU the engine follows the tile unit's speed, a pinned choice
 //! (`VITRS_AMX=0|1`, `amx::set_enabled`) stays, and a weight packed for the tiles gives the
-//! same products when they run on the FMA kernel instead (it is packed a second time for it).
+//! same products when they run on the FMA kernel instead (it is packed a second time for it),
+//! and one packed for the FMA kernel the same products on the tiles.
 //! Inference image by image lets each thread follow its own core's tile unit
 //! (`amx::follow_here`), with the same logits.
 //! The choice is a process-wide switch, so this file is its own test binary with one test.
@@ -111,6 +112,34 @@ fn the_engine_follows_the_tile_unit_unless_pinned_and_packings_follow_the_engine
         assert_eq!(packed.bytes(), both, "the FMA packing is made once");
         amx::set_enabled(true);
         assert!(run() < tol, "back on the tiles: {}", run());
+
+        // The other way: a weight packed for the FMA kernel, then read on the tiles (packed a
+        // second time for them, once).
+        amx::set_enabled(false);
+        let packed_fma = PackedLinear::new(&w, (n, k)).unwrap();
+        assert!(!packed_fma.on_tiles());
+        let fma_bytes = packed_fma.bytes();
+        amx::set_enabled(true);
+        let run_fma_first = || {
+            let mut got = vec![0.0; m * n];
+            let epi = Epilogue::Gelu(Gelu::Exact);
+            linear_packed(
+                &x,
+                &w,
+                Some(&packed_fma),
+                Some(&b),
+                &mut got,
+                (m, k, n),
+                epi,
+            );
+            max_abs_diff(&got, &want)
+        };
+        assert!(run_fma_first() < tol, "on the tiles: {}", run_fma_first());
+        let both = packed_fma.bytes();
+        // bf16 pieces for the tiles: 6 bytes an element (padded), beside 4 for the FMA kernel.
+        assert!(both >= fma_bytes + 6 * n * k, "{both} vs {fma_bytes}");
+        assert!(run_fma_first() < tol);
+        assert_eq!(packed_fma.bytes(), both, "the tiles' packing is made once");
 
         // The model packed once for inference gives the same logits on either engine, and
         // as where each thread chose its own.

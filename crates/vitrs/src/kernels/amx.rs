@@ -104,7 +104,7 @@ pub fn adaptive() -> bool {
 
 /// Turns the AMX path on (where the CPU and OS allow it) or off, for the whole process, as
 /// [`super::set_isa`] does for the rung (weights packed under the other setting are then
-/// read unpacked, or packed again for the FMA kernel, see [`super::gemm::PackedLinear`]);
+/// packed again for the engine now on, see [`super::gemm::PackedLinear`]);
 /// the choice stays until the next call ([`adapt`] no longer changes it). Returns whether it
 /// is on now.
 pub fn set_enabled(on: bool) -> bool {

@@ -153,25 +153,27 @@ thread_local! {
 
 /// A weight `W (n, k)` packed for the running rung's micro-kernel: `Bᵀ = W` read as `B (k, n)`
 /// panels. Made once per model for inference; a product given one that the running rung
-/// cannot read (a test switched rungs) uses the plain weight instead. Packed for the tile
-/// unit, it is packed a second time for the AVX-512 FMA kernel the first time a product runs
-/// there instead ([`super::amx::adapt`]), and both are kept.
+/// cannot read (a test switched rungs) uses the plain weight instead. On the AVX-512 rung of
+/// a CPU with the tile unit, whose engine moves between the tiles and the FMA kernel
+/// ([`super::amx::adapt`]), it is packed a second time for the other engine the first time a
+/// product runs there, and both are kept.
 #[derive(Debug)]
 pub struct PackedLinear {
     packed: PackedB,
-    /// The FMA kernel's packing beside a packing for the tile unit, made on first need.
-    fma: OnceLock<Option<PackedB>>,
+    /// The other engine's packing (the FMA kernel's beside one for the tile unit, or the tile
+    /// unit's beside one for the FMA kernel), made on first need.
+    other: OnceLock<Option<PackedB>>,
 }
 
 impl PackedLinear {
-    /// Packs `w (n, k)` for the running rung; `None` on the portable rung.
+    /// Packs `w (n, k)` for the running rung and engine; `None` on the portable rung.
     pub fn new(w: &[f32], (n, k): (usize, usize)) -> Option<Self> {
         super::check_len("PackedLinear: w", w.len(), n * k);
         // SAFETY: `w` holds (n, k) row-major, so B (k, n) = Wᵀ has these strides.
         let packed = unsafe { PackedB::new(super::isa(), transposed(w, k), k, n) }?;
         Some(PackedLinear {
             packed,
-            fma: OnceLock::new(),
+            other: OnceLock::new(),
         })
     }
 
@@ -179,16 +181,21 @@ impl PackedLinear {
     pub fn bytes(&self) -> usize {
         self.packed.bytes()
             + self
-                .fma
+                .other
                 .get()
                 .and_then(Option::as_ref)
                 .map_or(0, PackedB::bytes)
     }
 
+    /// Whether this weight's first packing is for the tile unit.
+    pub fn on_tiles(&self) -> bool {
+        self.packed.on_tiles()
+    }
+
     /// The packing the running engine reads for a product `B (k, n)` with this weight `w`: the
-    /// one made by [`Self::new`], or, where that one is for the tile unit and the products run
-    /// on the FMA kernel now, the FMA kernel's (made here the first time). `None` where neither
-    /// fits (another rung, another shape).
+    /// one made by [`Self::new`], or, where the AVX-512 rung's engine has moved to the other
+    /// one since, that engine's (made here the first time). `None` where neither fits
+    /// (another rung, another shape).
     fn for_engine(&self, isa: Isa, w: &[f32], (k, n): (usize, usize)) -> Option<&PackedB> {
         let p = &self.packed;
         if p.shape() != (k, n) {
@@ -197,16 +204,16 @@ impl PackedLinear {
         if p.usable(isa) {
             return Some(p);
         }
-        if isa != Isa::Avx512 || !p.on_tiles() {
+        if isa != Isa::Avx512 {
             return None;
         }
         debug_assert!(w.len() >= n * k);
         // SAFETY: `w` holds (n, k) row-major (its length checked by the caller, `linear_parts`),
         // read as B (k, n) = Wᵀ.
-        self.fma
-            .get_or_init(|| unsafe { PackedB::new_fma(isa, transposed(w, k), k, n) })
+        self.other
+            .get_or_init(|| unsafe { PackedB::new(isa, transposed(w, k), k, n) })
             .as_ref()
-            .filter(|f| f.usable(isa))
+            .filter(|o| o.usable(isa))
     }
 }
 

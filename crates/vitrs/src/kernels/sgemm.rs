@@ -455,14 +455,6 @@ impl PackedB {
         }
     }
 
-    /// [`Self::new`] for the rung's FMA kernel, also where the tile unit is on.
-    ///
-    /// # Safety
-    /// As [`Self::new`].
-    pub(crate) unsafe fn new_fma(isa: Isa, b: MatRef, k: usize, n: usize) -> Option<Self> {
-        Self::pack(isa, false, b, k, n, Aligned::default())
-    }
-
     /// [`Self::new`] for the tile unit's kernel (`amx`) or the rung's FMA kernel, into `data`
     /// (grown as needed).
     unsafe fn pack(
