@@ -84,7 +84,7 @@ fn state() -> u8 {
 /// [`set_enabled`]`(true)`) pinned it on — [`adapt`]'s last look at the tile unit found it
 /// faster than the FMA kernel.
 pub fn enabled() -> bool {
-    if let Some(on) = HERE.with(|h| h.get().map(|h| h.on)) {
+    if let Some(on) = HERE.with(std::cell::Cell::get) {
         return on;
     }
     matches!(state(), ON | AUTO_ON)
@@ -180,20 +180,20 @@ pub fn adapt() -> bool {
     enabled()
 }
 
-/// The calling thread's own engine while it runs a task alone ([`follow_here`]), and when it
-/// last looked at its core's tile unit.
+/// A thread's last look at its core's tile unit ([`follow_here`]): when, and whether it chose
+/// the tiles.
 #[derive(Clone, Copy)]
-struct Here {
+struct Look {
+    at: std::time::Instant,
     on: bool,
-    looked: std::time::Instant,
 }
 
 thread_local! {
-    /// Set while this thread runs a task on its own engine ([`follow_here`]): it overrides
-    /// the process's engine for the products this thread runs.
-    static HERE: std::cell::Cell<Option<Here>> = const { std::cell::Cell::new(None) };
-    /// This thread's last choice, kept between its tasks.
-    static LAST_HERE: std::cell::Cell<Option<Here>> = const { std::cell::Cell::new(None) };
+    /// Set while this thread runs a task on its own engine ([`follow_here`]), to whether that
+    /// is the tile unit: it overrides the process's engine for the products this thread runs.
+    static HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// This thread's last look, kept between its tasks.
+    static LAST_LOOK: std::cell::Cell<Option<Look>> = const { std::cell::Cell::new(None) };
 }
 
 /// Tasks that ran on their thread's own engine ([`follow_here`]): on the FMA kernel, on the
@@ -209,18 +209,23 @@ pub fn own_engine_tasks() -> (u64, u64) {
 }
 
 /// The calling thread's own engine until dropped (see [`follow_here`]).
-pub struct FollowHere(Option<Here>);
+pub struct FollowHere {
+    /// Whether the guard's thread runs its products on the tile unit.
+    on: bool,
+    /// The thread's override before this guard, put back when it drops.
+    before: Option<bool>,
+}
 
 impl FollowHere {
-    /// Whether the products of the thread that holds the guard run on the tile unit.
+    /// Whether this guard put its thread's products on the tile unit.
     pub fn on(&self) -> bool {
-        enabled()
+        self.on
     }
 }
 
 impl Drop for FollowHere {
     fn drop(&mut self) {
-        HERE.with(|h| h.set(self.0));
+        HERE.with(|h| h.set(self.before));
     }
 }
 
@@ -238,21 +243,26 @@ pub fn follow_here() -> Option<FollowHere> {
         return None;
     }
     let now = std::time::Instant::now();
-    let last = LAST_HERE.with(std::cell::Cell::get);
-    let here = match last {
-        Some(l) if now.duration_since(l.looked) < ADAPT_EVERY => l,
+    let last = LAST_LOOK.with(std::cell::Cell::get);
+    let on = match last {
+        Some(l) if now.duration_since(l.at) < ADAPT_EVERY => l.on,
         _ => {
             let was = last.map_or(state() == AUTO_ON, |l| l.on);
-            let advantage = super::peak::tile_advantage_here_checked()?;
-            Here {
-                on: choose(was, advantage),
-                looked: now,
-            }
+            let advantage = super::peak::tile_advantage_on_this_thread()?;
+            let on = choose(was, advantage);
+            LAST_LOOK.with(|l| l.set(Some(Look { at: now, on })));
+            on
         }
     };
-    LAST_HERE.with(|l| l.set(Some(here)));
-    OWN_ENGINE_TASKS[usize::from(here.on)].fetch_add(1, Relaxed);
-    Some(FollowHere(HERE.with(|h| h.replace(Some(here)))))
+    Some(hold(on))
+}
+
+/// Runs the calling thread's products on the tile unit (`on`) or the FMA kernel until the
+/// guard drops, whatever the process's engine (see [`follow_here`]).
+fn hold(on: bool) -> FollowHere {
+    OWN_ENGINE_TASKS[usize::from(on)].fetch_add(1, Relaxed);
+    let before = HERE.with(|h| h.replace(Some(on)));
+    FollowHere { on, before }
 }
 
 /// The CPU has the tile unit with bf16 and the OS lets this process use it (asked once).
@@ -1335,6 +1345,29 @@ unsafe fn pack_b(b: MatRef, kc: usize, n: usize, steps: usize, out: *mut u16) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A thread's own engine ([`hold`], as [`follow_here`] takes it) overrides the process's
+    /// on that thread only, nests, and is gone when its guard drops; the tasks are counted.
+    #[test]
+    fn a_threads_own_engine_is_its_alone_until_the_guard_drops() {
+        let process = enabled();
+        let counted = own_engine_tasks();
+        {
+            let outer = hold(!process);
+            assert_eq!((outer.on(), enabled()), (!process, !process));
+            {
+                let inner = hold(process);
+                assert_eq!((inner.on(), enabled()), (process, process));
+            }
+            assert_eq!(enabled(), !process, "the outer guard's engine is back");
+            std::thread::scope(|s| {
+                s.spawn(|| assert_eq!(HERE.with(std::cell::Cell::get), None));
+            });
+        }
+        assert_eq!(HERE.with(std::cell::Cell::get), None);
+        let now = own_engine_tasks();
+        assert!(now.0 + now.1 >= counted.0 + counted.1 + 2);
+    }
 
     #[test]
     fn the_engine_moves_only_past_the_gap_between_the_thresholds() {

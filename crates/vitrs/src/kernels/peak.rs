@@ -242,9 +242,9 @@ pub fn tile_advantage() -> Option<f64> {
         // Positive floats order as their bits do.
         let worst = AtomicU64::new(f64::INFINITY.to_bits());
         super::team::for_each(super::team::threads(), |_| {
-            // SAFETY: the tiles may run (checked above), on an AVX-512 CPU.
-            let r = unsafe { tile_advantage_here() };
-            worst.fetch_min(r.to_bits(), Relaxed);
+            if let Some(r) = tile_advantage_on_this_thread() {
+                worst.fetch_min(r.to_bits(), Relaxed);
+            }
         });
         let r = f64::from_bits(worst.into_inner());
         r.is_finite().then_some(r)
@@ -255,7 +255,7 @@ pub fn tile_advantage() -> Option<f64> {
 
 /// [`tile_advantage`] on the calling thread alone (see `tile_advantage_here`): `None`
 /// where the tile unit may not run.
-pub(crate) fn tile_advantage_here_checked() -> Option<f64> {
+pub(crate) fn tile_advantage_on_this_thread() -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     {
         if !super::amx::available() {
