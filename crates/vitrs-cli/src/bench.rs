@@ -229,13 +229,14 @@ pub(crate) fn run(a: BenchArgs) -> Result<u8> {
                 );
                 if let Some(r) = advantage {
                     let (on, off) = vitrs::kernels::peak::tile_thresholds();
+                    let patience = vitrs::kernels::amx::MOVE_PATIENCE;
                     let pinned = if vitrs::kernels::gemm_adaptive() {
                         ""
                     } else {
                         " (pinned by VITRS_AMX here)"
                     };
                     println!(
-                        "the tile unit runs {r:.2}× the AVX-512 FMA units' rate now (a short look on each thread); the products move to the tiles from {on:.2}× and back to the FMA kernel below {off:.2}×{pinned}"
+                        "the tile unit runs {r:.2}× the AVX-512 FMA units' rate now (a short look on each thread); the products move to the tiles from {on:.2}× and back to the FMA kernel below {off:.2}× (where the weights packed for inference lack the other engine's packing, once it has been the faster for {patience} times as long as packing them takes){pinned}"
                     );
                 }
             }

@@ -2,12 +2,14 @@
 //! by default on an AMX CPU the engine follows the tile unit's speed, a pinned choice
 //! (`VITRS_AMX=0|1`, `amx::set_enabled`) stays, and a weight packed for the tiles gives the
 //! same products when they run on the FMA kernel instead (it is packed a second time for it),
-//! and one packed for the FMA kernel the same products on the tiles.
+//! and one packed for the FMA kernel the same products on the tiles; a move to an engine
+//! the packed weights lack has a cost (`gemm::move_cost`) until they are packed for it.
 //! Inference image by image lets each thread follow its own core's tile unit
 //! (`amx::follow_here`), with the same logits.
 //! The choice is a process-wide switch, so this file is its own test binary with one test.
 
-use vitrs::kernels::gemm::{linear_packed, linear_ref, Epilogue, PackedLinear};
+use std::time::Duration;
+use vitrs::kernels::gemm::{linear_packed, linear_ref, move_cost, Epilogue, PackedLinear};
 use vitrs::kernels::{gemm_adaptive, isa, max_abs_diff, products_on_tiles, Isa};
 use vitrs::{Capture, Gelu, Sizes, Tensor, ViT, ViTConfig, Workspace};
 
@@ -77,6 +79,10 @@ fn the_engine_follows_the_tile_unit_unless_pinned_and_packings_follow_the_engine
         let (x, w, b) = (rand_vec(m * k, 1), rand_vec(n * k, 2), rand_vec(n, 3));
         let packed = PackedLinear::new(&w, (n, k)).unwrap();
         let on_tiles_bytes = packed.bytes();
+        assert!(
+            move_cost(false) > Duration::ZERO,
+            "a move to the FMA kernel would pack this weight"
+        );
         let mut want = vec![0.0; m * n];
         linear_ref(
             &x,
@@ -163,6 +169,18 @@ fn the_engine_follows_the_tile_unit_unless_pinned_and_packings_follow_the_engine
                 "logits with each thread's own engine differ by {d}"
             );
         }
+
+        // Every weight now packed for both engines: a move packs nothing, either way. One
+        // packed for the tiles alone makes a move to the FMA kernel cost again, until dropped.
+        assert_eq!(
+            (move_cost(false), move_cost(true)),
+            (Duration::ZERO, Duration::ZERO)
+        );
+        amx::set_enabled(true);
+        let lone = PackedLinear::new(&w, (n, k)).unwrap();
+        assert!(move_cost(false) > Duration::ZERO && move_cost(true) == Duration::ZERO);
+        drop(lone);
+        assert_eq!(move_cost(false), Duration::ZERO);
     }
 }
 

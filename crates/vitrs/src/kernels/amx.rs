@@ -139,6 +139,49 @@ pub(crate) fn choose(on: bool, advantage: f64) -> bool {
     }
 }
 
+/// How many times as long as packing the inference weights for the other engine would take
+/// ([`super::gemm::move_cost`]) the looks must have found that engine faster before the
+/// products move there. At the thresholds the slower engine loses about a third of the time
+/// (the tiles at 1.4 times the FMA units' rate: 1 − 1/1.4 ≈ 0.3), so staying that long loses
+/// about what the packing costs — the ski-rental rule: rent until the rent paid reaches the
+/// price, then buy. A process that runs a few forwards (a one-off `vit predict`, a benchmark
+/// of one timed forward) then keeps the engine its weights were packed for instead of packing
+/// them again midway (ViT-B/16: 85 M weights, 0.1–0.2 s, more than a batch-1 forward on
+/// either engine); one that runs on (`vit serve`) moves after a fraction of a second.
+pub const MOVE_PATIENCE: u32 = 3;
+
+/// A move the looks favoured, waiting out its packing's cost: to the tiles or off them, since
+/// when.
+type Favoured = Option<(bool, std::time::Instant)>;
+
+/// The engine to run on, `on` the tiles now, after a look that chose `want`: a move that
+/// packs nothing (`cost` zero) at once; one that does only after the looks have chosen it,
+/// without a break (`favoured` keeps since when), for [`MOVE_PATIENCE`] times its cost.
+pub(crate) fn patient(
+    favoured: &mut Favoured,
+    on: bool,
+    want: bool,
+    now: std::time::Instant,
+    cost: impl FnOnce() -> std::time::Duration,
+) -> bool {
+    if want == on {
+        *favoured = None;
+        return on;
+    }
+    let cost = cost();
+    match *favoured {
+        _ if cost.is_zero() => {}
+        Some((w, since)) if w == want && now.duration_since(since) >= cost * MOVE_PATIENCE => {}
+        Some((w, _)) if w == want => return on,
+        _ => {
+            *favoured = Some((want, now));
+            return on;
+        }
+    }
+    *favoured = None;
+    want
+}
+
 /// Where the engine follows the tile unit's speed ([`adaptive`]), looks at it — at most every
 /// 100 ms, 0.1–0.25 ms on each compute thread ([`super::peak::tile_advantage`]) — and runs
 /// the products on it or on the AVX-512 FMA kernel, whichever is faster now. A tile unit
@@ -147,31 +190,38 @@ pub(crate) fn choose(on: bool, advantage: f64) -> bool {
 /// start of a forward pass and of a training step, so that one runs on one engine (a pass
 /// image by image then lets each thread follow its own core's tile unit: [`follow_here`]);
 /// every product checks which engine its packed weights are for, so a call from elsewhere
-/// changes speed, never results' correctness. Returns whether the tiles are on now.
+/// changes speed, never results' correctness. A move to the engine that packed inference
+/// weights lack a packing for waits until the looks have found it faster for
+/// [`MOVE_PATIENCE`] times as long as that packing takes. Returns whether the tiles are on
+/// now.
 pub fn adapt() -> bool {
     if !adaptive() {
         return enabled();
     }
-    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
-    {
-        let Ok(mut last) = LAST.try_lock() else {
-            // Another thread is looking now.
-            return enabled();
-        };
-        if last.is_some_and(|t| t.elapsed() < ADAPT_EVERY) {
-            return enabled();
-        }
-        *last = Some(std::time::Instant::now());
+    // The last look, and a move waiting out its packing's cost (see `patient`).
+    static LAST: std::sync::Mutex<(Option<std::time::Instant>, Favoured)> =
+        std::sync::Mutex::new((None, None));
+    let Ok(mut last) = LAST.try_lock() else {
+        // Another thread is looking now.
+        return enabled();
+    };
+    if last.0.is_some_and(|t| t.elapsed() < ADAPT_EVERY) {
+        return enabled();
     }
+    let at = std::time::Instant::now();
+    last.0 = Some(at);
     let Some(advantage) = super::peak::tile_advantage() else {
         return enabled();
     };
     let now = state();
-    let next = if choose(now == AUTO_ON, advantage) {
+    let on = now == AUTO_ON;
+    let want = choose(on, advantage);
+    let next = if patient(&mut last.1, on, want, at, || super::gemm::move_cost(want)) {
         AUTO_ON
     } else {
         AUTO_OFF
     };
+    drop(last);
     // Only from a state that still follows the tile unit: a pinning call since the look
     // above wins.
     if matches!(now, AUTO_OFF | AUTO_ON) {
@@ -186,6 +236,8 @@ pub fn adapt() -> bool {
 struct Look {
     at: std::time::Instant,
     on: bool,
+    /// A move this thread's looks favoured, waiting out its packing's cost (see [`patient`]).
+    favoured: Favoured,
 }
 
 thread_local! {
@@ -248,9 +300,18 @@ pub fn follow_here() -> Option<FollowHere> {
         Some(l) if now.duration_since(l.at) < ADAPT_EVERY => l.on,
         _ => {
             let was = last.map_or(state() == AUTO_ON, |l| l.on);
+            let mut favoured = last.and_then(|l| l.favoured);
             let advantage = super::peak::tile_advantage_on_this_thread()?;
-            let on = choose(was, advantage);
-            LAST_LOOK.with(|l| l.set(Some(Look { at: now, on })));
+            let want = choose(was, advantage);
+            let cost = || super::gemm::move_cost(want);
+            let on = patient(&mut favoured, was, want, now, cost);
+            LAST_LOOK.with(|l| {
+                l.set(Some(Look {
+                    at: now,
+                    on,
+                    favoured,
+                }))
+            });
             on
         }
     };
@@ -1345,6 +1406,36 @@ unsafe fn pack_b(b: MatRef, kc: usize, n: usize, steps: usize, out: *mut u16) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A move to an engine the packed weights lack waits until the looks have chosen it, without
+    /// a break, for [`MOVE_PATIENCE`] times the packing's cost; one that packs nothing does not.
+    #[test]
+    fn a_move_that_packs_waits_out_its_cost() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let free = || Duration::ZERO;
+        let cost = || Duration::from_millis(100);
+        let mut f = None;
+        // Nothing to pack: at once, either way.
+        assert!(patient(&mut f, false, true, at(0), free));
+        assert!(!patient(&mut f, true, false, at(0), free));
+        assert!(f.is_none());
+        // 100 ms of packing: 300 ms of looks that choose the tiles first.
+        assert!(!patient(&mut f, false, true, at(0), cost));
+        assert!(!patient(&mut f, false, true, at(150), cost));
+        assert!(!patient(&mut f, false, true, at(299), cost));
+        assert!(patient(&mut f, false, true, at(300), cost));
+        assert!(f.is_none(), "the wait ends with the move");
+        // A look that keeps the engine breaks the wait; the clock starts again.
+        assert!(patient(&mut f, true, false, at(400), cost));
+        assert!(f.is_some());
+        assert!(patient(&mut f, true, true, at(500), cost));
+        assert!(f.is_none());
+        assert!(patient(&mut f, true, false, at(600), cost));
+        assert!(patient(&mut f, true, false, at(800), cost));
+        assert!(!patient(&mut f, true, false, at(900), cost));
+    }
 
     /// A thread's own engine ([`hold`], as [`follow_here`] takes it) overrides the process's
     /// on that thread only, nests, and is gone when its guard drops; the tasks are counted.

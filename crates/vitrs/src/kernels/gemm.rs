@@ -15,7 +15,9 @@ use super::math::tanh_inplace;
 use super::sgemm::{gemm, gemm_gather, gemm_row_sums, BRef, Gather, MatRef, Out, PackedB};
 use super::{team, EvenSplit, Isa, Split, SyncPtr};
 use crate::config::Gelu;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// What happens to each output element after the product.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -163,17 +165,104 @@ pub struct PackedLinear {
     /// The other engine's packing (the FMA kernel's beside one for the tile unit, or the tile
     /// unit's beside one for the FMA kernel), made on first need.
     other: OnceLock<Option<PackedB>>,
+    /// Whether [`PACKINGS`] counts this weight (packed on the AVX-512 rung, where the engine
+    /// can move).
+    counted: bool,
+}
+
+/// The packed inference weights of the process, for the cost of moving the AVX-512 rung's
+/// products to the engine they are not packed for ([`move_cost`]). Engines by index: 0 the
+/// FMA kernel, 1 the tile unit.
+pub(crate) struct PackLedger {
+    /// Elements of the weights packed for the other engine alone: what a move to this one
+    /// packs on its way.
+    lacking: [AtomicUsize; 2],
+    /// Nanoseconds and elements of the packings made for each engine so far: its speed.
+    nanos: [AtomicU64; 2],
+    elems: [AtomicU64; 2],
+}
+
+impl PackLedger {
+    pub(crate) const fn new() -> Self {
+        PackLedger {
+            lacking: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            nanos: [AtomicU64::new(0), AtomicU64::new(0)],
+            elems: [AtomicU64::new(0), AtomicU64::new(0)],
+        }
+    }
+
+    /// A packing of `elems` elements for the tile unit (`on_tiles`) or the FMA kernel, which
+    /// took `took`; `first`: the weight's first packing (the other engine now lacks it), else
+    /// its second (neither lacks it any more).
+    pub(crate) fn made(&self, on_tiles: bool, elems: usize, took: Duration, first: bool) {
+        let e = usize::from(on_tiles);
+        self.nanos[e].fetch_add(took.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+        self.elems[e].fetch_add(elems as u64, Relaxed);
+        if first {
+            self.lacking[1 - e].fetch_add(elems, Relaxed);
+        } else {
+            self.forget(on_tiles, elems);
+        }
+    }
+
+    /// A weight of `elems` elements that the tile unit (`tiles`) or the FMA kernel lacked is
+    /// packed for it now, or dropped.
+    pub(crate) fn forget(&self, tiles: bool, elems: usize) {
+        let _ = self.lacking[usize::from(tiles)]
+            .fetch_update(Relaxed, Relaxed, |l| Some(l.saturating_sub(elems)));
+    }
+
+    /// About how long packing the weights that lack it for the tile unit (`to_tiles`) or the
+    /// FMA kernel takes: their elements at the speed its packings (else the other engine's)
+    /// have run so far. Zero where none lacks it.
+    pub(crate) fn cost(&self, to_tiles: bool) -> Duration {
+        let e = usize::from(to_tiles);
+        let lacking = self.lacking[e].load(Relaxed) as f64;
+        let rate = |i: usize| {
+            let n = self.elems[i].load(Relaxed);
+            (n > 0).then(|| self.nanos[i].load(Relaxed) as f64 / n as f64)
+        };
+        let ns = rate(e).or_else(|| rate(1 - e)).unwrap_or(0.0);
+        Duration::from_nanos((lacking * ns) as u64)
+    }
+}
+
+/// Every [`PackedLinear`] of the process (see [`PackLedger`]).
+static PACKINGS: PackLedger = PackLedger::new();
+
+/// About how long moving the products to the tile unit (`to_tiles`) or to the FMA kernel
+/// would spend packing the inference weights packed for the other engine alone (zero where
+/// none are): [`super::amx::adapt`] makes such a move only once the other engine has been
+/// the faster one for a few times as long (`amx::MOVE_PATIENCE`).
+pub fn move_cost(to_tiles: bool) -> Duration {
+    PACKINGS.cost(to_tiles)
+}
+
+impl Drop for PackedLinear {
+    fn drop(&mut self) {
+        if self.counted && self.other.get().is_none() {
+            let (k, n) = self.packed.shape();
+            PACKINGS.forget(!self.packed.on_tiles(), k * n);
+        }
+    }
 }
 
 impl PackedLinear {
     /// Packs `w (n, k)` for the running rung and engine; `None` on the portable rung.
     pub fn new(w: &[f32], (n, k): (usize, usize)) -> Option<Self> {
         super::check_len("PackedLinear: w", w.len(), n * k);
+        let isa = super::isa();
+        let start = Instant::now();
         // SAFETY: `w` holds (n, k) row-major, so B (k, n) = Wᵀ has these strides.
-        let packed = unsafe { PackedB::new(super::isa(), transposed(w, k), k, n) }?;
+        let packed = unsafe { PackedB::new(isa, transposed(w, k), k, n) }?;
+        let counted = isa == Isa::Avx512;
+        if counted {
+            PACKINGS.made(packed.on_tiles(), n * k, start.elapsed(), true);
+        }
         Some(PackedLinear {
             packed,
             other: OnceLock::new(),
+            counted,
         })
     }
 
@@ -211,7 +300,15 @@ impl PackedLinear {
         // SAFETY: `w` holds (n, k) row-major (its length checked by the caller, `linear_parts`),
         // read as B (k, n) = Wᵀ.
         self.other
-            .get_or_init(|| unsafe { PackedB::new(isa, transposed(w, k), k, n) })
+            .get_or_init(|| {
+                let start = Instant::now();
+                let other = unsafe { PackedB::new(isa, transposed(w, k), k, n) };
+                if self.counted {
+                    let tiles = !p.on_tiles();
+                    PACKINGS.made(tiles, n * k, start.elapsed(), false);
+                }
+                other
+            })
             .as_ref()
             .filter(|o| o.usable(isa))
     }
@@ -1227,6 +1324,31 @@ pub fn linear_ref(
 mod tests {
     use super::*;
     use crate::kernels::testutil::*;
+
+    /// The cost of a move: the elements packed for the other engine alone, at the speed of
+    /// the packings made for the engine moved to (the other's before any).
+    #[test]
+    fn a_moves_cost_is_what_lacks_its_packing_at_its_speed() {
+        let ms = Duration::from_millis;
+        let l = PackLedger::new();
+        assert_eq!(
+            (l.cost(false), l.cost(true)),
+            (Duration::ZERO, Duration::ZERO)
+        );
+        // 1000 elements packed for the FMA kernel in 1 ms: the tiles lack them, at that speed.
+        l.made(false, 1000, ms(1), true);
+        assert_eq!((l.cost(false), l.cost(true)), (Duration::ZERO, ms(1)));
+        // Packed for the tiles too, at 4 µs an element: nothing lacks a packing.
+        l.made(true, 1000, ms(4), false);
+        assert_eq!(l.cost(true), Duration::ZERO);
+        // Another weight for the FMA kernel alone: the tiles' own speed now.
+        l.made(false, 500, ms(1), true);
+        assert_eq!(l.cost(true), ms(2));
+        // Dropped before the tiles' packing: nothing lacks one again.
+        l.forget(true, 500);
+        l.forget(true, 500);
+        assert_eq!(l.cost(true), Duration::ZERO);
+    }
 
     #[test]
     fn linear_backward_matches_reference() {
