@@ -150,9 +150,10 @@ pub(crate) fn choose(on: bool, advantage: f64) -> bool {
 /// either engine); one that runs on (`vit serve`) moves after a fraction of a second.
 pub const MOVE_PATIENCE: u32 = 3;
 
-/// A move the looks favoured, waiting out its packing's cost: to the tiles or off them, since
-/// when.
-type Favoured = Option<(bool, std::time::Instant)>;
+/// Since when the looks have chosen the other engine than the one the products run on, a
+/// move waiting out its packing's cost (there being two engines, which one is never in
+/// doubt).
+type Favoured = Option<std::time::Instant>;
 
 /// The engine to run on, `on` the tiles now, after a look that chose `want`: a move that
 /// packs nothing (`cost` zero) at once; one that does only after the looks have chosen it,
@@ -169,17 +170,13 @@ pub(crate) fn patient(
         return on;
     }
     let cost = cost();
-    match *favoured {
-        _ if cost.is_zero() => {}
-        Some((w, since)) if w == want && now.duration_since(since) >= cost * MOVE_PATIENCE => {}
-        Some((w, _)) if w == want => return on,
-        _ => {
-            *favoured = Some((want, now));
-            return on;
-        }
+    let since = *favoured.get_or_insert(now);
+    if cost.is_zero() || now.duration_since(since) >= cost * MOVE_PATIENCE {
+        *favoured = None;
+        want
+    } else {
+        on
     }
-    *favoured = None;
-    want
 }
 
 /// Where the engine follows the tile unit's speed ([`adaptive`]), looks at it — at most every

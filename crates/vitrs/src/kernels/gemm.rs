@@ -1346,6 +1346,8 @@ mod tests {
         assert_eq!(l.cost(true), ms(2));
         // Dropped before the tiles' packing: nothing lacks one again.
         l.forget(true, 500);
+        assert_eq!(l.cost(true), Duration::ZERO);
+        // A count never goes below nothing (it would wrap to a huge cost).
         l.forget(true, 500);
         assert_eq!(l.cost(true), Duration::ZERO);
     }
