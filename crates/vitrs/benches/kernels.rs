@@ -185,7 +185,8 @@ fn attn(c: &mut Criterion) {
 
 /// The whole model: ViT-Ti/16 and ViT-B/16 inference at batch 1, and a full training step
 /// (forward, backward, AdamW) of `configs/bench-train.toml`'s model at batch 32. Criterion's
-/// "elements" are FLOPs (`ViTConfig::flops_per_image`, three forwards for a training step).
+/// "elements" are FLOPs as run (`ViTConfig::flops_run_per_image`, three forwards for a training
+/// step).
 fn model(c: &mut Criterion) {
     let mut g = c.benchmark_group("model");
     g.sample_size(10);
@@ -198,7 +199,9 @@ fn model(c: &mut Criterion) {
         let vit = ViT::random(ViTConfig::preset(preset).unwrap(), 0).unwrap();
         let x = input(vit.config(), 1);
         let mut ws = Workspace::new();
-        g.throughput(Throughput::Elements(vit.config().flops_per_image() as u64));
+        g.throughput(Throughput::Elements(
+            vit.config().flops_run_per_image() as u64
+        ));
         g.bench_function(BenchmarkId::new("forward_b1", preset), |b| {
             b.iter(|| vit.forward(&x, Capture::default(), &mut ws).unwrap())
         });

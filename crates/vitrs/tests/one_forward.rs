@@ -161,9 +161,18 @@ fn training_and_inference_forwards_give_the_same_logits_on_every_configuration()
                 &mut ws,
             )
             .unwrap();
-        assert_eq!(
-            inferred.logits, captured.logits,
-            "{name}: capture changed the logits"
+        let scale = inferred
+            .logits
+            .data()
+            .iter()
+            .fold(1f32, |s, v| s.max(v.abs()));
+        // Equal to f32 rounding: without capture a class-token head's last block runs past
+        // its attention on the rows pooling reads alone (another kernel for that attention,
+        // another order of summation); capturing every map runs the whole block.
+        let d = max_abs_diff(captured.logits.data(), inferred.logits.data());
+        assert!(
+            d <= 1e-6 * scale,
+            "{name}: capture changed the logits by {d} (largest logit {scale})"
         );
         // With the weights packed once for the GEMM kernel, the same logits again.
         let mut packed_model = model.clone();
@@ -173,11 +182,6 @@ fn training_and_inference_forwards_give_the_same_logits_on_every_configuration()
         // (f32 accuracy, another order of summation), the unpacked ones of this small model
         // on the FMA kernel.
         let d = max_abs_diff(packed.data(), inferred.logits.data());
-        let scale = inferred
-            .logits
-            .data()
-            .iter()
-            .fold(1f32, |s, v| s.max(v.abs()));
         assert!(
             d <= 1e-6 * scale,
             "{name}: packed weights changed the logits by {d} (largest logit {scale})"

@@ -638,6 +638,162 @@ unsafe fn backward_head(
     }
 }
 
+/// One query of one head against `n` keys and values: `p = softmax(scale · q·kⱼ)` `(n)` and
+/// `o = Σⱼ pⱼ vⱼ` `(hd)`, key `j` at `kv[j·stride + ko..][..hd]` and value `j` at
+/// `kv[j·stride + vo..][..hd]` (a fused qkv or kv buffer read in place). For the few queries a
+/// forward needs alone: attention pooling's latent, and the last block's class token
+/// ([`attention_first`]).
+pub(crate) fn attend_one(
+    q: &[f32],
+    kv: &[f32],
+    (stride, ko, vo): (usize, usize, usize),
+    scale: f32,
+    p: &mut [f32],
+    o: &mut [f32],
+) {
+    let hd = q.len();
+    for (j, pj) in p.iter_mut().enumerate() {
+        *pj = dot_lanes(q, &kv[j * stride + ko..][..hd]);
+    }
+    softmax_inplace(p, scale);
+    o.fill(0.0);
+    for (j, &pj) in p.iter().enumerate() {
+        let v = &kv[j * stride + vo..][..hd];
+        o.iter_mut().zip(v).for_each(|(o, v)| *o += pj * v);
+    }
+}
+
+/// Backward of [`attend_one`] given `dout = ∂loss/∂o` `(hd)` and its probabilities `p`:
+/// **adds** `∂loss/∂q` to `dq` `(hd)`, and `∂loss/∂kⱼ`, `∂loss/∂vⱼ` to `dkv` (laid out as
+/// `kv`). With `dpⱼ = dout·vⱼ` and `s = Σⱼ pⱼ dpⱼ`: `dsⱼ = pⱼ (dpⱼ − s) · scale`,
+/// `dq += Σⱼ dsⱼ kⱼ`, `dkⱼ += dsⱼ q`, `dvⱼ += pⱼ dout` (each `dpⱼ` computed twice rather than
+/// kept: no scratch).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_one_backward(
+    q: &[f32],
+    kv: &[f32],
+    (stride, ko, vo): (usize, usize, usize),
+    scale: f32,
+    p: &[f32],
+    dout: &[f32],
+    dq: &mut [f32],
+    dkv: &mut [f32],
+) {
+    let hd = q.len();
+    let dp = |j: usize| dot_lanes(dout, &kv[j * stride + vo..][..hd]);
+    let s: f32 = p.iter().enumerate().map(|(j, pj)| pj * dp(j)).sum();
+    for (j, &pj) in p.iter().enumerate() {
+        let ds = pj * (dp(j) - s) * scale;
+        let k = &kv[j * stride + ko..][..hd];
+        dq.iter_mut().zip(k).for_each(|(g, k)| *g += ds * k);
+        let dk = &mut dkv[j * stride + ko..][..hd];
+        dk.iter_mut().zip(q).for_each(|(g, q)| *g += ds * q);
+        let dv = &mut dkv[j * stride + vo..][..hd];
+        dv.iter_mut().zip(dout).for_each(|(g, d)| *g += pj * d);
+    }
+}
+
+/// Attention for the first `queries` tokens of each image only, over all N keys: the rows a
+/// class-token head reads from the last block (its other rows feed nothing, so the block's
+/// projection and MLP run on these alone). Each query row as in [`attention`].
+///
+/// # Shapes
+/// `qkv (B, N, 3D)` → `out (B, queries, D)`, heads side by side; `probs (B, nh, queries, N)`
+/// (always written: the backward reads them).
+///
+/// # Panics
+/// When a slice is shorter than its shape, or `queries > N`.
+pub fn attention_first(
+    qkv: &[f32],
+    queries: usize,
+    out: &mut [f32],
+    probs: &mut [f32],
+    dims: AttnDims,
+) {
+    let AttnDims {
+        batch,
+        tokens: n,
+        heads,
+        head_dim: hd,
+    } = dims;
+    let d = dims.width();
+    assert!(
+        queries <= n,
+        "attention_first: {queries} queries of {n} tokens"
+    );
+    super::check_len("attention_first: qkv", qkv.len(), batch * n * 3 * d);
+    super::check_len("attention_first: out", out.len(), batch * queries * d);
+    super::check_len(
+        "attention_first: probs",
+        probs.len(),
+        batch * heads * queries * n,
+    );
+    let scale = 1.0 / (hd as f32).sqrt();
+    let pp = SyncPtr(probs.as_mut_ptr());
+    // One task an image: its `(queries, D)` rows of `out` and `(nh, queries, N)` of `probs`.
+    team::for_chunks_mut(&mut out[..batch * queries * d], queries * d, |b, out| {
+        let plane = heads * queries * n;
+        // SAFETY: image `b`'s plane of `probs`, inside it (checked above), one task's alone.
+        let p = unsafe { std::slice::from_raw_parts_mut(pp.get().add(b * plane), plane) };
+        let img = &qkv[b * n * 3 * d..(b + 1) * n * 3 * d];
+        for h in 0..heads {
+            for i in 0..queries {
+                let q = &img[i * 3 * d + h * hd..][..hd];
+                let layout = (3 * d, d + h * hd, 2 * d + h * hd);
+                let pi = &mut p[(h * queries + i) * n..][..n];
+                attend_one(q, img, layout, scale, pi, &mut out[i * d + h * hd..][..hd]);
+            }
+        }
+    });
+}
+
+/// Backward of [`attention_first`]: from `dout (B, queries, D)` and its `probs (B, nh,
+/// queries, N)` to `dqkv (B, N, 3D)`, overwritten — the query gradients of the other rows
+/// are zero, the keys' and values' those the first `queries` rows' attention gives them.
+///
+/// # Panics
+/// When a slice is shorter than its shape.
+pub fn attention_first_backward(
+    qkv: &[f32],
+    queries: usize,
+    probs: &[f32],
+    dout: &[f32],
+    dqkv: &mut [f32],
+    dims: AttnDims,
+) {
+    let AttnDims {
+        batch,
+        tokens: n,
+        heads,
+        head_dim: hd,
+    } = dims;
+    let d = dims.width();
+    let what = "attention_first_backward";
+    super::check_len(what, qkv.len(), batch * n * 3 * d);
+    super::check_len(what, probs.len(), batch * heads * queries * n);
+    super::check_len(what, dout.len(), batch * queries * d);
+    super::check_len(what, dqkv.len(), batch * n * 3 * d);
+    let scale = 1.0 / (hd as f32).sqrt();
+    team::for_chunks_mut(&mut dqkv[..batch * n * 3 * d], n * 3 * d, |b, dimg| {
+        dimg.fill(0.0);
+        let img = &qkv[b * n * 3 * d..(b + 1) * n * 3 * d];
+        // One query's gradient at a time, written to its row when its keys are done (the
+        // query rows are also key rows of `dimg`).
+        let mut dq = vec![0.0; hd];
+        for h in 0..heads {
+            for i in 0..queries {
+                let q = &img[i * 3 * d + h * hd..][..hd];
+                let layout = (3 * d, d + h * hd, 2 * d + h * hd);
+                let p = &probs[((b * heads + h) * queries + i) * n..][..n];
+                let g = &dout[(b * queries + i) * d + h * hd..][..hd];
+                dq.fill(0.0);
+                attend_one_backward(q, img, layout, scale, p, g, &mut dq, dimg);
+                dimg[i * 3 * d + h * hd..][..hd].copy_from_slice(&dq);
+            }
+        }
+    });
+}
+
 /// The row stride of the backward's `dS` block: whole cache lines.
 fn backward_row_stride(n: usize) -> usize {
     n.next_multiple_of(16)
@@ -778,6 +934,59 @@ mod tests {
             let want = attention_backward_ref(&qkv, &dout, dims);
             let diff = max_abs_diff(&dqkv, &want);
             assert!(diff < 1e-5, "{dims:?}: {diff}");
+        }
+    }
+
+    /// The first rows' attention is the reference's first rows, and its backward the
+    /// reference backward of an output gradient that is zero on every other row.
+    #[test]
+    fn attention_of_the_first_rows_matches_the_reference() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for &(batch, n, heads, hd, queries) in &[
+            (1, 5, 1, 4, 1),
+            (2, 17, 3, 8, 2),
+            (3, 50, 3, 64, 1),
+            (2, 197, 2, 64, 2),
+        ] {
+            let dims = AttnDims {
+                batch,
+                tokens: n,
+                heads,
+                head_dim: hd,
+            };
+            let d = heads * hd;
+            let qkv: Vec<f32> = rand_vec(batch * n * 3 * d, 41)
+                .iter()
+                .map(|v| v * 2.0)
+                .collect();
+            let (want_out, want_p) = attention_ref(&qkv, dims);
+            let mut out = vec![f32::NAN; batch * queries * d];
+            let mut probs = vec![f32::NAN; batch * heads * queries * n];
+            pool.install(|| attention_first(&qkv, queries, &mut out, &mut probs, dims));
+            let first = |x: &[f32], row: usize, per: usize| -> Vec<f32> {
+                x.chunks(per * row)
+                    .flat_map(|c| c[..queries * row].to_vec())
+                    .collect()
+            };
+            let diff = max_abs_diff(&out, &first(&want_out, d, n));
+            assert!(diff < 2e-6, "{dims:?} out: {diff}");
+            let diff = max_abs_diff(&probs, &first(&want_p, n, n));
+            assert!(diff < 1e-6, "{dims:?} probs: {diff}");
+            // ∂loss/∂out on the first rows only.
+            let g = rand_vec(batch * queries * d, 42);
+            let mut dout = vec![0.0; batch * n * d];
+            for b in 0..batch {
+                dout[b * n * d..][..queries * d]
+                    .copy_from_slice(&g[b * queries * d..][..queries * d]);
+            }
+            let mut dqkv = vec![f32::NAN; qkv.len()];
+            pool.install(|| attention_first_backward(&qkv, queries, &probs, &g, &mut dqkv, dims));
+            let want = attention_backward_ref(&qkv, &dout, dims);
+            let diff = max_abs_diff(&dqkv, &want);
+            assert!(diff < 1e-5, "{dims:?} backward: {diff}");
         }
     }
 

@@ -111,10 +111,23 @@ impl ViT {
         let states = Activations::states(self, &a.final_norm, &a.x);
         let dp = (&g.dpooled[..], &g.dpooled_dist[..]);
         let parts = &mut g.ln_partials;
-        self.pool_backward(states, batch, &mut a.pool, dp, &mut g.dx, grads, parts);
+        // The final states are `(B, tokens, D)`: N tokens, or the few the last block kept.
+        let tokens = a.tokens;
+        let queries = (tokens < self.config.num_tokens()).then_some(tokens);
+        self.pool_backward(
+            states,
+            batch,
+            tokens,
+            &mut a.pool,
+            dp,
+            &mut g.dx,
+            grads,
+            parts,
+        );
         if let Some(norm) = &self.view.norm {
+            let rows = batch * tokens;
             g.dtmp.fill(0.0);
-            self.norm_grad(norm, &g.dx, &a.final_norm, &mut g.dtmp, grads, parts);
+            self.norm_grad(norm, &g.dx, &a.final_norm, &mut g.dtmp, grads, parts, rows);
             std::mem::swap(&mut g.dx, &mut g.dtmp);
         }
         // Without blocks the tail and the embedding are one piece, finished below.
@@ -133,8 +146,10 @@ impl ViT {
             masked: reg.active(),
             batch,
         };
+        let last = a.blocks.len().saturating_sub(1);
         for (l, block_acts) in a.blocks.iter().enumerate().rev() {
-            self.block_backward(l, block_acts, &mut g.dx, &mut g.dtmp, &mut bufs);
+            let q = queries.filter(|_| l == last);
+            self.block_backward(l, block_acts, &mut g.dx, &mut g.dtmp, &mut bufs, q);
             hand_over(bufs.grads);
         }
         self.embed_backward(&g.dx, batch, &mut a.embed, bufs.grads);

@@ -10,7 +10,9 @@ use super::layers::{MlpActs, NormActs, Sizer};
 use super::params::{BlockView, LinearView};
 use super::ViT;
 use crate::config::{NormPlacement, ViTConfig};
-use crate::kernels::attention::{attention, attention_backward, AttnDims};
+use crate::kernels::attention::{
+    attention, attention_backward, attention_first, attention_first_backward, AttnDims,
+};
 use crate::kernels::gemm::{add_assign, Epilogue};
 
 /// One block's activations. Shapes `(B, N, D)` unless noted. Inference keeps one of these for
@@ -130,6 +132,9 @@ pub(crate) struct BlockPass<'a> {
     pub reg: Option<Regularization>,
     /// Where this block's attention maps `(B, nh, N, N)` go when inferring with capture.
     pub capture: Option<&'a mut [f32]>,
+    /// The last block, when pooling reads only the first few tokens of each image
+    /// (`ViTConfig::pooled_prefix`): only those rows leave it, see [`ViT::block_forward`].
+    pub queries: Option<usize>,
 }
 
 /// Which residual branch of a block.
@@ -173,9 +178,17 @@ impl ViT {
     /// Pre-norm: `x = x + γ1·attn(LN1(x))`, then `x = x + γ2·MLP(LN2(x))`.
     /// Post-norm: `x = LN1(x + γ1·attn(x))`, then `x = LN2(x + γ2·MLP(x))`.
     ///
+    /// With `pass.queries = Some(q)` (the last block, its output read only at the first `q`
+    /// tokens of each image) LN1 and qkv still run on every token, which the attention's keys
+    /// and values need, but the attention runs for the first `q` queries alone, and what
+    /// follows it (projection, residual, LN2, MLP) on those rows: ViT-B/16's last block costs
+    /// a quarter of a full one (its qkv product). The stream `x` then holds `(B, q, D)` at its
+    /// start.
+    ///
     /// # Shapes
-    /// `x (B, N, D)`; `branch (B·N, D)` scratch; attention maps `(B, nh, N, N)` go to
-    /// `acts.probs` (training) or `pass.capture` (inference).
+    /// `x (B, N, D)` → `(B, N, D)`, or `(B, q, D)`; `branch (B·N, D)` scratch; attention maps
+    /// `(B, nh, N, N)` go to `acts.probs` (training) or `pass.capture` (inference), `(B, nh,
+    /// q, N)` to `acts.probs` when training with `queries`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn block_forward(
         &self,
@@ -192,10 +205,22 @@ impl ViT {
         let (n, d) = (cfg.num_tokens(), cfg.width);
         let rows = batch * n;
         let dims = self.attn_dims(batch);
-        let BlockPass { keep, reg, capture } = pass;
+        let BlockPass {
+            keep,
+            reg,
+            capture,
+            queries,
+        } = pass;
+        // The rows that go on past the attention: all, or the first `q` of each image.
+        let out_rows = queries.map_or(rows, |q| batch * q);
         if let Some(reg) = &reg {
             fill_mask(&mut acts.mask_attn, reg, l, cfg.depth, 0, (batch, n, d));
             fill_mask(&mut acts.mask_mlp, reg, l, cfg.depth, 1, (batch, n, d));
+            if let Some(q) = queries {
+                // The same draws as a full block's, those of the rows that go on.
+                keep_first_rows(&mut acts.mask_attn, batch, n, q, d);
+                keep_first_rows(&mut acts.mask_mlp, batch, n, q, d);
+            }
         }
         let (mask_attn, mask_mlp) = match reg {
             Some(_) => (Some(&acts.mask_attn[..]), Some(&acts.mask_mlp[..])),
@@ -208,9 +233,29 @@ impl ViT {
         };
         let ls1 = blk.ls1.as_ref().map(|g| (g, &mut acts.ls_attn[..]));
         let ls2 = blk.ls2.as_ref().map(|g| (g, &mut acts.ls_mlp[..]));
+        // The attention over `qkv`, for every query or the first `q` (then the stream keeps
+        // those rows alone, at its start).
+        let attend = |qkv: &[f32], attn: &mut [f32], x: &mut [f32]| match queries {
+            None => attention(qkv, attn, probs, attn_scratch, dims),
+            Some(q) => {
+                let len = batch * cfg.heads * q * n;
+                let p = match probs {
+                    Some(p) => &mut p[..len],
+                    None => {
+                        if attn_scratch.len() < len {
+                            attn_scratch.resize(len, 0.0);
+                        }
+                        &mut attn_scratch[..len]
+                    }
+                };
+                attention_first(qkv, q, attn, p, dims);
+                keep_first_rows(x, batch, n, q, d);
+            }
+        };
+        let o = out_rows;
         match cfg.norm {
             NormPlacement::Pre => {
-                self.norm(&blk.norm1, x, &mut acts.ln1, keep);
+                self.norm(&blk.norm1, x, &mut acts.ln1, keep, rows);
                 self.linear(
                     &blk.qkv,
                     &acts.ln1.output,
@@ -218,31 +263,31 @@ impl ViT {
                     rows,
                     Epilogue::None,
                 );
-                attention(&acts.qkv, &mut acts.attn, probs, attn_scratch, dims);
+                attend(&acts.qkv, &mut acts.attn, x);
                 if keep || mask_attn.is_some() || ls1.is_some() {
-                    self.add_branch(&blk.proj, &acts.attn, x, branch, mask_attn, ls1, rows);
-                    self.norm(&blk.norm2, x, &mut acts.ln2, keep);
+                    self.add_branch(&blk.proj, &acts.attn, x, branch, mask_attn, ls1, o);
+                    self.norm(&blk.norm2, x, &mut acts.ln2, keep, o);
                 } else {
                     // Inference: the residual add and LN2 in one parallel region.
                     let normed = &mut acts.ln2.output;
-                    self.linear_then_norm(&blk.proj, &acts.attn, x, &blk.norm2, normed, rows);
+                    self.linear_then_norm(&blk.proj, &acts.attn, x, &blk.norm2, normed, o);
                 }
-                self.mlp_hidden(&blk.fc1, &acts.ln2.output, &mut acts.mlp, rows, keep);
-                self.add_branch(&blk.fc2, &acts.mlp.h_act, x, branch, mask_mlp, ls2, rows);
+                self.mlp_hidden(&blk.fc1, &acts.ln2.output, &mut acts.mlp, o, keep);
+                self.add_branch(&blk.fc2, &acts.mlp.h_act, x, branch, mask_mlp, ls2, o);
             }
             NormPlacement::Post => {
                 if keep {
                     acts.x_in.copy_from_slice(x);
                 }
                 self.linear(&blk.qkv, x, &mut acts.qkv, rows, Epilogue::None);
-                attention(&acts.qkv, &mut acts.attn, probs, attn_scratch, dims);
-                self.add_branch(&blk.proj, &acts.attn, x, branch, mask_attn, ls1, rows);
-                self.norm(&blk.norm1, x, &mut acts.ln1, keep);
-                x.copy_from_slice(&acts.ln1.output);
-                self.mlp_hidden(&blk.fc1, x, &mut acts.mlp, rows, keep);
-                self.add_branch(&blk.fc2, &acts.mlp.h_act, x, branch, mask_mlp, ls2, rows);
-                self.norm(&blk.norm2, x, &mut acts.ln2, keep);
-                x.copy_from_slice(&acts.ln2.output);
+                attend(&acts.qkv, &mut acts.attn, x);
+                self.add_branch(&blk.proj, &acts.attn, x, branch, mask_attn, ls1, o);
+                self.norm(&blk.norm1, x, &mut acts.ln1, keep, o);
+                x[..o * d].copy_from_slice(&acts.ln1.output[..o * d]);
+                self.mlp_hidden(&blk.fc1, x, &mut acts.mlp, o, keep);
+                self.add_branch(&blk.fc2, &acts.mlp.h_act, x, branch, mask_mlp, ls2, o);
+                self.norm(&blk.norm2, x, &mut acts.ln2, keep, o);
+                x[..o * d].copy_from_slice(&acts.ln2.output[..o * d]);
             }
         }
     }
@@ -273,6 +318,7 @@ impl ViT {
         };
         self.linear(l, input, out, rows, Epilogue::None);
         let d = self.config.width;
+        let (x, out) = (&mut x[..rows * d], &out[..rows * d]);
         // One loop per case, so the per-element work has no branches (the training hot path).
         for (r, (xr, or)) in x.chunks_exact_mut(d).zip(out.chunks_exact(d)).enumerate() {
             let xo = xr.iter_mut().zip(or);
@@ -289,7 +335,10 @@ impl ViT {
 
     /// Backward of [`Self::block_forward`] for block `l`: `dx` holds ∂loss/∂(block output)
     /// `(B·N, D)` on entry and ∂loss/∂(block input) on return; `dtmp (B·N, D)` is scratch.
-    /// The block's parameter gradients are added to `bufs.grads`.
+    /// The block's parameter gradients are added to `bufs.grads`. With the forward's
+    /// `queries = Some(q)`, `dx` holds `(B·q, D)` on entry, the gradient of the rows that left
+    /// the block (the others fed nothing), and the attention half spreads it back to every
+    /// token's row.
     pub(crate) fn block_backward(
         &self,
         l: usize,
@@ -297,8 +346,18 @@ impl ViT {
         dx: &mut Vec<f32>,
         dtmp: &mut Vec<f32>,
         bufs: &mut BranchBufs,
+        queries: Option<usize>,
     ) {
         let blk = &self.view.blocks[l];
+        let (n, d) = (self.config.num_tokens(), self.config.width);
+        let (batch, rows) = (bufs.batch, bufs.batch * n);
+        // The rows after the attention (see `block_forward`).
+        let out_rows = queries.map_or(rows, |q| batch * q);
+        let spread = |dx: &mut [f32]| {
+            if let Some(q) = queries {
+                spread_first_rows(dx, batch, n, q, d);
+            }
+        };
         // The MLP half first (its norm is norm2/ln2), then the attention half (norm1/ln1).
         let halves = [
             (Branch::Mlp, &blk.norm2, &acts.ln2),
@@ -309,27 +368,39 @@ impl ViT {
                 NormPlacement::Pre => {
                     // x_out = x + Branch(LN(x)): the branch's gradients but its first product's
                     // input gradient, which goes through LN straight into dx.
-                    self.branch_backward(blk, acts, which, &ln.output, dx, None, bufs);
-                    let (first, dfirst) = match which {
-                        Branch::Mlp => (&blk.fc1, &*bufs.dh),
-                        Branch::Attn => (&blk.qkv, &*bufs.dqkv),
+                    self.branch_backward(blk, acts, which, &ln.output, dx, None, bufs, queries);
+                    let (first, dfirst, rows) = match which {
+                        Branch::Mlp => (&blk.fc1, &*bufs.dh, out_rows),
+                        Branch::Attn => {
+                            // The residual's gradient reaches the first rows only.
+                            spread(dx);
+                            (&blk.qkv, &*bufs.dqkv, rows)
+                        }
                     };
                     let (grads, partials) = (&mut *bufs.grads, &mut *bufs.ln_partials);
-                    let rows = bufs.batch * self.config.num_tokens();
                     self.linear_norm_grad(first, dfirst, norm, ln, dx, grads, partials, rows);
                 }
                 NormPlacement::Post => {
                     // x_out = LN(s), s = x + Branch(x); the MLP's x is the middle state
-                    // (LN1's output), attention's the block's input.
-                    dtmp.fill(0.0);
-                    self.norm_grad(norm, dx, ln, dtmp, bufs.grads, bufs.ln_partials);
+                    // (LN1's output), attention's the block's input. Both norms saw the rows
+                    // after the attention.
+                    let o = out_rows;
+                    dtmp[..o * d].fill(0.0);
+                    self.norm_grad(norm, dx, ln, dtmp, bufs.grads, bufs.ln_partials, o);
                     std::mem::swap(dx, dtmp);
                     let input = match which {
                         Branch::Mlp => &acts.ln1.output,
                         Branch::Attn => &acts.x_in,
                     };
-                    self.branch_backward(blk, acts, which, input, dx, Some(dtmp), bufs);
-                    add_assign(dx, dtmp);
+                    self.branch_backward(blk, acts, which, input, dx, Some(dtmp), bufs, queries);
+                    let rows = match which {
+                        Branch::Mlp => o,
+                        Branch::Attn => {
+                            spread(dx);
+                            rows
+                        }
+                    };
+                    add_assign(&mut dx[..rows * d], &dtmp[..rows * d]);
                 }
             }
         }
@@ -342,7 +413,9 @@ impl ViT {
     /// output gradient); the branch's parameter gradients are added to `bufs.grads`. `input`
     /// is what the branch's first product saw: the norm's output (pre-norm), or for post-norm
     /// the block's middle state (kept as LN1's output) for the MLP and the block's input for
-    /// attention.
+    /// attention. With `queries = Some(q)` (see [`Self::block_backward`]) `dx` and the MLP's
+    /// rows are the first `q` of each image, `(B·q, ·)`, and the attention's input gradient
+    /// covers every row.
     #[allow(clippy::too_many_arguments)]
     fn branch_backward(
         &self,
@@ -353,6 +426,7 @@ impl ViT {
         dx: &[f32],
         dinput: Option<&mut [f32]>,
         bufs: &mut BranchBufs,
+        queries: Option<usize>,
     ) {
         let (mask, scale) = match which {
             Branch::Mlp => (&acts.mask_mlp, blk.ls2.as_ref().map(|g| (g, &acts.ls_mlp))),
@@ -361,46 +435,36 @@ impl ViT {
                 blk.ls1.as_ref().map(|g| (g, &acts.ls_attn)),
             ),
         };
-        let dy = self.branch_grad(
-            dx,
-            bufs.masked.then_some(mask),
-            scale,
-            bufs.branch,
-            bufs.grads,
-        );
-        let rows = bufs.batch * self.config.num_tokens();
+        let batch = bufs.batch;
+        let rows = batch * self.config.num_tokens();
+        let out_rows = queries.map_or(rows, |q| batch * q);
+        let masked = bufs.masked.then_some(mask);
+        let dy = self.branch_grad(dx, masked, scale, bufs.branch, bufs.grads, out_rows);
         match which {
             Branch::Mlp => {
-                let mlp = &acts.mlp;
+                let (mlp, o) = (&acts.mlp, out_rows);
                 // dh = (dy·W2) ⊙ GELU'(pre-activation), the derivative kept by the forward.
                 let (h, dh) = (&mlp.h_act, &mut *bufs.dh);
-                self.linear_grad_times(&blk.fc2, dy, h, dh, &mlp.h_grad, bufs.grads, rows);
-                self.linear_grad(&blk.fc1, bufs.dh, input, dinput, bufs.grads, rows);
+                self.linear_grad_times(&blk.fc2, dy, h, dh, &mlp.h_grad, bufs.grads, o);
+                self.linear_grad(&blk.fc1, bufs.dh, input, dinput, bufs.grads, o);
             }
             Branch::Attn => {
-                self.linear_grad(
-                    &blk.proj,
-                    dy,
-                    &acts.attn,
-                    Some(bufs.dattn),
-                    bufs.grads,
-                    rows,
-                );
-                attention_backward(
-                    &acts.qkv,
-                    &acts.probs,
-                    bufs.dattn,
-                    bufs.dqkv,
-                    bufs.attn_scratch,
-                    self.attn_dims(bufs.batch),
-                );
+                let dattn = &mut *bufs.dattn;
+                self.linear_grad(&blk.proj, dy, &acts.attn, Some(dattn), bufs.grads, out_rows);
+                let dims = self.attn_dims(batch);
+                let (qkv, probs, dqkv) = (&acts.qkv, &acts.probs, &mut *bufs.dqkv);
+                match queries {
+                    None => attention_backward(qkv, probs, dattn, dqkv, bufs.attn_scratch, dims),
+                    Some(q) => attention_first_backward(qkv, q, probs, dattn, dqkv, dims),
+                }
                 self.linear_grad(&blk.qkv, bufs.dqkv, input, dinput, bufs.grads, rows);
             }
         }
     }
 
     /// The gradient reaching a branch `γ ⊙ mask ⊙ y` from `dx`: `dx ⊙ mask ⊙ γ` (written into
-    /// `buf`), or `dx` itself; with LayerScale, `dγ += Σ_rows dx ⊙ mask ⊙ y` (`y` saved).
+    /// `buf`), or `dx` itself; with LayerScale, `dγ += Σ_rows dx ⊙ mask ⊙ y` (`y` saved). Over
+    /// the first `rows` rows of each.
     fn branch_grad<'a>(
         &self,
         dx: &'a [f32],
@@ -408,11 +472,14 @@ impl ViT {
         scale: Option<(&Range<usize>, &Vec<f32>)>,
         buf: &'a mut [f32],
         grads: &mut [f32],
+        rows: usize,
     ) -> &'a [f32] {
+        let d = self.config.width;
+        let dx = &dx[..rows * d];
         if mask.is_none() && scale.is_none() {
             return dx;
         }
-        let d = self.config.width;
+        let buf = &mut buf[..rows * d];
         for (r, (o, g)) in buf.chunks_exact_mut(d).zip(dx.chunks_exact(d)).enumerate() {
             match mask {
                 Some(m) => o
@@ -434,5 +501,24 @@ impl ViT {
             }
         }
         buf
+    }
+}
+
+/// Moves the first `q` rows of each of `batch` images of `n` rows (`d` floats each) to the
+/// start of `x`, image after image: `(B, N, D)` → `(B, q, D)` in place.
+pub(crate) fn keep_first_rows(x: &mut [f32], batch: usize, n: usize, q: usize, d: usize) {
+    // Image b's rows go to b·q, never after where they are (b·n), so front to back is safe.
+    for b in 1..batch {
+        x.copy_within(b * n * d..(b * n + q) * d, b * q * d);
+    }
+}
+
+/// The inverse of [`keep_first_rows`], zero elsewhere: `(B, q, D)` at the start of `x` →
+/// `(B, N, D)`, rows `q..N` of each image zero.
+pub(crate) fn spread_first_rows(x: &mut [f32], batch: usize, n: usize, q: usize, d: usize) {
+    // Back to front: image b's rows move from b·q to b·n, never before where they are.
+    for b in (0..batch).rev() {
+        x.copy_within(b * q * d..(b + 1) * q * d, b * n * d);
+        x[(b * n + q) * d..(b + 1) * n * d].fill(0.0);
     }
 }

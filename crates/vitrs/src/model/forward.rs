@@ -6,6 +6,8 @@
 use super::block::{BlockPass, Regularization};
 use super::workspace::{Activations, Workspace};
 use super::ViT;
+#[cfg(doc)]
+use crate::config::ViTConfig;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -42,13 +44,15 @@ pub(crate) enum Pass<'a> {
 
 impl Pass<'_> {
     /// Block `l`'s part of the pass: what it keeps, the masks it draws, where its attention
-    /// maps `(B, nh, N, N)` go (one plane of `(L, B, nh, N, N)`).
-    fn block(&mut self, l: usize, plane: usize) -> BlockPass<'_> {
+    /// maps `(B, nh, N, N)` go (one plane of `(L, B, nh, N, N)`), and the rows that leave it
+    /// (`queries`, the last block's; see [`Self::last_queries`]).
+    fn block(&mut self, l: usize, plane: usize, queries: Option<usize>) -> BlockPass<'_> {
         match self {
             Pass::Train { reg } => BlockPass {
                 keep: true,
                 reg: reg.active().then_some(*reg),
                 capture: None,
+                queries,
             },
             Pass::Infer { attentions } => BlockPass {
                 keep: false,
@@ -56,7 +60,23 @@ impl Pass<'_> {
                 capture: attentions
                     .as_deref_mut()
                     .map(|t| &mut t[l * plane..(l + 1) * plane]),
+                queries,
             },
+        }
+    }
+
+    /// The tokens per image the last block computes past its attention, when fewer than all:
+    /// those pooling reads ([`ViTConfig::pooled_prefix`]: the class token, DeiT's distillation
+    /// token), unless every query row's attention map is captured. Nothing after the last
+    /// block reads its other rows, and in training no gradient reaches them, so the logits,
+    /// features and gradients are those of the whole block.
+    fn last_queries(&self, model: &ViT) -> Option<usize> {
+        match self {
+            Pass::Infer {
+                attentions: Some(_),
+            } => None,
+            _ if model.config.depth == 0 => None,
+            _ => model.config.pooled_prefix(),
         }
     }
 }
@@ -201,7 +221,9 @@ impl ViT {
     ///
     /// # Shapes
     /// `images (B, C, H, W)` → tokens `x (B, N, D)` → L blocks `(B, N, D)` → final norm →
-    /// pooled `(B, D)` → logits `(B, K)`.
+    /// pooled `(B, D)` → logits `(B, K)`. With a class-token head the last block leaves only
+    /// the rows pooling reads, `(B, T, D)` with T = 1 (2 for DeiT), and the final norm runs on
+    /// those ([`Pass::last_queries`]; `acts.tokens` records T, or N).
     pub(crate) fn forward_pass(
         &self,
         images: &[f32],
@@ -212,6 +234,8 @@ impl ViT {
         let keep = matches!(pass, Pass::Train { .. });
         let cfg = &self.config;
         let plane = batch * cfg.heads * cfg.num_tokens() * cfg.num_tokens();
+        let last = pass.last_queries(self);
+        acts.tokens = last.unwrap_or(cfg.num_tokens());
         let Activations {
             embed,
             x,
@@ -221,20 +245,22 @@ impl ViT {
             head,
             branch,
             attn_scratch,
+            tokens,
             ..
         } = acts;
         self.embed(images, batch, embed, x);
         for l in 0..cfg.depth {
             // Training keeps every block's activations; inference reuses one set.
             let block_acts = &mut blocks[if keep { l } else { 0 }];
-            let bp = pass.block(l, plane);
+            let bp = pass.block(l, plane, last.filter(|_| l + 1 == cfg.depth));
             self.block_forward(l, x, block_acts, branch, attn_scratch, batch, bp);
         }
+        // The stream is `(B, tokens, D)` now.
         if let Some(nv) = &self.view.norm {
-            self.norm(nv, x, final_norm, keep);
+            self.norm(nv, x, final_norm, keep, batch * *tokens);
         }
         let states = Activations::states(self, final_norm, x);
-        self.pool(states, batch, pool, keep);
+        self.pool(states, batch, *tokens, pool, keep);
         self.head(batch, pool, head, keep);
     }
 
@@ -270,7 +296,68 @@ impl ViT {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Sizes, ViTConfig};
+    use crate::config::{Pool, Sizes, ViTConfig};
+
+    /// With a class-token head the last block leaves only the rows pooling reads (the class
+    /// token; DeiT's distillation token too), inferring and training; the mean pool and
+    /// captured maps keep every token. The logits are the whole block's, to f32 rounding.
+    #[test]
+    fn the_last_block_computes_only_the_rows_pooling_reads() {
+        for (pool, distilled, kept) in [
+            (Pool::Cls, false, Some(1)),
+            (Pool::Cls, true, Some(2)),
+            (Pool::Mean, false, None),
+        ] {
+            let mut cfg = ViTConfig::paper(Sizes {
+                image: (8, 12),
+                channels: 2,
+                patch: 4,
+                width: 16,
+                depth: 2,
+                heads: 2,
+                mlp: 24,
+                classes: 3,
+            });
+            cfg.pool = pool;
+            cfg.distilled = distilled;
+            cfg.validate().unwrap();
+            let (n, batch) = (cfg.num_tokens(), 3);
+            let mut model = ViT::zeros(cfg.clone()).unwrap();
+            let mut rng = crate::model::Rng::new(11);
+            let p = model.params_mut().flat_mut();
+            p.iter_mut().for_each(|v| *v = (rng.normal() * 0.4) as f32);
+            let len = batch * cfg.channels * cfg.image_height * cfg.image_width;
+            let images: Vec<f32> = (0..len).map(|i| (i % 13) as f32 / 6.0 - 1.0).collect();
+            let k = cfg.num_classes;
+            let run = |pass: Pass<'_>, train: bool| {
+                let mut acts = Activations::default();
+                acts.prepare(&cfg, batch, train);
+                model.forward_pass(&images, batch, &mut acts, pass);
+                (acts.tokens, acts.head.logits[..batch * k].to_vec())
+            };
+            let (tokens, logits) = run(Pass::Infer { attentions: None }, false);
+            assert_eq!(tokens, kept.unwrap_or(n), "{pool:?}, distilled {distilled}");
+            let mut maps = vec![0.0; cfg.depth * batch * cfg.heads * n * n];
+            let capture = Pass::Infer {
+                attentions: Some(&mut maps),
+            };
+            let (all, whole) = run(capture, false);
+            assert_eq!(all, n, "capturing the maps needs every query row");
+            let scale = whole.iter().fold(1f32, |m, v| m.max(v.abs()));
+            let d = crate::kernels::max_abs_diff(&logits, &whole);
+            assert!(d <= 1e-6 * scale, "{pool:?}: logits differ by {d}");
+            let train = Pass::Train {
+                reg: Regularization::default(),
+            };
+            let (tokens, trained) = run(train, true);
+            assert_eq!(tokens, kept.unwrap_or(n), "training, {pool:?}");
+            let d = crate::kernels::max_abs_diff(&trained, &whole);
+            assert!(
+                d <= 1e-5 * scale,
+                "{pool:?}: training's logits differ by {d}"
+            );
+        }
+    }
 
     /// A batch run image by image gives the logits and features of one pass over the whole
     /// batch (which capturing the attention maps forces), with and without a classifier.

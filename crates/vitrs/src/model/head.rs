@@ -64,7 +64,7 @@ impl ViT {
     pub(crate) fn head(&self, batch: usize, pool: &mut PoolActs, acts: &mut HeadActs, keep: bool) {
         let v = &self.view;
         if let Some(fc) = &v.fc_norm {
-            self.norm(fc, &pool.pooled, &mut acts.fc_norm, keep);
+            self.norm(fc, &pool.pooled, &mut acts.fc_norm, keep, batch);
             pool.pooled.copy_from_slice(&acts.fc_norm.output);
         }
         if let Some(pre) = &v.pre_logits {
@@ -135,7 +135,7 @@ impl ViT {
         if let Some(fc) = &v.fc_norm {
             let tmp = &mut g.tmp[..batch * d];
             tmp.fill(0.0);
-            self.norm_grad(fc, g.dpooled, &acts.fc_norm, tmp, grads, partials);
+            self.norm_grad(fc, g.dpooled, &acts.fc_norm, tmp, grads, partials, batch);
             g.dpooled.copy_from_slice(tmp);
         }
     }

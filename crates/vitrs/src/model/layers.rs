@@ -227,23 +227,31 @@ impl ViT {
         }
     }
 
-    /// LayerNorm of every row of `x` into `acts.output`; when training (`keep`) the input,
-    /// mean and 1/std are kept for [`Self::norm_grad`].
+    /// LayerNorm of the first `rows` rows of `x` into `acts.output`; when training (`keep`)
+    /// the input, mean and 1/std are kept for [`Self::norm_grad`].
     ///
     /// # Shapes
-    /// `x (rows, D)` -> `acts.output (rows, D)`.
-    pub(crate) fn norm(&self, nv: &NormView, x: &[f32], acts: &mut NormActs, keep: bool) {
+    /// `x (rows, D)` -> `acts.output (rows, D)` (each buffer may be longer).
+    pub(crate) fn norm(
+        &self,
+        nv: &NormView,
+        x: &[f32],
+        acts: &mut NormActs,
+        keep: bool,
+        rows: usize,
+    ) {
         let (d, eps) = (self.config.width, self.config.layer_norm_eps);
         let (w, b) = (self.params.slice(&nv.w), self.params.slice(&nv.b));
+        let (x, out) = (&x[..rows * d], &mut acts.output[..rows * d]);
         if keep {
             let saved = LnSaved {
-                input: &mut acts.input,
-                mean: &mut acts.mean,
-                rstd: &mut acts.rstd,
+                input: &mut acts.input[..rows * d],
+                mean: &mut acts.mean[..rows],
+                rstd: &mut acts.rstd[..rows],
             };
-            layernorm_train(x, &mut acts.output, w, b, d, eps, saved);
+            layernorm_train(x, out, w, b, d, eps, saved);
         } else {
-            layernorm(x, &mut acts.output, w, b, d, eps);
+            layernorm(x, out, w, b, d, eps);
         }
     }
 
@@ -293,8 +301,12 @@ impl ViT {
         add_partials(partials, dg, db);
     }
 
-    /// `dx += ∂loss/∂input` of a LayerNorm given `dy = ∂loss/∂output`, accumulating its γ/β
-    /// gradients into `grads`.
+    /// `dx += ∂loss/∂input` of a LayerNorm given `dy = ∂loss/∂output`, over the first `rows`
+    /// rows (those [`Self::norm`] saw), accumulating its γ/β gradients into `grads`.
+    ///
+    /// # Shapes
+    /// `dy, dx (rows, D)` (each buffer may be longer).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn norm_grad(
         &self,
         nv: &NormView,
@@ -303,18 +315,20 @@ impl ViT {
         dx: &mut [f32],
         grads: &mut [f32],
         partials: &mut Vec<f32>,
+        rows: usize,
     ) {
+        let d = self.config.width;
         let (dg, db) = two_mut(grads, &nv.w, &nv.b);
         layernorm_backward(
-            dy,
-            &acts.input,
-            &acts.mean,
-            &acts.rstd,
+            &dy[..rows * d],
+            &acts.input[..rows * d],
+            &acts.mean[..rows],
+            &acts.rstd[..rows],
             self.params.slice(&nv.w),
-            dx,
+            &mut dx[..rows * d],
             dg,
             db,
-            self.config.width,
+            d,
             partials,
         );
     }

@@ -150,10 +150,11 @@ impl Net {
         }
     }
 
-    /// Multiply-adds × 2 of one image's forward.
+    /// Multiply-adds × 2 of one image's forward, as it runs (a ViT's
+    /// [`ViTConfig::flops_run_per_image`]).
     pub fn flops_per_image(&self) -> f64 {
         match self {
-            Net::ViT(m) => m.config().flops_per_image(),
+            Net::ViT(m) => m.config().flops_run_per_image(),
             Net::ResNet(m) => m.flops_per_image(),
         }
     }

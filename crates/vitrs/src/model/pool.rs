@@ -7,8 +7,8 @@ use super::layers::{MlpActs, NormActs, Sizer};
 use super::params::MapView;
 use super::ViT;
 use crate::config::{Pool, ViTConfig};
+use crate::kernels::attention::{attend_one, attend_one_backward};
 use crate::kernels::gemm::{add_assign, Epilogue};
-use crate::kernels::math::softmax_inplace;
 
 /// Pooling's activations: the pooled vectors, and attention pooling's intermediates.
 #[derive(Debug, Default)]
@@ -81,13 +81,22 @@ impl MapActs {
 
 impl ViT {
     /// Pools the final token states into `acts.pooled` (and DeiT's distillation token into
-    /// `acts.pooled_dist`); `keep` keeps what the backward needs.
+    /// `acts.pooled_dist`); `keep` keeps what the backward needs. `tokens` is the states'
+    /// tokens per image: N, or the
+    /// [`ViTConfig::pooled_prefix`](crate::config::ViTConfig::pooled_prefix) the last block kept.
     ///
     /// # Shapes
-    /// `states (B, N, D)` -> `pooled (B, D)`, `pooled_dist (B, D)`.
-    pub(crate) fn pool(&self, states: &[f32], batch: usize, acts: &mut PoolActs, keep: bool) {
+    /// `states (B, tokens, D)` -> `pooled (B, D)`, `pooled_dist (B, D)`.
+    pub(crate) fn pool(
+        &self,
+        states: &[f32],
+        batch: usize,
+        tokens: usize,
+        acts: &mut PoolActs,
+        keep: bool,
+    ) {
         let cfg = &self.config;
-        let (n, d, npre) = (cfg.num_tokens(), cfg.width, cfg.num_prefix_tokens());
+        let (n, d, npre) = (tokens, cfg.width, cfg.num_prefix_tokens());
         match (&self.view.attn_pool, cfg.pool) {
             (Some(mv), _) => {
                 self.map_forward(mv, states, batch, &mut acts.map, keep);
@@ -119,12 +128,13 @@ impl ViT {
     }
 
     /// Backward of [`Self::pool`]: from `(dpooled, dpooled_dist)`, each `(B, D)`, to
-    /// `dstates (B, N, D)` (overwritten), parameter gradients accumulated.
+    /// `dstates (B, tokens, D)` (overwritten), parameter gradients accumulated.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn pool_backward(
         &self,
         states: &[f32],
         batch: usize,
+        tokens: usize,
         acts: &mut PoolActs,
         (dpooled, dpooled_dist): (&[f32], &[f32]),
         dstates: &mut [f32],
@@ -132,7 +142,8 @@ impl ViT {
         partials: &mut Vec<f32>,
     ) {
         let cfg = &self.config;
-        let (n, d, npre) = (cfg.num_tokens(), cfg.width, cfg.num_prefix_tokens());
+        let (n, d, npre) = (tokens, cfg.width, cfg.num_prefix_tokens());
+        let dstates = &mut dstates[..batch * n * d];
         dstates.fill(0.0);
         match (&self.view.attn_pool, cfg.pool) {
             (Some(mv), _) => self.map_backward(
@@ -197,21 +208,12 @@ impl ViT {
             for h in 0..nh {
                 let q = &acts.q[h * hd..(h + 1) * hd];
                 let p = &mut acts.probs[(b * nh + h) * n..(b * nh + h + 1) * n];
-                for (j, pj) in p.iter_mut().enumerate() {
-                    let k = &kv[j * 2 * d + h * hd..j * 2 * d + (h + 1) * hd];
-                    *pj = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>();
-                }
-                softmax_inplace(p, scale);
                 let o = &mut acts.attn[b * d + h * hd..b * d + (h + 1) * hd];
-                o.fill(0.0);
-                for (j, pj) in p.iter().enumerate() {
-                    let v = &kv[j * 2 * d + d + h * hd..j * 2 * d + d + (h + 1) * hd];
-                    o.iter_mut().zip(v).for_each(|(o, v)| *o += pj * v);
-                }
+                attend_one(q, kv, (2 * d, h * hd, d + h * hd), scale, p, o);
             }
         }
         self.linear(&mv.proj, &acts.attn, &mut acts.z, batch, Epilogue::None);
-        self.norm(&mv.norm, &acts.z, &mut acts.ln, keep);
+        self.norm(&mv.norm, &acts.z, &mut acts.ln, keep, batch);
         self.mlp_hidden(&mv.fc1, &acts.ln.output, &mut acts.mlp, batch, keep);
     }
 
@@ -252,37 +254,19 @@ impl ViT {
         self.linear_grad(&mv.fc1, dh, &ln.output, None, grads, batch);
         self.linear_norm_grad(&mv.fc1, dh, &mv.norm, ln, dz, grads, partials, batch);
         self.linear_grad(&mv.proj, dz, attn, Some(dattn), grads, batch);
-        // o = Σ_j p_j v_j, p = softmax(scale · q·k_j).
+        // o = Σ_j p_j v_j, p = softmax(scale · q·k_j); the query is shared by the batch.
         let scale = 1.0 / (hd as f32).sqrt();
         dq.fill(0.0);
+        dkv.fill(0.0);
         for b in 0..batch {
             let kv = &kv[b * n * 2 * d..(b + 1) * n * 2 * d];
             let dkv = &mut dkv[b * n * 2 * d..(b + 1) * n * 2 * d];
             for h in 0..nh {
                 let p = &probs[(b * nh + h) * n..(b * nh + h + 1) * n];
                 let dout_h = &dattn[b * d + h * hd..b * d + (h + 1) * hd];
-                let qh = &q[h * hd..(h + 1) * hd];
-                // dp_j = do·v_j, then the softmax backward: ds_j = p_j (dp_j − Σ p·dp).
-                let dp: Vec<f32> = (0..n)
-                    .map(|j| {
-                        let v = &kv[j * 2 * d + d + h * hd..j * 2 * d + d + (h + 1) * hd];
-                        dout_h.iter().zip(v).map(|(a, b)| a * b).sum()
-                    })
-                    .collect();
-                let s: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
-                for j in 0..n {
-                    let ds = p[j] * (dp[j] - s) * scale;
-                    let k = &kv[j * 2 * d + h * hd..j * 2 * d + (h + 1) * hd];
-                    dq[h * hd..(h + 1) * hd]
-                        .iter_mut()
-                        .zip(k)
-                        .for_each(|(g, k)| *g += ds * k);
-                    let (dk, dv) = dkv[j * 2 * d..(j + 1) * 2 * d].split_at_mut(d);
-                    for c in 0..hd {
-                        dk[h * hd + c] = ds * qh[c];
-                        dv[h * hd + c] = p[j] * dout_h[c];
-                    }
-                }
+                let (qh, dqh) = (&q[h * hd..(h + 1) * hd], &mut dq[h * hd..(h + 1) * hd]);
+                let layout = (2 * d, h * hd, d + h * hd);
+                attend_one_backward(qh, kv, layout, scale, p, dout_h, dqh, dkv);
             }
         }
         self.linear_grad(&mv.kv, dkv, states, Some(dstates), grads, batch * n);

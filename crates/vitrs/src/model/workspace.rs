@@ -32,6 +32,9 @@ pub(crate) struct Activations {
     pub branch: Vec<f32>,
     /// The attention kernel's per-thread tiles.
     pub attn_scratch: Vec<f32>,
+    /// Tokens per image the last block left in `x` (and the final norm normalised): N, or the
+    /// few pooling reads (see `forward::Pass::last_queries`). Set by each forward pass.
+    pub tokens: usize,
 }
 
 impl Activations {
