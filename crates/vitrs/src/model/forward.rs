@@ -298,6 +298,15 @@ mod tests {
     use super::*;
     use crate::config::{Pool, Sizes, ViTConfig};
 
+    /// A model of `cfg` with every parameter random (a new model's head is zero).
+    fn random_model(cfg: &ViTConfig, seed: u64) -> ViT {
+        let mut model = ViT::zeros(cfg.clone()).unwrap();
+        let mut rng = crate::model::Rng::new(seed);
+        let p = model.params_mut().flat_mut();
+        p.iter_mut().for_each(|v| *v = (rng.normal() * 0.4) as f32);
+        model
+    }
+
     /// With a class-token head the last block leaves only the rows pooling reads (the class
     /// token; DeiT's distillation token too), inferring and training; the mean pool and
     /// captured maps keep every token. The logits are the whole block's, to f32 rounding.
@@ -322,10 +331,7 @@ mod tests {
             cfg.distilled = distilled;
             cfg.validate().unwrap();
             let (n, batch) = (cfg.num_tokens(), 3);
-            let mut model = ViT::zeros(cfg.clone()).unwrap();
-            let mut rng = crate::model::Rng::new(11);
-            let p = model.params_mut().flat_mut();
-            p.iter_mut().for_each(|v| *v = (rng.normal() * 0.4) as f32);
+            let model = random_model(&cfg, 11);
             let len = batch * cfg.channels * cfg.image_height * cfg.image_width;
             let images: Vec<f32> = (0..len).map(|i| (i % 13) as f32 / 6.0 - 1.0).collect();
             let k = cfg.num_classes;
@@ -378,11 +384,7 @@ mod tests {
                 mlp: 24,
                 classes,
             });
-            // Every parameter random (a new model's head is zero).
-            let mut model = ViT::zeros(cfg.clone()).unwrap();
-            let mut rng = crate::model::Rng::new(3);
-            let p = model.params_mut().flat_mut();
-            p.iter_mut().for_each(|v| *v = (rng.normal() * 0.4) as f32);
+            let mut model = random_model(&cfg, 3);
             model.pack_weights();
             // One, two and four images a task on the 2 threads.
             for batch in [2, 4, 8] {
