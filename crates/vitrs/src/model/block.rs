@@ -239,14 +239,11 @@ impl ViT {
             None => attention(qkv, attn, probs, attn_scratch, dims),
             Some(q) => {
                 let len = batch * cfg.heads * q * n;
+                // Inferring, in the attention kernel's scratch (sized for them by
+                // `Activations::prepare`).
                 let p = match probs {
                     Some(p) => &mut p[..len],
-                    None => {
-                        if attn_scratch.len() < len {
-                            attn_scratch.resize(len, 0.0);
-                        }
-                        &mut attn_scratch[..len]
-                    }
+                    None => &mut attn_scratch[..len],
                 };
                 attention_first(qkv, q, attn, p, dims);
                 keep_first_rows(x, batch, n, q, d);

@@ -86,7 +86,12 @@ impl Activations {
             heads: cfg.heads,
             head_dim: cfg.head_dim(),
         };
-        let need = dims.scratch_len(threads);
+        // Also the last block's probabilities for its first rows `(B, nh, q, N)` when
+        // inferring (training keeps them in the block's own `probs`).
+        let first = cfg
+            .pooled_prefix()
+            .map_or(0, |q| batch * cfg.heads * q * cfg.num_tokens());
+        let need = dims.scratch_len(threads).max(first);
         if self.attn_scratch.len() < need {
             self.attn_scratch.resize(need, 0.0);
         }
