@@ -1365,10 +1365,9 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
     // The buffers are taken out of the thread-local and put back at the end: the work must
     // not run inside a closure, which would not be compiled with this rung's features.
     let (mut abuf, mut bbuf) = BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
-    // An edge of at most `EDGE_MR` rows under the 12-row tile runs on the `EDGE_MR`-row one.
-    // An edge of at most `EDGE_MR` rows beside 12-row tiles runs on an `EDGE_MR`-row tile
-    // (see `EDGE_MR`).
-    let half_edge = |rows: usize| MR == MR512_WIDE && rows <= EDGE_MR;
+    // An edge (or a last row tile) of at most `EDGE_MR` rows beside 12-row tiles runs on an
+    // `EDGE_MR`-row tile (see `EDGE_MR`).
+    let half_edge = |rows: usize| MR == MR512_WIDE && rows > 0 && rows <= EDGE_MR;
     {
         debug_assert!(edge.is_none_or(|e| sums.is_none() && e.cols.0 % nr == 0 && e.cols.1 <= n));
         // The edge's rows, packed once per block of the inner dimension, after A's block.
@@ -1474,7 +1473,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                     return;
                 }
                 if half_edge(e.rows) {
-                    let at = e.c.offset(j0 as isize).offset_from(c.ptr);
+                    let at = e.c.add(j0).offset_from(c.ptr);
                     let size = (e.rows, nr.min(e.cols.1 - j0));
                     let tile = tile_at(at, (jp, j0), size, (c.ptr, 0), (bbase, 0));
                     let panel = PackedA::<EDGE_MR>(edge_panel);
@@ -1523,7 +1522,15 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                         false
                     }
                     ARef::Mat(am) if am.cs != 1 || (m > g.pack_a_rows && !resident) => {
-                        pack_a::<MR>(am, ic, mc, pc, kc, apack, sums.map(|p| p.add(ic)));
+                        // A last partial tile that runs on the smaller edge tile is packed
+                        // in its layout (see `EDGE_MR`).
+                        let full = if half_edge(mc % MR) { mc / MR * MR } else { mc };
+                        pack_a::<MR>(am, ic, full, pc, kc, apack, sums.map(|p| p.add(ic)));
+                        if full < mc {
+                            let rest = &mut apack[full * kc..];
+                            let sums = sums.map(|p| p.add(ic + full));
+                            pack_a::<EDGE_MR>(am, ic + full, mc - full, pc, kc, rest, sums);
+                        }
                         true
                     }
                     _ => false,
@@ -1687,6 +1694,10 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                                     am.ptr.offset(row(i) as isize * am.rs + pc as isize)
                                 });
                                 run_tile::<S, _, MR, NV>(&tile.with_a(RowsA(rows_a)));
+                            }
+                            ARef::Mat(_) if half_edge(rows) => {
+                                let panel = PackedA::<EDGE_MR>(apack.as_ptr().add(ir * kc));
+                                run_tile::<S, _, EDGE_MR, NV>(&tile.with_a(panel));
                             }
                             ARef::Mat(_) => {
                                 let panel = PackedA::<MR>(apack.as_ptr().add(ir * kc));
