@@ -13,7 +13,7 @@
 
 use super::math::tanh_inplace;
 use super::sgemm::{gemm, gemm_gather, gemm_row_sums, BRef, Gather, MatRef, Out, PackedB};
-use super::{team, EvenSplit, Isa, Split, SyncPtr};
+use super::{team, EvenSplit, GuidedSplit, Isa, Split, SyncPtr};
 use crate::config::Gelu;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::OnceLock;
@@ -80,6 +80,10 @@ const DW_MIN_ROWS_PER_THREAD: usize = 256;
 /// alike.
 const ROW_PARTS_PER_THREAD: usize = 4;
 const ROW_PART_MIN: usize = 256;
+
+/// The fewest panels of columns in a part of a product whose threads split its columns in
+/// parts that shrink ([`GuidedSplit`]).
+const GUIDED_MIN_PANELS: usize = 2;
 
 /// Rows of the tile unit's register tile: the parts of a product that runs there are whole
 /// multiples of it, so that none but the last ends in a partial tile.
@@ -514,7 +518,15 @@ fn linear_parts(
     }
     // Split by columns on the tile unit: x's pieces packed once, the threads sharing its
     // tiles of rows, instead of all of them by every thread (ViT-B/16's qkv at batch 1: 3 %
-    // faster than packing x twice, and S/16's products then gain from the split too).
+    // faster than packing x twice, and S/16's products then gain from the split too). The
+    // columns go in parts that shrink, claimed as the threads finish ([`GuidedSplit`]): each
+    // part reads only its own panels of the weight, so more parts cost little, and a core
+    // whose tile unit runs slower for a while does fewer of them. Against one part a thread
+    // (alternating within one process, an AVX-512 Xeon, 2 threads, the tile unit pinned, 60
+    // forwards each): ViT-B/16 at batch 1 took 0.91 of the time, median +2.2 %, its slowest
+    // fifth 1.25–1.36× faster (the two cores' tile units at different speeds); ViT-S/16 −0.9 %
+    // where the cores ran alike. Four equal parts a thread lost 2.7 % on S/16 there: the first
+    // panel of each part waits on memory.
     #[cfg(target_arch = "x86_64")]
     if !alone && by_cols && on_tiles && super::amx::one_block(m) {
         PIECES.with(|buf| {
@@ -532,9 +544,8 @@ fn linear_parts(
                 // of rows are disjoint, and the tile unit is in use (`on_tiles`).
                 unsafe { super::amx::pack_rows(a, m, k, tiles.get(i), out.get()) }
             });
-            for_blocks((m, n), false, true, geometry, |rows, cols| {
-                run(rows, cols, None, Some(out))
-            });
+            let parts = GuidedSplit::new(n, threads, geometry.nr, GUIDED_MIN_PANELS);
+            team::for_each(parts.count, |i| run((0, m), parts.get(i), None, Some(out)));
         });
         return (0, m);
     }
