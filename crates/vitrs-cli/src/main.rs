@@ -96,8 +96,27 @@ enum Command {
     Serve(serve::ServeArgs),
 }
 
+/// Lets a closed standard output end the process quietly, as it ends other command-line
+/// tools (`vit info --model B/16 | head -3`): Rust ignores `SIGPIPE`, so the next `println!`
+/// panicked with a backtrace instead. Not for `vit serve`, whose clients may hang up on it.
+fn quit_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: restores the default action of one signal, before any thread but this one
+    // writes to a pipe or a socket.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(feature = "serve")]
+    let serving = matches!(cli.command, Command::Serve(_));
+    #[cfg(not(feature = "serve"))]
+    let serving = false;
+    if !serving {
+        quit_on_closed_pipe();
+    }
     if let Err(e) = vitrs::init_threads(cli.threads) {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_FAILURE);

@@ -570,3 +570,35 @@ fn export_writes_an_onnx_model() {
     ]);
     assert_clean_failure(&o, 3, "opset 13");
 }
+
+/// A reader that stops early (`vit info ... | head -1`) ends `vit` quietly, as it ends other
+/// tools: no panic, no backtrace.
+#[cfg(unix)]
+#[test]
+fn a_closed_output_pipe_ends_the_run_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = fixtures().join("timm_mean_nonsquare");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vit"))
+        .args(["info", "--model", s(&dir)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before `vit` has parsed its arguments, let alone printed.
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        o.status.signal(),
+        Some(libc_sigpipe()),
+        "{:?}: {err}",
+        o.status
+    );
+}
+
+/// `SIGPIPE`'s number on Linux and the BSDs.
+#[cfg(unix)]
+fn libc_sigpipe() -> i32 {
+    13
+}
