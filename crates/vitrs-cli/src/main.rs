@@ -97,7 +97,7 @@ enum Command {
 }
 
 /// Lets a closed standard output end the process quietly, as it ends other command-line
-/// tools (`vit info --model B/16 | head -3`): Rust ignores `SIGPIPE`, so the next `println!`
+/// tools (`vit bench --peak | head -1`): Rust ignores `SIGPIPE`, so the next `println!`
 /// panicked with a backtrace instead. Not for `vit serve`, whose clients may hang up on it.
 fn quit_on_closed_pipe() {
     #[cfg(unix)]

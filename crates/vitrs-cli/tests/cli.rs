@@ -571,8 +571,8 @@ fn export_writes_an_onnx_model() {
     assert_clean_failure(&o, 3, "opset 13");
 }
 
-/// A reader that stops early (`vit info ... | head -1`) ends `vit` quietly, as it ends other
-/// tools: no panic, no backtrace.
+/// A reader that stops early (`vit info --model DIR | head -1`) ends `vit` quietly, as it
+/// ends other tools: no panic, no backtrace.
 #[cfg(unix)]
 #[test]
 fn a_closed_output_pipe_ends_the_run_quietly() {

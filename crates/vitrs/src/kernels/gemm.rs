@@ -1687,10 +1687,10 @@ mod tests {
         // Covers: single-thread path, column split (n >= m), row split (m > n), ragged edges;
         // with the weight packed too, where rows that end in a partial tile take the edge
         // split (197 and 394 rows, and 300 on the tile unit, on 2 and 3 threads; on 2 cut
-        // unevenly, each way), and a
-        // large weight at few rows the column split with x packed once by the threads
-        // together (197 × 500 × 608: 7 tiles of rows, 4/3 or 3/2/2; 19 panels, uneven parts;
-        // a partial last step; the next panel fetched while a panel's 7 tiles run).
+        // unevenly, each way), and a large weight at few rows the column split with x packed
+        // once by the threads together (197 × 500 × 608: 7 tiles of rows, 4/3 or 3/2/2; 19
+        // panels in parts that shrink; a partial last step; the next panel fetched while a
+        // panel's 7 tiles run).
         const { assert!(500 * 608 >= TILE_COLUMNS_MIN && 500 <= TILE_COLUMNS_MAX_K) };
         for threads in [2, 3] {
             let pool = rayon::ThreadPoolBuilder::new()
