@@ -1365,9 +1365,6 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
     // The buffers are taken out of the thread-local and put back at the end: the work must
     // not run inside a closure, which would not be compiled with this rung's features.
     let (mut abuf, mut bbuf) = BUFFERS.with(|b| std::mem::take(&mut *b.borrow_mut()));
-    // An edge (or a last row tile) of at most `EDGE_MR` rows beside 12-row tiles runs on an
-    // `EDGE_MR`-row tile (see `EDGE_MR`).
-    let half_edge = |rows: usize| MR == MR512_WIDE && rows > 0 && rows <= EDGE_MR;
     {
         debug_assert!(edge.is_none_or(|e| sums.is_none() && e.cols.0 % nr == 0 && e.cols.1 <= n));
         // The edge's rows, packed once per block of the inner dimension, after A's block.
@@ -1427,11 +1424,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
             // The edge's tiles on panel `jp`, where its columns reach: `MR` of its rows at a
             // time, packed (a few rows, read by half of B's panels).
             if let Some(e) = edge {
-                if half_edge(e.rows) {
-                    pack_a::<EDGE_MR>(e.a, 0, e.rows, pc, kc, edge_buf, None);
-                } else {
-                    pack_a::<MR>(e.a, 0, e.rows, pc, kc, edge_buf, None);
-                }
+                pack_a_tiles::<MR>(e.a, 0, e.rows, pc, kc, edge_buf, None);
             }
             // The tile of C `at` elements past its start (C's layout), over panel `jp` from
             // column `j0`, with this block's share of the epilogue: the bias on the first block
@@ -1472,14 +1465,6 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 if j0 < e.cols.0 || j0 >= e.cols.1 {
                     return;
                 }
-                if half_edge(e.rows) {
-                    let at = e.c.add(j0).offset_from(c.ptr);
-                    let size = (e.rows, nr.min(e.cols.1 - j0));
-                    let tile = tile_at(at, (jp, j0), size, (c.ptr, 0), (bbase, 0));
-                    let panel = PackedA::<EDGE_MR>(edge_panel);
-                    run_tile::<S, _, EDGE_MR, NV>(&tile.with_a(panel));
-                    return;
-                }
                 for r in (0..e.rows).step_by(MR) {
                     // The edge lies in C's matrix.
                     let at =
@@ -1487,7 +1472,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                             .offset_from(c.ptr);
                     let size = (MR.min(e.rows - r), nr.min(e.cols.1 - j0));
                     let tile = tile_at(at, (jp, j0), size, (c.ptr, 0), (bbase, 0));
-                    run_tile::<S, _, MR, NV>(&tile.with_a(PackedA::<MR>(edge_panel.add(r * kc))));
+                    run_packed::<S, MR, NV>(&tile, edge_panel.add(r * kc));
                 }
             };
             // A packed B's first panel of the next block (of this product's columns), and
@@ -1522,15 +1507,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                         false
                     }
                     ARef::Mat(am) if am.cs != 1 || (m > g.pack_a_rows && !resident) => {
-                        // A last partial tile that runs on the smaller edge tile is packed
-                        // in its layout (see `EDGE_MR`).
-                        let full = if half_edge(mc % MR) { mc / MR * MR } else { mc };
-                        pack_a::<MR>(am, ic, full, pc, kc, apack, sums.map(|p| p.add(ic)));
-                        if full < mc {
-                            let rest = &mut apack[full * kc..];
-                            let sums = sums.map(|p| p.add(ic + full));
-                            pack_a::<EDGE_MR>(am, ic + full, mc - full, pc, kc, rest, sums);
-                        }
+                        pack_a_tiles::<MR>(am, ic, mc, pc, kc, apack, sums.map(|p| p.add(ic)));
                         true
                     }
                     _ => false,
@@ -1695,13 +1672,8 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                                 });
                                 run_tile::<S, _, MR, NV>(&tile.with_a(RowsA(rows_a)));
                             }
-                            ARef::Mat(_) if half_edge(rows) => {
-                                let panel = PackedA::<EDGE_MR>(apack.as_ptr().add(ir * kc));
-                                run_tile::<S, _, EDGE_MR, NV>(&tile.with_a(panel));
-                            }
                             ARef::Mat(_) => {
-                                let panel = PackedA::<MR>(apack.as_ptr().add(ir * kc));
-                                run_tile::<S, _, MR, NV>(&tile.with_a(panel));
+                                run_packed::<S, MR, NV>(&tile, apack.as_ptr().add(ir * kc));
                             }
                         }
                     }
@@ -1716,6 +1688,54 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
         }
     }
     BUFFERS.with(|b| *b.borrow_mut() = (abuf, bbuf));
+}
+
+/// Whether a tile of `rows` rows (an edge, or the last row tile) beside `MR`-row tiles runs
+/// on the [`EDGE_MR`]-row tile: beside 12-row tiles, at most 6 rows.
+#[inline(always)]
+fn half_edge<const MR: usize>(rows: usize) -> bool {
+    MR == MR512_WIDE && rows > 0 && rows <= EDGE_MR
+}
+
+/// [`pack_a`], except that a last partial tile the [`EDGE_MR`]-row tile runs
+/// ([`half_edge`]) is packed in its layout, `[kc][EDGE_MR]`; [`run_packed`] reads them.
+#[inline(always)]
+unsafe fn pack_a_tiles<const MR: usize>(
+    a: MatRef,
+    i0: usize,
+    mc: usize,
+    p0: usize,
+    kc: usize,
+    out: &mut [f32],
+    sums: Sums,
+) {
+    let full = if half_edge::<MR>(mc % MR) {
+        mc / MR * MR
+    } else {
+        mc
+    };
+    if full > 0 {
+        pack_a::<MR>(a, i0, full, p0, kc, out, sums);
+    }
+    if full < mc {
+        let rest = &mut out[full * kc..];
+        let sums = sums.map(|p| p.add(full));
+        pack_a::<EDGE_MR>(a, i0 + full, mc - full, p0, kc, rest, sums);
+    }
+}
+
+/// Runs `tile` over A's micro-panel at `panel`, packed by [`pack_a_tiles`]: on the
+/// [`EDGE_MR`]-row tile where its rows take it, the `MR`-row one otherwise.
+#[inline(always)]
+unsafe fn run_packed<S: Simd, const MR: usize, const NV: usize>(
+    tile: &Tile<()>,
+    panel: *const f32,
+) {
+    if half_edge::<MR>(tile.rows) {
+        run_tile::<S, _, EDGE_MR, NV>(&tile.with_a(PackedA::<EDGE_MR>(panel)));
+    } else {
+        run_tile::<S, _, MR, NV>(&tile.with_a(PackedA::<MR>(panel)));
+    }
 }
 
 /// Packs rows `i0..i0+mc`, columns `p0..p0+kc` of `A` into `MR`-row micro-panels
