@@ -1488,6 +1488,10 @@ mod tests {
             (2000, 64, 24),
             // The same, x's rows longer than DW_X_IN_PLACE_MAX in sgemm (224 floats): packed.
             (1200, 224, 200),
+            // Either side of that limit (128 floats, 192), dYᵀ packed (200 rows), parts of more
+            // than 512 rows: x in place, then packed.
+            (1600, 128, 200),
+            (1600, 192, 200),
             // A last partial panel of dYᵀ (30 rows: three of 8 and 6), summed by the packing.
             (1000, 24, 30),
             // Parts of more than 512 rows summed into at most 192: on the AVX-512 rung of

@@ -1200,9 +1200,14 @@ fn transposed_in_place(g: &Geometry, m: usize, k: usize, a: ARef) -> bool {
 /// into 32 of L2's 2048, more lines than their ways hold, so every step went to L3. Packed
 /// instead (alternating within one process, an AVX-512 Xeon, 2 threads, FMA kernel):
 /// `dw:3152x3072x768` 2.6–2.9× as fast, `dw:3152x1536x384` +35 %, `dw:3152x768x3072` +16 %,
-/// `dw:3152x768x768` +20 %, `dw:3152x384x1152` and `x1536` +14–15 %; 192-float rows
-/// (`configs/bench-train.toml`) and shorter keep the in-place read, which won there.
-const DW_X_IN_PLACE_MAX: usize = 192;
+/// `dw:3152x768x768` +20 %, `dw:3152x384x1152` and `x1536` +14–15 %. 192-float rows
+/// (`configs/bench-train.toml`'s qkv and fc1 weight gradients) are packed too: the in-place
+/// read won there by 1–7 % when it came in and measured level a session later, but lost in
+/// every run on a model-207 Xeon on 2026-12-06 (alternating within one process, FMA kernel,
+/// four runs: `dw:6400x192x576` +7–13 % packed, `dw:6400x192x768` +8–14 %, the unchanged
+/// products beside them level; the whole bench-train step's total time 0.999–1.039, median
+/// 1.017, in ten runs). 128-float rows and shorter keep the in-place read.
+const DW_X_IN_PLACE_MAX: usize = 128;
 
 /// Whether `m` rows waste at least 5 % fewer padded rows in 8-row tiles than in 12-row
 /// ones (64 rows: 64 against 72): the wide tile's edge was a sixth of a 64-row weight
@@ -1386,7 +1391,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 // layer's weight gradient (A = dyᵀ, a sum over thousands of rows) on the
                 // AVX-512 rung of two-FMA-unit CPUs, with dYᵀ packed: x's rows, read by dW's
                 // few row tiles from L2, cost less than copying them first (the fashion-mnist
-                // dW products +3-13 %, bench-train's +1-7 % on an AVX-512 Xeon; on the AVX2
+                // dW products +3-13 % on an AVX-512 Xeon, when their dYᵀ was packed; on the AVX2
                 // rung, 16 columns a panel, -4 to +2 %; not measured on AMD's AVX-512, which
                 // keeps packing), where x's rows are short (see `DW_X_IN_PLACE_MAX`). With dYᵀ
                 // read in place too, x is packed (+3-5 %: with rows 256 or 768 bytes apart,
