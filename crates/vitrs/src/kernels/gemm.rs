@@ -1499,6 +1499,8 @@ mod tests {
             // row tile partial, 64 columns (6 × 64 tiles) and 128 (8 × 32).
             (1600, 64, 70),
             (2000, 128, 50),
+            // The same into 70 rows, x's rows longer than 192 floats: dYᵀ packed.
+            (1600, 224, 70),
             // Parts of 800 rows summed into 200 (dYᵀ packed): the sum in blocks of 384 steps
             // and a partial one on the AVX-512 FMA kernel.
             (2400, 40, 200),

@@ -1184,13 +1184,18 @@ fn wide_b(m: usize, n: usize, b: BRef) -> bool {
 /// packed it (11 interleaved rounds): `dw:6400x64x192` +13 %, `dw:6400x64x128` +14 %,
 /// `dw:6400x128x64` +2.5 % (+11 to +22 % in the trial's rounds); `dw:6400x768x192` +24 % on
 /// the FMA kernel (`VITRS_AMX=0`). With 576 and 768 rows (a step's floats several pages
-/// apart) it lost 8–14 %, hence the limit. Not measured on AMD's AVX-512 or on the AVX2 rung,
-/// which keep packing.
-fn transposed_in_place(g: &Geometry, m: usize, k: usize, a: ARef) -> bool {
+/// apart) it lost 8–14 %, hence the limit. Nor in a product wider than 192 columns (x's rows,
+/// `n`): on a model-207 Xeon on 2026-12-06, with x packed, packing dYᵀ too ran that
+/// `dw:6400x768x192` (bench-train's MLP output) +4.6 % (the median of five alternations
+/// within one process, 1.00–1.19) and `dw:3152x768x192` +0.7 to +11 %; at 192 columns it was
+/// level, at 64 it lost 20 %. Not measured on AMD's AVX-512 or on the AVX2 rung, which keep
+/// packing.
+fn transposed_in_place(g: &Geometry, (m, n, k): (usize, usize, usize), a: ARef) -> bool {
     matches!(a, ARef::Mat(am) if am.rs == 1 && am.cs != 1)
         && g.mr == MR512_WIDE
         && k >= 512
         && m <= 192
+        && n <= 192
 }
 
 /// The longest rows (floats apart) of `x` that a linear layer's weight gradient on the
@@ -1281,7 +1286,9 @@ unsafe fn gemm_avx512(
         // packed B was as fast as 6 × 64 over a packed B and 1–4 % faster than over x in
         // place; 12 × 32 17 % slower.
         ARef::Mat(_)
-            if n == 2 * NR512 && matches!(b, BRef::Mat(_)) && transposed_in_place(&g, m, k, a) =>
+            if n == 2 * NR512
+                && matches!(b, BRef::Mat(_))
+                && transposed_in_place(&g, (m, n, k), a) =>
         {
             blocked::<Avx512, MR512_NARROW, { 2 * NV512 }>(m, n, k, a, b, c, g, sums, edge)
         }
@@ -1337,7 +1344,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
 ) {
     let nr = NV * S::LANES;
     // A transposed A read in place, step by step (see `transposed_in_place`).
-    let strided_a = transposed_in_place(&g, m, k, a);
+    let strided_a = transposed_in_place(&g, (m, n, k), a);
     let kc_max = match (a, b) {
         // A packed B was blocked when it was packed, by the same rule.
         (_, BRef::Packed(pb, _)) => pb.kc,
