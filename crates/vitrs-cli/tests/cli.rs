@@ -591,14 +591,8 @@ fn a_closed_output_pipe_ends_the_run_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(
         o.status.signal(),
-        Some(libc_sigpipe()),
+        Some(libc::SIGPIPE),
         "{:?}: {err}",
         o.status
     );
-}
-
-/// `SIGPIPE`'s number on Linux and the BSDs.
-#[cfg(unix)]
-fn libc_sigpipe() -> i32 {
-    13
 }

@@ -631,12 +631,17 @@ struct EdgeSplit {
 /// threads ran alike.
 struct PairRates([[AtomicU32; 2]; 2]);
 
-static PAIR_RATES: PairRates = PairRates([
-    [AtomicU32::new(0), AtomicU32::new(0)],
-    [AtomicU32::new(0), AtomicU32::new(0)],
-]);
+static PAIR_RATES: PairRates = PairRates::new();
 
 impl PairRates {
+    /// No rates yet: the first products are cut in half.
+    const fn new() -> Self {
+        PairRates([
+            [AtomicU32::new(0), AtomicU32::new(0)],
+            [AtomicU32::new(0), AtomicU32::new(0)],
+        ])
+    }
+
     /// Adds a part's `macs` that thread `who` ran in `took` to its average.
     fn record(&self, engine: usize, who: usize, macs: usize, took: Duration) {
         let ns = took.as_nanos() as f32;
@@ -1767,10 +1772,7 @@ mod tests {
         assert_eq!(pair_cut([100.0, 1.0], 16), 15);
         assert_eq!(pair_cut([100.0, 1.0], 2), 1);
         // The averages follow the parts recorded.
-        let rates = PairRates([
-            [AtomicU32::new(0), AtomicU32::new(0)],
-            [AtomicU32::new(0), AtomicU32::new(0)],
-        ]);
+        let rates = PairRates::new();
         rates.record(0, 0, 3000, Duration::from_nanos(1000));
         assert_eq!(rates.cut(0, 16), 8, "one rate alone");
         rates.record(0, 1, 1000, Duration::from_nanos(1000));
