@@ -110,6 +110,10 @@ def main():
 
     torch.set_num_threads(a.threads)
     groups = set(a.only.split(","))
+    known = {s[0] for s in SHAPES}
+    if not groups <= known:
+        ap.error(f"--only {a.only}: unknown group(s) {', '.join(sorted(groups - known))}; "
+                 f"choose from {','.join(sorted(known))}")
     shapes = [s for s in SHAPES if s[0] in groups]
     def read_peaks():
         out = subprocess.run([a.vit, "bench", "--peak", "--threads", str(a.threads), "--json"],
