@@ -160,6 +160,60 @@ fn stop_and_resume_equals_one_run() {
     std::fs::remove_dir_all(root).ok();
 }
 
+/// Two runs of one seed end with the same weights, bit for bit: the data order, augmentation,
+/// dropout and initialisation follow the seed, and the threads' split of every product is fixed
+/// by its shape. The model is wide enough for the weight gradients to split their 544 rows
+/// (32 images × 17 tokens) between two threads, and narrow enough (64 and 128 wide, under the
+/// tile unit's 128 in every dimension) that no product moves between the tile unit and the FMA
+/// kernel, which round differently (README: pin `VITRS_AMX` for repeatable runs on AMX CPUs).
+#[test]
+fn one_seed_trains_the_same_weights_bit_for_bit() {
+    let root = tmp("repeat");
+    vitrs::data::idx::write_synthetic(&root.join("data"), 64, 16, 3, 16, 5).unwrap();
+    let text = format!(
+        r#"
+        [model]
+        patch_size = 4
+        width = 64
+        depth = 1
+        heads = 2
+        mlp_dim = 128
+        [data]
+        dataset = "{}"
+        [augment]
+        hflip = true
+        [train]
+        epochs = 2
+        batch_size = 32
+        lr = 5e-3
+        optimizer = {{ kind = "adamw", weight_decay = 0.05 }}
+        dropout = 0.1
+        drop_path = 0.1
+        seed = 9
+        log_every = 1
+        "#,
+        root.join("data").display(),
+    );
+    let cfg = RunConfig::from_toml(&text, "test").unwrap();
+    let (a, la) = run_to_end(cfg.clone(), &root.join("a"));
+    let (b, lb) = run_to_end(cfg, &root.join("b"));
+    assert!(la.len() >= 2, "a step logged at least per batch: {la:?}");
+    assert_eq!(la, lb, "the losses of two runs of one seed");
+    let (wa, wb) = (a.model.params().flat(), b.model.params().flat());
+    let differ = wa
+        .iter()
+        .zip(wb)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count();
+    assert_eq!(
+        differ,
+        0,
+        "{differ} of {} weights differ between two runs of one seed",
+        wa.len()
+    );
+    std::fs::remove_dir_all(root).ok();
+}
+
 /// Killed before its first checkpoint, a run has only its `config.toml`; `--resume` starts it
 /// again from step 0 with that config, says so, and ends where an uninterrupted run ends.
 #[test]
