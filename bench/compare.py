@@ -7,6 +7,9 @@ interleaved (vit, torch, ort, vit, torch, ort, ...), medians.
 Usage (from the repository root, after `cargo build --release`):
     python bench/compare.py [--threads 2] [--reps 5] [--models Ti/16,S/16,B/16] [--batches 1,16]
                             [--peers torch,ort] [--write docs/perf.md] [--json FILE]
+Held to AVX2 on an AVX-512 CPU (`VITRS_KERNELS=avx2 ATEN_CPU_CAPABILITY=avx2
+MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2`), the peers default to PyTorch alone:
+ONNX Runtime has no switch that holds it.
 `bench/compare.sh` makes a virtual environment with the pinned packages and runs this.
 Each vitrs repetition also reads the FMA peak of the instruction set it runs (`vit bench
 --peak`, half a second in the same process), so the table gives vitrs' share of the peak the
@@ -131,10 +134,24 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--models", default="Ti/16,S/16,B/16")
     ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--peers", default="torch,ort", help="comma-separated: torch, ort")
+    ap.add_argument("--peers", help="comma-separated: torch, ort (default both; torch alone "
+                    "where VITRS_KERNELS holds vitrs below the CPU's top rung)")
     ap.add_argument("--write", help="Markdown file to put the table into (between markers)")
     ap.add_argument("--json")
     a = ap.parse_args()
+    # Held to a lower rung (`VITRS_KERNELS=avx2` on an AVX-512 CPU, with PyTorch held by
+    # `ATEN_CPU_CAPABILITY`, `MKL_ENABLE_INSTRUCTIONS` and `ONEDNN_MAX_CPU_ISA`), vitrs would be
+    # compared against an ONNX Runtime still on AVX-512: it has no such switch.
+    held = os.environ.get("VITRS_KERNELS", "") in ("avx2", "portable")
+    if a.peers is None:
+        a.peers = "torch" if held else "torch,ort"
+        if held:
+            print("VITRS_KERNELS holds vitrs to a lower rung and ONNX Runtime cannot be held: "
+                  "comparing against PyTorch alone (hold it too: ATEN_CPU_CAPABILITY, "
+                  "MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA)", file=sys.stderr)
+    elif held and "ort" in a.peers.split(","):
+        print("warning: VITRS_KERNELS holds vitrs to a lower rung, but ONNX Runtime runs the "
+              "CPU's widest instructions", file=sys.stderr)
     peers = a.peers.split(",")
     unknown = set(peers) - {"torch", "ort"}
     if unknown:
