@@ -2,7 +2,7 @@
 """Side-by-side inference speed: vitrs (`vit bench`) vs PyTorch eager (timm,
 `torch.inference_mode`) and ONNX Runtime (the same timm model exported to ONNX,
 `intra_op_num_threads` = threads), same machine, same thread count, fp32, random weights,
-interleaved (vit, torch, ort, vit, torch, ort, ...), medians.
+interleaved (each repetition runs every row once, vit then torch then ort), medians.
 
 Usage (from the repository root, after `cargo build --release`):
     python bench/compare.py [--threads 2] [--reps 5] [--models Ti/16,S/16,B/16] [--batches 1,16]
@@ -168,45 +168,61 @@ def main():
 
         versions += f", onnxruntime {onnxruntime.__version__}"
     tmp = tempfile.mkdtemp(prefix="vitrs-compare-")
-    rows = []
+    # Every row's models first (all of them held at once: about 1.5 GB with ONNX Runtime's
+    # sessions), then the repetitions outermost, each running every row once: a spell of a
+    # busy host (tens of seconds) then lands on one repetition of several rows, which their
+    # medians ride out, instead of on every repetition of one row. Each side runs one untimed
+    # forward before its timed one, as each `vit bench` process does: with the rows between
+    # them, the peers' weights are no longer warm from their last repetition.
+    setups, sessions = [], {}
     for name in a.models.split(","):
         variant = name.split("/")[0]
         tm = timm.create_model(TIMM[variant], pretrained=False).eval()
         for batch in [int(b) for b in a.batches.split(",")]:
-            x = torch.randn(batch, 3, 224, 224)
-            sess = ort_session(tm, batch, a.threads, tmp, name) if "ort" in peers else None
-            times = {"vit": [], "torch": [], "ort": []}
-            # Beside each vitrs repetition: its GFLOP/s and the FMA peak read in its process.
-            gflops, peaks = [], []
-            with torch.inference_mode():
-                tm(x)  # warm-up
-                if sess:
-                    sess.run(None, {"x": x.numpy()})
-                for _ in range(a.reps):
-                    t, g, p, kernels = vit_once(a.vit, name, batch, a.threads)
-                    times["vit"].append(t)
-                    gflops.append(g)
-                    peaks.append(p)
-                    if "torch" in peers:
-                        t0 = time.perf_counter()
-                        tm(x)
-                        times["torch"].append(time.perf_counter() - t0)
-                    if sess:
-                        xn = x.numpy()
-                        t0 = time.perf_counter()
-                        sess.run(None, {"x": xn})
-                        times["ort"].append(time.perf_counter() - t0)
-            med = {k: statistics.median(v) for k, v in times.items() if v}
-            best = min(v for k, v in med.items() if k != "vit")
-            eff = efficiency(gflops, peaks)
-            row = {"model": name, "batch": batch, "ratio": best / med["vit"], "times": times,
-                   "gflops": gflops, "peaks": peaks, "efficiency": eff, "kernels": kernels}
-            for k, v in med.items():
-                row[f"{k}_s"], row[f"{k}_ips"] = v, batch / v
-            rows.append(row)
-            print(f"{name} b{batch}: " + ", ".join(f"{k} {batch / v:.2f} img/s" for k, v in med.items())
-                  + f", vitrs / best peer {row['ratio']:.2f}, {percent(eff)} of the {kernels} FMA"
-                  " peak", file=sys.stderr, flush=True)
+            if "ort" in peers and name not in sessions:
+                # The export's batch dimension is dynamic: one session serves every batch.
+                sessions[name] = ort_session(tm, batch, a.threads, tmp, name)
+            setups.append({"name": name, "batch": batch, "tm": tm,
+                           "x": torch.randn(batch, 3, 224, 224), "sess": sessions.get(name),
+                           "times": {"vit": [], "torch": [], "ort": []},
+                           # Beside each vitrs repetition: its GFLOP/s and the FMA peak read
+                           # in its process.
+                           "gflops": [], "peaks": [], "kernels": None})
+    with torch.inference_mode():
+        for rep in range(a.reps):
+            for su in setups:
+                times = su["times"]
+                t, g, p, su["kernels"] = vit_once(a.vit, su["name"], su["batch"], a.threads)
+                times["vit"].append(t)
+                su["gflops"].append(g)
+                su["peaks"].append(p)
+                if "torch" in peers:
+                    su["tm"](su["x"])  # warm-up
+                    t0 = time.perf_counter()
+                    su["tm"](su["x"])
+                    times["torch"].append(time.perf_counter() - t0)
+                if su["sess"]:
+                    xn = su["x"].numpy()
+                    su["sess"].run(None, {"x": xn})  # warm-up
+                    t0 = time.perf_counter()
+                    su["sess"].run(None, {"x": xn})
+                    times["ort"].append(time.perf_counter() - t0)
+            print(f"repetition {rep + 1} of {a.reps} done", file=sys.stderr, flush=True)
+    rows = []
+    for su in setups:
+        name, batch, times, kernels = su["name"], su["batch"], su["times"], su["kernels"]
+        gflops, peaks = su["gflops"], su["peaks"]
+        med = {k: statistics.median(v) for k, v in times.items() if v}
+        best = min(v for k, v in med.items() if k != "vit")
+        eff = efficiency(gflops, peaks)
+        row = {"model": name, "batch": batch, "ratio": best / med["vit"], "times": times,
+               "gflops": gflops, "peaks": peaks, "efficiency": eff, "kernels": kernels}
+        for k, v in med.items():
+            row[f"{k}_s"], row[f"{k}_ips"] = v, batch / v
+        rows.append(row)
+        print(f"{name} b{batch}: " + ", ".join(f"{k} {batch / v:.2f} img/s" for k, v in med.items())
+              + f", vitrs / best peer {row['ratio']:.2f}, {percent(eff)} of the {kernels} FMA"
+              " peak", file=sys.stderr, flush=True)
 
     cols = [("torch", "PyTorch"), ("ort", "ONNX Runtime")]
     cols = [(k, label) for k, label in cols if k in peers]
