@@ -170,31 +170,12 @@ fn stop_and_resume_equals_one_run() {
 fn one_seed_trains_the_same_weights_bit_for_bit() {
     let root = tmp("repeat");
     vitrs::data::idx::write_synthetic(&root.join("data"), 64, 16, 3, 16, 5).unwrap();
-    let text = format!(
-        r#"
-        [model]
-        patch_size = 4
-        width = 64
-        depth = 1
-        heads = 2
-        mlp_dim = 128
-        [data]
-        dataset = "{}"
-        [augment]
-        hflip = true
-        [train]
-        epochs = 2
-        batch_size = 32
-        lr = 5e-3
-        optimizer = {{ kind = "adamw", weight_decay = 0.05 }}
-        dropout = 0.1
-        drop_path = 0.1
-        seed = 9
-        log_every = 1
-        "#,
-        root.join("data").display(),
-    );
-    let cfg = RunConfig::from_toml(&text, "test").unwrap();
+    // `config`'s run, wider and with every source of randomness on.
+    let mut cfg = config(&root.join("data"), 2);
+    let m = &mut cfg.model;
+    (m.width, m.depth, m.heads, m.mlp_dim) = (Some(64), Some(1), Some(2), Some(128));
+    let t = &mut cfg.train;
+    (t.batch_size, t.dropout, t.drop_path, t.seed) = (32, 0.1, 0.1, 9);
     let (a, la) = run_to_end(cfg.clone(), &root.join("a"));
     let (b, lb) = run_to_end(cfg, &root.join("b"));
     assert!(la.len() >= 2, "a step logged at least per batch: {la:?}");
