@@ -384,15 +384,20 @@ mod tests {
     use super::*;
     use crate::data::InMemory;
 
-    fn data(n: usize) -> Arc<dyn Dataset> {
-        Arc::new(InMemory {
+    /// `n` items of 2 × 2 pixels holding the item's index, in 3 classes.
+    fn in_memory(n: usize) -> InMemory {
+        InMemory {
             c: 1,
             h: 2,
             w: 2,
             pixels: (0..n * 4).map(|i| (i / 4) as u8).collect(),
             labels: (0..n as u32).map(|i| i % 3).collect(),
             classes: vec!["a".into(), "b".into(), "c".into()],
-        })
+        }
+    }
+
+    fn data(n: usize) -> Arc<dyn Dataset> {
+        Arc::new(in_memory(n))
     }
 
     fn cfg(workers: usize, start: usize) -> LoaderConfig {
@@ -439,29 +444,59 @@ mod tests {
         assert_eq!(items.len(), 28);
     }
 
-    /// Items in order; the first one slow to read, and the furthest item any worker has asked
-    /// for recorded.
-    struct SlowFirst(InMemory, AtomicUsize);
+    /// [`in_memory`]'s items, with a few things a real dataset does: an item that cannot be
+    /// decoded, one slow to read, shards; and the furthest item asked for, recorded.
+    struct Hooked {
+        items: InMemory,
+        bad: Option<usize>,
+        slow: Option<usize>,
+        shard_len: Option<usize>,
+        furthest: AtomicUsize,
+    }
 
-    impl Dataset for SlowFirst {
+    impl Hooked {
+        fn new(n: usize) -> Self {
+            Hooked {
+                items: in_memory(n),
+                bad: None,
+                slow: None,
+                shard_len: None,
+                furthest: AtomicUsize::new(0),
+            }
+        }
+    }
+
+    impl Dataset for Hooked {
         fn len(&self) -> usize {
-            self.0.len()
+            self.items.len()
         }
         fn shape(&self) -> (usize, usize, usize) {
-            self.0.shape()
+            self.items.shape()
         }
         fn classes(&self) -> &[String] {
-            self.0.classes()
+            self.items.classes()
         }
         fn label(&self, i: usize) -> usize {
-            self.0.label(i)
+            self.items.label(i)
         }
         fn image(&self, i: usize, out: &mut [u8]) -> Result<()> {
-            if i == 0 {
+            if self.bad == Some(i) {
+                return Err(Error::BadInput(format!("item {i}: not an image")));
+            }
+            if self.slow == Some(i) {
                 std::thread::sleep(std::time::Duration::from_millis(300));
             }
-            self.1.fetch_max(i, Ordering::SeqCst);
-            self.0.image(i, out)
+            self.furthest.fetch_max(i, Ordering::SeqCst);
+            self.items.image(i, out)
+        }
+        fn shards(&self) -> Option<Vec<std::ops::Range<usize>>> {
+            let len = self.shard_len?;
+            Some(
+                (0..self.len())
+                    .step_by(len)
+                    .map(|s| s..(s + len).min(self.len()))
+                    .collect(),
+            )
         }
     }
 
@@ -471,17 +506,10 @@ mod tests {
     #[test]
     fn workers_stay_within_the_prefetch_window_of_a_slow_batch() {
         let n = 200;
-        let slow = Arc::new(SlowFirst(
-            InMemory {
-                c: 1,
-                h: 2,
-                w: 2,
-                pixels: (0..n * 4).map(|i| (i / 4) as u8).collect(),
-                labels: (0..n as u32).map(|i| i % 3).collect(),
-                classes: vec!["a".into(), "b".into(), "c".into()],
-            },
-            AtomicUsize::new(0),
-        ));
+        let slow = Arc::new(Hooked {
+            slow: Some(0),
+            ..Hooked::new(n)
+        });
         let mut c = cfg(2, 0);
         c.shuffle = false;
         let (window, batch) = (c.prefetch + c.workers, c.batch_size);
@@ -489,7 +517,7 @@ mod tests {
         let first = loader.next().unwrap().unwrap();
         assert_eq!(first.images.data()[0], 0.0);
         // Batch 0 returned, a worker may have started batch `window` since.
-        let furthest = slow.1.load(Ordering::SeqCst);
+        let furthest = slow.furthest.load(Ordering::SeqCst);
         assert!(
             furthest < (window + 1) * batch,
             "item {furthest} read while batch 0 was still being made (window: {window} batches of {batch})"
@@ -502,48 +530,14 @@ mod tests {
         assert_eq!(rest, want);
     }
 
-    /// A dataset in shards of 10 items whose item 13 cannot be decoded.
-    struct Sharded(InMemory);
-
-    impl Dataset for Sharded {
-        fn len(&self) -> usize {
-            self.0.len()
-        }
-        fn shape(&self) -> (usize, usize, usize) {
-            self.0.shape()
-        }
-        fn classes(&self) -> &[String] {
-            self.0.classes()
-        }
-        fn label(&self, i: usize) -> usize {
-            self.0.label(i)
-        }
-        fn image(&self, i: usize, out: &mut [u8]) -> Result<()> {
-            if i == 13 {
-                return Err(Error::BadInput("item 13: not an image".into()));
-            }
-            self.0.image(i, out)
-        }
-        fn shards(&self) -> Option<Vec<std::ops::Range<usize>>> {
-            Some(
-                (0..self.len())
-                    .step_by(10)
-                    .map(|s| s..(s + 10).min(self.len()))
-                    .collect(),
-            )
-        }
-    }
-
     #[test]
     fn sharded_data_is_read_shard_by_shard_through_a_buffer() {
-        let ds = Sharded(InMemory {
-            c: 1,
-            h: 2,
-            w: 2,
-            pixels: (0..400).map(|i| (i / 4) as u8).collect(),
-            labels: (0..100).map(|i| i % 3).collect(),
-            classes: vec!["a".into(), "b".into(), "c".into()],
-        });
+        // Shards of 10 items; item 13 cannot be decoded.
+        let ds = Hooked {
+            bad: Some(13),
+            shard_len: Some(10),
+            ..Hooked::new(100)
+        };
         let order = epoch_order(&ds, true, 7, 0, 8);
         let mut sorted = order.clone();
         sorted.sort();
