@@ -133,9 +133,9 @@ impl AttnDims {
 /// apart; packed once per head, each pass reads contiguous memory instead. AVX2 rung of an
 /// AVX-512 Xeon, 2 threads, alternating within one process: the attention at batch 16 of
 /// ViT-B/16 +5–9 %, of S/16 +2 %, of Ti/16 +3–4 %; whole forwards at batch 16 S/16
-/// +1.6–3.2 %, Ti/16 +0.6–1.5 %, B/16 +0.5–0.7 %. AVX-512's tile is a whole head wide and
-/// reads each row of `v` in place in one piece: there packing cost what it saved (whole
-/// forwards −1 to +0.4 %).
+/// +1.6–3.2 %, Ti/16 +0.2–1.7 %, B/16 +0.6 % (median of six). AVX-512's tile is a whole head
+/// wide and reads each row of `v` in place in one piece: there packing cost what it saved
+/// (whole forwards −1.3 to +0.4 %).
 fn packs_v(cols: usize, hd: usize) -> bool {
     cols < hd
 }
