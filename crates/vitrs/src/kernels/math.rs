@@ -346,7 +346,7 @@ pub const SOFTMAX_CHUNK: usize = 16;
 /// applies `inv` to a smaller result (the attention scales its output rows, `hd` floats,
 /// instead of the `N` probabilities), or normalises the rows with [`scale_into`].
 ///
-/// On the SIMD rungs the passes are written in the rung's vectors ([`padded_rows_simd`]):
+/// On the SIMD rungs the passes are written in the rung's vectors (`padded_rows_simd`):
 /// left to LLVM, the maximum's pass came out two lanes wide and each padding fill was a call
 /// to `memset`. A block of 6 rows of 197 (the fused attention's) took 513–528 → 349–352 ns on
 /// the AVX2 rung and 417–421 → 253–254 ns on the AVX-512 one (an AVX-512 Xeon, interleaved),
