@@ -369,24 +369,45 @@ pub fn softmax_padded_rows(
     assert!(inv.len() <= 16, "softmax_padded_rows: at most 16 rows");
     let block = &mut block[..inv.len() * padded];
     #[cfg(target_arch = "x86_64")]
-    {
-        use super::simd::{Avx2, Avx512};
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(block: &mut [f32], padded: usize, n: usize, scale: f32, inv: &mut [f32]) {
-            padded_rows_simd::<Avx2>(block, padded, n, scale, inv)
-        }
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-        unsafe fn avx512(block: &mut [f32], padded: usize, n: usize, scale: f32, inv: &mut [f32]) {
-            padded_rows_simd::<Avx512>(block, padded, n, scale, inv)
-        }
-        match super::isa() {
-            // SAFETY: `isa()` never exceeds what the CPU has; the block holds the rows.
-            super::Isa::Avx512 => return unsafe { avx512(block, padded, n, scale, inv) },
-            super::Isa::Avx2 => return unsafe { avx2(block, padded, n, scale, inv) },
-            super::Isa::Portable => {}
-        }
+    match super::isa() {
+        // SAFETY: `isa()` never exceeds what the CPU has; the block holds the rows.
+        super::Isa::Avx512 => return unsafe { padded_rows_avx512(block, padded, n, scale, inv) },
+        super::Isa::Avx2 => return unsafe { padded_rows_avx2(block, padded, n, scale, inv) },
+        super::Isa::Portable => {}
     }
     padded_rows_generic::<false>(block, padded, n, scale, inv)
+}
+
+/// `padded_rows_simd` compiled for AVX2 + FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; as `padded_rows_simd`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn padded_rows_avx2(
+    block: &mut [f32],
+    padded: usize,
+    n: usize,
+    scale: f32,
+    inv: &mut [f32],
+) {
+    padded_rows_simd::<super::simd::Avx2>(block, padded, n, scale, inv)
+}
+
+/// `padded_rows_simd` compiled for AVX-512.
+///
+/// # Safety
+/// The CPU has the AVX-512 rung's features; as `padded_rows_simd`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+unsafe fn padded_rows_avx512(
+    block: &mut [f32],
+    padded: usize,
+    n: usize,
+    scale: f32,
+    inv: &mut [f32],
+) {
+    padded_rows_simd::<super::simd::Avx512>(block, padded, n, scale, inv)
 }
 
 /// [`softmax_padded_rows`] in lane arrays, left to the compiler: the portable rung (`F` false)
@@ -914,22 +935,13 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn padded_softmax_vectors_match_the_lane_arrays_bit_for_bit() {
-        use crate::kernels::simd::{Avx2, Avx512};
         type Pass = unsafe fn(&mut [f32], usize, usize, f32, &mut [f32]);
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(b: &mut [f32], padded: usize, n: usize, scale: f32, inv: &mut [f32]) {
-            padded_rows_simd::<Avx2>(b, padded, n, scale, inv)
-        }
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-        unsafe fn avx512(b: &mut [f32], padded: usize, n: usize, scale: f32, inv: &mut [f32]) {
-            padded_rows_simd::<Avx512>(b, padded, n, scale, inv)
-        }
         let mut rungs: Vec<(&str, Pass)> = Vec::new();
         if crate::kernels::cpu_isa() >= crate::kernels::Isa::Avx2 {
-            rungs.push(("avx2", avx2));
+            rungs.push(("avx2", padded_rows_avx2));
         }
         if crate::kernels::cpu_isa() >= crate::kernels::Isa::Avx512 {
-            rungs.push(("avx512", avx512));
+            rungs.push(("avx512", padded_rows_avx512));
         }
         for (name, pass) in rungs {
             for n in [1usize, 5, 8, 16, 17, 50, 64, 197] {
