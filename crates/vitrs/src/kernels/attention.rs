@@ -115,12 +115,8 @@ impl AttnDims {
         let (n, hd) = (self.tokens, self.head_dim);
         match fused {
             Some((mr, nr)) => {
-                let v_panels = if packs_v(nr, hd) {
-                    v_panels_len(nr, hd, n)
-                } else {
-                    0
-                };
-                n.div_ceil(nr) * nr * hd + v_panels + mr * n.next_multiple_of(SOFTMAX_CHUNK)
+                let kt = n.div_ceil(nr) * nr * hd;
+                kt + v_panels_len(nr, hd, n) + mr * n.next_multiple_of(SOFTMAX_CHUNK)
             }
             None => rows * n,
         }
@@ -140,9 +136,14 @@ fn packs_v(cols: usize, hd: usize) -> bool {
     cols < hd
 }
 
-/// Floats of `v`'s column panels ([`packs_v`]): `⌈hd / cols⌉` panels of `N × cols`.
+/// Floats of `v`'s column panels: `⌈hd / cols⌉` panels of `N × cols` where [`packs_v`], none
+/// otherwise.
 fn v_panels_len(cols: usize, hd: usize, n: usize) -> usize {
-    hd.div_ceil(cols) * cols * n
+    if packs_v(cols, hd) {
+        hd.div_ceil(cols) * cols * n
+    } else {
+        0
+    }
 }
 
 /// The register tile `(rows, cols)` of the fused kernel on rung `isa` for head dim `hd`: the
@@ -324,12 +325,9 @@ unsafe fn fused_rows(
     // stores only its real columns).
     let padded = n.next_multiple_of(SOFTMAX_CHUNK);
     let (kt, rest) = scratch.split_at_mut(panels * nr * hd);
-    let (vp, block) = rest.split_at_mut(if packs_v(nr, hd) {
-        v_panels_len(nr, hd, n)
-    } else {
-        0
-    });
-    if pack && packs_v(nr, hd) {
+    // v's panels, empty where v is read in place.
+    let (vp, block) = rest.split_at_mut(v_panels_len(nr, hd, n));
+    if pack && !vp.is_empty() {
         // v (N, hd) in column panels [⌈hd / nr⌉][N][nr], the last zero-padded.
         let v_ref = MatRef {
             ptr: v,
@@ -389,10 +387,10 @@ unsafe fn fused_rows(
         let o = out.add((i0 - rows.start) * ldo);
         for c0 in (0..hd).step_by(nr) {
             // Columns c0.. of v: their panel, or v's rows in place.
-            let (b, ldb) = if packs_v(nr, hd) {
-                (vp.as_ptr().add(c0 * n), nr as isize)
-            } else {
+            let (b, ldb) = if vp.is_empty() {
                 (v.add(c0), ld)
+            } else {
+                (vp.as_ptr().add(c0 * n), nr as isize)
             };
             row_tile(
                 isa,

@@ -10,6 +10,10 @@ const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 /// 1.5 · 2^23: adding and subtracting it rounds an f32 of magnitude < 2^22 to the nearest integer.
 const ROUND_MAGIC: f32 = 12_582_912.0;
+/// Added to the bits of `y + ROUND_MAGIC` (whose low mantissa bits hold `n = round(y)` above
+/// `ROUND_MAGIC`'s own bits, `0x4B40_0000`), the biased exponent of `2^n`, which `<< 23` puts
+/// in place: the scalar [`round_pow2`] and the vector rungs' `Simd::pow2_rounded`.
+pub(crate) const POW2_BIAS: i32 = 127 - 0x4B40_0000;
 
 /// `a·b + c`: one fused multiply-add when `F` (the SIMD rungs, compiled with FMA: half the
 /// instructions and half the latency of the polynomials below), a multiply and an add
@@ -51,8 +55,8 @@ pub(crate) fn exp_f<const F: bool>(x: f32) -> f32 {
 /// mantissa bits of `m` hold the integer `n`.
 #[inline(always)]
 fn round_pow2(m: f32) -> (f32, f32) {
-    let ni = (m.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    (m - ROUND_MAGIC, f32::from_bits(((ni + 127) << 23) as u32))
+    let e = (m.to_bits() as i32).wrapping_add(POW2_BIAS);
+    (m - ROUND_MAGIC, f32::from_bits((e << 23) as u32))
 }
 
 /// `2^f ≈ P(f)` on `|f| ≤ 1/2`, lowest degree first: degree 5, fitted for relative error
@@ -82,6 +86,24 @@ fn exp2_nonpos<const F: bool>(t: f32) -> f32 {
         p = fma::<F>(p, f, *c);
     }
     p * pow2n
+}
+
+/// [`exp2_nonpos`] on a vector of rung `S`: the same operations in the same order, so the same
+/// bits in every lane as the scalar form with FMA.
+///
+/// # Safety
+/// The CPU has `S`'s features and the caller is compiled for them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn exp2_nonpos_simd<S: super::simd::Simd>(t: S::V) -> S::V {
+    let t = S::max(t, S::splat(-126.0));
+    let m = S::add(t, S::splat(ROUND_MAGIC));
+    let f = S::sub(t, S::sub(m, S::splat(ROUND_MAGIC)));
+    let mut p = S::splat(EXP2_P[5]);
+    for c in EXP2_P[..5].iter().rev() {
+        p = S::fma(p, f, S::splat(*c));
+    }
+    S::mul(p, S::pow2_rounded(m))
 }
 
 /// Where the rational `erf` below is clamped: its argument is clamped to `±ERF_CLAMP` and its
@@ -462,7 +484,6 @@ unsafe fn padded_rows_simd<S: super::simd::Simd>(
     let neg = f32::NEG_INFINITY;
     // e^(scale·d) = 2^(scale·log₂e·d)
     let scale2 = S::splat(scale * LOG2E);
-    let (floor, magic) = (S::splat(-126.0), S::splat(ROUND_MAGIC));
     // The row's vectors at `j`: the scores, −∞ past `n`.
     let scores = |row: *mut f32, j: usize| {
         if j + l <= n {
@@ -502,14 +523,7 @@ unsafe fn padded_rows_simd<S: super::simd::Simd>(
         for c0 in (0..padded).step_by(C) {
             for (v, acc) in acc.iter_mut().enumerate().take(C / l) {
                 let j = c0 + v * l;
-                let t = S::max(S::mul(scale2, S::sub(scores(row, j), max)), floor);
-                let m = S::add(t, magic);
-                let f = S::sub(t, S::sub(m, magic));
-                let mut p = S::splat(EXP2_P[5]);
-                for c in EXP2_P[..5].iter().rev() {
-                    p = S::fma(p, f, S::splat(*c));
-                }
-                let e = S::mul(p, S::pow2_rounded(m));
+                let e = exp2_nonpos_simd::<S>(S::mul(scale2, S::sub(scores(row, j), max)));
                 *acc = S::add(*acc, e);
                 let e = if j + l <= n {
                     e

@@ -34,7 +34,7 @@ pub(crate) trait Simd: Copy {
     /// The largest lane, folded in halves as [`Simd::sum_halves`].
     unsafe fn max_halves(a: Self::V) -> f32;
     /// `2^n` from `m = y + 1.5·2^23` (`n = round(y)`, within −126..=127, in `m`'s low mantissa
-    /// bits): per lane the bits `(bits(m) − 0x4B40_0000 + 127) << 23`.
+    /// bits): per lane the bits `(bits(m) + POW2_BIAS) << 23` (`math::POW2_BIAS`).
     unsafe fn pow2_rounded(m: Self::V) -> Self::V;
     /// `x`'s first `valid` lanes (`valid ≤ LANES`), and `fill` in the others: a row's last,
     /// partial vector without storing into its padding (a vector load straight after scalar
@@ -42,17 +42,13 @@ pub(crate) trait Simd: Copy {
     unsafe fn keep_first(x: Self::V, valid: usize, fill: f32) -> Self::V;
 }
 
-/// The bias that turns `bits(y + 1.5·2^23)` into the biased exponent of `2^round(y)` (see
-/// [`Simd::pow2_rounded`]).
-#[cfg(target_arch = "x86_64")]
-const POW2_BIAS: i32 = 127 - 0x4B40_0000;
-
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{Avx2, Avx512};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Simd, POW2_BIAS};
+    use super::super::math::POW2_BIAS;
+    use super::Simd;
     use std::arch::x86_64::*;
 
     /// Four lanes folded in halves with `op`: lanes `l` and `l + 2`, then lanes 0 and 1.
