@@ -1385,6 +1385,52 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
         abuf.ensure(edge_at + edge_rows * kc_max.min(k) + PACK_SLACK);
         let (abuf_main, edge_buf) = abuf.slice_mut().split_at_mut(edge_at);
         let panels = n.div_ceil(nr);
+        // A row-major B read where it is: a convolution's weight gradient (gathered A)
+        // multiplies `dy`, row-major and a few whole panels wide: its rows are read in place,
+        // no copy. So does a linear layer's weight gradient (A = dyᵀ, a sum over thousands of
+        // rows) on the AVX-512 rung of two-FMA-unit CPUs, with dYᵀ packed: x's rows, read by
+        // dW's few row tiles from L2, cost less than copying them first (the fashion-mnist dW
+        // products +3-13 % on an AVX-512 Xeon, when their dYᵀ was packed; on the AVX2 rung, 16
+        // columns a panel, -4 to +2 %; not measured on AMD's AVX-512, which keeps packing),
+        // where x's rows are short (see `DW_X_IN_PLACE_MAX`). With dYᵀ read in place too, x is
+        // packed (+3-5 %: with rows 256 or 768 bytes apart, the two strided streams fell into a
+        // quarter of L1's 64 sets), unless its rows are one panel, contiguous.
+        let b_in_place = match b {
+            BRef::Mat(bm) => {
+                bm.cs == 1
+                    && n.is_multiple_of(nr)
+                    && match a {
+                        ARef::Gather(_) => true,
+                        ARef::Mat(_) if strided_a => n == nr,
+                        ARef::Mat(am) => {
+                            g.mr == MR512_WIDE
+                                && am.rs == 1
+                                && am.cs != 1
+                                && k >= 512
+                                && bm.rs <= DW_X_IN_PLACE_MAX as isize
+                        }
+                    }
+            }
+            BRef::Packed(..) => false,
+        };
+        // A weight gradient's x (row-major B, packed) in more than one block of the inner
+        // dimension, all of dW's rows in one block of A: the tiles of each block copy the next
+        // block's rows of x into their panels as they run (see `Ahead`).
+        let copy_ahead = matches!(b, BRef::Mat(bm) if bm.cs == 1)
+            && !b_in_place
+            && matches!(a, ARef::Mat(am) if am.rs == 1 && am.cs != 1)
+            && n.is_multiple_of(nr)
+            && g.mr == MR512_WIDE
+            && edge.is_none()
+            && k > kc_max
+            && m <= mc_max;
+        // Two blocks of panels, the block the tiles read and the next one they copy.
+        let bcopy = if copy_ahead {
+            bbuf.ensure(2 * panels * kc_max * nr);
+            bbuf.slice_mut().as_mut_ptr()
+        } else {
+            std::ptr::null_mut()
+        };
         for pc in (0..k).step_by(kc_max) {
             let kc = kc_max.min(k - pc);
             // Where panel `jp` of B's rows pc..pc+kc is, and its row stride.
@@ -1393,44 +1439,28 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                     debug_assert!(pb.nr == nr);
                     (pb.panel_at(pc, kc, c0), nr as isize, (kc * nr) as isize)
                 }
-                // A convolution's weight gradient (gathered A) multiplies `dy`, row-major and a
-                // few whole panels wide: its rows are read in place, no copy. So does a linear
-                // layer's weight gradient (A = dyᵀ, a sum over thousands of rows) on the
-                // AVX-512 rung of two-FMA-unit CPUs, with dYᵀ packed: x's rows, read by dW's
-                // few row tiles from L2, cost less than copying them first (the fashion-mnist
-                // dW products +3-13 % on an AVX-512 Xeon, when their dYᵀ was packed; on the AVX2
-                // rung, 16 columns a panel, -4 to +2 %; not measured on AMD's AVX-512, which
-                // keeps packing), where x's rows are short (see `DW_X_IN_PLACE_MAX`). With dYᵀ
-                // read in place too, x is packed (+3-5 %: with rows 256 or 768 bytes apart,
-                // the two strided streams fell into a quarter of L1's 64 sets), unless its
-                // rows are one panel, contiguous.
-                BRef::Mat(bm)
-                    if bm.cs == 1
-                        && n.is_multiple_of(nr)
-                        && match a {
-                            ARef::Gather(_) => true,
-                            ARef::Mat(_) if strided_a => n == nr,
-                            ARef::Mat(am) => {
-                                g.mr == MR512_WIDE
-                                    && am.rs == 1
-                                    && am.cs != 1
-                                    && k >= 512
-                                    && bm.rs <= DW_X_IN_PLACE_MAX as isize
-                            }
-                        } =>
-                {
+                // Read in place (see `b_in_place`).
+                BRef::Mat(bm) if b_in_place => {
                     (bm.ptr.offset(pc as isize * bm.rs), bm.rs, nr as isize)
                 }
                 BRef::Mat(bm) => {
                     let need = panels * kc * nr;
-                    bbuf.ensure(need);
-                    let part = MatRef {
-                        ptr: bm.ptr.offset(pc as isize * bm.rs),
-                        ..bm
+                    let dst = if copy_ahead {
+                        bcopy.add((pc / kc_max % 2) * panels * kc_max * nr)
+                    } else {
+                        bbuf.ensure(need);
+                        bbuf.slice_mut().as_mut_ptr()
                     };
-                    let dst = &mut bbuf.slice_mut()[..need];
-                    pack_b(part, kc, n, nr, dst);
-                    (dst.as_ptr(), nr as isize, (kc * nr) as isize)
+                    // After the first block, copied into place by the tiles of the block
+                    // before (see `Ahead`).
+                    if !(copy_ahead && pc > 0) {
+                        let part = MatRef {
+                            ptr: bm.ptr.offset(pc as isize * bm.rs),
+                            ..bm
+                        };
+                        pack_b(part, kc, n, nr, std::slice::from_raw_parts_mut(dst, need));
+                    }
+                    (dst as *const f32, nr as isize, (kc * nr) as isize)
                 }
             };
             // The edge's tiles on panel `jp`, where its columns reach: `MR` of its rows at a
@@ -1468,6 +1498,7 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                     gelu: if last { c.gelu } else { None },
                     gelu_values: o.gelu_values,
                     times: if last { o.times } else { None },
+                    ahead: Ahead::NONE,
                 }
             };
             let edge_panel = edge_buf.as_ptr();
@@ -1493,6 +1524,17 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                 BRef::Packed(pb, c0) if pc + kc < k => {
                     let (p1, kc1) = (pc + kc, kc_max.min(k - pc - kc));
                     Some((pb.panel_at(p1, kc1, c0), kc1))
+                }
+                _ => None,
+            };
+            // The next block's rows of B, where this block's tiles copy them: from `(src, ld)`
+            // into `dst`, `kc_next` rows, `per` rows a row tile on each panel.
+            let next_copy = match b {
+                BRef::Mat(bm) if copy_ahead && pc + kc < k => {
+                    let kc_next = kc_max.min(k - pc - kc);
+                    let src = bm.ptr.offset((pc + kc) as isize * bm.rs);
+                    let dst = bcopy.add(((pc + kc) / kc_max % 2) * panels * kc_max * nr);
+                    Some((src, bm.rs, dst, kc_next, kc_next.div_ceil(m.div_ceil(MR))))
                 }
                 _ => None,
             };
@@ -1655,7 +1697,18 @@ unsafe fn blocked<S: Simd, const MR: usize, const NV: usize>(
                         } else {
                             (cptr, 0)
                         };
-                        let tile = tile_at(at, (jp, j0), (rows, cols), next_c, next_b);
+                        let mut tile = tile_at(at, (jp, j0), (rows, cols), next_c, next_b);
+                        if let Some((src, ld, dst, kc_next, per)) = next_copy {
+                            let r0 = (it * per).min(kc_next);
+                            let r1 = (r0 + per).min(kc_next);
+                            tile.ahead = Ahead {
+                                src: src.offset(r0 as isize * ld).add(j0),
+                                ld,
+                                dst: dst.add(jp * kc_next * nr + r0 * nr),
+                                rows: r1 - r0,
+                                every: (kc / 4 / per.max(1)).max(1),
+                            };
+                        }
                         // Rows past the edge read the last real one (never stored).
                         let row = |i: usize| ic + ir + i.min(rows - 1);
                         match a {
@@ -1931,7 +1984,45 @@ struct Tile<A> {
     /// Multiply the tile once written by these (its place in [`Out::times`]; its last block
     /// of the inner dimension).
     times: Option<*const f32>,
+    /// Its share of the next block of a row-major B to copy into panels during its steps.
+    ahead: Ahead,
 }
+
+/// Rows of one panel of the next block of a row-major B (a weight gradient's x) that a tile
+/// copies into their packed place while it runs, one row (`NR` floats) every `every` groups
+/// of four steps, each asked into L2 [`AHEAD_ROWS`] rows before it is copied.
+///
+/// Packing x a block at a time before the block's tiles was a pass of its own, bound by L3
+/// (10.9 % of `dw:6400x768x192`'s samples on the AVX-512 FMA kernel of a Xeon, whose dW has
+/// 192 rows and x rows of 768 floats). Spread over the tiles, its loads and stores issue
+/// beside the FMAs, and the loads hit L2. Against the whole-block copy, alternating within
+/// one process (AVX-512 Xeon, 2 threads, FMA kernel): `dw:6400x768x192` +4.4 to +8.3 % in
+/// four runs, `dw:6400x128x64` +4.5 %, the other weight gradients level, the training steps
+/// level. On the AVX2 rung the products were level to +4 %, but the training steps lost
+/// 1.4–1.8 % (with nothing changed, the same harness read −0.3 to −0.7 %); there the block
+/// keeps its copy of its own. Not measured on AMD's AVX-512.
+#[derive(Clone, Copy)]
+struct Ahead {
+    src: *const f32,
+    /// B's row stride.
+    ld: isize,
+    dst: *mut f32,
+    rows: usize,
+    every: usize,
+}
+
+impl Ahead {
+    const NONE: Ahead = Ahead {
+        src: std::ptr::null(),
+        ld: 0,
+        dst: std::ptr::null_mut(),
+        rows: 0,
+        every: 1,
+    };
+}
+
+/// Rows ahead of its copy that a row of [`Ahead`] is asked into L2.
+const AHEAD_ROWS: usize = 4;
 
 impl<A> Tile<A> {
     /// The same tile reading A through `a`.
@@ -1953,6 +2044,7 @@ impl<A> Tile<A> {
             gelu: self.gelu,
             gelu_values: self.gelu_values,
             times: self.times,
+            ahead: self.ahead,
         }
     }
 }
@@ -1960,17 +2052,35 @@ impl<A> Tile<A> {
 impl<A: AccessA> Tile<A> {
     /// [`Self::run`] with B's row stride a constant where B is a packed panel (`NR` floats a
     /// row): its loads then take immediate offsets, one address computation per step fewer.
+    /// And the copy of [`Self::ahead`] in a loop of its own, so that every other tile's loop
+    /// stays as it was.
     #[inline(always)]
     unsafe fn run_b<S: Simd, const MR: usize, const NV: usize>(&self) {
         if self.ldb == (NV * S::LANES) as isize {
-            self.run::<S, MR, NV, true>()
+            if self.ahead.rows > 0 {
+                self.run::<S, MR, NV, true, true>()
+            } else {
+                self.run::<S, MR, NV, true, false>()
+            }
         } else {
-            self.run::<S, MR, NV, false>()
+            debug_assert!(
+                self.ahead.rows == 0,
+                "a copy ahead into panels B is not read from"
+            );
+            self.run::<S, MR, NV, false, false>()
         }
     }
 
     #[inline(always)]
-    unsafe fn run<S: Simd, const MR: usize, const NV: usize, const PANEL: bool>(&self) {
+    unsafe fn run<
+        S: Simd,
+        const MR: usize,
+        const NV: usize,
+        const PANEL: bool,
+        const AHEAD: bool,
+    >(
+        &self,
+    ) {
         let mut acc = [[S::zero(); NV]; MR];
         let mut b = self.b;
         let ldb = if PANEL {
@@ -2007,7 +2117,40 @@ impl<A: AccessA> Tile<A> {
         let (next, next_rows) = self.next_c;
         let (mut nb, mut nb_lines) = self.next_b;
         let mut q = 0;
+        let mut ahead = if AHEAD { self.ahead } else { Ahead::NONE };
+        let mut tick = ahead.every;
+        macro_rules! copy_row {
+            () => {{
+                // Past B's last row at the end of a block: never read, only asked for.
+                let far = ahead.src.wrapping_offset(AHEAD_ROWS as isize * ahead.ld);
+                for j in (0..NV * S::LANES).step_by(16) {
+                    prefetch_l2(far.add(j));
+                }
+                for v in 0..NV {
+                    S::store(
+                        ahead.dst.add(v * S::LANES),
+                        S::load(ahead.src.add(v * S::LANES)),
+                    );
+                }
+                ahead.src = ahead.src.wrapping_offset(ahead.ld);
+                ahead.dst = ahead.dst.add(NV * S::LANES);
+                ahead.rows -= 1;
+            }};
+        }
+        for r in 0..if AHEAD { AHEAD_ROWS.min(ahead.rows) } else { 0 } {
+            let row = ahead.src.offset(r as isize * ahead.ld);
+            for j in (0..NV * S::LANES).step_by(16) {
+                prefetch_l2(row.add(j));
+            }
+        }
         while p + 4 <= self.k {
+            if AHEAD && ahead.rows > 0 {
+                tick -= 1;
+                if tick == 0 {
+                    tick = ahead.every;
+                    copy_row!();
+                }
+            }
             if q < next_rows {
                 let cr = next.offset(q as isize * self.ldc);
                 // A 64-float row spans four lines, five where it is not aligned.
@@ -2029,6 +2172,9 @@ impl<A: AccessA> Tile<A> {
         }
         while p < self.k {
             step!();
+        }
+        while AHEAD && ahead.rows > 0 {
+            copy_row!();
         }
         while nb_lines > 0 {
             prefetch_l2(nb);
@@ -2226,6 +2372,7 @@ pub(crate) unsafe fn row_tile(
             gelu: None,
             gelu_values: None,
             times: None,
+            ahead: Ahead::NONE,
         };
         #[inline(always)]
         unsafe fn go<S: Simd, A: AccessA, const MR: usize, const NV: usize>(
@@ -2368,6 +2515,11 @@ mod tests {
             (70, 600, 64),
             (190, 1000, 96),
             (50, g.kc + 300, 128),
+            // A transposed A packed (more than 192 columns) over a row-major B in several
+            // blocks, the last one short: on two-FMA-unit AVX-512 CPUs each block's tiles copy
+            // the next block of B into panels (see `Ahead`), nine row tiles sharing a block's
+            // rows unevenly, the last tile partial.
+            (100, 2 * g.kc + 50, 224),
         ] {
             let a = rand_vec(m * k, 1);
             let bt = rand_vec(n * k, 2); // B stored transposed, (n, k): a weight
