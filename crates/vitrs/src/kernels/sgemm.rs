@@ -1996,8 +1996,8 @@ struct Tile<A> {
 /// (10.9 % of `dw:6400x768x192`'s samples on the AVX-512 FMA kernel of a Xeon, whose dW has
 /// 192 rows and x rows of 768 floats). Spread over the tiles, its loads and stores issue
 /// beside the FMAs, and the loads hit L2. Against the whole-block copy, alternating within
-/// one process (AVX-512 Xeon, 2 threads, FMA kernel): `dw:6400x768x192` +4.4 to +8.3 % in
-/// four runs, `dw:6400x128x64` +4.5 %, the other weight gradients level, the training steps
+/// one process (AVX-512 Xeon, 2 threads, FMA kernel): `dw:6400x768x192` +4.4 to +5.7 % in
+/// three runs, `dw:6400x128x64` +4.6 %, the other weight gradients level, the training steps
 /// level. On the AVX2 rung the products were level to +4 %, but the training steps lost
 /// 1.4–1.8 % (with nothing changed, the same harness read −0.3 to −0.7 %); there the block
 /// keeps its copy of its own. Not measured on AMD's AVX-512.
